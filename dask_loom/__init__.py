@@ -1,0 +1,50 @@
+"""dask_loom: Loom, AnnData collections, Zarr and OME-Arrow as chunk-aligned dask arrays.
+
+``import dask_loom as loompy`` runs existing loompy code; every layer is also
+a lazy dask array whose blocks are whole stored chunks, and operations run as
+task graphs on dask's threaded scheduler or a ``dask.distributed`` cluster.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from dask_loom import _config  # noqa: F401  (registers the dask_loom.* config defaults)
+from dask_loom.blocks import from_source, plan_blocks
+from dask_loom.loom import (
+    AttributeManager,
+    GlobalAttributeManager,
+    GraphManager,
+    LayerManager,
+    LoomConnection,
+    LoomLayer,
+    LoomValidator,
+    LoomView,
+    MemoryLoomLayer,
+    ViewManager,
+    connect,
+    create,
+    new,
+)
+
+try:
+    __version__ = version("dask_loom")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = (
+    "AttributeManager",
+    "GlobalAttributeManager",
+    "GraphManager",
+    "LayerManager",
+    "LoomConnection",
+    "LoomLayer",
+    "LoomValidator",
+    "LoomView",
+    "MemoryLoomLayer",
+    "ViewManager",
+    "__version__",
+    "connect",
+    "create",
+    "from_source",
+    "new",
+    "plan_blocks",
+)

@@ -1,0 +1,84 @@
+"""dask_loom's configuration: one ``dask.config`` namespace, ``dask_loom.*``.
+
+Every key can also be set through a ``DASK_LOOM_<KEY>`` environment variable
+(``-`` written as ``_``), e.g. ``DASK_LOOM_BLOCK_SIZE=128MiB`` or
+``DASK_LOOM_SCHEDULER=tcp://10.0.0.5:8786``.  dask's own ``DASK_DASK_LOOM__…``
+spelling works too, since these are ordinary dask config keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from typing import Any
+
+import dask
+import dask.config
+from dask.utils import parse_bytes
+
+__all__ = ["DEFAULTS", "get_config", "block_size_bytes"]
+
+DEFAULTS: dict[str, Any] = {
+    # Target bytes per dask block; 64 MiB measured best on 2-core machines
+    # (see benchmarks/ and reference/performance.md).
+    "block-size": "64MiB",
+    # How many scan batches are read ahead of the one the caller works on.
+    "scan-prefetch": 2,
+    # A scheduler address to use when no distributed Client is active.
+    "scheduler": None,
+    # The embedded LocalCluster started on demand ("threads" uses the threaded
+    # scheduler instead of starting processes).
+    "embedded": "threads",
+    "embedded-workers": None,
+    # Datasets with at most this many chunks get their whole chunk index built
+    # once per process; larger ones are indexed block by block inside tasks.
+    "index-max-chunks": 1_048_576,
+    # Thread pool size for ZarrArray.get_chunk_future and similar helpers.
+    "io-threads": 32,
+    # Retries for transient object-store errors.
+    "retries": 5,
+    "retry-backoff": 0.2,
+    # Upper bound on attribute / metadata sizes read from files (bytes).
+    "max-metadata-bytes": "1GiB",
+    # Chunk shape of layers dask_loom creates (loompy's default is 64 x 64).
+    "loom-chunks": [64, 64],
+    # Seconds a writer waits for another writer to release an HDF5 file.
+    "write-timeout": 60,
+}
+
+_ENV_PREFIX = "DASK_LOOM_"
+
+
+def _from_env() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in os.environ.items():
+        if not name.startswith(_ENV_PREFIX):
+            continue
+        key = name[len(_ENV_PREFIX) :].lower().replace("_", "-")
+        if key == "test-data":  # test fixture location, not a config key
+            continue
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+dask.config.update_defaults({"dask_loom": DEFAULTS})
+_env = _from_env()
+if _env:
+    dask.config.set({f"dask_loom.{k}": v for k, v in _env.items()})
+
+
+def get_config(key: str) -> Any:
+    """Return ``dask.config.get("dask_loom.<key>")`` (with the package default)."""
+    return dask.config.get(f"dask_loom.{key}", DEFAULTS.get(key))
+
+
+def block_size_bytes(value: int | str | None = None) -> int:
+    """Target block size in bytes, from *value* or ``dask_loom.block-size``."""
+    v = get_config("block-size") if value is None else value
+    n = parse_bytes(v) if isinstance(v, str) else int(v)
+    if n <= 0:
+        raise ValueError(f"dask_loom.block-size must be positive, got {v!r}")
+    return n

@@ -1,0 +1,320 @@
+"""Chunk-aligned dask blocks: the one place that plans blocks and builds arrays.
+
+Decision 1 of the design: a dask block is always a union of whole on-disk
+chunks (or shards), so no two tasks read or write the same stored chunk.
+Everything that turns storage into a dask array goes through
+:func:`plan_blocks` and :func:`from_source`.
+
+A *chunk source* is any small, picklable object with ``shape``, ``dtype``,
+``chunk_shape`` (the storage unit: chunk, or shard where an array is sharded),
+``prefix`` (the task-name prefix, such as ``"loom-read"``) and a method
+``read_block(region) -> numpy.ndarray`` that reads a region whose edges lie on
+chunk boundaries.  Sources open their files lazily in whichever process runs
+the task; no open handle ever enters a graph (decision 2).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Hashable, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import dask.array as da
+import numpy as np
+from dask.array.core import graph_from_arraylike, normalize_chunks
+from dask.base import tokenize
+
+from dask_loom._config import block_size_bytes
+from dask_loom.errors import ChunkAlignmentWarning
+
+__all__ = [
+    "ChunkSource",
+    "align_chunks",
+    "block_regions",
+    "from_source",
+    "plan_blocks",
+]
+
+Chunks = tuple[tuple[int, ...], ...]
+
+
+@runtime_checkable
+class ChunkSource(Protocol):
+    """What :func:`from_source` needs from a storage-backed array."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk_shape: tuple[int, ...]
+    prefix: str
+
+    def read_block(self, region: tuple[slice, ...]) -> np.ndarray:  # pragma: no cover - protocol
+        ...
+
+    def __dask_tokenize__(self) -> Hashable:  # pragma: no cover - protocol
+        ...
+
+
+def _unit(chunk_shape: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    # A stored chunk may be larger than the array (h5py allows it); an empty
+    # axis still needs a positive unit.
+    return tuple(max(1, min(int(c), int(s)) if s else max(1, int(c))) for c, s in zip(chunk_shape, shape))
+
+
+def _even_bands(n: int, unit: int, units_per_block: int) -> tuple[int, ...]:
+    """Split ``n`` elements into bands of whole ``unit``s, as even as possible."""
+    if n == 0:
+        return (0,)
+    n_units = math.ceil(n / unit)
+    units_per_block = max(1, min(units_per_block, n_units))
+    n_blocks = math.ceil(n_units / units_per_block)
+    # Spread units evenly over the blocks (first ones one unit larger).
+    base, extra = divmod(n_units, n_blocks)
+    sizes = []
+    start = 0
+    for b in range(n_blocks):
+        width = (base + (1 if b < extra else 0)) * unit
+        stop = min(n, start + width)
+        sizes.append(stop - start)
+        start = stop
+    return tuple(s for s in sizes if s > 0) or (0,)
+
+
+def plan_blocks(
+    shape: Sequence[int],
+    chunk_shape: Sequence[int],
+    itemsize: int,
+    *,
+    target_bytes: int | str | None = None,
+    band_axis: int | None = None,
+) -> Chunks:
+    """Plan dask chunks whose every boundary is a stored-chunk boundary.
+
+    Parameters
+    ----------
+    shape
+        Array shape.
+    chunk_shape
+        Shape of the storage unit (HDF5/Zarr chunk, or shard).
+    itemsize
+        Bytes per element (use 8 for object/string data).
+    target_bytes
+        Wanted bytes per block; default ``dask_loom.block-size`` (64 MiB).
+        A single storage unit larger than this still forms one block.
+    band_axis
+        If given, blocks are bands along this axis spanning every other axis
+        whole: ``band_axis=0`` gives full-width row bands (for per-row work),
+        ``band_axis=1`` full-height column bands (for per-column work).
+
+    Returns
+    -------
+    tuple of tuple of int
+        dask-style chunks.
+
+    Examples
+    --------
+    >>> plan_blocks((1000, 100), (64, 64), 4, target_bytes=64 * 64 * 4 * 4)
+    ((128, 128, 128, 128, 128, 128, 128, 104), (100,))
+    >>> plan_blocks((1000, 100), (64, 64), 4, target_bytes=64 * 64 * 4 * 4, band_axis=1)
+    ((1000,), (64, 36))
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(chunk_shape) != len(shape):
+        raise ValueError(f"chunk shape {tuple(chunk_shape)} does not match array shape {shape}")
+    if any(s < 0 for s in shape):
+        raise ValueError(f"negative array shape {shape}")
+    if not shape:
+        return ()
+    unit = _unit(chunk_shape, shape)
+    target = block_size_bytes(target_bytes)
+    itemsize = max(1, int(itemsize))
+    grid = [max(1, math.ceil(s / u)) if s else 1 for s, u in zip(shape, unit)]
+    unit_bytes = math.prod(unit) * itemsize
+    budget = max(1, target // unit_bytes)  # storage units per block
+
+    if band_axis is not None:
+        band_axis = band_axis % len(shape)
+        per_band = math.prod(g for i, g in enumerate(grid) if i != band_axis)
+        m = [g for g in grid]
+        m[band_axis] = max(1, budget // max(1, per_band))
+    else:
+        # Grow the block one axis at a time, always along the axis whose
+        # current extent (in elements) is smallest: blocks come out as close
+        # to square as whole units allow.
+        m = [1] * len(shape)
+        while True:
+            cands = [i for i in range(len(shape)) if m[i] < grid[i]]
+            if not cands:
+                break
+            i = min(cands, key=lambda j: (m[j] * unit[j], j))
+            others = math.prod(m) // m[i]
+            room = budget // others
+            if room <= m[i]:
+                # This axis cannot grow; try the others before stopping.
+                grown = False
+                for j in sorted(cands, key=lambda j: (m[j] * unit[j], j)):
+                    if j != i and budget // (math.prod(m) // m[j]) > m[j]:
+                        m[j] = min(grid[j], m[j] * 2, budget // (math.prod(m) // m[j]))
+                        grown = True
+                        break
+                if not grown:
+                    break
+                continue
+            m[i] = min(grid[i], m[i] * 2, room)
+    return tuple(_even_bands(s, u, k) for s, u, k in zip(shape, unit, m))
+
+
+def align_chunks(
+    chunks: Any,
+    shape: Sequence[int],
+    chunk_shape: Sequence[int],
+    dtype: Any,
+    *,
+    what: str = "the array",
+) -> Chunks:
+    """Normalise user chunks and round every boundary out to a stored-chunk boundary.
+
+    Any dask chunk specification is accepted (int, tuple, dict, ``"auto"``,
+    ``-1``).  Boundaries that fall inside a stored chunk move to the end of that
+    chunk, with a :class:`~dask_loom.errors.ChunkAlignmentWarning`.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     align_chunks((100, 50), (300, 100), (64, 64), "f4")
+    ((128, 128, 44), (64, 36))
+    """
+    shape = tuple(int(s) for s in shape)
+    unit = _unit(chunk_shape, shape)
+    dtype = np.dtype(dtype)
+    if isinstance(chunks, dict):
+        chunks = tuple(chunks.get(i, unit[i]) for i in range(len(shape)))
+    normal = normalize_chunks(
+        chunks,
+        shape,
+        dtype=dtype if dtype != object else np.dtype("O"),
+        previous_chunks=unit,
+        limit=block_size_bytes(),
+    )
+    out = []
+    moved = []
+    for axis, (sizes, n, u) in enumerate(zip(normal, shape, unit)):
+        bounds = np.cumsum((0, *sizes))
+        rounded = np.minimum(-(-bounds // u) * u, n)
+        rounded = np.unique(rounded)
+        if len(rounded) != len(bounds) or np.any(rounded != bounds):
+            moved.append(axis)
+        new = tuple(int(x) for x in np.diff(rounded)) or (0,)
+        out.append(new)
+    if moved:
+        warnings.warn(
+            f"The requested chunks {tuple(normal)} split the stored chunks {unit} of {what} "
+            f"along axis {', '.join(map(str, moved))}; rounded out to {tuple(out)} so that no "
+            "stored chunk is read (or written) by two tasks.",
+            ChunkAlignmentWarning,
+            stacklevel=3,
+        )
+    return tuple(out)
+
+
+def block_regions(chunks: Chunks) -> list[tuple[tuple[int, ...], tuple[slice, ...]]]:
+    """List ``(block_index, region)`` pairs for dask-style ``chunks`` (C order)."""
+    bounds = [np.cumsum((0, *c)) for c in chunks]
+    out = []
+    for idx in np.ndindex(*[len(c) for c in chunks]):
+        region = tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, idx))
+        out.append((tuple(int(i) for i in idx), region))
+    return out
+
+
+def _read(source: ChunkSource, region: tuple[slice, ...], *args: Any, **kwargs: Any) -> np.ndarray:
+    return source.read_block(region)
+
+
+def from_source(
+    source: ChunkSource,
+    *,
+    chunks: Any = None,
+    band_axis: int | None = None,
+    name: str | None = None,
+    target_bytes: int | str | None = None,
+) -> da.Array:
+    """Build a dask array from a chunk source: one task per block.
+
+    Parameters
+    ----------
+    source
+        A :class:`ChunkSource`.
+    chunks
+        User chunks (any dask form); rounded out to storage boundaries with a
+        warning when they split stored chunks.  Default: :func:`plan_blocks`.
+    band_axis
+        See :func:`plan_blocks`; ignored when ``chunks`` is given.
+    name
+        Full layer name; default ``f"{source.prefix}-{token}"``, deterministic
+        for the same source and chunks.
+    target_bytes
+        Block size target (default ``dask_loom.block-size``).
+
+    Returns
+    -------
+    dask.array.Array
+    """
+    dtype = np.dtype(source.dtype)
+    itemsize = dtype.itemsize if dtype != object else 8
+    if chunks is None:
+        plan = plan_blocks(source.shape, source.chunk_shape, itemsize, target_bytes=target_bytes, band_axis=band_axis)
+    else:
+        plan = align_chunks(chunks, source.shape, source.chunk_shape, dtype, what=getattr(source, "label", "the array"))
+    if name is None:
+        name = f"{source.prefix}-{tokenize(source, plan)}"
+    graph = graph_from_arraylike(
+        source,
+        plan,
+        tuple(source.shape),
+        name,
+        getitem=_read,
+        lock=False,
+        asarray=False,
+        dtype=dtype,
+        inline_array=True,
+    )
+    meta = np.empty((0,) * len(source.shape), dtype=dtype)
+    return da.Array(graph, name, plan, meta=meta)
+
+
+def units_per_block(
+    shape: Sequence[int], chunk_shape: Sequence[int], itemsize: int, *, target_bytes: int | str | None = None
+) -> tuple[int, ...]:
+    """How many storage units per axis :func:`plan_blocks` puts in a block."""
+    unit = _unit(chunk_shape, shape)
+    plan = plan_blocks(shape, chunk_shape, itemsize, target_bytes=target_bytes)
+    return tuple(max(1, -(-max(c) // u)) for c, u in zip(plan, unit))
+
+
+def selection_bands(n: int, unit: int, needed: np.ndarray, max_units: int) -> list[tuple[int, int]]:
+    """Bands ``[start, stop)`` of whole units covering the *needed* unit ids.
+
+    Consecutive needed units are merged into one band of at most *max_units*
+    units; units nobody needs are never part of a band, so they are never read.
+
+    Examples
+    --------
+    >>> selection_bands(1000, 64, np.array([0, 1, 2, 7, 15]), 2)
+    [(0, 128), (128, 192), (448, 512), (960, 1000)]
+    """
+    bands: list[tuple[int, int]] = []
+    needed = np.unique(np.asarray(needed, dtype=np.int64))
+    if not len(needed):
+        return bands
+    breaks = np.flatnonzero(np.diff(needed) != 1) + 1
+    for run in np.split(needed, breaks):
+        first, last = int(run[0]), int(run[-1])
+        k = first
+        while k <= last:
+            stop_unit = min(last + 1, k + max(1, max_units))
+            bands.append((k * unit, min(n, stop_unit * unit)))
+            k = stop_unit
+    return bands

@@ -1,0 +1,68 @@
+"""Exceptions and warnings raised by dask_loom.
+
+Each error also derives from the builtin exception a caller of the peer
+library would catch (``ValueError``, ``OSError``, ``KeyError`` …), so code
+written against loompy, zarr-python or anndata keeps working, while
+``except dask_loom.errors.DaskLoomError`` catches everything of ours.
+Messages always name the file (or store) and the element concerned.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChunkAlignmentWarning",
+    "CorruptChunkError",
+    "DaskLoomError",
+    "FileBeingWrittenError",
+    "FormatError",
+    "LoomFormatError",
+    "ReadOnlyError",
+    "SchedulerError",
+    "StoreError",
+    "UnsupportedFilterError",
+    "WriteConflictError",
+]
+
+
+class DaskLoomError(Exception):
+    """Base class of every dask_loom error."""
+
+
+class FormatError(DaskLoomError, ValueError):
+    """A file or store does not hold what its format promises."""
+
+
+class LoomFormatError(FormatError):
+    """A file is not a valid Loom file (or not one we can read)."""
+
+
+class CorruptChunkError(DaskLoomError, OSError):
+    """Stored bytes of a chunk fail to decode or fail their checksum."""
+
+
+class UnsupportedFilterError(DaskLoomError, ValueError):
+    """An HDF5 filter the byte-range path cannot decode (the caller falls back to h5py)."""
+
+
+class ReadOnlyError(DaskLoomError, PermissionError):
+    """A write was attempted through a read-only connection or store."""
+
+
+class WriteConflictError(DaskLoomError, BlockingIOError):
+    """Another writer holds the file and did not release it in time."""
+
+
+class FileBeingWrittenError(DaskLoomError, BlockingIOError):
+    """A reader met a file in the middle of a write it cannot read around."""
+
+
+class StoreError(DaskLoomError, OSError):
+    """A store could not serve or accept a key (after any retries)."""
+
+
+class SchedulerError(DaskLoomError, ConnectionError):
+    """The configured dask scheduler cannot be reached."""
+
+
+class ChunkAlignmentWarning(UserWarning):
+    """Requested dask chunks split stored chunks and were rounded out."""

@@ -1,0 +1,307 @@
+"""Per-process caches of open files, invalidated when a file changes.
+
+Graphs carry :class:`~dask_loom.storage.FileSpec` objects, never handles
+(decision 2).  Each process opens what it needs here, once, and reopens when
+the file's identity (inode, size, mtime) changes, e.g. after a write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import h5py
+
+from dask_loom._config import get_config
+from dask_loom.errors import LoomFormatError, WriteConflictError
+from dask_loom.storage import FileSpec
+
+__all__ = [
+    "cached_entry",
+    "file_identity",
+    "invalidate",
+    "open_h5_read",
+    "open_h5_write",
+    "read_ranges",
+]
+
+_lock = threading.RLock()
+_entries: dict[str, _Entry] = {}
+_write_locks: dict[str, threading.RLock] = {}
+_open_writers: dict[str, h5py.File] = {}
+
+
+class _Entry:
+    """Everything a process keeps open for one file."""
+
+    def __init__(self, spec: FileSpec, identity: Any) -> None:
+        self.spec = spec
+        self.identity = identity
+        self.h5: h5py.File | None = None
+        self.fd: int | None = None
+        self.fobj: Any = None  # remote file object behind h5py
+        self.fs: Any = None
+        self.fs_path: str | None = None
+        self.cache: dict[Any, Any] = {}  # layouts and chunk indexes, keyed by dataset path
+        self.lock = threading.RLock()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.h5 is not None:
+                with contextlib.suppress(Exception):
+                    self.h5.close()
+                self.h5 = None
+            if self.fobj is not None:
+                with contextlib.suppress(Exception):
+                    self.fobj.close()
+                self.fobj = None
+            if self.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self.fd)
+                self.fd = None
+            self.cache.clear()
+
+
+def file_identity(spec: FileSpec) -> Any:
+    """Something that changes whenever the file is rewritten."""
+    if spec.is_local:
+        try:
+            st = os.stat(spec.url)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"File '{spec.url}' not found", spec.url) from None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    # Remote objects are immutable once written (read-only path): no per-task HEAD request.
+    return ("remote", spec.url)
+
+
+def cached_entry(spec: FileSpec) -> _Entry:
+    """The process-wide entry for *spec*, reopened if the file changed."""
+    ident = file_identity(spec)
+    with _lock:
+        entry = _entries.get(spec.url)
+        if entry is not None and entry.identity != ident:
+            entry.close()
+            entry = None
+        if entry is None:
+            entry = _Entry(spec, ident)
+            _entries[spec.url] = entry
+        return entry
+
+
+def invalidate(spec: FileSpec | str) -> None:
+    """Close and forget everything cached for a file in this process."""
+    url = spec.url if isinstance(spec, FileSpec) else FileSpec.from_path(spec).url
+    with _lock:
+        entry = _entries.pop(url, None)
+    if entry is not None:
+        entry.close()
+
+
+def clear_all() -> None:
+    """Close every cached file of this process (used by tests and shutdown)."""
+    with _lock:
+        entries = list(_entries.values())
+        _entries.clear()
+    for e in entries:
+        e.close()
+
+
+def _not_hdf5(spec: FileSpec, exc: BaseException) -> LoomFormatError:
+    return LoomFormatError(f"{spec.name}: not a readable HDF5 file ({exc})")
+
+
+def open_h5_read(spec: FileSpec) -> h5py.File:
+    """A cached read-only h5py handle for *spec* (opened without HDF5 file locking).
+
+    Read handles take no HDF5 lock so that they never lock out our own
+    writers; consistency comes from the identity check (a changed file is
+    reopened) and from writes that swap names only at the end.
+    """
+    writer = _open_writers.get(spec.url)
+    if writer is not None:
+        # This process is writing the file: HDF5 refuses a second handle with
+        # other flags, and the writer sees the newest content anyway.
+        return writer
+    entry = cached_entry(spec)
+    with entry.lock:
+        if entry.h5 is None:
+            try:
+                if spec.is_local:
+                    entry.h5 = h5py.File(spec.url, "r", locking=False)
+                else:
+                    fs, path = spec.fs()
+                    entry.fs, entry.fs_path = fs, path
+                    entry.fobj = fs.open(path, "rb", block_size=2**20, cache_type="readahead")
+                    entry.h5 = h5py.File(entry.fobj, "r")
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                if spec.is_local and not os.path.exists(spec.url):
+                    raise FileNotFoundError(errno.ENOENT, f"File '{spec.url}' not found", spec.url) from None
+                raise _not_hdf5(spec, exc) from None
+        return entry.h5
+
+
+def _fd(entry: _Entry) -> int:
+    with entry.lock:
+        if entry.fd is None:
+            entry.fd = os.open(entry.spec.url, os.O_RDONLY)
+        return entry.fd
+
+
+def _coalesce(starts: list[int], sizes: list[int], gap: int) -> list[tuple[int, int, list[int]]]:
+    """Group byte ranges (sorted by start) into runs no further apart than *gap*."""
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    runs: list[tuple[int, int, list[int]]] = []
+    for i in order:
+        s, n = starts[i], sizes[i]
+        if runs and s - runs[-1][1] <= gap:
+            r0, r1, members = runs[-1]
+            runs[-1] = (r0, max(r1, s + n), [*members, i])
+        else:
+            runs.append((s, s + n, [i]))
+    return runs
+
+
+def read_ranges(spec: FileSpec, starts: list[int], sizes: list[int]) -> list[bytes | memoryview]:
+    """Read byte ranges of a file: ``pread`` locally, concurrent range requests remotely.
+
+    Neighbouring ranges are coalesced into one read (chunks of one dataset
+    usually lie next to each other on disk), then split again.
+    """
+    if not starts:
+        return []
+    entry = cached_entry(spec)
+    gap = 1 << 16 if spec.is_local else 1 << 20
+    runs = _coalesce(list(starts), list(sizes), gap)
+    out: list[Any] = [None] * len(starts)
+    if spec.is_local:
+        fd = _fd(entry)
+        for r0, r1, members in runs:
+            buf = os.pread(fd, r1 - r0, r0)
+            if len(buf) < r1 - r0:
+                raise LoomFormatError(
+                    f"{spec.name}: file is truncated (needed bytes {r0}..{r1}, got {len(buf)})"
+                )
+            mv = memoryview(buf)
+            for i in members:
+                out[i] = mv[starts[i] - r0 : starts[i] - r0 + sizes[i]]
+        return out
+    if entry.fs is None:
+        entry.fs, entry.fs_path = spec.fs()
+    fs, path = entry.fs, entry.fs_path
+    retries = int(get_config("retries"))
+    backoff = float(get_config("retry-backoff"))
+    for attempt in range(retries + 1):
+        try:
+            blobs = fs.cat_ranges([path] * len(runs), [r[0] for r in runs], [r[1] for r in runs])
+            bad = [b for b in blobs if isinstance(b, BaseException)]
+            if bad:
+                raise bad[0]
+            break
+        except (OSError, TimeoutError) as exc:
+            if attempt == retries:
+                from dask_loom.errors import StoreError
+
+                raise StoreError(f"{spec.name}: range request failed after {retries + 1} attempts: {exc}") from exc
+            time.sleep(backoff * 2**attempt)
+    for (r0, _r1, members), blob in zip(runs, blobs):
+        mv = memoryview(blob)
+        for i in members:
+            out[i] = mv[starts[i] - r0 : starts[i] - r0 + sizes[i]]
+    return out
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, BlockingIOError) or "unable to lock" in text or "errno = 11" in text or "resource temporarily unavailable" in text
+
+
+@contextlib.contextmanager
+def open_h5_write(spec: FileSpec, *, mode: str = "r+", timeout: float | None = None) -> Iterator[h5py.File]:
+    """Open *spec* for writing for the duration of one write.
+
+    HDF5 has one writer at a time.  Inside a distributed run a cluster-wide
+    lock keyed by the file serialises our own workers; HDF5's OS file lock
+    (``locking=True``) keeps out other programs, such as a loompy process.  A
+    held lock is retried with backoff until *timeout*, then
+    :class:`~dask_loom.errors.WriteConflictError` names the file.  Read caches
+    of this process are dropped first, since HDF5 refuses to open a file twice
+    with different intents.
+    """
+    if not spec.is_local:
+        from dask_loom.errors import ReadOnlyError
+
+        raise ReadOnlyError(f"{spec.name}: HDF5 files on object stores are read-only (write a .loom.zarr instead)")
+    timeout = float(get_config("write-timeout") if timeout is None else timeout)
+    with _lock:
+        local_lock = _write_locks.setdefault(spec.url, threading.RLock())
+    if not local_lock.acquire(timeout=timeout):
+        raise WriteConflictError(f"{spec.name}: another thread of this process held the write lock for {timeout:.0f} s")
+    try:
+        held = _open_writers.get(spec.url)
+        if held is not None and mode == "r+":
+            # Re-entrant use in the same thread: share the handle already open.
+            yield held
+            return
+        with _write_with_lock(spec, mode, timeout) as f:
+            _open_writers[spec.url] = f
+            try:
+                yield f
+            finally:
+                _open_writers.pop(spec.url, None)
+    finally:
+        local_lock.release()
+
+
+@contextlib.contextmanager
+def _write_with_lock(spec: FileSpec, mode: str, timeout: float) -> Iterator[h5py.File]:
+    dist_lock = _distributed_lock(spec)
+    if dist_lock is not None and not dist_lock.acquire(timeout=timeout):
+        raise WriteConflictError(f"{spec.name}: another dask_loom task held the write lock for {timeout:.0f} s")
+    try:
+        invalidate(spec)
+        deadline = time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            try:
+                f = h5py.File(spec.url, mode, locking=True)
+                break
+            except OSError as exc:
+                if not _is_lock_error(exc):
+                    if mode == "r+" and not os.path.exists(spec.url):
+                        raise FileNotFoundError(errno.ENOENT, f"File '{spec.url}' not found", spec.url) from None
+                    raise
+                if time.monotonic() > deadline:
+                    raise WriteConflictError(
+                        f"{spec.name}: the file is open for writing (or reading, with HDF5 file locking) "
+                        f"by another process; gave up after {timeout:.0f} s"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        try:
+            yield f
+            f.flush()
+        finally:
+            f.close()
+            invalidate(spec)
+    finally:
+        if dist_lock is not None:
+            dist_lock.release()
+
+
+def _distributed_lock(spec: FileSpec) -> Any:
+    """A ``distributed.Lock`` keyed by the file when running inside a distributed worker."""
+    try:
+        from distributed import Lock
+        from distributed.worker import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return None
+    return Lock(f"dask-loom-write-{spec.url}")

@@ -1,0 +1,53 @@
+"""Small shared pieces of the Loom implementation."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+import numpy as np
+
+from dask_loom.loom._values import materialize, spec_at_least
+
+__all__ = ["AXIS_ATTRS", "AXIS_GRAPHS", "LEGACY_GRAPHS", "read_spec_version", "timestamp", "scalar_text"]
+
+AXIS_ATTRS = ("row_attrs", "col_attrs")
+AXIS_GRAPHS = ("row_graphs", "col_graphs")
+LEGACY_GRAPHS = ("row_edges", "col_edges")
+
+
+def timestamp() -> str:
+    """A UTC timestamp as loompy writes them: ``20261122T012859.574926Z``."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def scalar_text(value: Any) -> Any:
+    """Decode a scalar-ish attribute value: bytes, 1-element byte/str arrays → ``str``."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "SOU":
+        v = value.ravel()[0]
+        return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
+    if isinstance(value, np.bytes_):
+        return bytes(value).decode("utf-8", errors="replace")
+    return value
+
+
+def read_spec_version(tree: Any) -> str:
+    """The Loom spec version of a container, as loompy infers it.
+
+    Default ``"0.0.0"``; ``/attrs/LOOM_SPEC_VERSION`` if present; a root
+    attribute ``LOOM_SPEC_VERSION`` (a string, bytes or a 1-element array, as
+    R writers store it) overrides it.
+    """
+    version = "0.0.0"
+    if tree.exists("attrs/LOOM_SPEC_VERSION"):
+        version = str(scalar_text(materialize(tree.read("attrs/LOOM_SPEC_VERSION"))))
+    root = tree.attrs("/")
+    if "LOOM_SPEC_VERSION" in root:
+        version = str(scalar_text(root["LOOM_SPEC_VERSION"]))
+    return version.strip()
+
+
+def is_spec3(version: str) -> bool:
+    return spec_at_least(version, "3.0.0")

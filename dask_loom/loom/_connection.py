@@ -1,0 +1,638 @@
+"""``LoomConnection`` and ``connect``: loompy's connection API over chunk-aligned task graphs."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from dask_loom._config import get_config
+from dask_loom.errors import LoomFormatError, ReadOnlyError
+from dask_loom.loom._attrs import AttributeManager, GlobalAttributeManager
+from dask_loom.loom._common import AXIS_ATTRS, AXIS_GRAPHS, LEGACY_GRAPHS, is_spec3, read_spec_version, scalar_text, timestamp
+from dask_loom.loom._graphs import GraphManager
+from dask_loom.loom._layers import LayerManager, LoomLayer
+from dask_loom.loom._tree import Tree
+from dask_loom.loom._values import materialize, normalize_for_write
+from dask_loom.loom._view import ViewManager
+from dask_loom.storage import FileSpec
+
+__all__ = ["LoomConnection", "connect", "open_tree"]
+
+# Openers for container kinds other than HDF5, tried first: (predicate, factory).
+TREE_OPENERS: list[tuple[Callable[[FileSpec], bool], Callable[..., Tree]]] = []
+
+
+def open_tree(spec: FileSpec, *, mode: str = "r") -> Tree:
+    """The :class:`Tree` for a container: a registered opener, else HDF5."""
+    for matches, factory in TREE_OPENERS:
+        if matches(spec):
+            return factory(spec, mode=mode)
+    from dask_loom.loom._tree import HDF5Tree
+
+    return HDF5Tree(spec)
+
+
+class LoomConnection:
+    """A connection to a Loom file (``.loom`` HDF5, or the same layout in Zarr).
+
+    Parameters
+    ----------
+    filename
+        Path or URL (``s3://…``, ``gs://…``, ``https://…``, ``memory://…``).
+    mode
+        ``"r+"`` (read/write, default, as in loompy) or ``"r"``.  Unlike
+        loompy, an ``r+`` connection holds the HDF5 file open for writing only
+        while a write runs, so other readers are never locked out.
+    validate
+        Check the file against the Loom spec first (as loompy does).
+    spec_version
+        Accepted for loompy compatibility (loompy ignores it too).
+    storage_options
+        fsspec options for URLs (credentials, endpoint …).
+    scheduler, client
+        Where this connection's graphs run by default (see
+        :func:`dask_loom.cluster.resolve_scheduler`).
+
+    Examples
+    --------
+    >>> import dask_loom, numpy as np, tempfile, os
+    >>> fn = os.path.join(tempfile.mkdtemp(), "x.loom")
+    >>> dask_loom.create(fn, np.arange(12.0).reshape(3, 4), {"Gene": np.array(["a", "b", "c"])}, {"CellID": np.arange(4)})
+    >>> with dask_loom.connect(fn, "r") as ds:
+    ...     print(ds.shape, ds.ra.Gene.tolist(), ds[1, :].tolist())
+    (3, 4) ['a', 'b', 'c'] [4.0, 5.0, 6.0, 7.0]
+    """
+
+    def __init__(
+        self,
+        filename: str | os.PathLike[str],
+        mode: str = "r+",
+        *,
+        validate: bool = True,
+        spec_version: str = "3.0.0",
+        storage_options: dict[str, Any] | None = None,
+        scheduler: Any = None,
+        client: Any = None,
+    ) -> None:
+        if mode not in ("r", "r+"):
+            raise ValueError(f"Mode must be either 'r' or 'r+', not {mode!r}")
+        spec = FileSpec.from_path(filename, storage_options)
+        self._spec = spec
+        self.filename = os.fspath(filename) if not spec.is_local else spec.url
+        if not spec.exists():
+            raise FileNotFoundError(errno.ENOENT, f"File '{filename}' not found", os.fspath(filename))
+        self._tree = open_tree(spec, mode=mode)
+        self._mode = mode
+        if mode == "r+" and getattr(self._tree, "read_only", False):
+            raise ReadOnlyError(
+                f"{self.filename}: this container is read-only here (HDF5 on an object store); connect with mode='r'"
+            )
+        self._scheduler = scheduler
+        self._client = client
+        self._closed = False
+        self._write_lock = threading.RLock()
+        self._cache: dict[Any, Any] = {}
+        self._check_loom()
+        if validate:
+            from dask_loom.loom._validator import LoomValidator
+
+            lv = LoomValidator()
+            if not lv.validate_tree(self._tree, self.filename):
+                raise LoomFormatError(
+                    "\n".join(lv.errors)
+                    + f"\n{self.filename} does not appear to be a valid Loom file according to Loom spec version '{lv.version}'"
+                )
+        self._open_managers()
+
+    # -- opening ---------------------------------------------------------------------
+
+    def _check_loom(self) -> None:
+        t = self._tree
+        try:
+            has = [t.exists(p) for p in ("matrix", "row_attrs", "col_attrs")]
+        except LoomFormatError:
+            raise
+        except OSError as exc:
+            raise LoomFormatError(f"{self.filename}: not a readable Loom file ({exc})") from None
+        if not any(has):
+            raise LoomFormatError(f"{self.filename}: not a Loom file (no /matrix, /row_attrs or /col_attrs)")
+        self._spec_version = read_spec_version(t)
+
+    def _open_managers(self) -> None:
+        self._refresh_shape()
+        self._warned: set[str] = set()
+        self.layers = self.layer = LayerManager(self)
+        self.ra = self.row_attrs = AttributeManager(self, axis=0)
+        self.ca = self.col_attrs = AttributeManager(self, axis=1)
+        self.attrs = GlobalAttributeManager(self)
+        self.row_graphs = GraphManager(self, axis=0)
+        self.col_graphs = GraphManager(self, axis=1)
+        self.view = ViewManager(self)
+
+    def _refresh_shape(self) -> None:
+        self._cache.clear()
+        if self._tree.exists("matrix"):
+            self._shape = tuple(int(s) for s in self._tree.info("matrix").shape)
+        else:
+            self._shape = (0, 0)
+
+    # -- basic properties ------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_rows, n_cols)`` of the main matrix (``(0, 0)`` for an empty file)."""
+        return self._shape
+
+    @shape.setter
+    def shape(self, value: tuple[int, int]) -> None:
+        self._shape = tuple(value)
+
+    @property
+    def mode(self) -> str:
+        """``"r"`` or ``"r+"``."""
+        return self._mode
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def spec_version(self) -> str:
+        """The Loom spec version the file declares (``"0.0.0"`` if none)."""
+        return self._spec_version
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self.filename}: the connection is closed")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._mode != "r+":
+            raise ReadOnlyError(f"{self.filename}: the connection is read-only (opened with mode='r')")
+
+    def _compute_kwargs(self) -> dict[str, Any]:
+        return {"scheduler": self._scheduler, "client": self._client}
+
+    def close(self, suppress_warning: bool = False) -> None:
+        """Close the connection; later access raises."""
+        if self._closed:
+            if not suppress_warning:
+                warnings.warn(f"{self.filename}: connection was already closed", UserWarning, stacklevel=2)
+            return
+        self._closed = True
+        self._shape = (0, 0)
+        from dask_loom.hdf5 import invalidate
+
+        if self._spec.is_local or True:
+            with contextlib.suppress(Exception):
+                invalidate(self._spec)
+
+    def __enter__(self) -> LoomConnection:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        empty = not self._closed and 0 in self._shape and getattr(self, "_created", False)
+        self.close(True)
+        if empty and exc_type is None:
+            raise ValueError(
+                f"Newly created loom file '{self.filename}' must be filled with data before leaving the 'with' block"
+            )
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<LoomConnection to {self.filename} (closed)>"
+        return (
+            f"<LoomConnection to {self.filename} ({self._mode}), shape {self.shape}, "
+            f"layers {self.layers.keys()}, {len(self.ra)} row attrs, {len(self.ca)} col attrs>"
+        )
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        if self._closed:
+            return f"<p>LoomConnection to {escape(self.filename)} (closed)</p>"
+        rows = "".join(
+            f"<tr><td>{escape(repr(k))}</td><td>{escape(str(v.shape))}</td><td>{escape(v.dtype)}</td></tr>"
+            for k, v in self.layers.items()
+        )
+        return (
+            f"<p><b>LoomConnection</b> {escape(self.filename)} — shape {self.shape}, spec {escape(self.spec_version)}</p>"
+            f"<table><tr><th>layer</th><th>shape</th><th>dtype</th></tr>{rows}</table>"
+            f"<p>row attrs: {escape(', '.join(self.ra.keys()))}<br>col attrs: {escape(', '.join(self.ca.keys()))}</p>"
+        )
+
+    # -- indexing ----------------------------------------------------------------------
+
+    def __getitem__(self, thing: Any) -> Any:
+        """``ds["x"]`` → layer ``x``; ``ds[rows, cols]`` → numpy array of the main matrix."""
+        self._check_open()
+        if isinstance(thing, str):
+            return self.layers[thing]
+        return self.layers[""][thing]
+
+    def __setitem__(self, thing: Any, value: Any) -> None:
+        if isinstance(thing, str):
+            self.layers[thing] = value
+        else:
+            self.layers[""][thing] = value
+
+    # -- layer internals ----------------------------------------------------------------
+
+    @staticmethod
+    def _layer_path(name: str) -> str:
+        return "matrix" if name == "" else f"layers/{name}"
+
+    def _layer_names(self) -> list[str]:
+        names = [""] if self._tree.exists("matrix") else []
+        return names + self._tree.children("layers")
+
+    def _layer_info(self, name: str) -> Any:
+        key = ("info", name)
+        if key not in self._cache:
+            path = self._layer_path(name)
+            if not self._tree.exists(path):
+                raise KeyError(f"Layer '{name}' not found in {self.filename}")
+            self._cache[key] = self._tree.info(path)
+        return self._cache[key]
+
+    def _layer_shape(self, name: str) -> tuple[int, int]:
+        return tuple(self._layer_info(name).shape)
+
+    def _layer_dtype(self, name: str) -> np.dtype:
+        return self._layer_info(name).dtype
+
+    def _layer_source(self, name: str) -> Any:
+        key = ("source", name)
+        if key not in self._cache:
+            self._layer_info(name)
+            self._cache[key] = self._tree.source(self._layer_path(name))
+        return self._cache[key]
+
+    def _read_layers(self, names: list[str], key: Any) -> dict[str, np.ndarray]:
+        from dask_loom._indexing import normalize_key
+        from dask_loom.ops._select import read_selections
+
+        self._check_open()
+        sels = normalize_key(key, self.shape, where=self.filename)
+        sources = [self._layer_source(n) for n in names]
+        arrays = read_selections(sources, sels, **self._compute_kwargs())
+        return dict(zip(names, arrays))
+
+    def dask(self, layer: str = "", *, chunks: Any = None, band_axis: int | None = None) -> Any:
+        """A layer as a lazy dask array whose blocks are whole stored chunks."""
+        return self.layers[layer].to_dask(chunks=chunks, band_axis=band_axis)
+
+    # -- attribute internals --------------------------------------------------------
+
+    def _attr_names(self, axis: int) -> list[str]:
+        group = AXIS_ATTRS[axis]
+        names = []
+        n = self._shape[axis]
+        for child in self._tree.children(group):
+            path = f"{group}/{child}"
+            if self._tree.is_group(path):
+                # Nested groups (LoomExperiment) are flattened as "group/name"
+                # when their arrays have one value per row/column.
+                for sub in self._tree.children(path):
+                    subpath = f"{path}/{sub}"
+                    if self._tree.is_group(subpath):
+                        self._warn_once(subpath, "a group nested two levels deep")
+                        continue
+                    shape = self._tree.info(subpath).shape
+                    if shape and (shape[0] == n or n == 0):
+                        names.append(f"{child}/{sub}")
+                    else:
+                        self._warn_once(subpath, f"{shape[0] if shape else 0} values where {n} were expected")
+                continue
+            names.append(child)
+        return names
+
+    def _warn_once(self, path: str, why: str) -> None:
+        warned = self.__dict__.setdefault("_warned", set())
+        if path not in warned:
+            warned.add(path)
+            warnings.warn(f"{self.filename}: skipped attribute '{path}' ({why})", UserWarning, stacklevel=5)
+
+    def _read_attr(self, axis: int, name: str) -> np.ndarray:
+        path = f"{AXIS_ATTRS[axis]}/{name}"
+        info = self._tree.info(path)
+        cap = _metadata_cap()
+        if int(np.prod(info.shape)) * max(1, info.dtype.itemsize) > cap:
+            raise LoomFormatError(f"{self.filename}: attribute '{path}' declares shape {info.shape}, larger than the {cap}-byte cap")
+        n = self._shape[axis]
+        if n and (not info.shape or info.shape[0] != n):
+            raise LoomFormatError(
+                f"{self.filename}: attribute '{path}' has {info.shape[0] if info.shape else 0} values, expected {n}"
+            )
+        raw = self._tree.read(path)
+        return materialize(raw, kind=info.kind, enum=info.enum, spec=self._spec_version)
+
+    # -- global attributes ----------------------------------------------------------
+
+    def _globals_in_group(self) -> bool:
+        return self._tree.is_group("attrs")
+
+    def _global_names(self) -> list[str]:
+        if self._globals_in_group():
+            return self._tree.children("attrs")
+        return list(self._tree.attrs("/").keys())
+
+    def _read_global(self, name: str) -> Any:
+        if self._globals_in_group():
+            value = self._tree.read(f"attrs/{name}")
+        else:
+            value = self._tree.attrs("/")[name]
+        if isinstance(value, np.ndarray) and value.ndim and value.size > 1:
+            return materialize(value, spec=self._spec_version)
+        out = scalar_text(value)
+        if isinstance(out, str) and not is_spec3(self._spec_version):
+            out = materialize(out.encode("utf-8"), spec=self._spec_version)
+        if isinstance(out, np.ndarray) and out.ndim == 0:
+            out = out[()]
+        return out
+
+    # -- graph internals -----------------------------------------------------------------
+
+    def _graph_group(self, axis: int) -> str | None:
+        for group in (AXIS_GRAPHS[axis], LEGACY_GRAPHS[axis]):
+            if self._tree.is_group(group):
+                return group
+        return None
+
+    def _graph_names(self, axis: int) -> list[str]:
+        names: list[str] = []
+        for group in (AXIS_GRAPHS[axis], LEGACY_GRAPHS[axis]):
+            for child in self._tree.children(group):
+                if child not in names:
+                    names.append(child)
+        return names
+
+    def _read_graph(self, axis: int, name: str) -> sp.coo_matrix:
+        n = self._shape[axis]
+        for group in (AXIS_GRAPHS[axis], LEGACY_GRAPHS[axis]):
+            path = f"{group}/{name}"
+            if self._tree.is_group(path):
+                break
+        else:
+            raise AttributeError(f"'{name}' is not a graph in {self.filename}")
+        a, b, w = (np.asarray(self._tree.read(f"{path}/{k}")) for k in ("a", "b", "w"))
+        if not (len(a) == len(b) == len(w)):
+            raise LoomFormatError(f"{self.filename}: graph '{path}' has a, b, w of different lengths ({len(a)}, {len(b)}, {len(w)})")
+        out = []
+        for k, v in (("a", a), ("b", b)):
+            if v.dtype.kind == "f":
+                if len(v) and (not np.all(np.isfinite(v)) or np.any(v != np.round(v))):
+                    raise LoomFormatError(f"{self.filename}: graph index '{path}/{k}' is {v.dtype} with non-integer values")
+                warnings.warn(
+                    f"{self.filename}: graph index '{path}/{k}' is stored as {v.dtype} (the spec requires integers); read as int64",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                v = v.astype(np.int64)
+            elif v.dtype.kind not in "iu":
+                raise LoomFormatError(f"{self.filename}: graph index '{path}/{k}' has dtype {v.dtype}, not integer")
+            if len(v) and (v.min() < 0 or v.max() >= n):
+                raise LoomFormatError(f"{self.filename}: graph '{path}/{k}' holds node indices outside 0..{n - 1}")
+            out.append(v)
+        return sp.coo_matrix((w, (out[0], out[1])), shape=(n, n))
+
+    # -- timestamps ----------------------------------------------------------------
+
+    def _node_timestamp(self, path: str) -> str:
+        value = self._tree.attrs(path).get("last_modified")
+        if value is None:
+            return timestamp()
+        return str(scalar_text(value))
+
+    def last_modified(self) -> str:
+        """When the file was last modified (the root ``last_modified`` timestamp), or now if it has none."""
+        self._check_open()
+        return self._node_timestamp("/")
+
+    def get_changes_since(self, timestamp: str) -> dict[str, list[str]]:
+        """Names of attributes, graphs and layers modified after *timestamp*."""
+        self._check_open()
+        out: dict[str, list[str]] = {}
+        for key, axis in (("row_graphs", 0), ("col_graphs", 1)):
+            group = self._graph_group(axis)
+            out[key] = [g for g in self._graph_names(axis) if group and self._node_timestamp(f"{group}/{g}") > timestamp and self._has_ts(f"{group}/{g}")]
+        for key, axis in (("row_attrs", 0), ("col_attrs", 1)):
+            names = self.ra.keys() if axis == 0 else self.ca.keys()
+            out[key] = [a for a in names if self._has_ts(f"{AXIS_ATTRS[axis]}/{a}") and self._node_timestamp(f"{AXIS_ATTRS[axis]}/{a}") > timestamp]
+        out["layers"] = [
+            name for name in self.layers.keys()
+            if self._has_ts(self._layer_path(name)) and self._node_timestamp(self._layer_path(name)) > timestamp
+        ]
+        return out
+
+    def _has_ts(self, path: str) -> bool:
+        return "last_modified" in self._tree.attrs(path)
+
+    # -- computations -----------------------------------------------------------------
+
+    def map(
+        self,
+        f_list: list[Callable[[np.ndarray], Any] | str],
+        *,
+        axis: int = 0,
+        chunksize: int = 1000,
+        selection: np.ndarray | None = None,
+        layer: str = "",
+        scheduler: Any = None,
+        client: Any = None,
+        progress: bool = False,
+    ) -> list[np.ndarray]:
+        """Apply functions along rows (``axis=0``) or columns (``axis=1``) as one task graph.
+
+        Parameters
+        ----------
+        f_list
+            Functions, each called on a row (or column) vector and returning a
+            number.  Recognised reductions — ``sum``, ``mean``, ``std``,
+            ``var``, ``min``, ``max``, ``count_nonzero`` and their ``nan``
+            variants, as numpy functions or names — all run together in one
+            blockwise pass with a tree reduction; anything else is called per
+            vector on full-width bands.
+        axis
+            0 for one value per row, 1 for one value per column.
+        chunksize
+            Rows (columns) per band for per-vector functions; a hint, rounded
+            to whole stored chunks.
+        selection
+            Bool mask or sorted indices of the columns (rows) to include.
+        layer
+            Which layer (default the main matrix).
+        scheduler, client, progress
+            Where to run, and whether to show a progress bar.
+
+        Returns
+        -------
+        list of numpy.ndarray
+            One float64 array of length ``shape[axis]`` per function.
+        """
+        self._check_open()
+        kw = self._compute_kwargs()
+        if scheduler is not None or client is not None:
+            kw = {"scheduler": scheduler, "client": client}
+        return self.layers[layer].map(f_list, axis=axis, chunksize=chunksize, selection=selection, progress=progress, **kw)
+
+    def sparse(self, rows: Any = None, cols: Any = None, layer: str | None = None, *, dtype: Any = None) -> sp.coo_matrix:
+        """A layer (default: the main matrix) as ``scipy.sparse.coo_matrix``, built blockwise."""
+        return self.layers["" if layer is None else layer].sparse(rows=rows, cols=cols, dtype=dtype)
+
+    # -- writes --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Any]:
+        self._check_writable()
+        with self._write_lock, self._tree.writing() as w:
+            yield w
+        self._cache.clear()
+
+    def _touch(self, w: Any, *paths: str) -> None:
+        ts = timestamp()
+        for p in (*paths, "/"):
+            if w.exists(p):
+                w.set_attr(p, "last_modified", ts)
+
+    def _write_attr(self, axis: int, name: str, value: Any) -> None:
+        self._check_writable()
+        arr, strings = normalize_for_write(value, name, spec3=is_spec3(self._spec_version) or self._spec_version == "0.0.0")
+        n = self._shape[axis]
+        if n != 0 and arr.shape[0] != n:
+            raise ValueError(f"Attribute '{name}' must have exactly {n} values but {arr.shape[0]} were given")
+        group = AXIS_ATTRS[axis]
+        path = f"{group}/{name}"
+        with self._writing() as w:
+            w.create_group(group)
+            maxshape = (arr.shape[0],) if arr.ndim == 1 else (arr.shape[0], *([None] * (arr.ndim - 1)))
+            _replace(w, path, data=arr, strings=strings, maxshape=maxshape)
+            self._touch(w, path, group)
+
+    def _delete_attr(self, axis: int, name: str) -> None:
+        with self._writing() as w:
+            path = f"{AXIS_ATTRS[axis]}/{name}"
+            w.delete(path)
+            self._touch(w, AXIS_ATTRS[axis])
+
+    def _write_global(self, name: str, value: Any) -> None:
+        self._check_writable()
+        with self._writing() as w:
+            if self._globals_in_group() or is_spec3(self._spec_version):
+                w.create_group("attrs")
+                if isinstance(value, (str, bytes)):
+                    v = value.decode("utf-8") if isinstance(value, bytes) else value
+                    w.create_array(f"attrs/{name}", data=np.array(v, dtype=object), strings=True, compression=None)
+                elif value is None:
+                    w.create_array(f"attrs/{name}", data=np.array("None", dtype=object), strings=True, compression=None)
+                else:
+                    arr = np.asarray(value)
+                    if arr.dtype.kind in "SUO":
+                        arr, _ = normalize_for_write(arr, name)
+                        w.create_array(f"attrs/{name}", data=arr if np.ndim(value) else arr.reshape(()), strings=True, compression=None)
+                    else:
+                        w.create_array(f"attrs/{name}", data=arr, compression=None)
+            else:
+                if isinstance(value, str):
+                    value = value.encode("ascii", "xmlcharrefreplace")
+                w.set_attr("/", name, value)
+            self._touch(w)
+
+    def _delete_global(self, name: str) -> None:
+        with self._writing() as w:
+            if self._globals_in_group():
+                w.delete(f"attrs/{name}")
+            else:
+                w.del_attr("/", name)
+
+    def _write_graph(self, axis: int, name: str, g: sp.coo_matrix) -> None:
+        group = AXIS_GRAPHS[axis]
+        path = f"{group}/{name}"
+        w_data = g.data if g.data.dtype.kind == "f" else g.data.astype(np.float64)
+        with self._writing() as w:
+            w.create_group(group)
+            tmp = f"{group}/.tmp-{name}"
+            w.delete(tmp)
+            w.create_group(tmp)
+            w.create_array(f"{tmp}/a", data=g.row.astype(np.int32, copy=False), compression=None)
+            w.create_array(f"{tmp}/b", data=g.col.astype(np.int32, copy=False), compression=None)
+            w.create_array(f"{tmp}/w", data=w_data, compression=None)
+            w.move(tmp, path)
+            self._touch(w, path, group)
+
+    def _delete_graph(self, axis: int, name: str) -> None:
+        with self._writing() as w:
+            w.delete(f"{AXIS_GRAPHS[axis]}/{name}")
+            self._touch(w, AXIS_GRAPHS[axis])
+
+    def _write_layer(self, name: str, value: Any) -> None:
+        from dask_loom.loom._write import write_layer
+
+        write_layer(self, name, value)
+
+    def _write_layer_region(self, name: str, key: Any, value: Any) -> None:
+        from dask_loom.loom._write import write_layer_region
+
+        write_layer_region(self, name, key, value)
+
+    def _delete_layer(self, name: str) -> None:
+        with self._writing() as w:
+            w.delete(self._layer_path(name))
+            self._touch(w)
+
+
+def _replace(w: Any, path: str, **kwargs: Any) -> None:
+    """Write a new array beside the old one, then swap names (crash leaves the old one)."""
+    head, _, tail = path.rpartition("/")
+    tmp = f"{head}/.tmp-{tail}" if head else f".tmp-{tail}"
+    w.delete(tmp)
+    w.create_array(tmp, **kwargs)
+    w.move(tmp, path)
+
+
+def _metadata_cap() -> int:
+    from dask.utils import parse_bytes
+
+    v = get_config("max-metadata-bytes")
+    return parse_bytes(v) if isinstance(v, str) else int(v)
+
+
+def connect(
+    filename: str | os.PathLike[str],
+    mode: str = "r+",
+    *,
+    validate: bool = True,
+    spec_version: str = "3.0.0",
+    storage_options: dict[str, Any] | None = None,
+    scheduler: Any = None,
+    client: Any = None,
+) -> LoomConnection:
+    """Open a Loom file (``.loom`` HDF5 or ``.loom.zarr``), locally or on an object store.
+
+    Same signature and defaults as ``loompy.connect``; see
+    :class:`LoomConnection` for the extra keyword options.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    dask_loom.errors.LoomFormatError
+        The file is not Loom (or fails validation when ``validate=True``).
+    """
+    return LoomConnection(
+        filename,
+        mode,
+        validate=validate,
+        spec_version=spec_version,
+        storage_options=storage_options,
+        scheduler=scheduler,
+        client=client,
+    )

@@ -1,0 +1,252 @@
+"""``ds.layers``: the main matrix and named layers, as lazy dask-backed layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from dask_loom._indexing import normalize_key
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+    from dask_loom.loom._connection import LoomConnection
+
+__all__ = ["LayerManager", "LoomLayer", "MemoryLoomLayer"]
+
+
+class LoomLayer:
+    """A layer of a Loom file: numpy-style reads, lazy ``.dask``, graph-backed ``map``/``sparse``.
+
+    Reads return numpy arrays (as loompy does), computed through task graphs
+    that touch only the stored chunks a selection needs.  Indexing follows
+    numpy with outer semantics: slices with any step, ints, negative indices,
+    bool masks, integer lists in any order with duplicates, and index arrays
+    on both axes at once.
+    """
+
+    def __init__(self, name: str, ds: LoomConnection) -> None:
+        self.name = name
+        self.ds = ds
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.ds._layer_shape(self.name)
+
+    @property
+    def dtype(self) -> str:
+        """The stored dtype, as a string (``"float32"``), as in loompy."""
+        return str(self.ds._layer_dtype(self.name))
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _source(self) -> Any:
+        return self.ds._layer_source(self.name)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        from dask_loom.ops._select import read_selection
+
+        self.ds._check_open()
+        if key == () or key is Ellipsis:
+            key = (slice(None), slice(None))
+        sels = normalize_key(key, self.shape, where=f"{self.ds.filename}: layer '{self.name}'")
+        return read_selection(self._source(), sels, **self.ds._compute_kwargs())
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.ds._write_layer_region(self.name, key, value)
+
+    def to_dask(self, *, chunks: Any = None, band_axis: int | None = None) -> da.Array:
+        """This layer as a dask array whose blocks are whole stored chunks.
+
+        Parameters
+        ----------
+        chunks
+            Any dask chunk specification; boundaries that would split stored
+            chunks are rounded out (with a warning).
+        band_axis
+            ``0`` for full-width row bands, ``1`` for full-height column bands.
+        """
+        from dask_loom.blocks import from_source
+
+        self.ds._check_open()
+        return from_source(self._source(), chunks=chunks, band_axis=band_axis)
+
+    @property
+    def dask(self) -> da.Array:
+        """The layer as a lazy, chunk-aligned dask array (default block plan)."""
+        return self.to_dask()
+
+    def sparse(self, rows: Any = None, cols: Any = None, dtype: Any = None) -> sp.coo_matrix:
+        """The layer (or a selection of it) as ``scipy.sparse.coo_matrix``, built blockwise in parallel."""
+        from dask_loom.ops import sparse as _sparse
+
+        return _sparse(self._source(), rows=rows, cols=cols, dtype=dtype, **self.ds._compute_kwargs())
+
+    def map(
+        self,
+        f_list: list[Callable[[np.ndarray], Any] | str],
+        axis: int = 0,
+        chunksize: int = 1000,
+        selection: np.ndarray | None = None,
+        **kwargs: Any,
+    ) -> list[np.ndarray]:
+        """Apply functions to every row (``axis=0``) or column (``axis=1``); see :meth:`LoomConnection.map`."""
+        from dask_loom.ops import map_source
+
+        kw = {**self.ds._compute_kwargs(), **kwargs}
+        return map_source(self._source(), f_list, axis=axis, chunksize=chunksize, selection=selection, **kw)
+
+    def last_modified(self) -> str:
+        """Timestamp of the last write to this layer (``"now"`` if it has none)."""
+        return self.ds._node_timestamp(self.ds._layer_path(self.name))
+
+    def __repr__(self) -> str:
+        return f"<LoomLayer '{self.name}' shape={self.shape} dtype={self.dtype}>"
+
+
+class MemoryLoomLayer:
+    """A layer held in memory (in views and scans), with numpy indexing."""
+
+    def __init__(self, name: str, matrix: Any) -> None:
+        self.name = name
+        if isinstance(matrix, MemoryLoomLayer):
+            matrix = matrix.values
+        self.values = np.asarray(matrix)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def dtype(self) -> str:
+        return str(self.values.dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        sels = normalize_key(key, self.values.shape, where=f"layer '{self.name}'")
+        out = self.values
+        for ax, s in enumerate(sels):
+            if s.kind == "range":
+                out = out[(slice(None),) * ax + (slice(s.start, s.stop),)]
+            elif s.kind != "int":
+                out = np.take(out, s.positions(), axis=ax)
+        ints = tuple(s.start if s.kind == "int" else slice(None) for s in sels)
+        return out[ints]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.values[key] = value
+
+    def sparse(self, rows: Any = None, cols: Any = None) -> sp.coo_matrix:
+        m = self.values
+        if rows is not None:
+            m = m[rows, :]
+        if cols is not None:
+            m = m[:, cols]
+        return sp.coo_matrix(m)
+
+    def permute(self, ordering: np.ndarray, *, axis: int) -> None:
+        self.values = np.take(self.values, ordering, axis=axis)
+
+    def __repr__(self) -> str:
+        return f"<MemoryLoomLayer '{self.name}' shape={self.shape} dtype={self.dtype}>"
+
+
+class LayerManager:
+    """``ds.layers``: ``""`` (the main matrix) first, then named layers.
+
+    ``ds.layers["x"]`` (or ``ds.layers.x``, ``ds["x"]``) is a lazy
+    :class:`LoomLayer`; ``ds.layers[rows, cols]`` reads every layer's selection
+    into an in-memory manager of :class:`MemoryLoomLayer`.
+    """
+
+    def __init__(self, ds: LoomConnection | None, values: dict[str, MemoryLoomLayer] | None = None) -> None:
+        object.__setattr__(self, "ds", ds)
+        object.__setattr__(self, "_layers", dict(values or {}))
+        names = ds._layer_names() if ds is not None else list(values or {})
+        object.__setattr__(self, "_names", names)
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        for k in self.keys():
+            yield k, self[k]
+
+    def values(self) -> Iterator[Any]:
+        for k in self.keys():
+            yield self[k]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def __getitem__(self, thing: Any) -> Any:
+        if isinstance(thing, str):
+            if thing not in self._names:
+                where = f" in {self.ds.filename}" if self.ds is not None else ""
+                raise KeyError(f"Layer '{thing}' not found{where}")
+            if self.ds is None:
+                return self._layers[thing]
+            return LoomLayer(thing, self.ds)
+        if isinstance(thing, tuple) and len(thing) == 2:
+            if self.ds is None:
+                return LayerManager(None, {k: MemoryLoomLayer(k, v[thing]) for k, v in self._layers.items()})
+            arrays = self.ds._read_layers(self.keys(), thing)
+            return LayerManager(None, {k: MemoryLoomLayer(k, v) for k, v in arrays.items()})
+        raise TypeError(f"cannot index layers with {type(thing).__name__}; use a name or a (rows, cols) tuple")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(str(exc)) from None
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if not isinstance(name, str):
+            raise TypeError("layer names must be str")
+        if "/" in name:
+            raise KeyError(f"Layer name '{name}' cannot contain a slash (/)")
+        if self.ds is None:
+            self._layers[name] = MemoryLoomLayer(name, value)
+        else:
+            self.ds._write_layer(name, value)
+        if name not in self._names:
+            self._names.append(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        if name == "":
+            raise ValueError("Cannot delete the main matrix (layer '')")
+        if name not in self._names:
+            raise KeyError(f"Layer '{name}' not found")
+        if self.ds is not None:
+            self.ds._delete_layer(name)
+        else:
+            del self._layers[name]
+        self._names.remove(name)
+
+    def __delattr__(self, name: str) -> None:
+        del self[name]
+
+    def __repr__(self) -> str:
+        return f"<Layers: {', '.join(repr(n) for n in self._names)}>"
+
+    def _permute(self, ordering: np.ndarray, *, axis: int) -> None:
+        for layer in self._layers.values():
+            layer.permute(ordering, axis=axis)

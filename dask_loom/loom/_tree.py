@@ -1,0 +1,345 @@
+"""The node tree a Loom connection reads and writes: HDF5 here, Zarr in ``_zarrtree``.
+
+The Loom logic (managers, views, operations) is written once against this
+small interface: groups with children and attributes, arrays with a
+:class:`~dask_loom.blocks.ChunkSource` for data and a plain reader for small
+metadata arrays.  Writes happen inside ``with tree.writing() as w:``, which for
+HDF5 holds the file open for writing only for the duration of the block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from dask_loom.hdf5 import HDF5Source, dataset_layout, open_h5_read, open_h5_write
+from dask_loom.hdf5._files import cached_entry
+from dask_loom.storage import FileSpec
+
+__all__ = ["ArrayInfo", "HDF5Tree", "Tree", "TreeWriter"]
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """Shape, dtype and storage facts of one array in a tree."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...] | None
+    compression: str | None
+    compression_opts: Any
+    kind: str = "plain"  # "plain", "string", "enum", "compound", "vlen"
+    enum: dict[int, str] | None = None
+
+    @property
+    def maxshape(self) -> tuple[int | None, ...] | None:
+        return None
+
+
+class Tree(ABC):
+    """Read side of a Loom container."""
+
+    spec: FileSpec
+    #: Task-name prefix for layer reads.
+    read_prefix = "loom-read"
+
+    @abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abstractmethod
+    def is_group(self, path: str) -> bool: ...
+
+    @abstractmethod
+    def children(self, path: str) -> list[str]:
+        """Names (not paths) of the members of a group, in storage order."""
+
+    @abstractmethod
+    def info(self, path: str) -> ArrayInfo: ...
+
+    @abstractmethod
+    def read(self, path: str, sel: Any = ()) -> np.ndarray:
+        """Read (part of) a small array as stored (raw bytes for strings)."""
+
+    @abstractmethod
+    def attrs(self, path: str) -> dict[str, Any]:
+        """Node attributes (HDF5 attributes / Zarr attributes), raw."""
+
+    @abstractmethod
+    def source(self, path: str, *, prefix: str | None = None) -> Any:
+        """A chunk source for a (large) array."""
+
+    @abstractmethod
+    def writing(self) -> contextlib.AbstractContextManager[TreeWriter]: ...
+
+    def identity(self) -> Any:
+        """Changes whenever the container is rewritten (for caches and tokens)."""
+        return None
+
+
+class TreeWriter(ABC):
+    """Write side, valid inside ``Tree.writing()``."""
+
+    @abstractmethod
+    def create_group(self, path: str) -> None: ...
+
+    @abstractmethod
+    def create_array(
+        self,
+        path: str,
+        *,
+        data: np.ndarray | None = None,
+        shape: tuple[int, ...] | None = None,
+        dtype: Any = None,
+        chunks: tuple[int, ...] | None = None,
+        maxshape: tuple[int | None, ...] | None = None,
+        compression: str | None = "gzip",
+        compression_opts: Any = 2,
+        fillvalue: Any = None,
+        strings: bool = False,
+    ) -> None: ...
+
+    @abstractmethod
+    def write(self, path: str, sel: Any, data: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def resize(self, path: str, shape: tuple[int, ...]) -> None: ...
+
+    @abstractmethod
+    def delete(self, path: str) -> None: ...
+
+    @abstractmethod
+    def move(self, src: str, dst: str) -> None: ...
+
+    @abstractmethod
+    def set_attr(self, path: str, name: str, value: Any) -> None: ...
+
+    @abstractmethod
+    def del_attr(self, path: str, name: str) -> None: ...
+
+    @abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abstractmethod
+    def is_group(self, path: str) -> bool: ...
+
+    @abstractmethod
+    def children(self, path: str) -> list[str]: ...
+
+    @abstractmethod
+    def read(self, path: str, sel: Any = ()) -> np.ndarray: ...
+
+    @abstractmethod
+    def info(self, path: str) -> ArrayInfo: ...
+
+    def flush(self) -> None:  # noqa: B027 - optional hook
+        """Make everything written so far durable."""
+
+
+def _h5_info(ds: h5py.Dataset) -> ArrayInfo:
+    dt = ds.dtype
+    kind = "plain"
+    enum = None
+    if h5py.check_dtype(enum=dt) is not None:
+        kind = "enum"
+        enum = {int(v): k for k, v in h5py.check_dtype(enum=dt).items()}
+    elif h5py.check_string_dtype(dt) is not None:
+        kind = "string"
+    elif dt.names is not None:
+        kind = "compound"
+    elif h5py.check_dtype(vlen=dt) is not None:
+        kind = "vlen"
+    return ArrayInfo(
+        path=ds.name,
+        shape=tuple(int(s) for s in ds.shape),
+        dtype=dt,
+        chunks=tuple(ds.chunks) if ds.chunks else None,
+        compression=ds.compression,
+        compression_opts=ds.compression_opts,
+        kind=kind,
+        enum=enum,
+    )
+
+
+class _H5Reads:
+    """Read operations over an open h5py file, shared by the tree and its writer."""
+
+    def _file(self) -> h5py.File:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def exists(self, path: str) -> bool:
+        return path in self._file()
+
+    def is_group(self, path: str) -> bool:
+        f = self._file()
+        return path in f and isinstance(f[path], h5py.Group)
+
+    def children(self, path: str) -> list[str]:
+        f = self._file()
+        if path not in f or not isinstance(f[path], h5py.Group):
+            return []
+        return list(f[path].keys())
+
+    def info(self, path: str) -> ArrayInfo:
+        return _h5_info(self._file()[path])
+
+    def read(self, path: str, sel: Any = ()) -> np.ndarray:
+        # Raw values: vlen strings arrive as bytes and are decoded by the caller
+        # (``_values.materialize``), so both trees share one decoding rule.
+        return self._file()[path][sel]
+
+    def attrs(self, path: str) -> dict[str, Any]:
+        f = self._file()
+        if path not in f:
+            return {}
+        node = f[path]
+        out = {}
+        for k in node.attrs:
+            try:
+                out[k] = node.attrs[k]
+            except (OSError, TypeError):  # attributes h5py cannot convert are skipped
+                continue
+        return out
+
+
+class HDF5Tree(_H5Reads, Tree):
+    """A ``.loom`` HDF5 file, read through the per-process handle cache."""
+
+    def __init__(self, spec: FileSpec) -> None:
+        self.spec = spec
+
+    def _file(self) -> h5py.File:
+        return open_h5_read(self.spec)
+
+    # Every h5py call goes through the process-wide handle: serialise per file.
+    def exists(self, path: str) -> bool:
+        with cached_entry(self.spec).lock:
+            return super().exists(path)
+
+    def is_group(self, path: str) -> bool:
+        with cached_entry(self.spec).lock:
+            return super().is_group(path)
+
+    def children(self, path: str) -> list[str]:
+        with cached_entry(self.spec).lock:
+            return super().children(path)
+
+    def info(self, path: str) -> ArrayInfo:
+        with cached_entry(self.spec).lock:
+            return super().info(path)
+
+    def read(self, path: str, sel: Any = ()) -> np.ndarray:
+        with cached_entry(self.spec).lock:
+            return super().read(path, sel)
+
+    def attrs(self, path: str) -> dict[str, Any]:
+        with cached_entry(self.spec).lock:
+            return super().attrs(path)
+
+    def source(self, path: str, *, prefix: str | None = None) -> HDF5Source:
+        layout = dataset_layout(self.spec, path)
+        src = HDF5Source(self.spec, layout, prefix=prefix or self.read_prefix)
+        if src.dtype is None:
+            src.dtype = self.info(path).dtype
+        return src
+
+    def identity(self) -> Any:
+        from dask_loom.hdf5._files import file_identity
+
+        return file_identity(self.spec)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[HDF5Writer]:
+        with open_h5_write(self.spec) as f:
+            yield HDF5Writer(f)
+
+    @classmethod
+    @contextlib.contextmanager
+    def creating(cls, spec: FileSpec) -> Iterator[HDF5Writer]:
+        """Create (truncate) the file and write its first content."""
+        with open_h5_write(spec, mode="w") as f:
+            yield HDF5Writer(f)
+
+    def __reduce__(self) -> Any:
+        return (HDF5Tree, (self.spec,))
+
+
+class HDF5Writer(_H5Reads, TreeWriter):
+    """Writes into an HDF5 file held open for one write."""
+
+    def __init__(self, f: h5py.File) -> None:
+        self.f = f
+
+    def _file(self) -> h5py.File:
+        return self.f
+
+    def create_group(self, path: str) -> None:
+        self.f.require_group(path)
+
+    def create_array(
+        self,
+        path: str,
+        *,
+        data: np.ndarray | None = None,
+        shape: tuple[int, ...] | None = None,
+        dtype: Any = None,
+        chunks: tuple[int, ...] | None = None,
+        maxshape: tuple[int | None, ...] | None = None,
+        compression: str | None = "gzip",
+        compression_opts: Any = 2,
+        fillvalue: Any = None,
+        strings: bool = False,
+    ) -> None:
+        if path in self.f:
+            del self.f[path]
+        kw: dict[str, Any] = {}
+        if strings:
+            dtype = h5py.string_dtype("utf-8")
+            if data is not None:
+                data = np.asarray(data, dtype=object)
+        if data is not None and np.ndim(data) == 0:
+            self.f.create_dataset(path, data=data, dtype=dtype)
+            return
+        if compression is not None:
+            kw["compression"] = compression
+            kw["compression_opts"] = compression_opts
+        if chunks is not None:
+            kw["chunks"] = chunks
+        if maxshape is not None:
+            kw["maxshape"] = maxshape
+        if fillvalue is not None:
+            kw["fillvalue"] = fillvalue
+        self.f.create_dataset(path, data=data, shape=shape, dtype=dtype, **kw)
+
+    def write(self, path: str, sel: Any, data: np.ndarray) -> None:
+        ds = self.f[path]
+        ds[sel] = data
+
+    def resize(self, path: str, shape: tuple[int, ...]) -> None:
+        self.f[path].resize(shape)
+
+    def delete(self, path: str) -> None:
+        if path in self.f:
+            del self.f[path]
+
+    def move(self, src: str, dst: str) -> None:
+        if dst in self.f:
+            del self.f[dst]
+        self.f.move(src, dst)
+
+    def set_attr(self, path: str, name: str, value: Any) -> None:
+        self.f[path].attrs[name] = value
+
+    def del_attr(self, path: str, name: str) -> None:
+        node = self.f[path]
+        if name in node.attrs:
+            del node.attrs[name]
+
+    def flush(self) -> None:
+        self.f.flush()

@@ -1,0 +1,180 @@
+"""``LoomValidator``: loompy's spec and convention checks, over HDF5 or Zarr containers."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from dask_loom.loom._common import read_spec_version
+
+__all__ = ["LoomValidator"]
+
+MATRIX_TYPES = ["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
+VERTEX_TYPES = MATRIX_TYPES[3:]
+WEIGHT_TYPES = MATRIX_TYPES[:3]
+
+
+def _dt(info: Any) -> str:
+    return "string" if str(info.dtype).startswith("|S") else str(info.dtype)
+
+
+class LoomValidator:
+    """Validate a Loom file against the spec (``"speconly"``) or also the conventions.
+
+    Same checks and messages as loompy's validator; works on ``.loom`` files and
+    ``.loom.zarr`` stores, locally or on object stores.  After
+    :meth:`validate`, ``errors``, ``warnings`` and ``summary`` hold text lines.
+
+    Parameters
+    ----------
+    version
+        Spec version to validate against, or ``None`` to read it from the file.
+    """
+
+    def __init__(self, version: str | None = None) -> None:
+        self.version = version
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.summary: list[str] = []
+
+    def _check(self, condition: bool, message: str) -> bool:
+        if not condition:
+            self.errors.append(message)
+        return condition
+
+    def _warn(self, condition: bool, message: str) -> bool:
+        if not condition:
+            self.warnings.append(message)
+        return condition
+
+    def validate(self, path: str | os.PathLike[str], strictness: str = "speconly", *, storage_options: dict[str, Any] | None = None) -> bool:
+        """Validate the file at *path*; ``True`` when it conforms."""
+        from dask_loom.loom._connection import LoomConnection, open_tree
+        from dask_loom.storage import FileSpec
+
+        if strictness not in ("speconly", "conventions"):
+            raise ValueError(f"strictness must be 'speconly' or 'conventions', not {strictness!r}")
+        spec = FileSpec.from_path(path, storage_options)
+        if not spec.exists():
+            raise FileNotFoundError(f"File '{path}' not found")
+        valid1 = self.validate_tree(open_tree(spec), os.fspath(path))
+        valid2 = True
+        if strictness == "conventions":
+            with LoomConnection(path, "r", validate=False, storage_options=storage_options) as ds:
+                valid2 = self.validate_conventions(ds)
+                if not valid2:
+                    self.errors.append("For help, see http://linnarssonlab.org/loompy/conventions/")
+        return valid1 and valid2
+
+    def validate_tree(self, tree: Any, name: str = "") -> bool:
+        """Spec checks on an open container tree."""
+        if self.version is None:
+            self.version = read_spec_version(tree)
+        ok = self.validate_spec(tree)
+        if not ok:
+            self.errors.append("For help, see http://linnarssonlab.org/loompy/format/")
+        return ok
+
+    def validate_spec(self, t: Any) -> bool:
+        """The format checks (loompy's ``validate_spec``) on a container tree."""
+        out = self.summary.append
+        v3 = self.version == "3.0.0"
+        self._check(t.exists("row_attrs"), "'row_attrs' group is missing")
+        self._check(t.exists("col_attrs"), "'col_attrs' group is missing")
+        out("Global attributes:")
+        if v3:
+            if self._check(t.is_group("attrs"), "Global attributes missing"):
+                for a in t.children("attrs"):
+                    out(f"{a} (dataset)")
+        else:
+            for key, value in t.attrs("/").items():
+                if isinstance(value, str):
+                    self.warnings.append(f"Global attribute '{key}' has dtype string, which will be deprecated in future Loom versions")
+                elif isinstance(value, bytes):
+                    self.warnings.append(f"Global attribute '{key}' has dtype bytes, which will be deprecated in future Loom versions")
+                out(f"{key}")
+        shape: tuple[int, ...] = (0, 0)
+        if self._check(t.exists("matrix"), "Main matrix missing"):
+            info = t.info("matrix")
+            self._check(str(info.dtype) in MATRIX_TYPES, f"Main matrix dtype={info.dtype} is not allowed")
+            shape = info.shape
+            out(f"Layers shape={shape}:")
+            out(f"Main matrix {info.dtype}")
+        for layer in t.children("layers"):
+            info = t.info(f"layers/{layer}")
+            self._check(info.shape == shape, f"Layer '{layer}' shape {info.shape} does not match main matrix shape {shape}")
+            self._check(str(info.dtype) in MATRIX_TYPES, f"Layer '{layer}' dtype={info.dtype} is not allowed")
+            out(f"{layer} {info.dtype}")
+        expected = np.object_ if v3 else np.bytes_
+        for axis, (group, label) in enumerate((("row_attrs", "Row"), ("col_attrs", "Column"))):
+            out(f"{label} attributes:")
+            if not t.exists(group):
+                continue
+            kind = "row" if axis == 0 else "column"
+            for a in t.children(group):
+                path = f"{group}/{a}"
+                if t.is_group(path):
+                    self.errors.append(f"{label} attribute '{a}' is a group, not a dataset")
+                    continue
+                info = t.info(path)
+                first = info.shape[0] if info.shape else 0
+                self._check(first == shape[axis], f"{label} attribute '{a}' shape {first} first dimension does not match {kind} dimension {shape}")
+                is_string = info.kind == "string" and (
+                    (v3 and info.dtype.kind == "O") or (not v3 and info.dtype.kind == "S")
+                )
+                self._check(
+                    str(info.dtype) in MATRIX_TYPES or is_string or (info.kind == "plain" and np.issubdtype(info.dtype, expected)),
+                    f"{label} attribute '{a}' dtype {info.dtype} is not allowed",
+                )
+                out(f"{a} {_dt(info)} {info.shape if len(info.shape) > 1 else ''}")
+        for group, label in (("row_graphs", "Row"), ("col_graphs", "Column")):
+            out(f"{label} graphs:")
+            for g in t.children(group):
+                base = f"{group}/{g}"
+                lens = []
+                for vec, kinds, what in (("a", VERTEX_TYPES, "integer"), ("b", VERTEX_TYPES, "integer"), ("w", WEIGHT_TYPES, "float")):
+                    desc = {"a": "start vertices", "b": "end vertices", "w": "vertex weights"}[vec]
+                    if self._check(t.exists(f"{base}/{vec}"), f"{label} graph '{g}' is missing vector '{vec}', denoting {desc}"):
+                        info = t.info(f"{base}/{vec}")
+                        self._check(str(info.dtype) in kinds, f"/{group}/{g}/{vec}.dtype {info.dtype} must be {what}")
+                        lens.append(info.shape[0] if info.shape else 0)
+                self._check(len(set(lens)) <= 1, f"{label} graph '{g}' sparse vectors a, b and w must have equal length")
+                out(f"    '{g}' with {lens[0] if lens else 0} edges")
+        return not self.errors
+
+    def validate_conventions(self, ds: Any) -> bool:
+        """Attribute name and dtype conventions (loompy's ``validate_conventions``)."""
+        n_genes, n_cells = ds.shape
+        for k in ("Description", "Journal", "Authors", "Title", "Year", "CreationDate"):
+            self._warn(k in ds.attrs, f"Optional global attribute '{k}' is missing")
+
+        def is_strings(x: np.ndarray) -> bool:
+            return x.dtype == object and all(isinstance(v, str) for v in x[:100])
+
+        if self._check("ClusterID" in ds.ca, "Column attribute 'ClusterID' is missing"):
+            cid = ds.ca.ClusterID
+            self._check(np.issubdtype(cid.dtype, np.integer), "Column attribute 'ClusterID' must be integer dtype")
+            self._check(len(cid) == 0 or (np.min(cid) == 0 and len(np.unique(cid)) == np.max(cid) + 1), "Column attribute 'ClusterID' must be integers 0, 1, 2, ... with no missing values")
+            self._check(cid.shape == (n_cells,), f"Column attribute 'ClusterID' must be 1-dimensional array of {n_cells} elements")
+        if "ClusterName" in ds.ca:
+            self._check(is_strings(ds.ca.ClusterName), "Column attribute 'ClusterName' must be an array of strings")
+        else:
+            self.warnings.append("Optional column attribute 'ClusterName' is missing")
+        for axis_name, mgr, key, n in (("Column", ds.ca, "CellID", n_cells), ("Row", ds.ra, "Accession", n_genes)):
+            if self._check(key in mgr, f"{axis_name} attribute '{key}' is missing"):
+                v = mgr[key]
+                self._check(is_strings(v), f"{axis_name} attribute '{key}' must be an array of strings, not '{v.dtype}'")
+                self._check(v.shape == (n,), f"{axis_name} attribute '{key}' must be 1-dimensional array of {n} elements")
+                self._check(len(np.unique(v.astype(str))) == n, f"{axis_name} attribute '{key}' cannot contain duplicate values")
+        if self._check("Gene" in ds.ra, "Row attribute 'Gene' is missing"):
+            self._check(is_strings(ds.ra.Gene), f"Row attribute 'Gene' must be an array of strings, not '{ds.ra.Gene.dtype}'")
+        for axis_name, mgr, key in (("Column", ds.ca, "Valid"), ("Column", ds.ca, "Outliers"), ("Row", ds.ra, "Valid"), ("Row", ds.ra, "Selected")):
+            if key in mgr:
+                v = mgr[key]
+                self._check(np.issubdtype(v.dtype, np.integer), f"{axis_name} attribute '{key}' must be integer dtype, not '{v.dtype}'")
+                self._check(bool(np.all(np.isin(v, [0, 1]))), f"{axis_name} attribute '{key}' must be integers 0 or 1 only")
+            else:
+                self.warnings.append(f"Optional {axis_name.lower()} attribute '{key}' is missing")
+        return not self.errors
