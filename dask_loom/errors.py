@@ -16,9 +16,11 @@ __all__ = [
     "FileBeingWrittenError",
     "FormatError",
     "LoomFormatError",
+    "MissingKeyError",
     "ReadOnlyError",
     "SchedulerError",
     "StoreError",
+    "UnsupportedCodecError",
     "UnsupportedFilterError",
     "WriteConflictError",
 ]
@@ -58,6 +60,14 @@ class FileBeingWrittenError(DaskLoomError, BlockingIOError):
 
 class StoreError(DaskLoomError, OSError):
     """A store could not serve or accept a key (after any retries)."""
+
+
+class MissingKeyError(StoreError, FileNotFoundError):
+    """A store has no value under the requested key (simplezarr's ``IOError``)."""
+
+
+class UnsupportedCodecError(FormatError):
+    """A Zarr array names a codec (or data type) this installation cannot decode."""
 
 
 class SchedulerError(DaskLoomError, ConnectionError):
