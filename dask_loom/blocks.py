@@ -201,9 +201,8 @@ def align_chunks(
     out = []
     moved = []
     for axis, (sizes, n, u) in enumerate(zip(normal, shape, unit)):
-        bounds = np.cumsum((0, *sizes))
-        rounded = np.minimum(-(-bounds // u) * u, n)
-        rounded = np.unique(rounded)
+        bounds = np.unique(np.cumsum((0, *sizes)))
+        rounded = np.unique(np.minimum(-(-bounds // u) * u, n))
         if len(rounded) != len(bounds) or np.any(rounded != bounds):
             moved.append(axis)
         new = tuple(int(x) for x in np.diff(rounded)) or (0,)

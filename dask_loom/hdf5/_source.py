@@ -36,8 +36,7 @@ def dataset_layout(spec: FileSpec, path: str) -> DatasetLayout:
     key = ("layout", path)
     layout = entry.cache.get(key)
     if layout is None:
-        f = open_h5_read(spec)
-        with entry.lock:
+        with open_h5_read(spec) as f:
             try:
                 ds = f[path]
             except KeyError:
@@ -53,14 +52,14 @@ def _chunk_offsets(spec: FileSpec, layout: DatasetLayout, coords: np.ndarray) ->
         key = ("index", layout.path)
         index: ChunkIndex | None = entry.cache.get(key)
         if index is None:
-            with entry.lock:
+            with open_h5_read(spec) as f:
                 index = entry.cache.get(key)
                 if index is None:
-                    index = full_index(open_h5_read(spec)[layout.path], layout)
+                    index = full_index(f[layout.path], layout)
                     entry.cache[key] = index
         return index.lookup(coords)
-    with entry.lock:
-        return region_index(open_h5_read(spec)[layout.path], coords)
+    with open_h5_read(spec) as f:
+        return region_index(f[layout.path], coords)
 
 
 class HDF5Source:
@@ -118,9 +117,7 @@ class HDF5Source:
     def _read_h5py(self, region: tuple[slice, ...], shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
         with _stats_lock:
             STATS["h5py_blocks"] += 1
-        entry = cached_entry(self.spec)
-        f = open_h5_read(self.spec)
-        with entry.lock:
+        with open_h5_read(self.spec) as f:
             ds = f[self.layout.path]
             if out is not None and math.prod(shape):
                 ds.read_direct(out, source_sel=region)
@@ -219,6 +216,5 @@ def hdf5_to_dask(
 
 
 def _h5py_dtype(spec: FileSpec, path: str) -> np.dtype:
-    entry = cached_entry(spec)
-    with entry.lock:
-        return open_h5_read(spec)[path].dtype
+    with open_h5_read(spec) as f:
+        return f[path].dtype

@@ -400,7 +400,8 @@ class LoomConnection:
             elif v.dtype.kind not in "iu":
                 raise LoomFormatError(f"{self.filename}: graph index '{path}/{k}' has dtype {v.dtype}, not integer")
             if len(v) and (v.min() < 0 or v.max() >= n):
-                raise LoomFormatError(f"{self.filename}: graph '{path}/{k}' holds node indices outside 0..{n - 1}")
+                hint = " (they look 1-based, as some R writers store them)" if v.min() >= 1 and v.max() == n else ""
+                raise LoomFormatError(f"{self.filename}: graph '{path}/{k}' holds node indices outside 0..{n - 1}{hint}")
             out.append(v)
         return sp.coo_matrix((w, (out[0], out[1])), shape=(n, n))
 

@@ -19,7 +19,6 @@ import h5py
 import numpy as np
 
 from dask_loom.hdf5 import HDF5Source, dataset_layout, open_h5_read, open_h5_write
-from dask_loom.hdf5._files import cached_entry
 from dask_loom.storage import FileSpec
 
 __all__ = ["ArrayInfo", "HDF5Tree", "Tree", "TreeWriter"]
@@ -167,6 +166,19 @@ def _h5_info(ds: h5py.Dataset) -> ArrayInfo:
     )
 
 
+def _h5_attrs(f: h5py.File, path: str) -> dict[str, Any]:
+    if path not in f:
+        return {}
+    node = f[path]
+    out = {}
+    for k in node.attrs:
+        try:
+            out[k] = node.attrs[k]
+        except (OSError, TypeError):  # attributes h5py cannot convert are skipped
+            continue
+    return out
+
+
 class _H5Reads:
     """Read operations over an open h5py file, shared by the tree and its writer."""
 
@@ -195,52 +207,41 @@ class _H5Reads:
         return self._file()[path][sel]
 
     def attrs(self, path: str) -> dict[str, Any]:
-        f = self._file()
-        if path not in f:
-            return {}
-        node = f[path]
-        out = {}
-        for k in node.attrs:
-            try:
-                out[k] = node.attrs[k]
-            except (OSError, TypeError):  # attributes h5py cannot convert are skipped
-                continue
-        return out
+        return _h5_attrs(self._file(), path)
 
 
-class HDF5Tree(_H5Reads, Tree):
+class HDF5Tree(Tree):
     """A ``.loom`` HDF5 file, read through the per-process handle cache."""
 
     def __init__(self, spec: FileSpec) -> None:
         self.spec = spec
 
-    def _file(self) -> h5py.File:
-        return open_h5_read(self.spec)
-
-    # Every h5py call goes through the process-wide handle: serialise per file.
+    # Every read opens the file for the duration of the call only (see open_h5_read).
     def exists(self, path: str) -> bool:
-        with cached_entry(self.spec).lock:
-            return super().exists(path)
+        with open_h5_read(self.spec) as f:
+            return path in f
 
     def is_group(self, path: str) -> bool:
-        with cached_entry(self.spec).lock:
-            return super().is_group(path)
+        with open_h5_read(self.spec) as f:
+            return path in f and isinstance(f[path], h5py.Group)
 
     def children(self, path: str) -> list[str]:
-        with cached_entry(self.spec).lock:
-            return super().children(path)
+        with open_h5_read(self.spec) as f:
+            if path not in f or not isinstance(f[path], h5py.Group):
+                return []
+            return list(f[path].keys())
 
     def info(self, path: str) -> ArrayInfo:
-        with cached_entry(self.spec).lock:
-            return super().info(path)
+        with open_h5_read(self.spec) as f:
+            return _h5_info(f[path])
 
     def read(self, path: str, sel: Any = ()) -> np.ndarray:
-        with cached_entry(self.spec).lock:
-            return super().read(path, sel)
+        with open_h5_read(self.spec) as f:
+            return f[path][sel]
 
     def attrs(self, path: str) -> dict[str, Any]:
-        with cached_entry(self.spec).lock:
-            return super().attrs(path)
+        with open_h5_read(self.spec) as f:
+            return _h5_attrs(f, path)
 
     def source(self, path: str, *, prefix: str | None = None) -> HDF5Source:
         layout = dataset_layout(self.spec, path)

@@ -1,0 +1,170 @@
+"""HDF5 read by byte range and decoded outside h5py: equal to h5py, every filter, every layout."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+
+import h5py
+import numpy as np
+import pytest
+
+from dask_loom.errors import CorruptChunkError, LoomFormatError
+from dask_loom.hdf5 import STATS, HDF5Source, dataset_layout, hdf5_to_dask, invalidate
+from dask_loom.hdf5._files import clear_all
+from dask_loom.storage import FileSpec
+
+
+@pytest.fixture
+def h5file(tmp_path):
+    rng = np.random.default_rng(0)
+    a = (rng.random((300, 170)) * (rng.random((300, 170)) > 0.7)).astype("f4")
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("gzip", data=a, chunks=(64, 64), compression="gzip", compression_opts=2)
+        f.create_dataset("shuffle", data=a, chunks=(50, 30), compression="gzip", shuffle=True, fletcher32=True)
+        f.create_dataset("fletcher", data=a.astype("f8"), chunks=(64, 64), fletcher32=True)
+        f.create_dataset("raw", data=a, chunks=(64, 64))
+        f.create_dataset("lzf", data=a, chunks=(64, 64), compression="lzf")
+        f.create_dataset("contig", data=a)
+        f.create_dataset("bigend", data=a.astype(">i4"), chunks=(64, 64), compression="gzip")
+        f.create_dataset("int8", data=(a * 10).astype("i1"), chunks=(7, 9), compression="gzip", shuffle=True)
+        f.create_dataset("oned", data=np.arange(1000, dtype="i8"), chunks=(100,), compression="gzip")
+        part = f.create_dataset("partial", shape=(300, 170), dtype="f4", chunks=(64, 64), fillvalue=7.5, compression="gzip")
+        part[0:64, 0:64] = a[0:64, 0:64]
+    yield path, a
+    clear_all()
+
+
+@pytest.mark.parametrize("name", ["gzip", "shuffle", "fletcher", "raw", "contig", "bigend", "int8", "oned"])
+def test_fast_path_equals_h5py(h5file, name):
+    path, _ = h5file
+    with h5py.File(path, "r") as f:
+        expected = f[name][()]
+    before = STATS["h5py_blocks"]
+    x = hdf5_to_dask(str(path), name, chunks=None)
+    np.testing.assert_array_equal(x.compute(scheduler="threads"), expected)
+    assert x.dtype == expected.dtype
+    assert STATS["h5py_blocks"] == before, "the byte-range path should have served every block"
+    assert dataset_layout(FileSpec.from_path(path), name).fast
+
+
+def test_lzf_falls_back_to_h5py(h5file):
+    path, a = h5file
+    layout = dataset_layout(FileSpec.from_path(path), "lzf")
+    assert not layout.fast and "32000" in layout.why_slow
+    before = STATS["h5py_blocks"]
+    np.testing.assert_array_equal(hdf5_to_dask(str(path), "lzf").compute(), a)
+    assert STATS["h5py_blocks"] > before
+
+
+def test_unwritten_chunks_read_as_fill_value(h5file):
+    path, a = h5file
+    out = hdf5_to_dask(str(path), "partial").compute()
+    np.testing.assert_array_equal(out[:64, :64], a[:64, :64])
+    assert (out[64:, :] == 7.5).all() and (out[:64, 64:] == 7.5).all()
+
+
+def test_unaligned_region_reads(h5file):
+    path, a = h5file
+    spec = FileSpec.from_path(path)
+    src = HDF5Source(spec, dataset_layout(spec, "shuffle"))
+    np.testing.assert_array_equal(src.read_block((slice(13, 211), slice(5, 169))), a[13:211, 5:169])
+
+
+def test_gzip_loom_layer_uses_fast_path(loompy_file):
+    path, ref = loompy_file
+    import dask_loom
+
+    before = dict(STATS)
+    with dask_loom.connect(path, "r") as ds:
+        layout = ds._layer_source("").layout
+        assert layout.filter_names == ["gzip"] and layout.fast
+        np.testing.assert_array_equal(ds[:, :], ref[""])
+        np.testing.assert_array_equal(ds["spliced"][:, :], ref["spliced"])
+    assert STATS["fast_blocks"] > before["fast_blocks"]
+    assert STATS["h5py_blocks"] == before["h5py_blocks"]
+
+
+def test_threads_decode_concurrently(h5file):
+    """Reads from many threads at once give the right data (no shared handle state)."""
+    path, a = h5file
+    spec = FileSpec.from_path(path)
+    src = HDF5Source(spec, dataset_layout(spec, "shuffle"))
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(20):
+                r0 = (i * 37) % 250
+                np.testing.assert_array_equal(src.read_block((slice(r0, r0 + 50), slice(0, 170))), a[r0 : r0 + 50])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_source_pickles_without_handles(h5file):
+    path, a = h5file
+    spec = FileSpec.from_path(path)
+    src = HDF5Source(spec, dataset_layout(spec, "gzip"))
+    src.read_block((slice(0, 64), slice(0, 64)))  # opens handles in this process
+    clone = pickle.loads(pickle.dumps(src))
+    np.testing.assert_array_equal(clone.read_block((slice(64, 128), slice(0, 170))), a[64:128])
+
+
+def test_runs_on_process_cluster(h5file, local_cluster):
+    path, a = h5file
+    x = hdf5_to_dask(str(path), "shuffle")
+    np.testing.assert_allclose(x.sum(axis=0).compute(scheduler=local_cluster), a.sum(axis=0), rtol=1e-5)
+
+
+def test_cache_invalidated_when_file_changes(tmp_path):
+    path = tmp_path / "y.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.zeros((10, 10)), chunks=(5, 5), compression="gzip")
+    assert hdf5_to_dask(str(path), "x").sum().compute() == 0
+    with h5py.File(path, "r+") as f:
+        del f["x"]
+        f.create_dataset("x", data=np.ones((10, 10)), chunks=(5, 5), compression="gzip")
+    os.utime(path, ns=(1, 1))  # a new mtime, even on coarse clocks
+    assert hdf5_to_dask(str(path), "x").sum().compute() == 100
+
+
+def test_corrupt_chunk_raises_naming_file(tmp_path):
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.arange(10000.0).reshape(100, 100), chunks=(50, 50), compression="gzip", fletcher32=True)
+        offset = f["x"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 10)
+        b = fh.read(1)
+        fh.seek(offset + 10)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    invalidate(FileSpec.from_path(path))
+    with pytest.raises(CorruptChunkError, match="bad.h5"):
+        hdf5_to_dask(str(path), "x").compute(scheduler="sync")
+
+
+def test_not_hdf5(tmp_path):
+    path = tmp_path / "nope.h5"
+    path.write_bytes(b"this is not an HDF5 file" * 100)
+    with pytest.raises(LoomFormatError, match="nope.h5"):
+        hdf5_to_dask(str(path), "x")
+
+
+def test_truncated_file(tmp_path):
+    path = tmp_path / "t.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=np.random.default_rng(0).random((500, 500)), chunks=(100, 100), compression="gzip")
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.truncate(size // 2)
+    with pytest.raises((LoomFormatError, OSError), match="t.h5"):
+        hdf5_to_dask(str(path), "x").compute(scheduler="sync")
