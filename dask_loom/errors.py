@@ -10,9 +10,13 @@ Messages always name the file (or store) and the element concerned.
 from __future__ import annotations
 
 __all__ = [
+    "AnnDataFormatError",
     "ChunkAlignmentWarning",
+    "CollectionError",
+    "CollectionIndexError",
     "CorruptChunkError",
     "DaskLoomError",
+    "ElementNotFoundError",
     "FileBeingWrittenError",
     "FormatError",
     "LoomFormatError",
@@ -36,6 +40,25 @@ class FormatError(DaskLoomError, ValueError):
 
 class LoomFormatError(FormatError):
     """A file is not a valid Loom file (or not one we can read)."""
+
+
+class AnnDataFormatError(FormatError):
+    """A file or store is not AnnData, or holds an element we cannot decode."""
+
+
+class ElementNotFoundError(DaskLoomError, KeyError):
+    """A requested element (layer, obs column, obsm key) is absent."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CollectionError(DaskLoomError, ValueError):
+    """Files of a collection cannot be combined as asked (empty join, unknown label, ...)."""
+
+
+class CollectionIndexError(DaskLoomError, IndexError):
+    """An item index outside a collection."""
 
 
 class CorruptChunkError(DaskLoomError, OSError):
