@@ -124,7 +124,8 @@ def open_h5_read(spec: FileSpec) -> Iterator[h5py.File]:
     this process (HDF5 refuses to open a file twice with different intents);
     the expensive facts (layouts, chunk indexes) are cached separately.
     Remote files keep one cached handle, since opening them costs requests.
-    Handles take no HDF5 file lock, so our readers never lock out writers.
+    Handles are held only briefly, so their shared HDF5 lock never keeps a
+    writer out for long (writers retry with backoff).
     Calls serialise per file (h5py serialises them anyway) and nest freely.
     """
     writer = _open_writers.get(spec.url)
@@ -150,7 +151,14 @@ def open_h5_read(spec: FileSpec) -> Iterator[h5py.File]:
 def _open_for_read(spec: FileSpec, entry: _Entry) -> h5py.File:
     try:
         if spec.is_local:
-            return h5py.File(spec.url, "r", locking=False)
+            try:
+                return h5py.File(spec.url, "r")
+            except OSError as exc:
+                # HDF5 refuses a second handle whose locking flag differs from
+                # one already open in this process (a user's h5py/loompy handle).
+                if "locking flag" not in str(exc):
+                    raise
+                return h5py.File(spec.url, "r", locking=False)
         fs, path = spec.fs()
         entry.fs, entry.fs_path = fs, path
         entry.fobj = fs.open(path, "rb", block_size=2**20, cache_type="readahead")
@@ -289,6 +297,11 @@ def _write_with_lock(spec: FileSpec, mode: str, timeout: float) -> Iterator[h5py
                 f = h5py.File(spec.url, mode, locking=True)
                 break
             except OSError as exc:
+                if "already open" in str(exc) or "locking flag" in str(exc):
+                    raise WriteConflictError(
+                        f"{spec.name}: the file is open in this process through another HDF5 handle "
+                        "(for example a loompy or h5py connection); close it before writing"
+                    ) from None
                 if not _is_lock_error(exc):
                     if mode == "r+" and not os.path.exists(spec.url):
                         raise FileNotFoundError(errno.ENOENT, f"File '{spec.url}' not found", spec.url) from None
