@@ -67,6 +67,26 @@ class _Entry:
             self.cache.clear()
 
 
+_inherited: list[Any] = []
+
+
+def _forget_after_fork() -> None:
+    # HDF5 is not fork-safe: a forked child (a torch DataLoader worker, a
+    # multiprocessing pool) opens its own handles.  The parent's stay
+    # referenced, unclosed: closing them could block on locks that the
+    # parent's other threads held at the moment of the fork.
+    global _lock, _entries, _write_locks, _open_writers
+    _inherited.append((_entries, _open_writers))
+    _lock = threading.RLock()
+    _entries = {}
+    _write_locks = {}
+    _open_writers = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def file_identity(spec: FileSpec) -> Any:
     """Something that changes whenever the file is rewritten."""
     if spec.is_local:
