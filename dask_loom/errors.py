@@ -20,11 +20,15 @@ __all__ = [
     "FileBeingWrittenError",
     "FormatError",
     "LoomFormatError",
+    "MissingDependencyError",
     "MissingKeyError",
+    "OMEArrowError",
     "ReadOnlyError",
     "SchedulerError",
+    "SelectionError",
     "StoreError",
     "UnsupportedCodecError",
+    "UnsupportedDtypeError",
     "UnsupportedFilterError",
     "WriteConflictError",
 ]
@@ -59,6 +63,22 @@ class CollectionError(DaskLoomError, ValueError):
 
 class CollectionIndexError(DaskLoomError, IndexError):
     """An item index outside a collection."""
+
+
+class OMEArrowError(FormatError):
+    """A record, column or file is not a readable OME-Arrow image (names the column/field)."""
+
+
+class SelectionError(DaskLoomError, ValueError):
+    """An index, ROI, tile or layout does not fit the image it selects from."""
+
+
+class UnsupportedDtypeError(FormatError, TypeError):
+    """A pixel dtype the format (or the requested conversion) cannot hold exactly."""
+
+
+class MissingDependencyError(DaskLoomError, RuntimeError, ImportError):
+    """An optional dependency (torch, jax, tifffile, ...) is needed and not installed."""
 
 
 class CorruptChunkError(DaskLoomError, OSError):
