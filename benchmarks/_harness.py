@@ -1,0 +1,108 @@
+"""Shared benchmark plumbing: isolated runs with wall time and peak RSS of the process tree.
+
+Each measurement runs in a fresh (spawned) child process so one run's memory
+never inflates the next; a sampler thread records the peak resident memory of
+the child and all its descendants (dask workers included).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+CACHE = os.path.join(os.path.dirname(__file__), "cache")
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _child(fn: Callable[..., Any], args: tuple[Any, ...], conn: Any) -> None:
+    try:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        conn.send(("ok", time.perf_counter() - t0, out))
+    except BaseException as exc:  # report, never hang the parent
+        conn.send(("error", 0.0, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def measure(fn: Callable[..., Any], *args: Any, repeat: int = 1) -> dict[str, Any]:
+    """Run ``fn(*args)`` in a fresh process *repeat* times; median wall, max peak RSS.
+
+    *fn* must be importable (defined at module level).  Its own timing (the
+    part after imports and set-up it chooses to exclude) is returned if it
+    returns a dict with a ``"wall"`` key; otherwise the call's duration.
+    """
+    ctx = mp.get_context("spawn")
+    walls, peaks, extra = [], [], None
+    for _ in range(repeat):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=_child, args=(fn, args, child))
+        p.start()
+        proc = psutil.Process(p.pid)
+        peak = 0
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                peak = max(peak, _tree_rss(proc))
+                time.sleep(0.02)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        status, wall, out = parent.recv()
+        stop.set()
+        th.join()
+        p.join()
+        if status != "ok":
+            raise RuntimeError(out)
+        if isinstance(out, dict) and "wall" in out:
+            wall = out["wall"]
+            extra = out
+        walls.append(wall)
+        peaks.append(peak)
+    walls.sort()
+    return {"wall": walls[len(walls) // 2], "walls": walls, "peak_rss": max(peaks), "result": extra}
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def save(name: str, payload: dict[str, Any]) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    payload = {"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=2, default=str)
+    return path
+
+
+def table(rows: list[tuple[str, dict[str, Any]]], baseline: str) -> str:
+    base = dict(rows)[baseline]["wall"]
+    out = [f"{'run':<44} {'wall s':>8} {'peak RSS MiB':>13} {'vs ' + baseline:>14}"]
+    for name, r in rows:
+        out.append(f"{name:<44} {r['wall']:>8.2f} {r['peak_rss'] / 2**20:>13.0f} {base / r['wall']:>13.2f}x")
+    return "\n".join(out)

@@ -1,0 +1,119 @@
+"""loom ``map([mean, std])``: loompy 3.0.8 vs dask_loom (threads, 2-process LocalCluster) vs the raw floor.
+
+The file: 20,000 genes x 50,000 cells float32 counts (~90% zeros) written by
+``loompy.create`` with its defaults (64x64 chunks, gzip 2), generated once and
+cached in benchmarks/cache/.  Every run is a fresh process; wall time is the
+operation only (file opening included, cluster start-up reported apart).
+
+    python benchmarks/bench_loom_map.py            # the full 4 GB layer
+    python benchmarks/bench_loom_map.py --small    # 4,000 x 10,000, to check the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _harness import CACHE, measure, save, table  # noqa: E402
+
+
+def bench_file(small: bool) -> str:
+    n, m = (4000, 10000) if small else (20000, 50000)
+    path = os.path.join(CACHE, f"loompy_{n}x{m}.loom")
+    if not os.path.exists(path):
+        os.makedirs(CACHE, exist_ok=True)
+        from dask_loom._synthetic import write_synthetic_loom
+
+        t0 = time.perf_counter()
+        tmp = path + ".partial"
+        write_synthetic_loom(tmp, n, m, writer="loompy")
+        os.replace(tmp, path)
+        print(f"generated {path} with loompy in {time.perf_counter() - t0:.0f} s", flush=True)
+    return path
+
+
+def run_loompy(path: str, axis: int) -> dict:
+    import loompy
+
+    t0 = time.perf_counter()
+    with loompy.connect(path, "r") as ds:
+        out = ds.map([np.mean, np.std], axis=axis)
+    return {"wall": time.perf_counter() - t0, "checksum": [float(np.nansum(x)) for x in out]}
+
+
+def run_dask_loom(path: str, axis: int, scheduler: str) -> dict:
+    import dask_loom
+
+    client = None
+    startup = 0.0
+    if scheduler == "cluster":
+        from distributed import Client, LocalCluster
+
+        t = time.perf_counter()
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+        client = Client(cluster)
+        startup = time.perf_counter() - t
+    t0 = time.perf_counter()
+    with dask_loom.connect(path, "r") as ds:
+        out = ds.map([np.mean, np.std], axis=axis, scheduler="threads" if client is None else None, client=client)
+    wall = time.perf_counter() - t0
+    if client is not None:
+        client.close()
+        cluster.close()
+    return {"wall": wall, "startup": startup, "checksum": [float(np.nansum(x)) for x in out]}
+
+
+def run_floor(path: str, workers: int) -> dict:
+    """Read and inflate every chunk once (no reduction), `workers` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dask_loom.blocks import block_regions, plan_blocks
+    from dask_loom.hdf5 import HDF5Source, dataset_layout
+    from dask_loom.ops._map import read_into_buffer
+    from dask_loom.storage import FileSpec
+
+    t0 = time.perf_counter()
+    spec = FileSpec.from_path(path)
+    src = HDF5Source(spec, dataset_layout(spec, "matrix"))
+    plan = plan_blocks(src.shape, src.chunk_shape, 4)
+    with ThreadPoolExecutor(workers) as ex:
+        list(ex.map(lambda r: read_into_buffer(src, r)[0, 0], [r for _, r in block_regions(plan)]))
+    return {"wall": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--skip-loompy", action="store_true")
+    args = ap.parse_args()
+    path = bench_file(args.small)
+    rows = []
+    rows.append(("floor: read+inflate, 2 threads", measure(run_floor, path, 2, repeat=args.repeat)))
+    for axis in (0, 1):
+        if not args.skip_loompy:
+            rows.append((f"loompy map axis={axis}", measure(run_loompy, path, axis, repeat=args.repeat)))
+        rows.append((f"dask_loom map axis={axis} threads", measure(run_dask_loom, path, axis, "threads", repeat=args.repeat)))
+        rows.append((f"dask_loom map axis={axis} LocalCluster 2x1", measure(run_dask_loom, path, axis, "cluster", repeat=args.repeat)))
+    floor = rows[0][1]["wall"]
+    print(table(rows, rows[0][0]))
+    ratios = {}
+    for axis in (0, 1):
+        d = {n: r for n, r in rows}
+        best = min(d[f"dask_loom map axis={axis} threads"]["wall"], d[f"dask_loom map axis={axis} LocalCluster 2x1"]["wall"])
+        ratios[f"axis{axis}_best_vs_floor"] = best / floor
+        if not args.skip_loompy:
+            ratios[f"axis{axis}_speedup_vs_loompy_threads"] = d[f"loompy map axis={axis}"]["wall"] / d[f"dask_loom map axis={axis} threads"]["wall"]
+            ratios[f"axis{axis}_speedup_vs_loompy_cluster"] = d[f"loompy map axis={axis}"]["wall"] / d[f"dask_loom map axis={axis} LocalCluster 2x1"]["wall"]
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}")
+    print("results:", save("loom_map" + ("_small" if args.small else ""), {"file": path, "rows": dict(rows), "ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()
