@@ -44,6 +44,10 @@ DEFAULTS: dict[str, Any] = {
     "loom-chunks": [64, 64],
     # Seconds a writer waits for another writer to release an HDF5 file.
     "write-timeout": 60,
+    # Target bytes of one OME-Arrow chunk the writers choose (a Z slab of square YX tiles).
+    "ome-chunk-bytes": "2MiB",
+    # Whole single-record OME-Parquet images kept in memory per process for block reads.
+    "ome-record-cache": 2,
 }
 
 _ENV_PREFIX = "DASK_LOOM_"
