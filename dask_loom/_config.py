@@ -42,6 +42,11 @@ DEFAULTS: dict[str, Any] = {
     "max-metadata-bytes": "1GiB",
     # Chunk shape of layers dask_loom creates (loompy's default is 64 x 64).
     "loom-chunks": [64, 64],
+    # MappedCollection.iter_batches: rows per shuffled block, blocks read (and
+    # shuffled) together, and fetches read ahead in the background.
+    "loader-block-size": 256,
+    "loader-preload-blocks": 32,
+    "loader-prefetch": 2,
     # Seconds a writer waits for another writer to release an HDF5 file.
     "write-timeout": 60,
     # Target bytes of one OME-Arrow chunk the writers choose (a Z slab of square YX tiles).
