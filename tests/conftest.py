@@ -16,6 +16,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# ``s3_server``: a real S3-compatible server (moto) on 127.0.0.1, for cloud tests.
+from _s3server import s3_server  # noqa: E402, F401
+
 
 def _data_root() -> pathlib.Path:
     env = os.environ.get("DASK_LOOM_TEST_DATA")

@@ -1,0 +1,384 @@
+"""Object stores (``s3://``, ``gs://``, ``az://``, ``http(s)://``, ``memory://``) through fsspec.
+
+Synchronous (simplezarr) calls use fsspec's ordinary filesystem; zarr's async
+calls use an asynchronous instance bound to zarr's event loop, so many chunk
+requests are in flight at once.  Transient failures (5xx, timeouts, dropped
+connections) are retried with exponential backoff (``dask_loom.retries``,
+``dask_loom.retry-backoff``), then raised as :class:`~dask_loom.errors.StoreError`
+naming the store and key; refused credentials fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dask_loom._config import get_config
+from dask_loom.errors import MissingKeyError, StoreError
+from dask_loom.storage._stores import (
+    BaseStore,
+    LocalStore,
+    MemoryStore,
+    Req,
+    _Base3,
+    _slice,
+)
+from dask_loom.storage._urls import check_scheme, is_url
+
+__all__ = ["ObjectStore", "open_store"]
+
+
+class CredentialsError(StoreError, PermissionError):
+    """The object store refused the credentials (or access to the key)."""
+
+
+_TRANSIENT_ERRNOS = {
+    errno.EBUSY,  # s3fs's translation of 503 SlowDown
+    errno.EAGAIN,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNREFUSED,
+    errno.ECONNABORTED,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EPIPE,
+}
+
+
+def _status(exc: BaseException) -> int | None:
+    for attr in ("status", "status_code", "code"):
+        v = getattr(exc, attr, None)
+        if isinstance(v, int):
+            return v
+    resp = getattr(exc, "response", None)
+    if isinstance(resp, dict):
+        v = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def _classify(exc: BaseException) -> str:
+    """``"missing"``, ``"denied"``, ``"transient"`` or ``"fatal"``."""
+    if isinstance(exc, (FileNotFoundError, MissingKeyError)):
+        return "missing"
+    if isinstance(exc, PermissionError):
+        return "denied"
+    status = _status(exc)
+    if status is not None:
+        if status == 404:
+            return "missing"
+        if status in (401, 403):
+            return "denied"
+        if status >= 500 or status in (408, 429):
+            return "transient"
+        return "fatal"
+    if isinstance(exc, (TimeoutError, ConnectionError, asyncio.TimeoutError)):
+        return "transient"
+    name = type(exc).__name__
+    if any(w in name for w in ("Timeout", "Connect", "Connection", "EndpointConnection", "ServerDisconnected", "ClientOSError")):
+        return "transient"
+    if isinstance(exc, OSError):
+        if exc.errno in _TRANSIENT_ERRNOS:
+            return "transient"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return "denied"
+        text = str(exc).lower()
+        if any(w in text for w in ("503", "500", "502", "504", "slow down", "unavailable", "timed out", "timeout", "connection")):
+            return "transient"
+        if any(w in text for w in ("access denied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch", "403")):
+            return "denied"
+    return "fatal"
+
+
+class ObjectStore(_Base3):
+    """A store on an object store or any fsspec URL, as one prefix (``s3://bucket/x.zarr``).
+
+    Parameters
+    ----------
+    url
+        Root URL of the store.
+    storage_options
+        fsspec options (credentials, ``endpoint_url``/``client_kwargs`` …);
+        never printed.
+    read_only
+        Refuse writes (always true for ``http(s)://``).
+
+    Examples
+    --------
+    >>> from dask_loom.stores import ObjectStore
+    >>> s = ObjectStore("memory://doc-example")
+    >>> s.set("a/b", b"1")
+    >>> s.list_dir("/"), s.get("a/b")
+    (['a/'], b'1')
+    >>> s.erase_prefix("/")
+    """
+
+    _blocking_io = True
+
+    def __init__(
+        self, url: str, *, storage_options: dict[str, Any] | None = None, read_only: bool = False
+    ) -> None:
+        if not isinstance(url, str):
+            raise TypeError(f"ObjectStore url must be a str, not {type(url).__name__}")
+        scheme = check_scheme(url)
+        if scheme in ("http", "https"):
+            read_only = True
+        super().__init__(read_only=read_only)
+        self.url = url.rstrip("/")
+        self.scheme = scheme
+        self.storage_options = dict(storage_options or {})
+        self._local = threading.local()
+        self._afs_by_loop: dict[int, Any] = {}
+        self._root: str | None = None
+
+    # -- identity ---------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.url
+
+    def _spec(self) -> Any:
+        return (self.url, sorted((k, repr(v)) for k, v in self.storage_options.items()))
+
+    def _copy(self, *, read_only: bool) -> ObjectStore:
+        return ObjectStore(self.url, storage_options=self.storage_options, read_only=read_only)
+
+    def __reduce__(self) -> Any:
+        return (_object_from_state, (self.url, self.storage_options, self.read_only))
+
+    def __repr__(self) -> str:  # storage options may hold credentials: never print them
+        return f"ObjectStore({self.url!r})"
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def supports_listing(self) -> bool:
+        return self.scheme not in ("http", "https")
+
+    # -- filesystems --------------------------------------------------------------------
+    def _fs(self) -> Any:
+        fs = getattr(self._local, "fs", None)
+        if fs is None:
+            import fsspec.core
+
+            fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            self._root = root.rstrip("/")
+            self._local.fs = fs
+        return fs
+
+    def _path(self, key: str) -> str:
+        self._fs()
+        return f"{self._root}/{key}" if key else str(self._root)
+
+    async def _afs(self) -> Any:
+        loop = asyncio.get_running_loop()
+        held = self._afs_by_loop.get(id(loop))
+        # An id can be reused by a later loop once the old one is gone: check identity.
+        fs = held[1] if held is not None and held[0] is loop else None
+        if fs is None:
+            import fsspec
+
+            sync_fs = self._fs()
+            if not getattr(sync_fs, "async_impl", False):
+                fs = False  # no async implementation: run the sync calls in threads
+            else:
+                fs = fsspec.filesystem(sync_fs.protocol if isinstance(sync_fs.protocol, str) else sync_fs.protocol[0],
+                                       asynchronous=True, loop=loop, skip_instance_cache=True,
+                                       **self.storage_options)
+                if hasattr(fs, "set_session"):
+                    await fs.set_session()
+            self._afs_by_loop = {k: v for k, v in self._afs_by_loop.items() if not v[0].is_closed()}
+            self._afs_by_loop[id(loop)] = (loop, fs)
+        return fs
+
+    # -- retries ----------------------------------------------------------------------------
+    def _fail(self, op: str, key: str, exc: BaseException, attempts: int) -> BaseException:
+        kind = _classify(exc)
+        if kind == "missing":
+            return self._missing(key)
+        if kind == "denied":
+            return CredentialsError(f"{self.url}: access to {key or '/'!r} refused ({op}): {exc}")
+        if kind == "transient":
+            return StoreError(f"{self.url}: {op} {key or '/'!r} failed after {attempts} attempts: {type(exc).__name__}: {exc}")
+        return StoreError(f"{self.url}: {op} {key or '/'!r} failed: {type(exc).__name__}: {exc}")
+
+    def _retry(self, op: str, key: str, fn: Callable[[], Any]) -> Any:
+        retries = int(get_config("retries"))
+        backoff = float(get_config("retry-backoff"))
+        for attempt in range(retries + 1):
+            try:
+                return fn()
+            except (MissingKeyError, StoreError):
+                raise
+            except Exception as exc:
+                if _classify(exc) != "transient" or attempt == retries:
+                    raise self._fail(op, key, exc, attempt + 1) from exc
+                time.sleep(backoff * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _aretry(self, op: str, key: str, fn: Callable[[], Any]) -> Any:
+        retries = int(get_config("retries"))
+        backoff = float(get_config("retry-backoff"))
+        for attempt in range(retries + 1):
+            try:
+                return await fn()
+            except (MissingKeyError, StoreError):
+                raise
+            except Exception as exc:
+                if _classify(exc) != "transient" or attempt == retries:
+                    raise self._fail(op, key, exc, attempt + 1) from exc
+                await asyncio.sleep(backoff * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- sync primitives ---------------------------------------------------------------
+    def _get(self, key: str, req: Req = None) -> bytes:
+        path = self._path(key)
+        fs = self._fs()
+
+        def go() -> bytes:
+            if req is None:
+                return fs.cat_file(path)
+            if req[0] == "suffix":
+                if not req[1]:
+                    fs.info(path)
+                    return b""
+                size = fs.size(path)
+                return fs.cat_file(path, start=max(0, size - int(req[1])), end=size)
+            start, length = int(req[0]), req[1]
+            if length == 0:
+                fs.info(path)
+                return b""
+            return fs.cat_file(path, start=start, end=None if length is None else start + int(length))
+
+        return self._retry("get", key, go)
+
+    def _exists(self, key: str) -> bool:
+        fs = self._fs()
+        path = self._path(key)
+        return bool(self._retry("exists", key, lambda: fs.isfile(path)))
+
+    def _set(self, key: str, data: bytes) -> None:
+        fs = self._fs()
+        path = self._path(key)
+        self._retry("set", key, lambda: fs.pipe_file(path, data))
+
+    def _erase(self, key: str) -> None:
+        fs = self._fs()
+        path = self._path(key)
+
+        def go() -> None:
+            if not fs.isfile(path):
+                raise FileNotFoundError(path)
+            fs.rm_file(path)
+
+        self._retry("erase", key, go)
+
+    def _keys(self, prefix: str) -> list[str]:
+        fs = self._fs()
+        base = self._path(prefix.rstrip("/"))
+        root = str(self._root)
+
+        def go() -> list[str]:
+            try:
+                found = fs.find(base)
+            except FileNotFoundError:
+                return []
+            return found
+
+        out = []
+        for p in self._retry("list", prefix, go):
+            p = p.rstrip("/")
+            if p.startswith(root + "/"):
+                out.append(p[len(root) + 1 :])
+            elif not root and p:
+                out.append(p)
+        return sorted(k for k in out if k.startswith(prefix))
+
+    # -- async primitives --------------------------------------------------------------
+    async def _aget(self, key: str, req: Req = None) -> bytes:
+        fs = await self._afs()
+        if fs is False:
+            return await asyncio.to_thread(self._get, key, req)
+        path = self._path(key)
+
+        async def go() -> bytes:
+            if req is None:
+                return await fs._cat_file(path)
+            if req[0] == "suffix":
+                data = await fs._cat_file(path)
+                return _slice(data, req)
+            start, length = int(req[0]), req[1]
+            if length == 0:
+                await fs._info(path)
+                return b""
+            return await fs._cat_file(path, start=start, end=None if length is None else start + int(length))
+
+        return await self._aretry("get", key, go)
+
+    async def _aset(self, key: str, data: bytes) -> None:
+        fs = await self._afs()
+        if fs is False:
+            await asyncio.to_thread(self._set, key, data)
+            return
+        path = self._path(key)
+        await self._aretry("set", key, lambda: fs._pipe_file(path, data))
+
+    async def _aerase(self, key: str) -> None:
+        fs = await self._afs()
+        if fs is False:
+            await asyncio.to_thread(self._erase, key)
+            return
+        path = self._path(key)
+        await self._aretry("erase", key, lambda: fs._rm_file(path))
+
+    async def _aexists(self, key: str) -> bool:
+        fs = await self._afs()
+        if fs is False:
+            return await asyncio.to_thread(self._exists, key)
+        path = self._path(key)
+        return bool(await self._aretry("exists", key, lambda: fs._isfile(path)))
+
+    async def _akeys(self, prefix: str) -> list[str]:
+        # Listing is rare (opening groups); the sync path in a thread keeps it simple.
+        return await asyncio.to_thread(self._keys, prefix)
+
+
+def _object_from_state(url: str, options: dict[str, Any], read_only: bool) -> ObjectStore:
+    return ObjectStore(url, storage_options=options, read_only=read_only)
+
+
+def open_store(
+    url: str | os.PathLike[str] | BaseStore, *, read_only: bool = False, **storage_options: Any
+) -> BaseStore:
+    """Resolve a path or URL to a store.
+
+    A local path (or ``file://`` URL) gives a :class:`LocalStore`; ``s3://``,
+    ``gs://``, ``az://``, ``http(s)://``, ``memory://`` … an
+    :class:`ObjectStore`; a store is returned as is.  URL schemes outside
+    :data:`~dask_loom.storage.ALLOWED_SCHEMES` are refused.
+
+    Examples
+    --------
+    >>> from dask_loom.stores import open_store
+    >>> open_store("/tmp/x.zarr")
+    LocalStore('/tmp/x.zarr')
+    >>> open_store("s3://bucket/x.zarr", anon=True)
+    ObjectStore('s3://bucket/x.zarr')
+    """
+    if isinstance(url, BaseStore):
+        return url.with_read_only(True) if read_only and not url.read_only else url
+    if isinstance(url, dict):
+        return MemoryStore(url, read_only=read_only)
+    text = os.fspath(url)
+    if not is_url(text):
+        return LocalStore(text, read_only=read_only)
+    scheme = check_scheme(text)
+    if scheme == "file":
+        return LocalStore(text.split("://", 1)[1], read_only=read_only)
+    return ObjectStore(text, storage_options=storage_options, read_only=read_only)

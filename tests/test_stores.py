@@ -1,0 +1,491 @@
+"""Stores: zarr-python's conformance suite for every class, plus simplezarr's sync contract."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import uuid
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+from zarr.core.buffer import Buffer, cpu, default_buffer_prototype
+from zarr.testing.store import StoreTests
+
+from dask_loom.errors import MissingKeyError, ReadOnlyError, StoreError
+from dask_loom.stores import (
+    CredentialsError,
+    KeyList,
+    ListableStore,
+    LocalStore,
+    MemoryStore,
+    ObjectStore,
+    ReadableStore,
+    SlowStore,
+    WrapperStore,
+    WritableStore,
+    open_store,
+)
+
+# --------------------------------------------------------------------------------------
+# zarr-python's StoreTests, once per class
+# --------------------------------------------------------------------------------------
+
+
+class TestMemoryStore(StoreTests[MemoryStore, cpu.Buffer]):
+    store_cls = MemoryStore
+    buffer_cls = cpu.Buffer
+
+    async def set(self, store: MemoryStore, key: str, value: Buffer) -> None:
+        store.dict[key] = value.to_bytes()
+
+    async def get(self, store: MemoryStore, key: str) -> Buffer:
+        return self.buffer_cls.from_bytes(store.dict[key])
+
+    @pytest.fixture
+    def store_kwargs(self) -> dict:
+        return {}
+
+    def test_store_repr(self, store: MemoryStore) -> None:
+        assert repr(store).startswith("MemoryStore(")
+
+    def test_store_supports_writes(self, store: MemoryStore) -> None:
+        assert store.supports_writes
+
+    def test_store_supports_listing(self, store: MemoryStore) -> None:
+        assert store.supports_listing
+
+
+class TestLocalStore(StoreTests[LocalStore, cpu.Buffer]):
+    store_cls = LocalStore
+    buffer_cls = cpu.Buffer
+
+    async def set(self, store: LocalStore, key: str, value: Buffer) -> None:
+        p = store.path / key
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(value.to_bytes())
+
+    async def get(self, store: LocalStore, key: str) -> Buffer:
+        return self.buffer_cls.from_bytes((store.path / key).read_bytes())
+
+    @pytest.fixture
+    def store_kwargs(self, tmp_path) -> dict:
+        return {"path": str(tmp_path / "store")}
+
+    def test_store_repr(self, store: LocalStore) -> None:
+        assert repr(store) == f"LocalStore({str(store.path)!r})"
+
+    def test_store_supports_writes(self, store: LocalStore) -> None:
+        assert store.supports_writes
+
+    def test_store_supports_listing(self, store: LocalStore) -> None:
+        assert store.supports_listing
+
+
+class TestWrapperStore(StoreTests[WrapperStore, cpu.Buffer]):
+    store_cls = WrapperStore
+    buffer_cls = cpu.Buffer
+
+    async def set(self, store: WrapperStore, key: str, value: Buffer) -> None:
+        store.sub.dict[key] = value.to_bytes()
+
+    async def get(self, store: WrapperStore, key: str) -> Buffer:
+        return self.buffer_cls.from_bytes(store.sub.dict[key])
+
+    @pytest.fixture
+    def store_kwargs(self) -> dict:
+        return {"store": MemoryStore()}
+
+    def test_store_repr(self, store: WrapperStore) -> None:
+        assert repr(store).startswith("WrapperStore(MemoryStore(")
+
+    def test_store_supports_writes(self, store: WrapperStore) -> None:
+        assert store.supports_writes
+
+    def test_store_supports_listing(self, store: WrapperStore) -> None:
+        assert store.supports_listing
+
+
+class TestSlowStore(TestWrapperStore):
+    store_cls = SlowStore  # type: ignore[assignment]
+
+    @pytest.fixture
+    def store_kwargs(self) -> dict:
+        return {"store": MemoryStore(), "base_delay": 0.0005, "bits_per_second": 1e9}
+
+    def test_store_repr(self, store: SlowStore) -> None:
+        assert repr(store).startswith("SlowStore(MemoryStore(")
+
+
+class TestObjectStoreMemory(StoreTests[ObjectStore, cpu.Buffer]):
+    """ObjectStore over fsspec's in-memory filesystem (no async implementation: thread path)."""
+
+    store_cls = ObjectStore
+    buffer_cls = cpu.Buffer
+
+    def _fs(self, store: ObjectStore):
+        import fsspec
+
+        return fsspec.filesystem("memory")
+
+    async def set(self, store: ObjectStore, key: str, value: Buffer) -> None:
+        self._fs(store).pipe_file(f"{store.url}/{key}", value.to_bytes())
+
+    async def get(self, store: ObjectStore, key: str) -> Buffer:
+        return self.buffer_cls.from_bytes(self._fs(store).cat_file(f"{store.url}/{key}"))
+
+    @pytest.fixture
+    def store_kwargs(self) -> dict:
+        return {"url": f"memory://storetests-{uuid.uuid4().hex}"}
+
+    def test_store_repr(self, store: ObjectStore) -> None:
+        assert repr(store) == f"ObjectStore({store.url!r})"
+
+    def test_store_supports_writes(self, store: ObjectStore) -> None:
+        assert store.supports_writes
+
+    def test_store_supports_listing(self, store: ObjectStore) -> None:
+        assert store.supports_listing
+
+
+@pytest.mark.s3
+class TestObjectStoreS3(TestObjectStoreMemory):
+    """ObjectStore over s3fs against the local moto server (real HTTP, async path)."""
+
+    @pytest.fixture(autouse=True)
+    def _server(self, s3_server):
+        self.server = s3_server
+
+    def _fs(self, store: ObjectStore):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.server["storage_options"])
+
+    async def set(self, store: ObjectStore, key: str, value: Buffer) -> None:
+        await asyncio.to_thread(self._fs(store).pipe_file, f"{store.url}/{key}", value.to_bytes())
+
+    async def get(self, store: ObjectStore, key: str) -> Buffer:
+        data = await asyncio.to_thread(self._fs(store).cat_file, f"{store.url}/{key}")
+        return self.buffer_cls.from_bytes(data)
+
+    @pytest.fixture
+    def store_kwargs(self, s3_server) -> dict:
+        return {
+            "url": f"s3://{s3_server['bucket']}/storetests-{uuid.uuid4().hex}",
+            "storage_options": s3_server["storage_options"],
+        }
+
+
+# --------------------------------------------------------------------------------------
+# simplezarr's synchronous contract (its tests/test_stores.py, re-stated)
+# --------------------------------------------------------------------------------------
+
+STORE = {
+    "foo": b"foo-value",
+    "bar": b"bar-value",
+    "dir1/foo": b"dir1-foo",
+    "dir1/bar": b"dir1-bar",
+    "dir2/index": b"dir2-index",
+    "dir2/sub/foo": b"sub-foo",
+    "dir2/sub/bar": b"sub-bar",
+}
+
+
+def _local(tmp_path):
+    s = LocalStore(tmp_path / "local")
+    for k, v in STORE.items():
+        s.set(k, v)
+    return s
+
+
+STORE_MAKERS = {
+    "memory": lambda tmp: MemoryStore(STORE),
+    "local": _local,
+    "wrapper": lambda tmp: WrapperStore(MemoryStore(STORE)),
+    "slow": lambda tmp: SlowStore(MemoryStore(STORE), 0.001, 10_000),
+    "object": lambda tmp: _object_filled(),
+}
+
+
+def _object_filled():
+    s = ObjectStore(f"memory://sync-{uuid.uuid4().hex}")
+    for k, v in STORE.items():
+        s.set(k, v)
+    return s
+
+
+@pytest.fixture(params=sorted(STORE_MAKERS))
+def filled(request, tmp_path):
+    return STORE_MAKERS[request.param](tmp_path)
+
+
+def test_mixins(filled):
+    assert isinstance(filled, ReadableStore)
+    assert isinstance(filled, WritableStore)
+    assert isinstance(filled, ListableStore)
+    assert isinstance(filled, zarr.abc.store.Store)
+
+
+def test_read(filled):
+    for k, v in STORE.items():
+        assert filled.get(k) == v
+    with pytest.raises(IOError, match="no key 'spam'"):
+        filled.get("spam")
+    with pytest.raises(MissingKeyError):
+        filled.get("dir1")  # a directory is not a key
+    with pytest.raises(TypeError):
+        filled.get(3)
+    for bad in ("", "/foo", "foo/", "a/../b", "./foo"):
+        with pytest.raises(ValueError):
+            filled.get(bad)
+    assert filled.get_partial_values([("foo", 0, 3), ("dir2/sub/foo", 4, None), ("bar", 1, 2)]) == [
+        b"foo",
+        b"foo",
+        b"ar",
+    ]
+    with pytest.raises(IOError):
+        filled.get_partial_values([("nope", 0, 1)])
+    with pytest.raises(TypeError):
+        filled.get_partial_values([("foo", 0)])
+
+
+def test_list(filled):
+    assert filled.list() == sorted(STORE)
+    assert isinstance(filled.list(), KeyList)
+    assert filled.list_prefix("dir2/") == ["dir2/index", "dir2/sub/bar", "dir2/sub/foo"]
+    assert filled.list_dir("/") == ["bar", "dir1/", "dir2/", "foo"]
+    assert filled.list_dir("dir2/") == ["dir2/index", "dir2/sub/"]
+    assert filled.list_dir("dir3/") == []
+    assert filled.list_prefix("/") == sorted(STORE)
+
+
+def test_write(filled):
+    filled.set("new/key", b"abc")
+    assert filled.get("new/key") == b"abc"
+    filled.set("new/key", memoryview(b"xyz"))
+    assert filled.get("new/key") == b"xyz"
+    with pytest.raises(TypeError):
+        filled.set("new/key", np.arange(3))
+    if not isinstance(filled, ObjectStore):
+        # Object stores (S3 …) hold "foo" and "foo/sub" side by side; the others refuse.
+        with pytest.raises(IOError):
+            filled.set("foo/sub", b"x")  # "foo" is a key, not a directory
+        with pytest.raises(IOError):
+            filled.set("dir1", b"x")  # "dir1/" is a directory
+    filled.set_partial_values([("new/key", 1, b"YZW")])
+    assert filled.get("new/key") == b"xYZW"
+    with pytest.raises(IOError):
+        filled.set_partial_values([("nope", 0, b"x")])
+    filled.erase("new/key")
+    with pytest.raises(IOError):
+        filled.erase("new/key")
+    assert "new/" not in filled.list_dir("/")
+    filled.erase_values(["foo", "bar"])
+    assert filled.list_dir("/") == ["dir1/", "dir2/"]
+    filled.erase_prefix("dir2/sub/")
+    assert filled.list_dir("dir2/") == ["dir2/index"]
+    filled.erase_prefix("nothing/")  # no-op
+    filled.erase_prefix("/")
+    assert filled.list() == []
+
+
+def test_zarr_semantics_of_the_same_names(filled):
+    """The async zarr calls on the very same object: None for missing, relative list_dir."""
+    from zarr.core.sync import _collect_aiterator, sync
+
+    proto = default_buffer_prototype()
+    assert sync(filled.get("spam", prototype=proto)) is None
+    assert sync(filled.get("foo", proto)).to_bytes() == b"foo-value"
+    assert sorted(sync(_collect_aiterator(filled.list_dir("dir2")))) == ["index", "sub"]
+    assert sorted(sync(_collect_aiterator(filled.list_prefix("dir2/")))) == ["dir2/index", "dir2/sub/bar", "dir2/sub/foo"]
+    sync(filled.delete("spam"))  # no error
+
+
+def test_read_only_refuses_writes(tmp_path):
+    ro = LocalStore(tmp_path, read_only=True)
+    with pytest.raises(ReadOnlyError):
+        ro.set("a", b"x")
+    with pytest.raises(ReadOnlyError):
+        ro.erase_prefix("/")
+
+
+# --------------------------------------------------------------------------------------
+# LocalStore safety: no escapes, no partial values
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["../escape", "a/../../escape", "/etc/passwd", "a\x00b", "..", "a/./b"])
+def test_local_store_refuses_escaping_keys(tmp_path, key):
+    s = LocalStore(tmp_path / "root")
+    with pytest.raises(ValueError, match="key"):
+        s.set(key, b"x")
+    with pytest.raises(ValueError):
+        s.get(key)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_local_store_zarr_path_also_refuses_escapes(tmp_path):
+    from zarr.core.sync import sync
+
+    s = LocalStore(tmp_path / "root")
+    with pytest.raises(ValueError):
+        sync(s.set("../escape", cpu.Buffer.from_bytes(b"x")))
+    assert not (tmp_path / "escape").exists()
+
+
+def test_local_store_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    s = LocalStore(tmp_path / "root")
+    s.set("a/b", b"old")
+
+    real_replace = os.replace
+
+    def boom(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(StoreError, match="'a/b'"):
+        s.set("a/b", b"new value that must not appear")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert s.get("a/b") == b"old"
+    assert sorted(p.name for p in (tmp_path / "root" / "a").iterdir()) == ["b"]  # no temp file left
+
+
+# --------------------------------------------------------------------------------------
+# pickling, zarr / dask / xarray interop, SlowStore concurrency
+# --------------------------------------------------------------------------------------
+
+
+def test_stores_pickle_as_specs(tmp_path):
+    local = LocalStore(tmp_path)
+    local.set("k", b"v")
+    for s in (local, SlowStore(local, 0.01, 0), WrapperStore(local), ObjectStore("memory://pickled")):
+        t = pickle.loads(pickle.dumps(s))
+        assert t == s
+        assert type(t) is type(s)
+    assert pickle.loads(pickle.dumps(SlowStore(local, 0.01, 0))).get("k") == b"v"
+    obj = ObjectStore("s3://b/x.zarr", storage_options={"secret": "hunter2"})
+    assert "hunter2" not in repr(obj)
+    assert dask.base.tokenize(local) == dask.base.tokenize(LocalStore(tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["memory", "local", "slow"])
+def test_zarr_dask_xarray_interop(tmp_path, kind):
+    import xarray as xr
+
+    store = {
+        "memory": MemoryStore(),
+        "local": LocalStore(tmp_path / "x.zarr"),
+        "slow": SlowStore(MemoryStore(), 0.001),
+    }[kind]
+    ref = np.arange(120, dtype="f8").reshape(10, 12)
+    z = zarr.create_array(store, name="a", shape=ref.shape, chunks=(4, 5), dtype="f8", dimension_names=("y", "x"))
+    z[:] = ref
+    assert store.list_dir("a/") == ["a/c/", "a/zarr.json"]
+    x = da.from_zarr(store, component="a")
+    np.testing.assert_array_equal(x.compute(scheduler="threads"), ref)
+    zarr.create_group(store, path="g", attributes={"k": 1})
+    g = xr.open_zarr(store, group="g", consolidated=False)
+    assert g.attrs == {"k": 1}
+
+
+def test_xarray_roundtrip(tmp_path):
+    import xarray as xr
+
+    store = LocalStore(tmp_path / "ds.zarr")
+    ref = xr.Dataset({"v": (("t", "x"), np.arange(24.0).reshape(4, 6))}, attrs={"title": "t"})
+    ref.to_zarr(store, consolidated=False, zarr_format=3)
+    back = xr.open_zarr(store, consolidated=False)
+    xr.testing.assert_equal(back.load(), ref)
+
+
+class _CountingSlow(SlowStore):
+    active = 0
+    peak = 0
+
+    async def _aget(self, key, req=None):
+        type(self).active += 1
+        type(self).peak = max(type(self).peak, type(self).active)
+        try:
+            return await super()._aget(key, req)
+        finally:
+            type(self).active -= 1
+
+
+def test_slow_store_delays_overlap_on_zarrs_event_loop():
+    inner = MemoryStore()
+    z = zarr.create_array(inner, name="a", shape=(64,), chunks=(4,), dtype="i4")
+    z[:] = np.arange(64)
+    slow = _CountingSlow(inner, base_delay=0.02)
+    out = zarr.open_array(slow, path="a", mode="r")[:]
+    np.testing.assert_array_equal(out, np.arange(64))
+    # zarr fetched chunks concurrently: the delays overlapped instead of queueing.
+    assert _CountingSlow.peak > 1
+
+
+def test_open_store_resolves(tmp_path):
+    assert open_store(tmp_path / "a") == LocalStore(tmp_path / "a")
+    assert open_store(f"file://{tmp_path}/a") == LocalStore(tmp_path / "a")
+    s = open_store("memory://resolve-test")
+    assert isinstance(s, ObjectStore)
+    assert open_store(s) is s
+    assert open_store(s, read_only=True).read_only
+    with pytest.raises(ValueError, match="scheme 'ftp' is not allowed"):
+        open_store("ftp://host/x.zarr")
+
+
+# --------------------------------------------------------------------------------------
+# object store over real HTTP: retries, refused credentials, unreachable endpoint
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.s3
+def test_object_store_retries_transient_errors(s3_server):
+    stats = s3_server["stats"]
+    s = open_store(f"s3://{s3_server['bucket']}/retry-{uuid.uuid4().hex}", **s3_server["storage_options"])
+    s.set("k", b"value")
+    with dask.config.set({"dask_loom.retries": 3, "dask_loom.retry-backoff": 0.01}):
+        stats.fail_next(2, status=503)
+        assert s.get("k") == b"value"
+        stats.fail_next(100, status=503)
+        try:
+            with pytest.raises(StoreError, match=r"get 'k' failed after 4 attempts.*Service Unavailable"):
+                s.get("k")
+        finally:
+            stats.clear_failures()
+
+
+@pytest.mark.s3
+def test_object_store_credentials_refused(s3_server):
+    s = open_store(f"s3://{s3_server['bucket']}/deny-{uuid.uuid4().hex}", **s3_server["storage_options"])
+    s.set("k", b"v")
+    s3_server["stats"].deny_next(1)
+    with pytest.raises(CredentialsError, match=r"access to 'k' refused"):
+        s.get("k")
+    assert s.get("k") == b"v"
+
+
+@pytest.mark.s3
+def test_object_store_unreachable_endpoint(s3_server):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    opts = {**s3_server["storage_options"], "endpoint_url": f"http://127.0.0.1:{port}"}
+    s = open_store(f"s3://{s3_server['bucket']}/x.zarr", **opts)
+    with dask.config.set({"dask_loom.retries": 1, "dask_loom.retry-backoff": 0.01}):
+        with pytest.raises(StoreError, match=r"s3://dask-loom-test/x.zarr: get 'k' failed after 2 attempts.*connect"):
+            s.get("k")
+
+
+@pytest.mark.s3
+def test_object_store_zarr_and_dask_on_s3(s3_server, local_cluster):
+    s = open_store(f"s3://{s3_server['bucket']}/arr-{uuid.uuid4().hex}.zarr", **s3_server["storage_options"])
+    ref = np.arange(300, dtype="i8").reshape(15, 20)
+    z = zarr.create_array(s, name="a", shape=ref.shape, chunks=(4, 6), dtype="i8")
+    z[:] = ref
+    x = da.from_zarr(s, component="a")
+    assert int(local_cluster.compute(x.sum()).result()) == int(ref.sum())
