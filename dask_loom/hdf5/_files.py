@@ -267,16 +267,30 @@ def _is_lock_error(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def open_h5_write(spec: FileSpec, *, mode: str = "r+", timeout: float | None = None) -> Iterator[h5py.File]:
-    """Open *spec* for writing for the duration of one write.
+def open_h5_write(
+    spec: FileSpec,
+    *,
+    mode: str = "r+",
+    timeout: float | None = None,
+    atomic: bool = False,
+    fresh: bool = False,
+) -> Iterator[h5py.File]:
+    """Hold *spec* open for writing for the duration of one write.
 
-    HDF5 has one writer at a time.  Inside a distributed run a cluster-wide
-    lock keyed by the file serialises our own workers; HDF5's OS file lock
-    (``locking=True``) keeps out other programs, such as a loompy process.  A
-    held lock is retried with backoff until *timeout*, then
-    :class:`~dask_loom.errors.WriteConflictError` names the file.  Read caches
-    of this process are dropped first, since HDF5 refuses to open a file twice
-    with different intents.
+    HDF5 has one writer at a time.  Writers are serialised by a lock file
+    beside the data (``.<name>.dask-loom.lock``, ``flock``; it works across
+    processes and, through NFS locks, machines), a ``distributed.Lock`` keyed
+    by the file inside a cluster, and a lock per process; HDF5's own file lock
+    keeps foreign writers (a loompy ``r+`` connection) out.  A held lock is
+    waited for with backoff until *timeout*, then
+    :class:`~dask_loom.errors.WriteConflictError` names the file.
+
+    ``atomic=True`` makes the write a transaction: the changes go to a copy
+    of the file (``fresh=True``: to a new empty file) that replaces the
+    original by one atomic rename at the end.  A crash, an exception or a
+    SIGKILL at any moment leaves the original untouched, and readers keep
+    reading the old content until the rename.  ``mode="w"`` creates the file
+    (always atomically).
     """
     if not spec.is_local:
         from dask_loom.errors import ReadOnlyError
@@ -290,58 +304,151 @@ def open_h5_write(spec: FileSpec, *, mode: str = "r+", timeout: float | None = N
     try:
         held = _open_writers.get(spec.url)
         if held is not None and mode == "r+":
-            # Re-entrant use in the same thread: share the handle already open.
+            # Nested use in the same thread joins the write already open.
             yield held
             return
-        with _write_with_lock(spec, mode, timeout) as f:
-            _open_writers[spec.url] = f
-            try:
-                yield f
-            finally:
-                _open_writers.pop(spec.url, None)
+        with _exclusive(spec, timeout):
+            if mode == "w" or atomic:
+                with _transaction(spec, fresh=fresh or mode == "w", timeout=timeout) as f:
+                    yield f
+            else:
+                with _in_place(spec, timeout) as f:
+                    _open_writers[spec.url] = f
+                    try:
+                        yield f
+                    finally:
+                        _open_writers.pop(spec.url, None)
     finally:
         local_lock.release()
 
 
+def lock_path(spec: FileSpec) -> str:
+    head, tail = os.path.split(spec.url)
+    return os.path.join(head, f".{tail}.dask-loom.lock")
+
+
 @contextlib.contextmanager
-def _write_with_lock(spec: FileSpec, mode: str, timeout: float) -> Iterator[h5py.File]:
+def _exclusive(spec: FileSpec, timeout: float) -> Iterator[None]:
+    import fcntl
+
     dist_lock = _distributed_lock(spec)
     if dist_lock is not None and not dist_lock.acquire(timeout=timeout):
         raise WriteConflictError(f"{spec.name}: another dask_loom task held the write lock for {timeout:.0f} s")
     try:
-        invalidate(spec)
-        deadline = time.monotonic() + timeout
-        delay = 0.01
-        while True:
-            try:
-                f = h5py.File(spec.url, mode, locking=True)
-                break
-            except OSError as exc:
-                if "already open" in str(exc) or "locking flag" in str(exc):
-                    raise WriteConflictError(
-                        f"{spec.name}: the file is open in this process through another HDF5 handle "
-                        "(for example a loompy or h5py connection); close it before writing"
-                    ) from None
-                if not _is_lock_error(exc):
-                    if mode == "r+" and not os.path.exists(spec.url):
-                        raise FileNotFoundError(errno.ENOENT, f"File '{spec.url}' not found", spec.url) from None
-                    raise
-                if time.monotonic() > deadline:
-                    raise WriteConflictError(
-                        f"{spec.name}: the file is open for writing (or reading, with HDF5 file locking) "
-                        f"by another process; gave up after {timeout:.0f} s"
-                    ) from exc
-                time.sleep(delay)
-                delay = min(delay * 2, 0.5)
+        fd = os.open(lock_path(spec), os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            yield f
-            f.flush()
+            deadline = time.monotonic() + timeout
+            delay = 0.005
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise WriteConflictError(
+                            f"{spec.name}: another writer held the file for {timeout:.0f} s (lock file {lock_path(spec)})"
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.25)
+            yield
         finally:
-            f.close()
-            invalidate(spec)
+            os.close(fd)  # releases the flock
     finally:
         if dist_lock is not None:
             dist_lock.release()
+
+
+def _open_retrying(path: str, mode: str, timeout: float, name: str, **kw: Any) -> h5py.File:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            return h5py.File(path, mode, **kw)
+        except OSError as exc:
+            if "already open" in str(exc) or "locking flag" in str(exc):
+                raise WriteConflictError(
+                    f"{name}: the file is open in this process through another HDF5 handle "
+                    "(for example a loompy or h5py connection); close it before writing"
+                ) from None
+            if not _is_lock_error(exc):
+                if not os.path.exists(path):
+                    raise FileNotFoundError(errno.ENOENT, f"File '{path}' not found", path) from None
+                raise
+            if time.monotonic() > deadline:
+                raise WriteConflictError(
+                    f"{name}: the file is open for writing by another program; gave up after {timeout:.0f} s"
+                ) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+@contextlib.contextmanager
+def _in_place(spec: FileSpec, timeout: float) -> Iterator[h5py.File]:
+    invalidate(spec)
+    f = _open_retrying(spec.url, "r+", timeout, spec.name, locking=True)
+    try:
+        yield f
+        f.flush()
+    finally:
+        f.close()
+        invalidate(spec)
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _transaction(spec: FileSpec, *, fresh: bool, timeout: float) -> Iterator[h5py.File]:
+    import shutil
+    import uuid
+
+    head, tail = os.path.split(spec.url)
+    tmp = os.path.join(head, f".{tail}.dask-loom-{uuid.uuid4().hex[:12]}.tmp")
+    guard = None
+    if os.path.exists(spec.url):
+        # A shared HDF5 lock on the original keeps foreign HDF5 writers out
+        # while our readers (and theirs) go on reading the old content.
+        guard = _open_retrying(spec.url, "r", timeout, spec.name, locking=True)
+    try:
+        if not fresh and guard is not None:
+            shutil.copyfile(spec.url, tmp)
+            shutil.copymode(spec.url, tmp)
+        f = h5py.File(tmp, "w" if fresh else "r+", locking=False)
+        _open_writers[spec.url] = f
+        try:
+            yield f
+            f.flush()
+        except BaseException:
+            f.close()
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        finally:
+            _open_writers.pop(spec.url, None)
+        f.close()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if guard is not None:
+            guard.close()
+            guard = None
+        os.replace(tmp, spec.url)
+        _fsync_dir(spec.url)
+    finally:
+        if guard is not None:
+            guard.close()
+        invalidate(spec)
+        if os.path.exists(tmp):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def _distributed_lock(spec: FileSpec) -> Any:

@@ -20,7 +20,8 @@ from dask_loom.loom._common import AXIS_ATTRS, AXIS_GRAPHS, LEGACY_GRAPHS, is_sp
 from dask_loom.loom._graphs import GraphManager
 from dask_loom.loom._layers import LayerManager, LoomLayer
 from dask_loom.loom._tree import Tree
-from dask_loom.loom._values import materialize, normalize_for_write
+from dask_loom.loom._store import put_attr, put_global, put_graph, touch
+from dask_loom.loom._values import materialize
 from dask_loom.loom._view import ViewManager
 from dask_loom.storage import FileSpec
 
@@ -191,9 +192,8 @@ class LoomConnection:
         self._shape = (0, 0)
         from dask_loom.hdf5 import invalidate
 
-        if self._spec.is_local or True:
-            with contextlib.suppress(Exception):
-                invalidate(self._spec)
+        with contextlib.suppress(Exception):
+            invalidate(self._spec)
 
     def __enter__(self) -> LoomConnection:
         return self
@@ -492,82 +492,48 @@ class LoomConnection:
     # -- writes --------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[Any]:
+    def _writing(self, *, atomic: bool = False, fresh: bool = False) -> Iterator[Any]:
         self._check_writable()
-        with self._write_lock, self._tree.writing() as w:
-            yield w
-        self._cache.clear()
+        try:
+            with self._write_lock, self._tree.writing(atomic=atomic, fresh=fresh) as w:
+                yield w
+        finally:
+            self._cache.clear()
 
     def _touch(self, w: Any, *paths: str) -> None:
-        ts = timestamp()
-        for p in (*paths, "/"):
-            if w.exists(p):
-                w.set_attr(p, "last_modified", ts)
+        touch(w, *paths)
+
+    def _spec3_strings(self) -> bool:
+        return is_spec3(self._spec_version) or self._spec_version == "0.0.0"
 
     def _write_attr(self, axis: int, name: str, value: Any) -> None:
         self._check_writable()
-        arr, strings = normalize_for_write(value, name, spec3=is_spec3(self._spec_version) or self._spec_version == "0.0.0")
-        n = self._shape[axis]
-        if n != 0 and arr.shape[0] != n:
-            raise ValueError(f"Attribute '{name}' must have exactly {n} values but {arr.shape[0]} were given")
-        group = AXIS_ATTRS[axis]
-        path = f"{group}/{name}"
         with self._writing() as w:
-            w.create_group(group)
-            maxshape = (arr.shape[0],) if arr.ndim == 1 else (arr.shape[0], *([None] * (arr.ndim - 1)))
-            _replace(w, path, data=arr, strings=strings, maxshape=maxshape)
-            self._touch(w, path, group)
+            put_attr(w, axis, name, value, n=self._shape[axis], spec3=self._spec3_strings())
 
     def _delete_attr(self, axis: int, name: str) -> None:
         with self._writing() as w:
-            path = f"{AXIS_ATTRS[axis]}/{name}"
-            w.delete(path)
+            w.delete(f"{AXIS_ATTRS[axis]}/{name}")
             self._touch(w, AXIS_ATTRS[axis])
 
     def _write_global(self, name: str, value: Any) -> None:
         self._check_writable()
+        in_group = self._globals_in_group() or is_spec3(self._spec_version)
         with self._writing() as w:
-            if self._globals_in_group() or is_spec3(self._spec_version):
-                w.create_group("attrs")
-                if isinstance(value, (str, bytes)):
-                    v = value.decode("utf-8") if isinstance(value, bytes) else value
-                    w.create_array(f"attrs/{name}", data=np.array(v, dtype=object), strings=True, compression=None)
-                elif value is None:
-                    w.create_array(f"attrs/{name}", data=np.array("None", dtype=object), strings=True, compression=None)
-                else:
-                    arr = np.asarray(value)
-                    if arr.dtype.kind in "SUO":
-                        arr, _ = normalize_for_write(arr, name)
-                        w.create_array(f"attrs/{name}", data=arr if np.ndim(value) else arr.reshape(()), strings=True, compression=None)
-                    else:
-                        w.create_array(f"attrs/{name}", data=arr, compression=None)
-            else:
-                if isinstance(value, str):
-                    value = value.encode("ascii", "xmlcharrefreplace")
-                w.set_attr("/", name, value)
+            put_global(w, name, value, in_group=in_group)
             self._touch(w)
 
     def _delete_global(self, name: str) -> None:
+        in_group = self._globals_in_group()
         with self._writing() as w:
-            if self._globals_in_group():
+            if in_group:
                 w.delete(f"attrs/{name}")
             else:
                 w.del_attr("/", name)
 
     def _write_graph(self, axis: int, name: str, g: sp.coo_matrix) -> None:
-        group = AXIS_GRAPHS[axis]
-        path = f"{group}/{name}"
-        w_data = g.data if g.data.dtype.kind == "f" else g.data.astype(np.float64)
         with self._writing() as w:
-            w.create_group(group)
-            tmp = f"{group}/.tmp-{name}"
-            w.delete(tmp)
-            w.create_group(tmp)
-            w.create_array(f"{tmp}/a", data=g.row.astype(np.int32, copy=False), compression=None)
-            w.create_array(f"{tmp}/b", data=g.col.astype(np.int32, copy=False), compression=None)
-            w.create_array(f"{tmp}/w", data=w_data, compression=None)
-            w.move(tmp, path)
-            self._touch(w, path, group)
+            put_graph(w, axis, name, g)
 
     def _delete_graph(self, axis: int, name: str) -> None:
         with self._writing() as w:
@@ -588,15 +554,6 @@ class LoomConnection:
         with self._writing() as w:
             w.delete(self._layer_path(name))
             self._touch(w)
-
-
-def _replace(w: Any, path: str, **kwargs: Any) -> None:
-    """Write a new array beside the old one, then swap names (crash leaves the old one)."""
-    head, _, tail = path.rpartition("/")
-    tmp = f"{head}/.tmp-{tail}" if head else f".tmp-{tail}"
-    w.delete(tmp)
-    w.create_array(tmp, **kwargs)
-    w.move(tmp, path)
 
 
 def _metadata_cap() -> int:

@@ -1,4 +1,9 @@
-"""``new`` and ``create``: writing new Loom files as loompy does (spec 3.0.0 layout)."""
+"""``new`` and ``create``: writing new Loom files as loompy does (spec 3.0.0 layout).
+
+A file is created as one transaction: everything is written into a new
+temporary file that replaces any old file of that name at the end, so a
+failed or interrupted ``create`` never leaves a half-written file behind.
+"""
 
 from __future__ import annotations
 
@@ -9,24 +14,27 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from dask_loom.loom._common import timestamp
-from dask_loom.loom._connection import LoomConnection
+from dask_loom.loom._connection import TREE_OPENERS, LoomConnection
+from dask_loom.loom._store import init_layout, put_attr
 from dask_loom.storage import FileSpec
 
-__all__ = ["create", "new"]
-
-LOOM_SPEC_VERSION = "3.0.0"
+__all__ = ["create", "creating", "new"]
 
 
-def _creator(spec: FileSpec) -> Any:
-    from dask_loom.loom._connection import TREE_OPENERS
-
+def creating(spec: FileSpec) -> contextlib.AbstractContextManager[Any]:
+    """A writer for a brand-new container at *spec* (HDF5 unless an opener claims it)."""
     for matches, factory in TREE_OPENERS:
         if matches(spec):
             return factory.creating(spec)  # type: ignore[attr-defined]
     from dask_loom.loom._tree import HDF5Tree
 
     return HDF5Tree.creating(spec)
+
+
+def _spec(filename: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> FileSpec:
+    if not isinstance(filename, str) or "://" not in filename:
+        filename = os.path.expanduser(os.fspath(filename))
+    return FileSpec.from_path(filename, storage_options)
 
 
 def new(
@@ -38,34 +46,35 @@ def new(
     """Create an empty Loom file and return an ``r+`` connection to it (shape ``(0, 0)``).
 
     Writes loompy's layout: ``/attrs`` (``LOOM_SPEC_VERSION = "3.0.0"``,
-    ``CreationDate``), and the empty groups ``/layers``, ``/row_attrs``,
-    ``/col_attrs``, ``/row_graphs``, ``/col_graphs``.  An existing file is
-    replaced.  Use it as a context manager and fill it with
-    :meth:`LoomConnection.add_columns`.
+    ``CreationDate``, then *file_attrs*) and the empty groups ``/layers``,
+    ``/row_attrs``, ``/col_attrs``, ``/row_graphs``, ``/col_graphs``.  An
+    existing file is replaced.  Fill it with :meth:`LoomConnection.add_columns`.
     """
-    if not isinstance(filename, str) or "://" not in filename:
-        filename = os.path.expanduser(os.fspath(filename))
-    spec = FileSpec.from_path(filename, storage_options)
-    with _creator(spec) as w:
-        for g in ("attrs", "layers", "row_attrs", "col_attrs", "row_graphs", "col_graphs"):
-            w.create_group(g)
-        w.create_array("attrs/LOOM_SPEC_VERSION", data=np.array(LOOM_SPEC_VERSION, dtype=object), strings=True, compression=None)
-        w.create_array("attrs/CreationDate", data=np.array(timestamp(), dtype=object), strings=True, compression=None)
-    ds = LoomConnection(filename, "r+", validate=False, storage_options=storage_options)
+    spec = _spec(filename, storage_options)
+    with creating(spec) as w:
+        init_layout(w, file_attrs)
+    ds = LoomConnection(spec.url if spec.is_local else os.fspath(filename), "r+", validate=False, storage_options=storage_options)
     ds._created = True
-    for k, v in (file_attrs or {}).items():
-        ds.attrs[k] = "None" if v is None else v
     return ds
 
 
 def _as_layers(layers: Any) -> dict[str, Any]:
-    from dask_loom.loom._layers import LayerManager
+    from dask_loom.loom._layers import LayerManager, LoomLayer, MemoryLoomLayer
 
     if isinstance(layers, LayerManager):
-        return {k: layers[k] for k in layers.keys()}
-    if isinstance(layers, dict):
-        return dict(layers)
-    return {"": layers}
+        layers = {k: layers[k] for k in layers.keys()}
+    elif not isinstance(layers, dict):
+        layers = {"": layers}
+    out = {}
+    for k, v in layers.items():
+        if isinstance(v, MemoryLoomLayer):
+            v = v.values
+        elif isinstance(v, LoomLayer):
+            v = v.to_dask()
+        elif not (sp.issparse(v) or hasattr(v, "dask")):
+            v = np.asarray(v)
+        out[k] = v
+    return out
 
 
 def _as_attrs(attrs: Any) -> dict[str, Any]:
@@ -74,6 +83,17 @@ def _as_attrs(attrs: Any) -> dict[str, Any]:
     if hasattr(attrs, "items") and not isinstance(attrs, dict):
         return dict(attrs.items())
     return dict(attrs)
+
+
+class _Compute:
+    """Where a graph writing a new file runs (``create`` has no connection yet)."""
+
+    def __init__(self, scheduler: Any, client: Any, filename: str) -> None:
+        self.filename = filename
+        self._kw = {"scheduler": scheduler, "client": client}
+
+    def _compute_kwargs(self) -> dict[str, Any]:
+        return self._kw
 
 
 def create(
@@ -85,6 +105,8 @@ def create(
     file_attrs: dict[str, Any] | None = None,
     chunks: tuple[int, int] | None = None,
     storage_options: dict[str, Any] | None = None,
+    scheduler: Any = None,
+    client: Any = None,
 ) -> None:
     """Create a Loom file from a matrix (or dict of layers) and attributes.
 
@@ -96,13 +118,16 @@ def create(
         A 2-D numpy array, scipy.sparse matrix or dask array (the main
         matrix), or a dict / ``LayerManager`` of them (must include ``""``).
         Sparse input is written one column band at a time, never densified
-        whole; dask input is written as a graph.
+        whole; dask input is written as a graph whose tasks compress the
+        chunks in parallel.
     row_attrs, col_attrs
         Dicts (or attribute managers) of arrays with one value per row/column.
     file_attrs
         Global attributes.
     chunks
-        Chunk shape of the layers (default ``(64, 64)`` as loompy).
+        Chunk shape of the layers (default ``(64, 64)``, as loompy).
+    storage_options, scheduler, client
+        fsspec options for URLs; where graphs run.
 
     Examples
     --------
@@ -113,53 +138,38 @@ def create(
     ...     print(ds.shape, ds[:, :].sum())
     (100, 10) 10.0
     """
+    from dask_loom.loom._write import check_dtype, create_layer_array, default_chunks, fill_layer
+
     lay = _as_layers(layers)
     ra = _as_attrs(row_attrs)
     ca = _as_attrs(col_attrs)
     if "" not in lay:
         raise ValueError("Data for default layer must be provided (a layer named '')")
-    main = lay[""]
-    shape = tuple(int(s) for s in (main.shape if hasattr(main, "shape") else np.shape(main)))
+    shape = tuple(int(s) for s in lay[""].shape)
     if len(shape) != 2 or 0 in shape:
         raise ValueError(f"The main matrix must be 2-D and non-empty, got shape {shape}")
     for k, v in lay.items():
-        s = tuple(v.shape) if hasattr(v, "shape") else np.shape(v)
-        if tuple(s) != shape:
-            raise ValueError(f"Layer '{k}' has shape {tuple(s)}, but all layers must have shape {shape}")
+        if "/" in k:
+            raise KeyError(f"Layer name '{k}' cannot contain a slash (/)")
+        if tuple(v.shape) != shape:
+            raise ValueError(f"Layer '{k}' has shape {tuple(v.shape)}, but all layers must have shape {shape}")
+        check_dtype(v.dtype, f"{filename}: layer '{k}'")
     for axis, attrs in ((0, ra), (1, ca)):
         for k, v in attrs.items():
-            n = len(v) if not np.isscalar(v) else 1
+            n = 1 if np.isscalar(v) else len(np.ravel(v.toarray()) if sp.issparse(v) else v)
             if n != shape[axis]:
                 kind = "Row" if axis == 0 else "Column"
                 raise ValueError(f"{kind} attribute '{k}' must have exactly {shape[axis]} values but {n} were given")
-    ds = new(filename, file_attrs=file_attrs, storage_options=storage_options)
-    try:
-        from dask_loom.loom._write import write_layer
-
-        write_layer(ds, "", lay[""], chunks=chunks)
-        for k, v in lay.items():
-            if k != "":
-                write_layer(ds, k, v, chunks=chunks)
-        for k, v in ra.items():
-            ds.ra[k] = _values(v)
-        for k, v in ca.items():
-            ds.ca[k] = _values(v)
-        ds.close(True)
-    except BaseException:
-        ds.close(True)
-        spec = FileSpec.from_path(os.fspath(filename), storage_options)
-        if spec.is_local:
-            with contextlib.suppress(OSError):
-                if os.path.isdir(spec.url):
-                    import shutil
-
-                    shutil.rmtree(spec.url)
-                else:
-                    os.remove(spec.url)
-        raise
-
-
-def _values(v: Any) -> Any:
-    if sp.issparse(v):
-        return v.toarray().ravel()
-    return v
+    spec = _spec(filename, storage_options)
+    chunks = default_chunks(shape, chunks)
+    ctx = _Compute(scheduler, client, os.fspath(filename))
+    with creating(spec) as w:
+        init_layout(w, file_attrs)
+        for k in ["", *[k for k in lay if k != ""]]:
+            v = lay[k]
+            path = "matrix" if k == "" else f"layers/{k}"
+            create_layer_array(w, path, shape, v.dtype, chunks)
+            fill_layer(ctx, w, path, v, where=f"{filename}: layer '{k}'", dtype=v.dtype, chunks=chunks)
+        for axis, attrs in ((0, ra), (1, ca)):
+            for k, v in attrs.items():
+                put_attr(w, axis, k, v.toarray().ravel() if sp.issparse(v) else v, n=shape[axis])

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 from dask_loom.hdf5 import HDF5Source, dataset_layout, open_h5_read, open_h5_write
+from dask_loom.hdf5._encode import ChunkEncoder
 from dask_loom.storage import FileSpec
 
 __all__ = ["ArrayInfo", "HDF5Tree", "Tree", "TreeWriter"]
@@ -75,7 +76,14 @@ class Tree(ABC):
         """A chunk source for a (large) array."""
 
     @abstractmethod
-    def writing(self) -> contextlib.AbstractContextManager[TreeWriter]: ...
+    def writing(self, *, atomic: bool = False, fresh: bool = False) -> contextlib.AbstractContextManager[TreeWriter]:
+        """Hold the container for writing.
+
+        ``atomic=True``: all changes made in the block become visible together
+        at its end, or not at all (exception, crash, SIGKILL).  ``fresh=True``
+        (with ``atomic``) starts from an empty container that replaces the
+        old one at the end (for whole rewrites such as ``permute``).
+        """
 
     def identity(self) -> Any:
         """Changes whenever the container is rewritten (for caches and tokens)."""
@@ -256,8 +264,8 @@ class HDF5Tree(Tree):
         return file_identity(self.spec)
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[HDF5Writer]:
-        with open_h5_write(self.spec) as f:
+    def writing(self, *, atomic: bool = False, fresh: bool = False) -> Iterator[HDF5Writer]:
+        with open_h5_write(self.spec, atomic=atomic, fresh=fresh) as f:
             yield HDF5Writer(f)
 
     @classmethod
@@ -341,6 +349,22 @@ class HDF5Writer(_H5Reads, TreeWriter):
         node = self.f[path]
         if name in node.attrs:
             del node.attrs[name]
+
+    def encoder(self, path: str) -> ChunkEncoder:
+        from dask_loom.hdf5._layout import describe
+
+        ds = self.f[path]
+        lay = describe(ds)
+        if lay.chunks is None:
+            raise ValueError(f"{self.f.filename}: '{path}' is not chunked; it cannot take encoded chunks")
+        if not lay.fast:
+            raise ValueError(f"{self.f.filename}: '{path}' uses {lay.why_slow}; chunks cannot be encoded outside h5py")
+        return ChunkEncoder(lay.shape, lay.chunks, ds.dtype, lay.filters, lay.fillvalue)
+
+    def store_chunks(self, path: str, payload: Any) -> None:
+        dsid = self.f[path].id
+        for offset, data in payload:
+            dsid.write_direct_chunk(offset, data, 0)
 
     def flush(self) -> None:
         self.f.flush()

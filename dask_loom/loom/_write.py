@@ -1,34 +1,45 @@
 """Writing layers: whole layers (numpy, scipy.sparse, dask) and regions.
 
-A whole layer is written beside the old one (``layers/.tmp-<name>``) and the
-names are swapped at the end, so a crash leaves the old layer (decision 4).
-Data arrive in bands of whole stored chunks: scipy.sparse input is densified
-one column band at a time, dask input is computed block by block and written
-by tasks that hold the file's write lock one at a time.
+Whole-layer writes are transactions (``Tree.writing(atomic=True)``): a crash
+at any moment leaves the old file.  Data move in blocks of whole stored
+chunks; the blocks are encoded (compressed) in parallel — in a local thread
+pool for in-memory input, as tasks of a graph for dask input — and the single
+writer only stores the encoded chunks.  scipy.sparse input is densified one
+column band at a time, never whole.
 """
 
 from __future__ import annotations
 
-import math
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from dask_loom._config import block_size_bytes, get_config
+from dask_loom._config import get_config
 from dask_loom._indexing import normalize_key
-from dask_loom.blocks import plan_blocks, selection_bands
+from dask_loom.blocks import block_regions, plan_blocks, selection_bands
 
 if TYPE_CHECKING:
     from dask_loom.loom._connection import LoomConnection
 
-__all__ = ["check_values", "default_chunks", "write_layer", "write_layer_region"]
+__all__ = [
+    "check_values",
+    "default_chunks",
+    "encode_checked",
+    "store_blocks",
+    "store_dask",
+    "write_layer",
+    "write_layer_region",
+]
 
 
-def default_chunks(shape: tuple[int, int], chunks: Any = None) -> tuple[int, int]:
+def default_chunks(shape: tuple[int, ...], chunks: Any = None) -> tuple[int, ...]:
     """``(min(64, N), min(64, M))`` as loompy, or the configured/given chunk shape."""
     c = chunks if chunks is not None else get_config("loom-chunks")
-    return tuple(max(1, min(int(k), int(n))) for k, n in zip(c, shape))  # type: ignore[return-value]
+    return tuple(max(1, min(int(k), int(n))) for k, n in zip(c, shape))
 
 
 def check_dtype(dtype: Any, where: str) -> np.dtype:
@@ -45,13 +56,77 @@ def check_values(block: Any, where: str) -> None:
         raise ValueError(f"{where}: INF and NaN not allowed in loom matrix")
 
 
-def _column_bands(shape: tuple[int, int], chunks: tuple[int, int], itemsize: int) -> list[tuple[int, int]]:
-    plan = plan_blocks(shape, chunks, itemsize, band_axis=1)
-    bounds = np.cumsum((0, *plan[1]))
-    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+def encode_checked(encoder: Any, region: tuple[slice, ...], block: Any, where: str, dtype: Any) -> Any:
+    """Task body: check one block, cast it to the layer dtype, encode it."""
+    if sp.issparse(block):
+        block = block.toarray()
+    block = np.asarray(block)
+    check_values(block, where)
+    return encoder(region, block.astype(dtype, copy=False))
 
 
-def _prepare(ds: LoomConnection, name: str, value: Any) -> tuple[Any, tuple[int, int], np.dtype]:
+def store_blocks(w: Any, path: str, blocks: Iterable[tuple[tuple[slice, ...], Any]], *, where: str, dtype: Any) -> None:
+    """Encode in-memory blocks in a local thread pool and store them (bounded look-ahead)."""
+    encoder = w.encoder(path)
+    workers = max(1, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        pending: list[Any] = []
+        for region, block in blocks:
+            pending.append(pool.submit(encode_checked, encoder, region, block, where, dtype))
+            if len(pending) > 2 * workers:
+                w.store_chunks(path, pending.pop(0).result())
+        for fut in pending:
+            w.store_chunks(path, fut.result())
+
+
+def dense_blocks(value: Any, shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int) -> Iterator[tuple[tuple[slice, ...], Any]]:
+    """Aligned blocks of a numpy array or scipy.sparse matrix (column bands for sparse input)."""
+    if sp.issparse(value):
+        csc = value.tocsc()
+        plan = plan_blocks(shape, chunks, itemsize, band_axis=1)
+        for _, region in block_regions(plan):
+            yield region, csc[:, region[1]].toarray()
+        return
+    plan = plan_blocks(shape, chunks, itemsize)
+    for _, region in block_regions(plan):
+        yield region, value[region]
+
+
+def store_dask(ds: Any, w: Any, path: str, x: Any, *, where: str, dtype: Any, chunks: tuple[int, ...]) -> None:
+    """Write a dask array as a graph: aligned blocks encoded by tasks, stored by this writer.
+
+    Blocks are rechunked to unions of whole stored chunks first, so no two
+    tasks ever touch the same chunk.  Results are gathered a batch at a time,
+    so memory holds a few encoded blocks, not the layer.
+    """
+    from dask.base import tokenize
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    from dask_loom.blocks import align_chunks
+    from dask_loom.cluster import compute
+
+    dt = np.dtype(dtype)
+    plan = plan_blocks(tuple(x.shape), chunks, dt.itemsize)
+    plan = align_chunks(plan, tuple(x.shape), chunks, dt)
+    x = x.rechunk(plan)
+    encoder = w.encoder(path)
+    name = f"loom-write-{tokenize(x.name, path, where)}"
+    keys = []
+    dsk: dict[Any, Any] = {}
+    for idx, region in block_regions(plan):
+        key = (name, *idx)
+        dsk[key] = (encode_checked, encoder, region, (x.name, *idx), where, dt)
+        keys.append(key)
+    hlg = HighLevelGraph.from_collections(name, dsk, dependencies=[x])
+    batch = max(4, 4 * (os.cpu_count() or 1))
+    for i in range(0, len(keys), batch):
+        part = [Delayed(k, hlg, layer=name) for k in keys[i : i + batch]]
+        for payload in compute(*part, **ds._compute_kwargs()):
+            w.store_chunks(path, payload)
+
+
+def _prepare(ds: LoomConnection, name: str, value: Any) -> tuple[Any, tuple[int, ...], np.dtype]:
     from dask_loom.loom._layers import LoomLayer, MemoryLoomLayer
 
     where = f"{ds.filename}: layer '{name}'"
@@ -74,11 +149,34 @@ def _prepare(ds: LoomConnection, name: str, value: Any) -> tuple[Any, tuple[int,
         others = [k for k in ds.layers.keys() if k != name]
         if name != "" or others:
             raise ValueError(f"{where}: all layers must have same shape {ds.shape}, got {shape}")
-    return value, shape, dt  # type: ignore[return-value]
+    return value, shape, dt
+
+
+def create_layer_array(w: Any, path: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], *, fill: bool = False) -> None:
+    """Create a layer dataset with loompy's settings (gzip 2, columns resizable)."""
+    w.create_array(
+        path,
+        shape=shape,
+        dtype=dtype,
+        chunks=chunks,
+        maxshape=(shape[0], None),
+        compression="gzip",
+        compression_opts=2,
+        fillvalue=0 if fill else None,
+    )
+
+
+def fill_layer(ds: Any, w: Any, path: str, value: Any, *, where: str, dtype: Any, chunks: tuple[int, ...]) -> None:
+    """Write *value* (numpy, sparse or dask) into an existing, empty layer dataset."""
+    dt = np.dtype(dtype)
+    if hasattr(value, "dask"):
+        store_dask(ds, w, path, value, where=where, dtype=dt, chunks=chunks)
+    else:
+        store_blocks(w, path, dense_blocks(value, tuple(value.shape), chunks, dt.itemsize), where=where, dtype=dt)
 
 
 def write_layer(ds: LoomConnection, name: str, value: Any, *, chunks: Any = None) -> None:
-    """Create or replace a whole layer (``ds.layers[name] = value``)."""
+    """Create or replace a whole layer (``ds.layers[name] = value``), as one transaction."""
     ds._check_writable()
     value, shape, dt = _prepare(ds, name, value)
     where = f"{ds.filename}: layer '{name}'"
@@ -86,80 +184,13 @@ def write_layer(ds: LoomConnection, name: str, value: Any, *, chunks: Any = None
     head, _, tail = path.rpartition("/")
     tmp = f"{head}/.tmp-{tail}" if head else f".tmp-{tail}"
     chunks = default_chunks(shape, chunks)
-    create = {
-        "shape": shape,
-        "dtype": dt,
-        "chunks": chunks,
-        "maxshape": (shape[0], None),
-        "compression": "gzip",
-        "compression_opts": 2,
-        "fillvalue": 0 if value is None else None,
-    }
-    if value is not None and hasattr(value, "dask"):
-        _write_dask(ds, name, tmp, path, value, create)
-        return
-    with ds._writing() as w:
+    with ds._writing(atomic=True) as w:
         if head:
             w.create_group(head)
         w.delete(tmp)
-        w.create_array(tmp, **create)
+        create_layer_array(w, tmp, shape, dt, chunks, fill=value is None)
         if value is not None:
-            csc = value.tocsc() if sp.issparse(value) else None
-            for c0, c1 in _column_bands(shape, chunks, dt.itemsize):
-                band = csc[:, c0:c1].toarray() if csc is not None else value[:, c0:c1]
-                check_values(band, where)
-                w.write(tmp, (slice(None), slice(c0, c1)), np.asarray(band, dtype=dt))
-        w.move(tmp, path)
-        ds._touch(w)
-    ds._refresh_shape()
-    if name == "" and ds._shape == (0, 0):
-        ds._shape = shape
-
-
-def _write_block(tree: Any, path: str, region: tuple[slice, ...], block: np.ndarray, where: str) -> int:
-    check_values(block, where)
-    with tree.writing() as w:
-        w.write(path, region, block)
-    return 1
-
-
-def _write_dask(ds: LoomConnection, name: str, tmp: str, path: str, x: Any, create: dict[str, Any]) -> None:
-    """Write a dask array as a graph: aligned blocks, one writer at a time per file."""
-    from dask_loom.blocks import align_chunks
-    from dask_loom.cluster import compute
-    from dask_loom.ops._graph import task_name
-
-    where = f"{ds.filename}: layer '{name}'"
-    head = tmp.rpartition("/")[0]
-    with ds._writing() as w:
-        if head:
-            w.create_group(head)
-        w.delete(tmp)
-        w.create_array(tmp, **create)
-    dt = np.dtype(create["dtype"])
-    plan = align_chunks(
-        plan_blocks(create["shape"], create["chunks"], dt.itemsize), create["shape"], create["chunks"], dt
-    )
-    x = x.astype(dt).rechunk(plan)
-    from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph
-
-    wname = task_name("loom-write", ds.filename, name, x.name)
-    dsk = {}
-    bounds = [np.cumsum((0, *c)) for c in plan]
-    for idx in np.ndindex(*x.numblocks):
-        region = tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, idx))
-        dsk[(wname, *idx)] = (_write_block, ds._tree, tmp, region, (x.name, *idx), where)
-    hlg = HighLevelGraph.from_collections(wname, dsk, dependencies=[x])
-    keys = list(dsk)
-    done = [Delayed(k, hlg, layer=wname) for k in keys]
-    try:
-        compute(*done, **ds._compute_kwargs())
-    except BaseException:
-        with ds._writing() as w:
-            w.delete(tmp)
-        raise
-    with ds._writing() as w:
+            fill_layer(ds, w, tmp, value, where=where, dtype=dt, chunks=chunks)
         w.move(tmp, path)
         ds._touch(w)
     ds._refresh_shape()
@@ -169,7 +200,7 @@ def write_layer_region(ds: LoomConnection, name: str, key: Any, value: Any) -> N
     """``ds.layers[name][rows, cols] = value`` with numpy (outer) semantics.
 
     Each band of whole stored chunks that the selection touches is read,
-    updated in memory and written back once.
+    updated in memory and written back once, in place (as loompy does).
     """
     ds._check_writable()
     where = f"{ds.filename}: layer '{name}'"
@@ -179,7 +210,6 @@ def write_layer_region(ds: LoomConnection, name: str, key: Any, value: Any) -> N
     target_shape = tuple(s.count for s in sels if s.kind != "int")
     values = np.broadcast_to(np.asarray(value), target_shape)
     check_values(values, where)
-    # Expand back to 2-D in requested order, then map onto sorted-unique positions.
     full = values.reshape(tuple(s.count for s in sels))
     uniq_vals = full
     for ax, s in enumerate(sels):
@@ -188,19 +218,17 @@ def write_layer_region(ds: LoomConnection, name: str, key: Any, value: Any) -> N
             last = np.zeros(len(s.unique), dtype=np.int64)
             last[s.inverse] = np.arange(len(s.inverse))
             uniq_vals = np.take(uniq_vals, last, axis=ax)
-    source = ds._layer_source(name)
-    chunks = source.chunk_shape
+    chunks = ds._layer_source(name).chunk_shape
     per_axis = []
     for s, n, c in zip(sels, layer_shape, chunks):
         pos = np.arange(s.start, s.stop) if s.kind in ("int", "range") else s.unique
-        bands = selection_bands(n, c, np.unique(pos // c), max(1, block_size_bytes() // (c * dt.itemsize * max(1, layer_shape[0]))))
-        per_axis.append((pos, bands))
+        per_axis.append((pos, selection_bands(n, c, np.unique(pos // c), 64)))
     path = ds._layer_path(name)
     with ds._writing() as w:
-        for (b0r, b1r) in per_axis[0][1]:
-            for (b0c, b1c) in per_axis[1][1]:
-                rows, cols = per_axis[0][0], per_axis[1][0]
-                ri = np.flatnonzero((rows >= b0r) & (rows < b1r))
+        rows, cols = per_axis[0][0], per_axis[1][0]
+        for b0r, b1r in per_axis[0][1]:
+            ri = np.flatnonzero((rows >= b0r) & (rows < b1r))
+            for b0c, b1c in per_axis[1][1]:
                 ci = np.flatnonzero((cols >= b0c) & (cols < b1c))
                 if not len(ri) or not len(ci):
                     continue
@@ -208,9 +236,4 @@ def write_layer_region(ds: LoomConnection, name: str, key: Any, value: Any) -> N
                 block = np.array(w.read(path, region), dtype=dt)
                 block[np.ix_(rows[ri] - b0r, cols[ci] - b0c)] = uniq_vals[np.ix_(ri, ci)]
                 w.write(path, region, block)
-        ts_paths = [path]
-        ds._touch(w, *ts_paths)
-    ds._cache.clear()
-
-
-
+        ds._touch(w, path)
