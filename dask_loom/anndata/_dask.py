@@ -1,0 +1,221 @@
+"""The collection as dask objects: the joined matrix, obs, and an xarray Dataset.
+
+Each block of :func:`layer_to_dask` is a row range of one file whose edges lie
+on that file's storage boundaries (whole chunks or shards of a dense array;
+CSR row ranges of about the target block size), read by one task
+(``mapped-read-…``) in whichever process runs it: tasks carry small
+picklable plans, never open handles.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from dask_loom._config import block_size_bytes
+from dask_loom.anndata._elems import read_column, read_index
+from dask_loom.anndata._read import indptr_of
+from dask_loom.blocks import plan_blocks
+from dask_loom.errors import CollectionError, ElementNotFoundError
+
+if TYPE_CHECKING:
+    from dask_loom.anndata._mapped import MappedCollection, _LayerPlan
+
+__all__ = ["layer_to_dask", "obs_to_dask", "to_xarray"]
+
+
+def _read_band(plan: _LayerPlan, rows: np.ndarray, sparse: bool) -> Any:
+    return plan.read(rows, sparse=sparse)
+
+
+def _bands(plan: _LayerPlan, n_rows: int, target: int) -> list[tuple[int, int]]:
+    """Row ranges ``[lo, hi)`` of one file, on storage boundaries, about *target* bytes each."""
+    meta = plan.meta
+    if n_rows == 0:
+        return []
+    if meta is None:
+        per_row = max(1, plan.n_out * plan.dtype.itemsize)
+        step = max(1, target // per_row)
+        return [(a, min(n_rows, a + step)) for a in range(0, n_rows, step)]
+    if meta.fmt == "csr":
+        # Rows per band from the stored entries, rounded to whole row units of
+        # the data vector's chunks is impossible (chunks cut rows); bands follow
+        # the entry budget instead, so each band reads about *target* bytes.
+        ip = indptr_of(plan.store, meta)
+        isz = np.dtype(meta.dtype).itemsize + 8
+        budget = max(1, target // isz)
+        bounds = [0]
+        while bounds[-1] < n_rows:
+            lo = bounds[-1]
+            hi = int(np.searchsorted(ip, ip[lo] + budget, side="right")) - 1
+            bounds.append(min(n_rows, max(hi, lo + 1)))
+        return list(itertools.pairwise(bounds))
+    unit = max(1, meta.chunk_rows)
+    width = max(1, meta.shape[1])
+    chunks = plan_blocks((n_rows, width), (unit, width), np.dtype(meta.dtype).itemsize, target_bytes=target, band_axis=0)[0]
+    edges = np.concatenate(([0], np.cumsum(chunks))).tolist()
+    return list(itertools.pairwise(edges))
+
+
+def layer_to_dask(mc: MappedCollection, layer: str = "X", *, sparse: bool = False, target_bytes: Any = None) -> da.Array:
+    """See :meth:`MappedCollection.to_dask`."""
+    if layer not in mc.layers_keys and f"obsm_{layer}" not in mc._plans:
+        raise ElementNotFoundError(
+            f"layer '{layer}' was not requested: the collection holds layers {mc.layers_keys} "
+            "(pass it in layers_keys)"
+        )
+    plans = mc._plans[layer] if layer in mc._plans else mc._plans[f"obsm_{layer}"]
+    widths = {p.n_out for p in plans}
+    if len(widths) > 1:
+        raise CollectionError(
+            f"layer '{layer}': files have different widths {sorted(widths)} (join=None with different var, or raw.X); "
+            "a 2-D dask array needs one width: use join='inner' or 'outer'"
+        )
+    target = block_size_bytes(target_bytes)
+    dtype = plans[0].dtype
+    token = tokenize(plans, [tokenize(ix) for ix in mc.indices_list], sparse, target)
+    name = f"mapped-read-{token}"
+    dsk: dict[Any, Any] = {}
+    sizes: list[int] = []
+    for i, plan in enumerate(plans):
+        rows = mc.indices_list[i]
+        full = len(rows) == mc._n_obs_full[i]
+        for lo, hi in _bands(plan, mc._n_obs_full[i], target):
+            if full:
+                sel = np.arange(lo, hi, dtype=np.int64)
+            else:
+                a, b = np.searchsorted(rows, [lo, hi])
+                sel = rows[a:b]
+            if not len(sel):
+                continue
+            dsk[(name, len(sizes), 0)] = (_read_band, plan, sel, sparse)
+            sizes.append(len(sel))
+    n_out = widths.pop()
+    if not sizes:
+        sizes = [0]
+        dsk[(name, 0, 0)] = (np.empty, (0, n_out), dtype)
+    meta = sp.csr_matrix((0, n_out), dtype=dtype) if sparse else np.empty((0, 0), dtype=dtype)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
+    return da.Array(graph, name, (tuple(sizes), (n_out,)), meta=meta)
+
+
+# -- obs ------------------------------------------------------------------------
+
+
+def _obs_frame(mc: MappedCollection, i: int, columns: list[str], cat_dtypes: dict[str, Any]) -> pd.DataFrame:
+    store = mc.storages[i]
+    rows = mc.indices_list[i]
+    index = read_index(store, "obs")[rows]
+    data: dict[str, Any] = {}
+    for key in columns:
+        if key in mc._cache_obs_keys[i]:
+            col = read_column(store, key)
+            values = col.labels()[rows]
+            if col.kind == "nullable" and col.values.dtype.kind in "iub":  # type: ignore[union-attr]
+                values = pd.array(col.values[rows], dtype="Int64" if col.values.dtype.kind in "iu" else "boolean")  # type: ignore[index,union-attr]
+                values[col.mask[rows]] = pd.NA  # type: ignore[index]
+        else:
+            values = np.full(len(rows), np.nan, dtype=object)
+        s = pd.Series(values, index=index, name=key)
+        if key in cat_dtypes:
+            s = s.astype(cat_dtypes[key])
+        data[key] = s
+    df = pd.DataFrame(data, index=index)
+    df.insert(0, "_store_idx", np.full(len(rows), i, dtype=np.int64))
+    return df
+
+
+def obs_to_dask(mc: MappedCollection, columns: str | list[str] | None = None) -> Any:
+    """See :meth:`MappedCollection.obs_to_dask`."""
+    import dask.dataframe as dd
+
+    if columns is None:
+        columns = list(mc.obs_keys or [])
+    elif isinstance(columns, str):
+        columns = [columns]
+    for key in columns:
+        if not any(key in keys for keys in mc._cache_obs_keys):
+            raise ElementNotFoundError(f"obs column '{key}' is absent from every file: {[s.name for s in mc.storages]}")
+    cat_dtypes = {}
+    for key in columns:
+        if any(
+            key in mc._cache_obs_keys[i] and read_column(mc.storages[i], key).kind == "categorical"
+            for i in range(len(mc.storages))
+        ):
+            cat_dtypes[key] = pd.CategoricalDtype(mc.get_merged_categories(key))
+    first = next((i for i, n in enumerate(mc.n_obs_list) if n), 0)
+    meta = _obs_frame(mc, first, columns, cat_dtypes).iloc[:0]
+    for key in columns:
+        if key not in cat_dtypes and meta[key].dtype.kind in "iub":
+            meta[key] = meta[key].astype("float64" if meta[key].dtype.kind in "iu" else object)
+    parts = [i for i, n in enumerate(mc.n_obs_list) if n] or [first]
+    return dd.from_map(
+        _ObsPart(mc, columns, cat_dtypes, meta.dtypes.to_dict()),
+        parts,
+        meta=meta,
+        label="mapped-obs",
+        enforce_metadata=False,
+    )
+
+
+class _ObsPart:
+    """Reads one file's obs rows (a picklable callable for ``dd.from_map``)."""
+
+    def __init__(self, mc: MappedCollection, columns: list[str], cat_dtypes: dict[str, Any], dtypes: dict[str, Any]) -> None:
+        self.mc = mc
+        self.columns = columns
+        self.cat_dtypes = cat_dtypes
+        self.dtypes = dtypes
+
+    def __call__(self, i: int) -> pd.DataFrame:
+        df = _obs_frame(self.mc, i, self.columns, self.cat_dtypes)
+        for key, dt in self.dtypes.items():
+            if key in df and df[key].dtype != dt:
+                df[key] = df[key].astype(dt)
+        return df
+
+
+def _column_values(mc: MappedCollection, i: int, key: str | None) -> np.ndarray:
+    rows = mc.indices_list[i]
+    if key is None:
+        return np.asarray(read_index(mc.storages[i], "obs")[rows], dtype=object)
+    if key not in mc._cache_obs_keys[i]:
+        return np.full(len(rows), np.nan, dtype=object)
+    return np.asarray(read_column(mc.storages[i], key).labels()[rows], dtype=object)
+
+
+def _lazy_column(mc: MappedCollection, key: str | None) -> da.Array:
+    import dask
+
+    parts = []
+    for i, n in enumerate(mc.n_obs_list):
+        if n:
+            d = dask.delayed(_column_values, pure=True)(mc, i, key, dask_key_name=f"mapped-obs-{tokenize(mc.storages[i], key, mc.indices_list[i])}")
+            parts.append(da.from_delayed(d, shape=(n,), dtype=object))
+    return da.concatenate(parts) if parts else da.empty((0,), dtype=object)
+
+
+def to_xarray(
+    mc: MappedCollection, layer: str = "X", *, obs_columns: str | list[str] | None = None, sparse: bool = False
+) -> Any:
+    """See :meth:`MappedCollection.to_xarray`."""
+    import xarray as xr
+
+    x = layer_to_dask(mc, layer, sparse=sparse)
+    cols = list(mc.obs_keys or []) if obs_columns is None else ([obs_columns] if isinstance(obs_columns, str) else list(obs_columns))
+    coords: dict[str, Any] = {"obs_names": ("obs", _lazy_column(mc, None))}
+    if mc.var_joint is not None and layer != "raw.X" and len(mc.var_joint) == x.shape[1]:
+        coords["var"] = np.asarray(mc.var_joint, dtype=object)
+    coords["store_idx"] = ("obs", da.from_array(mc.storage_idx.astype(np.int64), chunks=-1))
+    for key in cols:
+        coords[key] = ("obs", _lazy_column(mc, key))
+    name = layer.replace(".", "_")
+    return xr.Dataset({name: (("obs", "var"), x)}, coords=coords, attrs={"files": [s.name for s in mc.storages]})
+
