@@ -25,6 +25,7 @@ from dask_loom.loom import (
     create,
     new,
 )
+from dask_loom.zarr import ZarrArray, ZarrGroup, ZarrNode, open_zarr, to_zarr
 
 try:
     __version__ = version("dask_loom")
@@ -44,10 +45,15 @@ __all__ = (
     "MappedIterableDataset",
     "MemoryLoomLayer",
     "ViewManager",
+    "ZarrArray",
+    "ZarrGroup",
+    "ZarrNode",
     "__version__",
     "connect",
     "create",
     "from_source",
     "new",
+    "open_zarr",
     "plan_blocks",
+    "to_zarr",
 )

@@ -1,0 +1,7 @@
+"""simplezarr's node API over zarr-python, with chunk-aligned dask reads and writes."""
+
+from dask_loom.zarr._nodes import NodeNotFoundError, ZarrArray, ZarrGroup, ZarrNode, open_zarr
+from dask_loom.zarr._source import ZarrSource
+from dask_loom.zarr._write import to_zarr
+
+__all__ = ["NodeNotFoundError", "ZarrArray", "ZarrGroup", "ZarrNode", "ZarrSource", "open_zarr", "to_zarr"]

@@ -1,0 +1,189 @@
+"""A Zarr array as a chunk source, and turning zarr-python's errors into typed ones.
+
+The source carries the store (a picklable spec), the node path and the
+array's metadata document, so a worker builds the ``zarr.Array`` from it
+without reading metadata again; it is cached per process.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import threading
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from dask_loom.errors import CorruptChunkError, DaskLoomError, FormatError, UnsupportedCodecError
+
+__all__ = ["ZarrSource", "build_array", "chunk_key", "translate_read_error"]
+
+_cache_lock = threading.Lock()
+_arrays: dict[Any, Any] = {}
+_MAX_CACHED = 256
+
+
+def store_label(store: Any) -> str:
+    return getattr(store, "name", None) or str(store)
+
+
+def build_array(store: Any, path: str, metadata: dict[str, Any], *, write_empty_chunks: bool = False) -> Any:
+    """A ``zarr.Array`` for *metadata* at *path* of *store* (no I/O), cached per process."""
+    from dask.base import tokenize
+
+    key = (tokenize(store), path, json.dumps(metadata, sort_keys=True, default=str), write_empty_chunks)
+    with _cache_lock:
+        arr = _arrays.get(key)
+    if arr is not None:
+        return arr
+    import zarr
+    from zarr.core.array import AsyncArray
+    from zarr.storage import StorePath
+
+    try:
+        async_arr = AsyncArray(metadata=metadata, store_path=StorePath(store, path), config={"write_empty_chunks": write_empty_chunks})
+    except Exception as exc:
+        raise translate_metadata_error(exc, store, path) from exc
+    arr = zarr.Array(async_arr)
+    with _cache_lock:
+        if len(_arrays) >= _MAX_CACHED:
+            _arrays.pop(next(iter(_arrays)))
+        _arrays[key] = arr
+    return arr
+
+
+def translate_metadata_error(exc: BaseException, store: Any, path: str) -> DaskLoomError:
+    where = f"{store_label(store)}: array {path or '/'!r}"
+    name = type(exc).__name__
+    if name == "UnknownCodecError" or "codec not available" in str(exc):
+        return UnsupportedCodecError(f"{where}: {exc} (install the package providing this codec)")
+    if isinstance(exc, DaskLoomError):
+        return exc
+    return FormatError(f"{where}: invalid metadata: {name}: {exc}")
+
+
+def chunk_key(arr: Any, coords: tuple[int, ...]) -> str:
+    """The store key of stored chunk (or shard) *coords* of a ``zarr.Array``."""
+    k = arr.metadata.encode_chunk_key(tuple(int(c) for c in coords))
+    return f"{arr.path}/{k}" if arr.path else k
+
+
+def _problem(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, gzip.BadGzipFile) and "b'x" in text:
+        return f"the codec says gzip but the bytes are not gzip ({text}); they look like a zlib stream"
+    if "checksum" in text.lower():
+        return f"checksum mismatch ({text})"
+    if isinstance(exc, zlib.error):
+        return f"zlib stream does not decode ({text})"
+    return f"{type(exc).__name__}: {text}"
+
+
+def translate_read_error(exc: BaseException, arr: Any, store: Any, region: tuple[slice, ...], chunk_shape: tuple[int, ...]) -> BaseException:
+    """Name the chunk that fails to decode (re-reading the region chunk by chunk)."""
+    if isinstance(exc, DaskLoomError):
+        return exc
+    if type(exc).__name__ == "UnknownCodecError":
+        return translate_metadata_error(exc, store, arr.path)
+    bad = None
+    for coords, sub in _chunks_in(region, chunk_shape, arr.shape):
+        try:
+            arr[sub]
+        except DaskLoomError as inner:
+            return inner
+        except Exception as inner:
+            bad = (coords, inner)
+            break
+    coords, cause = bad if bad is not None else (None, exc)
+    key = chunk_key(arr, coords) if coords is not None else "?"
+    return CorruptChunkError(f"{store_label(store)}: array {arr.path or '/'!r}, chunk {key!r}: {_problem(cause)}")
+
+
+def _chunks_in(region: tuple[slice, ...], chunk_shape: tuple[int, ...], shape: tuple[int, ...]) -> Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]:
+    ranges = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, chunk_shape)]
+    for coords in np.ndindex(*[len(r) for r in ranges]):
+        cc = tuple(r[i] for r, i in zip(ranges, coords))
+        yield cc, tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cc, chunk_shape, shape))
+
+
+class ZarrSource:
+    """A Zarr array as a :class:`~dask_loom.blocks.ChunkSource` (storage unit: shard, else chunk).
+
+    Parameters
+    ----------
+    store
+        A picklable zarr ``Store`` (every dask_loom store is).
+    path
+        Array path inside the store.
+    metadata
+        The array's metadata document (``zarr.Array.metadata.to_dict()``).
+    prefix
+        Task-name prefix (``"zarr-read"``, ``"loom-read"`` …).
+    """
+
+    def __init__(self, store: Any, path: str, metadata: dict[str, Any], *, prefix: str = "zarr-read") -> None:
+        self.store = store
+        self.path = path
+        self.metadata = metadata
+        self.prefix = prefix
+        arr = self.array()
+        self.shape = tuple(int(s) for s in arr.shape)
+        self.dtype = _numpy_dtype(arr)
+        self.chunk_shape = tuple(int(c) for c in (arr.shards or arr.chunks))
+        self.label = f"{store_label(store)}:{path}"
+
+    def array(self) -> Any:
+        return build_array(self.store, self.path, self.metadata)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __dask_tokenize__(self) -> Any:
+        from dask.base import tokenize
+
+        return ("ZarrSource", tokenize(self.store), self.path, json.dumps(self.metadata, sort_keys=True, default=str))
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_source, (self.store, self.path, self.metadata, self.prefix))
+
+    def read_block(self, region: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
+        """Read a region (edges on stored-chunk boundaries read each chunk once)."""
+        region = tuple(slice(*r.indices(n)[:2]) for r, n in zip(region, self.shape))
+        arr = self.array()
+        if not region:
+            data = np.asarray(arr[()])
+        elif any(r.stop <= r.start for r in region):
+            data = np.empty(tuple(max(0, r.stop - r.start) for r in region), dtype=self.dtype)
+        else:
+            try:
+                data = arr[region]
+            except Exception as exc:
+                raise translate_read_error(exc, arr, self.store, region, self.chunk_shape) from exc
+        data = np.asarray(data)
+        if data.dtype != self.dtype:
+            data = data.astype(self.dtype)
+        if out is not None:
+            out[...] = data
+            return out
+        return data
+
+
+def _rebuild_source(store: Any, path: str, metadata: dict[str, Any], prefix: str) -> ZarrSource:
+    return ZarrSource(store, path, metadata, prefix=prefix)
+
+
+def _numpy_dtype(arr: Any) -> np.dtype:
+    dt = arr.dtype
+    # Variable-length strings come back as numpy's StringDType: dask and the
+    # Loom code work with object arrays of str.
+    if getattr(dt, "kind", None) == "T" or not isinstance(dt, np.dtype):
+        return np.dtype(object)
+    return dt
+
+
+def region_size(region: tuple[slice, ...]) -> int:
+    return math.prod(r.stop - r.start for r in region)
