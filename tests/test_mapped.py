@@ -145,7 +145,8 @@ def test_items_equal_anndata(coll, join):
         for row in range(r.n_obs):
             item = mc[k]
             assert list(item) == ["_store_idx", "X", "counts", "obsm_emb", "cell_type", "batch", "n"]
-            assert item["_store_idx"] == f and isinstance(item["_store_idx"], np.integer)
+            assert item["_store_idx"] == f
+            assert isinstance(item["_store_idx"], np.integer)
             np.testing.assert_array_equal(item["X"], mats[f][row])
             assert item["X"].dtype == np.float64  # float32 and float64 files unify
             if "counts" in r.layers:
@@ -154,13 +155,15 @@ def test_items_equal_anndata(coll, join):
                 )
                 assert item["counts"].dtype == np.int32
             else:  # documented fill: a layer absent from a file gives a row of 0 (integer dtype)
-                assert (item["counts"] == 0).all() and len(item["counts"]) == len(joint)
+                assert (item["counts"] == 0).all()
+                assert len(item["counts"]) == len(joint)
             np.testing.assert_array_equal(item["obsm_emb"], r.obsm["emb"][row])
             ct = r.obs["cell_type"].iloc[row]
             if pd.isna(ct):
                 assert item["cell_type"] is np.nan
             else:
-                assert item["cell_type"] == mc.encoders["cell_type"][ct] and type(item["cell_type"]) is int
+                assert item["cell_type"] == mc.encoders["cell_type"][ct]
+                assert type(item["cell_type"]) is int
             if "batch" in r.obs:
                 assert item["batch"] == mc.encoders["batch"][r.obs["batch"].iloc[row]]
             else:
@@ -174,10 +177,13 @@ def test_items_equal_anndata(coll, join):
 def test_join_none_and_equal_vars(coll):
     paths, refs = coll
     mc = MappedCollection([paths[0], paths[0]], join="inner")
-    assert mc.join_vars is None and mc.var_indices is None
+    assert mc.join_vars is None
+    assert mc.var_indices is None
     assert list(mc.var_joint) == list(refs[0].var_names)
     mc2 = MappedCollection(paths[:2], join=None)
-    assert mc2.shape == (55, None) and mc2.var_joint is None and mc2.original_shapes == [(30, None), (25, None)]
+    assert mc2.shape == (55, None)
+    assert mc2.var_joint is None
+    assert mc2.original_shapes == [(30, None), (25, None)]
     np.testing.assert_array_equal(mc2[30]["X"], _dense(refs[1].X)[0])
     with pytest.raises(CollectionError, match="different widths"):
         mc2.to_dask()
@@ -224,7 +230,7 @@ def test_unknown_label_filter_and_weights(coll):
     np.testing.assert_allclose(w, 1.0 / counts[labels.astype(str)].to_numpy())
     both = mc.get_label_weights(["cell_type", "batch"], scaler=10, return_categories=True)
     assert set(both) == {f"{a}__{b}" for a, b in zip(labels.astype(str), mc.get_merged_labels("batch").astype(str))}
-    with pytest.raises(CollectionError, match="unknown_label 'Platypus'.*cell_type"):
+    with pytest.raises(CollectionError, match=r"unknown_label 'Platypus'.*cell_type"):
         MappedCollection(paths, obs_keys="cell_type", unknown_label="Platypus")
     # obs_filter: AND over columns, NaN matches missing, a file without the column gives no rows
     f = MappedCollection(paths, obs_keys="cell_type", obs_filter={"cell_type": ["B", np.nan], "batch": ("shared", "b0")})
@@ -255,10 +261,11 @@ def test_csc_and_zip_equal_anndata(coll):
 def test_to_dask(coll, local_cluster):
     paths, refs = coll
     mc = MappedCollection(paths, layers_keys=["X", "counts"], obs_keys="cell_type", join="outer")
-    joint, mats = _joint_reference(refs, "outer")
+    _joint, mats = _joint_reference(refs, "outer")
     ref = np.concatenate(mats)
     x = mc.to_dask(target_bytes=256)
-    assert x.shape == ref.shape and x.dtype == np.float64
+    assert x.shape == ref.shape
+    assert x.dtype == np.float64
     assert all(k[0].startswith("mapped-read-") for k in dict(x.__dask_graph__()))
     # every block lies inside one file
     edges = np.cumsum((0, *x.chunks[0]))
@@ -294,16 +301,17 @@ def test_obs_and_xarray(coll):
     np.testing.assert_array_equal(df["n"].to_numpy(dtype=float), ref["n"].to_numpy(dtype=float))
     with dask.config.set(scheduler="sync"):
         ds = mc.to_xarray()
-    assert ds["X"].dims == ("obs", "var") and list(ds["var"].values) == list(mc.var_joint)
+    assert ds["X"].dims == ("obs", "var")
+    assert list(ds["var"].values) == list(mc.var_joint)
     assert list(ds["obs_names"].values) == list(ref.index)
-    joint, mats = _joint_reference(refs, "inner")
+    _joint, mats = _joint_reference(refs, "inner")
     np.testing.assert_array_equal(ds["X"].values, np.concatenate(mats))
 
 
 def test_iter_batches(coll):
     paths, refs = coll
     mc = MappedCollection(paths, layers_keys=["X", "counts"], obs_keys=["cell_type", "batch"], obsm_keys="emb", join="outer")
-    joint, mats = _joint_reference(refs, "outer")
+    _joint, mats = _joint_reference(refs, "outer")
     ref = np.concatenate(mats)
     codes = np.array([MISSING_CODE if pd.isna(v) else mc.encoders["cell_type"][v] for r in refs for v in r.obs["cell_type"]])
     runs = [list(mc.iter_batches(8, block_size=4, preload_blocks=3, seed=7)) for _ in range(2)]
@@ -326,7 +334,8 @@ def test_iter_batches(coll):
     seq = np.concatenate([b["_index"] for b in mc.iter_batches(16, shuffle=False)])
     np.testing.assert_array_equal(seq, np.arange(mc.n_obs))
     dl = list(mc.iter_batches(16, drop_last=True, seed=1, prefetch=0))
-    assert all(len(b["_index"]) == 16 for b in dl) and len(dl) == mc.n_obs // 16
+    assert all(len(b["_index"]) == 16 for b in dl)
+    assert len(dl) == mc.n_obs // 16
     sparse = list(mc.iter_batches(16, sparse=True, seed=3))
     assert all(sp.issparse(b["X"]) for b in sparse)
     for b in sparse:
@@ -347,7 +356,7 @@ def test_iter_batches(coll):
 
 def test_batch_diversity(coll):
     """Block shuffling mixes labels almost like a fully random order (entropy per batch)."""
-    paths, refs = coll
+    paths, _refs = coll
     mc = MappedCollection(paths, obs_keys="batch", encode_labels=True)
 
     def entropy(codes):
@@ -372,14 +381,14 @@ def test_pickle_and_spec(coll):
 
 
 def test_bad_input(coll, tmp_path, data_dir):
-    paths, refs = coll
-    with pytest.raises(FileNotFoundError, match="nope.h5ad"):
+    paths, _refs = coll
+    with pytest.raises(FileNotFoundError, match=r"nope.h5ad"):
         MappedCollection([paths[0], str(tmp_path / "nope.h5ad")])
     txt = tmp_path / "notes.h5ad"
     txt.write_text("hello")
-    with pytest.raises(AnnDataFormatError, match="notes.h5ad.*not an AnnData"):
+    with pytest.raises(AnnDataFormatError, match=r"notes.h5ad.*not an AnnData"):
         MappedCollection([str(txt)])
-    with pytest.raises(AnnDataFormatError, match="test_2019.loom.*no 'obs'"):
+    with pytest.raises(AnnDataFormatError, match=r"test_2019.loom.*no 'obs'"):
         MappedCollection([str(data_dir / "loom/loompy-test/test_2019.loom")])
     with pytest.raises(ElementNotFoundError, match="layer 'spliced' is absent from every file"):
         MappedCollection(paths, layers_keys="spliced")
@@ -390,7 +399,7 @@ def test_bad_input(coll, tmp_path, data_dir):
     with pytest.raises(CollectionError, match="shared variables"):
         MappedCollection([paths[0], str(disjoint)], join="inner")
     mc = MappedCollection(paths[:2])
-    with pytest.raises(CollectionIndexError, match="index 55 is out of range.*55 rows"):
+    with pytest.raises(CollectionIndexError, match=r"index 55 is out of range.*55 rows"):
         mc[55]
     with pytest.raises(CollectionIndexError):
         mc.__getitems__([0, -56])
@@ -405,7 +414,7 @@ def test_bad_input(coll, tmp_path, data_dir):
         del f["obs/_index"]
         f["obs/_index"] = idx
         f["obs/_index"].attrs.update(attrs)
-    with pytest.raises(AnnDataFormatError, match="bad.h5ad: X has 30 rows but obs has 29.*'obs'"):
+    with pytest.raises(AnnDataFormatError, match=r"bad.h5ad: X has 30 rows but obs has 29.*'obs'"):
         MappedCollection([str(bad)])
     with pytest.raises(CollectionError, match="encode_labels"):
         MappedCollection(paths, obs_keys="cell_type", encode_labels=["batch"])
@@ -499,7 +508,8 @@ def test_real_nullable_and_csc(data_dir):
         for k in ("IntNA", "BoolNA"):
             v = ref.obs[k].iloc[i]
             assert (item[k] is np.nan) if pd.isna(v) else item[k] == v
-    assert mc[0]["IntNA"] is np.nan and mc[1]["BoolNA"] is np.nan
+    assert mc[0]["IntNA"] is np.nan
+    assert mc[1]["BoolNA"] is np.nan
     assert np.bincount(mc.get_merged_labels("leiden").astype(int)).tolist() == ref.obs["leiden"].value_counts(sort=False).tolist()
 
 
@@ -552,7 +562,8 @@ def test_same_items_as_lamindb(coll):
             elif b[k] is np.nan:
                 assert a[k] is np.nan
             else:
-                assert a[k] == b[k] and type(a[k]) is type(b[k])
+                assert a[k] == b[k]
+                assert type(a[k]) is type(b[k])
     np.testing.assert_allclose(ours.get_label_weights("cell_type"), theirs.get_label_weights("cell_type"))
 
 
@@ -576,7 +587,8 @@ def test_s3_collection(coll, s3_server):
         urls.append(f"s3://{target}")
     local = MappedCollection(paths, obs_keys="cell_type", join="outer")
     remote = MappedCollection(urls, obs_keys="cell_type", join="outer", storage_options=s3_server["storage_options"])
-    assert remote.shape == local.shape and remote.encoders == local.encoders
+    assert remote.shape == local.shape
+    assert remote.encoders == local.encoders
     idx = list(range(0, local.n_obs, 3))
     for a, b in zip(remote.__getitems__(idx), local.__getitems__(idx)):
         np.testing.assert_array_equal(a["X"], b["X"])

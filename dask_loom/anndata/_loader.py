@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -416,6 +417,12 @@ class MappedIterableDataset:
 def _to_torch(batch: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return _tensors(batch, torch)
+
+
+def _tensors(batch: dict[str, Any], torch: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in batch.items():
         if sp.issparse(v):
@@ -425,6 +432,7 @@ def _to_torch(batch: dict[str, Any]) -> dict[str, Any]:
                 torch.from_numpy(v.indices.astype(np.int64)),
                 torch.from_numpy(v.data),
                 size=v.shape,
+                check_invariants=False,  # built from a valid scipy CSR matrix
             )
         elif isinstance(v, np.ndarray) and v.dtype != object:
             out[k] = torch.from_numpy(np.ascontiguousarray(v))
