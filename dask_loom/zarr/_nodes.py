@@ -127,19 +127,19 @@ def read_node_metadata(store: Any, path: str) -> tuple[str, dict[str, Any]]:
 
 
 def _open_array_checked(store: Any, path: str, meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    try:
-        return build_array(store, path, meta), meta
-    except FormatError as exc:
-        if meta.get("zarr_format") == 2 and str(meta.get("dtype", ""))[1:2] in ("S", "U") and not isinstance(meta.get("fill_value"), (str, type(None))):
-            fixed = {**meta, "fill_value": None}
-            warnings.warn(
-                f"{store_label(store)}: array {path!r} declares fill_value {meta['fill_value']!r} for dtype "
-                f"{meta['dtype']}; read with an empty fill value ({exc})",
-                UserWarning,
-                stacklevel=4,
-            )
-            return build_array(store, path, fixed), fixed
-        raise
+    dtype = str(meta.get("dtype", ""))
+    fill = meta.get("fill_value")
+    if meta.get("zarr_format") == 2 and dtype[1:2] in ("S", "U", "O") and fill is not None and not isinstance(fill, str):
+        # zarr-python 2 wrote fill_value 0 for string arrays; zarr-python 3 refuses it
+        # (or fills with "0").  Documented choice: an empty string.
+        warnings.warn(
+            f"{store_label(store)}: array {path or '/'!r} declares fill_value {fill!r} for string dtype {dtype}; "
+            "read with an empty fill value",
+            UserWarning,
+            stacklevel=4,
+        )
+        meta = {**meta, "fill_value": None}
+    return build_array(store, path, meta), meta
 
 
 # -- nodes ----------------------------------------------------------------------------------
