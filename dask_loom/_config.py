@@ -35,6 +35,8 @@ DEFAULTS: dict[str, Any] = {
     "index-max-chunks": 1_048_576,
     # Thread pool size for ZarrArray.get_chunk_future and similar helpers.
     "io-threads": 32,
+    # Compressor of arrays in .loom.zarr containers: blosc-zstd, blosc-lz4, zstd, gzip or none.
+    "zarr-codec": "blosc-zstd",
     # Retries for transient object-store errors.
     "retries": 5,
     "retry-backoff": 0.2,

@@ -1,0 +1,452 @@
+"""The Loom layout inside a Zarr group (``*.loom.zarr``), locally or on an object store.
+
+Same node names as the HDF5 file — ``matrix``, ``layers/<name>``,
+``row_attrs``/``col_attrs`` arrays, ``row_graphs``/``col_graphs`` groups of
+``a``/``b``/``w``, ``attrs/<name>`` scalars — as a Zarr v3 hierarchy.  Strings
+are Zarr ``string`` arrays (``vlen-utf8``); layers are compressed with
+blosc-zstd by default (``dask_loom.zarr-codec``), chunked as loompy's layers
+(``dask_loom.loom-chunks``); node attributes (``last_modified``) are Zarr
+attributes.
+
+Unlike HDF5 there is no single writer: stored chunks are written by the tasks
+that compute them (every block is a union of whole chunks, so no two tasks
+touch the same chunk).  Whole-layer writes land in a ``.tmp-`` array renamed
+into place at the end (one directory rename on a local disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from dask_loom._config import get_config
+from dask_loom.errors import LoomFormatError, MissingKeyError
+from dask_loom.loom._tree import ArrayInfo, Tree, TreeWriter
+from dask_loom.storage import FileSpec
+from dask_loom.storage._objectstore import open_store
+from dask_loom.storage._stores import _TMP_MARK, BaseStore, LocalStore, check_prefix
+from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
+from dask_loom.zarr._source import ZarrSource, _numpy_dtype, build_array
+
+__all__ = ["ZarrTree", "ZarrWriter", "is_zarr_spec"]
+
+_ROOT_META = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+
+
+def _p(path: str) -> str:
+    return path.strip("/")
+
+
+def _codecs(compression: str | None) -> Any:
+    """zarr compressors for a tree array (``None``: uncompressed)."""
+    if compression is None:
+        return None
+    spec = str(get_config("zarr-codec") or "blosc-zstd").lower()
+    from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+
+    if spec in ("none", ""):
+        return None
+    if spec.startswith("blosc"):
+        cname = spec.partition("-")[2] or "zstd"
+        return [BloscCodec(cname=cname, clevel=5, shuffle="shuffle")]
+    if spec == "zstd":
+        return [ZstdCodec(level=3)]
+    if spec == "gzip":
+        return [GzipCodec(level=2)]
+    raise ValueError(f"dask_loom.zarr-codec: unknown codec {spec!r} (blosc-zstd, blosc-lz4, zstd, gzip or none)")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()] if value.ndim else _jsonable(value[()])
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+class _ZarrReads:
+    """Read operations shared by the tree and its writer."""
+
+    store: BaseStore
+    label: str
+
+    def _meta(self, path: str) -> tuple[str, dict[str, Any]] | None:
+        path = _p(path)
+        cache = self._cache()
+        if path not in cache:
+            try:
+                cache[path] = read_node_metadata(self.store, path)
+            except NodeNotFoundError:
+                cache[path] = None
+        return cache[path]
+
+    def _cache(self) -> dict[str, Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def exists(self, path: str) -> bool:
+        return self._meta(path) is not None
+
+    def is_group(self, path: str) -> bool:
+        m = self._meta(path)
+        return m is not None and m[0] == "group"
+
+    def children(self, path: str) -> list[str]:
+        if not self.is_group(path):
+            return []
+        p = _p(path)
+        prefix = f"{p}/" if p else "/"
+        out = []
+        for entry in self.store.list_dir(prefix):
+            if not entry.endswith("/"):
+                continue
+            name = entry[:-1].rpartition("/")[2]
+            if name.startswith(_TMP_MARK):
+                continue
+            if self.exists(f"{p}/{name}" if p else name):
+                out.append(name)
+        return out
+
+    def _array_meta(self, path: str) -> dict[str, Any]:
+        m = self._meta(path)
+        if m is None or m[0] != "array":
+            raise KeyError(f"{self.label}: no array '{_p(path)}'")
+        return m[1]
+
+    def _array(self, path: str) -> Any:
+        return build_array(self.store, _p(path), self._array_meta(path))
+
+    def info(self, path: str) -> ArrayInfo:
+        meta = self._array_meta(path)
+        arr = self._array(path)
+        dt = _numpy_dtype(arr)
+        kind = "string" if dt == object else "plain"
+        codecs = [c.get("name") for c in meta.get("codecs", []) if isinstance(c, dict)]
+        comp = next((c for c in codecs if c not in ("bytes", "vlen-utf8", "transpose")), None)
+        return ArrayInfo(
+            path=_p(path),
+            shape=tuple(int(s) for s in arr.shape),
+            dtype=dt,
+            chunks=tuple(int(c) for c in (arr.shards or arr.chunks)),
+            compression=comp,
+            compression_opts=None,
+            kind=kind,
+        )
+
+    def read(self, path: str, sel: Any = ()) -> Any:
+        arr = self._array(path)
+        out = arr[sel] if sel != () or arr.ndim == 0 else arr[...]
+        out = np.asarray(out)
+        if out.dtype.kind == "T":  # numpy StringDType: the Loom code works with object arrays
+            out = out.astype(object)
+        if out.ndim == 0:
+            v = out[()]
+            return str(v) if out.dtype.kind in "TU" else v
+        return out
+
+    def attrs(self, path: str) -> dict[str, Any]:
+        m = self._meta(path)
+        if m is None:
+            return {}
+        return dict(m[1].get("attributes") or {})
+
+
+def is_zarr_spec(spec: FileSpec) -> bool:
+    """True for ``*.zarr`` paths/URLs and for directories (or prefixes) holding Zarr metadata."""
+    url = spec.url.rstrip("/")
+    if url.endswith(".zarr"):
+        return True
+    if url.endswith((".loom", ".h5", ".hdf5")):
+        return False
+    if spec.is_local:
+        return os.path.isdir(url) and any(os.path.exists(os.path.join(url, n)) for n in ("zarr.json", ".zgroup"))
+    try:
+        fs, path = spec.fs()
+        return any(fs.exists(f"{path}/{n}") for n in ("zarr.json", ".zgroup"))
+    except Exception:
+        return False
+
+
+class ZarrTree(_ZarrReads, Tree):
+    """A Loom container stored as a Zarr group.
+
+    Parameters
+    ----------
+    spec
+        Where the group lives (local path or URL plus storage options).
+    mode
+        ``"r"`` or ``"r+"``.
+    """
+
+    read_prefix = "loom-read"
+
+    def __init__(self, spec: FileSpec, *, mode: str = "r") -> None:
+        self.spec = spec
+        self.mode = mode
+        self.store = open_store(spec.url, **spec.storage_options)
+        self.read_only = bool(self.store.read_only)  # http(s) stores cannot be written
+        self.label = spec.name
+        self._meta_cache: dict[str, Any] = {}
+        if self._meta("") is None:
+            raise LoomFormatError(f"{spec.name}: not a Zarr group (no zarr.json or .zgroup at its root)")
+
+    def _cache(self) -> dict[str, Any]:
+        return self._meta_cache
+
+    def source(self, path: str, *, prefix: str | None = None) -> ZarrSource:
+        return ZarrSource(self.store, _p(path), self._array_meta(path), prefix=prefix or self.read_prefix)
+
+    def identity(self) -> Any:
+        self._meta_cache.clear()
+        m = self._meta("")
+        return ("zarr", self.spec.url, hashlib.sha1(json.dumps(m, sort_keys=True, default=str).encode()).hexdigest())
+
+    @contextlib.contextmanager
+    def writing(self, *, atomic: bool = False, fresh: bool = False) -> Iterator[ZarrWriter]:
+        """Write into the group; ``fresh=True`` builds a new group beside it and swaps it in at the end."""
+        if self.mode != "r+" or self.read_only:
+            from dask_loom.errors import ReadOnlyError
+
+            raise ReadOnlyError(f"{self.label}: opened read-only")
+        self._meta_cache.clear()
+        if not fresh:
+            try:
+                yield ZarrWriter(self.store, self.label)
+            finally:
+                self._meta_cache.clear()
+            return
+        tmp_url = _sibling(self.spec.url)
+        tmp_store = open_store(tmp_url, **self.spec.storage_options)
+        w = ZarrWriter(tmp_store, self.label)
+        w.create_group("")
+        try:
+            yield w
+        except BaseException:
+            with contextlib.suppress(Exception):
+                tmp_store.erase_prefix("/")
+            raise
+        finally:
+            self._meta_cache.clear()
+        _swap_stores(tmp_store, self.store)
+
+    @classmethod
+    @contextlib.contextmanager
+    def creating(cls, spec: FileSpec) -> Iterator[ZarrWriter]:
+        """Create (replace) the group: written beside the target, swapped in at the end."""
+        target = open_store(spec.url, **spec.storage_options)
+        tmp_store = open_store(_sibling(spec.url), **spec.storage_options)
+        with contextlib.suppress(MissingKeyError):
+            tmp_store.erase_prefix("/")
+        w = ZarrWriter(tmp_store, spec.name)
+        w.create_group("")
+        try:
+            yield w
+        except BaseException:
+            with contextlib.suppress(Exception):
+                tmp_store.erase_prefix("/")
+            raise
+        _swap_stores(tmp_store, target)
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_tree, (self.spec, self.mode))
+
+
+def _rebuild_tree(spec: FileSpec, mode: str) -> ZarrTree:
+    return ZarrTree(spec, mode=mode)
+
+
+def _sibling(url: str) -> str:
+    head, _, tail = url.rstrip("/").rpartition("/")
+    return f"{head}/{_TMP_MARK}{tail}.{uuid.uuid4().hex[:12]}"
+
+
+def _swap_stores(new: BaseStore, old: BaseStore) -> None:
+    """Put the content of *new* where *old* is (a directory rename for local stores)."""
+    if isinstance(new, LocalStore) and isinstance(old, LocalStore):
+        import shutil
+
+        if old.path.exists():
+            trash = old.path.with_name(f"{_TMP_MARK}{old.path.name}.old.{uuid.uuid4().hex[:8]}")
+            os.replace(old.path, trash)
+            os.replace(new.path, old.path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            old.path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(new.path, old.path)
+        return
+    # Object stores have no rename: copy the new keys over, then drop the rest.
+    keys = new.list()
+    for k in keys:
+        old.set(k, new.get(k))
+    stale = set(old.list()) - set(keys)
+    for k in stale:
+        old.erase(k)
+    new.erase_prefix("/")
+
+
+class _ZarrEncoder:
+    """Picklable per-task writer of aligned blocks (the Zarr side of ``TreeWriter.encoder``)."""
+
+    def __init__(self, store: BaseStore, path: str, metadata: dict[str, Any]) -> None:
+        self.store = store
+        self.path = path
+        self.metadata = metadata
+
+    def __dask_tokenize__(self) -> Any:
+        from dask.base import tokenize
+
+        return ("ZarrEncoder", tokenize(self.store), self.path, json.dumps(self.metadata, sort_keys=True, default=str))
+
+    def __call__(self, region: tuple[slice, ...], block: np.ndarray) -> tuple[()]:
+        # Blocks cover whole chunks, so tasks write their chunks directly and in parallel.
+        build_array(self.store, self.path, self.metadata, write_empty_chunks=False)[region] = block
+        return ()
+
+
+class ZarrWriter(_ZarrReads, TreeWriter):
+    """Writes into a Loom Zarr group."""
+
+    def __init__(self, store: BaseStore, label: str) -> None:
+        self.store = store
+        self.label = label
+        self._meta_cache: dict[str, Any] = {}
+
+    def _cache(self) -> dict[str, Any]:
+        return self._meta_cache
+
+    def _put_meta(self, path: str, doc: dict[str, Any]) -> None:
+        p = _p(path)
+        key = f"{p}/zarr.json" if p else "zarr.json"
+        self.store.set(key, json.dumps(doc, indent=2, default=str).encode("utf-8"))
+        self._meta_cache.pop(p, None)
+
+    def create_group(self, path: str) -> None:
+        p = _p(path)
+        parts = p.split("/") if p else []
+        for i in range(len(parts) + 1):
+            sub = "/".join(parts[:i])
+            m = self._meta(sub)
+            if m is None:
+                self._put_meta(sub, dict(_ROOT_META))
+            elif m[0] != "group":
+                raise LoomFormatError(f"{self.label}: '{sub}' is an array, not a group")
+
+    def create_array(
+        self,
+        path: str,
+        *,
+        data: np.ndarray | None = None,
+        shape: tuple[int, ...] | None = None,
+        dtype: Any = None,
+        chunks: tuple[int, ...] | None = None,
+        maxshape: tuple[int | None, ...] | None = None,
+        compression: str | None = "gzip",
+        compression_opts: Any = 2,
+        fillvalue: Any = None,
+        strings: bool = False,
+    ) -> None:
+        import zarr
+
+        p = _p(path)
+        self.delete(p)
+        head = p.rpartition("/")[0]
+        self.create_group(head)
+        if data is not None:
+            data = np.asarray(data)
+            shape = data.shape
+            if strings or data.dtype.kind in "OUS":
+                strings = True
+        if strings:
+            dtype = str
+            if data is not None:
+                data = np.asarray([v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in data.ravel().tolist()], dtype=object).reshape(data.shape)
+        elif dtype is None and data is not None:
+            dtype = data.dtype
+        shape = tuple(int(s) for s in (shape or ()))
+        if chunks is None:
+            chunks = shape if shape and all(shape) and np.prod(shape) <= 1 << 20 else "auto"  # type: ignore[assignment]
+        if shape and not all(shape):
+            chunks = tuple(max(1, c) for c in (chunks if isinstance(chunks, tuple) else shape))
+        arr = zarr.create_array(
+            self.store,
+            name=p,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks if shape else (),
+            compressors=_codecs(compression) if not strings or compression else None,
+            fill_value=fillvalue if fillvalue is not None else ("" if strings else 0),
+            zarr_format=3,
+            overwrite=True,
+        )
+        self._meta_cache.pop(p, None)
+        if data is not None and data.size:
+            arr[...] = data
+
+    def write(self, path: str, sel: Any, data: np.ndarray) -> None:
+        self._array(path)[sel] = data
+
+    def resize(self, path: str, shape: tuple[int, ...]) -> None:
+        self._array(path).resize(shape)
+        self._meta_cache.pop(_p(path), None)
+
+    def delete(self, path: str) -> None:
+        p = _p(path)
+        if not p:
+            raise ValueError(f"{self.label}: refusing to delete the root group")
+        with contextlib.suppress(MissingKeyError):
+            self.store.erase_prefix(check_prefix(p))
+        for k in [k for k in self._meta_cache if k == p or k.startswith(p + "/")]:
+            del self._meta_cache[k]
+
+    def move(self, src: str, dst: str) -> None:
+        s, d = _p(src), _p(dst)
+        self.create_group(d.rpartition("/")[0])
+        self.store._move_prefix(s, d)
+        for k in [k for k in self._meta_cache if k in (s, d) or k.startswith((s + "/", d + "/"))]:
+            del self._meta_cache[k]
+
+    def set_attr(self, path: str, name: str, value: Any) -> None:
+        m = self._meta(path)
+        if m is None:
+            raise KeyError(f"{self.label}: no node '{_p(path)}'")
+        doc = dict(m[1])
+        doc["attributes"] = {**(doc.get("attributes") or {}), name: _jsonable(value)}
+        self._put_meta(path, doc)
+
+    def del_attr(self, path: str, name: str) -> None:
+        m = self._meta(path)
+        if m is None or name not in (m[1].get("attributes") or {}):
+            return
+        doc = dict(m[1])
+        doc["attributes"] = {k: v for k, v in doc["attributes"].items() if k != name}
+        self._put_meta(path, doc)
+
+    def encoder(self, path: str) -> _ZarrEncoder:
+        return _ZarrEncoder(self.store, _p(path), self._array_meta(path))
+
+    def store_chunks(self, path: str, payload: Any) -> None:
+        # The encoder already wrote its chunks; nothing is left to store.
+        if payload:
+            raise ValueError(f"{self.label}: unexpected chunk payload for '{path}'")
+
+
+def _register() -> None:
+    from dask_loom.loom._connection import TREE_OPENERS
+
+    if not any(factory is ZarrTree for _, factory in TREE_OPENERS):
+        TREE_OPENERS.insert(0, (is_zarr_spec, ZarrTree))
+
+
+_register()
