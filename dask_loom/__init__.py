@@ -25,6 +25,7 @@ from dask_loom.loom import (
     create,
     new,
 )
+from dask_loom.loom import _zarrtree  # noqa: F401  (registers .loom.zarr containers with connect/new/create)
 from dask_loom.zarr import ZarrArray, ZarrGroup, ZarrNode, open_zarr, to_zarr
 
 try:
