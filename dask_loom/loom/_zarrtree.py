@@ -132,7 +132,7 @@ class _ZarrReads:
         meta = self._array_meta(path)
         arr = self._array(path)
         dt = _numpy_dtype(arr)
-        kind = "string" if dt == object else "plain"
+        kind = "string" if dt.kind == "O" else "plain"
         codecs = [c.get("name") for c in meta.get("codecs", []) if isinstance(c, dict)]
         comp = next((c for c in codecs if c not in ("bytes", "vlen-utf8", "transpose")), None)
         return ArrayInfo(
