@@ -26,6 +26,19 @@ from dask_loom.loom import (
     new,
 )
 from dask_loom.loom import _zarrtree  # noqa: F401  (registers .loom.zarr containers with connect/new/create)
+from dask_loom.ome import (
+    LazyTensorView,
+    TensorView,
+    convert_to_ome_arrow,
+    ome_tiff_to_ome_arrow,
+    ome_zarr_to_ome_arrow,
+    open_ome_arrow,
+    read_ome_tiff,
+    read_ome_zarr,
+    to_ome_arrow,
+    to_ome_parquet,
+    write_ome_arrow_dataset,
+)
 from dask_loom.zarr import ZarrArray, ZarrGroup, ZarrNode, open_zarr, to_zarr
 
 try:
@@ -38,6 +51,7 @@ __all__ = (
     "GlobalAttributeManager",
     "GraphManager",
     "LayerManager",
+    "LazyTensorView",
     "LoomConnection",
     "LoomLayer",
     "LoomValidator",
@@ -45,16 +59,26 @@ __all__ = (
     "MappedCollection",
     "MappedIterableDataset",
     "MemoryLoomLayer",
+    "TensorView",
     "ViewManager",
     "ZarrArray",
     "ZarrGroup",
     "ZarrNode",
     "__version__",
     "connect",
+    "convert_to_ome_arrow",
     "create",
     "from_source",
     "new",
+    "ome_tiff_to_ome_arrow",
+    "ome_zarr_to_ome_arrow",
+    "open_ome_arrow",
     "open_zarr",
     "plan_blocks",
+    "read_ome_tiff",
+    "read_ome_zarr",
+    "to_ome_arrow",
+    "to_ome_parquet",
     "to_zarr",
+    "write_ome_arrow_dataset",
 )
