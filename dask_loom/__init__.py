@@ -26,6 +26,7 @@ from dask_loom.loom import (
     new,
 )
 from dask_loom.loom import _zarrtree  # noqa: F401  (registers .loom.zarr containers with connect/new/create)
+from dask_loom.loom._convert import convert
 from dask_loom.ome import (
     LazyTensorView,
     TensorView,
@@ -66,6 +67,7 @@ __all__ = (
     "ZarrNode",
     "__version__",
     "connect",
+    "convert",
     "convert_to_ome_arrow",
     "create",
     "from_source",

@@ -1,0 +1,154 @@
+"""``convert``: a Loom container to another kind (``.loom`` ↔ ``.loom.zarr``) as a parallel graph.
+
+Layers are read block by block (whole source chunks) and written by the same
+tasks: into a ``.loom.zarr`` the tasks store their chunks directly; into an
+HDF5 ``.loom`` they return compressed chunks that the single writer stores.
+Attributes, graphs and global attributes follow.  The target is built beside
+its final name and swapped in at the end, so a failed conversion leaves no
+half-written container.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["convert"]
+
+
+def _spec(path: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> Any:
+    from dask_loom.storage import FileSpec
+
+    text = os.fspath(path)
+    if "://" not in text:
+        text = os.path.expanduser(text)
+    return FileSpec.from_path(text, storage_options)
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    chunks: tuple[int, int] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    dst_storage_options: dict[str, Any] | None = None,
+    scheduler: Any = None,
+    client: Any = None,
+    progress: bool = False,
+) -> None:
+    """Convert a Loom container: ``.loom`` (HDF5) ↔ ``.loom.zarr`` (Zarr), locally or on an object store.
+
+    The kind of *dst* follows its name (``*.zarr`` → Zarr, else HDF5).  Every
+    layer, row/column attribute, graph and global attribute is copied; layer
+    dtypes are kept, and the chunk shape too unless *chunks* is given.
+
+    Parameters
+    ----------
+    src, dst
+        Paths or URLs (``s3://…``); *dst* is replaced if it exists.
+    chunks
+        Chunk shape of the target's layers (default: the source's).
+    storage_options, dst_storage_options
+        fsspec options for *src* and *dst* (*dst* defaults to *src*'s).
+    scheduler, client, progress
+        Where the graph runs and whether to show a progress bar.
+
+    Examples
+    --------
+    >>> import dask_loom, numpy as np, tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> dask_loom.create(os.path.join(d, "a.loom"), np.arange(12.0).reshape(3, 4), {"g": np.arange(3)}, {"c": np.arange(4)})
+    >>> dask_loom.convert(os.path.join(d, "a.loom"), os.path.join(d, "a.loom.zarr"), scheduler="sync")
+    >>> with dask_loom.connect(os.path.join(d, "a.loom.zarr"), "r") as ds:
+    ...     print(ds.shape, ds[2, :].tolist())
+    (3, 4) [8.0, 9.0, 10.0, 11.0]
+    """
+    from dask.base import tokenize
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    from dask_loom.blocks import block_regions, plan_blocks
+    from dask_loom.cluster import compute
+    from dask_loom.loom._connection import connect
+    from dask_loom.loom._create import creating
+    from dask_loom.loom._store import init_layout, put_attr, put_global, put_graph
+    from dask_loom.loom._write import create_layer_array, encode_checked
+
+    dst_spec = _spec(dst, dst_storage_options if dst_storage_options is not None else storage_options)
+    with connect(src, "r", validate=False, storage_options=storage_options) as ds:
+        shape = ds.shape
+        if 0 in shape:
+            raise ValueError(f"{ds.filename}: the main matrix is empty; nothing to convert")
+        layer_names = ds.layers.keys()
+        sources = {name: ds._layer_source(name) for name in layer_names}
+        globals_ = {k: ds.attrs[k] for k in ds.attrs.keys() if k not in ("LOOM_SPEC_VERSION",)}
+        attrs = [{k: ds.ra[k] for k in ds.ra.keys()}, {k: ds.ca[k] for k in ds.ca.keys()}]
+        graphs = [
+            {k: ds.row_graphs[k] for k in ds.row_graphs.keys()},
+            {k: ds.col_graphs[k] for k in ds.col_graphs.keys()},
+        ]
+        kw = {"scheduler": scheduler, "client": client}
+        with creating(dst_spec) as w:
+            init_layout(w)
+            dsk: dict[Any, Any] = {}
+            deps = []
+            order: list[tuple[str, Any]] = []
+            for name in layer_names:
+                src_layer = sources[name]
+                dt = np.dtype(src_layer.dtype)
+                path = "matrix" if name == "" else f"layers/{name}"
+                layer_chunks = tuple(int(c) for c in (chunks or src_layer.chunk_shape))
+                layer_chunks = tuple(max(1, min(c, n)) for c, n in zip(layer_chunks, shape))
+                create_layer_array(w, path, shape, dt, layer_chunks)
+                encoder = w.encoder(path)
+                # Blocks whole in both the source's and the target's chunks.
+                unit = tuple(int(np.lcm(a, b)) for a, b in zip(src_layer.chunk_shape, layer_chunks))
+                plan = plan_blocks(shape, unit, dt.itemsize)
+                x = ds.layers[name].to_dask(chunks=plan)
+                deps.append(x)
+                lname = f"loom-convert-{tokenize(x.name, dst_spec.url, path)}"
+                for idx, region in block_regions(plan):
+                    key = (lname, *idx)
+                    dsk[key] = (encode_checked, encoder, region, (x.name, *idx), f"{dst_spec.name}: layer '{name}'", dt)
+                    order.append((path, key))
+            hlg = HighLevelGraph.from_collections("loom-convert", dsk, dependencies=deps)
+            batch = max(64, 16 * (os.cpu_count() or 1))
+            for i in range(0, len(order), batch):
+                part = order[i : i + batch]
+                results = compute(*[Delayed(k, hlg, layer="loom-convert") for _, k in part], progress=progress, **kw)
+                for (path, _), payload in zip(part, results):
+                    w.store_chunks(path, payload)
+            for axis in (0, 1):
+                for k, v in attrs[axis].items():
+                    put_attr(w, axis, k, v, n=shape[axis], stamp=False)
+                for k, g in graphs[axis].items():
+                    put_graph(w, axis, k, g, stamp=False)
+            for k, v in globals_.items():
+                put_global(w, k, v, in_group=True)
+
+
+def _convert_args(p: Any) -> None:
+    from dask_loom.cli import _compute_options
+
+    p.add_argument("src", help="source Loom container (.loom or .loom.zarr; path or URL)")
+    p.add_argument("dst", help="target (*.zarr → Zarr, else HDF5 .loom); replaced if it exists")
+    p.add_argument("--chunks", metavar="ROWS,COLS", help="chunk shape of the target's layers (default: the source's)")
+    _compute_options(p)
+
+
+def _register_cli() -> None:
+    from dask_loom import cli
+
+    @cli.command("convert", "convert a Loom container between .loom (HDF5) and .loom.zarr (Zarr)")
+    @cli.arguments(_convert_args)
+    def cmd_convert(args: Any) -> int:
+        chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None
+        with cli._announce(args) as target:
+            convert(args.src, args.dst, chunks=chunks, scheduler=target, progress=cli._progress(args))  # type: ignore[arg-type]
+        cli._say(f"wrote {args.dst}")
+        return 0
+
+
+_register_cli()
