@@ -21,11 +21,11 @@ from dask_loom.loom import (
     LoomView,
     MemoryLoomLayer,
     ViewManager,
+    _zarrtree,  # registers .loom.zarr containers with connect/new/create
     connect,
     create,
     new,
 )
-from dask_loom.loom import _zarrtree  # noqa: F401  (registers .loom.zarr containers with connect/new/create)
 from dask_loom.loom._convert import convert
 from dask_loom.ome import (
     LazyTensorView,

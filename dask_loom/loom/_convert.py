@@ -83,12 +83,10 @@ def convert(
             raise ValueError(f"{ds.filename}: the main matrix is empty; nothing to convert")
         layer_names = ds.layers.keys()
         sources = {name: ds._layer_source(name) for name in layer_names}
-        globals_ = {k: ds.attrs[k] for k in ds.attrs.keys() if k not in ("LOOM_SPEC_VERSION",)}
-        attrs = [{k: ds.ra[k] for k in ds.ra.keys()}, {k: ds.ca[k] for k in ds.ca.keys()}]
-        graphs = [
-            {k: ds.row_graphs[k] for k in ds.row_graphs.keys()},
-            {k: ds.col_graphs[k] for k in ds.col_graphs.keys()},
-        ]
+        names = {m: list(getattr(ds, m).keys()) for m in ("attrs", "ra", "ca", "row_graphs", "col_graphs")}
+        globals_ = {k: ds.attrs[k] for k in names["attrs"] if k != "LOOM_SPEC_VERSION"}
+        attrs = [{k: ds.ra[k] for k in names["ra"]}, {k: ds.ca[k] for k in names["ca"]}]
+        graphs = [{k: ds.row_graphs[k] for k in names["row_graphs"]}, {k: ds.col_graphs[k] for k in names["col_graphs"]}]
         kw = {"scheduler": scheduler, "client": client}
         with creating(dst_spec) as w:
             init_layout(w)
