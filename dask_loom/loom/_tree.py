@@ -223,6 +223,8 @@ class HDF5Tree(Tree):
 
     def __init__(self, spec: FileSpec) -> None:
         self.spec = spec
+        # HDF5 on an object store is read through range requests only (no writer).
+        self.read_only = not spec.is_local
 
     # Every read opens the file for the duration of the call only (see open_h5_read).
     def exists(self, path: str) -> bool:
