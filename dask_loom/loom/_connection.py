@@ -485,6 +485,29 @@ class LoomConnection:
             kw = {"scheduler": scheduler, "client": client}
         return self.layers[layer].map(f_list, axis=axis, chunksize=chunksize, selection=selection, progress=progress, **kw)
 
+    def scan(
+        self,
+        *,
+        items: Any = None,
+        axis: int | None = None,
+        layers: Any = None,
+        key: str | None = None,
+        batch_size: int = 512,
+        what: Any = ("col_attrs", "row_attrs", "layers", "col_graphs", "row_graphs"),
+        prefetch: int | None = None,
+        scheduler: Any = None,
+        client: Any = None,
+    ) -> Iterator[tuple[int, np.ndarray, Any]]:
+        """Scan across an axis, yielding ``(ix, indexes, view)`` batches as loompy does.
+
+        Batches are read as task graphs, ``prefetch`` of them ahead of the one
+        being consumed (default ``dask_loom.scan-prefetch`` = 2).  See
+        :func:`dask_loom.loom._scan.scan` for the deliberate differences.
+        """
+        from dask_loom.loom._scan import scan
+
+        return scan(self, items=items, axis=axis, layers=layers, key=key, batch_size=batch_size, what=what, prefetch=prefetch, scheduler=scheduler, client=client)
+
     def sparse(self, rows: Any = None, cols: Any = None, layer: str | None = None, *, dtype: Any = None) -> sp.coo_matrix:
         """A layer (default: the main matrix) as ``scipy.sparse.coo_matrix``, built blockwise."""
         return self.layers["" if layer is None else layer].sparse(rows=rows, cols=cols, dtype=dtype)
