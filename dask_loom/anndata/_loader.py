@@ -90,8 +90,20 @@ def _rows(v: Any, order: np.ndarray) -> Any:
 
 def _stack(parts: list[Any]) -> Any:
     if any(sp.issparse(p) for p in parts):
-        return sp.vstack([p if sp.issparse(p) else sp.csr_matrix(p) for p in parts], format="csr")
+        parts = [p if sp.issparse(p) else sp.csr_matrix(p) for p in parts]
+        return _vstack_csr(parts)
     return np.concatenate(parts)
+
+
+def _vstack_csr(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
+    """Row-stack CSR matrices by concatenating their buffers (scipy's vstack re-validates)."""
+    dtype = np.result_type(*[p.dtype for p in parts])
+    nnz = np.cumsum([0, *[p.nnz for p in parts]])
+    indptr = np.concatenate([[0], *[p.indptr[1:].astype(np.int64) + off for p, off in zip(parts, nnz[:-1])]])
+    data = np.concatenate([p.data.astype(dtype, copy=False) for p in parts])
+    indices = np.concatenate([p.indices for p in parts])
+    n = sum(p.shape[0] for p in parts)
+    return sp.csr_matrix((data, indices, indptr), shape=(n, parts[0].shape[1]))
 
 
 def _read_fetch(mc: MappedCollection, blocks: list[tuple[int, int, int]], sparse: bool) -> _Fetch:
@@ -245,14 +257,23 @@ def _batches(
     carry: _Fetch | None = None
     try:
         for fetch in fetches:
-            if shuffle:
-                fetch = fetch.take(rng.permutation(len(fetch)))
+            n = len(fetch)
+            order = rng.permutation(n) if shuffle else np.arange(n)
+            pos = 0
             if carry is not None and len(carry):
-                fetch = _Fetch.concat([carry, fetch])
-            n_full = len(fetch) // batch_size * batch_size
-            for a in range(0, n_full, batch_size):
-                yield _emit(fetch.cut(a, a + batch_size), sparse, dense_keys)
-            carry = fetch.cut(n_full, len(fetch))
+                # The batch that straddles two fetches: the previous one's rest plus this one's first rows.
+                need = min(n, batch_size - len(carry))
+                carry = _Fetch.concat([carry, fetch.take(order[:need])])
+                pos = need
+                if len(carry) < batch_size:
+                    continue
+                yield _emit(carry, sparse, dense_keys)
+                carry = None
+            # Each batch gathers its rows straight from the fetch (no permuted copy of the fetch).
+            while pos + batch_size <= n:
+                yield _emit(fetch.take(order[pos : pos + batch_size]), sparse, dense_keys)
+                pos += batch_size
+            carry = fetch.take(order[pos:]) if pos < n else None
         if carry is not None and len(carry) and not drop_last:
             yield _emit(carry, sparse, dense_keys)
     finally:
