@@ -316,7 +316,11 @@ class BaseStore(Store):
     def __dask_tokenize__(self) -> Any:
         from dask.base import tokenize
 
-        return (type(self).__name__, tokenize(self._spec()), self.read_only)
+        return (type(self).__name__, tokenize(self._token_spec()), self.read_only)
+
+    def _token_spec(self) -> Any:
+        """What identifies the store in dask tokens (cheap: no data)."""
+        return self._spec()
 
     # -- helpers shared by moves (loom on zarr swaps names at the end of a write) --
     def _move_prefix(self, src: str, dst: str) -> None:
@@ -540,6 +544,7 @@ class MemoryStore(_Base3):
         super().__init__(read_only=read_only)
         self._dict: dict[str, bytes] = {}
         self._lock = threading.RLock()
+        self._uid = uuid.uuid4().hex  # tokens name the store, never hash its data
         for k, v in (fields or {}).items():
             self._dict[check_key(k)] = _as_bytes(v, f"MemoryStore: key {k!r}")
 
@@ -556,14 +561,18 @@ class MemoryStore(_Base3):
     def _spec(self) -> Any:
         return self._dict
 
+    def _token_spec(self) -> Any:
+        return self._uid
+
     def _copy(self, *, read_only: bool) -> MemoryStore:
         new = MemoryStore(read_only=read_only)
         new._dict = self._dict  # same data, as zarr's MemoryStore.with_read_only
         new._lock = self._lock
+        new._uid = self._uid
         return new
 
     def __reduce__(self) -> Any:
-        return (_memory_from_state, (dict(self._dict), self.read_only))
+        return (_memory_from_state, (dict(self._dict), self.read_only, self._uid))
 
     def __repr__(self) -> str:
         return f"MemoryStore(<{len(self._dict)} keys>)"
@@ -606,9 +615,10 @@ class MemoryStore(_Base3):
                 self._dict[dst_p + k[len(src_p) :]] = self._dict.pop(k)
 
 
-def _memory_from_state(d: dict[str, bytes], read_only: bool) -> MemoryStore:
+def _memory_from_state(d: dict[str, bytes], read_only: bool, uid: str) -> MemoryStore:
     s = MemoryStore(read_only=read_only)
     s._dict = d
+    s._uid = uid
     return s
 
 
@@ -807,6 +817,9 @@ class WrapperStore(_Base3):
 
     def _spec(self) -> Any:
         return (self._store._spec(), self._wrapper_args())
+
+    def _token_spec(self) -> Any:
+        return (self._store._token_spec(), self._wrapper_args())
 
     def _wrapper_args(self) -> tuple[Any, ...]:
         return ()
