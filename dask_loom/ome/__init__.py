@@ -145,4 +145,11 @@ def open_ome_arrow(
         chunk_policy=selection.get("chunk_policy", "auto"),
         storage_options=storage_options,
     )
+    from dask_loom.ome._read import ParquetImage
+
+    if isinstance(img, ParquetImage) and img.what == "planes":
+        # A planes-only record has no per-unit access in Parquet: its pixels are
+        # read now (as ome-arrow does), so a pixel count that disagrees with
+        # pixels_meta fails at open, naming the column and row.
+        img.payload()
     return TensorView(img, **selection)

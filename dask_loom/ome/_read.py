@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from dask.base import tokenize
 
 from dask_loom._config import get_config
-from dask_loom.errors import CorruptChunkError, OMEArrowError, UnsupportedDtypeError
+from dask_loom.errors import CorruptChunkError, OMEArrowError, SelectionError, UnsupportedDtypeError
 from dask_loom.ome._schema import (
     DATASET_MANIFEST,
     OME_ARROW_BYTE_STRUCT,
@@ -241,6 +241,7 @@ class _Payload:
         self.label = label
         self.what = what
         names = {units.type.field(i).name for i in range(units.type.num_fields)}
+        self.arrow_ids = units.field("chunk_id").to_numpy() if "chunk_id" in names else None
         self.binary = "pixel_bytes" in names
         if self.binary:
             pb = units.field("pixel_bytes")
@@ -287,7 +288,8 @@ class _Payload:
             if n % w == 0:
                 detail += f" ({n // w} values per pixel: several samples, e.g. RGB, packed into one plane)"
         else:
-            detail = f"expected {w} = {' {_X} '.join(str(int(s)) for s in sizes[i][2:])} (shape_z {_X} shape_y {_X} shape_x)"
+            sep = f" {_X} "
+            detail = f"expected {w} = {sep.join(str(int(s)) for s in sizes[i][2:])} (shape_z{sep}shape_y{sep}shape_x)"
         raise OMEArrowError(f"{self.label}: {self.what}[{i}].pixels holds {n} values, {detail}")
 
     def unit(self, i: int, shape: tuple[int, ...], fallback: np.dtype) -> np.ndarray:
@@ -320,13 +322,13 @@ class _Payload:
             return self.arrow.values.slice(int(self.offsets[i]), int(self.offsets[i + 1] - self.offsets[i]))
         comp = self.compression[i]
         if comp and str(comp).strip().lower() not in ("none", ""):
-            raise ValueError(
+            raise SelectionError(
                 f"{self.label}: {self.what}[{i}] is stored {comp}-compressed: no zero-copy Arrow buffer; use mode='numpy'"
             )
         dt = pixel_dtype(self.dtypes[i], what=f"{self.label}: {self.what}[{i}].dtype") if self.dtypes[i] else dtype
         start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
         if start % dt.itemsize:
-            raise ValueError(f"{self.label}: {self.what}[{i}] bytes are not aligned for {dt.name}; use mode='numpy'")
+            raise SelectionError(f"{self.label}: {self.what}[{i}] bytes are not aligned for {dt.name}; use mode='numpy'")
         buf = self.arrow.buffers()[2].slice(start, stop - start)
         return pa.Array.from_buffers(pa.from_numpy_dtype(dt), (stop - start) // dt.itemsize, [None, buf])
 
@@ -430,7 +432,7 @@ class _Image:
         raise NotImplementedError
 
     def arrow_values(self, uid: int, dtype: np.dtype) -> pa.Array:
-        raise ValueError(f"{self.label}: mode='arrow' needs pixels held in Arrow memory; use mode='numpy'")
+        raise SelectionError(f"{self.label}: mode='arrow' needs pixels held in Arrow memory; use mode='numpy'")
 
     def token(self) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
@@ -829,32 +831,39 @@ class DatasetImage(_Image):
     def index(self) -> UnitIndex:
         return self._index
 
-    def fetch(self, ids: Sequence[int], *, batch: int = 64) -> Iterator[tuple[int, np.ndarray]]:
-        ids = [int(i) for i in ids]
+    def _read_group(self, frag: str, group: int) -> _Payload:
+        pf = parquet_file(_join(self.spec, frag), label=f"{self.label} {frag}")
+        names = set(pf.schema_arrow.names)
+        want = ["chunk_id", "dtype", "pixel_bytes"] + (["compression"] if "compression" in names else [])
+        # One row group at a time, single-threaded: pyarrow's own threads only
+        # add contention here, and the caller decodes groups in parallel.
+        tbl = pf.read_row_group(group, columns=want, use_threads=False)
+        units = pa.StructArray.from_arrays([tbl[n].combine_chunks() for n in want], names=want)
+        return _Payload(units, "chunks", f"{self.label} {frag} row group {group}", "chunks")
+
+    def fetch(self, ids: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
         fallback = self.stored_dtype()
-        by_frag: dict[str, list[int]] = {}
-        for i in ids:
-            by_frag.setdefault(self.fragments[i], []).append(i)
-        for frag, members in by_frag.items():
-            pf = parquet_file(_join(self.spec, frag), label=f"{self.label} {frag}")
-            names = set(pf.schema_arrow.names)
-            want = ["chunk_id", "dtype", "pixel_bytes"] + (["compression"] if "compression" in names else [])
-            members.sort(key=lambda i: self.row_groups[i])
-            for k in range(0, len(members), batch):
-                part = members[k : k + batch]
-                groups = sorted({int(self.row_groups[i]) for i in part})
-                tbl = pf.read_row_groups(groups, columns=want)
-                pos = {int(cid): j for j, cid in enumerate(tbl["chunk_id"].to_numpy())}
-                units = pa.StructArray.from_arrays([tbl[n].combine_chunks() for n in want], names=want)
-                payload = _Payload(units, "chunks", f"{self.label} {frag}", "chunks")
-                for i in part:
-                    j = pos.get(int(self.chunk_ids[i]))
-                    if j is None:
-                        raise OMEArrowError(
-                            f"{self.label}: chunk_id {int(self.chunk_ids[i])} is not in row group "
-                            f"{int(self.row_groups[i])} of {frag} (stale index.parquet?)"
-                        )
-                    yield i, payload.unit(j, tuple(int(s) for s in self._index.size[i]), fallback)
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i in sorted((int(i) for i in ids), key=lambda i: (self.fragments[i], int(self.row_groups[i]))):
+            groups.setdefault((self.fragments[i], int(self.row_groups[i])), []).append(i)
+        keys = list(groups)
+
+        def load(key: tuple[str, int]) -> list[tuple[int, np.ndarray]]:
+            payload = self._read_group(*key)
+            pos = {int(cid): j for j, cid in enumerate(payload.arrow_ids)}
+            out = []
+            for i in groups[key]:
+                j = pos.get(int(self.chunk_ids[i]))
+                if j is None:
+                    raise OMEArrowError(
+                        f"{self.label}: chunk_id {int(self.chunk_ids[i])} is not in row group {key[1]} of {key[0]} "
+                        "(stale index.parquet?)"
+                    )
+                out.append((i, payload.unit(j, tuple(int(s) for s in self._index.size[i]), fallback)))
+            return out
+
+        for part in ordered_parallel(load, keys):
+            yield from part
 
     def token(self) -> Any:
         files = [_stat_key(_join(self.spec, n)) for n in ("images.parquet", "chunks.parquet")]
@@ -862,6 +871,36 @@ class DatasetImage(_Image):
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def ordered_parallel(fn: Any, items: Sequence[Any], *, workers: int | None = None, window: int | None = None) -> Iterator[Any]:
+    """``map(fn, items)`` on a few threads, in order, at most *window* results ahead.
+
+    Decompression and Parquet decoding release the GIL, so a large read
+    decodes chunks on several cores; the window bounds what waits in memory.
+    """
+    import concurrent.futures as cf
+    from collections import deque
+
+    n = len(items)
+    workers = workers or min(4, os.cpu_count() or 1)
+    if n <= 1 or workers <= 1:
+        for it in items:
+            yield fn(it)
+        return
+    window = window or 2 * workers
+    pending: deque[Any] = deque()
+    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ome-read") as pool:
+        nxt = 0
+        try:
+            while nxt < n or pending:
+                while nxt < n and len(pending) < window:
+                    pending.append(pool.submit(fn, items[nxt]))
+                    nxt += 1
+                yield pending.popleft().result()
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def _take(sel: np.ndarray, lo: int, hi: int) -> tuple[Any, Any]:

@@ -537,13 +537,13 @@ class TensorView:
     def _shape_strides(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         dims = self._dims()
         shape = [dims[d] for d in _TZCHW]
+        if "C" not in self.layout and self._channel_policy == "first":
+            shape[2] = 1  # only the first channel is read, so the buffer holds one
         strides = [0] * 5
         stride = self._dtype.itemsize
         for axis in range(4, -1, -1):
             strides[axis] = stride
             stride *= shape[axis]
-        if "C" not in self.layout and self._channel_policy == "first":
-            shape[2] = 1
         pos = {d: i for i, d in enumerate(_TZCHW)}
         return tuple(shape[pos[d]] for d in self.layout), tuple(strides[pos[d]] for d in self.layout)
 

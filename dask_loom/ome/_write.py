@@ -254,16 +254,24 @@ def _cast(chunk: np.ndarray, dtype: np.dtype | None, clamp: bool, start: tuple[i
     return chunk.astype(dtype)
 
 
+# "auto" writes uint16 images up to this size as numeric lists (readable by every
+# ome-arrow version); larger ones as byte chunks, since Parquet stores a list
+# with one repetition level per pixel and reads and writes it ~10x slower.
+LIST_MAX_BYTES = 64 << 20
+
+
 class _Encoder:
     """Chunk payload encoding for one record: list (uint16) or typed bytes."""
 
-    def __init__(self, dtype: np.dtype, encoding: str, compression: str | None, level: int | None, label: str) -> None:
+    def __init__(
+        self, dtype: np.dtype, encoding: str, compression: str | None, level: int | None, label: str, nbytes: int = 0
+    ) -> None:
         enc = str(encoding).lower()
         if enc not in ("auto", "list", "bytes"):
             raise SelectionError(f"chunk_encoding {encoding!r} must be 'auto', 'list' or 'bytes'")
         comp = None if compression in (None, "", "none", "None") else str(compression).lower()
         if enc == "auto":
-            enc = "list" if dtype == np.uint16 and comp is None else "bytes"
+            enc = "list" if dtype == np.uint16 and comp is None and nbytes <= LIST_MAX_BYTES else "bytes"
         if enc == "list" and comp is not None:
             raise SelectionError("chunk_compression needs chunk_encoding='bytes' (list chunks are plain numbers)")
         if comp is not None and not pa.Codec.is_available(comp):
@@ -451,7 +459,8 @@ def to_ome_arrow(
         ``(Z, Y, X)`` of a chunk (default: chosen for the data, see
         :func:`~dask_loom.ome._schema.choose_chunk_shape`).
     chunk_encoding
-        ``"auto"`` (uint16 as numeric lists, anything else as typed bytes),
+        ``"auto"`` (uint16 images up to 64 MiB as numeric lists, anything
+        else as typed bytes),
         ``"list"`` (uint16 lists; refuses values uint16 cannot hold) or
         ``"bytes"``.
     chunk_compression, chunk_compression_level
@@ -480,7 +489,10 @@ def to_ome_arrow(
     )
     label = f"image {name or image_id or img.meta.get('name') or ''}".strip()
     chunk = _normalize_chunk(chunk_shape, img.shape, img.dtype, record=True)
-    enc = _Encoder(img.dtype, chunk_encoding, chunk_compression, chunk_compression_level, label)
+    enc = _Encoder(
+        img.dtype, chunk_encoding, chunk_compression, chunk_compression_level, label,
+        math.prod(img.shape) * img.dtype.itemsize,
+    )
     cols = _Columns()
     if enc.codec is None:
         # Sizes are known: fill one pre-sized buffer, no second copy of the image.
@@ -606,7 +618,10 @@ def to_ome_parquet(
     )
     label = f"{os.path.basename(path)}"
     chunk = _normalize_chunk(chunk_shape, img.shape, img.dtype, record=True)
-    enc = _Encoder(img.dtype, chunk_encoding, chunk_compression, chunk_compression_level, label)
+    enc = _Encoder(
+        img.dtype, chunk_encoding, chunk_compression, chunk_compression_level, label,
+        math.prod(img.shape) * img.dtype.itemsize,
+    )
     cols = _Columns()
     spill = _tmp_name(path) + ".pixels"
     out_tmp = _tmp_name(path)
