@@ -53,7 +53,8 @@ class AxisSel:
             return np.array([self.start])
         if self.kind == "range":
             return np.arange(self.start, self.stop)
-        assert self.unique is not None and self.inverse is not None
+        assert self.unique is not None
+        assert self.inverse is not None
         return self.unique[self.inverse]
 
 

@@ -135,7 +135,7 @@ def plan_blocks(
     if band_axis is not None:
         band_axis = band_axis % len(shape)
         per_band = math.prod(g for i, g in enumerate(grid) if i != band_axis)
-        m = [g for g in grid]
+        m = list(grid)
         m[band_axis] = max(1, budget // max(1, per_band))
     else:
         # Grow the block one axis at a time, always along the axis whose
@@ -194,7 +194,7 @@ def align_chunks(
     normal = normalize_chunks(
         chunks,
         shape,
-        dtype=dtype if dtype != object else np.dtype("O"),
+        dtype=dtype,
         previous_chunks=unit,
         limit=block_size_bytes(),
     )
@@ -262,7 +262,7 @@ def from_source(
     dask.array.Array
     """
     dtype = np.dtype(source.dtype)
-    itemsize = dtype.itemsize if dtype != object else 8
+    itemsize = 8 if dtype.kind == "O" else dtype.itemsize
     if chunks is None:
         plan = plan_blocks(source.shape, source.chunk_shape, itemsize, target_bytes=target_bytes, band_axis=band_axis)
     else:

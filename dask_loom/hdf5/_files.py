@@ -34,6 +34,7 @@ _lock = threading.RLock()
 _entries: dict[str, _Entry] = {}
 _write_locks: dict[str, threading.RLock] = {}
 _open_writers: dict[str, h5py.File] = {}
+_transactions: dict[str, h5py.File] = {}
 
 
 class _Entry:
@@ -75,12 +76,13 @@ def _forget_after_fork() -> None:
     # multiprocessing pool) opens its own handles.  The parent's stay
     # referenced, unclosed: closing them could block on locks that the
     # parent's other threads held at the moment of the fork.
-    global _lock, _entries, _write_locks, _open_writers
-    _inherited.append((_entries, _open_writers))
+    global _lock, _entries, _write_locks, _open_writers, _transactions
+    _inherited.append((_entries, _open_writers, _transactions))
     _lock = threading.RLock()
     _entries = {}
     _write_locks = {}
     _open_writers = {}
+    _transactions = {}
 
 
 if hasattr(os, "register_at_fork"):
@@ -305,7 +307,7 @@ def open_h5_write(
     if not local_lock.acquire(timeout=timeout):
         raise WriteConflictError(f"{spec.name}: another thread of this process held the write lock for {timeout:.0f} s")
     try:
-        held = _open_writers.get(spec.url)
+        held = _open_writers.get(spec.url) or _transactions.get(spec.url)
         if held is not None and mode == "r+":
             # Nested use in the same thread joins the write already open.
             yield held
@@ -388,7 +390,7 @@ def _open_retrying(path: str, mode: str, timeout: float, name: str, **kw: Any) -
 @contextlib.contextmanager
 def _in_place(spec: FileSpec, timeout: float) -> Iterator[h5py.File]:
     invalidate(spec)
-    f = _open_retrying(spec.url, "r+", timeout, spec.name, locking=True)
+    f = _open_retrying(spec.url, "r+", timeout, spec.name)
     try:
         yield f
         f.flush()
@@ -417,13 +419,15 @@ def _transaction(spec: FileSpec, *, fresh: bool, timeout: float) -> Iterator[h5p
     if os.path.exists(spec.url):
         # A shared HDF5 lock on the original keeps foreign HDF5 writers out
         # while our readers (and theirs) go on reading the old content.
-        guard = _open_retrying(spec.url, "r", timeout, spec.name, locking=True)
+        guard = _open_retrying(spec.url, "r", timeout, spec.name)
     try:
         if not fresh and guard is not None:
             shutil.copyfile(spec.url, tmp)
             shutil.copymode(spec.url, tmp)
         f = h5py.File(tmp, "w" if fresh else "r+", locking=False)
-        _open_writers[spec.url] = f
+        # Readers of this process keep seeing the committed file until the
+        # rename; nested writers join the transaction.
+        _transactions[spec.url] = f
         try:
             yield f
             f.flush()
@@ -433,7 +437,7 @@ def _transaction(spec: FileSpec, *, fresh: bool, timeout: float) -> Iterator[h5p
                 os.remove(tmp)
             raise
         finally:
-            _open_writers.pop(spec.url, None)
+            _transactions.pop(spec.url, None)
         f.close()
         fd = os.open(tmp, os.O_RDONLY)
         try:

@@ -5,6 +5,7 @@ from dask_loom.loom._connection import LoomConnection, connect
 from dask_loom.loom._create import create, new
 from dask_loom.loom._graphs import GraphManager
 from dask_loom.loom._layers import LayerManager, LoomLayer, MemoryLoomLayer
+from dask_loom.loom._modify import combine, combine_faster
 from dask_loom.loom._validator import LoomValidator
 from dask_loom.loom._view import LoomView, ViewManager
 
@@ -19,6 +20,8 @@ __all__ = [
     "LoomView",
     "MemoryLoomLayer",
     "ViewManager",
+    "combine",
+    "combine_faster",
     "connect",
     "create",
     "new",

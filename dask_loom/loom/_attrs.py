@@ -10,7 +10,7 @@ import numpy as np
 
 from dask_loom.errors import LoomFormatError
 from dask_loom.loom._common import AXIS_ATTRS, scalar_text, timestamp
-from dask_loom.loom._values import materialize, normalize_for_write
+from dask_loom.loom._values import normalize_for_write
 
 if TYPE_CHECKING:
     from dask_loom.loom._connection import LoomConnection
@@ -26,9 +26,7 @@ def _is_index(thing: Any) -> bool:
         return True
     if isinstance(thing, np.ndarray):
         return thing.dtype.kind in "biu"
-    if isinstance(thing, list) and thing and all(isinstance(x, (int, np.integer, bool, np.bool_)) for x in thing):
-        return True
-    return False
+    return isinstance(thing, list) and bool(thing) and all(isinstance(x, (int, np.integer, bool, np.bool_)) for x in thing)
 
 
 def _take(values: np.ndarray, index: Any) -> np.ndarray:
@@ -157,7 +155,7 @@ class AttributeManager:
             n = self._n()
             if n is not None and arr.shape[0] != n:
                 raise ValueError(f"Attribute '{name}' must have exactly {n} values but {arr.shape[0]} were given")
-            self._cache[name] = arr if arr.dtype != object else arr
+            self._cache[name] = arr
             if name not in self._names:
                 self._names.append(name)
             return
@@ -228,7 +226,7 @@ class GlobalAttributeManager:
         return name in self._names
 
     def get(self, name: str, default: Any = None) -> Any:
-        return self[name] if name in self else default
+        return self[name] if name in self else default  # noqa: SIM401 - this is get()
 
     def __getitem__(self, name: str) -> Any:
         if name not in self._names:

@@ -16,11 +16,19 @@ import scipy.sparse as sp
 from dask_loom._config import get_config
 from dask_loom.errors import LoomFormatError, ReadOnlyError
 from dask_loom.loom._attrs import AttributeManager, GlobalAttributeManager
-from dask_loom.loom._common import AXIS_ATTRS, AXIS_GRAPHS, LEGACY_GRAPHS, is_spec3, read_spec_version, scalar_text, timestamp
+from dask_loom.loom._common import (
+    AXIS_ATTRS,
+    AXIS_GRAPHS,
+    LEGACY_GRAPHS,
+    is_spec3,
+    read_spec_version,
+    scalar_text,
+    timestamp,
+)
 from dask_loom.loom._graphs import GraphManager
-from dask_loom.loom._layers import LayerManager, LoomLayer
-from dask_loom.loom._tree import Tree
+from dask_loom.loom._layers import LayerManager
 from dask_loom.loom._store import put_attr, put_global, put_graph, touch
+from dask_loom.loom._tree import Tree
 from dask_loom.loom._values import materialize
 from dask_loom.loom._view import ViewManager
 from dask_loom.storage import FileSpec
@@ -507,6 +515,76 @@ class LoomConnection:
         from dask_loom.loom._scan import scan
 
         return scan(self, items=items, axis=axis, layers=layers, key=key, batch_size=batch_size, what=what, prefetch=prefetch, scheduler=scheduler, client=client)
+
+    def aggregate(
+        self,
+        out_file: str | os.PathLike[str] | None = None,
+        select: np.ndarray | None = None,
+        group_by: str | np.ndarray = "Clusters",
+        aggr_by: str = "mean",
+        aggr_ca_by: dict[str, str] | None = None,
+        layer: str = "",
+        aggr_ca_if_equal: bool = False,
+        *,
+        scheduler: Any = None,
+        client: Any = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """Aggregate columns by a label: the matrix with *aggr_by*, attributes with *aggr_ca_by*.
+
+        Runs as a group-by graph over full-width row bands (never the whole
+        layer in memory).  Returns the ``(n_rows, n_groups)`` float64 matrix
+        (groups in sorted label order) and, with *out_file*, writes it as a
+        Loom file with all row attributes and the aggregated column
+        attributes, as loompy does.  See :func:`dask_loom.loom._aggregate.aggregate`
+        for the deliberate differences from loompy.
+        """
+        from dask_loom.loom._aggregate import aggregate
+
+        return aggregate(self, out_file, select, group_by, aggr_by, aggr_ca_by, layer, aggr_ca_if_equal, scheduler=scheduler, client=client, progress=progress)
+
+    def permute(self, ordering: np.ndarray, axis: int) -> None:
+        """Permute the file along *axis*: every layer, attribute and graph, out of core.
+
+        Crash-safe: the permuted file is written beside the old one and swapped
+        in at the end, so a killed process leaves the old or the new order,
+        whole.  *ordering* must be a permutation of ``range(shape[axis])``.
+        """
+        from dask_loom.loom._modify import permute
+
+        permute(self, ordering, axis)
+
+    def export(self, out_file: str | os.PathLike[str], layer: str | None = None, format: str = "tab") -> None:
+        """Export a layer and the attributes as tab-separated text (byte-identical to loompy)."""
+        from dask_loom.loom._modify import export
+
+        export(self, out_file, layer, format)
+
+    def add_columns(self, layers: Any, col_attrs: dict[str, Any], *, row_attrs: dict[str, Any] | None = None, fill_values: Any = None) -> None:
+        """Append columns of every layer and their attributes, all or nothing.
+
+        *layers* is an array (the main matrix), a dict of arrays or a
+        ``LayerManager``; every existing layer must be supplied.  Column
+        attributes not supplied are deleted unless *fill_values* (a dict, or
+        ``"auto"`` for zeros/empty strings) gives them values, as in loompy.
+        """
+        from dask_loom.loom._modify import add_columns
+
+        add_columns(self, layers, col_attrs, row_attrs=row_attrs, fill_values=fill_values)
+
+    def add_loom(
+        self,
+        other_file: str | os.PathLike[str],
+        key: str | None = None,
+        fill_values: Any = None,
+        batch_size: int = 1000,
+        convert_attrs: bool = False,
+        include_graphs: bool = False,
+    ) -> None:
+        """Append the columns of another Loom file (see :func:`dask_loom.loom._modify.add_loom`)."""
+        from dask_loom.loom._modify import add_loom
+
+        add_loom(self, other_file, key, fill_values, batch_size, convert_attrs, include_graphs)
 
     def sparse(self, rows: Any = None, cols: Any = None, layer: str | None = None, *, dtype: Any = None) -> sp.coo_matrix:
         """A layer (default: the main matrix) as ``scipy.sparse.coo_matrix``, built blockwise."""

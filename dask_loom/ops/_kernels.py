@@ -186,3 +186,104 @@ def apply_vectors(block: np.ndarray, red: int, funcs: list[Callable[[np.ndarray]
 
 
 __all__ += ["apply_vectors", "finish"]
+
+
+# --- group-by reductions along the columns of a band ------------------------------------
+
+_MATMUL = {"sum", "mean", "len", "nansum", "nanmean", "nanlen", "sumofsquares", "var", "std", "nanvar", "nanstd"}
+_REDUCEAT = {"max": np.maximum, "min": np.minimum, "prod": np.multiply, "any": np.logical_or, "all": np.logical_and}
+_NPG_ALIASES = {"count": "len", "add": "sum", "plus": "sum", "amax": "max", "maximum": "max", "amin": "min", "minimum": "min", "average": "mean"}
+#: Functions whose result is not one number per group (not valid for ``aggregate``).
+NOT_REDUCING = {"cumsum", "cumprod", "cummax", "cummin", "sort", "array", "nancumsum", "nancumprod", "nancummax", "nancummin", "sorted", "rsorted", "asort", "dsort", "asorted", "split", "splice"}
+
+
+class GroupPlan:
+    """Precomputed column grouping for :func:`group_reduce` (one per aggregate call).
+
+    ``idx`` maps each column to its group (0..n_groups-1, every group
+    non-empty).
+    """
+
+    def __init__(self, idx: np.ndarray, n_groups: int) -> None:
+        self.idx = np.asarray(idx, dtype=np.int64)
+        self.n_groups = int(n_groups)
+        self.order = np.argsort(self.idx, kind="stable")
+        counts = np.bincount(self.idx, minlength=self.n_groups)
+        self.counts = counts
+        self.starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        self.first = self.order[self.starts]
+        self.last = self.order[self.starts + counts - 1]
+
+    def onehot(self, dtype: Any) -> np.ndarray:
+        m = np.zeros((len(self.idx), self.n_groups), dtype=dtype)
+        m[np.arange(len(self.idx)), self.idx] = 1
+        return m
+
+    def __dask_tokenize__(self) -> Any:
+        return ("GroupPlan", self.idx.tobytes(), self.n_groups)
+
+
+def check_group_func(func: str) -> str:
+    """Canonical name of a numpy-groupies reduction; ``ValueError`` for unknown or non-reducing names."""
+    import numpy_groupies as npg
+
+    if not isinstance(func, str):
+        raise TypeError(f"aggregation function must be a numpy-groupies function name, not {type(func).__name__}")
+    name = _NPG_ALIASES.get(func, func)
+    if name in NOT_REDUCING:
+        raise ValueError(f"'{func}' does not reduce each group to one value; use a reducing numpy-groupies function")
+    try:
+        npg.aggregate(np.array([0, 0, 1]), np.array([1.0, 2.0, 3.0]), func=name, size=2)
+    except (ValueError, NotImplementedError, KeyError, AttributeError, TypeError) as exc:
+        raise ValueError(f"unknown aggregation function '{func}' (numpy-groupies says: {exc})") from None
+    return name
+
+
+def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
+    """Reduce the columns of *band* by group: ``(rows, n_groups)`` float64.
+
+    Sums and means run as one matrix product with a one-hot group matrix (BLAS,
+    about 10x faster than a scatter-add); max/min/prod/any/all as ``reduceat``
+    over group-sorted columns; every other numpy-groupies function through
+    ``numpy_groupies.aggregate``.
+    """
+    import numpy_groupies as npg
+
+    if band.shape[1] == 0 or band.shape[0] == 0:
+        return np.zeros((band.shape[0], plan.n_groups))
+    work_dtype = band.dtype if band.dtype in (np.float32, np.float64) else np.float64
+    if func in _MATMUL:
+        x = band.astype(work_dtype, copy=False)
+        if func.startswith("nan"):
+            valid = ~np.isnan(x) if x.dtype.kind == "f" else np.ones(x.shape, bool)
+            x = np.where(valid, x, 0)
+            n = valid.astype(work_dtype) @ plan.onehot(work_dtype)
+        else:
+            n = np.broadcast_to(plan.counts.astype(np.float64), (band.shape[0], plan.n_groups))
+        oh = plan.onehot(work_dtype)
+        base = func[3:] if func.startswith("nan") else func
+        if base == "len":
+            return np.asarray(n, dtype=np.float64).copy()
+        s1 = (x @ oh).astype(np.float64)
+        if base == "sum":
+            return s1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if base == "mean":
+                return s1 / n
+            s2 = ((x * x) @ oh).astype(np.float64)
+            if base == "sumofsquares":
+                return s2
+            var = np.maximum(s2 / n - (s1 / n) ** 2, 0.0)
+            return var if base == "var" else np.sqrt(var)
+    if func in _REDUCEAT:
+        sorted_cols = band[:, plan.order]
+        out = _REDUCEAT[func].reduceat(sorted_cols, plan.starts, axis=1)
+        return out.astype(np.float64)
+    if func == "first":
+        return band[:, plan.first].astype(np.float64)
+    if func == "last":
+        return band[:, plan.last].astype(np.float64)
+    return np.asarray(npg.aggregate(plan.idx, band, func=func, axis=1, size=plan.n_groups, fill_value=0), dtype=np.float64)
+
+
+__all__ += ["GroupPlan", "NOT_REDUCING", "check_group_func", "group_reduce"]

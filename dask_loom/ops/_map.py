@@ -19,7 +19,14 @@ from dask_loom._config import block_size_bytes
 from dask_loom.blocks import block_regions, plan_blocks
 from dask_loom.cluster import compute
 from dask_loom.ops._graph import task_name
-from dask_loom.ops._kernels import Reduction, apply_vectors, block_partials, combine_partials, finish, recognise
+from dask_loom.ops._kernels import (
+    Reduction,
+    apply_vectors,
+    block_partials,
+    combine_partials,
+    finish,
+    recognise,
+)
 
 __all__ = ["map_source", "read_into_buffer"]
 
@@ -159,7 +166,6 @@ def map_source(
         name = task_name(prefix, source, axis, needs, None if sel is None else sel.tobytes())
         dsk: dict[Any, Any] = {}
         n_keep = len(plan[axis])
-        n_red = len(plan[red])
         regions = dict(block_regions(plan))
         level: dict[int, list[Any]] = {i: [] for i in range(n_keep)}
         for idx, region in regions.items():

@@ -67,7 +67,7 @@ def selection_tasks(
     # Budget the blocks on the selected extent, so a sparse selection still
     # gets blocks of about the target size.
     sel_shape = tuple(max(1, s.n_unique) for s in sels)
-    m = units_per_block(sel_shape, [min(u, s) for u, s in zip(unit, sel_shape)], dtype.itemsize if dtype != object else 8)
+    m = units_per_block(sel_shape, [min(u, s) for u, s in zip(unit, sel_shape)], 8 if dtype.kind == "O" else dtype.itemsize)
     per_axis = [_bands_for(s, n, u, k) for s, n, u, k in zip(sels, shape, unit, m)]
     out_shape = tuple(s.n_unique for s in sels)
     name = task_name(prefix or f"{source.prefix}", source, getattr(func, "__name__", ""), extra, [(s.kind, s.start, s.stop, None if s.unique is None else s.unique.tobytes()) for s in sels])

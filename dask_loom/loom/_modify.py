@@ -1,0 +1,609 @@
+"""Whole-file rewrites and growth: ``permute``, ``add_columns``, ``add_loom``, ``combine``, ``combine_faster``, ``export``.
+
+Every operation here is one transaction (``Tree.writing(atomic=True)``):
+the result appears at the end all at once, or not at all.  Data move in
+bands of whole stored chunks; bands are read, reordered and encoded in
+parallel tasks, and the single writer stores the encoded chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from dask_loom.blocks import block_regions, plan_blocks
+from dask_loom.cluster import compute
+from dask_loom.loom._common import AXIS_ATTRS, AXIS_GRAPHS
+from dask_loom.loom._store import init_layout, put_attr, put_graph, touch
+from dask_loom.loom._write import (
+    check_dtype,
+    check_values,
+    create_layer_array,
+    default_chunks,
+    encode_checked,
+)
+from dask_loom.ops._graph import task_name, tasks
+from dask_loom.ops._map import read_into_buffer
+
+if TYPE_CHECKING:
+    from dask_loom.loom._connection import LoomConnection
+
+__all__ = ["add_columns", "add_loom", "combine", "combine_faster", "export", "permute"]
+
+
+# --- permute ---------------------------------------------------------------------------------
+
+
+def _permuted_band(source: Any, encoder: Any, region: tuple[slice, ...], ordering: np.ndarray, axis: int, where: str) -> Any:
+    """Read a band of whole chunks, reorder it along *axis*, encode it for the new layer."""
+    if axis == 1:
+        src_region = (region[0], slice(0, source.shape[1]))
+        band = read_into_buffer(source, src_region)[:, ordering]
+    else:
+        src_region = (slice(0, source.shape[0]), region[1])
+        band = read_into_buffer(source, src_region)[ordering, :]
+    return encode_checked(encoder, region, band, where, band.dtype)
+
+
+def _copy_layer_permuted(ds: Any, w: Any, name: str, path: str, ordering: np.ndarray | None, axis: int) -> None:
+    src = ds._layer_source(name)
+    info = ds._layer_info(name)
+    shape = tuple(info.shape)
+    chunks = tuple(info.chunks) if info.chunks else default_chunks(shape)
+    create_layer_array(w, path, shape, info.dtype, chunks)
+    encoder = w.encoder(path)
+    where = f"{ds.filename}: layer '{name}'"
+    if ordering is None:
+        ordering = np.arange(shape[axis])
+    # Full-width row bands for a column permutation (and vice versa): every
+    # stored chunk is read once and written once, memory is one band per worker.
+    plan = plan_blocks(shape, chunks, np.dtype(info.dtype).itemsize, band_axis=0 if axis == 1 else 1)
+    regions = [r for _, r in block_regions(plan)]
+    tname = task_name("loom-permute", src, ordering.tobytes(), axis, path)
+    jobs = tasks(tname, _permuted_band, [(src, encoder, r, ordering, axis, where) for r in regions])
+    _store_in_batches(ds, w, path, jobs)
+
+
+def _store_in_batches(ds: Any, w: Any, path: str, jobs: list[Any]) -> None:
+    batch = max(4, 4 * (os.cpu_count() or 1))
+    for i in range(0, len(jobs), batch):
+        for payload in compute(*jobs[i : i + batch], **ds._compute_kwargs()):
+            w.store_chunks(path, payload)
+
+
+def _global_items(ds: Any) -> dict[str, Any]:
+    return {k: ds.attrs[k] for k in ds.attrs.keys() if k not in ("LOOM_SPEC_VERSION", "CreationDate")}
+
+
+def _put_attr_any(w: Any, axis: int, name: str, values: np.ndarray, *, n: int) -> None:
+    if values.dtype.names is not None:  # compound attributes are copied as stored
+        w.create_group(AXIS_ATTRS[axis])
+        w.create_array(f"{AXIS_ATTRS[axis]}/{name}", data=values, compression="gzip", compression_opts=2)
+        return
+    put_attr(w, axis, name, values, n=n, stamp=False)
+
+
+def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
+    """Permute every layer, attribute and graph along *axis*, out of core and crash-safe.
+
+    The permuted file is written beside the old one (memory bounded by one
+    band per worker) and replaces it by one atomic rename at the end: a
+    process killed at any moment leaves a valid file in either the old or the
+    new order.  *ordering* must be a permutation of ``range(shape[axis])``.
+    """
+    ds._check_writable()
+    if axis not in (0, 1):
+        raise ValueError(f"axis must be 0 or 1, not {axis!r}")
+    n = ds.shape[axis]
+    order = np.asarray(ordering).ravel()
+    if order.dtype.kind not in "iu" or len(order) != n or not np.array_equal(np.sort(order), np.arange(n)):
+        raise ValueError(f"{ds.filename}: ordering must be a permutation of 0..{n - 1} (got {len(order)} values of dtype {order.dtype})")
+    order = order.astype(np.int64)
+    globals_ = _global_items(ds)
+    attrs = [{k: ds.ra[k] for k in ds.ra.keys()}, {k: ds.ca[k] for k in ds.ca.keys()}]
+    graphs = [{k: ds.row_graphs[k] for k in ds.row_graphs.keys()}, {k: ds.col_graphs[k] for k in ds.col_graphs.keys()}]
+    from dask_loom.loom._graphs import slice_graph
+
+    with ds._writing(atomic=True, fresh=True) as w:
+        init_layout(w, globals_)
+        for name in ds.layers.keys():
+            _copy_layer_permuted(ds, w, name, ds._layer_path(name), order, axis)
+        for ax in (0, 1):
+            for k, v in attrs[ax].items():
+                _put_attr_any(w, ax, k, v[order] if ax == axis else v, n=ds.shape[ax])
+            for k, g in graphs[ax].items():
+                put_graph(w, ax, k, slice_graph(g, order, n) if ax == axis else g, stamp=False)
+        touch(w, AXIS_ATTRS[axis], AXIS_GRAPHS[axis])
+    ds._refresh_shape()
+    ds._open_managers()
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+def _format_rows(rows: np.ndarray, prefixes: list[str]) -> str:
+    return "".join(p + "".join(str(v) + "\t" for v in row) + "\n" for p, row in zip(prefixes, rows))
+
+
+def export(ds: LoomConnection, out_file: str | os.PathLike[str], layer: str | None = None, format: str = "tab") -> None:
+    """Write a layer with its row and column attributes as tab-separated text, byte-identical to loompy.
+
+    Streamed: row bands are read and formatted by tasks, two ahead of the
+    writer, into a temporary file renamed at the end.
+    """
+    from dask import delayed
+
+    from dask_loom.ops._prefetch import prefetched
+
+    if format != "tab":
+        raise ValueError(f"export format {format!r} is not supported; only 'tab' is")
+    ds._check_open()
+    src = ds._layer_source("" if layer is None else layer)
+    ra_keys, ca_keys = ds.ra.keys(), ds.ca.keys()
+    ra = [ds.ra[k] for k in ra_keys]
+    n, m = ds.shape
+    bands = plan_blocks((n, m), src.chunk_shape, np.dtype(src.dtype).itemsize, band_axis=0)[0]
+    bounds = np.cumsum((0, *bands))
+    format_band = delayed(_format_band, pure=True)
+
+    def job(r0: int, r1: int) -> Any:
+        prefixes = ["".join(str(a[i]) + "\t" for a in ra) + "\t" for i in range(r0, r1)]
+        return format_band(src, r0, r1, m, prefixes, dask_key_name=task_name("loom-export", src, r0, r1))
+
+    out_file = os.fspath(out_file)
+    tmp = out_file + ".dask-loom.tmp"
+    try:
+        with open(tmp, "w") as f:
+            for k in ca_keys:
+                f.write("\t" * len(ra_keys) + k + "\t" + "".join(str(v) + "\t" for v in ds.ca[k]) + "\n")
+            f.write("".join(k + "\t" for k in ra_keys) + "\t" + "\t" * m + "\n")
+            jobs = (lambda a=int(a), b=int(b): job(a, b) for a, b in itertools.pairwise(bounds) if b > a)
+            for text in prefetched(jobs, depth=2, **ds._compute_kwargs()):
+                f.write(text)
+        os.replace(tmp, out_file)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def _format_band(src: Any, r0: int, r1: int, m: int, prefixes: list[str]) -> str:
+    band = src.read_block((slice(r0, r1), slice(0, m)))
+    return _format_rows(band, prefixes)
+
+
+# --- growing a file: add_columns / add_loom -----------------------------------------------------
+
+
+def _write_columns(ds: Any, w: Any, path: str, start: int, batches: Iterable[np.ndarray], where: str, dtype: Any) -> int:
+    """Write column batches at ``start…``; aligned stretches are encoded in parallel, the
+    first partial chunk column (if *start* is not on a chunk boundary) goes through the writer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    info = w.info(path)
+    chunks = tuple(info.chunks) if info.chunks else (info.shape[0], 1)
+    cw = chunks[1]
+    pos = start
+    pending: list[np.ndarray] = []
+    buffered = 0
+
+    def flush(final: bool) -> None:
+        nonlocal pos, pending, buffered
+        if not pending:
+            return
+        data = np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
+        pending, buffered = [], 0
+        head = (-pos) % cw
+        if head:
+            h = min(head, data.shape[1])
+            check_values(data[:, :h], where)
+            w.write(path, (slice(None), slice(pos, pos + h)), np.asarray(data[:, :h], dtype=dtype))
+            pos += h
+            data = data[:, h:]
+        if not data.shape[1]:
+            return
+        whole = data.shape[1] if final else (data.shape[1] // cw) * cw
+        encoder = w.encoder(path)
+        regions = []
+        for c0 in range(0, whole, cw * 64):
+            c1 = min(whole, c0 + cw * 64)
+            regions.append(((slice(0, data.shape[0]), slice(pos + c0, pos + c1)), data[:, c0:c1]))
+        with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+            for payload in pool.map(lambda rb: encode_checked(encoder, rb[0], rb[1], where, dtype), regions):
+                w.store_chunks(path, payload)
+        pos += whole
+        if whole < data.shape[1]:
+            pending.append(data[:, whole:])
+            buffered = data.shape[1] - whole
+
+    for b in batches:
+        b = b.toarray() if sp.issparse(b) else np.asarray(b)
+        pending.append(b)
+        buffered += b.shape[1]
+        if buffered >= cw * 64:
+            flush(False)
+    flush(True)
+    return pos
+
+
+def _fill_for(values: np.ndarray, n: int, fill: Any) -> np.ndarray:
+    if fill is None:
+        fill = "" if values.dtype.kind in "OUS" else np.zeros(1, values.dtype)[0]
+    return np.full((n, *values.shape[1:]), fill, dtype=values.dtype if values.dtype.kind != "U" else object)
+
+
+def _merge_col_attrs(
+    ds: Any, incoming: dict[str, np.ndarray], n_new: int, fill_values: Any
+) -> dict[str, np.ndarray]:
+    """The column attributes after appending *n_new* columns (loompy's rules)."""
+    out: dict[str, np.ndarray] = {}
+    existing = {k: ds.ca[k] for k in ds.ca.keys()}
+    for k, old in existing.items():
+        new = incoming.get(k)
+        if new is None:
+            if fill_values is None:
+                continue  # not supplied: dropped from the file, as loompy does
+            fv = fill_values.get(k) if isinstance(fill_values, dict) else None
+            if isinstance(fill_values, dict) and k not in fill_values:
+                continue
+            new = _fill_for(old, n_new, fv)
+        new = np.asarray(new)
+        if new.shape[1:] != old.shape[1:]:
+            continue  # mismatched trailing dimensions: deleted, as loompy does
+        if old.dtype.kind in "OUS" or new.dtype.kind in "OUS":
+            out[k] = np.concatenate([old.astype(object), new.astype(str).astype(object)])
+        else:
+            out[k] = np.concatenate([old, new.astype(np.result_type(old.dtype, new.dtype))])
+    if ds.shape[1] == 0:
+        for k, v in incoming.items():
+            out[k] = np.asarray(v)
+    return out
+
+
+def _as_layer_dict(layers: Any) -> dict[str, Any]:
+    from dask_loom.loom._layers import LayerManager, LoomLayer, MemoryLoomLayer
+
+    if isinstance(layers, LayerManager):
+        layers = {k: layers[k] for k in layers.keys()}
+    elif not isinstance(layers, dict):
+        layers = {"": layers}
+    out = {}
+    for k, v in layers.items():
+        if isinstance(v, MemoryLoomLayer):
+            v = v.values
+        elif isinstance(v, LoomLayer):
+            v = v[:, :]
+        out[k] = v if sp.issparse(v) else np.asarray(v)
+    return out
+
+
+def _check_append(ds: Any, names: list[str], n_rows: int, where: str) -> None:
+    if ds.shape == (0, 0):
+        return
+    have = set(ds.layers.keys())
+    missing = have - set(names)
+    extra = set(names) - have
+    if missing:
+        raise KeyError(f"{where}: every layer must be supplied; missing {sorted(missing)}")
+    if extra:
+        raise KeyError(f"{where}: layers {sorted(extra)} do not exist in the file")
+    if n_rows != ds.shape[0]:
+        raise ValueError(f"{where}: the new columns have {n_rows} rows, the file has {ds.shape[0]}")
+
+
+def _append(
+    ds: Any,
+    layer_batches: dict[str, Iterator[np.ndarray]],
+    dtypes: dict[str, Any],
+    n_rows: int,
+    n_new: int,
+    col_attrs: dict[str, np.ndarray],
+    row_attrs: dict[str, np.ndarray] | None,
+    *,
+    col_graphs: dict[str, Any] | None = None,
+    globals_set: dict[str, Any] | None = None,
+    globals_del: Iterable[str] = (),
+) -> None:
+    """Append *n_new* columns to every layer and rewrite the column attributes, atomically."""
+    from dask_loom.loom._store import put_global
+
+    old_m = ds.shape[1]
+    empty = ds.shape == (0, 0)
+    where = ds.filename
+    with ds._writing(atomic=True) as w:
+        for name, batches in layer_batches.items():
+            path = ds._layer_path(name)
+            if empty:
+                dt = check_dtype(dtypes[name], f"{where}: layer '{name}'")
+                create_layer_array(w, path, (n_rows, 0), dt, default_chunks((n_rows, max(64, n_new))))
+            info = w.info(path)
+            dt = info.dtype
+            try:
+                w.resize(path, (n_rows, old_m + n_new))
+            except (TypeError, ValueError, OSError) as exc:
+                raise ValueError(f"{where}: layer '{name}' cannot grow along columns (fixed maximum shape): {exc}") from None
+            end = _write_columns(ds, w, path, old_m, batches, f"{where}: layer '{name}'", dt)
+            if end != old_m + n_new:
+                raise ValueError(f"{where}: layer '{name}' received {end - old_m} columns, expected {n_new}")
+        if row_attrs:
+            for k, v in row_attrs.items():
+                put_attr(w, 0, k, v, n=n_rows, stamp=False)
+        for k in list(w.children("col_attrs")):
+            if k not in col_attrs:
+                w.delete(f"col_attrs/{k}")
+        for k, v in col_attrs.items():
+            _put_attr_any(w, 1, k, np.asarray(v), n=old_m + n_new)
+        for k, g in (col_graphs or {}).items():
+            put_graph(w, 1, k, g, stamp=False)
+        in_group = w.is_group("attrs")
+        for k, v in (globals_set or {}).items():
+            put_global(w, k, v, in_group=in_group)
+        for k in globals_del:
+            if in_group:
+                w.delete(f"attrs/{k}")
+            else:
+                w.del_attr("/", k)
+        touch(w, "col_attrs", *(ds._layer_path(n) for n in layer_batches))
+    ds._refresh_shape()
+    ds._open_managers()
+
+
+def add_columns(ds: LoomConnection, layers: Any, col_attrs: dict[str, Any], *, row_attrs: dict[str, Any] | None = None, fill_values: Any = None) -> None:
+    """Append columns (all layers at once) and their attributes, all-or-nothing."""
+    ds._check_writable()
+    lay = _as_layer_dict(layers)
+    where = ds.filename
+    if "" not in lay and ds.shape == (0, 0):
+        raise ValueError(f"{where}: the main matrix (layer '') must be supplied")
+    shapes = {k: v.shape for k, v in lay.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"{where}: all supplied layers must have the same shape, got {shapes}")
+    n_rows, n_new = next(iter(shapes.values()))
+    _check_append(ds, list(lay), n_rows, where)
+    if ds.shape == (0, 0) and not row_attrs:
+        raise ValueError(f"{where}: row_attrs must be given when adding columns to an empty file")
+    col_attrs = {k: np.asarray(v) for k, v in (col_attrs or {}).items()}
+    for k, v in col_attrs.items():
+        if v.shape[0] != n_new:
+            raise ValueError(f"{where}: column attribute '{k}' has {v.shape[0]} values for {n_new} new columns")
+    for k, v in lay.items():
+        check_values(v, f"{where}: layer '{k}'")
+    merged = _merge_col_attrs(ds, col_attrs, n_new, fill_values)
+    if ds.shape != (0, 0) and fill_values is None:
+        merged = {k: v for k, v in merged.items() if k in col_attrs}
+    ra = None
+    if ds.shape == (0, 0):
+        ra = {k: np.asarray(v) for k, v in (row_attrs or {}).items()}
+        for k, v in ra.items():
+            if v.shape[0] != n_rows:
+                raise ValueError(f"{where}: row attribute '{k}' has {v.shape[0]} values, expected {n_rows}")
+    batches = {k: iter([v]) for k, v in lay.items()}
+    _append(ds, batches, {k: v.dtype for k, v in lay.items()}, n_rows, n_new, merged, ra)
+
+
+def add_loom(
+    ds: LoomConnection,
+    other_file: str | os.PathLike[str],
+    key: str | None = None,
+    fill_values: Any = None,
+    batch_size: int = 1000,
+    convert_attrs: bool = False,
+    include_graphs: bool = False,
+) -> None:
+    """Append the columns of another Loom file (opened read-only, never modified), atomically.
+
+    Rows are matched on the row attribute *key* when given.  Every layer of
+    this file must exist in the other; its extra layers are ignored.  With
+    *convert_attrs*, global attributes that differ become constant column
+    attributes of the combined file (the other file is not touched, unlike
+    loompy).  With *include_graphs*, column graphs present in both files are
+    joined block-diagonally (loompy raises a shape error).
+    """
+    from dask_loom.loom._connection import connect
+
+    ds._check_writable()
+    with connect(other_file, "r", validate=False) as other:
+        where = f"{ds.filename} + {other.filename}"
+        if ds.shape != (0, 0) and other.shape[0] != ds.shape[0]:
+            raise ValueError(f"{where}: the files have {ds.shape[0]} and {other.shape[0]} rows")
+        names = ds.layers.keys() if ds.shape != (0, 0) else other.layers.keys()
+        for n in names:
+            if n not in other.layers:
+                raise ValueError(f"{where}: layer '{n}' is missing from {other.filename}")
+        row_order = None
+        if key is not None:
+            mine, theirs = np.asarray(ds.ra[key]), np.asarray(other.ra[key])
+            if not np.array_equal(np.sort(mine), np.sort(theirs)):
+                raise ValueError(f"{where}: the values of row attribute '{key}' differ between the files")
+            row_order = np.argsort(theirs, kind="stable")[np.argsort(np.argsort(mine, kind="stable"), kind="stable")]
+        m2 = other.shape[1]
+        incoming = {k: other.ca[k] for k in other.ca.keys()}
+        globals_set: dict[str, Any] = {}
+        globals_del: list[str] = []
+        if convert_attrs:
+            for k in sorted(set(ds.attrs.keys()) | set(other.attrs.keys())):
+                if k in ("LOOM_SPEC_VERSION", "CreationDate", "last_modified"):
+                    continue
+                a, b = ds.attrs.get(k), other.attrs.get(k)
+                if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) or a != b:
+                    if k in ds.ca or k in incoming:
+                        continue
+                    incoming[k] = np.array([b] * m2, dtype=object if isinstance(b, str) or b is None else None) if b is not None else np.array([""] * m2, dtype=object)
+                    mine_vals = np.array([a] * ds.shape[1], dtype=object if isinstance(a, str) or a is None else None) if a is not None else np.array([""] * ds.shape[1], dtype=object)
+                    ds.ca._cache[k] = mine_vals
+                    if k not in ds.ca._names:
+                        ds.ca._names.append(k)
+                    if k in ds.attrs:
+                        globals_del.append(k)
+        merged = _merge_col_attrs(ds, incoming, m2, fill_values)
+        if fill_values is None and ds.shape != (0, 0):
+            merged = {k: v for k, v in merged.items() if k in incoming}
+        graphs = None
+        if include_graphs:
+            graphs = {}
+            for g in ds.col_graphs.keys():
+                if g in other.col_graphs.keys():
+                    graphs[g] = sp.block_diag([ds.col_graphs[g], other.col_graphs[g]], format="coo")
+
+        def batches(layer: str) -> Iterator[np.ndarray]:
+            src = other._layer_source(layer)
+            for c0 in range(0, m2, max(1, int(batch_size))):
+                c1 = min(m2, c0 + max(1, int(batch_size)))
+                block = src.read_block((slice(0, other.shape[0]), slice(c0, c1)))
+                yield block if row_order is None else block[row_order]
+
+        ra = None
+        if ds.shape == (0, 0):
+            ra = {k: other.ra[k] for k in other.ra.keys()}
+        _append(
+            ds,
+            {n: batches(n) for n in names},
+            {n: other._layer_dtype(n) for n in names},
+            other.shape[0],
+            m2,
+            merged,
+            ra,
+            col_graphs=graphs,
+            globals_set=globals_set,
+            globals_del=globals_del,
+        )
+
+
+def combine(
+    files: list[str | os.PathLike[str]],
+    output_file: str | os.PathLike[str],
+    key: str | None = None,
+    file_attrs: dict[str, Any] | None = None,
+    batch_size: int = 1000,
+    convert_attrs: bool = False,
+) -> None:
+    """Concatenate Loom files along columns (loompy's ``combine``): a copy of the first file,
+    then every other file appended with :func:`add_loom`.  Column attributes not present in
+    every file are dropped; rows keep the first file's order (matched on *key*)."""
+    from dask_loom.loom._connection import connect
+
+    if not files:
+        raise ValueError("combine needs at least one input file")
+    output_file = os.fspath(output_file)
+    tmp = output_file + ".dask-loom-combine.tmp"
+    try:
+        shutil.copyfile(os.fspath(files[0]), tmp)
+        with connect(tmp, "r+", validate=False) as ds:
+            for f in files[1:]:
+                add_loom(ds, f, key=key, batch_size=batch_size, convert_attrs=convert_attrs)
+            for k, v in (file_attrs or {}).items():
+                ds.attrs[k] = v
+        from dask_loom.hdf5 import invalidate
+
+        invalidate(tmp)
+        os.replace(tmp, output_file)
+        lock = os.path.join(os.path.dirname(tmp), f".{os.path.basename(tmp)}.dask-loom.lock")
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def combine_faster(
+    files: list[str | os.PathLike[str]],
+    output_file: str | os.PathLike[str],
+    file_attrs: dict[str, Any] | None = None,
+    selections: list[np.ndarray | None] | None = None,
+    key: str | None = None,
+    skip_attrs: list[str] | None = None,
+) -> None:
+    """Combine Loom files with the same rows into a new file in one pass (loompy's ``combine_faster``).
+
+    Layers missing from a file contribute zeros; column attributes missing from
+    a file are filled with zeros (``"0"`` for strings, as loompy); rows are
+    sorted by *key* when given; no graphs are copied.  Unlike loompy the
+    inputs need not fit in memory.
+    """
+    from dask_loom.loom._connection import connect
+    from dask_loom.loom._create import _spec, creating
+
+    skip = set(skip_attrs or [])
+    conns = [connect(f, "r", validate=False) for f in files]
+    try:
+        if not conns:
+            raise ValueError("combine_faster needs at least one input file")
+        n = conns[0].shape[0]
+        for c in conns:
+            if c.shape[0] != n:
+                raise ValueError(f"{c.filename} has {c.shape[0]} rows; all files must have {n}")
+        sels = []
+        for i, c in enumerate(conns):
+            s = None if selections is None else selections[i]
+            if s is None:
+                s = np.arange(c.shape[1])
+            else:
+                s = np.asarray(s)
+                s = np.flatnonzero(s) if s.dtype.kind == "b" else s.astype(np.int64)
+            sels.append(s)
+        total = sum(len(s) for s in sels)
+        layer_dtypes: dict[str, Any] = {}
+        for c in conns:
+            for ln in c.layers.keys():
+                dt = c._layer_dtype(ln)
+                if ln in layer_dtypes and np.dtype(layer_dtypes[ln]) != np.dtype(dt):
+                    raise ValueError(f"{c.filename}: layer '{ln}' has dtype {dt}, another file {layer_dtypes[ln]}")
+                layer_dtypes.setdefault(ln, dt)
+        orders = [np.argsort(c.ra[key], kind="stable") if key is not None else None for c in conns]
+        ca_vals: dict[str, list[np.ndarray]] = {}
+        ca_first: dict[str, np.ndarray] = {}
+        for c in conns:
+            for k in c.ca.keys():
+                if k in skip:
+                    continue
+                v = c.ca[k]
+                if k in ca_first and v.dtype.kind != ca_first[k].dtype.kind:
+                    raise ValueError(f"{c.filename}: column attribute '{k}' has dtype {v.dtype}, another file {ca_first[k].dtype}")
+                ca_first.setdefault(k, v)
+        for c, s in zip(conns, sels):
+            for k, first in ca_first.items():
+                if k in c.ca:
+                    ca_vals.setdefault(k, []).append(np.asarray(c.ca[k])[s])
+                else:
+                    filler = np.full((len(s), *first.shape[1:]), "0" if first.dtype.kind in "OUS" else 0, dtype=object if first.dtype.kind in "OUS" else first.dtype)
+                    ca_vals.setdefault(k, []).append(filler)
+        ra: dict[str, np.ndarray] = {}
+        for c, o in zip(conns, orders):
+            for k in c.ra.keys():
+                if k not in skip and k not in ra:
+                    v = c.ra[k]
+                    ra[k] = v if o is None else v[o]
+        spec = _spec(output_file, None)
+        with creating(spec) as w:
+            init_layout(w, file_attrs)
+            chunks = default_chunks((n, total))
+            for ln, dt in layer_dtypes.items():
+                path = "matrix" if ln == "" else f"layers/{ln}"
+                create_layer_array(w, path, (n, total), dt, chunks, fill=True)
+
+                def batches(ln: str = ln, dt: Any = dt) -> Iterator[np.ndarray]:
+                    for c, s, o in zip(conns, sels, orders):
+                        if ln not in c.layers:
+                            yield np.zeros((n, len(s)), dtype=dt)
+                            continue
+                        src = c._layer_source(ln)
+                        for c0 in range(0, len(s), 4096):
+                            cols = s[c0 : c0 + 4096]
+                            lo, hi = int(cols.min()), int(cols.max()) + 1
+                            block = src.read_block((slice(0, n), slice(lo, hi)))[:, cols - lo]
+                            yield block if o is None else block[o]
+
+                _write_columns(None, w, path, 0, batches(), f"{output_file}: layer '{ln}'", dt)
+            for k, v in ra.items():
+                _put_attr_any(w, 0, k, np.asarray(v), n=n)
+            for k, parts in ca_vals.items():
+                _put_attr_any(w, 1, k, np.concatenate(parts), n=total)
+    finally:
+        for c in conns:
+            c.close(True)
