@@ -22,6 +22,8 @@ from dask_loom.loom import (
     MemoryLoomLayer,
     ViewManager,
     _zarrtree,  # registers .loom.zarr containers with connect/new/create
+    combine,
+    combine_faster,
     connect,
     create,
     new,
@@ -66,6 +68,8 @@ __all__ = (
     "ZarrGroup",
     "ZarrNode",
     "__version__",
+    "combine",
+    "combine_faster",
     "connect",
     "convert",
     "convert_to_ome_arrow",

@@ -21,7 +21,15 @@ from dask_loom.blocks import from_source
 from dask_loom.errors import CorruptChunkError
 from dask_loom.hdf5._decode import decode_chunk
 from dask_loom.hdf5._files import cached_entry, open_h5_read, read_ranges
-from dask_loom.hdf5._layout import DEFLATE, ChunkIndex, DatasetLayout, describe, full_index, region_index, wants_full_index
+from dask_loom.hdf5._layout import (
+    DEFLATE,
+    ChunkIndex,
+    DatasetLayout,
+    describe,
+    full_index,
+    region_index,
+    wants_full_index,
+)
 from dask_loom.storage import FileSpec
 
 __all__ = ["HDF5Source", "dataset_layout", "hdf5_to_dask"]
