@@ -555,7 +555,7 @@ def combine_faster(
                 if ln in layer_dtypes and np.dtype(layer_dtypes[ln]) != np.dtype(dt):
                     raise ValueError(f"{c.filename}: layer '{ln}' has dtype {dt}, another file {layer_dtypes[ln]}")
                 layer_dtypes.setdefault(ln, dt)
-        orders = [np.argsort(c.ra[key], kind="stable") if key is not None else None for c in conns]
+        orders = [np.argsort(c.ra[key]) if key is not None else None for c in conns]
         ca_vals: dict[str, list[np.ndarray]] = {}
         ca_first: dict[str, np.ndarray] = {}
         for c in conns:

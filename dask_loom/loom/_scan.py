@@ -125,7 +125,7 @@ def scan(
     ordering = None
     if key is not None:
         attrs = ds.ra if axis == 1 else ds.ca
-        ordering = np.argsort(attrs[key], kind="stable")
+        ordering = np.argsort(attrs[key])  # numpy's default sort, as loompy (ties in the same order)
     other_index = ordering if ordering is not None else slice(None)
     # Shared by every batch: the other axis's attributes and graphs, sliced once.
     other_attrs = (ds.ra if axis == 1 else ds.ca)[other_index]

@@ -1,0 +1,162 @@
+"""``dask-loom aggregate | permute | export | scan`` and the image-aware ``convert``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from dask_loom import cli
+from dask_loom.cli import _announce, _compute_options, _progress, _say, arguments, command
+
+__all__: list[str] = []
+
+
+def _aggregate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="input .loom / .loom.zarr")
+    p.add_argument("out", help="output Loom file: one column per group")
+    p.add_argument("--group-by", default="Clusters", help="column attribute holding the group labels (default: Clusters)")
+    p.add_argument("--aggr-by", default="mean", help="numpy-groupies function for the matrix (default: mean)")
+    p.add_argument("--layer", default="", help="layer to aggregate (default: the main matrix)")
+    p.add_argument("--ca", action="append", default=[], metavar="ATTR=FUNC", help="aggregate a column attribute too (tally, first, mean, mode, …); repeatable")
+    p.add_argument("--if-equal", action="store_true", help="copy column attributes that are constant within every group")
+    _compute_options(p)
+
+
+@command("aggregate", "aggregate columns by a label into a new Loom file (one column per group)")
+@arguments(_aggregate_args)
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from dask_loom.loom import connect
+
+    ca = {}
+    for item in args.ca:
+        if "=" not in item:
+            raise ValueError(f"--ca expects ATTR=FUNC, got {item!r}")
+        k, v = item.split("=", 1)
+        ca[k] = v
+    with _announce(args) as target, connect(args.file, "r") as ds:
+        t0 = time.perf_counter()
+        m = ds.aggregate(args.out, group_by=args.group_by, aggr_by=args.aggr_by, aggr_ca_by=ca or None, layer=args.layer, aggr_ca_if_equal=args.if_equal, scheduler=target, progress=_progress(args))
+    _say(f"wrote {args.out}: {m.shape[0]} rows x {m.shape[1]} groups ({args.aggr_by} by {args.group_by}) in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def _permute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="the .loom / .loom.zarr to permute in place (crash-safe)")
+    p.add_argument("--axis", type=int, choices=[0, 1], required=True, help="0: rows, 1: columns")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--order-by", metavar="ATTR", help="sort by this attribute of the axis")
+    how.add_argument("--random", metavar="SEED", type=int, help="a random permutation with this seed")
+    how.add_argument("--ordering", metavar="FILE.npy", help="a .npy file holding the permutation")
+    _compute_options(p)
+
+
+@command("permute", "reorder rows or columns (every layer, attribute and graph), crash-safe")
+@arguments(_permute_args)
+def cmd_permute(args: argparse.Namespace) -> int:
+    from dask_loom.loom import connect
+
+    with _announce(args) as target, connect(args.file, "r+", scheduler=target) as ds:
+        n = ds.shape[args.axis]
+        if args.order_by:
+            attrs = ds.ra if args.axis == 0 else ds.ca
+            ordering = np.argsort(attrs[args.order_by], kind="stable")
+        elif args.random is not None:
+            ordering = np.random.default_rng(args.random).permutation(n)
+        else:
+            ordering = np.load(args.ordering)
+        t0 = time.perf_counter()
+        ds.permute(ordering, axis=args.axis)
+    _say(f"permuted {args.file} along axis {args.axis} ({n} items) in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file")
+    p.add_argument("out", help="output tab-separated file (loompy's layout, byte for byte)")
+    p.add_argument("--layer", default=None)
+    _compute_options(p)
+
+
+@command("export", "export a layer and its attributes as tab-separated text, as loompy does")
+@arguments(_export_args)
+def cmd_export(args: argparse.Namespace) -> int:
+    from dask_loom.loom import connect
+
+    with _announce(args) as target, connect(args.file, "r", scheduler=target) as ds:
+        t0 = time.perf_counter()
+        ds.export(args.out, layer=args.layer)
+    _say(f"wrote {args.out} in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+def _scan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file")
+    p.add_argument("--axis", type=int, choices=[0, 1], default=1, help="0: batches of rows, 1: batches of columns (default)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
+    p.add_argument("--out", required=True, metavar="DIR", help="write batch_<start>.npz files here (layers, indexes, attributes of the axis)")
+    _compute_options(p)
+
+
+@command("scan", "write the file as batches of rows or columns (.npz), read with read-ahead")
+@arguments(_scan_args)
+def cmd_scan(args: argparse.Namespace) -> int:
+    from dask_loom.loom import connect
+
+    layers = args.layers.split(",") if args.layers else None
+    os.makedirs(args.out, exist_ok=True)
+    n = 0
+    with _announce(args) as target, connect(args.file, "r", scheduler=target) as ds:
+        t0 = time.perf_counter()
+        what = ["layers", "col_attrs" if args.axis == 1 else "row_attrs"]
+        for ix, index, view in ds.scan(axis=args.axis, batch_size=args.batch_size, layers=layers, what=what):
+            arrays: dict[str, Any] = {"indexes": index}
+            for name in view.layers.keys():
+                arrays[f"layer_{name or 'matrix'}"] = view.layers[name].values
+            attrs = view.ca if args.axis == 1 else view.ra
+            for k in attrs.keys():
+                v = attrs[k]
+                arrays[f"attr_{k.replace('/', '_')}"] = v.astype(str) if v.dtype == object else v
+            np.savez(os.path.join(args.out, f"batch_{ix:09d}.npz"), **arrays)
+            n += 1
+    _say(f"wrote {n} batches to {args.out} in {time.perf_counter() - t0:.2f} s")
+    return 0
+
+
+_IMAGE_SUFFIXES = (".tif", ".tiff", ".ome.zarr", ".parquet", ".pq")
+
+
+def _is_image(path: str) -> bool:
+    p = path.rstrip("/").lower()
+    return p.endswith(_IMAGE_SUFFIXES) and not p.endswith(".loom.zarr")
+
+
+def _wrap_convert() -> None:
+    loom_convert = cli.COMMANDS.get("convert")
+    if loom_convert is None:
+        return
+    configure, loom_fn, _ = loom_convert
+
+    def cmd_convert(args: argparse.Namespace) -> int:
+        if _is_image(args.src) or _is_image(args.dst):
+            from dask_loom.ome import convert_to_ome_arrow
+
+            with _announce(args) as target:
+                t0 = time.perf_counter()
+                convert_to_ome_arrow(args.src, args.dst, scheduler=target)
+            _say(f"wrote {args.dst} in {time.perf_counter() - t0:.2f} s")
+            return 0
+        return loom_fn(args)
+
+    cli.COMMANDS["convert"] = (
+        configure,
+        cmd_convert,
+        "convert .loom <-> .loom.zarr, or an image (OME-TIFF, OME-Zarr) to OME-Arrow Parquet",
+    )
+
+
+_wrap_convert()
