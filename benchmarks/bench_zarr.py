@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from _harness import CACHE, measure, save, table  # noqa: E402
+from _harness import CACHE, measure, save, table
 
 DELAY = 0.05
 CONCURRENCY = 32
