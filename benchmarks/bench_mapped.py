@@ -12,8 +12,9 @@ tree including DataLoader workers):
     row slices and densifying 256-row batches (the same output, no shuffling).
 
 lamindb is slow enough that its epoch is measured on its first
-``--peer-batches`` batches and reported as items/s (so are ours: items/s is
-what the ratios compare).  Also reported: label entropy per batch (batch
+``--peer-batches`` batches, our DataLoader runs on their first
+``--our-batches``; ``iter_batches`` and the floor read the whole collection.
+Everything is reported as items/s, which is what the ratios compare.  Also reported: label entropy per batch (batch
 diversity) for iter_batches, a fully random order and sequential order.
 
 Usage::
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _harness import CACHE, measure, save  # noqa: E402
+from _harness import CACHE, measure, save
 
 N_GENES = 2000
 N_TYPES = 20
@@ -168,7 +169,7 @@ def run_iter_batches(kind: str, paths: list[str], block_size: int, preload_block
     return {"wall": wall, "items": items, "items_per_s": items / wall, "entropy": float(np.mean(ent)), "seen": seen}
 
 
-def run_iterable_loader(kind: str, paths: list[str]) -> dict[str, Any]:
+def run_iterable_loader(kind: str, paths: list[str], max_batches: int | None) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from dask_loom import MappedCollection, MappedIterableDataset
@@ -177,8 +178,10 @@ def run_iterable_loader(kind: str, paths: list[str]) -> dict[str, Any]:
     loader = DataLoader(MappedIterableDataset(mc, 256, seed=0), batch_size=None, num_workers=2)
     t0 = time.perf_counter()
     items = 0
-    for batch in loader:
+    for b, batch in enumerate(loader):
         items += batch["X"].shape[0]
+        if max_batches is not None and b + 1 >= max_batches:
+            break
     wall = time.perf_counter() - t0
     return {"wall": wall, "items": items, "items_per_s": items / wall}
 
@@ -249,6 +252,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="4 x 25k rows (validation run)")
     ap.add_argument("--density", type=float, default=0.05)
     ap.add_argument("--peer-batches", type=int, default=40, help="batches of lamindb's DataLoader epoch to time")
+    ap.add_argument("--our-batches", type=int, default=400, help="batches of our DataLoader runs to time (0: whole epoch)")
     ap.add_argument("--getitem-items", type=int, default=2000)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--preload-blocks", type=int, default=32)
@@ -272,9 +276,10 @@ def main() -> None:
             r[f"getitem_{impl}"] = measure(run_getitem, kind, paths, args.getitem_items, impl)
         if peer:
             r[f"dataloader_{peer}"] = measure(run_dataloader, kind, paths, peer, args.peer_batches)
-        r["dataloader_dask_loom"] = measure(run_dataloader, kind, paths, "dask_loom", None)
+        ours = args.our_batches or None
+        r["dataloader_dask_loom"] = measure(run_dataloader, kind, paths, "dask_loom", ours)
         r["iter_batches"] = measure(run_iter_batches, kind, paths, args.block_size, args.preload_blocks)
-        r["iterable_dataloader"] = measure(run_iterable_loader, kind, paths)
+        r["iterable_dataloader"] = measure(run_iterable_loader, kind, paths, ours)
         r["floor_read"] = measure(run_floor, kind, paths, False)
         r["floor_read_densify"] = measure(run_floor, kind, paths, True)
         r["diversity"] = diversity(paths, args.block_size, args.preload_blocks)
