@@ -582,6 +582,9 @@ def test_writers_are_dtype_exact(tmp_path, dtype):
     np.testing.assert_array_equal(v.to_numpy(), a)
     p = dask_loom.to_ome_parquet(da.from_array(a, chunks=(1, 1, 2, 10, 34)), tmp_path / f"{dtype}.ome.parquet", chunk_shape=(2, 8, 16))
     np.testing.assert_array_equal(dask_loom.open_ome_arrow(p, layout="TCZYX").to_numpy(), a)
+    z = dask_loom.to_ome_parquet(a, tmp_path / f"{dtype}.z.ome.parquet", chunk_shape=(3, 8, 8), chunk_compression="zstd",
+                                 compression=None)
+    np.testing.assert_array_equal(dask_loom.open_ome_arrow(z, layout="TCZYX").to_numpy(), a)
     ds = tmp_path / f"{dtype}.ds"
     dask_loom.write_ome_arrow_dataset([a], ds, chunk_shape=(1, 1, 2, 8, 16))
     np.testing.assert_array_equal(dask_loom.open_ome_arrow(ds, layout="TCZYX").to_numpy(), a)
@@ -590,8 +593,9 @@ def test_writers_are_dtype_exact(tmp_path, dtype):
     except ImportError:
         return
     np.testing.assert_array_equal(ome_arrow.TensorView(rec, layout="TCZYX").to_numpy(), a)
-    o = ome_arrow.OMEArrow(str(p), column_name="image")
-    np.testing.assert_array_equal(o.tensor_view(layout="TCZYX").to_numpy(), a)
+    for path in (p, z):
+        o = ome_arrow.OMEArrow(str(path), column_name="image")
+        np.testing.assert_array_equal(o.tensor_view(layout="TCZYX").to_numpy(), a)
     np.testing.assert_array_equal(ome_arrow.OMEArrowDataset(ds).read_image("image-00000"), a)
 
 
@@ -648,6 +652,17 @@ def test_writers_stream_block_by_block(tmp_path):
             assert max(src.requests) * 2 <= 32 * 1024  # whole-chunk blocks of at most the block size
     np.testing.assert_array_equal(dask_loom.open_ome_arrow(tmp_path / "s.ome.parquet", layout="TCZYX").to_numpy(), a)
     np.testing.assert_array_equal(dask_loom.open_ome_arrow(tmp_path / "s.ds", layout="TCZYX").to_numpy(), a)
+
+
+def test_record_page_limit(tmp_path, monkeypatch):
+    from dask_loom.ome import _write
+
+    monkeypatch.setattr(_write, "_PAGE_LIMIT", 64 << 10)
+    with pytest.raises(OMEArrowError, match=r"one Parquet data page, limited to 2 GiB.*write_ome_arrow_dataset"):
+        dask_loom.to_ome_parquet(np.zeros((4, 100, 100), np.uint16), tmp_path / "big.ome.parquet")
+    assert os.listdir(tmp_path) == []
+    small = dask_loom.to_ome_parquet(np.zeros((4, 100, 100), np.uint16), tmp_path / "ok.ome.parquet", chunk_compression="zstd")
+    assert dask_loom.open_ome_arrow(small, layout="ZYX").shape == (4, 100, 100)
 
 
 def test_failed_write_leaves_nothing(tmp_path):

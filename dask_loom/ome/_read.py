@@ -655,6 +655,8 @@ class ParquetImage(_Image):
         parsed = _parse_record(record, self.label)
         self.meta, self._index, self.what, self.binary = parsed.meta, parsed.index, parsed.what, parsed.binary
         prefix = f"{self.column}.{self.what}."
+        # The metadata read left the payload out, so tell byte chunks by the file schema.
+        self.binary = any(p.startswith(prefix) and p.endswith(".pixel_bytes") for p in mine)
         self.pixel_cols = [p for p in mine if p.startswith(prefix) and _payload_leaf(p)]
         if self.binary:
             self.pixel_cols += [p for p in mine if p.startswith(prefix) and p.endswith((".dtype", ".compression"))]

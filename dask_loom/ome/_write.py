@@ -38,7 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dask_loom.errors import SelectionError, UnsupportedDtypeError
+from dask_loom.errors import OMEArrowError, SelectionError, UnsupportedDtypeError
 from dask_loom.ome._schema import (
     CHUNK_TABLE_SCHEMA,
     DATASET_MANIFEST,
@@ -190,15 +190,31 @@ def _parallelism(scheduler: Any, client: Any) -> int:
     return max(1, os.cpu_count() or 1)
 
 
+# Writers hold a few blocks at once (one per worker): keep each well below
+# dask_loom.block-size so a stream stays within a few hundred MiB.
+WRITE_BLOCK_BYTES = 32 << 20
+
+
+def _aligned(chunks: tuple[tuple[int, ...], ...], unit: tuple[int, ...], limit: int, itemsize: int) -> bool:
+    """True when every dask block is a union of whole *unit* chunks and at most *limit* bytes."""
+    for sizes, u in zip(chunks, unit):
+        if np.any(np.cumsum(sizes)[:-1] % u):
+            return False
+    return math.prod(max(c) for c in chunks) * itemsize <= limit
+
+
 def _iter_blocks(img: _Image5, chunk: tuple[int, ...], *, scheduler: Any, client: Any) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-    """(origin, block) for blocks made of whole chunks, a few at a time."""
+    """(origin, block) for blocks made of whole chunks, one wave of workers at a time."""
+    from dask_loom._config import block_size_bytes
     from dask_loom.blocks import block_regions, plan_blocks
     from dask_loom.cluster import compute
 
-    plan = plan_blocks(img.shape, chunk, img.dtype.itemsize)
-    regions = block_regions(plan)
+    target = min(block_size_bytes(), WRITE_BLOCK_BYTES)
     if _is_dask(img.array):
-        arr = img.array.rechunk(plan)
+        arr = img.array
+        if not _aligned(arr.chunks, chunk, 2 * target, img.dtype.itemsize):
+            arr = arr.rechunk(plan_blocks(img.shape, chunk, img.dtype.itemsize, target_bytes=target))
+        regions = block_regions(arr.chunks)
         wave = _parallelism(scheduler, client)
         for i in range(0, len(regions), wave):
             part = regions[i : i + wave]
@@ -206,7 +222,7 @@ def _iter_blocks(img: _Image5, chunk: tuple[int, ...], *, scheduler: Any, client
             for (_, region), v in zip(part, values):
                 yield tuple(r.start for r in region), np.asarray(v)
     else:
-        for _, region in regions:
+        for _, region in block_regions(plan_blocks(img.shape, chunk, img.dtype.itemsize, target_bytes=target)):
             yield tuple(r.start for r in region), np.asarray(img.array[region])
 
 
@@ -554,6 +570,10 @@ class _Releaser:
             self.thread.join()
 
 
+# A Parquet page header stores the uncompressed page size as int32.
+_PAGE_LIMIT = 2**31 - 1
+
+
 def _tmp_name(path: str) -> str:
     d, base = os.path.split(os.path.abspath(path))
     return os.path.join(d, f".{base}.{uuid.uuid4().hex[:8]}.tmp")
@@ -592,6 +612,17 @@ def to_ome_parquet(
     :func:`dask_loom.open_ome_arrow` read it.  The file appears atomically
     (written under a temporary name, then renamed).  Options are those of
     :func:`to_ome_arrow`; *compression* is the Parquet page codec.
+
+    The input is read block by block and its encoded chunks are spilled to a
+    temporary file, never held twice.  The Parquet side cannot stream: one
+    record is one Parquet row, a row never spans row groups, and pyarrow
+    encodes a row's pixel column as a single data page.  So the writer needs
+    about two (three, with page *compression*) times the stored pixels in
+    memory, and the stored pixels must stay under 2 GiB (Parquet's page size
+    limit; an error says so before anything is written).  Per-chunk
+    compression (``chunk_compression="zstd"``, with ``compression=None``)
+    shrinks both; for larger images, or bounded memory, write a typed chunk
+    dataset with :func:`write_ome_arrow_dataset`, which streams.
 
     Returns
     -------
@@ -632,6 +663,13 @@ def to_ome_parquet(
                 f.write(payload)
                 cols.add(start, ch.shape, len(payload))
         size = os.path.getsize(spill)
+        page = size + 4 * len(cols.lengths) + 4096  # values, their length prefixes, RLE levels
+        if page > _PAGE_LIMIT:
+            raise OMEArrowError(
+                f"{label}: the record's pixels take {size / 2**30:.2f} GiB, and a single-record OME-Parquet file "
+                f"stores them in one Parquet data page, limited to 2 GiB. Write a typed chunk dataset "
+                f"(dask_loom.write_ome_arrow_dataset), or compress the chunks (chunk_compression='zstd')"
+            )
         with open(spill, "rb") as f:
             mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
         try:
