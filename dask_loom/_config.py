@@ -49,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "loader-block-size": 256,
     "loader-preload-blocks": 32,
     "loader-prefetch": 2,
+    # Seconds to wait when connecting to a scheduler address.
+    "connect-timeout": 10,
     # Seconds a writer waits for another writer to release an HDF5 file.
     "write-timeout": 60,
     # Target bytes of one OME-Arrow chunk the writers choose (a Z slab of square YX tiles).

@@ -49,9 +49,10 @@ def _active_client() -> Any:
     return c if c.status == "running" else None
 
 
-def _connect(address: str, timeout: float = 10.0) -> Any:
+def _connect(address: str) -> Any:
     from distributed import Client
 
+    timeout = float(get_config("connect-timeout"))
     with _lock:
         c = _clients.get(address)
         if c is not None and c.status == "running":

@@ -355,12 +355,24 @@ def _exclusive(spec: FileSpec, timeout: float) -> Iterator[None]:
                         ) from None
                     time.sleep(delay)
                     delay = min(delay * 2, 0.25)
+            _remove_stale(spec)
             yield
         finally:
             os.close(fd)  # releases the flock
     finally:
         if dist_lock is not None:
             dist_lock.release()
+
+
+def _remove_stale(spec: FileSpec) -> None:
+    # We hold the writer lock: temporary files beside the data belong to
+    # writers that died in the middle of a transaction.
+    import glob
+
+    head, tail = os.path.split(spec.url)
+    for stale in glob.glob(os.path.join(glob.escape(head), f".{glob.escape(tail)}.dask-loom-*.tmp")):
+        with contextlib.suppress(OSError):
+            os.remove(stale)
 
 
 def _open_retrying(path: str, mode: str, timeout: float, name: str, **kw: Any) -> h5py.File:
