@@ -693,6 +693,32 @@ def test_dataset_options(tmp_path, arr5):
     assert not (tmp_path / "g").exists()
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.tuples(*[st.integers(1, n) for n in (2, 3, 4, 23, 31)]),
+    chunk=st.tuples(st.integers(1, 4), st.integers(1, 23), st.integers(1, 31)),
+    dtype=st.sampled_from(["uint8", "int16", "uint16", "float32", "int64"]),
+    encoding=st.sampled_from(["auto", "bytes"]),
+)
+def test_writer_roundtrip_property(shape, chunk, dtype, encoding):
+    a = (np.arange(np.prod(shape)).reshape(shape) * 37 % 1000 - (200 if dtype[0] in "if" else 0)).astype(dtype)
+    rec = dask_loom.to_ome_arrow(da.from_array(a, chunks=(1, 2, 3, 10, 10)), chunk_shape=chunk, chunk_encoding=encoding)
+    v = dask_loom.TensorView(rec, layout="TCZYX")
+    np.testing.assert_array_equal(v.to_numpy(), a)
+    d = v.to_dask()
+    assert d.chunksize[2:] == tuple(min(c, s) for c, s in zip(chunk, shape[2:]))
+    np.testing.assert_array_equal(d.compute(scheduler="sync"), a)
+
+
+def test_image_kind(data_dir, tmp_path):
+    from dask_loom.ome import image_kind
+
+    assert image_kind(data_dir / "ome" / "examplehuman" / "AS_09125_050116030001_D03f00d0.tif") == "tiff"
+    assert image_kind(data_dir / REAL) == "ome-arrow"
+    assert image_kind(data_dir / "loom" / "loompy-test" / "test_2018-07.loom") is None
+    assert image_kind(tmp_path / "missing.tif") is None
+
+
 def test_chunk_shape_choice():
     assert choose_chunk_shape((4, 3, 32, 2048, 2048), "uint16") == (1, 1, 16, 256, 256)
     assert choose_chunk_shape((1, 1, 1, 72, 84), "uint16") == (1, 1, 1, 72, 84)

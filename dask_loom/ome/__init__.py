@@ -17,6 +17,7 @@ from typing import Any
 
 from dask_loom.ome._convert import (
     convert_to_ome_arrow,
+    image_kind,
     ome_tiff_to_ome_arrow,
     ome_zarr_to_ome_arrow,
     read_ome_tiff,
@@ -39,6 +40,7 @@ __all__ = [
     "choose_chunk_shape",
     "choose_chunking",
     "convert_to_ome_arrow",
+    "image_kind",
     "ome_tiff_to_ome_arrow",
     "ome_zarr_to_ome_arrow",
     "open_ome_arrow",

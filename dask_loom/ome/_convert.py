@@ -24,6 +24,7 @@ from dask_loom.ome._schema import pixel_dtype
 __all__ = [
     "TiffSource",
     "convert_to_ome_arrow",
+    "image_kind",
     "ome_tiff_to_ome_arrow",
     "ome_zarr_to_ome_arrow",
     "read_ome_tiff",
@@ -435,6 +436,28 @@ def _kind(src: str, storage_options: dict[str, Any] | None) -> str:
         if head == b"PAR1":
             return "ome-arrow"
     raise OMEArrowError(f"{src}: neither TIFF, OME-Zarr nor OME-Arrow (by name and content)")
+
+
+def image_kind(src: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> str | None:
+    """``"tiff"``, ``"zarr"`` (OME-Zarr) or ``"ome-arrow"`` for what :func:`convert_to_ome_arrow` reads, else None.
+
+    For command lines that route ``convert`` by source: a Loom file gives None.
+    """
+    try:
+        kind = _kind(os.fspath(src), storage_options)
+    except (OMEArrowError, FileNotFoundError):
+        return None
+    if kind == "zarr":
+        import zarr
+
+        try:
+            g = zarr.open_group(os.fspath(src), mode="r")
+        except Exception:
+            return None
+        attrs = dict(g.attrs)
+        if "multiscales" not in attrs.get("ome", attrs):
+            return None
+    return kind
 
 
 def convert_to_ome_arrow(src: str | os.PathLike[str], dst: str | os.PathLike[str], **opts: Any) -> str:
