@@ -14,6 +14,7 @@ __all__ = [
     "ChunkAlignmentWarning",
     "CollectionError",
     "CollectionIndexError",
+    "ConfigError",
     "CorruptChunkError",
     "DaskLoomError",
     "ElementNotFoundError",
@@ -115,6 +116,10 @@ class UnsupportedCodecError(FormatError):
 
 class SchedulerError(DaskLoomError, ConnectionError):
     """The configured dask scheduler cannot be reached."""
+
+
+class ConfigError(DaskLoomError, ValueError):
+    """A ``dask_loom.*`` setting (config, environment variable or preload argument) is unknown or invalid."""
 
 
 class ChunkAlignmentWarning(UserWarning):
