@@ -165,13 +165,16 @@ class HDF5Source:
             STATS["fast_blocks"] += 1
         return out
 
-    def _read_chunked(self, region: tuple[slice, ...], shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+    def _stage(self, region: tuple[slice, ...]) -> tuple[np.ndarray, list[int]]:
+        """Decode every chunk touching *region* into this thread's staging buffer.
+
+        Returns the chunks in grid order, shaped ``(*grid, *chunks)`` (a view
+        valid until the thread's next read), and the first chunk coordinate.
+        """
         lay = self.layout
         dt = np.dtype(lay.dtype)
         chunks = lay.chunks
         assert chunks is not None
-        if out is None:
-            out = np.empty(shape, dtype=dt)
         ndim = len(chunks)
         c_lo = [r.start // c for r, c in zip(region, chunks)]
         c_hi = [-(-r.stop // c) for r, c in zip(region, chunks)]
@@ -189,18 +192,44 @@ class HDF5Source:
             for k, part in zip(idx.tolist(), parts):
                 full[k] = part
             parts = full
-        # The chunks, decoded in grid order, are gathered by one C-level
-        # concatenate into a reused per-thread buffer (fresh memory costs page
-        # faults on every block) and moved into place by one strided copy.
+        # One C-level concatenate into a reused per-thread buffer: fresh
+        # memory costs page faults on every block on this kind of machine.
         flat = _staging(len(parts) * math.prod(chunks), dt)
         np.concatenate([np.frombuffer(p, dtype=dt) for p in parts], out=flat)
-        staged = flat.reshape(*grid, *chunks)
+        with _stats_lock:
+            STATS["fast_blocks"] += 1
+        return flat.reshape(*grid, *chunks), c_lo
+
+    def read_staged(self, region: tuple[slice, ...]) -> np.ndarray | None:
+        """The region's chunks in grid layout ``(*grid, *chunks)``, without assembling them.
+
+        Only for regions made of whole chunks that lie entirely inside the
+        array (``None`` otherwise): reductions can then run on the decoded
+        chunks directly and skip the copy into row-major order.  The array is
+        a view of a per-thread buffer, valid until the thread's next read.
+        """
+        lay = self.layout
+        if not (lay.fast and lay.layout == "chunked" and lay.chunks):
+            return None
+        for r, c, n in zip(region, lay.chunks, self.shape):
+            if r.start % c or r.stop % c or r.stop > n or r.stop <= r.start:
+                return None
+        return self._stage(region)[0]
+
+    def _read_chunked(self, region: tuple[slice, ...], shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
+        dt = np.dtype(self.layout.dtype)
+        chunks = self.layout.chunks
+        assert chunks is not None
+        if out is None:
+            out = np.empty(shape, dtype=dt)
+        staged, c_lo = self._stage(region)
+        ndim = len(chunks)
+        grid = staged.shape[:ndim]
+        # Chunk-major to row-major by one strided copy.
         order = [a for k in range(ndim) for a in (k, ndim + k)]
         staged = staged.transpose(order).reshape([g * c for g, c in zip(grid, chunks)])
         src = tuple(slice(r.start - a * c, r.stop - a * c) for r, a, c in zip(region, c_lo, chunks))
         out[...] = staged[src]
-        with _stats_lock:
-            STATS["fast_blocks"] += 1
         return out
 
     def _decode_all(self, raws: list[Any], masks: np.ndarray, nbytes: int, itemsize: int) -> list[Any]:

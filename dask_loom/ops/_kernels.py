@@ -146,6 +146,28 @@ def block_partials(block: np.ndarray, red: int, needs: Iterable[str]) -> dict[st
     return out
 
 
+def staged_partials(staged: np.ndarray, red: int, needs: Iterable[str]) -> dict[str, np.ndarray]:
+    """:func:`block_partials` of a 2-D block given as its chunks ``(k0, k1, c0, c1)``.
+
+    The row-major block would be ``staged.transpose(0, 2, 1, 3)``; instead of
+    paying that copy, reduce a contiguous 2-D view and then the grid axis.
+    """
+    k0, k1, c0, c1 = staged.shape
+    if red == 1:  # one value per row (i, a): reduce over (j, b)
+        parts = block_partials(staged.reshape(k0 * k1 * c0, c1), 1, needs)
+        return {k: _reduce_axis(k, v.reshape(k0, k1, c0), 1).ravel() for k, v in parts.items()}
+    parts = block_partials(staged.reshape(k0, k1 * c0 * c1), 0, needs)  # one value per column (j, b)
+    return {k: _reduce_axis(k, v.reshape(k1, c0, c1), 1).ravel() for k, v in parts.items()}
+
+
+def _reduce_axis(key: str, v: np.ndarray, axis: int) -> np.ndarray:
+    if key in ("min", "nmin"):
+        return v.min(axis=axis)
+    if key in ("max", "nmax"):
+        return v.max(axis=axis)
+    return v.sum(axis=axis)
+
+
 def combine_partials(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Combine partials of blocks that cover the same rows (columns)."""
     parts = [p for p in parts if p]
@@ -185,7 +207,7 @@ def apply_vectors(block: np.ndarray, red: int, funcs: list[Callable[[np.ndarray]
     return out
 
 
-__all__ += ["apply_vectors", "finish"]
+__all__ += ["apply_vectors", "finish", "staged_partials"]
 
 
 # --- group-by reductions along the columns of a band ------------------------------------

@@ -28,7 +28,7 @@ from dask_loom.ops._kernels import (
     recognise,
 )
 
-__all__ = ["map_source", "read_into_buffer"]
+__all__ = ["map_graph", "map_source", "read_into_buffer"]
 
 _local = threading.local()
 
@@ -63,6 +63,9 @@ def _local_selection(sel: np.ndarray | None, start: int, stop: int) -> np.ndarra
 
 
 def _partials_task(source: Any, region: tuple[slice, ...], red: int, needs: tuple[str, ...], local: Any) -> dict[str, np.ndarray]:
+    staged = source.read_staged(region) if local is None and hasattr(source, "read_staged") else None
+    if staged is not None and staged.ndim == 4:
+        return staged_partials(staged, red, needs)
     block = read_into_buffer(source, region)
     if local is not None:
         block = block[:, local] if red == 1 else block[local, :]
@@ -119,6 +122,103 @@ def _normalise_selection(selection: Any, n: int, where: str) -> np.ndarray | Non
     return sel
 
 
+def map_graph(
+    source: Any,
+    f_list: list[Callable[[np.ndarray], Any] | str],
+    *,
+    axis: int = 0,
+    chunksize: int = 1000,
+    selection: Any = None,
+    prefix: str = "loom-map",
+    split_every: int = 8,
+) -> tuple[dict[Any, Any], list[Any], Any]:
+    """The task graph of :func:`map_source`: ``(graph, output keys, assemble)``.
+
+    ``assemble(results)`` turns the outputs' values into the list of arrays.
+    Building it costs time in proportion to the number of blocks, never to the
+    number of stored chunks.
+    """
+    if not isinstance(f_list, (list, tuple)):
+        raise ValueError("f_list must be a list of functions, not a single function")
+    if axis not in (0, 1):
+        raise ValueError(f"axis must be 0 or 1, not {axis!r}")
+    shape = tuple(source.shape)
+    where = getattr(source, "label", "layer")
+    sel = _normalise_selection(selection, shape[1 - axis], where)
+    red = 1 - axis
+    n_out = shape[axis]
+    funcs = list(f_list)
+    reductions = [recognise(f) for f in funcs]
+    dtype = np.dtype(source.dtype)
+    if n_out == 0 or not funcs or (sel is not None and len(sel) == 0):
+        vals = _empty_results(funcs, n_out, dtype, sel)
+        return {}, [], lambda results: vals
+
+    if all(r is not None for r in reductions):
+        plan = plan_blocks(shape, source.chunk_shape, dtype.itemsize)
+        needs = tuple(sorted({n for r in reductions for n in r.needs}))  # type: ignore[union-attr]
+        name = task_name(prefix, source, axis, needs, None if sel is None else sel.tobytes())
+        dsk: dict[Any, Any] = {}
+        level: dict[int, list[Any]] = {i: [] for i in range(len(plan[axis]))}
+        for idx, region in block_regions(plan):
+            local = _local_selection(sel, region[red].start, region[red].stop)
+            if sel is not None and local is not None and len(local) == 0:
+                continue
+            key = (name, *idx)
+            dsk[key] = (_partials_task, source, region, red, needs, local)
+            level[idx[axis]].append(key)
+        cname = name.replace(prefix, f"{prefix}-combine", 1)
+        depth = 0
+        while any(len(v) > 1 for v in level.values()):
+            nxt: dict[int, list[Any]] = {}
+            for i, keys in level.items():
+                nxt[i] = keys if len(keys) <= 1 else []
+                if len(keys) <= 1:
+                    continue
+                for g, k in enumerate(range(0, len(keys), split_every)):
+                    key = (cname, depth, i, g)
+                    dsk[key] = (_combine_task, *keys[k : k + split_every])
+                    nxt[i].append(key)
+            level = nxt
+            depth += 1
+        rname = name.replace(prefix, f"{prefix}-result", 1)
+        outs = []
+        for i in sorted(level):
+            key = (rname, i)
+            dsk[key] = (_finish_task, level[i][0], reductions)
+            outs.append(key)
+        return dsk, outs, lambda results: [np.concatenate([r[k] for r in results]) for k in range(len(funcs))]
+
+    # Per-vector functions: full-width bands of about `chunksize` vectors.
+    vec_bytes = shape[red] * dtype.itemsize
+    target = min(block_size_bytes(), max(1, int(chunksize)) * vec_bytes)
+    plan = plan_blocks(shape, source.chunk_shape, dtype.itemsize, target_bytes=max(target, 1), band_axis=axis)
+    name = task_name(prefix, source, axis, funcs, None if sel is None else sel.tobytes())
+    dsk = {}
+    outs = []
+    for idx, region in block_regions(plan):
+        key = (name, idx[axis])
+        dsk[key] = (_band_task, source, region, red, sel, funcs)
+        outs.append(key)
+    return dsk, outs, lambda results: [np.concatenate([r[k] for r in results]).astype(np.float64) for k in range(len(funcs))]
+
+
+def _empty_results(funcs: list[Any], n_out: int, dtype: np.dtype, sel: Any) -> list[np.ndarray]:
+    if n_out == 0 or sel is None:
+        return [np.zeros(n_out, dtype=np.float64) for _ in funcs]
+    # numpy's answer on an empty vector, computed once.
+    empty = np.empty(0, dtype=dtype)
+    vals = []
+    for f in funcs:
+        with np.errstate(all="ignore"):
+            try:
+                v = float(f(empty)) if not isinstance(f, str) else float(getattr(np, f)(empty))
+            except ValueError:
+                v = np.nan
+        vals.append(np.full(n_out, v))
+    return vals
+
+
 def map_source(
     source: Any,
     f_list: list[Callable[[np.ndarray], Any] | str],
@@ -133,88 +233,9 @@ def map_source(
     split_every: int = 8,
 ) -> list[np.ndarray]:
     """Apply functions along *axis* of a 2-D chunk source (see ``LoomConnection.map``)."""
-    if not isinstance(f_list, (list, tuple)):
-        raise ValueError("f_list must be a list of functions, not a single function")
-    if axis not in (0, 1):
-        raise ValueError(f"axis must be 0 or 1, not {axis!r}")
-    shape = tuple(source.shape)
-    where = getattr(source, "label", "layer")
-    sel = _normalise_selection(selection, shape[1 - axis], where)
-    red = 1 - axis
-    n_out = shape[axis]
-    funcs = list(f_list)
-    reductions = [recognise(f) for f in funcs]
-    dtype = np.dtype(source.dtype)
-    if n_out == 0 or not funcs:
-        return [np.zeros(n_out, dtype=np.float64) for _ in funcs]
-    if sel is not None and len(sel) == 0:
-        # numpy semantics on empty vectors, computed once.
-        empty = np.empty(0, dtype=dtype)
-        vals = []
-        for f in funcs:
-            with np.errstate(all="ignore"):
-                try:
-                    v = float(f(empty)) if not isinstance(f, str) else float(getattr(np, f)(empty))
-                except ValueError:
-                    v = np.nan
-            vals.append(np.full(n_out, v))
-        return vals
-
-    if all(r is not None for r in reductions):
-        plan = plan_blocks(shape, source.chunk_shape, dtype.itemsize)
-        needs = tuple(sorted({n for r in reductions for n in r.needs}))  # type: ignore[union-attr]
-        name = task_name(prefix, source, axis, needs, None if sel is None else sel.tobytes())
-        dsk: dict[Any, Any] = {}
-        n_keep = len(plan[axis])
-        regions = dict(block_regions(plan))
-        level: dict[int, list[Any]] = {i: [] for i in range(n_keep)}
-        for idx, region in regions.items():
-            i = idx[axis]
-            local = _local_selection(sel, region[red].start, region[red].stop)
-            if sel is not None and local is not None and len(local) == 0:
-                continue
-            key = (name, *idx)
-            dsk[key] = (_partials_task, source, region, red, needs, local)
-            level[i].append(key)
-        cname = name.replace(prefix, f"{prefix}-combine", 1)
-        depth = 0
-        while any(len(v) > 1 for v in level.values()):
-            nxt: dict[int, list[Any]] = {}
-            for i, keys in level.items():
-                if len(keys) <= 1:
-                    nxt[i] = keys
-                    continue
-                groups = [keys[k : k + split_every] for k in range(0, len(keys), split_every)]
-                nxt[i] = []
-                for g, grp in enumerate(groups):
-                    key = (cname, depth, i, g)
-                    dsk[key] = (_combine_task, *grp)
-                    nxt[i].append(key)
-            level = nxt
-            depth += 1
-        rname = name.replace(prefix, f"{prefix}-result", 1)
-        outs = []
-        for i in range(n_keep):
-            key = (rname, i)
-            dsk[key] = (_finish_task, level[i][0], reductions)
-            outs.append(key)
-        results = _run(dsk, outs, scheduler, client, progress)
-        return [np.concatenate([r[k] for r in results]) for k in range(len(funcs))]
-
-    # Per-vector functions: full-width bands of about `chunksize` vectors.
-    vec_bytes = math.prod(shape[red:red + 1]) * dtype.itemsize
-    target = min(block_size_bytes(), max(1, int(chunksize)) * vec_bytes)
-    plan = plan_blocks(shape, source.chunk_shape, dtype.itemsize, target_bytes=max(target, 1), band_axis=axis)
-    name = task_name(prefix, source, axis, [repr(f) for f in funcs], None if sel is None else sel.tobytes())
-    local = None if sel is None else sel
-    dsk = {}
-    outs = []
-    for idx, region in block_regions(plan):
-        key = (name, idx[axis])
-        dsk[key] = (_band_task, source, region, red, local, funcs)
-        outs.append(key)
-    results = _run(dsk, outs, scheduler, client, progress)
-    return [np.concatenate([r[k] for r in results]).astype(np.float64) for k in range(len(funcs))]
+    dsk, outs, assemble = map_graph(source, f_list, axis=axis, chunksize=chunksize, selection=selection, prefix=prefix, split_every=split_every)
+    results = _run(dsk, outs, scheduler, client, progress) if outs else []
+    return assemble(results)
 
 
 def _run(dsk: dict[Any, Any], keys: list[Any], scheduler: Any, client: Any, progress: bool) -> list[Any]:
