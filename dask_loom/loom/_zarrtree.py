@@ -244,9 +244,13 @@ class ZarrTree(_ZarrReads, Tree):
     @classmethod
     @contextlib.contextmanager
     def creating(cls, spec: FileSpec) -> Iterator[ZarrWriter]:
-        """Create (replace) the group: written beside the target, swapped in at the end."""
+        """Create (replace) the group: built beside a local target and renamed into place; written in place on object stores."""
         target = open_store(spec.url, **spec.storage_options)
-        tmp_store = open_store(_sibling(spec.url), **spec.storage_options)
+        # Local: build beside the target and rename into place.  Object stores
+        # have no rename (a copy would upload everything twice): the old keys
+        # are removed and the new ones written in place.
+        local = isinstance(target, LocalStore)
+        tmp_store = open_store(_sibling(spec.url), **spec.storage_options) if local else target
         with contextlib.suppress(MissingKeyError):
             tmp_store.erase_prefix("/")
         w = ZarrWriter(tmp_store, spec.name)
@@ -257,7 +261,8 @@ class ZarrTree(_ZarrReads, Tree):
             with contextlib.suppress(Exception):
                 tmp_store.erase_prefix("/")
             raise
-        _swap_stores(tmp_store, target)
+        if local:
+            _swap_stores(tmp_store, target)
 
     def __reduce__(self) -> Any:
         return (_rebuild_tree, (self.spec, self.mode))

@@ -308,7 +308,7 @@ class BaseStore(Store):
         return type(self) is type(other) and self._spec() == other._spec()  # type: ignore[attr-defined]
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, repr(self._spec())))
+        return hash((type(self).__name__, repr(self._token_spec())))
 
     def _spec(self) -> Any:
         return id(self)
