@@ -49,6 +49,9 @@ DEFAULTS: dict[str, Any] = {
     "loader-block-size": 256,
     "loader-preload-blocks": 32,
     "loader-prefetch": 2,
+    # MappedCollection on zarr: read chunks by byte range (cached shard indexes)
+    # and decode them with numcodecs instead of going through zarr-python.
+    "anndata-zarr-direct": True,
     # Seconds to wait when connecting to a scheduler address.
     "connect-timeout": 10,
     # Seconds a writer waits for another writer to release an HDF5 file.
