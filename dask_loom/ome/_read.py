@@ -712,8 +712,13 @@ class ParquetImage(_Image):
     def token(self) -> Any:
         return ("ParquetImage", tokenize(self.spec), self._key)
 
+    # Pickle the spec only: a graph carries this object in every task, so the
+    # chunk index is rebuilt once per process (cached) rather than shipped.
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {"spec": self.spec, "column": self.column, "row": self.row}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(_reopen(ParquetImage, state["spec"], state["column"], state["row"]).__dict__)
 
 
 def _join(spec: FileSpec, name: str) -> FileSpec:
@@ -870,6 +875,34 @@ class DatasetImage(_Image):
     def token(self) -> Any:
         files = [_stat_key(_join(self.spec, n)) for n in ("images.parquet", "chunks.parquet")]
         return ("DatasetImage", tokenize(self.spec), self.image_id, files)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.spec, "image_id": self.image_id}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(_reopen(DatasetImage, state["spec"], state["image_id"], 0).__dict__)
+
+
+_open_lock = threading.Lock()
+_open_cache: OrderedDict[Any, _Image] = OrderedDict()
+
+
+def _reopen(cls: type, spec: FileSpec, key: Any, row: int) -> _Image:
+    """The image *cls(spec, key, row)*, built once per process and file version."""
+    names = ("images.parquet", "chunks.parquet") if cls is DatasetImage else ()
+    stamp = tuple(_stat_key(_join(spec, n)) for n in names) if names else _stat_key(spec)
+    ck = (cls.__name__, spec.url, key, row, stamp)
+    with _open_lock:
+        img = _open_cache.get(ck)
+        if img is not None:
+            _open_cache.move_to_end(ck)
+            return img
+    img = cls(spec, key, row)
+    with _open_lock:
+        _open_cache[ck] = img
+        while len(_open_cache) > 32:
+            _open_cache.popitem(last=False)
+    return img
 
 
 # --------------------------------------------------------------------------- reading

@@ -34,6 +34,7 @@ from dask.base import tokenize
 from dask_loom.errors import MissingDependencyError, SelectionError
 from dask_loom.ome._read import (
     LoaderImage,
+    RecordImage,
     _Image,
     meta_of_row,
     open_image,
@@ -368,6 +369,23 @@ class OMEChunkSource:
 
     def __dask_tokenize__(self) -> Any:
         return ("OMEChunkSource", self.image.token(), np.dtype(self.dtype).str)
+
+
+def _read_region(source: OMEChunkSource, region: tuple[slice, ...], *args: Any, **kwargs: Any) -> np.ndarray:
+    return source.read_block(region)
+
+
+def _shared_source_array(source: OMEChunkSource, plan: Any) -> Any:
+    """Like ``blocks.from_source``, with the source one key of the graph (not inlined)."""
+    import dask.array as da
+    from dask.array.core import graph_from_arraylike
+
+    name = f"{source.prefix}-{tokenize(source, plan)}"
+    graph = graph_from_arraylike(
+        source, plan, source.shape, name, getitem=_read_region, lock=False, asarray=False,
+        dtype=source.dtype, inline_array=False,
+    )
+    return da.Array(graph, name, plan, meta=np.empty((0,) * 5, dtype=source.dtype))
 
 
 def _as_slice(idx: tuple[int, ...], size: int) -> slice | list[int]:
@@ -789,10 +807,20 @@ class TensorView:
         >>> bool((d.compute() == a[:, 1:2].transpose(0, 2, 1, 3, 4)).all())
         True
         """
-        from dask_loom.blocks import from_source
+        from dask_loom.blocks import align_chunks, from_source, plan_blocks
 
         source = OMEChunkSource(self._image, self._dtype)
-        if chunks is None:
+        if isinstance(self._image, RecordImage):
+            # An in-memory record is the data itself: keep it one graph key that
+            # each worker receives once, instead of a copy inside every task.
+            if chunks is None:
+                plan = align_chunks(source.chunk_shape, source.shape, source.chunk_shape, self._dtype)
+            elif isinstance(chunks, str) and chunks == "auto":
+                plan = plan_blocks(source.shape, source.chunk_shape, self._dtype.itemsize)
+            else:
+                plan = align_chunks(chunks, source.shape, source.chunk_shape, self._dtype, what=source.label)
+            arr = _shared_source_array(source, plan)
+        elif chunks is None:
             arr = from_source(source, chunks=source.chunk_shape)
         elif isinstance(chunks, str) and chunks == "auto":
             arr = from_source(source)
@@ -818,6 +846,13 @@ class TensorView:
         current = [d for d in _TZCHW if d in layout]
         order = [current.index(d) for d in layout]
         return arr.transpose(order) if order != sorted(order) else arr
+
+    def to_xarray(self, *, chunks: Any = None, name: str | None = None) -> Any:
+        """The view as a lazy ``xarray.DataArray`` over :meth:`to_dask`: dims in layout order
+        (``t z c y x``), channel names and physical positions (``physical_size * index``) as coordinates."""
+        from dask_loom._xarray import tensor_to_xarray
+
+        return tensor_to_xarray(self, chunks=chunks, name=name)
 
     def __dask_tokenize__(self) -> Any:
         return ("TensorView", self._image.token(), self._sel, self.layout, self._dtype.str, self._channel_policy)
@@ -1023,6 +1058,10 @@ class LazyTensorView:
     def to_dask(self, *, chunks: Any = None) -> Any:
         """The plan as a dask array (collects metadata only for file-backed views)."""
         return self.collect().to_dask(chunks=chunks)
+
+    def to_xarray(self, *, chunks: Any = None, name: str | None = None) -> Any:
+        """The plan as a lazy ``xarray.DataArray`` (see ``TensorView.to_xarray``)."""
+        return self.collect().to_xarray(chunks=chunks, name=name)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"_loader": self._loader, "_resolver": self._resolver, "_kwargs": self._kwargs}
