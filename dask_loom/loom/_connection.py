@@ -349,6 +349,17 @@ class LoomConnection(_Deprecated):
         """A layer as a lazy dask array whose blocks are whole stored chunks."""
         return self.layers[layer].to_dask(chunks=chunks, band_axis=band_axis)
 
+    def to_xarray(self, *, row_dim: str = "gene", col_dim: str = "cell", layers: Any = None, chunks: Any = None) -> Any:
+        """The file as a lazy ``xarray.Dataset``: layers over ``(row_dim, col_dim)``, attributes as coordinates.
+
+        Layers are this connection's chunk-aligned dask arrays (``loom-read``
+        tasks); see :mod:`dask_loom._xarray` for the layout and
+        ``xr.open_dataset(path, engine="loom")`` for the same without a connection.
+        """
+        from dask_loom._xarray import loom_to_xarray
+
+        return loom_to_xarray(self, row_dim=row_dim, col_dim=col_dim, layers=layers, chunks=chunks)
+
     # -- attribute internals --------------------------------------------------------
 
     def _attr_names(self, axis: int) -> list[str]:
