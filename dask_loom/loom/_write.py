@@ -80,12 +80,19 @@ def store_blocks(w: Any, path: str, blocks: Iterable[tuple[tuple[slice, ...], An
 
 
 def dense_blocks(value: Any, shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int) -> Iterator[tuple[tuple[slice, ...], Any]]:
-    """Aligned blocks of a numpy array or scipy.sparse matrix (column bands for sparse input)."""
+    """Aligned blocks of a numpy array or scipy.sparse matrix.
+
+    Sparse input is densified one band at a time, never whole: full-width row
+    bands for CSR (row slices of CSR are cheap), full-height column bands for
+    CSC; other sparse formats are converted to CSR first.
+    """
     if sp.issparse(value):
-        csc = value.tocsc()
-        plan = plan_blocks(shape, chunks, itemsize, band_axis=1)
+        if value.format not in ("csr", "csc"):
+            value = value.tocsr()
+        axis = 0 if value.format == "csr" else 1
+        plan = plan_blocks(shape, chunks, itemsize, band_axis=axis)
         for _, region in block_regions(plan):
-            yield region, csc[:, region[1]].toarray()
+            yield region, value[region[0]].toarray() if axis == 0 else value[:, region[1]].toarray()
         return
     plan = plan_blocks(shape, chunks, itemsize)
     for _, region in block_regions(plan):

@@ -26,6 +26,7 @@ from dask_loom.ops._kernels import (
     combine_partials,
     finish,
     recognise,
+    staged_partials,
 )
 
 __all__ = ["map_graph", "map_source", "read_into_buffer"]
@@ -62,10 +63,44 @@ def _local_selection(sel: np.ndarray | None, start: int, stop: int) -> np.ndarra
     return local
 
 
-def _partials_task(source: Any, region: tuple[slice, ...], red: int, needs: tuple[str, ...], local: Any) -> dict[str, np.ndarray]:
-    staged = source.read_staged(region) if local is None and hasattr(source, "read_staged") else None
+def interior_split(source: Any, region: tuple[slice, ...]) -> list[list[tuple[slice, slice]]] | None:
+    """Split a 2-D block into its whole-chunk interior and the partial chunks at the array edge.
+
+    Returns ``parts[r][c]`` (row part *r*, column part *c*, at most 2 x 2) or
+    ``None`` when the source cannot hand out decoded chunks
+    (``read_staged``).  Interior parts can be reduced on the decoded chunks
+    directly; the thin edge parts are read the ordinary way.
+    """
+    if not hasattr(source, "read_staged") or len(region) != 2:
+        return None
+    cuts = []
+    for r, c, n in zip(region, source.chunk_shape, source.shape):
+        if r.start % c:
+            return None
+        inner = min(r.stop, (n // c) * c) if r.stop == n else r.stop
+        if r.stop != n and r.stop % c:
+            return None
+        cuts.append([slice(r.start, inner)] + ([slice(inner, r.stop)] if inner < r.stop else []))
+    return [[(rs, cs) for cs in cuts[1] if cs.stop > cs.start] for rs in cuts[0] if rs.stop > rs.start]
+
+
+def _partials_of(source: Any, region: tuple[slice, slice], red: int, needs: tuple[str, ...], interior: bool) -> dict[str, np.ndarray]:
+    staged = source.read_staged(region) if interior else None
     if staged is not None and staged.ndim == 4:
         return staged_partials(staged, red, needs)
+    return block_partials(read_into_buffer(source, region), red, needs)
+
+
+def _partials_task(source: Any, region: tuple[slice, ...], red: int, needs: tuple[str, ...], local: Any) -> dict[str, np.ndarray]:
+    parts = interior_split(source, region) if local is None else None
+    if parts is not None:
+        # Reduce along `red` within each kept slab, then lay the slabs side by side.
+        if red == 1:
+            slabs = [combine_partials([_partials_of(source, rc, red, needs, i == 0 and j == 0) for j, rc in enumerate(row)]) for i, row in enumerate(parts)]
+        else:
+            cols = list(zip(*parts))
+            slabs = [combine_partials([_partials_of(source, rc, red, needs, i == 0 and j == 0) for i, rc in enumerate(col)]) for j, col in enumerate(cols)]
+        return {k: np.concatenate([sl[k] for sl in slabs]) for k in slabs[0]}
     block = read_into_buffer(source, region)
     if local is not None:
         block = block[:, local] if red == 1 else block[local, :]

@@ -10,13 +10,41 @@ import scipy.sparse as sp
 
 from dask_loom._indexing import normalize_key
 from dask_loom.cluster import compute
-from dask_loom.ops._map import read_into_buffer
+from dask_loom.ops._map import interior_split, read_into_buffer
 from dask_loom.ops._select import selection_tasks
 
 __all__ = ["sparse"]
 
 
+def _staged_nonzero(staged: np.ndarray, dtype: Any) -> tuple[np.ndarray, ...]:
+    # Non-zeros straight from the decoded chunks (k0, k1, c0, c1): no copy
+    # into row-major order; block coordinates follow from the flat index.
+    _, k1, c0, c1 = staged.shape
+    flat = staged.reshape(-1)
+    idx = np.flatnonzero(flat)
+    vals = flat[idx].astype(dtype)
+    q, b = np.divmod(idx, c1)
+    q, a = np.divmod(q, c0)
+    i, j = np.divmod(q, k1)
+    return (i * c0 + a).astype(np.int32), (j * c1 + b).astype(np.int32), vals
+
+
 def _nonzero_task(source: Any, region: tuple[slice, ...], local: tuple[Any, ...], dtype: Any) -> tuple[np.ndarray, ...]:
+    whole = all(isinstance(x, slice) and x == slice(0, r.stop - r.start) for x, r in zip(local, region))
+    parts = interior_split(source, region) if whole else None
+    if parts is not None:
+        out: list[tuple[np.ndarray, ...]] = []
+        for i, row in enumerate(parts):
+            for j, (rs, cs) in enumerate(row):
+                staged = source.read_staged((rs, cs)) if i == 0 and j == 0 else None
+                if staged is not None and staged.ndim == 4:
+                    r, c, v = _staged_nonzero(staged, dtype)
+                else:
+                    blk = read_into_buffer(source, (rs, cs))
+                    r, c = np.nonzero(blk)
+                    v = blk[r, c].astype(dtype)
+                out.append(((r + (rs.start - region[0].start)).astype(np.int32), (c + (cs.start - region[1].start)).astype(np.int32), v))
+        return tuple(np.concatenate([o[k] for o in out]) for k in range(3))
     block = read_into_buffer(source, region)
     if not all(isinstance(x, slice) for x in local):
         block = block[np.ix_(*[np.arange(block.shape[i])[x] if isinstance(x, slice) else x for i, x in enumerate(local)])]
