@@ -54,6 +54,10 @@ DEFAULTS: dict[str, Any] = {
     "anndata-zarr-direct": True,
     # Seconds to wait when connecting to a scheduler address.
     "connect-timeout": 10,
+    # Show a progress bar on every compute (as if progress=True were passed), and
+    # how long a local compute runs before dask's text bar appears (seconds).
+    "progress": False,
+    "progress-minimum": 1.0,
     # Seconds a writer waits for another writer to release an HDF5 file.
     "write-timeout": 60,
     # Target bytes of one OME-Arrow chunk the writers choose (a Z slab of square YX tiles).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -170,23 +171,43 @@ def _progress(enabled: bool, target: Any) -> Iterator[None]:
         return
     from dask.diagnostics import ProgressBar
 
-    with ProgressBar(minimum=1.0):
+    # stderr, as tqdm does: a bar never mixes into data a command prints on stdout.
+    with ProgressBar(minimum=float(get_config("progress-minimum")), out=sys.stderr):
         yield
+
+
+def _distributed_progress(futures: Any) -> None:
+    from distributed import progress as dprogress
+    from distributed.utils import is_kernel
+
+    if is_kernel():
+        try:  # Jupyter: the live widget (needs ipywidgets); gather() below waits
+            from IPython.display import display
+
+            display(dprogress(futures, notebook=True))
+            return
+        except ImportError:
+            pass
+        dprogress(futures, notebook=False)
+        return
+    with contextlib.redirect_stdout(sys.stderr):
+        dprogress(futures, notebook=False)
 
 
 def compute(*collections: Any, scheduler: Any = None, client: Any = None, progress: bool = False, **kwargs: Any) -> tuple[Any, ...]:
     """``dask.compute`` on the scheduler :func:`resolve_scheduler` picks.
 
-    With ``progress=True`` a progress bar is shown: dask's text bar on local
-    schedulers, distributed's bar (terminal or Jupyter widget) on a cluster.
+    With ``progress=True`` (or ``dask_loom.progress`` set in the config) a
+    progress bar is shown: dask's text bar on local schedulers (on stderr,
+    after ``dask_loom.progress-minimum`` seconds), distributed's bar on a
+    cluster (text on stderr in a terminal, a widget in Jupyter).
     """
+    progress = bool(progress or get_config("progress"))
     target = resolve_scheduler(scheduler, client)
     if hasattr(target, "submit"):
         futures = target.compute(list(collections), **kwargs)
         if progress:
-            from distributed import progress as dprogress
-
-            dprogress(futures)
+            _distributed_progress(futures)
         return tuple(target.gather(futures))
     with _progress(progress, target):
         return dask.compute(*collections, scheduler=target, **kwargs)
