@@ -515,6 +515,7 @@ class MappedCollection:
     def close(self) -> None:
         """Release the handles this process holds on the files."""
         from dask_loom.anndata import _store as store_mod
+        from dask_loom.anndata._read import forget
         from dask_loom.hdf5._files import invalidate
 
         for s in self.storages:
@@ -522,6 +523,7 @@ class MappedCollection:
                 invalidate(s.spec)
             else:
                 store_mod._roots.pop((os.getpid(), s.spec.url), None)
+            forget(s)
         self._closed = True
 
     def __enter__(self) -> MappedCollection:

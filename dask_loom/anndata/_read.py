@@ -5,8 +5,11 @@ by byte range through :mod:`dask_loom.hdf5` (chunk index built once per
 process, ``pread`` or parallel range requests, libdeflate outside h5py's
 global lock); for an uncompressed chunked vector only the bytes a row needs
 are read, not its whole chunk.  zarr arrays (v2, v3, sharded, zipped, remote)
-are read through zarr-python's async API, all runs of a request gathered at
-once.  ``indptr`` is read once per process and cached.
+are read by byte range too (:mod:`dask_loom.anndata._zchunks`: cached shard
+indexes, coalesced range reads, numcodecs decoding in the calling threads);
+layouts that path does not handle go through zarr-python's async API, all
+runs of a request gathered at once.  ``indptr`` is read once per process and
+cached.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import scipy.sparse as sp
 from dask_loom._config import get_config
 from dask_loom.anndata._elems import MatrixMeta
 from dask_loom.anndata._store import AnnStore
+from dask_loom.anndata._zchunks import ZarrChunkReader, chunk_reader
 from dask_loom.errors import CorruptChunkError
 from dask_loom.hdf5._decode import decode_chunk
 from dask_loom.hdf5._files import read_ranges
@@ -55,11 +59,30 @@ def _executor() -> ThreadPoolExecutor:
     return _pool[1]
 
 
+_in_pool = threading.local()
+
+
+def _pooled(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def run(x: Any) -> Any:
+        _in_pool.active = True
+        try:
+            return fn(x)
+        finally:
+            _in_pool.active = False
+
+    return run
+
+
 def map_threads(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-    """``[fn(x) for x in items]``, concurrently when there is more than one item."""
-    if len(items) <= 1:
+    """``[fn(x) for x in items]``, concurrently when there is more than one item.
+
+    Calls made from inside a pool thread run inline: a pool thread waiting
+    on work queued behind its own siblings would deadlock the pool (e.g. a
+    batch touching more files than the pool has threads).
+    """
+    if len(items) <= 1 or getattr(_in_pool, "active", False):
         return [fn(x) for x in items]
-    return list(_executor().map(fn, items))
+    return list(_executor().map(_pooled(fn), items))
 
 
 def coalesce(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +100,17 @@ def coalesce(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starts = rows[np.concatenate(([0], breaks))]
     stops = rows[np.concatenate((breaks - 1, [len(rows) - 1]))] + 1
     return starts, stops
+
+
+def forget(store: AnnStore) -> None:
+    """Drop what this process cached about *store* (indptr, zarr arrays, shard indexes)."""
+    from dask_loom.anndata import _zchunks
+
+    url = store.spec.url
+    with _cache_lock:
+        for key in [k for k in _cache if len(k) > 2 and k[2] == url]:
+            del _cache[key]
+    _zchunks.forget(url)
 
 
 def _cached(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
@@ -172,7 +206,14 @@ def _zarr_array(store: AnnStore, path: str) -> Any:
     return _cached(("zarr", store.spec.url, path), lambda: store.root()[path])
 
 
+def _direct(store: AnnStore, path: str) -> ZarrChunkReader | None:
+    return chunk_reader(store, path, lambda: _zarr_array(store, path))
+
+
 def _zarr_ranges(store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    reader = _direct(store, path)
+    if reader is not None and len(reader.layout.shape) == 1:
+        return reader.read_ranges(starts, stops)
     arr = _zarr_array(store, path)
     keep = stops > starts
     starts, stops = starts[keep], stops[keep]
@@ -250,9 +291,12 @@ def read_dense_rows(store: AnnStore, meta: MatrixMeta, rows: np.ndarray) -> np.n
                 for j in range(len(starts)):
                     out[bounds[j] : bounds[j + 1]] = ds[int(starts[j]) : int(stops[j])].reshape(-1, ncol)
         return out
-    arr = _zarr_array(store, meta.path)
     if not len(rows):
         return np.empty((0, ncol), dtype=dt)
+    reader = _direct(store, meta.path)
+    if reader is not None:
+        return reader.read_rows(rows).reshape(len(rows), ncol)
+    arr = _zarr_array(store, meta.path)
     starts, stops = coalesce(rows)
     if len(starts) == 1:
         block = np.asarray(arr[int(starts[0]) : int(stops[0])])
