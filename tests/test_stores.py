@@ -489,3 +489,23 @@ def test_object_store_zarr_and_dask_on_s3(s3_server, local_cluster):
     z[:] = ref
     x = da.from_zarr(s, component="a")
     assert int(local_cluster.compute(x.sum()).result()) == int(ref.sum())
+
+
+@pytest.mark.s3
+def test_object_store_async_reads_retry_then_fail_clearly(s3_server):
+    import dask_loom
+
+    stats = s3_server["stats"]
+    s = open_store(f"s3://{s3_server['bucket']}/aretry-{uuid.uuid4().hex}.zarr", **s3_server["storage_options"])
+    ref = np.arange(64, dtype="i4")
+    zarr.create_array(s, name="a", shape=(64,), chunks=(8,), dtype="i4")[:] = ref
+    a = dask_loom.open_zarr(s, "a")
+    with dask.config.set({"dask_loom.retries": 4, "dask_loom.retry-backoff": 0.01}):
+        stats.fail_next(3, status=503)  # transient: the chunk requests on zarr's event loop retry
+        np.testing.assert_array_equal(a.to_dask().compute(scheduler="sync"), ref)
+        stats.fail_next(1000, status=503)
+        try:
+            with pytest.raises(StoreError, match=r"a/c/\d+' failed after 5 attempts"):
+                a.to_dask().compute(scheduler="sync")
+        finally:
+            stats.clear_failures()

@@ -226,7 +226,12 @@ def _fetch(store: Any, keys: list[str]) -> list[bytes | None]:
 
     async def all_() -> list[bytes | None]:
         sem = asyncio.Semaphore(limit)
-        return list(await asyncio.gather(*(one(sem, k) for k in keys)))
+        # Let every request finish (no orphaned requests on the loop), then raise the first error.
+        got = await asyncio.gather(*(one(sem, k) for k in keys), return_exceptions=True)
+        for g in got:
+            if isinstance(g, BaseException):
+                raise g
+        return list(got)
 
     return sync(all_())
 
