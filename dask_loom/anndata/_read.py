@@ -331,6 +331,9 @@ def read_csr_rows(store: AnnStore, meta: MatrixMeta, rows: np.ndarray) -> sp.csr
         raise CorruptChunkError(
             f"{store.name}: {meta.path} data/indices hold fewer entries than indptr promises"
         )
+    if len(indices) and (int(indices.max()) >= meta.shape[1] or int(indices.min()) < 0):
+        # scipy trusts indices: out-of-range ones would crash the process later.
+        raise CorruptChunkError(f"{store.name}: {meta.path}/indices holds column numbers outside 0..{meta.shape[1] - 1}")
     return sp.csr_matrix((data, indices, new_ptr), shape=(len(rows), meta.shape[1]))
 
 
