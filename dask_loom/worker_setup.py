@@ -7,8 +7,8 @@ preload.  At worker start it
 * imports dask_loom (so the first task does not pay for it),
 * applies ``DASK_LOOM_*`` environment variables and any
   ``--dask-loom-config KEY=VALUE`` preload arguments to the ``dask_loom.*``
-  configuration, rejecting unknown keys and malformed values *now*, so a
-  misconfigured worker fails to start instead of failing its first task,
+  configuration, rejecting unknown keys and malformed values *now*: a
+  misconfigured worker closes at start instead of failing its first task,
 * logs one line with the dask_loom version, the versions of the libraries
   that read the data, and the settings in force.
 
@@ -26,6 +26,7 @@ Extra settings go after the scheduler address (preload arguments)::
 from __future__ import annotations
 
 import ast
+import asyncio
 import logging
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
@@ -167,8 +168,35 @@ def teardown(server: Any) -> None:
     help="A dask_loom.* setting, e.g. block-size=128MiB (repeatable).",
 )
 def dask_setup(server: Any, settings: tuple[str, ...] = ()) -> None:
-    """distributed's preload hook (a click command, so it accepts preload arguments)."""
-    setup(server, settings)
+    """distributed's preload hook (a click command, so it accepts preload arguments).
+
+    distributed only logs a failing preload and starts the worker anyway; a
+    worker whose dask_loom settings are wrong is closed instead (with its
+    nanny, so it is not restarted), so the mistake shows at deployment.
+    """
+    try:
+        setup(server, settings)
+    except ConfigError as exc:
+        if hasattr(server, "close") and hasattr(server, "status"):
+            logger.error("closing %s: %s", getattr(server, "address", server), exc)
+            _pending.add(asyncio.ensure_future(_close_when_started(server)))
+        raise
+
+
+_pending: set[asyncio.Future[Any]] = set()
+
+
+async def _close_when_started(server: Any) -> None:
+    # The preload runs inside the server's start method, and a worker that is
+    # still starting does not take its nanny down with it (the nanny would
+    # restart it): wait until it runs, then close both.
+    from distributed.core import Status
+
+    for _ in range(600):
+        if server.status != Status.init:
+            break
+        await asyncio.sleep(0.1)
+    await server.close(reason="dask_loom-config-error")
 
 
 def dask_teardown(server: Any) -> None:
