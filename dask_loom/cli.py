@@ -1,9 +1,12 @@
 """``dask-loom``: the command line.
 
-Every subcommand that computes takes ``--scheduler ADDR`` (default: an
-active configuration, ``DASK_LOOM_SCHEDULER``, or the embedded default) and
-``--progress/--no-progress``.  Exit codes: 0 success, 1 a data or I/O error
-(printed as one line naming the file and the problem), 2 a usage error.
+Every subcommand that computes (``stats``, ``demo``, ``convert``,
+``aggregate``, ``permute``, ``export``, ``scan``) takes ``--scheduler ADDR``
+(default: ``DASK_LOOM_SCHEDULER``, else the embedded default) and
+``--progress/--no-progress`` (default: a bar when stderr is a terminal);
+``info`` and ``validate`` only read metadata and compute nothing.  Exit codes:
+0 success, 1 a data or I/O error (printed as one line naming the file and the
+problem, no traceback), 2 a usage error (unknown flag, bad value).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import socket
 import sys
 import tempfile
 import time
@@ -41,9 +46,38 @@ def arguments(configure: Callable[[argparse.ArgumentParser], None]) -> Callable[
     return deco
 
 
+_ADDRESS = re.compile(r"^((tcp|tls|ws|wss|ucx|inproc)://)?\[?[A-Za-z0-9_.:-]+\]?(:\d+)?/?$")
+
+
+def _scheduler_arg(value: str) -> str:
+    """``--scheduler``: a dask scheduler name or an address; anything else is a usage error."""
+    from dask_loom.cluster import _LOCAL_NAMES
+
+    if value in _LOCAL_NAMES or value in ("local", "embedded"):
+        return value
+    if (":" in value or "://" in value) and _ADDRESS.match(value):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is not a scheduler: give an address such as tcp://10.0.0.5:8786, "
+        "or 'threads', 'sync', 'processes' or 'local' (a LocalCluster for this run)"
+    )
+
+
 def _compute_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", metavar="ADDR", help="dask scheduler address (tcp://host:8786), 'threads', 'sync' or 'local'")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="show a progress bar (default: when writing to a terminal)")
+    g = p.add_argument_group("where it runs")
+    g.add_argument(
+        "--scheduler",
+        metavar="ADDR",
+        type=_scheduler_arg,
+        help="a dask scheduler address (tcp://host:8786), or 'threads', 'sync', 'processes', "
+        "'local' (a LocalCluster started for this run); default: $DASK_LOOM_SCHEDULER, else threads",
+    )
+    g.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show a progress bar on stderr (default: when stderr is a terminal)",
+    )
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -54,21 +88,65 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _probe(address: str) -> None:
+    """Fail fast, with one clear line, when nothing listens at a tcp/tls scheduler address."""
+    from urllib.parse import urlsplit
+
+    from dask_loom._config import get_config
+    from dask_loom.errors import SchedulerError
+
+    url = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = url.hostname, url.port
+    except ValueError:
+        raise SchedulerError(f"{address!r} is not a valid scheduler address") from None
+    if url.scheme not in ("tcp", "tls") or not host or not port:
+        return
+    try:
+        socket.create_connection((host, port), timeout=float(get_config("connect-timeout"))).close()
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise SchedulerError(f"cannot reach the dask scheduler at {address!r}: {why}") from None
+
+
 @contextlib.contextmanager
 def _announce(args: argparse.Namespace) -> Iterator[Any]:
+    """Resolve ``--scheduler`` (printing the dashboard link of a cluster) and apply ``--progress``."""
+    import dask
+
     from dask_loom.cluster import resolve_scheduler
 
+    address = getattr(args, "scheduler", None)
+    if address is None:
+        from dask_loom._config import get_config
+
+        address = get_config("scheduler")
+    if isinstance(address, str) and (":" in address or "://" in address):
+        _probe(address)
     target = resolve_scheduler(getattr(args, "scheduler", None))
     if hasattr(target, "dashboard_link"):
         _say(f"dask dashboard: {target.dashboard_link}")
-    yield target
+    # Operations without a progress= parameter (permute, export, scan) compute
+    # through dask_loom.cluster.compute, which honours this config key.
+    with dask.config.set({"dask_loom.progress": _progress(args) if hasattr(args, "progress") else False}):
+        yield target
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return n
 
 
 # --- info -------------------------------------------------------------------------------
 
 
 def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="a .loom file or .loom.zarr store (path or URL)")
+    p.add_argument("file", metavar="FILE", help="a .loom file or .loom.zarr store (path or URL)")
 
 
 @command("info", "describe a Loom file: shape, layers, attributes, graphs, spec, writer quirks")
@@ -89,8 +167,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _validate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file")
-    p.add_argument("--strictness", choices=["speconly", "conventions"], default="speconly")
+    p.add_argument("file", metavar="FILE", help="a .loom file or .loom.zarr store (path or URL)")
+    p.add_argument(
+        "--strictness",
+        choices=["speconly", "conventions"],
+        default="speconly",
+        help="'speconly' (default): the Loom spec; 'conventions': also the naming conventions (Gene, CellID, ...)",
+    )
 
 
 @command("validate", "check a Loom file against the spec (and optionally the conventions)")
@@ -114,7 +197,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _stats_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file")
+    p.add_argument("file", metavar="FILE", help="a .loom file or .loom.zarr store (path or URL)")
     p.add_argument("--layer", default="", help="layer name (default: the main matrix)")
     p.add_argument("--axis", type=int, choices=[0, 1], default=0, help="0: one row per gene (default), 1: one row per cell")
     p.add_argument("-o", "--out", metavar="OUT.tsv", help="write the table here (default: a summary on stdout)")
@@ -168,8 +251,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--genes", type=int, default=3000)
-    p.add_argument("--cells", type=int, default=16000)
+    p.add_argument("--genes", type=_positive, default=3000, help="rows of the demo file (default: 3000)")
+    p.add_argument("--cells", type=_positive, default=16000, help="columns of the demo file (default: 16000)")
     p.add_argument("--dir", help="where to write the demo file (default: a temporary folder, removed afterwards)")
     _compute_options(p)
 
@@ -212,17 +295,49 @@ def _load_more() -> None:
             __import__(mod)
 
 
+#: One or two example lines per subcommand, shown by ``dask-loom COMMAND --help``.
+EXAMPLES: dict[str, str] = {
+    "info": "dask-loom info cortex.loom\ndask-loom info s3://bucket/cortex.loom.zarr",
+    "validate": "dask-loom validate cortex.loom --strictness conventions",
+    "stats": "dask-loom stats cortex.loom --axis 1 -o cells.tsv --scheduler tcp://10.0.0.5:8786",
+    "demo": "dask-loom demo --genes 2000 --cells 8000 --scheduler local",
+    "convert": "dask-loom convert cortex.loom cortex.loom.zarr --chunks 256,256\ndask-loom convert image.ome.tiff image.ome.parquet",
+    "aggregate": "dask-loom aggregate cortex.loom clusters.loom --group-by Clusters --aggr-by mean --ca Age=mean",
+    "permute": "dask-loom permute cortex.loom --axis 1 --order-by Clusters\ndask-loom permute cortex.loom --axis 1 --random 42",
+    "export": "dask-loom export cortex.loom cortex.tsv --layer spliced",
+    "scan": "dask-loom scan cortex.loom --axis 1 --batch-size 1024 --out batches/",
+}
+
+_EPILOG = """\
+exit codes: 0 success, 1 a data or I/O error (one line naming the file), 2 a usage error
+
+Commands that compute take --scheduler ADDR (a dask scheduler such as tcp://10.0.0.5:8786,
+or threads/sync/processes/local) and --progress/--no-progress; DASK_LOOM_SCHEDULER sets
+the default address.  Run 'dask-loom demo' for a first look, 'dask-loom COMMAND --help'
+for a command's options."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     _load_more()
     parser = argparse.ArgumentParser(
         prog="dask-loom",
-        description="Loom files as chunk-aligned task graphs on dask: inspect, validate, compute, convert.",
-        epilog="Run 'dask-loom demo' for a first look; 'dask-loom COMMAND --help' for a command's options.",
+        description="Loom files (.loom HDF5 and .loom.zarr) as chunk-aligned task graphs on dask:\n"
+        "inspect, validate, compute statistics, aggregate, permute, export, scan and convert,\n"
+        "on this machine or on a dask.distributed cluster.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for name, (configure, fn, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        example = EXAMPLES.get(name)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_[:1].upper() + help_[1:] + ".",
+            epilog="example:\n  " + example.replace("\n", "\n  ") if example else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         configure(p)
         p.set_defaults(func=fn)
     return parser
@@ -234,12 +349,27 @@ def _version() -> str:
     return __version__
 
 
+def _message(exc: BaseException) -> str:
+    """One line naming the file (when known) and the problem."""
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        name = os.fspath(exc.filename)
+        text = str(exc.strerror)
+        return text if str(name) in text else f"{name}: {text}"
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split()) if "\n" not in text.strip() else text.strip().splitlines()[-1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``dask-loom``; returns the exit code."""
+    """Entry point of ``dask-loom``; returns the exit code (0 ok, 1 data/IO error, 2 usage error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "func", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
     from dask_loom.errors import DaskLoomError
 
@@ -249,12 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say("dask-loom: interrupted")
         return 130
     except (DaskLoomError, OSError, ValueError, KeyError, IndexError) as exc:
-        msg: Any = exc
-        if isinstance(exc, KeyError) and exc.args:
-            msg = exc.args[0]
-        elif isinstance(exc, OSError) and exc.strerror and exc.filename:
-            msg = exc.strerror
-        _say(f"dask-loom {args.command}: error: {msg}")
+        _say(f"dask-loom {args.command}: error: {_message(exc)}")
         return 1
 
 

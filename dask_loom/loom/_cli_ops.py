@@ -16,8 +16,8 @@ __all__: list[str] = []
 
 
 def _aggregate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="input .loom / .loom.zarr")
-    p.add_argument("out", help="output Loom file: one column per group")
+    p.add_argument("file", metavar="FILE", help="input .loom / .loom.zarr (path or URL)")
+    p.add_argument("out", metavar="OUT", help="output Loom file (.loom or .loom.zarr): one column per group")
     p.add_argument("--group-by", default="Clusters", help="column attribute holding the group labels (default: Clusters)")
     p.add_argument("--aggr-by", default="mean", help="numpy-groupies function for the matrix (default: mean)")
     p.add_argument("--layer", default="", help="layer to aggregate (default: the main matrix)")
@@ -45,7 +45,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def _permute_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="the .loom / .loom.zarr to permute in place (crash-safe)")
+    p.add_argument("file", metavar="FILE", help="the .loom / .loom.zarr to permute in place (crash-safe)")
     p.add_argument("--axis", type=int, choices=[0, 1], required=True, help="0: rows, 1: columns")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--order-by", metavar="ATTR", help="sort by this attribute of the axis")
@@ -63,6 +63,9 @@ def cmd_permute(args: argparse.Namespace) -> int:
         n = ds.shape[args.axis]
         if args.order_by:
             attrs = ds.ra if args.axis == 0 else ds.ca
+            if args.order_by not in attrs.keys():
+                what = ("row", "column")[args.axis]
+                raise KeyError(f"{args.file}: no {what} attribute '{args.order_by}' to order by (have: {', '.join(attrs.keys()) or 'none'})")
             ordering = np.argsort(attrs[args.order_by], kind="stable")
         elif args.random is not None:
             ordering = np.random.default_rng(args.random).permutation(n)
@@ -75,9 +78,9 @@ def cmd_permute(args: argparse.Namespace) -> int:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file")
-    p.add_argument("out", help="output tab-separated file (loompy's layout, byte for byte)")
-    p.add_argument("--layer", default=None)
+    p.add_argument("file", metavar="FILE", help="input .loom / .loom.zarr (path or URL)")
+    p.add_argument("out", metavar="OUT.tsv", help="output tab-separated file (loompy's layout, byte for byte)")
+    p.add_argument("--layer", default=None, help="layer to export (default: the main matrix)")
     _compute_options(p)
 
 
@@ -94,9 +97,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _scan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file")
+    p.add_argument("file", metavar="FILE", help="input .loom / .loom.zarr (path or URL)")
     p.add_argument("--axis", type=int, choices=[0, 1], default=1, help="0: batches of rows, 1: batches of columns (default)")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", metavar="N", type=cli._positive, default=512, help="rows or columns per batch (default: 512)")
     p.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
     p.add_argument("--out", required=True, metavar="DIR", help="write batch_<start>.npz files here (layers, indexes, attributes of the axis)")
     _compute_options(p)
