@@ -176,22 +176,24 @@ def _progress(enabled: bool, target: Any) -> Iterator[None]:
         yield
 
 
-def _distributed_progress(futures: Any) -> None:
+def _distributed_progress(futures: Any, client: Any) -> None:
     from distributed import progress as dprogress
     from distributed.utils import is_kernel
 
+    # Our clients are not the default client, which progress() would look for.
+    where = {"scheduler": client.scheduler.address}
     if is_kernel():
         try:  # Jupyter: the live widget (needs ipywidgets); gather() below waits
             from IPython.display import display
 
-            display(dprogress(futures, notebook=True))
+            display(dprogress(futures, notebook=True, **where))
             return
         except ImportError:
             pass
-        dprogress(futures, notebook=False)
+        dprogress(futures, notebook=False, **where)
         return
     with contextlib.redirect_stdout(sys.stderr):
-        dprogress(futures, notebook=False)
+        dprogress(futures, notebook=False, **where)
 
 
 def compute(*collections: Any, scheduler: Any = None, client: Any = None, progress: bool = False, **kwargs: Any) -> tuple[Any, ...]:
@@ -207,7 +209,7 @@ def compute(*collections: Any, scheduler: Any = None, client: Any = None, progre
     if hasattr(target, "submit"):
         futures = target.compute(list(collections), **kwargs)
         if progress:
-            _distributed_progress(futures)
+            _distributed_progress(futures, target)
         return tuple(target.gather(futures))
     with _progress(progress, target):
         return dask.compute(*collections, scheduler=target, **kwargs)
