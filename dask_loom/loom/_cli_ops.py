@@ -130,12 +130,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 0
 
 
-_IMAGE_SUFFIXES = (".tif", ".tiff", ".ome.zarr", ".parquet", ".pq")
+def _is_image(src: str, dst: str) -> bool:
+    from dask_loom.ome import image_kind
 
-
-def _is_image(path: str) -> bool:
-    p = path.rstrip("/").lower()
-    return p.endswith(_IMAGE_SUFFIXES) and not p.endswith(".loom.zarr")
+    return image_kind(src) is not None or dst.rstrip("/").lower().endswith((".parquet", ".pq"))
 
 
 def _wrap_convert() -> None:
@@ -145,12 +143,13 @@ def _wrap_convert() -> None:
     configure, loom_fn, _ = loom_convert
 
     def cmd_convert(args: argparse.Namespace) -> int:
-        if _is_image(args.src) or _is_image(args.dst):
+        if _is_image(args.src, args.dst):
             from dask_loom.ome import convert_to_ome_arrow
 
+            chunks = tuple(int(c) for c in args.chunks.split(",")) if getattr(args, "chunks", None) else None
             with _announce(args) as target:
                 t0 = time.perf_counter()
-                convert_to_ome_arrow(args.src, args.dst, scheduler=target)
+                convert_to_ome_arrow(args.src, args.dst, chunk_shape=chunks, scheduler=target)
             _say(f"wrote {args.dst} in {time.perf_counter() - t0:.2f} s")
             return 0
         return loom_fn(args)
