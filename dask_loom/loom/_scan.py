@@ -51,8 +51,10 @@ def band_job(sources: list[Any], names: list[str], axis: int, start: int, stop: 
         shapes.append(shape)
         dtypes.append(np.dtype(src.dtype))
         places.append(pl)
-    return delayed(_assemble, pure=True, name=f"loom-batch-{parts[0].key[0].split('-')[-1]}-{start}")(
-        names, shapes, dtypes, places, axis, ordering, selection, *parts
+    # dask_key_name names the call's task (delayed's name= would only name the function object).
+    return delayed(_assemble, pure=True)(
+        names, shapes, dtypes, places, axis, ordering, selection, *parts,
+        dask_key_name=f"loom-batch-{parts[0].key[0].split('-')[-1]}-{start}",
     )
 
 
