@@ -566,6 +566,7 @@ def test_slurm_driver_prints_the_job_script_from_dask_config():
     assert "--preload dask_loom.worker_setup" in out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
 def test_slurm_driver_local_run(data_dir, tmp_path):
     """loom_stats.py --local on a real Loom file: the table equals numpy on the file's matrix."""
@@ -735,7 +736,9 @@ def topology(tmp_path_factory):
             f.close()
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.xdist_group("deploy-topology")
 def test_topology_workers_ran_the_preload(topology):
     from distributed import Client
 
@@ -756,7 +759,9 @@ def test_topology_workers_ran_the_preload(topology):
         assert f"dask_loom {dask_loom.__version__} ready on tcp://127.0.0.1:" in log
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.xdist_group("deploy-topology")
 def test_topology_runs_a_dask_loom_job(topology, data_dir):
     """ds.map and ds.aggregate on a real Loom file, computed by the two worker processes."""
     import h5py
@@ -778,7 +783,9 @@ def test_topology_runs_a_dask_loom_job(topology, data_dir):
     assert {"loom-map", "loom-aggregate"} <= set(prefixes)
 
 
+@pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.xdist_group("deploy-topology")
 def test_topology_rejects_a_misconfigured_worker(topology, tmp_path):
     """A worker with an unknown dask_loom setting closes (with its nanny) instead of joining."""
     address, _ = topology
