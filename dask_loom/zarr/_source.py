@@ -151,7 +151,16 @@ class _FastPath:
             if base.kind not in "biuf":
                 raise ValueError("dtype")
             self.dtype = base.newbyteorder("<" if endian == "little" else ">") if base.itemsize > 1 else base
-            known = {"blosc": numcodecs.Blosc, "zstd": numcodecs.Zstd, "gzip": numcodecs.GZip, "crc32c": numcodecs.CRC32C}
+            from numcodecs import blosc
+
+            known = {
+                # blosc's module-level decompress skips Blosc.decode's buffer checks:
+                # about 4x less overhead on a 16 KiB chunk.
+                "blosc": lambda: blosc.decompress,
+                "zstd": lambda: numcodecs.Zstd().decode,
+                "gzip": lambda: numcodecs.GZip().decode,
+                "crc32c": lambda: numcodecs.CRC32C().decode,
+            }
             for c in codecs[1:]:
                 if c.get("name") not in known:
                     raise ValueError(f"codec {c.get('name')}")
@@ -166,7 +175,7 @@ class _FastPath:
             if self.dtype.kind not in "biuf":
                 raise ValueError("dtype")
             if meta.get("compressor"):
-                self.decoders.append(numcodecs.get_codec(dict(meta["compressor"])))
+                self.decoders.append(numcodecs.get_codec(dict(meta["compressor"])).decode)
             fill = meta.get("fill_value", 0)
         else:
             raise ValueError("format")
@@ -180,13 +189,13 @@ class _FastPath:
         k = self.lead + self.sep.join(str(int(c)) for c in coords) if coords else self.lead.rstrip(self.sep) or "0"
         return f"{path}/{k}" if path else k
 
-    def decode(self, raw: bytes, where: str) -> np.ndarray:
+    def decode(self, raw: bytes) -> np.ndarray:
         data: Any = raw
-        for codec in reversed(self.decoders):
-            data = codec.decode(data)
+        for decode in reversed(self.decoders):
+            data = decode(data)
         buf = memoryview(data).cast("B") if not isinstance(data, bytes) else data
         if len(buf) != self.nbytes:
-            raise CorruptChunkError(f"{where}: decoded to {len(buf)} bytes, expected {self.nbytes}")
+            raise ValueError(f"decoded to {len(buf)} bytes, expected {self.nbytes}")
         return np.frombuffer(buf, dtype=self.dtype).reshape(self.chunks)
 
 
@@ -322,9 +331,7 @@ class ZarrSource:
             if raw is None:
                 continue
             try:
-                chunk = fast.decode(raw, f"{store_label(self.store)}: array {self.path or '/'!r}, chunk {key!r}")
-            except CorruptChunkError:
-                raise
+                chunk = fast.decode(raw)
             except Exception as exc:
                 raise CorruptChunkError(
                     f"{store_label(self.store)}: array {self.path or '/'!r}, chunk {key!r}: {_problem(exc)}"
