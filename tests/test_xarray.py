@@ -150,6 +150,11 @@ def test_open_dataset_layout_and_values(any_file):
         assert ds["PCA"].dims == ("gene", "PCA_dim1")
         np.testing.assert_allclose(ds["PCA"].values, ref["ra"]["PCA"])
         assert ds.attrs["Title"] == "reference"
+        # unaligned and fancy outer selections, read without dask
+        m = ref[""]
+        for kr, kc in [(slice(3, 70), slice(60, 130)), ([299, 0, 5, 5], slice(None, None, 7)), (5, [516, 2]), (slice(None, None, -9), 400)]:
+            expected = m[kr][..., kc] if np.ndim(m[kr]) == 2 else m[kr][kc]
+            np.testing.assert_array_equal(ds["matrix"][kr, kc].values, expected)
         # label-based selection through the attributes
         sub = ds.set_xindex("CellID")["matrix"].sel(CellID=["cell_9", "cell_2"])
         np.testing.assert_array_equal(sub.values, ref[""][:, [9, 2]])
