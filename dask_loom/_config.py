@@ -37,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
     "io-threads": 32,
     # Compressor of arrays in .loom.zarr containers: blosc-zstd, blosc-lz4, zstd, gzip or none.
     "zarr-codec": "blosc-zstd",
+    # Layer chunk shape dask_loom.convert gives a .loom.zarr (1 MiB of float32): loompy's
+    # 64 x 64 suits HDF5, but as Zarr objects (one per chunk) it means 16 KiB requests.
+    "loom-zarr-chunks": [512, 512],
     # Retries for transient object-store errors.
     "retries": 5,
     "retry-backoff": 0.2,

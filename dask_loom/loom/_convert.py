@@ -42,14 +42,16 @@ def convert(
 
     The kind of *dst* follows its name (``*.zarr`` → Zarr, else HDF5).  Every
     layer, row/column attribute, graph and global attribute is copied; layer
-    dtypes are kept, and the chunk shape too unless *chunks* is given.
+    dtypes are kept.  Layer chunks default to the target kind's:
+    ``dask_loom.loom-zarr-chunks`` (512 x 512) for Zarr, whose chunks are
+    separate objects, and ``dask_loom.loom-chunks`` (loompy's 64 x 64) for HDF5.
 
     Parameters
     ----------
     src, dst
         Paths or URLs (``s3://…``); *dst* is replaced if it exists.
     chunks
-        Chunk shape of the target's layers (default: the source's).
+        Chunk shape of the target's layers (default: see above).
     storage_options, dst_storage_options
         fsspec options for *src* and *dst* (*dst* defaults to *src*'s).
     scheduler, client, progress
@@ -88,6 +90,10 @@ def convert(
         attrs = [{k: ds.ra[k] for k in names["ra"]}, {k: ds.ca[k] for k in names["ca"]}]
         graphs = [{k: ds.row_graphs[k] for k in names["row_graphs"]}, {k: ds.col_graphs[k] for k in names["col_graphs"]}]
         kw = {"scheduler": scheduler, "client": client}
+        from dask_loom._config import get_config
+        from dask_loom.loom._zarrtree import is_zarr_spec
+
+        default_chunks = get_config("loom-zarr-chunks") if is_zarr_spec(dst_spec) else get_config("loom-chunks")
         with creating(dst_spec) as w:
             init_layout(w)
             dsk: dict[Any, Any] = {}
@@ -97,7 +103,7 @@ def convert(
                 src_layer = sources[name]
                 dt = np.dtype(src_layer.dtype)
                 path = "matrix" if name == "" else f"layers/{name}"
-                layer_chunks = tuple(int(c) for c in (chunks or src_layer.chunk_shape))
+                layer_chunks = tuple(int(c) for c in (chunks or default_chunks))
                 layer_chunks = tuple(max(1, min(c, n)) for c, n in zip(layer_chunks, shape))
                 create_layer_array(w, path, shape, dt, layer_chunks)
                 encoder = w.encoder(path)
@@ -132,7 +138,7 @@ def _convert_args(p: Any) -> None:
 
     p.add_argument("src", help="source Loom container (.loom or .loom.zarr; path or URL)")
     p.add_argument("dst", help="target (*.zarr → Zarr, else HDF5 .loom); replaced if it exists")
-    p.add_argument("--chunks", metavar="ROWS,COLS", help="chunk shape of the target's layers (default: the source's)")
+    p.add_argument("--chunks", metavar="ROWS,COLS", help="chunk shape of the target's layers (default: 512,512 for .loom.zarr, 64,64 for .loom)")
     _compute_options(p)
 
 
