@@ -11,7 +11,8 @@
 (b) ``ZarrArray.to_dask().mean()`` vs ``dask.array.from_zarr(...).mean()`` on a
     local store (target: never more than 5 % slower).
 (c) ``ds.map([mean, std])`` on the loom map benchmark's file as ``.loom``, as
-    ``.loom.zarr`` (blosc-zstd) on disk and as ``.loom.zarr`` on a local S3
+    ``.loom.zarr`` (blosc-zstd) on disk — with convert's default 512 x 512
+    chunks and with the .loom's 64 x 64 — and as ``.loom.zarr`` on a local S3
     server (moto) (target: .loom.zarr on disk at least as fast as .loom).
 
 Every measurement runs in a fresh process (wall time, peak RSS of the process tree).
@@ -158,18 +159,22 @@ def run_from_zarr(path: str) -> dict:
 # -- (c) loom map ---------------------------------------------------------------------------------
 
 
-def loom_files(small: bool) -> tuple[str, str]:
+def loom_files(small: bool) -> tuple[str, str, str]:
+    """The loom map benchmark's file, and its .loom.zarr twins: default chunks (512 x 512) and 64 x 64."""
     from bench_loom_map import bench_file
 
     import dask_loom
 
     loom = bench_file(small)
-    zpath = loom[: -len(".loom")] + ".loom.zarr"
-    if not os.path.exists(zpath):
-        t0 = time.perf_counter()
-        dask_loom.convert(loom, zpath, scheduler="threads")
-        print(f"converted {loom} -> {zpath} in {time.perf_counter() - t0:.0f} s", flush=True)
-    return loom, zpath
+    out = []
+    for suffix, chunks in ((".loom.zarr", None), (".c64.loom.zarr", (64, 64))):
+        zpath = loom[: -len(".loom")] + suffix
+        if not os.path.exists(zpath):
+            t0 = time.perf_counter()
+            dask_loom.convert(loom, zpath, chunks=chunks, scheduler="threads")
+            print(f"converted {loom} -> {zpath} in {time.perf_counter() - t0:.0f} s", flush=True)
+        out.append(zpath)
+    return loom, out[0], out[1]
 
 
 def run_map(path: str, storage_options: dict | None = None) -> dict:
@@ -223,10 +228,11 @@ def main() -> None:
         results["rows"].update(dict(rows))
 
     if "c" not in skip:
-        loom, zpath = loom_files(args.small)
+        loom, zpath, z64 = loom_files(args.small)
         rows = [
-            ("(c) map .loom (HDF5, gzip 2)", measure(run_map, loom, repeat=args.repeat)),
-            ("(c) map .loom.zarr on disk (blosc-zstd)", measure(run_map, zpath, repeat=args.repeat)),
+            ("(c) map .loom (HDF5, gzip 2, 64x64)", measure(run_map, loom, repeat=args.repeat)),
+            ("(c) map .loom.zarr disk (blosc-zstd, 512x512)", measure(run_map, zpath, repeat=args.repeat)),
+            ("(c) map .loom.zarr disk (blosc-zstd, 64x64)", measure(run_map, z64, repeat=args.repeat)),
         ]
         if not args.no_s3:
             from _s3server import S3Server
@@ -246,11 +252,10 @@ def main() -> None:
         print(table(rows, rows[0][0]))
         sums = [r["result"]["checksum"] for _, r in rows]
         assert all(np.allclose(s, sums[0], rtol=1e-5) for s in sums), sums
-        results["ratios"]["(c) .loom / .loom.zarr disk (speedup)"] = rows[0][1]["wall"] / rows[1][1]["wall"]
-        if len(rows) > 2:
-            results["ratios"]["(c) .loom / .loom.zarr S3 (speedup)"] = rows[0][1]["wall"] / rows[2][1]["wall"]
+        for name, r in rows[1:]:
+            results["ratios"][f"{name}: speedup over .loom"] = rows[0][1]["wall"] / r["wall"]
         results["rows"].update(dict(rows))
-        results["files"] = {"loom": loom, "zarr": zpath}
+        results["files"] = {"loom": loom, "zarr": zpath, "zarr_64": z64}
 
     for k, v in results["ratios"].items():
         print(f"{k}: {v:.2f}")
