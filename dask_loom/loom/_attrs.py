@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dask_loom.errors import LoomFormatError
-from dask_loom.loom._common import AXIS_ATTRS, scalar_text, timestamp
+from dask_loom.loom._common import AXIS_ATTRS, NamedMapping, scalar_text, timestamp
 from dask_loom.loom._values import normalize_for_write
 
 if TYPE_CHECKING:
@@ -35,7 +34,7 @@ def _take(values: np.ndarray, index: Any) -> np.ndarray:
     return values[index]
 
 
-class AttributeManager:
+class AttributeManager(NamedMapping):
     """Row or column attributes: dict-like and attribute access.
 
     File-backed managers (``ds.ra``, ``ds.ca``) read each attribute on first
@@ -70,25 +69,11 @@ class AttributeManager:
 
     # -- mapping protocol -----------------------------------------------------------
 
-    def keys(self) -> list[str]:
-        return list(self._names)
 
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        for name in self.keys():
-            yield name, self[name]
 
-    def values(self) -> Iterator[np.ndarray]:
-        for name in self.keys():
-            yield self[name]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
 
-    def __len__(self) -> int:
-        return len(self._names)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
 
     def get(self, name: str, default: Any = None) -> Any:
         """The attribute, or *default* (which, when given, must have one value per row/column)."""
@@ -200,7 +185,7 @@ class AttributeManager:
         object.__setattr__(self, "_parent", None)
 
 
-class GlobalAttributeManager:
+class GlobalAttributeManager(NamedMapping):
     """``ds.attrs``: file-wide attributes (``/attrs`` datasets in spec 3, root HDF5 attributes before)."""
 
     def __init__(self, ds: LoomConnection | None, values: dict[str, Any] | None = None) -> None:
@@ -209,21 +194,10 @@ class GlobalAttributeManager:
         names = list(values or {}) if ds is None else ds._global_names()
         object.__setattr__(self, "_names", names)
 
-    def keys(self) -> list[str]:
-        return list(self._names)
 
-    def items(self) -> Iterator[tuple[str, Any]]:
-        for k in self.keys():
-            yield k, self[k]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
 
-    def __len__(self) -> int:
-        return len(self._names)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
 
     def get(self, name: str, default: Any = None) -> Any:
         return self[name] if name in self else default  # noqa: SIM401 - this is get()

@@ -9,7 +9,7 @@ import numpy as np
 
 from dask_loom.loom._values import materialize, spec_at_least
 
-__all__ = ["AXIS_ATTRS", "AXIS_GRAPHS", "LEGACY_GRAPHS", "read_spec_version", "timestamp", "scalar_text"]
+__all__ = ["AXIS_ATTRS", "AXIS_GRAPHS", "LEGACY_GRAPHS", "NamedMapping", "read_spec_version", "scalar_text", "timestamp"]
 
 AXIS_ATTRS = ("row_attrs", "col_attrs")
 AXIS_GRAPHS = ("row_graphs", "col_graphs")
@@ -51,3 +51,37 @@ def read_spec_version(tree: Any) -> str:
 
 def is_spec3(version: str) -> bool:
     return spec_at_least(version, "3.0.0")
+
+
+class NamedMapping:
+    """The read-only mapping protocol of loompy's managers, over an ordered ``_names`` list.
+
+    ``keys()`` returns a list (as loompy's managers do), in file order with
+    names added during the connection appended.
+    """
+
+    _names: list[str]
+
+    def __getitem__(self, name: Any) -> Any:  # pragma: no cover - defined by each manager
+        raise NotImplementedError
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def items(self) -> Any:
+        for name in self.keys():
+            yield name, self[name]
+
+    def values(self) -> Any:
+        for name in self.keys():
+            yield self[name]
+
+    def __iter__(self) -> Any:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+

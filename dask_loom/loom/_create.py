@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dask_loom.loom._connection import TREE_OPENERS, LoomConnection
+from dask_loom.loom._layers import as_layer_dict
 from dask_loom.loom._store import init_layout, put_attr
 from dask_loom.storage import FileSpec
 
@@ -56,25 +57,6 @@ def new(
     ds = LoomConnection(spec.url if spec.is_local else os.fspath(filename), "r+", validate=False, storage_options=storage_options)
     ds._created = True
     return ds
-
-
-def _as_layers(layers: Any) -> dict[str, Any]:
-    from dask_loom.loom._layers import LayerManager, LoomLayer, MemoryLoomLayer
-
-    if isinstance(layers, LayerManager):
-        layers = {k: layers[k] for k in layers.keys()}
-    elif not isinstance(layers, dict):
-        layers = {"": layers}
-    out = {}
-    for k, v in layers.items():
-        if isinstance(v, MemoryLoomLayer):
-            v = v.values
-        elif isinstance(v, LoomLayer):
-            v = v.to_dask()
-        elif not (sp.issparse(v) or hasattr(v, "dask")):
-            v = np.asarray(v)
-        out[k] = v
-    return out
 
 
 def _as_attrs(attrs: Any) -> dict[str, Any]:
@@ -140,7 +122,7 @@ def create(
     """
     from dask_loom.loom._write import check_dtype, create_layer_array, default_chunks, fill_layer
 
-    lay = _as_layers(layers)
+    lay = as_layer_dict(layers)
     ra = _as_attrs(row_attrs)
     ca = _as_attrs(col_attrs)
     if "" not in lay:

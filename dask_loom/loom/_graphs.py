@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
+
+from dask_loom.loom._common import NamedMapping
 
 if TYPE_CHECKING:
     from dask_loom.loom._connection import LoomConnection
@@ -34,7 +35,7 @@ def slice_graph(g: sp.coo_matrix, index: Any, n: int) -> sp.coo_matrix:
     return m.tocoo()
 
 
-class GraphManager:
+class GraphManager(NamedMapping):
     """Dict-like access to the graphs along one axis (file-backed or in memory)."""
 
     def __init__(self, ds: LoomConnection | None, *, axis: int, values: dict[str, sp.coo_matrix] | None = None) -> None:
@@ -47,21 +48,10 @@ class GraphManager:
         names = list(values or {}) if ds is None else ds._graph_names(axis)
         object.__setattr__(self, "_names", names)
 
-    def keys(self) -> list[str]:
-        return list(self._names)
 
-    def items(self) -> Iterator[tuple[str, sp.coo_matrix]]:
-        for k in self.keys():
-            yield k, self[k]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
 
-    def __len__(self) -> int:
-        return len(self._names)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
 
     def _load(self, name: str) -> sp.coo_matrix:
         if name not in self._cache:

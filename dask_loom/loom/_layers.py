@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from dask_loom._indexing import normalize_key
+from dask_loom.loom._common import NamedMapping
 
 if TYPE_CHECKING:
     import dask.array as da
 
     from dask_loom.loom._connection import LoomConnection
 
-__all__ = ["LayerManager", "LoomLayer", "MemoryLoomLayer"]
+__all__ = ["LayerManager", "LoomLayer", "MemoryLoomLayer", "as_layer_dict"]
 
 
 class LoomLayer:
@@ -45,8 +46,6 @@ class LoomLayer:
     def ndim(self) -> int:
         return 2
 
-    def __len__(self) -> int:
-        return self.shape[0]
 
     def _source(self) -> Any:
         return self.ds._layer_source(self.name)
@@ -158,7 +157,7 @@ class MemoryLoomLayer:
         return f"<MemoryLoomLayer '{self.name}' shape={self.shape} dtype={self.dtype}>"
 
 
-class LayerManager:
+class LayerManager(NamedMapping):
     """``ds.layers``: ``""`` (the main matrix) first, then named layers.
 
     ``ds.layers["x"]`` (or ``ds.layers.x``, ``ds["x"]``) is a lazy
@@ -172,25 +171,11 @@ class LayerManager:
         names = ds._layer_names() if ds is not None else list(values or {})
         object.__setattr__(self, "_names", names)
 
-    def keys(self) -> list[str]:
-        return list(self._names)
 
-    def items(self) -> Iterator[tuple[str, Any]]:
-        for k in self.keys():
-            yield k, self[k]
 
-    def values(self) -> Iterator[Any]:
-        for k in self.keys():
-            yield self[k]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
 
-    def __len__(self) -> int:
-        return len(self._names)
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._names
 
     def __getitem__(self, thing: Any) -> Any:
         if isinstance(thing, str):
@@ -250,3 +235,26 @@ class LayerManager:
     def _permute(self, ordering: np.ndarray, *, axis: int) -> None:
         for layer in self._layers.values():
             layer.permute(ordering, axis=axis)
+
+
+def as_layer_dict(layers: Any) -> dict[str, Any]:
+    """Normalise what loompy accepts as layers (array, dict, ``LayerManager``) to a dict.
+
+    Values become numpy arrays, scipy.sparse matrices or (for file-backed
+    layers and dask input) lazy dask arrays.
+    """
+    if isinstance(layers, LayerManager):
+        layers = {k: layers[k] for k in layers.keys()}
+    elif not isinstance(layers, dict):
+        layers = {"": layers}
+    out = {}
+    for k, v in layers.items():
+        if isinstance(v, MemoryLoomLayer):
+            v = v.values
+        elif isinstance(v, LoomLayer):
+            v = v.to_dask()
+        elif not (sp.issparse(v) or hasattr(v, "dask")):
+            v = np.asarray(v)
+        out[k] = v
+    return out
+

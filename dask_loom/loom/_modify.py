@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from dask_loom.blocks import block_regions, plan_blocks
 from dask_loom.cluster import compute
 from dask_loom.loom._common import AXIS_ATTRS, AXIS_GRAPHS
+from dask_loom.loom._layers import as_layer_dict
 from dask_loom.loom._store import init_layout, put_attr, put_graph, touch
 from dask_loom.loom._write import (
     check_dtype,
@@ -266,23 +267,6 @@ def _merge_col_attrs(
     return out
 
 
-def _as_layer_dict(layers: Any) -> dict[str, Any]:
-    from dask_loom.loom._layers import LayerManager, LoomLayer, MemoryLoomLayer
-
-    if isinstance(layers, LayerManager):
-        layers = {k: layers[k] for k in layers.keys()}
-    elif not isinstance(layers, dict):
-        layers = {"": layers}
-    out = {}
-    for k, v in layers.items():
-        if isinstance(v, MemoryLoomLayer):
-            v = v.values
-        elif isinstance(v, LoomLayer):
-            v = v[:, :]
-        out[k] = v if sp.issparse(v) else np.asarray(v)
-    return out
-
-
 def _check_append(ds: Any, names: list[str], n_rows: int, where: str) -> None:
     if ds.shape == (0, 0):
         return
@@ -357,7 +341,8 @@ def _append(
 def add_columns(ds: LoomConnection, layers: Any, col_attrs: dict[str, Any], *, row_attrs: dict[str, Any] | None = None, fill_values: Any = None) -> None:
     """Append columns (all layers at once) and their attributes, all-or-nothing."""
     ds._check_writable()
-    lay = _as_layer_dict(layers)
+    # Appended columns are held in memory, as in loompy (dask input is computed here).
+    lay = {k: v if sp.issparse(v) else np.asarray(v) for k, v in as_layer_dict(layers).items()}
     where = ds.filename
     if "" not in lay and ds.shape == (0, 0):
         raise ValueError(f"{where}: the main matrix (layer '') must be supplied")
