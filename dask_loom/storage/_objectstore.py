@@ -300,6 +300,29 @@ class ObjectStore(_Base3):
                 out.append(p)
         return sorted(k for k in out if k.startswith(prefix))
 
+    def _dir(self, prefix: str) -> list[str]:
+        # One level (a delimiter listing), not every key below the prefix.
+        fs = self._fs()
+        base = self._path(prefix.rstrip("/"))
+        root = str(self._root)
+
+        def go() -> list[dict[str, Any]]:
+            try:
+                return fs.ls(base, detail=True)
+            except FileNotFoundError:
+                return []
+
+        out = set()
+        for info in self._retry("list", prefix, go):
+            name = str(info.get("name", "")).rstrip("/")
+            if root and not name.startswith(root + "/"):
+                continue
+            rel = name[len(root) + 1 :] if root else name
+            if not rel.startswith(prefix) or rel == prefix.rstrip("/"):
+                continue
+            out.add(rel + "/" if info.get("type") == "directory" else rel)
+        return sorted(out)
+
     # -- async primitives --------------------------------------------------------------
     async def _aget(self, key: str, req: Req = None) -> bytes:
         fs = await self._afs()

@@ -247,6 +247,13 @@ class BaseStore(Store):
     async def _akeys(self, prefix: str) -> list[str]:
         return await self._run(lambda: list(self._keys(prefix)))
 
+    def _dir(self, prefix: str) -> list[str]:
+        """simplezarr's ``list_dir`` for a normalised prefix; stores override it to list one level only."""
+        return _dir_entries(self._keys(prefix), prefix)
+
+    async def _adir(self, prefix: str) -> list[str]:
+        return await self._run(self._dir, prefix)
+
     # -- zarr's Store ABC -----------------------------------------------------------------
     @property
     def supports_writes(self) -> bool:
@@ -502,10 +509,10 @@ class ListableStore(BaseStore):
         p = check_prefix(prefix)
 
         async def agen() -> AsyncIterator[str]:
-            for entry in _dir_entries(await self._akeys(p), p):
+            for entry in await self._adir(p):
                 yield entry[len(p) :].rstrip("/")
 
-        return KeyList(lambda: _dir_entries(self._keys(p), p), agen)
+        return KeyList(lambda: self._dir(p), agen)
 
 
 class _Base3(ReadableStore, WritableStore, ListableStore):
@@ -778,6 +785,19 @@ class LocalStore(_Base3):
                 out.append(os.path.join(dirpath, fn)[root_len:].replace(os.sep, "/"))
         return sorted(out)
 
+    def _dir(self, prefix: str) -> list[str]:
+        base = self._file(prefix[:-1]) if prefix else self.path
+        try:
+            entries = list(os.scandir(base))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out = []
+        for e in entries:
+            if e.name.startswith(_TMP_MARK):
+                continue
+            out.append(prefix + e.name + "/" if e.is_dir() else prefix + e.name)
+        return sorted(out)
+
     def _move_prefix(self, src: str, dst: str) -> None:
         src_p, dst_p = check_prefix(src), check_prefix(dst)
         s, d = self._file(src_p[:-1]), self._file(dst_p[:-1])
@@ -891,6 +911,14 @@ class WrapperStore(_Base3):
     async def _akeys(self, prefix: str) -> list[str]:
         return await self._store._akeys(prefix)
 
+    def _dir(self, prefix: str) -> list[str]:
+        out = self._store._dir(prefix)
+        self._hook("list", (prefix,), out)
+        return out
+
+    async def _adir(self, prefix: str) -> list[str]:
+        return await self._store._adir(prefix)
+
     def _move_prefix(self, src: str, dst: str) -> None:
         self._store._move_prefix(src, dst)
 
@@ -963,3 +991,7 @@ class SlowStore(WrapperStore):
     async def _akeys(self, prefix: str) -> list[str]:
         await asyncio.sleep(self._delay())
         return await self._store._akeys(prefix)
+
+    async def _adir(self, prefix: str) -> list[str]:
+        await asyncio.sleep(self._delay())
+        return await self._store._adir(prefix)
