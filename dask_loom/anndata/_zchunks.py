@@ -340,7 +340,8 @@ class _StoreObjects(_Objects):
             try:
                 return sync(all_())
             except (OSError, TimeoutError) as exc:
-                if isinstance(exc, FileNotFoundError) or attempt == retries:
+                # Missing objects come back as None; refused credentials are not transient.
+                if isinstance(exc, (FileNotFoundError, PermissionError)) or attempt == retries:
                     raise StoreError(f"{self.label}: range request failed after {attempt + 1} attempts: {exc}") from exc
                 time.sleep(backoff * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -437,6 +438,8 @@ class ZarrChunkReader:
         """Decoded chunks at grid *coords* (``(k, ndim)``; inner chunks when sharded); ``None`` = fill."""
         lay = self.layout
         coords = np.asarray(coords, dtype=np.int64).reshape(len(coords), len(lay.chunks))
+        if not len(coords):
+            return []
         if lay.per_shard is None:
             raws = self.objects.whole([self.key(c) for c in coords.tolist()])
         else:
