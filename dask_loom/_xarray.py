@@ -256,7 +256,7 @@ def build_dataset(
         vname = _unique(vname, taken, "layer")
         source = conn._layer_source(layer)
         unit = tuple(max(1, min(int(c), int(s))) if s else 1 for c, s in zip(source.chunk_shape, source.shape))
-        encoding = {"preferred_chunks": {row_dim: unit[0], col_dim: unit[1]}, "chunks": unit}
+        encoding = {"preferred_chunks": {row_dim: unit[0], col_dim: unit[1]}}
         if lazy == "dask":
             data: Any = conn.layers[layer].to_dask(chunks=chunks)
         else:

@@ -191,6 +191,16 @@ def test_chunks_empty_dict_is_storage_aligned(loompy_file):
         np.testing.assert_allclose(ds["matrix"].mean("cell").values, ref[""].mean(axis=1), rtol=1e-6)
 
 
+def test_subset_writes_to_zarr(loompy_file, tmp_path):
+    path, ref = loompy_file
+    with xr.open_dataset(path, engine="loom", chunks={}) as ds, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr's notes on fixed-width strings and consolidated metadata
+        ds.isel(cell=slice(30, 300)).to_zarr(tmp_path / "sub.zarr", mode="w")
+        back = xr.open_zarr(tmp_path / "sub.zarr")
+        np.testing.assert_array_equal(back["spliced"].values, ref["spliced"][:, 30:300])
+        np.testing.assert_array_equal(back["CellID"].values, ref["ca"]["CellID"][30:300])
+
+
 def test_misaligned_chunks_warn(loompy_file):
     path, _ = loompy_file
     with pytest.warns(UserWarning, match="separate the stored chunks"):
