@@ -80,7 +80,8 @@ def _store_in_batches(ds: Any, w: Any, path: str, jobs: list[Any]) -> None:
 
 
 def _global_items(ds: Any) -> dict[str, Any]:
-    return {k: ds.attrs[k] for k in ds.attrs.keys() if k not in ("LOOM_SPEC_VERSION", "CreationDate")}
+    # CreationDate is kept: permuting a file does not create it (loompy permutes in place).
+    return {k: ds.attrs[k] for k in ds.attrs.keys() if k != "LOOM_SPEC_VERSION"}
 
 
 def _put_attr_any(w: Any, axis: int, name: str, values: np.ndarray, *, n: int) -> None:

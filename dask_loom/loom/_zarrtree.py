@@ -10,8 +10,11 @@ attributes.
 
 Unlike HDF5 there is no single writer: stored chunks are written by the tasks
 that compute them (every block is a union of whole chunks, so no two tasks
-touch the same chunk).  Whole-layer writes land in a ``.tmp-`` array renamed
-into place at the end (one directory rename on a local disk).
+touch the same chunk).  On a local disk, writes hold a writer lock (a lock
+file beside the store) and transactions (``permute``, ``add_columns``, whole
+layers, ``create``, ``convert``) write a hard-linked copy of the store that
+replaces it in one atomic directory exchange, so a crash leaves the old or
+the new store, whole.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +35,7 @@ from dask_loom._config import get_config
 from dask_loom.errors import LoomFormatError, MissingKeyError
 from dask_loom.loom._tree import ArrayInfo, Tree, TreeWriter
 from dask_loom.storage import FileSpec
+from dask_loom.storage._atomic import clone_tree, remove_stale, replace_dir, temp_sibling
 from dask_loom.storage._objectstore import open_store
 from dask_loom.storage._stores import _TMP_MARK, BaseStore, LocalStore, check_prefix
 from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
@@ -215,12 +221,33 @@ class ZarrTree(_ZarrReads, Tree):
 
     @contextlib.contextmanager
     def writing(self, *, atomic: bool = False, fresh: bool = False) -> Iterator[ZarrWriter]:
-        """Write into the group; ``fresh=True`` builds a new group beside it and swaps it in at the end."""
+        """Write into the group.
+
+        On a local disk every write holds the writer lock (a lock file beside
+        the store, as for HDF5), and ``atomic``/``fresh`` writes go to a copy
+        beside the store (hard links of the unchanged chunk files, or an empty
+        group for ``fresh``) that replaces it in one atomic directory exchange
+        at the end: a crash at any moment leaves the old or the new store.
+        On object stores (no rename) ``fresh`` builds a new prefix and copies
+        it over at the end; other writes go in place.
+        """
         if self.mode != "r+" or self.read_only:
             from dask_loom.errors import ReadOnlyError
 
             raise ReadOnlyError(f"{self.label}: opened read-only")
         self._meta_cache.clear()
+        joined = _active_writer(self.spec)
+        if joined is not None:
+            # A nested write in the same thread joins the write already open.
+            yield joined
+            return
+        if isinstance(self.store, LocalStore):
+            with _local_transaction(self.spec, self.store, self.label, atomic=atomic or fresh, fresh=fresh) as w:
+                try:
+                    yield w
+                finally:
+                    self._meta_cache.clear()
+            return
         if not fresh:
             try:
                 yield ZarrWriter(self.store, self.label)
@@ -244,25 +271,24 @@ class ZarrTree(_ZarrReads, Tree):
     @classmethod
     @contextlib.contextmanager
     def creating(cls, spec: FileSpec) -> Iterator[ZarrWriter]:
-        """Create (replace) the group: built beside a local target and renamed into place; written in place on object stores."""
+        """Create (replace) the group: built beside a local target and swapped into place atomically; written in place on object stores."""
         target = open_store(spec.url, **spec.storage_options)
-        # Local: build beside the target and rename into place.  Object stores
-        # have no rename (a copy would upload everything twice): the old keys
-        # are removed and the new ones written in place.
-        local = isinstance(target, LocalStore)
-        tmp_store = open_store(_sibling(spec.url), **spec.storage_options) if local else target
+        if isinstance(target, LocalStore):
+            with _local_transaction(spec, target, spec.name, atomic=True, fresh=True) as w:
+                yield w
+            return
+        # Object stores have no rename (a copy would upload everything twice):
+        # the old keys are removed and the new ones written in place.
         with contextlib.suppress(MissingKeyError):
-            tmp_store.erase_prefix("/")
-        w = ZarrWriter(tmp_store, spec.name)
+            target.erase_prefix("/")
+        w = ZarrWriter(target, spec.name)
         w.create_group("")
         try:
             yield w
         except BaseException:
             with contextlib.suppress(Exception):
-                tmp_store.erase_prefix("/")
+                target.erase_prefix("/")
             raise
-        if local:
-            _swap_stores(tmp_store, target)
 
     def __reduce__(self) -> Any:
         return (_rebuild_tree, (self.spec, self.mode))
@@ -278,18 +304,9 @@ def _sibling(url: str) -> str:
 
 
 def _swap_stores(new: BaseStore, old: BaseStore) -> None:
-    """Put the content of *new* where *old* is (a directory rename for local stores)."""
+    """Put the content of *new* where *old* is (one atomic directory exchange for local stores)."""
     if isinstance(new, LocalStore) and isinstance(old, LocalStore):
-        import shutil
-
-        if old.path.exists():
-            trash = old.path.with_name(f"{_TMP_MARK}{old.path.name}.old.{uuid.uuid4().hex[:8]}")
-            os.replace(old.path, trash)
-            os.replace(new.path, old.path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            old.path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(new.path, old.path)
+        replace_dir(new.path, old.path)
         return
     # Object stores have no rename: copy the new keys over, then drop the rest.
     keys = new.list()
@@ -299,6 +316,53 @@ def _swap_stores(new: BaseStore, old: BaseStore) -> None:
     for k in stale:
         old.erase(k)
     new.erase_prefix("/")
+
+
+_writers_lock = threading.Lock()
+_writers: dict[str, tuple[int, ZarrWriter]] = {}
+
+
+def _active_writer(spec: FileSpec) -> ZarrWriter | None:
+    with _writers_lock:
+        held = _writers.get(spec.url)
+    return held[1] if held is not None and held[0] == threading.get_ident() else None
+
+
+@contextlib.contextmanager
+def _local_transaction(spec: FileSpec, store: LocalStore, label: str, *, atomic: bool, fresh: bool) -> Iterator[ZarrWriter]:
+    """Hold the writer lock of a local store; with *atomic*, write a copy and swap it in at the end."""
+    from dask_loom._config import get_config
+    from dask_loom.hdf5._files import _exclusive
+
+    store.path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(spec, float(get_config("write-timeout"))):
+        # We hold the lock: copies beside the store belong to writers that died.
+        remove_stale(store.path, all_of_them=True)
+        if atomic:
+            tmp = temp_sibling(store.path)
+            if fresh or not store.path.is_dir():
+                os.makedirs(tmp)
+            else:
+                clone_tree(store.path, tmp)
+            target: LocalStore = LocalStore(tmp)
+        else:
+            target = store
+        w = ZarrWriter(target, label)
+        if atomic and fresh:
+            w.create_group("")
+        with _writers_lock:
+            _writers[spec.url] = (threading.get_ident(), w)
+        try:
+            yield w
+        except BaseException:
+            if atomic:
+                shutil.rmtree(target.path, ignore_errors=True)
+            raise
+        finally:
+            with _writers_lock:
+                _writers.pop(spec.url, None)
+        if atomic:
+            replace_dir(target.path, store.path)
 
 
 class _ZarrEncoder:
