@@ -7,6 +7,7 @@ the child and all its descendants (dask workers included).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -26,10 +27,8 @@ CACHE = os.path.join(os.path.dirname(__file__), "cache")
 def _tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
@@ -59,7 +58,7 @@ def measure(fn: Callable[..., Any], *args: Any, repeat: int = 1) -> dict[str, An
         peak = 0
         stop = threading.Event()
 
-        def sample() -> None:
+        def sample(proc: psutil.Process = proc, stop: threading.Event = stop) -> None:
             nonlocal peak
             while not stop.is_set():
                 peak = max(peak, _tree_rss(proc))

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _harness import CACHE, measure, save, table  # noqa: E402
+from _harness import CACHE, measure, save, table
 
 
 def bench_file(small: bool) -> str:
@@ -120,7 +120,7 @@ def main() -> None:
     print(table(rows, rows[0][0]))
     ratios = {}
     for axis in (0, 1):
-        d = {n: r for n, r in rows}
+        d = dict(rows)
         best = min(d[f"dask_loom map axis={axis} threads"]["wall"], d[f"dask_loom map axis={axis} LocalCluster 2x1"]["wall"])
         ratios[f"axis{axis}_best_vs_floor"] = best / floor
         if not args.skip_loompy:

@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _harness import CACHE, measure, save, table  # noqa: E402
-from bench_loom_map import bench_file, run_floor  # noqa: E402
+from _harness import CACHE, measure, save, table
+from bench_loom_map import bench_file, run_floor
 
 
 def _client(scheduler: str):

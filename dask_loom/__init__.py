@@ -7,7 +7,7 @@ task graphs on dask's threaded scheduler or a ``dask.distributed`` cluster.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from dask_loom import _config  # noqa: F401  (registers the dask_loom.* config defaults)
+from dask_loom import _config
 from dask_loom.anndata import MappedCollection, MappedIterableDataset
 from dask_loom.blocks import from_source, plan_blocks
 from dask_loom.loom import (

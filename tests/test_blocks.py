@@ -8,9 +8,9 @@ import warnings
 
 import dask
 import dask.array as da
-from dask.array.core import normalize_chunks
 import numpy as np
 import pytest
+from dask.array.core import normalize_chunks
 from dask.utils import key_split
 from hypothesis import given
 from hypothesis import strategies as st

@@ -115,9 +115,9 @@ def test_scheduler_from_environment(scheduler_address, loompy_file, monkeypatch)
 
 
 def test_unreachable_scheduler_is_a_clear_error(loompy_file):
-    from dask_loom.errors import SchedulerError
-
     import dask
+
+    from dask_loom.errors import SchedulerError
 
     path, _ = loompy_file
     port = _free_port()
