@@ -696,7 +696,7 @@ def topology(tmp_path_factory):
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = tmp_path_factory.mktemp("topology-logs")
-    files = [open(logs / name, "w") for name in ("scheduler.log", "worker-1.log", "worker-2.log")]  # noqa: SIM115
+    files = [open(logs / name, "w") for name in ("scheduler.log", "worker-1.log", "worker-2.log")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_LOOM_")}
     env["DASK_LOOM_BLOCK_SIZE"] = "1MiB"
     procs = [
