@@ -187,19 +187,36 @@ def _layout(arr: Any) -> ChunkLayout:
 # -- fetching bytes -------------------------------------------------------------------
 
 
-def _coalesce(starts: np.ndarray, stops: np.ndarray, gap: int) -> list[tuple[int, int, list[int]]]:
-    """Group byte ranges into runs no further apart than *gap*: ``(start, stop, members)``."""
-    order = np.argsort(starts, kind="stable")
-    runs: list[tuple[int, int, list[int]]] = []
-    for i in order.tolist():
-        s, e = int(starts[i]), int(stops[i])
-        if runs and s - runs[-1][1] <= gap:
+def _coalesce(spans: list[tuple[int, int, int]], gap: int) -> list[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Group byte spans ``(start, stop, slot)`` into runs no further apart than *gap*.
+
+    Returns ``(run_start, run_stop, members)``.  Plain Python: a request
+    usually holds a few spans per object, where numpy's call overhead dominates.
+
+    Examples
+    --------
+    >>> _coalesce([(100, 150, 1), (0, 50, 0), (5000, 5010, 2)], 64)
+    [(0, 150, [(0, 50, 0), (100, 150, 1)]), (5000, 5010, [(5000, 5010, 2)])]
+    """
+    runs: list[tuple[int, int, list[tuple[int, int, int]]]] = []
+    for span in sorted(spans):
+        if runs and span[0] - runs[-1][1] <= gap:
             r0, r1, members = runs[-1]
-            members.append(i)
-            runs[-1] = (r0, max(r1, e), members)
+            members.append(span)
+            runs[-1] = (r0, max(r1, span[1]), members)
         else:
-            runs.append((s, e, [i]))
+            runs.append((span[0], span[1], [span]))
     return runs
+
+
+def _spans(entries: list[tuple[int, int] | None], ids: list[int]) -> list[tuple[int, int, int]]:
+    """Byte spans ``(start, stop, slot)`` of the present inner chunks *ids* of one shard."""
+    out = []
+    for slot, i in enumerate(ids):
+        e = entries[i]
+        if e is not None:
+            out.append((e[0], e[0] + e[1], slot))
+    return out
 
 
 class _Objects(abc.ABC):
@@ -209,19 +226,19 @@ class _Objects(abc.ABC):
 
     def __init__(self, label: str) -> None:
         self.label = label
-        # shard key -> (identity, (n, 2) uint64 offsets/sizes) or None (absent shard)
-        self.indexes: dict[str, tuple[Any, np.ndarray] | None] = {}
+        # shard key -> (identity, [(offset, nbytes) or None per inner chunk]) or None (absent shard)
+        self.indexes: dict[str, tuple[Any, list[tuple[int, int] | None]] | None] = {}
 
     @abc.abstractmethod
     def whole(self, keys: list[str]) -> list[Any]:
         """Whole objects (``None`` where absent)."""
 
     @abc.abstractmethod
-    def shard_chunks(self, lay: ChunkLayout, groups: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    def shard_chunks(self, lay: ChunkLayout, groups: dict[str, list[int]]) -> dict[str, list[Any]]:
         """Raw inner chunks ``groups[key]`` (linear ids) of each shard (``None`` where absent)."""
 
-    def _index(self, lay: ChunkLayout, key: str, raw: Any, size: int | None = None) -> np.ndarray:
-        """Parse (and check) a shard index read from object *key*."""
+    def _index(self, lay: ChunkLayout, key: str, raw: Any, size: int | None = None) -> list[tuple[int, int] | None]:
+        """Parse (and check) a shard index read from object *key*: ``(offset, nbytes)`` or ``None`` per inner chunk."""
         _count("index_reads")
         n = math.prod(lay.per_shard or ())
         where = f"{self.label}: shard {key!r}"
@@ -241,7 +258,8 @@ class _Objects(abc.ABC):
             ends = index[present, 0] + index[present, 1]
             if int(ends.max()) > size:
                 raise CorruptChunkError(f"{where}: shard index points past the end of the shard ({int(ends.max())} > {size} bytes)")
-        return index
+        empty = int(_EMPTY)
+        return [None if o == empty else (o, n) for o, n in index.tolist()]
 
 
 class _LocalDir(_Objects):
@@ -266,10 +284,10 @@ class _LocalDir(_Objects):
                 out.append(None)
         return out
 
-    def shard_chunks(self, lay: ChunkLayout, groups: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    def shard_chunks(self, lay: ChunkLayout, groups: dict[str, list[int]]) -> dict[str, list[Any]]:
         return {key: self._one_shard(lay, key, ids) for key, ids in groups.items()}
 
-    def _one_shard(self, lay: ChunkLayout, key: str, ids: np.ndarray) -> list[Any]:
+    def _one_shard(self, lay: ChunkLayout, key: str, ids: list[int]) -> list[Any]:
         try:
             fd = os.open(self._path(key), os.O_RDONLY)
         except FileNotFoundError:
@@ -285,20 +303,14 @@ class _LocalDir(_Objects):
                 raw = os.pread(fd, n, pos) if pos >= 0 else b""
                 cached = (ident, self._index(lay, key, raw, st.st_size))
                 self.indexes[key] = cached
-            index = cached[1][ids]
-            present = np.flatnonzero(index[:, 0] != _EMPTY)
             out: list[Any] = [None] * len(ids)
-            if not len(present):
-                return out
-            starts = index[present, 0].astype(np.int64)
-            stops = starts + index[present, 1].astype(np.int64)
-            for r0, r1, members in _coalesce(starts, stops, self.gap):
+            for r0, r1, members in _coalesce(_spans(cached[1], ids), self.gap):
                 buf = os.pread(fd, r1 - r0, r0)
                 if len(buf) < r1 - r0:
                     raise CorruptChunkError(f"{self.label}: shard {key!r} is truncated (needed bytes {r0}..{r1})")
                 mv = memoryview(buf)
-                for m in members:
-                    out[int(present[m])] = mv[int(starts[m]) - r0 : int(stops[m]) - r0]
+                for a, b, slot in members:
+                    out[slot] = mv[a - r0 : b - r0]
             return out
         finally:
             os.close(fd)
@@ -349,7 +361,7 @@ class _StoreObjects(_Objects):
     def whole(self, keys: list[str]) -> list[Any]:
         return self._get_many([(k, None) for k in keys])
 
-    def shard_chunks(self, lay: ChunkLayout, groups: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+    def shard_chunks(self, lay: ChunkLayout, groups: dict[str, list[int]]) -> dict[str, list[Any]]:
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 
         need = [k for k in groups if k not in self.indexes]
@@ -368,22 +380,16 @@ class _StoreObjects(_Objects):
             cached = self.indexes.get(key)
             if cached is None:
                 continue
-            index = cached[1][ids]
-            present = np.flatnonzero(index[:, 0] != _EMPTY)
-            if not len(present):
-                continue
-            starts = index[present, 0].astype(np.int64)
-            stops = starts + index[present, 1].astype(np.int64)
-            for r0, r1, members in _coalesce(starts, stops, self.gap):
+            for r0, r1, members in _coalesce(_spans(cached[1], ids), self.gap):
                 reqs.append((key, RangeByteRequest(r0, r1)))
-                where.append((key, r0, r1, [(int(present[m]), int(starts[m]), int(stops[m])) for m in members]))
+                where.append((key, r0, r1, members))
         blobs = self._get_many(reqs)
         for (key, r0, r1, members), blob in zip(where, blobs):
             if blob is None or len(blob) < r1 - r0:
                 raise CorruptChunkError(f"{self.label}: shard {key!r} is truncated or vanished (needed bytes {r0}..{r1})")
             mv = memoryview(blob)
-            for pos, a, b in members:
-                out[key][pos] = mv[a - r0 : b - r0]
+            for a, b, slot in members:
+                out[key][slot] = mv[a - r0 : b - r0]
         return out
 
 
@@ -444,18 +450,16 @@ class ZarrChunkReader:
             raws = self.objects.whole([self.key(c) for c in coords.tolist()])
         else:
             per = np.array(lay.per_shard, dtype=np.int64)
-            shard = coords // per
-            linear = np.ravel_multi_index(tuple((coords % per).T), lay.per_shard)
-            uniq, inv = np.unique(shard, axis=0, return_inverse=True)
-            inv = inv.reshape(-1)
-            order = np.argsort(inv, kind="stable")
-            bounds = np.searchsorted(inv[order], np.arange(len(uniq) + 1))
-            keys = [self.key(sc) for sc in uniq.tolist()]
-            members = [order[bounds[u] : bounds[u + 1]] for u in range(len(uniq))]
-            got = self.objects.shard_chunks(lay, {k: linear[m] for k, m in zip(keys, members)})
+            shards = [tuple(sc) for sc in (coords // per).tolist()]
+            linear = np.ravel_multi_index(tuple((coords % per).T), lay.per_shard).tolist()
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for j, sc in enumerate(shards):
+                groups.setdefault(sc, []).append(j)
+            keys = {sc: self.key(sc) for sc in groups}
+            got = self.objects.shard_chunks(lay, {keys[sc]: [linear[j] for j in js] for sc, js in groups.items()})
             raws = [None] * len(coords)
-            for k, m in zip(keys, members):
-                for j, raw in zip(m.tolist(), got[k]):
+            for sc, js in groups.items():
+                for j, raw in zip(js, got[keys[sc]]):
                     raws[j] = raw
         present = [j for j, r in enumerate(raws) if r is not None]
         tuples = [tuple(c) for c in coords.tolist()]
