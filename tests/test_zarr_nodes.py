@@ -400,3 +400,29 @@ def test_to_zarr_numpy_unsharded_and_v2(tmp_path):
     b = dask_loom.to_zarr(da.from_array(ref, chunks=5), str(tmp_path / "v2.zarr"), "m", chunks=(10, 10), zarr_format=2)
     assert b.metadata["zarr_format"] == 2
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "v2.zarr"), path="m")[:], ref)
+
+
+def test_to_zarr_replaces_an_array_as_one_transaction(tmp_path):
+    root = tmp_path / "s.zarr"
+    g = zarr.open_group(str(root), mode="w")
+    g.create_array("x", data=np.arange(100, dtype="f4").reshape(10, 10), chunks=(5, 5))
+    g.create_array("y", data=np.arange(7, dtype="i8"), chunks=(3,))
+
+    def boom(block):
+        raise RuntimeError("compute failed half-way")
+
+    bad = da.ones((10, 10), chunks=5, dtype="f4").map_blocks(boom, dtype="f4")
+    with pytest.raises(RuntimeError, match="half-way"):
+        dask_loom.to_zarr(bad, str(root), "x", chunks=(5, 5), scheduler="sync")
+    # The failed write left the old array, and nothing beside the store.
+    np.testing.assert_array_equal(zarr.open_array(str(root), path="x")[:], np.arange(100, dtype="f4").reshape(10, 10))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dlpart-")] == []
+    new = np.full((12, 4), 3.5, dtype="f8")
+    dask_loom.to_zarr(new, str(root), "x", chunks=(4, 4), scheduler="sync")
+    np.testing.assert_array_equal(zarr.open_array(str(root), path="x")[:], new)
+    np.testing.assert_array_equal(zarr.open_array(str(root), path="y")[:], np.arange(7))
+    dask_loom.to_zarr(np.arange(5), str(root), "deep/er/z", chunks=(2,), scheduler="sync")
+    assert zarr.open_array(str(root), path="deep/er/z")[:].tolist() == [0, 1, 2, 3, 4]
+    assert sorted(k for k, _ in zarr.open_group(str(root), mode="r").members(max_depth=None)) == [
+        "deep", "deep/er", "deep/er/z", "x", "y"
+    ]

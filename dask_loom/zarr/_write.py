@@ -15,8 +15,10 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from dask_loom._config import get_config
 from dask_loom.blocks import block_regions, plan_blocks
 from dask_loom.storage._objectstore import open_store
+from dask_loom.storage._stores import LocalStore
 from dask_loom.zarr._source import build_array
 
 __all__ = ["to_zarr"]
@@ -90,6 +92,12 @@ def to_zarr(
     ZarrArray
         The written array.
 
+    Notes
+    -----
+    In a local store the array is written beside the store and swapped in
+    with one atomic directory exchange (under the store's writer lock), so a
+    crash leaves the old array or the new one, never a mixture.
+
     Examples
     --------
     >>> import dask.array as da, numpy as np, dask_loom
@@ -100,16 +108,91 @@ def to_zarr(
     >>> z.chunk_shape, int(z.to_dask().sum().compute(scheduler="sync"))
     ((20,), 4950)
     """
-    import zarr
-
-    from dask_loom.cluster import compute
-    from dask_loom.ops._graph import task_name
-    from dask_loom.zarr._nodes import ZarrArray
-
     if not isinstance(array, da.Array):
         array = da.from_array(np.asarray(array), chunks=chunks or "auto")
     if isinstance(store, (str, os.PathLike)):
         store = open_store(store, **(storage_options or {}))
+    kw = {
+        "chunks": chunks,
+        "shards": shards,
+        "dtype": dtype,
+        "compressors": compressors,
+        "fill_value": fill_value,
+        "attributes": attributes,
+        "dimension_names": dimension_names,
+        "zarr_format": zarr_format,
+        "write_empty_chunks": write_empty_chunks,
+        "overwrite": overwrite,
+        "compute_kw": {"scheduler": scheduler, "client": client, "progress": progress},
+    }
+    if type(store) is LocalStore:
+        metadata = _write_local_transaction(array, store, path, **kw)
+    else:
+        metadata = _write(array, store, path, **kw)
+    from dask_loom.zarr._nodes import ZarrArray
+
+    return ZarrArray(store, path, metadata)
+
+
+def _write_local_transaction(array: Any, store: LocalStore, path: str, **kw: Any) -> dict[str, Any]:
+    """Write the array beside the store and swap it in at the end (a crash leaves the old array)."""
+    import shutil
+
+    from dask_loom.hdf5._files import _exclusive
+    from dask_loom.storage import FileSpec
+    from dask_loom.storage._atomic import remove_stale, replace_dir, temp_sibling
+
+    root = str(store.path)
+    os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
+    with _exclusive(FileSpec.from_path(root), float(get_config("write-timeout"))):
+        remove_stale(root, all_of_them=True)
+        tmp = temp_sibling(root)
+        try:
+            metadata = _write(array, LocalStore(tmp), path, **kw)
+            p = path.strip("/")
+            if not p:
+                replace_dir(tmp, root)
+                return metadata
+            # Groups above the array that the store lacks come along first (zarr wrote them in the copy).
+            parts = p.split("/")[:-1]
+            for i in range(len(parts) + 1):
+                sub = "/".join(parts[:i])
+                for doc in ("zarr.json", ".zgroup", ".zattrs"):
+                    src = os.path.join(tmp, sub, doc)
+                    dst = os.path.join(root, sub, doc)
+                    if os.path.exists(src) and not os.path.exists(dst) and not (
+                        doc != "zarr.json" and os.path.exists(os.path.join(root, sub, "zarr.json"))
+                    ):
+                        os.makedirs(os.path.dirname(dst), exist_ok=True)
+                        shutil.copy2(src, dst)
+            replace_dir(os.path.join(tmp, p), os.path.join(root, p))
+            return metadata
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write(
+    array: Any,
+    store: Any,
+    path: str,
+    *,
+    chunks: Any,
+    shards: Any,
+    dtype: Any,
+    compressors: Any,
+    fill_value: Any,
+    attributes: Any,
+    dimension_names: Any,
+    zarr_format: int,
+    write_empty_chunks: bool,
+    overwrite: bool,
+    compute_kw: dict[str, Any],
+) -> dict[str, Any]:
+    import zarr
+
+    from dask_loom.cluster import compute
+    from dask_loom.ops._graph import task_name
+
     dt = np.dtype(dtype) if dtype is not None else array.dtype
     shape = tuple(int(s) for s in array.shape)
     if chunks is None:
@@ -143,5 +226,5 @@ def to_zarr(
     from dask.highlevelgraph import HighLevelGraph
 
     hlg = HighLevelGraph.from_collections(name, dsk, dependencies=[x])
-    compute(*[Delayed(k, hlg, layer=name) for k in dsk], scheduler=scheduler, client=client, progress=progress)
-    return ZarrArray(store, path, metadata)
+    compute(*[Delayed(k, hlg, layer=name) for k in dsk], **compute_kw)
+    return metadata
