@@ -5,10 +5,11 @@ a lazy dask array whose blocks are whole stored chunks, and operations run as
 task graphs on dask's threaded scheduler or a ``dask.distributed`` cluster.
 """
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from dask_loom import _config
-from dask_loom.anndata import MappedCollection, MappedIterableDataset
 from dask_loom.blocks import from_source, plan_blocks
 from dask_loom.loom import (
     AttributeManager,
@@ -21,28 +22,51 @@ from dask_loom.loom import (
     LoomView,
     MemoryLoomLayer,
     ViewManager,
-    _zarrtree,  # registers .loom.zarr containers with connect/new/create
     combine,
     combine_faster,
     connect,
     create,
     new,
 )
-from dask_loom.loom._convert import convert
-from dask_loom.ome import (
-    LazyTensorView,
-    TensorView,
-    convert_to_ome_arrow,
-    ome_tiff_to_ome_arrow,
-    ome_zarr_to_ome_arrow,
-    open_ome_arrow,
-    read_ome_tiff,
-    read_ome_zarr,
-    to_ome_arrow,
-    to_ome_parquet,
-    write_ome_arrow_dataset,
-)
-from dask_loom.zarr import ZarrArray, ZarrGroup, ZarrNode, open_zarr, to_zarr
+
+# The other doors (AnnData collections, Zarr nodes, OME-Arrow) load on first
+# use: `import dask_loom` stays cheap, which matters because xarray imports
+# every installed engine when it lists them.
+_LAZY = {
+    "MappedCollection": "dask_loom.anndata",
+    "MappedIterableDataset": "dask_loom.anndata",
+    "convert": "dask_loom.loom._convert",
+    "LazyTensorView": "dask_loom.ome",
+    "TensorView": "dask_loom.ome",
+    "convert_to_ome_arrow": "dask_loom.ome",
+    "ome_tiff_to_ome_arrow": "dask_loom.ome",
+    "ome_zarr_to_ome_arrow": "dask_loom.ome",
+    "open_ome_arrow": "dask_loom.ome",
+    "read_ome_tiff": "dask_loom.ome",
+    "read_ome_zarr": "dask_loom.ome",
+    "to_ome_arrow": "dask_loom.ome",
+    "to_ome_parquet": "dask_loom.ome",
+    "write_ome_arrow_dataset": "dask_loom.ome",
+    "ZarrArray": "dask_loom.zarr",
+    "ZarrGroup": "dask_loom.zarr",
+    "ZarrNode": "dask_loom.zarr",
+    "open_zarr": "dask_loom.zarr",
+    "to_zarr": "dask_loom.zarr",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dask_loom' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 try:
     __version__ = version("dask_loom")

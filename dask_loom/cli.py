@@ -290,7 +290,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _load_more() -> None:
     # Subcommands defined next to their operations register themselves here.
-    for mod in ("dask_loom.loom._cli_ops", "dask_loom.loom._convert"):
+    for mod in ("dask_loom.loom._convert", "dask_loom.loom._cli_ops"):
         with contextlib.suppress(ImportError):
             __import__(mod)
 
