@@ -509,3 +509,35 @@ def test_object_store_async_reads_retry_then_fail_clearly(s3_server):
                 a.to_dask().compute(scheduler="sync")
         finally:
             stats.clear_failures()
+
+
+def test_http_object_store_reads_a_zarr_array(tmp_path):
+    """An ``http://`` URL (a static file server on 127.0.0.1): read-only, values equal."""
+    import functools
+    import http.server
+    import threading
+
+    import dask_loom
+
+    ref = np.arange(60, dtype="i2").reshape(6, 10)
+    zarr.create_array(str(tmp_path / "web.zarr"), shape=ref.shape, chunks=(4, 4), dtype="i2")[:] = ref
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/web.zarr"
+        s = open_store(url)
+        assert s.read_only
+        assert not s.supports_listing
+        with pytest.raises(ReadOnlyError):
+            s.set("x", b"1")
+        with pytest.raises(MissingKeyError, match="no key 'nope'"):
+            s.get("nope")
+        a = dask_loom.open_zarr(url)
+        np.testing.assert_array_equal(a.to_dask().compute(scheduler="threads"), ref)
+        np.testing.assert_array_equal(a.get_chunk((1, 2)), np.pad(ref[4:, 8:], ((0, 2), (0, 2))))
+    finally:
+        server.shutdown()
+        server.server_close()
