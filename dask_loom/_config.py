@@ -26,9 +26,12 @@ DEFAULTS: dict[str, Any] = {
     "scan-prefetch": 2,
     # A scheduler address to use when no distributed Client is active.
     "scheduler": None,
-    # The embedded LocalCluster started on demand ("threads" uses the threaded
-    # scheduler instead of starting processes).
-    "embedded": "threads",
+    # The embedded default: "auto" runs graphs reading more than
+    # embedded-threshold bytes on a process LocalCluster started on demand
+    # (inflating HDF5 chunks scales with processes, not threads), smaller
+    # ones on the threaded scheduler; "threads" or "local" force one.
+    "embedded": "auto",
+    "embedded-threshold": "1GiB",
     "embedded-workers": None,
     # Datasets with at most this many chunks get their whole chunk index built
     # once per process; larger ones are indexed block by block inside tasks.

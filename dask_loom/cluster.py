@@ -2,10 +2,11 @@
 
 In order: the ``client=`` or ``scheduler=`` a caller passes; an active
 ``distributed.Client``; an address from ``dask_loom.scheduler`` (or the
-``DASK_LOOM_SCHEDULER`` environment variable); else the embedded default.
-The embedded default is chosen by ``dask_loom.embedded``: ``"threads"`` (the
-default: dask's threaded scheduler, no processes to start) or ``"local"``
-(a process-based ``LocalCluster`` started on first use and reused).
+``DASK_LOOM_SCHEDULER`` environment variable); else the embedded default,
+chosen by ``dask_loom.embedded``: ``"auto"`` (the default: dask's threaded
+scheduler for graphs reading up to ``dask_loom.embedded-threshold``, 1 GiB,
+and a process-based ``LocalCluster``, started on first use and reused, for
+bigger ones), ``"threads"`` or ``"local"``.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def close_embedded() -> None:
             cluster.close()
 
 
-def resolve_scheduler(scheduler: Any = None, client: Any = None) -> Any:
+def resolve_scheduler(scheduler: Any = None, client: Any = None, *, nbytes: int | None = None) -> Any:
     """Return what to hand to ``dask.compute(scheduler=...)``.
 
     Parameters
@@ -117,6 +118,11 @@ def resolve_scheduler(scheduler: Any = None, client: Any = None) -> Any:
         address such as ``"tcp://10.0.0.5:8786"``, or a ``Client``.
     client
         A ``distributed.Client`` (takes precedence).
+    nbytes
+        How much data the graph reads, when known.  With
+        ``dask_loom.embedded = "auto"`` (the default) graphs over more than
+        ``dask_loom.embedded-threshold`` bytes run on the embedded
+        LocalCluster, smaller ones on the threaded scheduler.
 
     Examples
     --------
@@ -147,9 +153,21 @@ def resolve_scheduler(scheduler: Any = None, client: Any = None) -> Any:
     address = get_config("scheduler")
     if address:
         return _connect(str(address))
-    if get_config("embedded") == "local":
+    mode = get_config("embedded")
+    if mode == "local":
+        return embedded_client()
+    if mode == "auto" and nbytes is not None and nbytes > _threshold():
+        # Inflating small chunks holds the GIL for most of its time, so big
+        # reads scale with processes, not threads (benchmarks/bench_loom_map.py).
         return embedded_client()
     return "threads"
+
+
+def _threshold() -> int:
+    from dask.utils import parse_bytes
+
+    v = get_config("embedded-threshold")
+    return parse_bytes(v) if isinstance(v, str) else int(v)
 
 
 def get_client(scheduler: Any = None, client: Any = None) -> Any:
@@ -196,7 +214,14 @@ def _distributed_progress(futures: Any, client: Any) -> None:
         dprogress(futures, notebook=False, **where)
 
 
-def compute(*collections: Any, scheduler: Any = None, client: Any = None, progress: bool = False, **kwargs: Any) -> tuple[Any, ...]:
+def compute(
+    *collections: Any,
+    scheduler: Any = None,
+    client: Any = None,
+    progress: bool = False,
+    nbytes: int | None = None,
+    **kwargs: Any,
+) -> tuple[Any, ...]:
     """``dask.compute`` on the scheduler :func:`resolve_scheduler` picks.
 
     With ``progress=True`` (or ``dask_loom.progress`` set in the config) a
@@ -205,7 +230,7 @@ def compute(*collections: Any, scheduler: Any = None, client: Any = None, progre
     cluster (text on stderr in a terminal, a widget in Jupyter).
     """
     progress = bool(progress or get_config("progress"))
-    target = resolve_scheduler(scheduler, client)
+    target = resolve_scheduler(scheduler, client, nbytes=nbytes)
     if hasattr(target, "submit"):
         futures = target.compute(list(collections), **kwargs)
         if progress:

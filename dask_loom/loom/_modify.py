@@ -31,7 +31,7 @@ from dask_loom.loom._write import (
     encode_checked,
 )
 from dask_loom.ops._graph import task_name, tasks
-from dask_loom.ops._map import read_into_buffer
+from dask_loom.ops._map import nbytes_of, read_into_buffer
 
 if TYPE_CHECKING:
     from dask_loom.loom._connection import LoomConnection
@@ -69,13 +69,13 @@ def _copy_layer_permuted(ds: Any, w: Any, name: str, path: str, ordering: np.nda
     regions = [r for _, r in block_regions(plan)]
     tname = task_name("loom-permute", src, ordering.tobytes(), axis, path)
     jobs = tasks(tname, _permuted_band, [(src, encoder, r, ordering, axis, where) for r in regions])
-    _store_in_batches(ds, w, path, jobs)
+    _store_in_batches(ds, w, path, jobs, nbytes=nbytes_of(src))
 
 
-def _store_in_batches(ds: Any, w: Any, path: str, jobs: list[Any]) -> None:
+def _store_in_batches(ds: Any, w: Any, path: str, jobs: list[Any], nbytes: int | None = None) -> None:
     batch = max(4, 4 * (os.cpu_count() or 1))
     for i in range(0, len(jobs), batch):
-        for payload in compute(*jobs[i : i + batch], **ds._compute_kwargs()):
+        for payload in compute(*jobs[i : i + batch], nbytes=nbytes, **ds._compute_kwargs()):
             w.store_chunks(path, payload)
 
 
@@ -167,7 +167,7 @@ def export(ds: LoomConnection, out_file: str | os.PathLike[str], layer: str | No
                 f.write("\t" * len(ra_keys) + k + "\t" + "".join(str(v) + "\t" for v in ds.ca[k]) + "\n")
             f.write("".join(k + "\t" for k in ra_keys) + "\t" + "\t" * m + "\n")
             jobs = (lambda a=int(a), b=int(b): job(a, b) for a, b in itertools.pairwise(bounds) if b > a)
-            for text in prefetched(jobs, depth=2, **ds._compute_kwargs()):
+            for text in prefetched(jobs, depth=2, nbytes=nbytes_of(src), **ds._compute_kwargs()):
                 f.write(text)
         os.replace(tmp, out_file)
     finally:

@@ -27,9 +27,12 @@ def _assemble(names: list[str], shapes: list[tuple[int, ...]], dtypes: list[Any]
     out = {}
     it = iter(parts)
     for name, shape, dt, pl in zip(names, shapes, dtypes, places):
-        arr = np.empty(shape, dtype=dt)
-        for place in pl:
-            arr[place] = next(it)
+        if len(pl) == 1:
+            arr = next(it)  # one task read the whole band: no second copy
+        else:
+            arr = np.empty(shape, dtype=dt)
+            for place in pl:
+                arr[place] = next(it)
         if ordering is not None:
             arr = arr[:, ordering] if axis == 0 else arr[ordering, :]
         if selection is not None:
@@ -150,6 +153,8 @@ def scan(
     kw = ds._compute_kwargs()
     if scheduler is not None or client is not None:
         kw = {"scheduler": scheduler, "client": client}
+    # Bands go to this process anyway: threads (no transfer between processes)
+    # unless a cluster is given or configured.
     for (ix, stop, sel), arrays in zip(bands, prefetched(jobs(), depth=depth, **kw)):
         lm = LayerManager(None, {n: MemoryLoomLayer(n, arrays[n]) for n in names})
         index = np.arange(ix, stop) if sel is None else ix + sel

@@ -129,7 +129,7 @@ def store_dask(ds: Any, w: Any, path: str, x: Any, *, where: str, dtype: Any, ch
     batch = max(4, 4 * (os.cpu_count() or 1))
     for i in range(0, len(keys), batch):
         part = [Delayed(k, hlg, layer=name) for k in keys[i : i + batch]]
-        for payload in compute(*part, **ds._compute_kwargs()):
+        for payload in compute(*part, nbytes=int(x.nbytes), **ds._compute_kwargs()):
             w.store_chunks(path, payload)
 
 

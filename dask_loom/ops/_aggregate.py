@@ -16,7 +16,7 @@ from dask_loom.blocks import block_regions, plan_blocks
 from dask_loom.cluster import compute
 from dask_loom.ops._graph import task_name, tasks
 from dask_loom.ops._kernels import GroupPlan, check_group_func, group_reduce
-from dask_loom.ops._map import read_into_buffer
+from dask_loom.ops._map import nbytes_of, read_into_buffer
 
 __all__ = ["aggregate_columns"]
 
@@ -58,7 +58,7 @@ def aggregate_columns(
     regions = [r for _, r in block_regions(bands)]
     name = task_name("loom-aggregate", source, func, plan, None if select is None else select.tobytes())
     delayed = tasks(name, _band, [(source, r, plan, func, select) for r in regions])
-    parts = compute(*delayed, scheduler=scheduler, client=client, progress=progress) if delayed else []
+    parts = compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes_of(source)) if delayed else []
     if not parts:
         return np.zeros((shape[0], n_groups))
     return np.concatenate(parts, axis=0)

@@ -29,7 +29,7 @@ from dask_loom.ops._kernels import (
     staged_partials,
 )
 
-__all__ = ["map_graph", "map_source", "read_into_buffer"]
+__all__ = ["map_graph", "map_source", "nbytes_of", "read_into_buffer"]
 
 _local = threading.local()
 
@@ -269,14 +269,19 @@ def map_source(
 ) -> list[np.ndarray]:
     """Apply functions along *axis* of a 2-D chunk source (see ``LoomConnection.map``)."""
     dsk, outs, assemble = map_graph(source, f_list, axis=axis, chunksize=chunksize, selection=selection, prefix=prefix, split_every=split_every)
-    results = _run(dsk, outs, scheduler, client, progress) if outs else []
+    results = _run(dsk, outs, scheduler, client, progress, nbytes=nbytes_of(source)) if outs else []
     return assemble(results)
 
 
-def _run(dsk: dict[Any, Any], keys: list[Any], scheduler: Any, client: Any, progress: bool) -> list[Any]:
+def nbytes_of(source: Any) -> int:
+    """Bytes a full pass over a chunk source reads (decoded)."""
+    return int(np.prod(source.shape, dtype=np.float64)) * np.dtype(source.dtype).itemsize
+
+
+def _run(dsk: dict[Any, Any], keys: list[Any], scheduler: Any, client: Any, progress: bool, *, nbytes: int | None = None) -> list[Any]:
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
 
     hlg = HighLevelGraph.from_collections("map", dsk, dependencies=())
     delayed = [Delayed(k, hlg, layer="map") for k in keys]
-    return list(compute(*delayed, scheduler=scheduler, client=client, progress=progress))
+    return list(compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes))

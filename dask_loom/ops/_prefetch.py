@@ -21,6 +21,7 @@ def prefetched(
     scheduler: Any = None,
     client: Any = None,
     local_scheduler: str = "threads",
+    nbytes: int | None = None,
 ) -> Iterator[Any]:
     """Compute dask collections one after another, keeping *depth* of them in flight.
 
@@ -31,10 +32,11 @@ def prefetched(
     background thread on dask's threaded scheduler.
 
     *jobs* is an iterable of dask collections (or of zero-argument callables
-    returning one, built lazily).
+    returning one, built lazily).  *nbytes* (the data all jobs read) lets
+    the embedded default choose threads or processes.
     """
     depth = max(0, int(depth))
-    target = resolve_scheduler(scheduler, client)
+    target = resolve_scheduler(scheduler, client, nbytes=nbytes)
     it = iter(jobs)
 
     def build(job: Any) -> Any:

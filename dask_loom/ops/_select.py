@@ -115,7 +115,8 @@ def read_selections(
         if len(flat) == 1 and scheduler is None and client is None:
             results = [flat[0].compute(scheduler="sync")]
         else:
-            results = list(compute(*flat, scheduler=scheduler, client=client, progress=progress))
+            nbytes = sum(int(np.prod(shape, dtype=np.float64)) * np.dtype(src.dtype).itemsize for src, (_, _, shape) in zip(sources, jobs))
+            results = list(compute(*flat, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes))
         it = iter(results)
         for out, (_delayed, places, shape) in zip(outs, jobs):
             if not math.prod(shape):

@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 from dask_loom._indexing import normalize_key
 from dask_loom.cluster import compute
-from dask_loom.ops._map import interior_split, read_into_buffer
+from dask_loom.ops._map import interior_split, nbytes_of, read_into_buffer
 from dask_loom.ops._select import selection_tasks
 
 __all__ = ["sparse"]
@@ -88,7 +88,7 @@ def sparse(
     delayed, places, out_shape = selection_tasks(source, sels, prefix="loom-sparse", func=_nonzero_task, extra=(dtype,))
     rr, cc, vv = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, dtype)]
     if delayed and math.prod(out_shape):
-        results = compute(*delayed, scheduler=scheduler, client=client, progress=progress)
+        results = compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes_of(source))
         for place, (r, c, v) in zip(places, results):
             rr.append(r.astype(np.int64) + place[0].start)
             cc.append(c.astype(np.int64) + place[1].start)
