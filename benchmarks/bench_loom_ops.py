@@ -32,7 +32,9 @@ def _client(scheduler: str):
     from distributed import Client, LocalCluster
 
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
-    return cluster, Client(cluster)
+    client = Client(cluster)
+    client.run(lambda: __import__("dask_loom.hdf5"))  # imports done, as on a long-lived cluster
+    return cluster, client
 
 
 def _lib(name: str):
