@@ -66,6 +66,10 @@ DEFAULTS: dict[str, Any] = {
     "progress-minimum": 1.0,
     # Seconds a writer waits for another writer to release an HDF5 file.
     "write-timeout": 60,
+    # Every write through a Loom connection is a transaction (HDF5: copy-on-write of the
+    # file; local Zarr: a hard-linked copy swapped in).  False writes attributes, graphs and
+    # regions in place: faster on large files, but a crash during such a write can corrupt them.
+    "atomic-writes": True,
     # Target bytes of one OME-Arrow chunk the writers choose (a Z slab of square YX tiles).
     "ome-chunk-bytes": "2MiB",
     # Whole single-record OME-Parquet images kept in memory per process for block reads.

@@ -657,6 +657,10 @@ class LoomConnection(_Deprecated):
     @contextlib.contextmanager
     def _writing(self, *, atomic: bool = False, fresh: bool = False) -> Iterator[Any]:
         self._check_writable()
+        # Small writes (attributes, graphs, regions, deletions) are transactions too unless
+        # dask_loom.atomic-writes is off: an in-place HDF5 write killed half-way can leave
+        # chunks that no longer decode (measured in tests/test_reliability_kill.py).
+        atomic = atomic or fresh or bool(get_config("atomic-writes"))
         try:
             with self._write_lock, self._tree.writing(atomic=atomic, fresh=fresh) as w:
                 yield w
