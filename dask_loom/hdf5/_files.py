@@ -207,13 +207,19 @@ def _coalesce(starts: list[int], sizes: list[int], gap: int) -> list[tuple[int, 
     """Group byte ranges (sorted by start) into runs no further apart than *gap*."""
     order = sorted(range(len(starts)), key=starts.__getitem__)
     runs: list[tuple[int, int, list[int]]] = []
+    r0 = r1 = -1
+    members: list[int] = []
     for i in order:
         s, n = starts[i], sizes[i]
-        if runs and s - runs[-1][1] <= gap:
-            r0, r1, members = runs[-1]
-            runs[-1] = (r0, max(r1, s + n), [*members, i])
+        if members and s - r1 <= gap:
+            r1 = max(r1, s + n)
+            members.append(i)
         else:
-            runs.append((s, s + n, [i]))
+            if members:
+                runs.append((r0, r1, members))
+            r0, r1, members = s, s + n, [i]
+    if members:
+        runs.append((r0, r1, members))
     return runs
 
 

@@ -6,7 +6,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy_groupies as npg
+from numpy_groupies import aggregate_np
 
 from dask_loom.ops._aggregate import aggregate_columns
 from dask_loom.ops._kernels import check_group_func
@@ -94,9 +94,9 @@ def aggregate(
             if v.ndim != 1:
                 continue
             _, codes = np.unique(v, return_inverse=True)
-            per_group = npg.aggregate(idx, codes.ravel(), func="nunique", size=n_groups, fill_value=0)
+            per_group = aggregate_np(idx, codes.ravel(), func="nunique", size=n_groups, fill_value=0)
             if np.all(per_group == 1):
-                ca[key] = v[npg.aggregate(idx, np.arange(len(v)), func="first", size=n_groups, fill_value=0)]
+                ca[key] = v[aggregate_np(idx, np.arange(len(v)), func="first", size=n_groups, fill_value=0)]
     for key in ds.ca.keys():
         if key not in aggr_ca_by:
             continue
@@ -104,17 +104,17 @@ def aggregate(
         v = np.asarray(ds.ca[key])[cols]
         if how == "tally":
             for val in np.unique(v):
-                ca[_tally_name(key, val)] = npg.aggregate(idx, (v == val).astype(np.int64), func="sum", size=n_groups, fill_value=0)
+                ca[_tally_name(key, val)] = aggregate_np(idx, (v == val).astype(np.int64), func="sum", size=n_groups, fill_value=0)
         elif how == "mode":
             ca[key] = _mode(v, idx, n_groups)
         elif how in ("first", "last"):
-            pos = npg.aggregate(idx, np.arange(len(v)), func=how, size=n_groups, fill_value=0)
+            pos = aggregate_np(idx, np.arange(len(v)), func=how, size=n_groups, fill_value=0)
             ca[key] = v[pos]
         else:
             name = check_group_func(how)
             if v.dtype.kind not in "biuf":
                 raise ValueError(f"aggr_ca_by['{key}'] = '{how}' needs numbers, but '{key}' holds {v.dtype}")
-            ca[key] = npg.aggregate(idx, v, func=name, size=n_groups, fill_value=0)
+            ca[key] = aggregate_np(idx, v, func=name, size=n_groups, fill_value=0)
     kw = ds._compute_kwargs()
     if scheduler is not None or client is not None:
         kw = {"scheduler": scheduler, "client": client}

@@ -247,7 +247,7 @@ class GroupPlan:
 
 def check_group_func(func: str) -> str:
     """Canonical name of a numpy-groupies reduction; ``ValueError`` for unknown or non-reducing names."""
-    import numpy_groupies as npg
+    from numpy_groupies import aggregate_np
 
     if not isinstance(func, str):
         raise TypeError(f"aggregation function must be a numpy-groupies function name, not {type(func).__name__}")
@@ -255,7 +255,7 @@ def check_group_func(func: str) -> str:
     if name in NOT_REDUCING:
         raise ValueError(f"'{func}' does not reduce each group to one value; use a reducing numpy-groupies function")
     try:
-        npg.aggregate(np.array([0, 0, 1]), np.array([1.0, 2.0, 3.0]), func=name, size=2)
+        aggregate_np(np.array([0, 0, 1]), np.array([1.0, 2.0, 3.0]), func=name, size=2)
     except (ValueError, NotImplementedError, KeyError, AttributeError, TypeError) as exc:
         raise ValueError(f"unknown aggregation function '{func}' (numpy-groupies says: {exc})") from None
     return name
@@ -269,7 +269,9 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
     over group-sorted columns; every other numpy-groupies function through
     ``numpy_groupies.aggregate``.
     """
-    import numpy_groupies as npg
+    # numpy-groupies' numpy implementation: its numba one compiles each
+    # function on first use in every worker process, which costs seconds.
+    from numpy_groupies import aggregate_np
 
     if band.shape[1] == 0 or band.shape[0] == 0:
         return np.zeros((band.shape[0], plan.n_groups))
@@ -305,7 +307,7 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
         return band[:, plan.first].astype(np.float64)
     if func == "last":
         return band[:, plan.last].astype(np.float64)
-    return np.asarray(npg.aggregate(plan.idx, band, func=func, axis=1, size=plan.n_groups, fill_value=0), dtype=np.float64)
+    return np.asarray(aggregate_np(plan.idx, band, func=func, axis=1, size=plan.n_groups, fill_value=0), dtype=np.float64)
 
 
 __all__ += ["GroupPlan", "NOT_REDUCING", "check_group_func", "group_reduce"]
