@@ -252,6 +252,9 @@ def read_ranges(spec: FileSpec, starts: list[int], sizes: list[int]) -> list[byt
     fs, path = entry.fs, entry.fs_path
     retries = int(get_config("retries"))
     backoff = float(get_config("retry-backoff"))
+    from dask_loom.errors import StoreError
+    from dask_loom.storage._objectstore import CredentialsError, _classify
+
     for attempt in range(retries + 1):
         try:
             blobs = fs.cat_ranges([path] * len(runs), [r[0] for r in runs], [r[1] for r in runs])
@@ -259,11 +262,19 @@ def read_ranges(spec: FileSpec, starts: list[int], sizes: list[int]) -> list[byt
             if bad:
                 raise bad[0]
             break
-        except (OSError, TimeoutError) as exc:
+        except Exception as exc:
+            # botocore/aiohttp errors are not all OSErrors: classify them as the stores do.
+            kind = _classify(exc)
+            if kind == "missing":
+                raise FileNotFoundError(errno.ENOENT, f"File '{spec.name}' not found", spec.name) from exc
+            if kind == "denied":
+                raise CredentialsError(f"{spec.name}: access refused: {type(exc).__name__}: {exc}") from exc
+            if kind != "transient":
+                raise StoreError(f"{spec.name}: range request failed: {type(exc).__name__}: {exc}") from exc
             if attempt == retries:
-                from dask_loom.errors import StoreError
-
-                raise StoreError(f"{spec.name}: range request failed after {retries + 1} attempts: {exc}") from exc
+                raise StoreError(
+                    f"{spec.name}: range request failed after {retries + 1} attempts: {type(exc).__name__}: {exc}"
+                ) from exc
             time.sleep(backoff * 2**attempt)
     for (r0, _r1, members), blob in zip(runs, blobs):
         mv = memoryview(blob)

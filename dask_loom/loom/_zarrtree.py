@@ -278,10 +278,11 @@ class ZarrTree(_ZarrReads, Tree):
                 yield w
             return
         # Object stores have no rename (a copy would upload everything twice):
-        # the old keys are removed and the new ones written in place.
+        # the old keys are removed and the new ones written in place, the root
+        # metadata last, so an interrupted upload is not a readable group.
         with contextlib.suppress(MissingKeyError):
             target.erase_prefix("/")
-        w = ZarrWriter(target, spec.name)
+        w = ZarrWriter(target, spec.name, defer_root=True)
         w.create_group("")
         try:
             yield w
@@ -289,6 +290,7 @@ class ZarrTree(_ZarrReads, Tree):
             with contextlib.suppress(Exception):
                 target.erase_prefix("/")
             raise
+        w.commit_root()
 
     def __reduce__(self) -> Any:
         return (_rebuild_tree, (self.spec, self.mode))
@@ -309,12 +311,19 @@ def _swap_stores(new: BaseStore, old: BaseStore) -> None:
         replace_dir(new.path, old.path)
         return
     # Object stores have no rename: copy the new keys over, then drop the rest.
-    keys = new.list()
+    # The root metadata goes first and comes back last, so an interrupted copy
+    # leaves a store that does not open (the new copy stays whole beside it)
+    # rather than a mixture of old and new that opens as complete.
+    keys = list(new.list())
+    with contextlib.suppress(MissingKeyError):
+        old.erase("zarr.json")
     for k in keys:
-        old.set(k, new.get(k))
+        if k != "zarr.json":
+            old.set(k, new.get(k))
     stale = set(old.list()) - set(keys)
     for k in stale:
         old.erase(k)
+    old.set("zarr.json", new.get("zarr.json"))
     new.erase_prefix("/")
 
 
@@ -387,19 +396,32 @@ class _ZarrEncoder:
 class ZarrWriter(_ZarrReads, TreeWriter):
     """Writes into a Loom Zarr group."""
 
-    def __init__(self, store: BaseStore, label: str) -> None:
+    def __init__(self, store: BaseStore, label: str, *, defer_root: bool = False) -> None:
         self.store = store
         self.label = label
         self._meta_cache: dict[str, Any] = {}
+        # Object stores have no rename: a new store's root metadata is written last
+        # (commit_root), so an interrupted upload never opens as a complete group.
+        self._defer_root = defer_root
 
     def _cache(self) -> dict[str, Any]:
         return self._meta_cache
 
     def _put_meta(self, path: str, doc: dict[str, Any]) -> None:
         p = _p(path)
+        if not p and self._defer_root:
+            self._meta_cache[""] = ("group", doc)
+            return
         key = f"{p}/zarr.json" if p else "zarr.json"
         self.store.set(key, json.dumps(doc, indent=2, default=str).encode("utf-8"))
         self._meta_cache.pop(p, None)
+
+    def commit_root(self) -> None:
+        """Write the deferred root metadata: the store becomes a readable group."""
+        if self._defer_root:
+            self._defer_root = False
+            doc = self._meta_cache.get("")
+            self._put_meta("", doc[1] if doc else dict(_ROOT_META))
 
     def create_group(self, path: str) -> None:
         p = _p(path)
