@@ -53,7 +53,10 @@ def prefetched(
         return
 
     def run(job: Any) -> Any:
-        return dask.compute(build(job), scheduler=target if isinstance(target, str) else local_scheduler)[0]
+        # The read-ahead threads are the parallelism: each job runs in its
+        # thread (no nested thread pool per job).
+        sched = target if isinstance(target, str) and target not in ("threads", "threading") else "sync"
+        return dask.compute(build(job), scheduler=sched if depth else local_scheduler)[0]
 
     if depth == 0:
         for job in it:

@@ -86,14 +86,25 @@ def sparse(
         if s.kind == "int":
             raise IndexError("sparse() takes arrays of rows/columns, not single integers")
     delayed, places, out_shape = selection_tasks(source, sels, prefix="loom-sparse", func=_nonzero_task, extra=(dtype,))
-    rr, cc, vv = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, dtype)]
+    # int32 indices whenever they fit (as scipy picks them): 12 bytes a non-zero.
+    itype = np.int32 if max(out_shape, default=0) < 2**31 else np.int64
+    results = []
     if delayed and math.prod(out_shape):
-        results = compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes_of(source))
-        for place, (r, c, v) in zip(places, results):
-            rr.append(r.astype(np.int64) + place[0].start)
-            cc.append(c.astype(np.int64) + place[1].start)
-            vv.append(v)
-    m = sp.coo_matrix((np.concatenate(vv), (np.concatenate(rr), np.concatenate(cc))), shape=out_shape)
+        results = list(compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes_of(source)))
+    nnz = sum(len(r[2]) for r in results)
+    rows_out = np.empty(nnz, dtype=itype)
+    cols_out = np.empty(nnz, dtype=itype)
+    vals_out = np.empty(nnz, dtype=dtype)
+    pos = 0
+    for place in places[: len(results)]:
+        r, c, v = results.pop(0)  # freed as soon as it is copied: memory stays near twice the result
+        k = len(v)
+        np.add(r, place[0].start, out=rows_out[pos : pos + k], casting="unsafe")
+        np.add(c, place[1].start, out=cols_out[pos : pos + k], casting="unsafe")
+        vals_out[pos : pos + k] = v
+        pos += k
+        del r, c, v
+    m = sp.coo_matrix((vals_out, (rows_out, cols_out)), shape=out_shape, copy=False)
     if any(s.kind == "array" and (len(s.inverse) != len(s.unique) or np.any(np.diff(s.inverse) < 0)) for s in sels):
         csr = m.tocsr()
         if sels[0].kind == "array":
