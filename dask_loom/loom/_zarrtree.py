@@ -470,20 +470,28 @@ class ZarrWriter(_ZarrReads, TreeWriter):
             chunks = shape if shape and all(shape) and np.prod(shape) <= 1 << 20 else "auto"  # type: ignore[assignment]
         if shape and not all(shape):
             chunks = tuple(max(1, c) for c in (chunks if isinstance(chunks, tuple) else shape))
-        arr = zarr.create_array(
-            self.store,
-            name=p,
+        # The metadata document is made in memory and written by us: zarr.create_array
+        # on the store would also write parent groups, the root among them (which
+        # an upload to an object store writes last, see commit_root).
+        from zarr.core.buffer import default_buffer_prototype
+
+        from dask_loom.storage._stores import MemoryStore
+
+        scratch = zarr.create_array(
+            MemoryStore(),
+            name="a",
             shape=shape,
             dtype=dtype,
             chunks=chunks if shape else (),
             compressors=_codecs(compression) if not strings or compression else None,
             fill_value=fillvalue if fillvalue is not None else ("" if strings else 0),
             zarr_format=3,
-            overwrite=True,
         )
+        doc = scratch.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+        self.store.set(f"{p}/zarr.json" if p else "zarr.json", doc)
         self._meta_cache.pop(p, None)
         if data is not None and data.size:
-            arr[...] = data
+            self._array(p)[...] = data
 
     def write(self, path: str, sel: Any, data: np.ndarray) -> None:
         self._array(path)[sel] = data
