@@ -439,6 +439,20 @@ def _fsync_dir(path: str) -> None:
 
 @contextlib.contextmanager
 def _transaction(spec: FileSpec, *, fresh: bool, timeout: float) -> Iterator[h5py.File]:
+    from dask_loom.storage._atomic import disk_full, no_space
+
+    try:
+        with _copy_on_write(spec, fresh=fresh, timeout=timeout) as f:
+            yield f
+    except (OSError, RuntimeError) as exc:
+        # h5py reports a full disk from deep inside HDF5 (about the temporary file).
+        if no_space(exc):
+            raise disk_full(spec.name, exc) from exc
+        raise
+
+
+@contextlib.contextmanager
+def _copy_on_write(spec: FileSpec, *, fresh: bool, timeout: float) -> Iterator[h5py.File]:
     import shutil
     import uuid
 
@@ -461,7 +475,9 @@ def _transaction(spec: FileSpec, *, fresh: bool, timeout: float) -> Iterator[h5p
             yield f
             f.flush()
         except BaseException:
-            f.close()
+            # Closing after a failed write can fail too (a full disk): the first error is the one to report.
+            with contextlib.suppress(Exception):
+                f.close()
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise

@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import threading
 import uuid
 from collections.abc import Iterator
@@ -35,7 +34,16 @@ from dask_loom._config import get_config
 from dask_loom.errors import LoomFormatError, MissingKeyError
 from dask_loom.loom._tree import ArrayInfo, Tree, TreeWriter
 from dask_loom.storage import FileSpec
-from dask_loom.storage._atomic import clone_tree, remove_stale, replace_dir, temp_sibling
+from dask_loom.storage._atomic import (
+    TransactionStore,
+    abort,
+    clone_tree,
+    disk_full,
+    no_space,
+    remove_stale,
+    replace_dir,
+    temp_sibling,
+)
 from dask_loom.storage._objectstore import open_store
 from dask_loom.storage._stores import _TMP_MARK, BaseStore, LocalStore, check_prefix
 from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
@@ -347,31 +355,33 @@ def _local_transaction(spec: FileSpec, store: LocalStore, label: str, *, atomic:
     with _exclusive(spec, float(get_config("write-timeout"))):
         # We hold the lock: copies beside the store belong to writers that died.
         remove_stale(store.path, all_of_them=True)
-        if atomic:
-            tmp = temp_sibling(store.path)
-            if fresh or not store.path.is_dir():
-                os.makedirs(tmp)
-            else:
-                clone_tree(store.path, tmp)
-            target: LocalStore = LocalStore(tmp)
-        else:
-            target = store
-        w = ZarrWriter(target, label)
-        if atomic and fresh:
-            w.create_group("")
-        with _writers_lock:
-            _writers[spec.url] = (threading.get_ident(), w)
+        target: LocalStore = store
         try:
-            yield w
-        except BaseException:
             if atomic:
-                shutil.rmtree(target.path, ignore_errors=True)
-            raise
-        finally:
+                tmp = temp_sibling(store.path)
+                target = TransactionStore(tmp)
+                if fresh or not store.path.is_dir():
+                    os.makedirs(tmp)
+                else:
+                    clone_tree(store.path, tmp)
+            w = ZarrWriter(target, label)
+            if atomic and fresh:
+                w.create_group("")
             with _writers_lock:
-                _writers.pop(spec.url, None)
-        if atomic:
-            replace_dir(target.path, store.path)
+                _writers[spec.url] = (threading.get_ident(), w)
+            try:
+                yield w
+            finally:
+                with _writers_lock:
+                    _writers.pop(spec.url, None)
+            if atomic:
+                replace_dir(target.path, store.path)
+        except BaseException as exc:
+            if atomic:
+                abort(target.path)  # tasks still running cannot recreate the copy
+                if no_space(exc):
+                    raise disk_full(label, exc, "store") from exc
+            raise
 
 
 class _ZarrEncoder:

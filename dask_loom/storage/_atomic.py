@@ -20,9 +20,25 @@ import errno
 import os
 import shutil
 import socket
+import threading
 import uuid
+from typing import Any
 
-__all__ = ["TMP_MARK", "clone_tree", "exchange", "remove_stale", "replace_dir", "temp_sibling"]
+from dask_loom.errors import StoreError
+from dask_loom.storage._stores import LocalStore
+
+__all__ = [
+    "TMP_MARK",
+    "disk_full",
+    "no_space",
+    "TransactionStore",
+    "abort",
+    "clone_tree",
+    "exchange",
+    "remove_stale",
+    "replace_dir",
+    "temp_sibling",
+]
 
 TMP_MARK = ".dlpart-"
 _AT_FDCWD = -100
@@ -151,7 +167,12 @@ def remove_stale(path: str | os.PathLike[str], *, all_of_them: bool = False) -> 
     for name in names:
         if not name.startswith(prefix):
             continue
-        if not all_of_them and _owner_alive(name):
+        rest = name[len(prefix) :]
+        if rest.endswith(_ABORTED):
+            rest = rest[: -len(_ABORTED)]
+        if "." in rest:
+            continue  # the temporary of another name (``x.zarr`` vs ``x``)
+        if not all_of_them and _owner_alive(name.removesuffix(_ABORTED)):
             continue
         full = os.path.join(head, name)
         if os.path.isdir(full) and not os.path.islink(full):
@@ -161,3 +182,86 @@ def remove_stale(path: str | os.PathLike[str], *, all_of_them: bool = False) -> 
                 os.remove(full)
         removed.append(full)
     return removed
+
+
+_ABORTED = ".aborted"
+
+
+def _marker(path: str | os.PathLike[str]) -> str:
+    # In the machine's temporary folder, not beside the store (nothing visible is left
+    # there); processes of this machine see it, which covers local clusters.
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha1(os.path.abspath(os.fspath(path)).encode()).hexdigest()[:20]
+    return os.path.join(tempfile.gettempdir(), f"dask-loom-{digest}{_ABORTED}")
+
+
+class TransactionStore(LocalStore):
+    """The :class:`LocalStore` of a copy being written for a transaction.
+
+    When a write fails, tasks of the same graph may still be running (dask's
+    threaded scheduler and distributed workers do not stop them).  The
+    rollback leaves a marker for the copy in the temporary folder of this
+    machine (:func:`abort`); a task that finds it refuses to write, and one
+    that wrote just before removes what it wrote, so no half-written copy is
+    recreated after the rollback.  (Late tasks on other machines sharing the
+    disk can leave a hidden copy; the next writer removes it.)
+    """
+
+    def _aborted(self) -> bool:
+        return os.path.exists(_marker(self.path))
+
+    def _set(self, key: str, data: bytes) -> None:
+        if self._aborted():
+            raise StoreError(f"{self.name}: the write this copy belongs to was abandoned; not writing {key!r}")
+        super()._set(key, data)
+        if self._aborted():
+            _discard(self.path)
+            raise StoreError(f"{self.name}: the write this copy belongs to was abandoned; {key!r} removed again")
+
+    def __reduce__(self) -> Any:
+        return (TransactionStore, (str(self.path),))
+
+
+def _discard(path: str | os.PathLike[str]) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def abort(path: str | os.PathLike[str]) -> None:
+    """Roll back a transaction's copy: mark it abandoned, delete it (again a little later, for late tasks)."""
+    marker = _marker(path)
+    with contextlib.suppress(OSError), open(marker, "w"):
+        pass
+    _discard(path)
+
+    def later() -> None:
+        _discard(path)
+        with contextlib.suppress(OSError):
+            os.remove(marker)
+
+    # Late tasks see the marker until then; the next writer also removes both.
+    t = threading.Timer(30.0, later)
+    t.daemon = True
+    t.start()
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether *exc* (or an exception it was raised from) is a full disk or quota."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def disk_full(name: str, exc: BaseException, what: str = "file") -> StoreError:
+    """The error a write that ran out of space raises (the original is unchanged)."""
+    return StoreError(
+        errno.ENOSPC,
+        f"{name}: no space left on the device for the new version of the {what}; the {what} is unchanged "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+    )

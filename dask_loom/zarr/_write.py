@@ -140,7 +140,15 @@ def _write_local_transaction(array: Any, store: LocalStore, path: str, **kw: Any
 
     from dask_loom.hdf5._files import _exclusive
     from dask_loom.storage import FileSpec
-    from dask_loom.storage._atomic import remove_stale, replace_dir, temp_sibling
+    from dask_loom.storage._atomic import (
+        TransactionStore,
+        abort,
+        disk_full,
+        no_space,
+        remove_stale,
+        replace_dir,
+        temp_sibling,
+    )
 
     root = str(store.path)
     os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
@@ -148,7 +156,7 @@ def _write_local_transaction(array: Any, store: LocalStore, path: str, **kw: Any
         remove_stale(root, all_of_them=True)
         tmp = temp_sibling(root)
         try:
-            metadata = _write(array, LocalStore(tmp), path, **kw)
+            metadata = _write(array, TransactionStore(tmp), path, **kw)
             p = path.strip("/")
             if not p:
                 replace_dir(tmp, root)
@@ -167,6 +175,11 @@ def _write_local_transaction(array: Any, store: LocalStore, path: str, **kw: Any
                         shutil.copy2(src, dst)
             replace_dir(os.path.join(tmp, p), os.path.join(root, p))
             return metadata
+        except BaseException as exc:
+            abort(tmp)  # tasks still running cannot recreate the copy
+            if no_space(exc):
+                raise disk_full(str(store.path), exc, "store") from exc
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
