@@ -48,6 +48,10 @@ DEFAULTS: dict[str, Any] = {
     "retry-backoff": 0.2,
     # Upper bound on attribute / metadata sizes read from files (bytes).
     "max-metadata-bytes": "1GiB",
+    # Upper bounds on what a file's declared sizes may make us plan or allocate: dask blocks
+    # of one array, and bytes of one stored chunk (a damaged or hostile file is refused).
+    "max-blocks": 10_000_000,
+    "max-chunk-bytes": "4GiB",
     # Chunk shape of layers dask_loom creates (loompy's default is 64 x 64).
     "loom-chunks": [64, 64],
     # MappedCollection.iter_batches: rows per shuffled block, blocks read (and

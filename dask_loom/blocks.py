@@ -161,7 +161,23 @@ def plan_blocks(
                     break
                 continue
             m[i] = min(grid[i], m[i] * 2, room)
+    _check_block_count(shape, unit, grid, m)
     return tuple(_even_bands(s, u, k) for s, u, k in zip(shape, unit, m))
+
+
+def _check_block_count(shape: tuple[int, ...], unit: tuple[int, ...], grid: list[int], m: Sequence[int]) -> None:
+    # A declared shape from a damaged or hostile file (10^15 x 10^15) would make
+    # a graph no machine can hold: refuse it before building anything.
+    from dask_loom._config import get_config
+    from dask_loom.errors import TooLargeError
+
+    limit = int(get_config("max-blocks"))
+    n = math.prod(math.ceil(g / max(1, k)) for g, k in zip(grid, m))
+    if n > limit:
+        raise TooLargeError(
+            f"an array of shape {shape} stored in units of {unit} would need {n} dask blocks, "
+            f"more than dask_loom.max-blocks ({limit}); its declared shape is implausible"
+        )
 
 
 def align_chunks(

@@ -28,6 +28,7 @@ __all__ = [
     "SchedulerError",
     "SelectionError",
     "StoreError",
+    "TooLargeError",
     "UnsupportedCodecError",
     "UnsupportedDtypeError",
     "UnsupportedFilterError",
@@ -116,6 +117,10 @@ class UnsupportedCodecError(FormatError):
 
 class SchedulerError(DaskLoomError, ConnectionError):
     """The configured dask scheduler cannot be reached."""
+
+
+class TooLargeError(DaskLoomError, ValueError):
+    """A declared size (array shape, chunk, metadata document) beyond the configured limits; refused before allocation."""
 
 
 class ConfigError(DaskLoomError, ValueError):

@@ -391,12 +391,20 @@ class LoomConnection(_Deprecated):
             warned.add(path)
             warnings.warn(f"{self.filename}: skipped attribute '{path}' ({why})", UserWarning, stacklevel=5)
 
-    def _read_attr(self, axis: int, name: str) -> np.ndarray:
-        path = f"{AXIS_ATTRS[axis]}/{name}"
+    def _capped_info(self, path: str, what: str) -> Any:
+        """The node's info, refusing declared sizes over ``dask_loom.max-metadata-bytes`` before any read."""
         info = self._tree.info(path)
         cap = _metadata_cap()
-        if int(np.prod(info.shape)) * max(1, info.dtype.itemsize) > cap:
-            raise LoomFormatError(f"{self.filename}: attribute '{path}' declares shape {info.shape}, larger than the {cap}-byte cap")
+        if int(np.prod(info.shape, dtype=object)) * max(1, info.dtype.itemsize) > cap:
+            raise LoomFormatError(
+                f"{self.filename}: {what} '{path}' declares shape {info.shape} ({info.dtype}), "
+                f"larger than the {cap}-byte cap (dask_loom.max-metadata-bytes)"
+            )
+        return info
+
+    def _read_attr(self, axis: int, name: str) -> np.ndarray:
+        path = f"{AXIS_ATTRS[axis]}/{name}"
+        info = self._capped_info(path, "attribute")
         n = self._shape[axis]
         if n and (not info.shape or info.shape[0] != n):
             raise LoomFormatError(
@@ -417,6 +425,7 @@ class LoomConnection(_Deprecated):
 
     def _read_global(self, name: str) -> Any:
         if self._globals_in_group():
+            self._capped_info(f"attrs/{name}", "global attribute")
             value = self._tree.read(f"attrs/{name}")
         else:
             value = self._tree.attrs("/")[name]
@@ -453,6 +462,8 @@ class LoomConnection(_Deprecated):
                 break
         else:
             raise AttributeError(f"'{name}' is not a graph in {self.filename}")
+        for k in ("a", "b", "w"):
+            self._capped_info(f"{path}/{k}", "graph array")
         a, b, w = (np.asarray(self._tree.read(f"{path}/{k}")) for k in ("a", "b", "w"))
         if not (len(a) == len(b) == len(w)):
             raise LoomFormatError(f"{self.filename}: graph '{path}' has a, b, w of different lengths ({len(a)}, {len(b)}, {len(w)})")

@@ -175,12 +175,27 @@ def _h5_info(ds: h5py.Dataset) -> ArrayInfo:
 
 
 def _h5_attrs(f: h5py.File, path: str) -> dict[str, Any]:
+    from dask.utils import parse_bytes
+
+    from dask_loom._config import get_config
+    from dask_loom.errors import LoomFormatError
+
     if path not in f:
         return {}
     node = f[path]
+    cap = get_config("max-metadata-bytes")
+    cap = parse_bytes(cap) if isinstance(cap, str) else int(cap)
     out = {}
     for k in node.attrs:
         try:
+            aid = node.attrs.get_id(k)
+            # Declared size, before h5py allocates the value.
+            size = int(np.prod(aid.shape or (), dtype=object)) * max(1, aid.dtype.itemsize)
+            if size > cap:
+                raise LoomFormatError(
+                    f"{f.filename}: HDF5 attribute '{k}' of '{path}' declares {size} bytes, "
+                    f"larger than the {cap}-byte cap (dask_loom.max-metadata-bytes)"
+                )
             out[k] = node.attrs[k]
         except (OSError, TypeError):  # attributes h5py cannot convert are skipped
             continue
