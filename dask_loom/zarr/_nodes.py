@@ -65,17 +65,34 @@ def executor() -> concurrent.futures.ThreadPoolExecutor:
 # -- metadata discovery ---------------------------------------------------------------------
 
 
+def _metadata_cap() -> int:
+    from dask.utils import parse_bytes
+
+    v = get_config("max-metadata-bytes")
+    return parse_bytes(v) if isinstance(v, str) else int(v)
+
+
 def _read_key(store: Any, key: str) -> bytes | None:
+    # Metadata documents are read with a byte limit (one ranged request): a
+    # damaged or hostile store cannot make us allocate more than the cap.
+    cap = _metadata_cap()
     if isinstance(store, BaseStore):
         try:
-            return store._get(key)
+            raw = store._get(key, (0, cap + 1))
         except MissingKeyError:
             return None
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
+    else:
+        from zarr.abc.store import RangeByteRequest
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
 
-    buf = sync(store.get(key, prototype=default_buffer_prototype()))
-    return None if buf is None else buf.to_bytes()
+        buf = sync(store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(0, cap + 1)))
+        raw = None if buf is None else buf.to_bytes()
+    if raw is not None and len(raw) > cap:
+        from dask_loom.errors import TooLargeError
+
+        raise TooLargeError(f"{store_label(store)}: {key!r} is larger than the {cap}-byte cap (dask_loom.max-metadata-bytes)")
+    return raw
 
 
 def _json(store: Any, key: str, raw: bytes) -> dict[str, Any]:

@@ -48,11 +48,32 @@ def build_array(store: Any, path: str, metadata: dict[str, Any], *, write_empty_
     except Exception as exc:
         raise translate_metadata_error(exc, store, path) from exc
     arr = zarr.Array(async_arr)
+    _check_chunks(arr, store, path)
     with _cache_lock:
         if len(_arrays) >= _MAX_CACHED:
             _arrays.pop(next(iter(_arrays)))
         _arrays[key] = arr
     return arr
+
+
+def _check_chunks(arr: Any, store: Any, path: str) -> None:
+    """Refuse chunk shapes that are empty or whose decoded size is beyond ``dask_loom.max-chunk-bytes``."""
+    from dask.utils import parse_bytes
+
+    from dask_loom._config import get_config
+    from dask_loom.errors import TooLargeError
+
+    where = f"{store_label(store)}: array {path or '/'!r}"
+    for shape in (arr.chunks, arr.shards):
+        if shape is None:
+            continue
+        if any(int(c) < 1 for c in shape):
+            raise FormatError(f"{where}: invalid metadata: chunk shape {tuple(shape)} has an empty axis")
+        cap = get_config("max-chunk-bytes")
+        cap = parse_bytes(cap) if isinstance(cap, str) else int(cap)
+        n = math.prod(int(c) for c in shape) * max(1, _numpy_dtype(arr).itemsize)
+        if n > cap:
+            raise TooLargeError(f"{where}: chunk shape {tuple(shape)} means {n} bytes per chunk, more than dask_loom.max-chunk-bytes ({cap})")
 
 
 def translate_metadata_error(exc: BaseException, store: Any, path: str) -> DaskLoomError:
