@@ -727,7 +727,11 @@ class LocalStore(_Base3):
                     f.seek(max(0, size - int(req[1])))
                     return f.read() if req[1] else b""
                 f.seek(int(req[0]))
-                return f.read() if req[1] is None else f.read(int(req[1]))
+                if req[1] is None:
+                    return f.read()
+                # read(n) allocates n bytes up front: clamp to what the file holds.
+                left = max(0, os.fstat(f.fileno()).st_size - int(req[0]))
+                return f.read(min(int(req[1]), left))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise self._missing(key) from None
         except OSError as exc:
