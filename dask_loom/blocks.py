@@ -280,7 +280,12 @@ def from_source(
     dtype = np.dtype(source.dtype)
     itemsize = 8 if dtype.kind == "O" else dtype.itemsize
     if chunks is None:
-        plan = plan_blocks(source.shape, source.chunk_shape, itemsize, target_bytes=target_bytes, band_axis=band_axis)
+        from dask_loom.errors import TooLargeError
+
+        try:
+            plan = plan_blocks(source.shape, source.chunk_shape, itemsize, target_bytes=target_bytes, band_axis=band_axis)
+        except TooLargeError as exc:
+            raise TooLargeError(f"{getattr(source, 'label', source.prefix)}: {exc}") from None
     else:
         plan = align_chunks(chunks, source.shape, source.chunk_shape, dtype, what=getattr(source, "label", "the array"))
     if name is None:

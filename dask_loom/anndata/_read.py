@@ -28,7 +28,7 @@ from dask_loom._config import get_config
 from dask_loom.anndata._elems import MatrixMeta
 from dask_loom.anndata._store import AnnStore
 from dask_loom.anndata._zchunks import ZarrChunkReader, chunk_reader
-from dask_loom.errors import CorruptChunkError
+from dask_loom.errors import AnnDataFormatError, CorruptChunkError
 from dask_loom.hdf5._decode import decode_chunk
 from dask_loom.hdf5._files import read_ranges
 from dask_loom.hdf5._source import HDF5Source, _chunk_offsets, dataset_layout
@@ -251,8 +251,26 @@ def read_whole(store: AnnStore, path: str) -> np.ndarray:
 
 
 def indptr_of(store: AnnStore, meta: MatrixMeta) -> np.ndarray:
-    """The ``indptr`` of a sparse matrix, read once per process."""
-    return _cached(("indptr", store.spec.url, meta.path), lambda: read_whole(store, f"{meta.path}/indptr").astype(np.int64))
+    """The ``indptr`` of a sparse matrix, read once per process (and checked against ``data``)."""
+
+    def make() -> np.ndarray:
+        ip = read_whole(store, f"{meta.path}/indptr").astype(np.int64)
+        n_data = _length(store, f"{meta.path}/data")
+        if len(ip) and (ip[0] < 0 or ip[-1] > n_data or bool(np.any(np.diff(ip) < 0))):
+            raise AnnDataFormatError(
+                f"{store.name}: {meta.path}/indptr is not a valid CSR row pointer for {n_data} stored values "
+                f"(it must rise from >= 0 to <= {n_data}; it runs {int(ip.min())}..{int(ip.max())})"
+            )
+        return ip
+
+    return _cached(("indptr", store.spec.url, meta.path), make)
+
+
+def _length(store: AnnStore, path: str) -> int:
+    if store.kind == "h5ad":
+        with store.locked() as f:
+            return int(f[path].shape[0])
+    return int(_zarr_array(store, path).shape[0])
 
 
 # -- rows of matrices ---------------------------------------------------------------

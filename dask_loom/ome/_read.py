@@ -105,7 +105,10 @@ def _meta_from_dict(rec: dict[str, Any], label: str) -> ImageMeta:
             if ax in "yx":
                 raise OMEArrowError(f"{label}: field 'pixels_meta.size_{ax}' is missing or null")
             v = 1
-        v = int(v)
+        try:
+            v = int(v)
+        except (TypeError, ValueError):
+            raise OMEArrowError(f"{label}: field 'pixels_meta.size_{ax}' is {v!r}, not an integer") from None
         if v <= 0:
             raise OMEArrowError(f"{label}: field 'pixels_meta.size_{ax}' is {v}; sizes must be positive")
         sizes[ax] = v
