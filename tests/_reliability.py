@@ -20,6 +20,12 @@ import json
 import os
 import platform
 import sys
+import threading
+import time
+import traceback
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +43,54 @@ SECTIONS = {
     "load": "Load and leaks",
     "security": "Security",
 }
+
+
+@dataclass
+class Outcome:
+    """What a reader did with a hostile input."""
+
+    error: BaseException | None
+    seconds: float
+    peak: int
+    hung: bool
+    value: Any = None
+
+
+def run_limited(fn: Callable[[], Any], limit: float = 10.0) -> Outcome:
+    """Run *fn* in a thread with a time limit, tracing allocations (numpy's buffers included)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # examined by the caller
+            box["error"] = exc
+
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    t0 = time.perf_counter()
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(limit)
+    took = time.perf_counter() - t0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return Outcome(box.get("error"), took, peak, t.is_alive(), box.get("value"))
+
+
+_BUILTINS = (ValueError, OSError, KeyError, IndexError, TypeError, LookupError, MemoryError, OverflowError)
+
+
+def raised_by_us(exc: BaseException) -> bool:
+    tb = traceback.extract_tb(exc.__traceback__)
+    return bool(tb) and f"{os.sep}dask_loom{os.sep}" in tb[-1].filename
+
+
+def is_typed(exc: BaseException) -> bool:
+    """A dask_loom error, or the builtin it derives from raised by dask_loom itself (not from inside a dependency)."""
+    from dask_loom.errors import DaskLoomError
+
+    return isinstance(exc, DaskLoomError) or (isinstance(exc, _BUILTINS) and raised_by_us(exc))
 
 
 # Kills per operation: CI runs a few, the published table comes from DASK_LOOM_KILLS=50.

@@ -23,67 +23,28 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
-import time
 import traceback
-import tracemalloc
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
 
 import dask_loom
-from dask_loom.errors import DaskLoomError
-from tests._reliability import record
+from tests._reliability import Outcome, is_typed, record, run_limited
 from tests.conftest import make_matrix
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(300)]
 
 LIMIT = 10.0  # seconds a reader may take to refuse a bad input
 MEMORY = 64 << 20  # bytes a reader may allocate while refusing it
-_BUILTINS = (ValueError, OSError, KeyError, IndexError, TypeError, LookupError, MemoryError, OverflowError)
-
-
-@dataclass
-class Outcome:
-    error: BaseException | None
-    seconds: float
-    peak: int
-    hung: bool
-    value: Any = None
 
 
 def _run(fn: Callable[[], Any]) -> Outcome:
-    """Run *fn* in a thread with a time limit and traced allocations."""
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn()
-        except BaseException as exc:  # the reader's error, examined by the caller
-            box["error"] = exc
-
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    t0 = time.perf_counter()
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(LIMIT)
-    took = time.perf_counter() - t0
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return Outcome(box.get("error"), took, peak, t.is_alive(), box.get("value"))
+    return run_limited(fn, LIMIT)
 
 
-def _raised_by_us(exc: BaseException) -> bool:
-    tb = traceback.extract_tb(exc.__traceback__)
-    return bool(tb) and f"{os.sep}dask_loom{os.sep}" in tb[-1].filename
-
-
-def _typed(exc: BaseException) -> bool:
-    return isinstance(exc, DaskLoomError) or (isinstance(exc, _BUILTINS) and _raised_by_us(exc))
+_typed = is_typed
 
 
 def _record_case(case: str, error: str, out: Outcome, msg: str) -> None:

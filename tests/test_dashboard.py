@@ -52,7 +52,7 @@ INTENDED = {
     "zarr-write",
 }
 # Names in the source that look like prefixes but name no task.
-NOT_TASKS = {"dask-loom-demo", "dask-loom-write"}  # a temporary folder, a distributed Lock
+NOT_TASKS = {"dask-loom", "dask-loom-demo", "dask-loom-write"}  # temporary paths, a distributed Lock
 FAMILIES = ("loom", "zarr", "mapped", "ome", "hdf", "tiff")
 
 PACKAGE = pathlib.Path(dask_loom.__file__).parent

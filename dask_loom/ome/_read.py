@@ -127,6 +127,12 @@ def _meta_from_dict(rec: dict[str, Any], label: str) -> ImageMeta:
         )
         if pm.get(k) is not None
     }
+    grid = rec.get("chunk_grid") or None
+    if grid is not None and not isinstance(grid, dict):
+        raise OMEArrowError(f"{label}: field 'chunk_grid' is {grid!r}, not a struct")
+    channels = pm.get("channels") or []
+    if not isinstance(channels, list) or not all(isinstance(ch, dict) for ch in channels):
+        raise OMEArrowError(f"{label}: field 'pixels_meta.channels' is not a list of structs")
     return ImageMeta(
         size_t=sizes["t"],
         size_c=sizes["c"],
@@ -140,8 +146,8 @@ def _meta_from_dict(rec: dict[str, Any], label: str) -> ImageMeta:
         version=rec.get("version"),
         dimension_order=pm.get("dimension_order"),
         physical_size=phys,
-        channels=tuple(dict(ch) for ch in (pm.get("channels") or [])),
-        chunk_grid=rec.get("chunk_grid") or None,
+        channels=tuple(dict(ch) for ch in channels),
+        chunk_grid=grid,
     )
 
 
@@ -1031,8 +1037,12 @@ def _dict_to_array(d: dict[str, Any]) -> pa.StructArray:
     try:
         return pa.array([d], type=typed)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):
+        pass
+    try:
         # Not the canonical types (older versions, other integer widths): let Arrow infer.
         return pa.array([d])
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError) as exc:
+        raise OMEArrowError(f"OME-Arrow record: the dict is not a record Arrow can hold ({type(exc).__name__}: {exc})") from None
 
 
 def record_from_data(data: Any, *, row: int = 0, column: str | None = None, chunk_policy: str = "auto") -> pa.StructArray:

@@ -51,15 +51,22 @@ _TRANSIENT_ERRNOS = {
 
 
 def _status(exc: BaseException) -> int | None:
-    for attr in ("status", "status_code", "code"):
-        v = getattr(exc, attr, None)
-        if isinstance(v, int):
-            return v
-    resp = getattr(exc, "response", None)
-    if isinstance(resp, dict):
-        v = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if isinstance(v, int):
-            return v
+    # s3fs re-raises botocore's ClientError as a bare OSError (EREMOTEIO for a
+    # 500): the HTTP status is only on the exception it was raised from.
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        for attr in ("status", "status_code", "code"):
+            v = getattr(e, attr, None)
+            if isinstance(v, int):
+                return v
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            v = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(v, int):
+                return v
+        e = e.__cause__ or e.__context__
     return None
 
 
@@ -89,7 +96,7 @@ def _classify(exc: BaseException) -> str:
         if exc.errno in (errno.EACCES, errno.EPERM):
             return "denied"
         text = str(exc).lower()
-        if any(w in text for w in ("503", "500", "502", "504", "slow down", "unavailable", "timed out", "timeout", "connection")):
+        if any(w in text for w in ("503", "500", "502", "504", "slow down", "unavailable", "internal error", "timed out", "timeout", "connection")):
             return "transient"
         if any(w in text for w in ("access denied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch", "403")):
             return "denied"
