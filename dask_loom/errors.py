@@ -20,6 +20,8 @@ __all__ = [
     "ElementNotFoundError",
     "FileBeingWrittenError",
     "FormatError",
+    "InvalidKeyError",
+    "InvalidNameError",
     "LoomFormatError",
     "MissingDependencyError",
     "MissingKeyError",
@@ -29,6 +31,7 @@ __all__ = [
     "SelectionError",
     "StoreError",
     "TooLargeError",
+    "UnsupportedSchemeError",
     "UnsupportedCodecError",
     "UnsupportedDtypeError",
     "UnsupportedFilterError",
@@ -109,6 +112,21 @@ class StoreError(DaskLoomError, OSError):
 
 class MissingKeyError(StoreError, FileNotFoundError):
     """A store has no value under the requested key (simplezarr's ``IOError``)."""
+
+
+class InvalidKeyError(DaskLoomError, ValueError):
+    """A store key or node path that could escape its store (``..``, absolute, NUL, backslash, percent-encoded dots)."""
+
+
+class InvalidNameError(InvalidKeyError, KeyError):
+    """A layer, attribute or graph name that is not a single safe path segment (a ``KeyError`` too, as loompy raises)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedSchemeError(DaskLoomError, ValueError):
+    """A URL scheme outside :data:`dask_loom.storage.ALLOWED_SCHEMES`; refused before any I/O."""
 
 
 class UnsupportedCodecError(FormatError):

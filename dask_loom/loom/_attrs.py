@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dask_loom.errors import LoomFormatError
-from dask_loom.loom._common import AXIS_ATTRS, NamedMapping, scalar_text, timestamp
+from dask_loom.loom._common import AXIS_ATTRS, NamedMapping, check_name, scalar_text, timestamp
 from dask_loom.loom._values import normalize_for_write
 
 if TYPE_CHECKING:
@@ -133,8 +133,7 @@ class AttributeManager(NamedMapping):
     def __setitem__(self, name: str, value: Any) -> None:
         if not isinstance(name, str):
             raise TypeError(f"attribute names must be str, not {type(name).__name__}")
-        if "/" in name:
-            raise KeyError(f"Attribute name '{name}' cannot contain a slash (/)")
+        check_name("Attribute", name, self.ds.filename if self.ds is not None else None)
         if self.ds is None:
             arr, _ = normalize_for_write(value, name)
             n = self._n()
@@ -216,6 +215,7 @@ class GlobalAttributeManager(NamedMapping):
         return self[name]
 
     def __setitem__(self, name: str, value: Any) -> None:
+        check_name("Global attribute", name, self.ds.filename if self.ds is not None else None)
         if self.ds is not None:
             self.ds._write_global(name, value)
         self._cache[name] = scalar_text(value) if not isinstance(value, (list, tuple, np.ndarray)) or np.ndim(value) == 0 else np.asarray(value)

@@ -16,6 +16,45 @@ AXIS_GRAPHS = ("row_graphs", "col_graphs")
 LEGACY_GRAPHS = ("row_edges", "col_edges")
 
 
+def check_name(kind: str, name: Any, where: str | None = None, *, allow_empty: bool = False) -> str:
+    """Refuse a layer/attribute/graph *name* that is not one safe path segment.
+
+    A ``/`` is refused with loompy's message; so are empty names (except the
+    main layer ``""``), ``.``/``..``, NUL bytes, backslashes and their
+    percent-encodings, which would name another node or escape a ``.loom.zarr``
+    store.  Raises :class:`~dask_loom.errors.InvalidNameError` (a ``KeyError``
+    and a ``ValueError``).
+
+    Examples
+    --------
+    >>> check_name("Layer", "spliced")
+    'spliced'
+    >>> check_name("Attribute", "..", "x.loom")
+    Traceback (most recent call last):
+    ...
+    dask_loom.errors.InvalidNameError: x.loom: Attribute name '..' is not allowed: empty or all-dot segment '..'
+    """
+    from dask_loom.errors import InvalidKeyError, InvalidNameError
+    from dask_loom.storage._stores import check_key
+
+    if not isinstance(name, str):
+        raise TypeError(f"{kind.lower()} names must be str, not {type(name).__name__}")
+    prefix = f"{where}: " if where else ""
+    if name == "" and allow_empty:
+        return name
+    if "/" in name:
+        raise InvalidNameError(f"{prefix}{kind} name '{name}' cannot contain a slash (/)")
+    if name == "":
+        raise InvalidNameError(f"{prefix}{kind} name must not be empty")
+    try:
+        check_key(name)
+    except InvalidKeyError as exc:
+        msg, head = str(exc), f"invalid store key {name!r}: "
+        reason = msg[len(head) :] if msg.startswith(head) else msg
+        raise InvalidNameError(f"{prefix}{kind} name {name!r} is not allowed: {reason}") from None
+    return name
+
+
 def timestamp() -> str:
     """A UTC timestamp as loompy writes them: ``20261122T012859.574926Z``."""
     return datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S.%fZ")

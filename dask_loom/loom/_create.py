@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from dask_loom.loom._common import check_name
 from dask_loom.loom._connection import TREE_OPENERS, LoomConnection
 from dask_loom.loom._layers import as_layer_dict
 from dask_loom.loom._store import init_layout, put_attr
@@ -131,8 +132,7 @@ def create(
     if len(shape) != 2 or 0 in shape:
         raise ValueError(f"The main matrix must be 2-D and non-empty, got shape {shape}")
     for k, v in lay.items():
-        if "/" in k:
-            raise KeyError(f"Layer name '{k}' cannot contain a slash (/)")
+        check_name("Layer", k, str(filename), allow_empty=True)
         if tuple(v.shape) != shape:
             raise ValueError(f"Layer '{k}' has shape {tuple(v.shape)}, but all layers must have shape {shape}")
         check_dtype(v.dtype, f"{filename}: layer '{k}'")

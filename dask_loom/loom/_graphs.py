@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from dask_loom.loom._common import NamedMapping
+from dask_loom.loom._common import NamedMapping, check_name
 
 if TYPE_CHECKING:
     from dask_loom.loom._connection import LoomConnection
@@ -101,8 +101,7 @@ class GraphManager(NamedMapping):
             raise AttributeError(f"'{name}' not found") from None
 
     def __setitem__(self, name: str, value: Any) -> None:
-        if "/" in name:
-            raise KeyError(f"Graph name '{name}' cannot contain a slash (/)")
+        check_name("Graph", name, self.ds.filename if self.ds is not None else None)
         g = sp.coo_matrix(value)
         n = self._size()
         if g.shape != (n, n):

@@ -9,7 +9,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dask_loom._indexing import normalize_key
-from dask_loom.loom._common import NamedMapping
+from dask_loom.loom._common import NamedMapping, check_name
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -203,8 +203,7 @@ class LayerManager(NamedMapping):
     def __setitem__(self, name: str, value: Any) -> None:
         if not isinstance(name, str):
             raise TypeError("layer names must be str")
-        if "/" in name:
-            raise KeyError(f"Layer name '{name}' cannot contain a slash (/)")
+        check_name("Layer", name, self.ds.filename if self.ds is not None else None, allow_empty=True)
         if self.ds is None:
             self._layers[name] = MemoryLoomLayer(name, value)
         else:

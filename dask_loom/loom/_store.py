@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from dask_loom.loom._common import AXIS_ATTRS, AXIS_GRAPHS, timestamp
+from dask_loom.loom._common import AXIS_ATTRS, AXIS_GRAPHS, check_name, timestamp
 from dask_loom.loom._values import normalize_for_write
 
 __all__ = [
@@ -46,6 +46,14 @@ def init_layout(w: Any, file_attrs: dict[str, Any] | None = None) -> None:
         put_global(w, k, "None" if v is None else v, in_group=True)
 
 
+def _label(w: Any) -> str | None:
+    """The file or store a writer writes, for messages."""
+    label = getattr(w, "label", None)
+    if label is None:
+        label = getattr(getattr(w, "f", None), "filename", None)
+    return None if label is None else str(label)
+
+
 def _swap_in(w: Any, path: str, **kwargs: Any) -> None:
     head, _, tail = path.rpartition("/")
     tmp = f"{head}/.tmp-{tail}" if head else f".tmp-{tail}"
@@ -56,8 +64,7 @@ def _swap_in(w: Any, path: str, **kwargs: Any) -> None:
 
 def put_attr(w: Any, axis: int, name: str, values: Any, *, n: int | None = None, spec3: bool = True, stamp: bool = True) -> None:
     """Write a row (axis 0) or column (axis 1) attribute, replacing any old one."""
-    if "/" in name:
-        raise KeyError(f"Attribute name '{name}' cannot contain a slash (/)")
+    check_name("Attribute", name, _label(w))
     arr, strings = normalize_for_write(values, name, spec3=spec3)
     if n and arr.shape[0] != n:
         raise ValueError(f"Attribute '{name}' must have exactly {n} values but {arr.shape[0]} were given")
@@ -72,6 +79,7 @@ def put_attr(w: Any, axis: int, name: str, values: Any, *, n: int | None = None,
 
 def put_global(w: Any, name: str, value: Any, *, in_group: bool) -> None:
     """Write a global attribute: a dataset under ``/attrs`` (spec 3) or a root attribute."""
+    check_name("Global attribute", name, _label(w))
     if not in_group:
         if isinstance(value, str):
             value = value.encode("ascii", "xmlcharrefreplace")
@@ -96,8 +104,7 @@ def put_global(w: Any, name: str, value: Any, *, in_group: bool) -> None:
 
 def put_graph(w: Any, axis: int, name: str, g: Any, *, stamp: bool = True) -> None:
     """Write a graph as ``a``, ``b`` (int32) and ``w`` (float) vectors."""
-    if "/" in name:
-        raise KeyError(f"Graph name '{name}' cannot contain a slash (/)")
+    check_name("Graph", name, _label(w))
     g = sp.coo_matrix(g)
     group = AXIS_GRAPHS[axis]
     path = f"{group}/{name}"

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from dask_loom._config import get_config
 from dask_loom._indexing import normalize_key
 from dask_loom.blocks import block_regions, plan_blocks, selection_bands
+from dask_loom.loom._common import check_name
 
 if TYPE_CHECKING:
     from dask_loom.loom._connection import LoomConnection
@@ -185,6 +186,7 @@ def fill_layer(ds: Any, w: Any, path: str, value: Any, *, where: str, dtype: Any
 def write_layer(ds: LoomConnection, name: str, value: Any, *, chunks: Any = None) -> None:
     """Create or replace a whole layer (``ds.layers[name] = value``), as one transaction."""
     ds._check_writable()
+    check_name("Layer", name, ds.filename, allow_empty=True)
     value, shape, dt = _prepare(ds, name, value)
     where = f"{ds.filename}: layer '{name}'"
     path = ds._layer_path(name)

@@ -28,7 +28,7 @@ from dask_loom.storage._stores import (
     _Base3,
     _slice,
 )
-from dask_loom.storage._urls import check_scheme, is_url
+from dask_loom.storage._urls import check_scheme, is_url, redact_url
 
 __all__ = ["ObjectStore", "open_store"]
 
@@ -147,7 +147,7 @@ class ObjectStore(_Base3):
     # -- identity ---------------------------------------------------------------------
     @property
     def name(self) -> str:
-        return self.url
+        return redact_url(self.url)
 
     def _spec(self) -> Any:
         return (self.url, sorted((k, repr(v)) for k, v in self.storage_options.items()))
@@ -159,10 +159,10 @@ class ObjectStore(_Base3):
         return (_object_from_state, (self.url, self.storage_options, self.read_only))
 
     def __repr__(self) -> str:  # storage options may hold credentials: never print them
-        return f"ObjectStore({self.url!r})"
+        return f"ObjectStore({self.name!r})"
 
     def __str__(self) -> str:
-        return self.url
+        return self.name
 
     @property
     def supports_listing(self) -> bool:
@@ -210,10 +210,10 @@ class ObjectStore(_Base3):
         if kind == "missing":
             return self._missing(key)
         if kind == "denied":
-            return CredentialsError(f"{self.url}: access to {key or '/'!r} refused ({op}): {exc}")
+            return CredentialsError(f"{self.name}: access to {key or '/'!r} refused ({op}): {exc}")
         if kind == "transient":
-            return StoreError(f"{self.url}: {op} {key or '/'!r} failed after {attempts} attempts: {type(exc).__name__}: {exc}")
-        return StoreError(f"{self.url}: {op} {key or '/'!r} failed: {type(exc).__name__}: {exc}")
+            return StoreError(f"{self.name}: {op} {key or '/'!r} failed after {attempts} attempts: {type(exc).__name__}: {exc}")
+        return StoreError(f"{self.name}: {op} {key or '/'!r} failed: {type(exc).__name__}: {exc}")
 
     def _retry(self, op: str, key: str, fn: Callable[[], Any]) -> Any:
         retries = int(get_config("retries"))
@@ -406,9 +406,9 @@ def open_store(
     if isinstance(url, dict):
         return MemoryStore(url, read_only=read_only)
     text = os.fspath(url)
+    scheme = check_scheme(text)
     if not is_url(text):
         return LocalStore(text, read_only=read_only)
-    scheme = check_scheme(text)
     if scheme == "file":
         return LocalStore(text.split("://", 1)[1], read_only=read_only)
     return ObjectStore(text, storage_options=storage_options, read_only=read_only)

@@ -46,7 +46,7 @@ from zarr.abc.store import (
 )
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 
-from dask_loom.errors import MissingKeyError, ReadOnlyError, StoreError
+from dask_loom.errors import InvalidKeyError, MissingKeyError, ReadOnlyError, StoreError
 
 __all__ = [
     "BaseStore",
@@ -59,6 +59,7 @@ __all__ = [
     "WritableStore",
     "WrapperStore",
     "check_key",
+    "check_node_path",
     "check_prefix",
 ]
 
@@ -68,32 +69,89 @@ _NO = object()  # "argument not given": tells simplezarr calls from zarr calls
 Req = tuple[Any, Any] | None
 
 
-def check_key(key: Any) -> str:
-    """Validate a simplezarr key: a non-empty ``str``, no leading/trailing ``/``, no all-dot segment."""
+def check_key(key: Any, store: str | None = None) -> str:
+    """Validate a simplezarr key: a non-empty ``str`` that cannot escape its store.
+
+    Refused: a leading or trailing ``/``, empty or all-dot segments (``..``),
+    NUL bytes, backslashes (a path separator on Windows and to some servers),
+    and percent-encoded forms of these (``%2e%2e``, ``%5c``, ``%00``), which an
+    HTTP server or object store may decode.  *store* names the store in the
+    message.
+    """
+    where = f"{store}: " if store else ""
     if not isinstance(key, str):
-        raise TypeError(f"store keys must be str, not {type(key).__name__}")
+        raise TypeError(f"{where}store keys must be str, not {type(key).__name__}")
     if not key or key.startswith("/") or key.endswith("/"):
-        raise ValueError(f"invalid store key {key!r}: must be non-empty without a leading or trailing '/'")
-    if "\x00" in key:
-        raise ValueError(f"invalid store key {key!r}: contains a NUL byte")
-    for part in key.split("/"):
-        if not part or set(part) == {"."}:
-            raise ValueError(f"invalid store key {key!r}: empty or all-dot segment {part!r}")
+        raise InvalidKeyError(f"{where}invalid store key {key!r}: must be non-empty without a leading or trailing '/'")
+    _check_text(key, key, where)
+    if "%" in key:
+        from urllib.parse import unquote
+
+        decoded = unquote(key)
+        if decoded != key:
+            if decoded.startswith("/"):
+                raise InvalidKeyError(f"{where}invalid store key {key!r}: percent-encoded absolute path {decoded!r}")
+            _check_text(key, decoded, where, encoded=True)
     return key
 
 
-def check_prefix(prefix: Any) -> str:
+def _check_text(key: str, text: str, where: str, *, encoded: bool = False) -> None:
+    how = " (percent-encoded)" if encoded else ""
+    if "\x00" in text:
+        raise InvalidKeyError(f"{where}invalid store key {key!r}: contains a NUL byte{how}")
+    if "\\" in text:
+        raise InvalidKeyError(f"{where}invalid store key {key!r}: contains a backslash{how}")
+    for part in text.split("/"):
+        if not part or set(part) == {"."}:
+            raise InvalidKeyError(f"{where}invalid store key {key!r}: empty or all-dot segment {part!r}{how}")
+
+
+def check_node_path(path: Any, store: str | None = None) -> str:
+    """Validate a Zarr node path inside a store and return it without outer ``/``.
+
+    As in zarr-python, a leading ``/`` means the store's root (``"/a"`` is
+    ``"a"``), never the file system's; everything else follows
+    :func:`check_key` (``..``, NUL, backslashes and their percent-encodings
+    are refused).
+    """
+    if not isinstance(path, str):
+        raise TypeError(f"{store + ': ' if store else ''}node paths must be str, not {type(path).__name__}")
+    p = path.strip("/")
+    if p:
+        try:
+            check_key(p, store)
+        except InvalidKeyError as exc:
+            raise InvalidKeyError(str(exc).replace("invalid store key", "invalid node path", 1)) from None
+    return p
+
+
+def _plain_key(key: Any) -> bool:
+    """Cheap test that *key* is an ordinary key (the hot path: one call per chunk); others get :func:`check_key`."""
+    return (
+        type(key) is str
+        and bool(key)
+        and key[0] != "/"
+        and key[-1] != "/"
+        and "//" not in key
+        and "\\" not in key
+        and "\x00" not in key
+        and "%" not in key
+        and ("." not in key or not any(set(part) == {"."} for part in key.split("/")))
+    )
+
+
+def check_prefix(prefix: Any, store: str | None = None) -> str:
     """Normalise a prefix to ``""`` (root) or ``"a/b/"``.
 
     simplezarr's root ``"/"`` and zarr's root ``""`` both mean the whole store;
     ``"a/b"`` (zarr's spelling) is read as ``"a/b/"``.
     """
     if not isinstance(prefix, str):
-        raise TypeError(f"store prefixes must be str, not {type(prefix).__name__}")
+        raise TypeError(f"{store + ': ' if store else ''}store prefixes must be str, not {type(prefix).__name__}")
     if prefix in ("", "/"):
         return ""
     p = prefix if prefix.endswith("/") else prefix + "/"
-    check_key(p[:-1])
+    check_key(p[:-1], store)
     return p
 
 
@@ -205,6 +263,10 @@ class BaseStore(Store):
 
     def _missing(self, key: str) -> MissingKeyError:
         return MissingKeyError(f"{self.name}: no key {key!r}")
+
+    def _key(self, key: Any) -> str:
+        """*key* if it cannot escape the store, else :class:`~dask_loom.errors.InvalidKeyError` naming the store."""
+        return key if _plain_key(key) else check_key(key, self.name)
 
     # -- sync primitives (subclasses) -----------------------------------------------------
     def _get(self, key: str, req: Req = None) -> bytes:
@@ -350,8 +412,8 @@ class ReadableStore(BaseStore):
     def get(self, key: str, prototype: Any = _NO, byte_range: ByteRequest | None = None) -> Any:  # type: ignore[override]
         """``get(key) -> bytes`` (sync, ``IOError`` if missing) or zarr's ``await get(key, prototype, byte_range)``."""
         if prototype is _NO and byte_range is None:
-            return self._get(check_key(key))
-        return self._zget(key, prototype, byte_range)
+            return self._get(self._key(key))
+        return self._zget(self._key(key), prototype, byte_range)
 
     async def _zget(self, key: str, prototype: Any, byte_range: ByteRequest | None) -> Buffer | None:
         if prototype is _NO or prototype is None:
@@ -376,21 +438,21 @@ class ReadableStore(BaseStore):
             if not isinstance(item, tuple) or len(item) != 3:
                 raise TypeError(f"{self.name}: key ranges are (key, start, length) 3-tuples, got {item!r}")
             key, start, length = item
-            out.append(self._get(check_key(key), (int(start), None if length is None else int(length))))
+            out.append(self._get(self._key(key), (int(start), None if length is None else int(length))))
         return out
 
     async def _zget_partial(self, prototype: Any, key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
-        pairs = list(key_ranges)
+        pairs = [(self._key(k), r) for k, r in key_ranges]
         return list(await asyncio.gather(*(self._zget(k, prototype, r) for k, r in pairs)))
 
     async def exists(self, key: str) -> bool:
-        return await self._aexists(key)
+        return await self._aexists(self._key(key))
 
     def get_sync(self, key: str, *, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None) -> Buffer | None:
         """zarr's optional synchronous read (``None`` when missing)."""
         prototype = prototype or default_buffer_prototype()
         try:
-            return prototype.buffer.from_bytes(self._get(key, _parse_range(byte_range)))
+            return prototype.buffer.from_bytes(self._get(self._key(key), _parse_range(byte_range)))
         except MissingKeyError:
             return None
 
@@ -401,8 +463,8 @@ class WritableStore(BaseStore):
     def set(self, key: str, value: Any) -> Any:  # type: ignore[override]
         """``set(key, bytes)`` (sync) or zarr's ``await set(key, Buffer)``."""
         if isinstance(value, Buffer):
-            return self._zset(key, value)
-        check_key(key)
+            return self._zset(self._key(key), value)
+        self._key(key)
         data = _as_bytes(value, f"{self.name}: set({key!r})")
         self._check_writable()
         self._set(key, data)
@@ -414,17 +476,19 @@ class WritableStore(BaseStore):
 
     async def delete(self, key: str) -> None:
         self._check_writable()
+        key = self._key(key)
         with contextlib.suppress(MissingKeyError):
             await self._aerase(key)
 
     def set_sync(self, key: str, value: Buffer) -> None:
         """zarr's optional synchronous write."""
         self._check_writable()
-        self._set(key, value.to_bytes())
+        self._set(self._key(key), value.to_bytes())
 
     def delete_sync(self, key: str) -> None:
         """zarr's optional synchronous delete (no error when missing)."""
         self._check_writable()
+        key = self._key(key)
         with contextlib.suppress(MissingKeyError):
             self._erase(key)
 
@@ -435,7 +499,7 @@ class WritableStore(BaseStore):
             if not isinstance(item, tuple) or len(item) != 3:
                 raise TypeError(f"{self.name}: expected (key, start, bytes) 3-tuples, got {item!r}")
             key, start, value = item
-            old = bytearray(self._get(check_key(key)))
+            old = bytearray(self._get(self._key(key)))
             new = _as_bytes(value, f"{self.name}: set_partial_values({key!r})")
             start = int(start)
             if start > len(old):
@@ -446,7 +510,7 @@ class WritableStore(BaseStore):
     def erase(self, key: str) -> None:
         """Delete a key; a missing key raises :class:`~dask_loom.errors.MissingKeyError` (an ``IOError``)."""
         self._check_writable()
-        self._erase(check_key(key))
+        self._erase(self._key(key))
 
     def erase_values(self, keys: Iterable[str]) -> None:
         """Delete several keys."""
@@ -456,7 +520,7 @@ class WritableStore(BaseStore):
     def erase_prefix(self, prefix: str) -> None:
         """Delete every key under a ``"dir/"`` prefix (``"/"``: everything); a missing prefix is a no-op."""
         self._check_writable()
-        p = check_prefix(prefix)
+        p = check_prefix(prefix, self.name)
         for k in list(self._keys(p)):
             with contextlib.suppress(MissingKeyError):
                 self._erase(k)
@@ -488,7 +552,7 @@ class ListableStore(BaseStore):
         """Every key under a ``"dir/"`` prefix (recursive, full keys)."""
         if isinstance(prefix, str) and prefix and not prefix.endswith("/") and prefix != "/":
             # zarr passes plain string prefixes here; match them as strings.
-            raw = prefix
+            raw = check_key(prefix, self.name)
 
             async def agen_raw() -> AsyncIterator[str]:
                 for k in await self._akeys(""):
@@ -496,7 +560,7 @@ class ListableStore(BaseStore):
                         yield k
 
             return KeyList(lambda: [k for k in self._keys("") if k.startswith(raw)], agen_raw)
-        p = check_prefix(prefix)
+        p = check_prefix(prefix, self.name)
 
         async def agen() -> AsyncIterator[str]:
             for k in await self._akeys(p):
@@ -506,7 +570,7 @@ class ListableStore(BaseStore):
 
     def list_dir(self, prefix: str) -> KeyList:  # type: ignore[override]
         """Keys and ``"sub/"`` prefixes directly inside ``"dir/"``; ``async for`` yields zarr's relative names."""
-        p = check_prefix(prefix)
+        p = check_prefix(prefix, self.name)
 
         async def agen() -> AsyncIterator[str]:
             for entry in await self._adir(p):
@@ -553,7 +617,7 @@ class MemoryStore(_Base3):
         self._lock = threading.RLock()
         self._uid = uuid.uuid4().hex  # tokens name the store, never hash its data
         for k, v in (fields or {}).items():
-            self._dict[check_key(k)] = _as_bytes(v, f"MemoryStore: key {k!r}")
+            self._dict[check_key(k, "MemoryStore")] = _as_bytes(v, f"MemoryStore: key {k!r}")
 
     @property
     def dict(self) -> dict[str, bytes]:
@@ -652,10 +716,10 @@ class LocalStore(_Base3):
     >>> s.set("a/b", b"xyz")
     >>> s.get("a/b"), s.list_dir("/")
     (b'xyz', ['a/'])
-    >>> s.get("../etc/passwd")
+    >>> s.get("../etc/passwd")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: invalid store key '../etc/passwd': empty or all-dot segment '..'
+    dask_loom.errors.InvalidKeyError: LocalStore('...'): invalid store key '../etc/passwd': empty or all-dot segment '..'
     """
 
     _blocking_io = True
@@ -690,29 +754,18 @@ class LocalStore(_Base3):
         if not isinstance(key, str):
             raise TypeError(f"store keys must be str, not {type(key).__name__}")
         if key.startswith(("/", "\\")) or os.path.isabs(key):
-            raise ValueError(f"{self.name}: key {key!r} is an absolute path; keys must stay inside the store")
-        check_key(key)
-        if "\\" in key:
-            raise ValueError(f"{self.name}: key {key!r} contains a backslash")
+            raise InvalidKeyError(f"{self.name}: key {key!r} is an absolute path; keys must stay inside the store")
+        check_key(key, self.name)
         p = self.path.joinpath(*key.split("/"))
         root = str(self.path)
         if os.path.commonpath([root, os.path.normpath(p)]) != root:
-            raise ValueError(f"{self.name}: key {key!r} escapes the store root")
+            raise InvalidKeyError(f"{self.name}: key {key!r} escapes the store root")
         return p
 
     def _fspath(self, key: str) -> str:
         # Hot path (one call per chunk read): plain string checks for ordinary
         # keys; anything unusual goes through the full checks of _file.
-        if (
-            type(key) is str
-            and key
-            and key[0] != "/"
-            and key[-1] != "/"
-            and "//" not in key
-            and "\\" not in key
-            and "\x00" not in key
-            and ("." not in key or not any(set(part) == {"."} for part in key.split("/")))
-        ):
+        if _plain_key(key):
             return f"{self._root}/{key}"
         return str(self._file(key))
 

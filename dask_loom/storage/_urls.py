@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from dask.base import tokenize
 
-__all__ = ["ALLOWED_SCHEMES", "FileSpec", "check_scheme", "is_url"]
+__all__ = ["ALLOWED_SCHEMES", "FileSpec", "check_scheme", "is_url", "redact_url"]
 
 # URL schemes dask_loom opens; anything else is refused before any I/O.
 ALLOWED_SCHEMES = frozenset(
@@ -16,20 +17,70 @@ ALLOWED_SCHEMES = frozenset(
 )
 
 
+# "name:" or "name::" at the start of a path that has no "://" (data:, ftp::s3://...).
+_SCHEME_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)(::|:)")
+# URL userinfo (``//user:password@host``): never shown in messages.
+_USERINFO = re.compile(r"(?<=//)[^/@\s]*@")
+
+
+def redact_url(url: str) -> str:
+    """*url* with any ``user:password@`` part replaced by ``***@`` (for messages and reprs)."""
+    return _USERINFO.sub("***@", url)
+
+
 def is_url(path: str | os.PathLike[str]) -> bool:
     """True when *path* carries a URL scheme (``s3://``, ``memory://`` …)."""
     return "://" in os.fspath(path)
 
 
-def check_scheme(url: str) -> str:
-    """Return the scheme of *url*, refusing schemes outside :data:`ALLOWED_SCHEMES`."""
-    if "://" not in url:
-        return "file"
-    scheme = url.split("://", 1)[0].lower()
-    for part in scheme.split("::"):
+def _known_schemes() -> frozenset[str]:
+    from fsspec.registry import known_implementations
+
+    # Also schemes fsspec does not know but other URL handlers do.
+    return frozenset(known_implementations) | {"data", "javascript", "vbscript"}
+
+
+def check_scheme(url: str | os.PathLike[str]) -> str:
+    """Return the scheme of *url* (``"file"`` for a local path), refusing schemes outside :data:`ALLOWED_SCHEMES`.
+
+    Every part of a chained URL (``simplecache::s3://...``) must be allowed.  A
+    path without ``://`` is local unless it starts with a scheme some URL
+    handler knows (``data:...``, ``ftp::...``), which is refused too: a local
+    path never reaches a handler that would interpret it.
+
+    Examples
+    --------
+    >>> check_scheme("s3://bucket/x.zarr"), check_scheme("/tmp/x.loom")
+    ('s3', 'file')
+    >>> check_scheme("ftp::s3://bucket/x.zarr")
+    Traceback (most recent call last):
+    ...
+    dask_loom.errors.UnsupportedSchemeError: 'ftp::s3://bucket/x.zarr': URL scheme 'ftp' is not allowed; dask_loom opens abfs, abfss, az, file, gcs, gs, http, https, memory, s3, s3a, zip
+    """
+    from dask_loom.errors import UnsupportedSchemeError
+
+    text = os.fspath(url)
+    if not isinstance(text, str):
+        raise TypeError(f"paths and URLs must be str, not {type(text).__name__}")
+    if "://" in text:
+        scheme = text.split("://", 1)[0].lower()
+        parts = scheme.split("::")
+    else:
+        m = _SCHEME_PREFIX.match(text)
+        if m is None:
+            return "file"
+        head = text.split("::")[:-1] if "::" in text else [m.group(1)]
+        parts = [h.lower() for h in head]
+        if m.group(2) == ":" and parts[0] not in _known_schemes():
+            return "file"  # a local name with a colon ("C:", "run:1.loom")
+        scheme = "::".join(parts)
+        if all(p in ALLOWED_SCHEMES for p in parts):
+            # Allowed, but without "://" nothing would handle it as a URL: say so.
+            raise UnsupportedSchemeError(f"{redact_url(text)!r}: a URL needs '://' after its scheme {scheme!r}")
+    for part in parts:
         if part not in ALLOWED_SCHEMES:
-            raise ValueError(
-                f"{url!r}: URL scheme {part!r} is not allowed; dask_loom opens {', '.join(sorted(ALLOWED_SCHEMES))}"
+            raise UnsupportedSchemeError(
+                f"{redact_url(text)!r}: URL scheme {part!r} is not allowed; dask_loom opens {', '.join(sorted(ALLOWED_SCHEMES))}"
             )
     return scheme
 
@@ -48,8 +99,8 @@ class FileSpec:
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> FileSpec:
         path = os.fspath(path)
+        scheme = check_scheme(path)
         if is_url(path):
-            scheme = check_scheme(path)
             if scheme == "file":
                 return cls(os.path.abspath(path.split("://", 1)[1]), {})
             return cls(path, dict(storage_options or {}))
@@ -62,7 +113,7 @@ class FileSpec:
     @property
     def name(self) -> str:
         """The path or URL, for messages (never includes credentials)."""
-        return self.url
+        return redact_url(self.url)
 
     def fs(self) -> Any:
         """The fsspec filesystem and path for a remote spec."""
@@ -80,4 +131,4 @@ class FileSpec:
         return ("FileSpec", self.url, tokenize(sorted((k, repr(v)) for k, v in self.storage_options.items())))
 
     def __repr__(self) -> str:  # storage options may hold credentials: never print them
-        return f"FileSpec({self.url!r})"
+        return f"FileSpec({redact_url(self.url)!r})"

@@ -14,7 +14,6 @@ fill value instead of failing, since its stored chunks never use it.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import numpy as np
 from dask_loom._config import get_config
 from dask_loom.errors import FormatError, MissingKeyError
 from dask_loom.storage._objectstore import open_store
-from dask_loom.storage._stores import BaseStore
+from dask_loom.storage._stores import BaseStore, check_node_path
 from dask_loom.zarr._source import (
     ZarrSource,
     _numpy_dtype,
@@ -245,7 +244,7 @@ class ZarrGroup(ZarrNode):
     def __getitem__(self, path: str) -> ZarrNode:
         if not isinstance(path, str):
             raise TypeError(f"{self._where()}: index with a path string, not {type(path).__name__}")
-        full = "/".join(p for p in (self.path, path.strip("/")) if p)
+        full = "/".join(p for p in (self.path, check_node_path(path, self._where())) if p)
         try:
             return _open_node(self.store, full)
         except NodeNotFoundError:
@@ -495,6 +494,6 @@ def open_zarr(store: Any, path: str = "", *, mode: str = "r+", **storage_options
         store = s
     elif mode == "r" and isinstance(store, BaseStore) and not store.read_only:
         store = store.with_read_only(True)
-    with contextlib.suppress(AttributeError):
-        path = path.strip("/")
+    # Checked for any store, zarr-python's own included (they do not all refuse "..").
+    path = check_node_path(path, store_label(store))
     return _open_node(store, path)

@@ -18,7 +18,7 @@ import numpy as np
 from dask_loom._config import get_config
 from dask_loom.blocks import block_regions, plan_blocks
 from dask_loom.storage._objectstore import open_store
-from dask_loom.storage._stores import LocalStore
+from dask_loom.storage._stores import LocalStore, check_node_path
 from dask_loom.zarr._source import build_array
 
 __all__ = ["to_zarr"]
@@ -112,6 +112,8 @@ def to_zarr(
         array = da.from_array(np.asarray(array), chunks=chunks or "auto")
     if isinstance(store, (str, os.PathLike)):
         store = open_store(store, **(storage_options or {}))
+    # Refused here, naming the store (zarr's own check names neither, and a local write goes through a copy).
+    check_node_path(path, getattr(store, "name", None) or repr(store))
     kw = {
         "chunks": chunks,
         "shards": shards,
