@@ -223,29 +223,37 @@ def _coalesce(starts: list[int], sizes: list[int], gap: int) -> list[tuple[int, 
     return runs
 
 
-def read_ranges(spec: FileSpec, starts: list[int], sizes: list[int]) -> list[bytes | memoryview]:
+def read_ranges(spec: FileSpec, starts: list[int], sizes: list[int], *, entry: _Entry | None = None) -> list[bytes | memoryview]:
     """Read byte ranges of a file: ``pread`` locally, concurrent range requests remotely.
 
     Neighbouring ranges are coalesced into one read (chunks of one dataset
-    usually lie next to each other on disk), then split again.
+    usually lie next to each other on disk), then split again.  *entry* pins
+    the cached file the ranges were looked up in.
     """
     if not starts:
         return []
-    entry = cached_entry(spec)
+    entry = entry if entry is not None else cached_entry(spec)
     gap = 1 << 16 if spec.is_local else 1 << 20
     runs = _coalesce(list(starts), list(sizes), gap)
     out: list[Any] = [None] * len(starts)
     if spec.is_local:
-        fd = _fd(entry)
-        for r0, r1, members in runs:
-            buf = os.pread(fd, r1 - r0, r0)
-            if len(buf) < r1 - r0:
-                raise LoomFormatError(
-                    f"{spec.name}: file is truncated (needed bytes {r0}..{r1}, got {len(buf)})"
-                )
-            mv = memoryview(buf)
-            for i in members:
-                out[i] = mv[starts[i] - r0 : starts[i] - r0 + sizes[i]]
+        # A private duplicate: another thread may close the entry (the file
+        # was replaced, a connection closed) while this one reads, and the
+        # shared descriptor's number could then name another open file.
+        with entry.lock:
+            fd = os.dup(_fd(entry))
+        try:
+            for r0, r1, members in runs:
+                buf = os.pread(fd, r1 - r0, r0)
+                if len(buf) < r1 - r0:
+                    raise LoomFormatError(
+                        f"{spec.name}: file is truncated (needed bytes {r0}..{r1}, got {len(buf)})"
+                    )
+                mv = memoryview(buf)
+                for i in members:
+                    out[i] = mv[starts[i] - r0 : starts[i] - r0 + sizes[i]]
+        finally:
+            os.close(fd)
         return out
     if entry.fs is None:
         entry.fs, entry.fs_path = spec.fs()

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Any
 
 import deflate
 import numpy as np
 
 from dask_loom.blocks import from_source
-from dask_loom.errors import CorruptChunkError
+from dask_loom.errors import CorruptChunkError, FileBeingWrittenError
 from dask_loom.hdf5._decode import decode_chunk
 from dask_loom.hdf5._files import cached_entry, open_h5_read, read_ranges
 from dask_loom.hdf5._layout import (
@@ -89,8 +90,8 @@ def dataset_layout(spec: FileSpec, path: str) -> DatasetLayout:
     return layout
 
 
-def _chunk_offsets(spec: FileSpec, layout: DatasetLayout, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    entry = cached_entry(spec)
+def _chunk_offsets(spec: FileSpec, layout: DatasetLayout, coords: np.ndarray, entry: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    entry = entry if entry is not None else cached_entry(spec)
     if wants_full_index(layout):
         key = ("index", layout.path)
         index: ChunkIndex | None = entry.cache.get(key)
@@ -201,12 +202,8 @@ class HDF5Source:
         c_hi = [-(-r.stop // c) for r, c in zip(region, chunks)]
         grid = [b - a for a, b in zip(c_lo, c_hi)]
         coords = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(c_lo, c_hi)], indexing="ij"), axis=-1).reshape(-1, ndim)
-        offsets, sizes, masks = _chunk_offsets(self.spec, lay, coords)
-        present = offsets >= 0
-        idx = np.flatnonzero(present)
-        raws = read_ranges(self.spec, offsets[idx].tolist(), sizes[idx].tolist())
         nbytes = math.prod(chunks) * dt.itemsize
-        parts = self._decode_all(raws, masks[idx], nbytes, dt.itemsize)
+        idx, parts = self._read_consistent(coords, nbytes, dt.itemsize)
         if len(idx) < len(coords):
             fill = np.full(math.prod(chunks), lay.fillvalue, dtype=dt).tobytes()
             full: list[Any] = [fill] * len(coords)
@@ -220,6 +217,36 @@ class HDF5Source:
         with _stats_lock:
             STATS["fast_blocks"] += 1
         return flat.reshape(*grid, *chunks), c_lo
+
+    def _read_consistent(self, coords: np.ndarray, nbytes: int, itemsize: int) -> tuple[np.ndarray, list[Any]]:
+        """Chunk offsets and chunk bytes taken from one and the same version of the file.
+
+        A writer replaces the file by a rename (a new inode): offsets looked up
+        in the old file and read from the new one would decode to garbage or,
+        worse, to another chunk.  The file's identity is checked after the
+        read; if it changed, the read is repeated against the new file.
+        """
+        from dask_loom.hdf5._files import file_identity
+
+        lay = self.layout
+        attempts = 20
+        for attempt in range(attempts):
+            entry = cached_entry(self.spec)
+            try:
+                offsets, sizes, masks = _chunk_offsets(self.spec, lay, coords, entry)
+                idx = np.flatnonzero(offsets >= 0)
+                raws = read_ranges(self.spec, offsets[idx].tolist(), sizes[idx].tolist(), entry=entry)
+                parts = self._decode_all(raws, masks[idx], nbytes, itemsize)
+            except Exception:
+                if file_identity(self.spec) == entry.identity:
+                    raise
+            else:
+                if file_identity(self.spec) == entry.identity:
+                    return idx, parts
+            time.sleep(min(0.001 * 2**attempt, 0.1))
+        raise FileBeingWrittenError(
+            f"{self.label}: the file was replaced {attempts} times while a block was read (it is being written); read again later"
+        )
 
     def read_staged(self, region: tuple[slice, ...]) -> np.ndarray | None:
         """The region's chunks in grid layout ``(*grid, *chunks)``, without assembling them.
