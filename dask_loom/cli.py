@@ -310,6 +310,7 @@ EXAMPLES: dict[str, str] = {
 
 _EPILOG = """\
 exit codes: 0 success, 1 a data or I/O error (one line naming the file), 2 a usage error
+(including a URL scheme outside dask_loom.storage.ALLOWED_SCHEMES)
 
 Commands that compute take --scheduler ADDR (a dask scheduler such as tcp://10.0.0.5:8786,
 or threads/sync/processes/local) and --progress/--no-progress; DASK_LOOM_SCHEDULER sets
@@ -371,13 +372,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
-    from dask_loom.errors import DaskLoomError
+    from dask_loom.errors import DaskLoomError, UnsupportedSchemeError
 
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         _say("dask-loom: interrupted")
         return 130
+    except UnsupportedSchemeError as exc:  # a usage error: the URL names something we never open
+        _say(f"dask-loom {args.command}: error: {_message(exc)}")
+        return 2
     except (DaskLoomError, OSError, ValueError, KeyError, IndexError) as exc:
         _say(f"dask-loom {args.command}: error: {_message(exc)}")
         return 1

@@ -32,6 +32,7 @@ from dask_loom.loom._write import (
 )
 from dask_loom.ops._graph import task_name, tasks
 from dask_loom.ops._map import nbytes_of, read_into_buffer
+from dask_loom.storage._urls import check_scheme
 
 if TYPE_CHECKING:
     from dask_loom.loom._connection import LoomConnection
@@ -477,6 +478,8 @@ def combine(
     if not files:
         raise ValueError("combine needs at least one input file")
     output_file = os.fspath(output_file)
+    for f in (*files, output_file):
+        check_scheme(os.fspath(f))  # combine copies local files: no URL of any scheme gets this far
     tmp = output_file + ".dask-loom-combine.tmp"
     try:
         shutil.copyfile(os.fspath(files[0]), tmp)

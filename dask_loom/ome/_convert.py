@@ -20,6 +20,7 @@ import numpy as np
 
 from dask_loom.errors import MissingDependencyError, OMEArrowError, SelectionError
 from dask_loom.ome._schema import pixel_dtype
+from dask_loom.storage._urls import check_scheme
 
 __all__ = [
     "TiffSource",
@@ -232,6 +233,7 @@ def read_ome_tiff(path: str | os.PathLike[str], *, series: int = 0) -> tuple[Any
     """
     from dask_loom.blocks import from_source
 
+    check_scheme(path)  # a local file: any URL scheme is refused before tifffile sees it
     path = os.path.abspath(os.fspath(path))
     label = os.path.basename(path)
     tf, lock = _tiff_handle(path)
@@ -283,6 +285,7 @@ def read_ome_zarr(
     import zarr
 
     url = os.fspath(path)
+    check_scheme(url)  # before zarr hands the URL to fsspec
     label = os.path.basename(url.rstrip("/")) or url
     try:
         g = zarr.open_group(url, mode="r", storage_options=storage_options) if "://" in url else zarr.open_group(url, mode="r")
@@ -498,6 +501,8 @@ def convert_to_ome_arrow(src: str | os.PathLike[str], dst: str | os.PathLike[str
     >>> import shutil; shutil.rmtree(d)
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    check_scheme(src)
+    check_scheme(dst)
     fmt = opts.pop("format", None) or ("record" if dst.lower().endswith((".parquet", ".pq")) else "dataset")
     if fmt not in ("record", "dataset"):
         raise SelectionError(f"format {fmt!r} must be 'record' or 'dataset'")

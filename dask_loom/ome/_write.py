@@ -52,6 +52,7 @@ from dask_loom.ome._schema import (
     default_channels,
 )
 from dask_loom.ome._schema import pixel_dtype as _pixel_dtype
+from dask_loom.storage._urls import check_scheme
 
 __all__ = ["WithMeta", "choose_chunking", "to_ome_arrow", "to_ome_parquet", "write_ome_arrow_dataset"]
 
@@ -640,6 +641,7 @@ def to_ome_parquet(
     >>> import shutil; shutil.rmtree(d)
     """
     path = os.fspath(path)
+    check_scheme(path)
     img = _prepare(
         array,
         dim_order,
@@ -851,6 +853,7 @@ def write_ome_arrow_dataset(
     if chunk_rows_per_row_group <= 0:
         raise SelectionError(f"chunk_rows_per_row_group must be > 0, got {chunk_rows_per_row_group}")
     out = os.fspath(output_path)
+    check_scheme(out)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out}: exists; pass overwrite=True to replace it")
     entries = _dataset_images(images)
