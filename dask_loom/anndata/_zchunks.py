@@ -131,7 +131,10 @@ def layout_of(arr: Any) -> ChunkLayout | None:
 
 
 def _layout(arr: Any) -> ChunkLayout:
+    from dask_loom.zarr._source import check_safe_codecs
+
     meta = arr.metadata.to_dict()
+    check_safe_codecs(meta, f"array {arr.path or '/'!r}")  # numcodecs.get_codec below would build any codec
     dtype = np.dtype(arr.dtype)
     if dtype.kind not in "biuf" or not arr.shape:
         raise ValueError("dtype")

@@ -30,9 +30,45 @@ def store_label(store: Any) -> str:
     return getattr(store, "name", None) or str(store)
 
 
+# Codecs whose decoding runs code stored in the file (numcodecs' Pickle calls pickle.loads).
+_UNSAFE_CODECS = frozenset({"pickle"})
+
+
+def check_safe_codecs(metadata: Any, where: str) -> None:
+    """Refuse array metadata naming an unsafe codec (``pickle``) anywhere, before zarr or numcodecs sees it.
+
+    zarr-python 3 happens to refuse these today; this does not rely on it
+    (and stops its "install the package providing this codec" advice).
+
+    Examples
+    --------
+    >>> check_safe_codecs({"zarr_format": 2, "compressor": {"id": "zlib"}}, "x.zarr")
+    >>> check_safe_codecs({"zarr_format": 2, "filters": [{"id": "pickle"}]}, "x.zarr")
+    Traceback (most recent call last):
+    ...
+    dask_loom.errors.UnsupportedCodecError: x.zarr: codec 'pickle' is refused: decoding it would run code stored in the file
+    """
+
+    def walk(node: Any, top: bool) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if top and k == "attributes":
+                    continue  # user attributes, not codecs
+                if k in ("id", "name", "object_codec_id") and isinstance(v, str) and v.lower().removeprefix("numcodecs.") in _UNSAFE_CODECS:
+                    raise UnsupportedCodecError(f"{where}: codec {v!r} is refused: decoding it would run code stored in the file")
+                walk(v, False)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v, False)
+
+    walk(metadata, True)
+
+
 def build_array(store: Any, path: str, metadata: dict[str, Any], *, write_empty_chunks: bool = False) -> Any:
     """A ``zarr.Array`` for *metadata* at *path* of *store* (no I/O), cached per process."""
     from dask.base import tokenize
+
+    check_safe_codecs(metadata, f"{store_label(store)}: array {path or '/'!r}")
 
     key = (tokenize(store), path, json.dumps(metadata, sort_keys=True, default=str), write_empty_chunks)
     with _cache_lock:
@@ -147,6 +183,7 @@ class _FastPath:
     def __init__(self, meta: dict[str, Any]) -> None:
         import numcodecs
 
+        check_safe_codecs(meta, "fast path")  # numcodecs.get_codec below would build any codec
         self.decoders: list[Any] = []
         if meta.get("zarr_format") == 3:
             grid = meta.get("chunk_grid", {})
