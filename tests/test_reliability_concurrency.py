@@ -73,12 +73,14 @@ def check_read(arr: np.ndarray, r0: int, c0: int, max_version: int) -> dict[str,
     return {"torn": torn, "versions": versions}
 
 
-def reader_loop(path: str, stop: Any, max_version: int, seed: int, min_reads: int = 5) -> dict[str, Any]:
+def reader_loop(path: str, stop: Any, max_version: int, seed: int, min_reads: int = 5, ready: str | None = None) -> dict[str, Any]:
     """Read random regions three ways until *stop()*; return counts (JSON-able)."""
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"reads": 0, "chunks": 0, "torn": 0, "mixed_reads": 0, "versions": [], "typed_errors": [], "other_errors": []}
     seen: set[int] = set()
     with dask_loom.connect(path, "r", validate=False, scheduler="threads") as ds:
+        if ready:
+            open(ready, "w").close()
         while out["reads"] < min_reads or not stop():
             r0 = int(rng.integers(0, SHAPE[0] - 1))
             c0 = int(rng.integers(0, SHAPE[1] - 1))
@@ -126,9 +128,13 @@ sys.path.insert(0, {repo!r})
 from tests.test_reliability_concurrency import reader_loop, writer_loop
 role, path, arg, seed, stop_file = sys.argv[1:6]
 if role == "writer":
+    # Start when the reader processes are reading (interpreter start-up takes seconds here).
+    deadline = time.monotonic() + 60
+    while len([n for n in os.listdir(os.path.dirname(stop_file)) if n.startswith("ready")]) < int(seed) and time.monotonic() < deadline:
+        time.sleep(0.01)
     res = writer_loop(path, int(arg))
 else:
-    res = reader_loop(path, lambda: os.path.exists(stop_file), int(arg), int(seed))
+    res = reader_loop(path, lambda: os.path.exists(stop_file), int(arg), int(seed), ready=os.path.join(os.path.dirname(stop_file), f"ready{{seed}}"))
 print("RESULT " + json.dumps(res), flush=True)
 """
 
@@ -160,7 +166,7 @@ def test_readers_while_writer_writes(tmp_path, kind):
     stop_file = str(tmp_path / "stop")
     # Two reader processes, two reader threads here, one writer process.
     readers = [_child("reader", path, VERSIONS, seed, stop_file) for seed in (1, 2)]
-    writer = _child("writer", path, VERSIONS, 0, stop_file)
+    writer = _child("writer", path, VERSIONS, len(readers), stop_file)  # waits for the reader processes
     done = threading.Event()
     thread_results: list[dict[str, Any]] = []
 
