@@ -45,7 +45,7 @@ def check_name(kind: str, name: Any, where: str | None = None, *, allow_empty: b
     if "/" in name:
         raise InvalidNameError(f"{prefix}{kind} name '{name}' cannot contain a slash (/)")
     if name == "":
-        raise InvalidNameError(f"{prefix}{kind} name must not be empty")
+        raise InvalidNameError(f"{prefix}{kind} name '' is not allowed: names must not be empty")
     try:
         check_key(name)
     except InvalidKeyError as exc:

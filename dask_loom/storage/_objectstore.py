@@ -270,6 +270,11 @@ class ObjectStore(_Base3):
         path = self._path(key)
         return bool(self._retry("exists", key, lambda: fs.isfile(path)))
 
+    def _size(self, key: str) -> int:
+        fs = self._fs()
+        path = self._path(key)
+        return int(self._retry("size", key, lambda: fs.size(path)))
+
     def _set(self, key: str, data: bytes) -> None:
         fs = self._fs()
         path = self._path(key)

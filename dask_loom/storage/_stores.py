@@ -288,6 +288,10 @@ class BaseStore(Store):
             return False
         return True
 
+    def _size(self, key: str) -> int:
+        """Bytes stored under *key* (stores override this to answer without reading the value)."""
+        return len(self._get(key))
+
     # -- async primitives -------------------------------------------------------------
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._blocking_io:
@@ -658,6 +662,12 @@ class MemoryStore(_Base3):
     def _exists(self, key: str) -> bool:
         return key in self._dict
 
+    def _size(self, key: str) -> int:
+        try:
+            return len(self._dict[key])
+        except KeyError:
+            raise self._missing(key) from None
+
     def _set(self, key: str, data: bytes) -> None:
         with self._lock:
             parts = key.split("/")
@@ -792,6 +802,13 @@ class LocalStore(_Base3):
 
     def _exists(self, key: str) -> bool:
         return os.path.isfile(self._fspath(key))
+
+    def _size(self, key: str) -> int:
+        try:
+            st = os.stat(self._fspath(key))
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._missing(key) from None
+        return int(st.st_size)
 
     def _set(self, key: str, data: bytes) -> None:
         p = self._file(key)
@@ -952,6 +969,9 @@ class WrapperStore(_Base3):
         out = self._store._exists(key)
         self._hook("exists", (key,), out)
         return out
+
+    def _size(self, key: str) -> int:
+        return self._store._size(key)
 
     async def _aget(self, key: str, req: Req = None) -> bytes:
         return await self._store._aget(key, req)

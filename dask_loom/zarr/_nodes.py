@@ -76,8 +76,21 @@ def _read_key(store: Any, key: str) -> bytes | None:
     # damaged or hostile store cannot make us allocate more than the cap.
     cap = _metadata_cap()
     if isinstance(store, BaseStore):
+        # A first small read answers ordinary documents in one request; a
+        # longer one is sized first, so a huge document is refused before the
+        # cap's worth of memory is allocated.
+        first = min(cap + 1, 1 << 16)
         try:
-            raw = store._get(key, (0, cap + 1))
+            raw = store._get(key, (0, first))
+            if len(raw) == first:
+                size = store._size(key)
+                if size > cap:
+                    from dask_loom.errors import TooLargeError
+
+                    raise TooLargeError(
+                        f"{store_label(store)}: {key!r} holds {size} bytes, more than the {cap}-byte cap (dask_loom.max-metadata-bytes)"
+                    )
+                raw = store._get(key, (0, cap + 1))
         except MissingKeyError:
             return None
     else:
