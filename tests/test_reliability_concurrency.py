@@ -112,13 +112,16 @@ def reader_loop(path: str, stop: Any, max_version: int, seed: int, min_reads: in
     return out
 
 
-def writer_loop(path: str, versions: int) -> dict[str, Any]:
+def writer_loop(path: str, versions: int, *, atomic: bool = True) -> dict[str, Any]:
     """Write versions 1..*versions*: the whole main matrix by region, then layer ``L`` whole."""
+    import dask
+
     t0 = time.perf_counter()
-    for k in range(1, versions + 1):
-        with dask_loom.connect(path, "r+", validate=False) as ds:
-            ds[:, :] = version(k)
-            ds.layers["L"] = version(k)
+    with dask.config.set({"dask_loom.atomic-writes": atomic}):
+        for k in range(1, versions + 1):
+            with dask_loom.connect(path, "r+", validate=False) as ds:
+                ds[:, :] = version(k)
+                ds.layers["L"] = version(k)
     return {"versions": versions, "seconds": time.perf_counter() - t0}
 
 
@@ -132,7 +135,7 @@ if role == "writer":
     deadline = time.monotonic() + 60
     while len([n for n in os.listdir(os.path.dirname(stop_file)) if n.startswith("ready")]) < int(seed) and time.monotonic() < deadline:
         time.sleep(0.01)
-    res = writer_loop(path, int(arg))
+    res = writer_loop(path, int(arg), atomic=os.environ.get("DASK_LOOM_TEST_IN_PLACE") != "1")
 else:
     res = reader_loop(path, lambda: os.path.exists(stop_file), int(arg), int(seed), ready=os.path.join(os.path.dirname(stop_file), f"ready{{seed}}"))
 print("RESULT " + json.dumps(res), flush=True)
@@ -159,14 +162,18 @@ def _result(p: subprocess.Popen, timeout: float = 120) -> dict[str, Any]:
 VERSIONS = 6
 
 
-@pytest.mark.parametrize("kind", ["loom", "zarr"])
+READER_CASES = {"loom": ".loom", "zarr": ".loom.zarr", "loom-in-place": ".loom, dask_loom.atomic-writes off"}
+
+
+@pytest.mark.parametrize("kind", list(READER_CASES))
 def test_readers_while_writer_writes(tmp_path, kind):
     loom, zpath = make_files(str(tmp_path))
-    path = loom if kind == "loom" else zpath
+    path = zpath if kind == "zarr" else loom
     stop_file = str(tmp_path / "stop")
     # Two reader processes, two reader threads here, one writer process.
     readers = [_child("reader", path, VERSIONS, seed, stop_file) for seed in (1, 2)]
-    writer = _child("writer", path, VERSIONS, len(readers), stop_file)  # waits for the reader processes
+    # waits for the reader processes
+    writer = _child("writer", path, VERSIONS, len(readers), stop_file, env={"DASK_LOOM_TEST_IN_PLACE": "1" if kind == "loom-in-place" else "0"})
     done = threading.Event()
     thread_results: list[dict[str, Any]] = []
 
@@ -201,9 +208,9 @@ def test_readers_while_writer_writes(tmp_path, kind):
     ok = torn == 0 and not other and not unclear and len(seen) > 2
     record(
         "concurrency",
-        f"readers while one writer writes (.{'loom' if kind == 'loom' else 'loom.zarr'})",
+        f"readers while one writer writes ({READER_CASES[kind]})",
         injected=(
-            f"1 writer process writes {VERSIONS} versions (each: the whole main matrix by region, then layer 'L' whole; "
+            f"1 writer process writes {VERSIONS} versions{' in place' if kind == 'loom-in-place' else ' as transactions'} (each: the whole main matrix by region, then layer 'L' whole; "
             f"{wres['seconds']:.1f} s) while 2 reader processes and 2 reader threads read random regions "
             "(ds[a:b, c:d], ds.layers['L'][...], dask graphs)"
         ),
@@ -436,3 +443,49 @@ def test_eight_threads_on_one_connection(tmp_path, kind):
     )
     assert not failures, failures
     assert n_ops[0] == 24
+
+
+HOLD = """
+import sys, time, h5py
+f = h5py.File(sys.argv[1], "r+")  # HDF5's exclusive write lock, as an in-place writer holds it
+print("HELD", flush=True)
+time.sleep(float(sys.argv[2]))
+f.close()
+"""
+
+
+def test_reader_meets_a_foreign_in_place_writer(tmp_path):
+    """Another program holds the file open for writing: readers wait for it, then say the file is being written."""
+    import dask
+
+    from dask_loom.errors import FileBeingWrittenError
+
+    path = str(tmp_path / "h.loom")
+    dask_loom.create(path, version(0), {"Gene": np.arange(SHAPE[0])}, {"CellID": np.arange(SHAPE[1])}, chunks=CHUNKS)
+    outcomes = []
+    for hold, timeout in ((30.0, 0.3), (1.0, 30.0)):
+        p = subprocess.Popen([sys.executable, "-c", HOLD, path, str(hold)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout.readline().strip() == "HELD"
+            t0 = time.perf_counter()
+            with dask.config.set({"dask_loom.write-timeout": timeout}):
+                if timeout < 1:
+                    with pytest.raises(FileBeingWrittenError, match="being written") as err:
+                        dask_loom.connect(path, "r")
+                    assert os.path.basename(path) in str(err.value)
+                    outcomes.append(f"write-timeout {timeout} s: FileBeingWrittenError after {time.perf_counter() - t0:.1f} s")
+                else:
+                    with dask_loom.connect(path, "r") as ds:
+                        np.testing.assert_array_equal(ds[:100, :100], version(0)[:100, :100])
+                    outcomes.append(f"write-timeout {timeout:.0f} s: waited {time.perf_counter() - t0:.1f} s for the {hold:.0f} s write, then read the data")
+        finally:
+            p.kill()
+            p.wait()
+    record(
+        "concurrency",
+        "reader meets a foreign in-place writer (.loom)",
+        injected="another process holds the .loom open with h5py 'r+' (HDF5's exclusive lock) while dask_loom connects and reads",
+        times=2,
+        result="; ".join(outcomes),
+        ok=True,
+    )

@@ -18,7 +18,7 @@ from typing import Any
 import h5py
 
 from dask_loom._config import get_config
-from dask_loom.errors import LoomFormatError, WriteConflictError
+from dask_loom.errors import FileBeingWrittenError, LoomFormatError, WriteConflictError
 from dask_loom.storage import FileSpec
 
 __all__ = [
@@ -173,14 +173,7 @@ def open_h5_read(spec: FileSpec) -> Iterator[h5py.File]:
 def _open_for_read(spec: FileSpec, entry: _Entry) -> h5py.File:
     try:
         if spec.is_local:
-            try:
-                return h5py.File(spec.url, "r")
-            except OSError as exc:
-                # HDF5 refuses a second handle whose locking flag differs from
-                # one already open in this process (a user's h5py/loompy handle).
-                if "locking flag" not in str(exc):
-                    raise
-                return h5py.File(spec.url, "r", locking=False)
+            return _open_local_for_read(spec)
         fs, path = spec.fs()
         entry.fs, entry.fs_path = fs, path
         # h5py's metadata reads (object headers, chunk B-tree nodes) are small and
@@ -188,12 +181,38 @@ def _open_for_read(spec: FileSpec, entry: _Entry) -> h5py.File:
         # read-ahead when opening a remote file and indexing its chunks.
         entry.fobj = fs.open(path, "rb", block_size=2**16, cache_type="blockcache")
         return h5py.File(entry.fobj, "r")
-    except FileNotFoundError:
+    except (FileNotFoundError, FileBeingWrittenError):
         raise
     except OSError as exc:
         if spec.is_local and not os.path.exists(spec.url):
             raise FileNotFoundError(errno.ENOENT, f"File '{spec.url}' not found", spec.url) from None
         raise _not_hdf5(spec, exc) from None
+
+
+def _open_local_for_read(spec: FileSpec) -> h5py.File:
+    # A writer holding HDF5's exclusive lock (an in-place write, or a loompy
+    # "r+" connection) keeps readers out: wait for it with backoff, as writers
+    # wait for each other, then say so (it is no format error).
+    timeout = float(get_config("write-timeout"))
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            return h5py.File(spec.url, "r")
+        except OSError as exc:
+            # HDF5 refuses a second handle whose locking flag differs from
+            # one already open in this process (a user's h5py/loompy handle).
+            if "locking flag" in str(exc):
+                return h5py.File(spec.url, "r", locking=False)
+            if not _is_lock_error(exc):
+                raise
+            if time.monotonic() > deadline:
+                raise FileBeingWrittenError(
+                    f"{spec.name}: the file is being written by another program (it held HDF5's write lock for "
+                    f"{timeout:g} s, dask_loom.write-timeout); read again when the write is done"
+                ) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
 
 def _fd(entry: _Entry) -> int:

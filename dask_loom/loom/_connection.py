@@ -14,7 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dask_loom._config import get_config
-from dask_loom.errors import LoomFormatError, ReadOnlyError
+from dask_loom.errors import FileBeingWrittenError, LoomFormatError, ReadOnlyError
 from dask_loom.loom._attrs import AttributeManager, GlobalAttributeManager
 from dask_loom.loom._common import (
     AXIS_ATTRS,
@@ -178,7 +178,7 @@ class LoomConnection(_Deprecated):
         t = self._tree
         try:
             has = [t.exists(p) for p in ("matrix", "row_attrs", "col_attrs")]
-        except LoomFormatError:
+        except (LoomFormatError, FileBeingWrittenError):
             raise
         except OSError as exc:
             raise LoomFormatError(f"{self.filename}: not a readable Loom file ({exc})") from None
