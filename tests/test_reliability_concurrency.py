@@ -159,7 +159,7 @@ def _result(p: subprocess.Popen, timeout: float = 120) -> dict[str, Any]:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
-VERSIONS = 6
+VERSIONS = 4
 
 
 READER_CASES = {"loom": ".loom", "zarr": ".loom.zarr", "loom-in-place": ".loom, dask_loom.atomic-writes off"}
@@ -299,7 +299,7 @@ from tests.test_reliability_concurrency import two_writers_loop
 print("RESULT " + json.dumps(two_writers_loop(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]))), flush=True)
 """
 
-ROUNDS = 3
+ROUNDS = 2
 
 
 def _matrix(path: str) -> np.ndarray:
