@@ -385,8 +385,11 @@ def test_two_writers_on_one_file(tmp_path, kind):
     )
 
 
-@pytest.mark.parametrize("kind", ["loom", "zarr"])
-def test_eight_threads_on_one_connection(tmp_path, kind):
+REPS = 6
+
+
+@pytest.mark.parametrize("kind", ["loom", "zarr", "loom-cluster"])
+def test_eight_threads_on_one_connection(tmp_path, kind, request):
     rng = np.random.default_rng(7)
     m = (rng.negative_binomial(2, 0.3, size=(1000, 300)) * (rng.random((1000, 300)) < 0.3)).astype("float32")
     path = str(tmp_path / "t.loom")
@@ -403,7 +406,7 @@ def test_eight_threads_on_one_connection(tmp_path, kind):
 
     def work(i: int) -> None:
         try:
-            for rep in range(3):
+            for rep in range(REPS):
                 axis = (i + rep) % 2
                 if (i + rep) % 4 < 2:
                     got = np.zeros_like(m)
@@ -423,26 +426,33 @@ def test_eight_threads_on_one_connection(tmp_path, kind):
             with lock:
                 failures.append(f"thread {i}: {type(exc).__name__}: {exc}"[:500])
 
-    with dask_loom.connect(path, "r", scheduler="threads") as ds:
+    where: dict[str, Any] = {"scheduler": "threads"}
+    if kind == "loom-cluster":
+        where = {"client": request.getfixturevalue("local_cluster")}
+    with dask_loom.connect(path, "r", **where) as ds:
         threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join(300)
         assert not any(t.is_alive() for t in threads), "a thread hung"
-    ext = "loom" if kind == "loom" else "loom.zarr"
+    label = {"loom": ".loom", "zarr": ".loom.zarr", "loom-cluster": ".loom, process cluster"}[kind]
     record(
         "concurrency",
-        f"8 threads on one connection (.{ext})",
-        injected="8 client threads share one connection, each running 3 operations: scans (axis 0 and 1, batch sizes 128-256) and maps ([np.sum, np.mean], axis 0 and 1)",
+        f"8 threads on one connection ({label})",
+        injected=(
+            f"8 client threads share one connection, each running {REPS} operations: scans (axis 0 and 1, batch sizes 128-256) "
+            "and maps ([np.sum, np.mean], axis 0 and 1)"
+            + (" on a 2-worker process LocalCluster" if kind == "loom-cluster" else " on the threaded scheduler")
+        ),
         times=n_ops[0] + len(failures),
-        result=f"{n_ops[0]} of 24 operations equal numpy on the same matrix; {len(failures)} failures",
-        ok=not failures and n_ops[0] == 24,
+        result=f"{n_ops[0]} of {8 * REPS} operations equal numpy on the same matrix; {len(failures)} failures",
+        ok=not failures and n_ops[0] == 8 * REPS,
         operations=n_ops[0],
         failures=len(failures),
     )
     assert not failures, failures
-    assert n_ops[0] == 24
+    assert n_ops[0] == 8 * REPS
 
 
 HOLD = """
