@@ -6,11 +6,14 @@ position: a stored chunk whose values are not all ``BASE + 1000 * k`` for one
 written ``k`` is *torn* (a mix of versions, or bytes from elsewhere).
 Writes are transactions (``dask_loom.atomic-writes``, the default): HDF5
 writes a copy of the file and renames it over the original, Zarr writes a
-hard-linked copy of the store and exchanges the two directories.
+hard-linked copy of the store and exchanges the two directories.  With
+transactions off, an HDF5 writer holds HDF5's exclusive lock and readers wait
+for it (``dask_loom.write-timeout``), then raise ``FileBeingWrittenError``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -35,9 +38,12 @@ CHUNKS = (64, 64)
 STEP = 1000.0
 
 
-def base(shape: tuple[int, int] = SHAPE) -> np.ndarray:
-    i, j = np.indices(shape)
-    return ((i * 7 + j * 13) % 997).astype("float32")
+@functools.cache
+def base() -> np.ndarray:
+    i, j = np.indices(SHAPE)
+    out = ((i * 7 + j * 13) % 997).astype("float32")
+    out.flags.writeable = False  # shared by every check
+    return out
 
 
 def version(k: int) -> np.ndarray:
@@ -153,7 +159,12 @@ def _child(role: str, path: str, arg: int, seed: int, stop_file: str, env: dict[
 
 
 def _result(p: subprocess.Popen, timeout: float = 120) -> dict[str, Any]:
-    out, err = p.communicate(timeout=timeout)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        raise AssertionError(f"a child process hung for {timeout:.0f} s") from None
     lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     assert p.returncode == 0 and lines, f"child failed (rc={p.returncode}):\n{err[-3000:]}"
     return json.loads(lines[-1][len("RESULT ") :])
