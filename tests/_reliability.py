@@ -6,7 +6,7 @@ default ``benchmarks/results/reliability.tmp``, which git ignores), merged
 under a file lock since xdist workers write at once.  The committed table
 comes from a full run::
 
-    DASK_LOOM_KILLS=50 DASK_LOOM_RELIABILITY_JSON=docs/reliability.json \\
+    DASK_LOOM_KILLS=50 DASK_LOOM_FUZZ_EXAMPLES=2000 DASK_LOOM_RELIABILITY_JSON=docs/reliability.json \\
         python -m pytest -n 2 -m reliability tests/
     python tests/_reliability.py docs/reliability.json docs/reliability.md
 """
@@ -163,13 +163,14 @@ REPRO = """
 ## Reproducing
 
 ```
-DASK_LOOM_KILLS=50 DASK_LOOM_RELIABILITY_JSON=docs/reliability.json \\
+DASK_LOOM_KILLS=50 DASK_LOOM_FUZZ_EXAMPLES=2000 DASK_LOOM_RELIABILITY_JSON=docs/reliability.json \\
     python -m pytest -n 2 -p no:randomly -m reliability tests/
 python tests/_reliability.py docs/reliability.json docs/reliability.md
 ```
 
-CI runs the same tests with fewer kills per operation (`DASK_LOOM_KILLS` unset: {ci_kills}) to
-stay within its time budget; the table above comes from a run with the full counts.
+CI runs the same tests with fewer kills per operation (`DASK_LOOM_KILLS` unset: {ci_kills}) and
+fewer fuzzing examples (`DASK_LOOM_FUZZ_EXAMPLES` unset: 150 per property) to stay within its
+time budget; the table above comes from a run with the full counts.
 """
 
 
