@@ -21,7 +21,43 @@ from dask_loom.ops._map import nbytes_of, read_into_buffer
 __all__ = ["aggregate_columns"]
 
 
+def _staged_sums(source: Any, region: tuple[slice, ...], plan: GroupPlan) -> np.ndarray | None:
+    """Group sums of a band from its decoded chunks, without assembling the band (or ``None``).
+
+    The chunks stay in grid layout ``(gi, gj, c0, c1)``; one batched matrix
+    product with the one-hot group matrix cut into chunk-wide pieces replaces
+    the copy into row-major order (a pass over the whole band) and the
+    product.  Columns past the last whole chunk are read and added apart.
+    """
+    read_staged = getattr(source, "read_staged", None)
+    if read_staged is None or np.dtype(source.dtype) not in (np.float32, np.float64):
+        return None
+    rows, cols = region
+    c1 = source.chunk_shape[1]
+    inner = cols.start + (cols.stop - cols.start) // c1 * c1
+    if inner == cols.start:
+        return None
+    staged = read_staged((rows, slice(cols.start, inner)))
+    if staged is None:
+        return None
+    gi, gj, c0, _ = staged.shape
+    oh = plan.onehot(staged.dtype)
+    pieces = oh[cols.start : inner].reshape(gj, c1, plan.n_groups)
+    sums = np.matmul(staged, pieces[None]).sum(axis=1, dtype=np.float64).reshape(gi * c0, plan.n_groups)
+    if inner < cols.stop:  # the staged buffer is reused by the next read: done with it above
+        edge = read_into_buffer(source, (rows, slice(inner, cols.stop)))
+        sums += edge.astype(staged.dtype, copy=False) @ oh[inner : cols.stop]
+    return sums
+
+
 def _band(source: Any, region: tuple[slice, ...], plan: GroupPlan, func: str, select: np.ndarray | None) -> np.ndarray:
+    if select is None and func in ("sum", "mean"):
+        sums = _staged_sums(source, region, plan)
+        if sums is not None:
+            if func == "sum":
+                return sums
+            with np.errstate(invalid="ignore", divide="ignore"):  # an empty group's mean is NaN, as below
+                return sums / plan.counts
     band = read_into_buffer(source, region)
     if select is not None:
         band = band[:, select]
