@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from dask_loom._config import get_config
 from dask_loom.anndata._elems import MatrixMeta
 from dask_loom.anndata._store import AnnStore
-from dask_loom.anndata._zchunks import ZarrChunkReader, chunk_reader
+from dask_loom.anndata._zchunks import ZarrChunkReader, chunk_reader, split_by_chunk
 from dask_loom.errors import AnnDataFormatError, CorruptChunkError
 from dask_loom.hdf5._decode import decode_chunk
 from dask_loom.hdf5._files import read_ranges
@@ -146,17 +146,7 @@ def _h5_ranges(store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarray
         bufs = read_ranges(spec, (lay.offset + starts * isz).tolist(), (lens * isz).tolist())
         return np.frombuffer(bytearray().join(bufs), dtype=dt)
     c = int(lay.chunks[0])  # type: ignore[index]
-    first = starts // c
-    last = (stops - 1) // c
-    counts = last - first + 1
-    if (counts == 1).all():
-        cid, lo, hi = first, starts, stops
-    else:
-        rep = np.repeat(np.arange(len(starts)), counts)
-        step = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        cid = first[rep] + step
-        lo = np.maximum(starts[rep], cid * c)
-        hi = np.minimum(stops[rep], (cid + 1) * c)
+    cid, lo, hi = split_by_chunk(starts, stops, c)
     offsets, sizes, masks = _chunk_offsets(spec, lay, cid[:, None])
     if not lay.filters and (offsets >= 0).all():
         # Unfiltered chunks hold raw bytes: read exactly the elements needed.

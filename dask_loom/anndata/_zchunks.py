@@ -35,10 +35,33 @@ import numpy as np
 from dask_loom._config import get_config
 from dask_loom.errors import CorruptChunkError, StoreError
 
-__all__ = ["STATS", "ChunkLayout", "ZarrChunkReader", "chunk_reader", "forget", "layout_of"]
+__all__ = ["STATS", "ChunkLayout", "ZarrChunkReader", "chunk_reader", "forget", "layout_of", "split_by_chunk"]
 
 # Counters the tests use to prove which path served a read (per process).
 STATS = {"direct_reads": 0, "chunks_decoded": 0, "index_reads": 0, "fallback_arrays": 0}
+
+
+def split_by_chunk(starts: np.ndarray, stops: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut element ranges ``[starts[i], stops[i])`` of a 1-D array at chunk boundaries (chunk size *c*).
+
+    Returns, for every piece in order, its chunk id and its ``[lo, hi)`` in
+    array coordinates (non-empty ranges assumed).
+
+    Examples
+    --------
+    >>> split_by_chunk(np.array([1, 8]), np.array([6, 9]), 4)
+    (array([0, 1, 2]), array([1, 4, 8]), array([4, 6, 9]))
+    """
+    first = starts // c
+    counts = (stops - 1) // c - first + 1
+    if (counts == 1).all():
+        return first, starts, stops
+    rep = np.repeat(np.arange(len(starts)), counts)
+    step = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    cid = first[rep] + step
+    return cid, np.maximum(starts[rep], cid * c), np.minimum(stops[rep], (cid + 1) * c)
+
+
 _stats_lock = threading.Lock()
 
 _EMPTY = np.uint64(2**64 - 1)  # offset and size of an absent inner chunk
@@ -493,16 +516,7 @@ class ZarrChunkReader:
         if not len(starts):
             return np.empty(0, dtype=lay.dtype)
         c = lay.chunks[0]
-        first = starts // c
-        counts = (stops - 1) // c - first + 1
-        if (counts == 1).all():
-            cid, lo, hi = first, starts, stops
-        else:
-            rep = np.repeat(np.arange(len(starts)), counts)
-            step = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-            cid = first[rep] + step
-            lo = np.maximum(starts[rep], cid * c)
-            hi = np.minimum(stops[rep], (cid + 1) * c)
+        cid, lo, hi = split_by_chunk(starts, stops, c)
         uniq, inv = np.unique(cid, return_inverse=True)
         chunks = self.read_chunks(uniq[:, None])
         fill = None
