@@ -19,10 +19,8 @@ import pathlib
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import dask
 import numpy as np
@@ -32,6 +30,7 @@ import yaml
 import dask_loom
 from dask_loom import worker_setup
 from dask_loom.errors import ConfigError
+from tests._processes import free_port, start_scheduler, start_worker, stop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -667,23 +666,6 @@ def test_dask_setup_is_a_click_command():
 # --------------------------------------------------------------------------- the topology, as processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in reversed(procs):
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory):
     """compose.yaml as local processes: `dask scheduler` and two `dask worker` with the preload.
@@ -693,45 +675,22 @@ def topology(tmp_path_factory):
     """
     from distributed import Client
 
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = tmp_path_factory.mktemp("topology-logs")
     files = [open(logs / name, "w") for name in ("scheduler.log", "worker-1.log", "worker-2.log")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_LOOM_")}
     env["DASK_LOOM_BLOCK_SIZE"] = "1MiB"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
-            stdout=files[0],
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    ]
+    procs = [start_scheduler(port, files[0], env=env)]
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                c = Client(address, timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline or procs[0].poll() is not None:
-                    raise
-                time.sleep(0.3)
         for i, extra in enumerate([[], ["--dask-loom-config", "scan-prefetch=3"]], start=1):
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "distributed.cli.dask_worker", address, "--name", f"worker-{i}", "--nthreads", "1",
-                     "--memory-limit", "2GiB", "--host", "127.0.0.1", *PRELOAD, *extra],
-                    stdout=files[i],
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
-            )  # fmt: skip
+            procs.append(start_worker(address, f"worker-{i}", files[i], args=[*PRELOAD, *extra], env=env))
+        c = Client(address, timeout=10)
         c.wait_for_workers(2, timeout=90)
         c.close()
         yield address, logs
     finally:
-        _stop(procs)
+        stop(procs)
         for f in files:
             f.close()
 

@@ -3,68 +3,36 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 import dask_loom
+from tests._processes import free_port, start_scheduler, start_worker, stop
 
 pytestmark = pytest.mark.cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def scheduler_address(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = tmp_path_factory.mktemp("dask-logs")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
-            stdout=open(logs / "scheduler.log", "w"),
-            stderr=subprocess.STDOUT,
-        )
-    ]
+    files = [open(logs / name, "w") for name in ("scheduler.log", "worker0.log", "worker1.log")]
+    procs = [start_scheduler(port, files[0])]
     try:
         from distributed import Client
 
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                c = Client(address, timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-        for i in range(2):
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--nworkers", "1", "--host", "127.0.0.1", "--name", f"w{i}", "--memory-limit", "2GiB"],
-                    stdout=open(logs / f"worker{i}.log", "w"),
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        c.wait_for_workers(2, timeout=60)
-        c.close()
+        procs += [start_worker(address, f"w{i}", files[i + 1]) for i in range(2)]
+        with Client(address, timeout=10) as c:
+            c.wait_for_workers(2, timeout=60)
         yield address
     finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
+        for f in files:
+            f.close()
 
 
 def test_cli_commands_exist():
@@ -120,6 +88,6 @@ def test_unreachable_scheduler_is_a_clear_error(loompy_file):
     from dask_loom.errors import SchedulerError
 
     path, _ = loompy_file
-    port = _free_port()
+    port = free_port()
     with dask.config.set({"dask_loom.connect-timeout": 2}), dask_loom.connect(path, "r") as ds, pytest.raises(SchedulerError, match=f"127.0.0.1:{port}"):
         ds.map([np.sum], scheduler=f"tcp://127.0.0.1:{port}")

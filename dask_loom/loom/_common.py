@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import datetime
 from typing import Any
 
@@ -92,7 +93,7 @@ def is_spec3(version: str) -> bool:
     return spec_at_least(version, "3.0.0")
 
 
-class NamedMapping:
+class NamedMapping(abc.ABC):
     """The read-only mapping protocol of loompy's managers, over an ordered ``_names`` list.
 
     ``keys()`` returns a list (as loompy's managers do), in file order with
@@ -101,8 +102,9 @@ class NamedMapping:
 
     _names: list[str]
 
-    def __getitem__(self, name: Any) -> Any:  # pragma: no cover - defined by each manager
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __getitem__(self, name: Any) -> Any:
+        """The item called *name* (each manager defines what it returns)."""
 
     def keys(self) -> list[str]:
         return list(self._names)
