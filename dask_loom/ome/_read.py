@@ -243,6 +243,19 @@ def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return offsets, data
 
 
+def _check_fits(v: np.ndarray, dtype: np.dtype, where: str) -> None:
+    """Refuse list pixel values the declared pixel type cannot hold (a cast would wrap them silently)."""
+    if not v.size or np.can_cast(v.dtype, dtype, "safe") or dtype.kind == "f":
+        return
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        lo, hi = v.min(), v.max()
+        if lo < info.min or hi > info.max or (v.dtype.kind == "f" and not np.array_equal(v, np.round(v))):
+            raise OMEArrowError(
+                f"{where}: values {lo}..{hi} ({v.dtype}) do not fit the declared pixel type {dtype.name} (pixels_meta.type)"
+            )
+
+
 class _Payload:
     """Pixel data of one record's units, decoded one unit at a time."""
 
@@ -307,6 +320,7 @@ class _Payload:
             v = self.values[self.offsets[i] : self.offsets[i + 1]]
             if v.size != n:
                 raise OMEArrowError(f"{self.label}: {self.what}[{i}].pixels holds {v.size} values, expected {n}")
+            _check_fits(v, fallback, f"{self.label}: {self.what}[{i}].pixels")
             return v.reshape(shape)
         dt = pixel_dtype(self.dtypes[i], what=f"{self.label}: {self.what}[{i}].dtype") if self.dtypes[i] else fallback
         raw = self.data[self.offsets[i] : self.offsets[i + 1]]
@@ -376,6 +390,9 @@ def _units_of(row: pa.StructArray, what: str) -> pa.StructArray | None:
     lst = row.field(what)
     if pa.types.is_null(lst.type) or lst.null_count == len(lst):
         return None
+    t = lst.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+        raise OMEArrowError(f"OME-Arrow record: field {what!r} is {t}, not a list of structs")
     units = lst.flatten()
     return units if len(units) else None
 
@@ -488,7 +505,7 @@ class RecordImage(_Image):
 
     def fetch(self, ids: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
         p = self.payload()
-        dt = self.stored_dtype() if p.binary else np.dtype("uint16")
+        dt = self.stored_dtype()  # list values are checked against it
         for i in ids:
             yield int(i), p.unit(int(i), tuple(int(s) for s in self._index.size[i]), dt)
 
@@ -711,7 +728,7 @@ class ParquetImage(_Image):
 
     def fetch(self, ids: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
         p = self.payload()
-        dt = self.stored_dtype() if p.binary else np.dtype("uint16")
+        dt = self.stored_dtype()  # list values are checked against it
         for i in ids:
             yield int(i), p.unit(int(i), tuple(int(s) for s in self._index.size[i]), dt)
 
@@ -1032,8 +1049,8 @@ def _one_row(arr: pa.Array | pa.ChunkedArray, row: int, chunk_policy: str, label
 
 def _dict_to_array(d: dict[str, Any]) -> pa.StructArray:
     chunks = d.get("chunks") or []
-    first = chunks[0] if chunks else {}
-    typed = OME_ARROW_BYTE_STRUCT if "pixel_bytes" in first else OME_ARROW_STRUCT
+    first = chunks[0] if isinstance(chunks, list) and chunks else {}
+    typed = OME_ARROW_BYTE_STRUCT if isinstance(first, dict) and "pixel_bytes" in first else OME_ARROW_STRUCT
     try:
         return pa.array([d], type=typed)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError):

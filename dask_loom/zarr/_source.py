@@ -69,6 +69,7 @@ def build_array(store: Any, path: str, metadata: dict[str, Any], *, write_empty_
     from dask.base import tokenize
 
     check_safe_codecs(metadata, f"{store_label(store)}: array {path or '/'!r}")
+    _check_sizes(metadata, f"{store_label(store)}: array {path or '/'!r}")
 
     key = (tokenize(store), path, json.dumps(metadata, sort_keys=True, default=str), write_empty_chunks)
     with _cache_lock:
@@ -90,6 +91,21 @@ def build_array(store: Any, path: str, metadata: dict[str, Any], *, write_empty_
             _arrays.pop(next(iter(_arrays)))
         _arrays[key] = arr
     return arr
+
+
+def _check_sizes(metadata: dict[str, Any], where: str) -> None:
+    """Shape and chunk shape must be lists of non-negative integers: JSON ``true``/``false``
+    would pass as 1/0 through Python's ``bool``-is-``int`` and read as another array."""
+    grid = metadata.get("chunk_grid")
+    conf = grid.get("configuration") if isinstance(grid, dict) else None
+    fields = {"shape": metadata.get("shape"), "chunks": metadata.get("chunks")}
+    if isinstance(conf, dict):
+        fields["chunk_grid.configuration.chunk_shape"] = conf.get("chunk_shape")
+    for name, value in fields.items():
+        if value is None and name != "shape":
+            continue
+        if not isinstance(value, (list, tuple)) or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0 for n in value):
+            raise FormatError(f"{where}: invalid metadata: {name} is {value!r}, not a list of non-negative integers")
 
 
 def _check_chunks(arr: Any, store: Any, path: str) -> None:
