@@ -105,3 +105,86 @@ def table(rows: list[tuple[str, dict[str, Any]]], baseline: str) -> str:
     for name, r in rows:
         out.append(f"{name:<44} {r['wall']:>8.2f} {r['peak_rss'] / 2**20:>13.0f} {base / r['wall']:>13.2f}x")
     return "\n".join(out)
+
+
+def run_process(code: str, *, env: dict[str, str] | None = None, timeout: float = 3600) -> dict[str, Any]:
+    """Run ``python -c code`` in a fresh interpreter: whole-process wall time and peak RSS.
+
+    The wall time runs from just before the process is started to its exit,
+    so interpreter start-up, imports, the operation, closing files and
+    shutting down whatever it started are all in it — what a user running a
+    script pays.  Peak RSS is of the whole process tree (dask workers
+    included), sampled every 20 ms.  The code's last line of standard output,
+    if it is JSON, is returned under ``"result"``.
+    """
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **(env or {})}
+    t0 = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, text=True)
+    proc = psutil.Process(p.pid)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, _tree_rss(proc))
+            time.sleep(0.02)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        stop.set()
+        th.join()
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"benchmark process failed ({p.returncode}):\n{err[-4000:]}")
+    result: Any = None
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    if lines:
+        with contextlib.suppress(ValueError):
+            result = json.loads(lines[-1])
+    return {"wall": wall, "peak_rss": peak, "result": result}
+
+
+def cold_and_warm(setup: str, op: str, *, result: str = "None", repeat: int = 1, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Time an operation as users meet it: cold (a fresh process) and warm (a second call).
+
+    *setup* is code run first (imports, inputs; its cost is part of the cold
+    figure), *op* the operation (a statement, may span lines), *result* an
+    expression evaluated after it and printed as JSON (a checksum).  The cold
+    figure is a whole process doing setup, op and exit; the warm figure is
+    the op's second run inside one process, timed by that process.  Medians
+    over *repeat* runs; peak RSS is the largest seen in either.
+    """
+    import textwrap
+
+    setup, op = textwrap.dedent(setup), textwrap.dedent(op)
+    cold_code = f"import json\n{setup}\n{op}\nprint(json.dumps({result}, default=float))\n"
+    warm_code = (
+        f"import json, time\n{setup}\n{op}\n_t0 = time.perf_counter()\n{op}\n_w = time.perf_counter() - _t0\n"
+        f"print(json.dumps({{'warm': _w, 'result': {result}}}, default=float))\n"
+    )
+    colds = [run_process(cold_code, env=env) for _ in range(repeat)]
+    warms = [run_process(warm_code, env=env) for _ in range(repeat)]
+    cw = sorted(c["wall"] for c in colds)
+    ww = sorted(w["result"]["warm"] for w in warms)
+    return {
+        "wall": cw[len(cw) // 2],
+        "cold_walls": cw,
+        "warm": ww[len(ww) // 2],
+        "warm_walls": ww,
+        "peak_rss": max(c["peak_rss"] for c in colds),
+        "peak_rss_warm_process": max(w["peak_rss"] for w in warms),
+        "result": colds[0]["result"],
+    }
+
+
+def relative(path: str) -> str:
+    """A path as results files record it: relative to the repository, never the machine's absolute path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.relpath(os.path.abspath(path), root)

@@ -6,33 +6,52 @@ task graphs on dask's threaded scheduler or a ``dask.distributed`` cluster.
 """
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dask_loom import _config
-from dask_loom.blocks import from_source, plan_blocks
-from dask_loom.loom import (
-    AttributeManager,
-    GlobalAttributeManager,
-    GraphManager,
-    LayerManager,
-    LoomConnection,
-    LoomLayer,
-    LoomValidator,
-    LoomView,
-    MemoryLoomLayer,
-    ViewManager,
-    combine,
-    combine_faster,
-    connect,
-    create,
-    new,
-)
+from dask_loom import _config  # the dask_loom.* defaults and DASK_LOOM_* variables
 
-# The other doors (AnnData collections, Zarr nodes, OME-Arrow) load on first
-# use: `import dask_loom` stays cheap, which matters because xarray imports
-# every installed engine when it lists them.
+if TYPE_CHECKING:
+    from dask_loom.blocks import from_source, plan_blocks
+    from dask_loom.loom import (
+        AttributeManager,
+        GlobalAttributeManager,
+        GraphManager,
+        LayerManager,
+        LoomConnection,
+        LoomLayer,
+        LoomValidator,
+        LoomView,
+        MemoryLoomLayer,
+        ViewManager,
+        combine,
+        combine_faster,
+        connect,
+        create,
+        new,
+    )
+# Everything loads on first use: `import dask_loom` costs little more than
+# `import dask` (dask-loom info and --help never pay for dask.array, zarr,
+# scipy or pyarrow), which also matters because xarray imports every
+# installed engine when it lists them.
+_LOOM = "dask_loom.loom"
 _LAZY = {
+    "AttributeManager": _LOOM,
+    "GlobalAttributeManager": _LOOM,
+    "GraphManager": _LOOM,
+    "LayerManager": _LOOM,
+    "LoomConnection": _LOOM,
+    "LoomLayer": _LOOM,
+    "LoomValidator": _LOOM,
+    "LoomView": _LOOM,
+    "MemoryLoomLayer": _LOOM,
+    "ViewManager": _LOOM,
+    "combine": _LOOM,
+    "combine_faster": _LOOM,
+    "connect": _LOOM,
+    "create": _LOOM,
+    "new": _LOOM,
+    "from_source": "dask_loom.blocks",
+    "plan_blocks": "dask_loom.blocks",
     "MappedCollection": "dask_loom.anndata",
     "MappedIterableDataset": "dask_loom.anndata",
     "convert": "dask_loom.loom._convert",
@@ -68,10 +87,16 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-try:
-    __version__ = version("dask_loom")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dask_loom")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0.0.0"
+
+
+__version__ = _version()
 
 __all__ = (
     "AttributeManager",

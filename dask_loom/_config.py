@@ -26,13 +26,14 @@ DEFAULTS: dict[str, Any] = {
     "scan-prefetch": 2,
     # A scheduler address to use when no distributed Client is active.
     "scheduler": None,
-    # The embedded default: "auto" runs graphs reading more than
-    # embedded-threshold bytes on a process LocalCluster started on demand
-    # (inflating HDF5 chunks scales with processes, not threads), smaller
-    # ones on the threaded scheduler; "threads" or "local" force one.
+    # The embedded default: "auto" runs graphs on a thread pool of our own (chunks
+    # inflate without the GIL, so threads use every core and nothing starts up), or
+    # synchronously inside a dask worker; "threads" always uses the pool; "local"
+    # starts a process LocalCluster on first use (embedded-workers processes).
     "embedded": "auto",
-    "embedded-threshold": "1GiB",
     "embedded-workers": None,
+    # Threads of the embedded pool (None: one per core).
+    "threads": None,
     # Datasets with at most this many chunks get their whole chunk index built
     # once per process; larger ones are indexed block by block inside tasks.
     "index-max-chunks": 1_048_576,

@@ -18,15 +18,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Hashable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import dask.array as da
 import numpy as np
-from dask.array.core import graph_from_arraylike, normalize_chunks
 from dask.base import tokenize
 
 from dask_loom._config import block_size_bytes
 from dask_loom.errors import ChunkAlignmentWarning
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 __all__ = [
     "ChunkSource",
@@ -207,6 +208,9 @@ def align_chunks(
     dtype = np.dtype(dtype)
     if isinstance(chunks, dict):
         chunks = tuple(chunks.get(i, unit[i]) for i in range(len(shape)))
+    # dask.array costs over a second to import: only code that builds arrays pays it.
+    from dask.array.core import normalize_chunks
+
     normal = normalize_chunks(
         chunks,
         shape,
@@ -290,6 +294,9 @@ def from_source(
         plan = align_chunks(chunks, source.shape, source.chunk_shape, dtype, what=getattr(source, "label", "the array"))
     if name is None:
         name = f"{source.prefix}-{tokenize(source, plan)}"
+    import dask.array as da
+    from dask.array.core import graph_from_arraylike
+
     graph = graph_from_arraylike(
         source,
         plan,

@@ -3,19 +3,32 @@
 In order: the ``client=`` or ``scheduler=`` a caller passes; an active
 ``distributed.Client``; an address from ``dask_loom.scheduler`` (or the
 ``DASK_LOOM_SCHEDULER`` environment variable); else the embedded default,
-chosen by ``dask_loom.embedded``: ``"auto"`` (the default: dask's threaded
-scheduler for graphs reading up to ``dask_loom.embedded-threshold``, 1 GiB,
-and a process-based ``LocalCluster``, started on first use and reused, for
-bigger ones), ``"threads"`` or ``"local"``.
+chosen by ``dask_loom.embedded``:
+
+``"auto"`` (the default)
+    dask's threaded scheduler on a pool of this package's own (one thread per
+    core, remade in a forked child, where a parent's pool has no threads), or
+    the synchronous scheduler inside a dask worker, whose own threads are the
+    parallelism.  HDF5 chunks inflate with the GIL released
+    (:mod:`dask_loom.hdf5._inflate`), so threads use every core with no
+    process to start: the first call is as fast as later ones.
+``"threads"``
+    the thread pool, even inside a worker.
+``"local"``
+    a process-based ``LocalCluster``, started on first use and reused; its
+    workers start without re-running the caller's ``__main__``, so a plain
+    script without an ``if __name__ == "__main__":`` guard works.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask
@@ -30,6 +43,7 @@ __all__ = [
     "embedded_client",
     "get_client",
     "resolve_scheduler",
+    "thread_pool",
 ]
 
 _lock = threading.Lock()
@@ -68,8 +82,40 @@ def _connect(address: str) -> Any:
     return c
 
 
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Start child processes without them importing the caller's ``__main__``.
+
+    multiprocessing's spawn and forkserver children re-run the main script
+    (to find functions pickled by reference to it) unless ``__main__`` has
+    neither a module spec nor a file; a script without a main guard would
+    then start a cluster again inside each worker and fail.  Our workers never
+    need the caller's main module (functions defined there travel by value
+    with cloudpickle), so its file is hidden while the workers start.
+    """
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    path = getattr(main, "__file__", None)
+    if main is None or (spec is None and path is None):
+        yield
+        return
+    main.__spec__ = None
+    with contextlib.suppress(AttributeError):
+        del main.__file__
+    try:
+        yield
+    finally:
+        main.__spec__ = spec
+        if path is not None:
+            main.__file__ = path
+
+
 def embedded_client(*, n_workers: int | None = None) -> Any:
-    """The embedded process-based LocalCluster's client (started on first use)."""
+    """The embedded process-based LocalCluster's client (started on first use).
+
+    Used when ``dask_loom.embedded`` is ``"local"`` or a call asks for
+    ``scheduler="local"``.  Works from plain scripts without a main guard.
+    """
     global _embedded
     with _lock:
         if _embedded is not None and _embedded.status == "running":
@@ -77,12 +123,13 @@ def embedded_client(*, n_workers: int | None = None) -> Any:
     from distributed import Client, LocalCluster
 
     n = n_workers or get_config("embedded-workers")
-    cluster = LocalCluster(
-        n_workers=n,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",
-    )
+    with _main_hidden():
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+        )
     client = Client(cluster, set_as_default=False)
     with _lock:
         _embedded = client
@@ -119,10 +166,8 @@ def resolve_scheduler(scheduler: Any = None, client: Any = None, *, nbytes: int 
     client
         A ``distributed.Client`` (takes precedence).
     nbytes
-        How much data the graph reads, when known.  With
-        ``dask_loom.embedded = "auto"`` (the default) graphs over more than
-        ``dask_loom.embedded-threshold`` bytes run on the embedded
-        LocalCluster, smaller ones on the threaded scheduler.
+        How much data the graph reads, when known (kept for callers; the
+        embedded default no longer depends on it).
 
     Examples
     --------
@@ -156,18 +201,48 @@ def resolve_scheduler(scheduler: Any = None, client: Any = None, *, nbytes: int 
     mode = get_config("embedded")
     if mode == "local":
         return embedded_client()
-    if mode == "auto" and nbytes is not None and nbytes > _threshold():
-        # Inflating small chunks holds the GIL for most of its time, so big
-        # reads scale with processes, not threads (benchmarks/bench_loom_map.py).
-        return embedded_client()
+    if mode not in ("auto", "threads"):
+        raise ValueError(f"dask_loom.embedded must be 'auto', 'threads' or 'local', not {mode!r}")
+    if mode == "auto" and _in_worker():
+        return "sync"
     return "threads"
 
 
-def _threshold() -> int:
-    from dask.utils import parse_bytes
+def _in_worker() -> bool:
+    """Whether this thread runs a task of a ``dask.distributed`` worker."""
+    if "distributed" not in sys.modules:  # never import distributed just to ask
+        return False
+    from distributed.worker import get_worker
 
-    v = get_config("embedded-threshold")
-    return parse_bytes(v) if isinstance(v, str) else int(v)
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_pid: int | None = None
+
+
+def thread_pool() -> ThreadPoolExecutor:
+    """This process's pool for the threaded scheduler (one thread per core).
+
+    dask's own default pool survives a ``fork`` as an object whose threads
+    are gone, so a forked child (a torch DataLoader worker) that computes
+    would wait forever; this pool is remade in each process.
+    """
+    global _pool, _pool_pid
+    with _lock:
+        if _pool is None or _pool_pid != os.getpid():
+            n = get_config("threads") or os.cpu_count() or 1
+            _pool = ThreadPoolExecutor(max_workers=int(n), thread_name_prefix="dask-loom")
+            _pool_pid = os.getpid()
+        return _pool
+
+
+def _in_pool() -> bool:
+    return threading.current_thread().name.startswith("dask-loom_")
 
 
 def get_client(scheduler: Any = None, client: Any = None) -> Any:
@@ -236,5 +311,12 @@ def compute(
         if progress:
             _distributed_progress(futures, target)
         return tuple(target.gather(futures))
+    if target in ("threads", "threading") and "pool" not in kwargs:
+        if _in_pool():
+            # A graph computed from inside one of the pool's tasks would wait
+            # for threads that are all busy waiting: run it in this thread.
+            target = "sync"
+        else:
+            kwargs["pool"] = thread_pool()
     with _progress(progress, target):
         return dask.compute(*collections, scheduler=target, **kwargs)

@@ -8,17 +8,22 @@ fallback for streams libdeflate rejects.
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import deflate
 import numpy as np
-from numcodecs.fletcher32 import Fletcher32
 
 from dask_loom.errors import CorruptChunkError
 from dask_loom.hdf5._layout import DEFLATE, FLETCHER32, SHUFFLE
 
 __all__ = ["decode_chunk"]
 
-_FLETCHER = Fletcher32()
+
+def _fletcher32() -> Any:
+    # numcodecs is imported on the first checksummed chunk, not with the package.
+    from numcodecs.fletcher32 import Fletcher32
+
+    return Fletcher32()
 
 
 def decode_chunk(
@@ -56,7 +61,7 @@ def decode_chunk(
                 data = head + bytes(b[n * itemsize :])
         elif fid == FLETCHER32:
             try:
-                data = _FLETCHER.decode(data)
+                data = _fletcher32().decode(data)
             except RuntimeError as exc:
                 raise CorruptChunkError(f"{where}: a chunk fails its Fletcher-32 checksum ({exc})") from None
         else:  # pragma: no cover - guarded by DatasetLayout.fast

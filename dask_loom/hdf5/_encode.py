@@ -15,13 +15,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from numcodecs.fletcher32 import Fletcher32
 
 from dask_loom.hdf5._layout import DEFLATE, FLETCHER32, SHUFFLE
 
 __all__ = ["ChunkEncoder", "encode_chunk"]
 
-_FLETCHER = Fletcher32()
+
+
+def _fletcher32() -> Any:
+    # numcodecs is imported on the first checksummed chunk, not with the package.
+    from numcodecs.fletcher32 import Fletcher32
+
+    return Fletcher32()
 
 
 def encode_chunk(data: np.ndarray, filters: tuple[tuple[int, int, tuple[int, ...]], ...]) -> bytes:
@@ -36,7 +41,7 @@ def encode_chunk(data: np.ndarray, filters: tuple[tuple[int, int, tuple[int, ...
         elif fid == DEFLATE:
             out = zlib.compress(out, int(values[0]) if values else 6)
         elif fid == FLETCHER32:
-            out = bytes(_FLETCHER.encode(out))
+            out = bytes(_fletcher32().encode(out))
         else:
             raise ValueError(f"HDF5 filter {fid} cannot be encoded outside h5py")
     return out

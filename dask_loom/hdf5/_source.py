@@ -15,13 +15,13 @@ import threading
 import time
 from typing import Any
 
-import deflate
 import numpy as np
 
 from dask_loom.blocks import from_source
 from dask_loom.errors import CorruptChunkError, FileBeingWrittenError
 from dask_loom.hdf5._decode import decode_chunk
 from dask_loom.hdf5._files import cached_entry, open_h5_read, read_ranges
+from dask_loom.hdf5._inflate import inflate_into
 from dask_loom.hdf5._layout import (
     DEFLATE,
     ChunkIndex,
@@ -202,24 +202,24 @@ class HDF5Source:
         c_hi = [-(-r.stop // c) for r, c in zip(region, chunks)]
         grid = [b - a for a, b in zip(c_lo, c_hi)]
         coords = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(c_lo, c_hi)], indexing="ij"), axis=-1).reshape(-1, ndim)
-        nbytes = math.prod(chunks) * dt.itemsize
-        idx, parts = self._read_consistent(coords, nbytes, dt.itemsize)
+        n_el = math.prod(chunks)
+        # Chunks decode straight into their slots of a reused per-thread
+        # buffer: fresh memory costs page faults on every block on this kind
+        # of machine, and no per-chunk bytes object or concatenation is made.
+        flat = _staging(len(coords) * n_el, dt)
+        idx = self._read_consistent(coords, flat, n_el * dt.itemsize, dt.itemsize)
         if len(idx) < len(coords):
-            fill = np.full(math.prod(chunks), lay.fillvalue, dtype=dt).tobytes()
-            full: list[Any] = [fill] * len(coords)
-            for k, part in zip(idx.tolist(), parts):
-                full[k] = part
-            parts = full
-        # One C-level concatenate into a reused per-thread buffer: fresh
-        # memory costs page faults on every block on this kind of machine.
-        flat = _staging(len(parts) * math.prod(chunks), dt)
-        np.concatenate([np.frombuffer(p, dtype=dt) for p in parts], out=flat)
+            missing = np.ones(len(coords), dtype=bool)
+            missing[idx] = False
+            flat.reshape(len(coords), n_el)[missing] = lay.fillvalue
         with _stats_lock:
             STATS["fast_blocks"] += 1
         return flat.reshape(*grid, *chunks), c_lo
 
-    def _read_consistent(self, coords: np.ndarray, nbytes: int, itemsize: int) -> tuple[np.ndarray, list[Any]]:
-        """Chunk offsets and chunk bytes taken from one and the same version of the file.
+    def _read_consistent(self, coords: np.ndarray, flat: np.ndarray, nbytes: int, itemsize: int) -> np.ndarray:
+        """Decode the chunks at *coords* into their slots of *flat*; return the indices of those stored.
+
+        Chunk offsets and chunk bytes are taken from one and the same version of the file.
 
         A writer replaces the file by a rename (a new inode): offsets looked up
         in the old file and read from the new one would decode to garbage or,
@@ -236,13 +236,13 @@ class HDF5Source:
                 offsets, sizes, masks = _chunk_offsets(self.spec, lay, coords, entry)
                 idx = np.flatnonzero(offsets >= 0)
                 raws = read_ranges(self.spec, offsets[idx].tolist(), sizes[idx].tolist(), entry=entry)
-                parts = self._decode_all(raws, masks[idx], nbytes, itemsize)
+                self._decode_into(raws, masks[idx], idx, flat, nbytes, itemsize)
             except Exception:
                 if file_identity(self.spec) == entry.identity:
                     raise
             else:
                 if file_identity(self.spec) == entry.identity:
-                    return idx, parts
+                    return idx
             time.sleep(min(0.001 * 2**attempt, 0.1))
         raise FileBeingWrittenError(
             f"{self.label}: the file was replaced {attempts} times while a block was read (it is being written); read again later"
@@ -282,21 +282,20 @@ class HDF5Source:
         out[...] = staged[src]
         return out
 
-    def _decode_all(self, raws: list[Any], masks: np.ndarray, nbytes: int, itemsize: int) -> list[Any]:
+    def _decode_into(
+        self, raws: list[Any], masks: np.ndarray, slots: np.ndarray, flat: np.ndarray, nbytes: int, itemsize: int
+    ) -> None:
         filters = self.layout.filters
-        if not filters:
-            return raws
         where = self.label
         if len(filters) == 1 and filters[0][0] == DEFLATE and not masks.any():
-            inflate = deflate.zlib_decompress
-            try:
-                parts = [inflate(raw, nbytes) for raw in raws]
-            except deflate.DeflateError:
-                parts = [decode_chunk(raw, filters, 0, nbytes, itemsize, where=where) for raw in raws]
-            if any(len(p) != nbytes for p in parts):
-                raise CorruptChunkError(f"{where}: a chunk decoded to the wrong size (expected {nbytes} bytes)")
-            return parts
-        return [decode_chunk(raw, filters, int(m), nbytes, itemsize, where=where) for raw, m in zip(raws, masks.tolist())]
+            inflate_into(raws, flat, nbytes, slots=slots.tolist(), where=where)
+            return
+        out = flat.view(np.uint8).reshape(-1, nbytes)
+        for raw, m, s in zip(raws, masks.tolist(), slots.tolist()):
+            data = decode_chunk(raw, filters, int(m), nbytes, itemsize, where=where) if filters else raw
+            if len(data) != nbytes:
+                raise CorruptChunkError(f"{where}: a chunk holds {len(data)} bytes, expected {nbytes}")
+            out[s] = np.frombuffer(data, np.uint8)
 
 
 def hdf5_to_dask(

@@ -1,6 +1,5 @@
 """The loompy API over chunk-aligned task graphs."""
 
-from dask_loom.loom import _zarrtree  # noqa: F401  (registers .loom.zarr containers)
 from dask_loom.loom._attrs import AttributeManager, GlobalAttributeManager
 from dask_loom.loom._connection import LoomConnection, connect
 from dask_loom.loom._create import create, new

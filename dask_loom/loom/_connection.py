@@ -8,10 +8,9 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from dask_loom._config import get_config
 from dask_loom.errors import FileBeingWrittenError, LoomFormatError, ReadOnlyError
@@ -28,22 +27,23 @@ from dask_loom.loom._common import (
 from dask_loom.loom._graphs import GraphManager
 from dask_loom.loom._layers import LayerManager
 from dask_loom.loom._store import put_attr, put_global, put_graph, touch
-from dask_loom.loom._tree import Tree
+from dask_loom.loom._tree import Tree, is_zarr_spec
 from dask_loom.loom._values import materialize
 from dask_loom.loom._view import ViewManager
 from dask_loom.storage import FileSpec
 
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
 __all__ = ["LoomConnection", "connect", "open_tree"]
 
-# Openers for container kinds other than HDF5, tried first: (predicate, factory).
-TREE_OPENERS: list[tuple[Callable[[FileSpec], bool], Callable[..., Tree]]] = []
-
-
 def open_tree(spec: FileSpec, *, mode: str = "r") -> Tree:
-    """The :class:`Tree` for a container: a registered opener, else HDF5."""
-    for matches, factory in TREE_OPENERS:
-        if matches(spec):
-            return factory(spec, mode=mode)
+    """The :class:`Tree` for a container: a Zarr group (``.loom.zarr``), else HDF5."""
+    if is_zarr_spec(spec):
+        # Imported here: zarr costs half a second that an HDF5 user never needs.
+        from dask_loom.loom._zarrtree import ZarrTree
+
+        return ZarrTree(spec, mode=mode)
     from dask_loom.loom._tree import HDF5Tree
 
     return HDF5Tree(spec)
@@ -78,6 +78,8 @@ class _Deprecated:
         return g.row, g.col, g.data
 
     def set_edges(self, name: str, a: np.ndarray, b: np.ndarray, w: np.ndarray, *, axis: int) -> None:
+        import scipy.sparse as sp
+
         _deprecated("set_edges", "ds.row_graphs[name] = graph or ds.col_graphs[name] = graph")
         n = self.shape[axis]  # type: ignore[attr-defined]
         (self.row_graphs if axis == 0 else self.col_graphs)[name] = sp.coo_matrix((w, (a, b)), shape=(n, n))  # type: ignore[attr-defined]
@@ -455,6 +457,8 @@ class LoomConnection(_Deprecated):
         return names
 
     def _read_graph(self, axis: int, name: str) -> sp.coo_matrix:
+        import scipy.sparse as sp
+
         n = self._shape[axis]
         for group in (AXIS_GRAPHS[axis], LEGACY_GRAPHS[axis]):
             path = f"{group}/{name}"

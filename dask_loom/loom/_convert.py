@@ -91,7 +91,7 @@ def convert(
         graphs = [{k: ds.row_graphs[k] for k in names["row_graphs"]}, {k: ds.col_graphs[k] for k in names["col_graphs"]}]
         kw = {"scheduler": scheduler, "client": client}
         from dask_loom._config import get_config
-        from dask_loom.loom._zarrtree import is_zarr_spec
+        from dask_loom.loom._tree import is_zarr_spec
 
         default_chunks = get_config("loom-zarr-chunks") if is_zarr_spec(dst_spec) else get_config("loom-chunks")
         with creating(dst_spec) as w:

@@ -12,22 +12,24 @@ import os
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
+from dask_loom._lazy import issparse
 from dask_loom.loom._common import check_name
-from dask_loom.loom._connection import TREE_OPENERS, LoomConnection
+from dask_loom.loom._connection import LoomConnection
 from dask_loom.loom._layers import as_layer_dict
 from dask_loom.loom._store import init_layout, put_attr
+from dask_loom.loom._tree import is_zarr_spec
 from dask_loom.storage import FileSpec
 
 __all__ = ["create", "creating", "new"]
 
 
 def creating(spec: FileSpec) -> contextlib.AbstractContextManager[Any]:
-    """A writer for a brand-new container at *spec* (HDF5 unless an opener claims it)."""
-    for matches, factory in TREE_OPENERS:
-        if matches(spec):
-            return factory.creating(spec)  # type: ignore[attr-defined]
+    """A writer for a brand-new container at *spec*: a Zarr group for ``*.zarr``, else HDF5."""
+    if is_zarr_spec(spec):
+        from dask_loom.loom._zarrtree import ZarrTree
+
+        return ZarrTree.creating(spec)
     from dask_loom.loom._tree import HDF5Tree
 
     return HDF5Tree.creating(spec)
@@ -138,7 +140,7 @@ def create(
         check_dtype(v.dtype, f"{filename}: layer '{k}'")
     for axis, attrs in ((0, ra), (1, ca)):
         for k, v in attrs.items():
-            n = 1 if np.isscalar(v) else len(np.ravel(v.toarray()) if sp.issparse(v) else v)
+            n = 1 if np.isscalar(v) else len(np.ravel(v.toarray()) if issparse(v) else v)
             if n != shape[axis]:
                 kind = "Row" if axis == 0 else "Column"
                 raise ValueError(f"{kind} attribute '{k}' must have exactly {shape[axis]} values but {n} were given")
@@ -154,4 +156,4 @@ def create(
             fill_layer(ctx, w, path, v, where=f"{filename}: layer '{k}'", dtype=v.dtype, chunks=chunks)
         for axis, attrs in ((0, ra), (1, ca)):
             for k, v in attrs.items():
-                put_attr(w, axis, k, v.toarray().ravel() if sp.issparse(v) else v, n=shape[axis])
+                put_attr(w, axis, k, v.toarray().ravel() if issparse(v) else v, n=shape[axis])

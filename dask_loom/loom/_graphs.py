@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from dask_loom.loom._common import NamedMapping, check_name
 
 if TYPE_CHECKING:
+    import scipy.sparse as sp
+
     from dask_loom.loom._connection import LoomConnection
 
 __all__ = ["GraphManager", "slice_graph"]
@@ -101,6 +102,8 @@ class GraphManager(NamedMapping):
             raise AttributeError(f"'{name}' not found") from None
 
     def __setitem__(self, name: str, value: Any) -> None:
+        import scipy.sparse as sp
+
         check_name("Graph", name, self.ds.filename if self.ds is not None else None)
         g = sp.coo_matrix(value)
         n = self._size()

@@ -6,10 +6,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from dask_loom._indexing import normalize_key
+from dask_loom._lazy import issparse
 from dask_loom.loom._common import NamedMapping, check_name
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -143,6 +146,8 @@ class MemoryLoomLayer:
         self.values[key] = value
 
     def sparse(self, rows: Any = None, cols: Any = None) -> sp.coo_matrix:
+        import scipy.sparse as sp
+
         m = self.values
         if rows is not None:
             m = m[rows, :]
@@ -252,7 +257,7 @@ def as_layer_dict(layers: Any) -> dict[str, Any]:
             v = v.values
         elif isinstance(v, LoomLayer):
             v = v.to_dask()
-        elif not (sp.issparse(v) or hasattr(v, "dask")):
+        elif not (issparse(v) or hasattr(v, "dask")):
             v = np.asarray(v)
         out[k] = v
     return out

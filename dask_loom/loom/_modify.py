@@ -16,8 +16,8 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
+from dask_loom._lazy import issparse
 from dask_loom.blocks import block_regions, plan_blocks
 from dask_loom.cluster import compute
 from dask_loom.loom._common import AXIS_ATTRS, AXIS_GRAPHS
@@ -226,7 +226,7 @@ def _write_columns(ds: Any, w: Any, path: str, start: int, batches: Iterable[np.
             buffered = data.shape[1] - whole
 
     for b in batches:
-        b = b.toarray() if sp.issparse(b) else np.asarray(b)
+        b = b.toarray() if issparse(b) else np.asarray(b)
         pending.append(b)
         buffered += b.shape[1]
         if buffered >= cw * 64:
@@ -344,7 +344,7 @@ def add_columns(ds: LoomConnection, layers: Any, col_attrs: dict[str, Any], *, r
     """Append columns (all layers at once) and their attributes, all-or-nothing."""
     ds._check_writable()
     # Appended columns are held in memory, as in loompy (dask input is computed here).
-    lay = {k: v if sp.issparse(v) else np.asarray(v) for k, v in as_layer_dict(layers).items()}
+    lay = {k: v if issparse(v) else np.asarray(v) for k, v in as_layer_dict(layers).items()}
     where = ds.filename
     if "" not in lay and ds.shape == (0, 0):
         raise ValueError(f"{where}: the main matrix (layer '') must be supplied")
@@ -392,6 +392,8 @@ def add_loom(
     loompy).  With *include_graphs*, column graphs present in both files are
     joined block-diagonally (loompy raises a shape error).
     """
+    import scipy.sparse as sp
+
     from dask_loom.loom._connection import connect
 
     ds._check_writable()

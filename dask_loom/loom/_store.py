@@ -7,13 +7,15 @@ inside a single transaction.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from dask_loom.loom._common import AXIS_ATTRS, AXIS_GRAPHS, check_name, timestamp
 from dask_loom.loom._values import normalize_for_write
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = [
     "LOOM_SPEC_VERSION",
@@ -104,6 +106,8 @@ def put_global(w: Any, name: str, value: Any, *, in_group: bool) -> None:
 
 def put_graph(w: Any, axis: int, name: str, g: Any, *, stamp: bool = True) -> None:
     """Write a graph as ``a``, ``b`` (int32) and ``w`` (float) vectors."""
+    import scipy.sparse as sp
+
     check_name("Graph", name, _label(w))
     g = sp.coo_matrix(g)
     group = AXIS_GRAPHS[axis]

@@ -10,6 +10,7 @@ HDF5 holds the file open for writing only for the duration of the block.
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from dask_loom.hdf5 import HDF5Source, dataset_layout, open_h5_read, open_h5_wri
 from dask_loom.hdf5._encode import ChunkEncoder
 from dask_loom.storage import FileSpec
 
-__all__ = ["ArrayInfo", "HDF5Tree", "Tree", "TreeWriter"]
+__all__ = ["ArrayInfo", "HDF5Tree", "Tree", "TreeWriter", "is_zarr_spec"]
 
 
 @dataclass(frozen=True)
@@ -385,3 +386,19 @@ class HDF5Writer(_H5Reads, TreeWriter):
 
     def flush(self) -> None:
         self.f.flush()
+
+
+def is_zarr_spec(spec: FileSpec) -> bool:
+    """True for ``*.zarr`` paths/URLs and for directories (or prefixes) holding Zarr metadata."""
+    url = spec.url.rstrip("/")
+    if url.endswith(".zarr"):
+        return True
+    if url.endswith((".loom", ".h5", ".hdf5")):
+        return False
+    if spec.is_local:
+        return os.path.isdir(url) and any(os.path.exists(os.path.join(url, n)) for n in ("zarr.json", ".zgroup"))
+    try:
+        fs, path = spec.fs()
+        return any(fs.exists(f"{path}/{n}") for n in ("zarr.json", ".zgroup"))
+    except Exception:
+        return False

@@ -13,7 +13,8 @@ import re
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
+
+from dask_loom._lazy import issparse
 
 __all__ = ["decode_strings", "materialize", "normalize_for_write", "spec_at_least"]
 
@@ -82,7 +83,7 @@ def normalize_for_write(values: Any, name: str = "", *, spec3: bool = True) -> t
     and mixed objects become ``object`` arrays of ``str`` (N-D string arrays keep
     their shape, unlike loompy).
     """
-    if sp.issparse(values):
+    if issparse(values):
         values = values.toarray()
     if isinstance(values, np.matrix):
         values = np.asarray(values)

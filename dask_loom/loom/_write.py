@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from dask_loom._config import get_config
 from dask_loom._indexing import normalize_key
+from dask_loom._lazy import issparse
 from dask_loom.blocks import block_regions, plan_blocks, selection_bands
 from dask_loom.loom._common import check_name
 
@@ -52,14 +52,14 @@ def check_dtype(dtype: Any, where: str) -> np.dtype:
 
 def check_values(block: Any, where: str) -> None:
     """Refuse NaN and Inf (the Loom spec forbids them in matrices)."""
-    data = block.data if sp.issparse(block) else np.asarray(block)
+    data = block.data if issparse(block) else np.asarray(block)
     if data.dtype.kind == "f" and not np.isfinite(data).all():
         raise ValueError(f"{where}: INF and NaN not allowed in loom matrix")
 
 
 def encode_checked(encoder: Any, region: tuple[slice, ...], block: Any, where: str, dtype: Any) -> Any:
     """Task body: check one block, cast it to the layer dtype, encode it."""
-    if sp.issparse(block):
+    if issparse(block):
         block = block.toarray()
     block = np.asarray(block)
     check_values(block, where)
@@ -87,7 +87,7 @@ def dense_blocks(value: Any, shape: tuple[int, ...], chunks: tuple[int, ...], it
     bands for CSR (row slices of CSR are cheap), full-height column bands for
     CSC; other sparse formats are converted to CSR first.
     """
-    if sp.issparse(value):
+    if issparse(value):
         if value.format not in ("csr", "csc"):
             value = value.tocsr()
         axis = 0 if value.format == "csr" else 1
@@ -147,7 +147,7 @@ def _prepare(ds: LoomConnection, name: str, value: Any) -> tuple[Any, tuple[int,
         if 0 in ds.shape:
             raise ValueError(f"{where}: cannot create an empty layer in a file without a main matrix")
         return None, ds.shape, dt
-    if not (sp.issparse(value) or hasattr(value, "dask")):
+    if not (issparse(value) or hasattr(value, "dask")):
         value = np.asarray(value)
     if value.ndim != 2:
         raise ValueError(f"{where}: a layer must be 2-D, got shape {value.shape}")

@@ -49,7 +49,7 @@ from dask_loom.storage._stores import _TMP_MARK, BaseStore, LocalStore, check_pr
 from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
 from dask_loom.zarr._source import ZarrSource, _numpy_dtype, build_array
 
-__all__ = ["ZarrTree", "ZarrWriter", "is_zarr_spec"]
+__all__ = ["ZarrTree", "ZarrWriter"]
 
 _ROOT_META = {"zarr_format": 3, "node_type": "group", "attributes": {}}
 
@@ -175,22 +175,6 @@ class _ZarrReads:
         if m is None:
             return {}
         return dict(m[1].get("attributes") or {})
-
-
-def is_zarr_spec(spec: FileSpec) -> bool:
-    """True for ``*.zarr`` paths/URLs and for directories (or prefixes) holding Zarr metadata."""
-    url = spec.url.rstrip("/")
-    if url.endswith(".zarr"):
-        return True
-    if url.endswith((".loom", ".h5", ".hdf5")):
-        return False
-    if spec.is_local:
-        return os.path.isdir(url) and any(os.path.exists(os.path.join(url, n)) for n in ("zarr.json", ".zgroup"))
-    try:
-        fs, path = spec.fs()
-        return any(fs.exists(f"{path}/{n}") for n in ("zarr.json", ".zgroup"))
-    except Exception:
-        return False
 
 
 class ZarrTree(_ZarrReads, Tree):
@@ -550,12 +534,3 @@ class ZarrWriter(_ZarrReads, TreeWriter):
         if payload:
             raise ValueError(f"{self.label}: unexpected chunk payload for '{path}'")
 
-
-def _register() -> None:
-    from dask_loom.loom._connection import TREE_OPENERS
-
-    if not any(factory is ZarrTree for _, factory in TREE_OPENERS):
-        TREE_OPENERS.insert(0, (is_zarr_spec, ZarrTree))
-
-
-_register()

@@ -9,7 +9,7 @@ from typing import Any
 
 import dask
 
-from dask_loom.cluster import resolve_scheduler
+from dask_loom.cluster import compute, resolve_scheduler
 
 __all__ = ["prefetched"]
 
@@ -56,7 +56,7 @@ def prefetched(
         # The read-ahead threads are the parallelism: each job runs in its
         # thread (no nested thread pool per job).
         sched = target if isinstance(target, str) and target not in ("threads", "threading") else "sync"
-        return dask.compute(build(job), scheduler=sched if depth else local_scheduler)[0]
+        return compute(build(job), scheduler=sched if depth else local_scheduler)[0]
 
     if depth == 0:
         for job in it:

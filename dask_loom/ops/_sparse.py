@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from dask_loom._indexing import normalize_key
 from dask_loom.cluster import compute
 from dask_loom.ops._map import interior_split, nbytes_of, read_into_buffer
 from dask_loom.ops._select import selection_tasks
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 __all__ = ["sparse"]
 
@@ -104,6 +106,8 @@ def sparse(
         vals_out[pos : pos + k] = v
         pos += k
         del r, c, v
+    import scipy.sparse as sp
+
     m = sp.coo_matrix((vals_out, (rows_out, cols_out)), shape=out_shape, copy=False)
     if any(s.kind == "array" and (len(s.inverse) != len(s.unique) or np.any(np.diff(s.inverse) < 0)) for s in sels):
         csr = m.tocsr()
