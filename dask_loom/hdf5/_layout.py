@@ -134,21 +134,19 @@ def full_index(ds: h5py.Dataset, layout: DatasetLayout) -> ChunkIndex:
     masks = np.zeros(n, dtype=np.uint32)
     chunks = np.asarray(layout.chunks, dtype=np.int64)
     strides = np.cumprod((1, *grid[::-1]))[:-1][::-1]
-    pos: list[int] = []
-    off: list[int] = []
-    siz: list[int] = []
-    msk: list[int] = []
+    entries: list[tuple[tuple[int, ...], int, int, int]] = []
+    add = entries.append
 
     def visit(info: Any) -> None:
-        pos.append(int(np.dot(np.asarray(info.chunk_offset) // chunks, strides)))
-        off.append(info.byte_offset)
-        siz.append(info.size)
-        msk.append(info.filter_mask)
+        # The callback runs once per chunk under h5py's lock: keep it to one append
+        # (positions are computed for all chunks at once afterwards).
+        add((info.chunk_offset, info.byte_offset, info.size, info.filter_mask))
 
     if n:
         ds.id.chunk_iter(visit)
-    if pos:
-        p = np.asarray(pos, dtype=np.int64)
+    if entries:
+        where, off, siz, msk = zip(*entries)
+        p = (np.asarray(where, dtype=np.int64).reshape(len(entries), -1) // chunks) @ strides
         offsets[p] = off
         sizes[p] = siz
         masks[p] = msk
