@@ -26,6 +26,7 @@ import pandas as pd
 
 from dask_loom.anndata._store import AnnStore, attr, child, is_group, keys_of, to_str_array
 from dask_loom.errors import AnnDataFormatError
+from dask_loom.hdf5._files import reading_values
 
 __all__ = [
     "Column",
@@ -70,9 +71,10 @@ def encoding_of(node: Any) -> str:
 def read_array(node: Any) -> np.ndarray:
     """A whole array, strings decoded to ``str``."""
     if isinstance(node, h5py.Dataset):
-        if h5py.check_string_dtype(node.dtype) is not None:
-            return np.asarray(node.asstr()[()], dtype=object)
-        return to_str_array(node[()])
+        with reading_values():
+            if h5py.check_string_dtype(node.dtype) is not None:
+                return np.asarray(node.asstr()[()], dtype=object)
+            return to_str_array(node[()])
     return to_str_array(node[...])
 
 

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from dask_loom.errors import AnnDataFormatError
-from dask_loom.hdf5._files import open_h5_read
+from dask_loom.hdf5._files import open_h5_read, reading_values
 from dask_loom.storage import FileSpec
 
 __all__ = ["AnnStore", "attr", "child", "is_group", "keys_of", "open_store", "to_str_array"]
@@ -191,7 +191,8 @@ def attr(node: Any, key: str, default: Any = None) -> Any:
         attrs = node.attrs
         if key not in attrs:
             return default
-        v = attrs[key]
+        with reading_values():  # h5py string attributes: see hdf5._files.reading_values
+            v = attrs[key]
     except (KeyError, OSError):
         return default
     if isinstance(v, bytes):

@@ -24,6 +24,7 @@ from dask_loom.storage import FileSpec
 __all__ = [
     "cached_entry",
     "file_identity",
+    "reading_values",
     "invalidate",
     "open_h5_read",
     "open_h5_write",
@@ -31,6 +32,11 @@ __all__ = [
 ]
 
 _lock = threading.RLock()
+# h5py 3.16 on HDF5 2.0 is reported to crash when threads read variable-length
+# strings (every Loom attribute) at once through separate handles (h5py issue
+# #2920).  Our h5py reads of values hold this lock; it is taken last and held
+# only for the read, so it never waits on anything else.
+_value_lock = threading.Lock()
 _entries: dict[str, _Entry] = {}
 _write_locks: dict[str, threading.RLock] = {}
 _open_writers: dict[str, h5py.File] = {}
@@ -76,9 +82,10 @@ def _forget_after_fork() -> None:
     # multiprocessing pool) opens its own handles.  The parent's stay
     # referenced, unclosed: closing them could block on locks that the
     # parent's other threads held at the moment of the fork.
-    global _lock, _entries, _write_locks, _open_writers, _transactions
+    global _lock, _value_lock, _entries, _write_locks, _open_writers, _transactions
     _inherited.append((_entries, _open_writers, _transactions))
     _lock = threading.RLock()
+    _value_lock = threading.Lock()
     _entries = {}
     _write_locks = {}
     _open_writers = {}
@@ -87,6 +94,13 @@ def _forget_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+@contextlib.contextmanager
+def reading_values() -> Iterator[None]:
+    """Hold the process-wide lock for reading values through h5py (see ``_value_lock``)."""
+    with _value_lock:
+        yield
 
 
 def file_identity(spec: FileSpec) -> Any:

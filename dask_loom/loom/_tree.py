@@ -21,6 +21,7 @@ import numpy as np
 
 from dask_loom.hdf5 import HDF5Source, dataset_layout, open_h5_read, open_h5_write
 from dask_loom.hdf5._encode import ChunkEncoder
+from dask_loom.hdf5._files import reading_values
 from dask_loom.storage import FileSpec
 
 __all__ = ["ArrayInfo", "HDF5Tree", "Tree", "TreeWriter", "is_zarr_spec"]
@@ -75,6 +76,10 @@ class Tree(ABC):
     @abstractmethod
     def source(self, path: str, *, prefix: str | None = None) -> Any:
         """A chunk source for a (large) array."""
+
+    def session(self) -> contextlib.AbstractContextManager[Any]:
+        """Keep the container open across several reads (a no-op where opening is free)."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def writing(self, *, atomic: bool = False, fresh: bool = False) -> contextlib.AbstractContextManager[TreeWriter]:
@@ -197,7 +202,8 @@ def _h5_attrs(f: h5py.File, path: str) -> dict[str, Any]:
                     f"{f.filename}: HDF5 attribute '{k}' of '{path}' declares {size} bytes, "
                     f"larger than the {cap}-byte cap (dask_loom.max-metadata-bytes)"
                 )
-            out[k] = node.attrs[k]
+            with reading_values():
+                out[k] = node.attrs[k]
         except (OSError, TypeError):  # attributes h5py cannot convert are skipped
             continue
     return out
@@ -228,7 +234,9 @@ class _H5Reads:
     def read(self, path: str, sel: Any = ()) -> np.ndarray:
         # Raw values: vlen strings arrive as bytes and are decoded by the caller
         # (``_values.materialize``), so both trees share one decoding rule.
-        return self._file()[path][sel]
+        ds = self._file()[path]
+        with reading_values():
+            return ds[sel]
 
     def attrs(self, path: str) -> dict[str, Any]:
         return _h5_attrs(self._file(), path)
@@ -268,6 +276,10 @@ class HDF5Tree(Tree):
     def attrs(self, path: str) -> dict[str, Any]:
         with open_h5_read(self.spec) as f:
             return _h5_attrs(f, path)
+
+    def session(self) -> contextlib.AbstractContextManager[Any]:
+        # Nested open_h5_read calls reuse the handle this one opens.
+        return open_h5_read(self.spec)
 
     def source(self, path: str, *, prefix: str | None = None) -> HDF5Source:
         layout = dataset_layout(self.spec, path)
