@@ -142,6 +142,11 @@ class _LayerPlan:
                 indices = new
             elif self.join == "outer":
                 indices = self.var_idx[indices]  # type: ignore[index]
+            if not sparse and dtype.kind == "f" and dtype.itemsize == 2:
+                # scipy.sparse has no float16: scatter the entries straight into the dense rows
+                dense = np.zeros((n, self.n_out), dtype=dtype)
+                np.add.at(dense, (np.repeat(np.arange(n), np.diff(indptr)), indices), data.astype(dtype, copy=False))
+                return dense
             out = sp.csr_matrix(
                 (data.astype(dtype, copy=False), indices, indptr), shape=(n, self.n_out)
             )
