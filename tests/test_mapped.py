@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dask_loom import MappedCollection
-from dask_loom.anndata import MISSING_CODE, open_store
+from dask_loom.anndata import open_store
 from dask_loom.cluster import compute
 from dask_loom.errors import (
     AnnDataFormatError,
@@ -148,7 +148,7 @@ def test_items_equal_anndata(coll, join):
             assert item["_store_idx"] == f
             assert isinstance(item["_store_idx"], np.integer)
             np.testing.assert_array_equal(item["X"], mats[f][row])
-            assert item["X"].dtype == np.float64  # float32 and float64 files unify
+            assert item["X"].dtype == r.X.dtype  # each file's stored dtype (float32, float64), as lamindb
             if "counts" in r.layers:
                 np.testing.assert_array_equal(
                     item["counts"], pd.DataFrame(_dense(r.layers["counts"]), columns=r.var_names).reindex(columns=joint, fill_value=0).to_numpy()[row]
@@ -230,8 +230,9 @@ def test_unknown_label_filter_and_weights(coll):
     np.testing.assert_allclose(w, 1.0 / counts[labels.astype(str)].to_numpy())
     both = mc.get_label_weights(["cell_type", "batch"], scaler=10, return_categories=True)
     assert set(both) == {f"{a}__{b}" for a, b in zip(labels.astype(str), mc.get_merged_labels("batch").astype(str))}
-    with pytest.raises(CollectionError, match=r"unknown_label 'Platypus'.*cell_type"):
-        MappedCollection(paths, obs_keys="cell_type", unknown_label="Platypus")
+    # a label no file holds is accepted, as lamindb does: it gets no code
+    absent = MappedCollection(paths, obs_keys="cell_type", unknown_label="Platypus")
+    assert absent.encoders["cell_type"] == {c: i for i, c in enumerate(sorted(set(CELL_TYPES)))}
     # obs_filter: AND over columns, NaN matches missing, a file without the column gives no rows
     f = MappedCollection(paths, obs_keys="cell_type", obs_filter={"cell_type": ["B", np.nan], "batch": ("shared", "b0")})
     keep = []
@@ -313,7 +314,7 @@ def test_iter_batches(coll):
     mc = MappedCollection(paths, layers_keys=["X", "counts"], obs_keys=["cell_type", "batch"], obsm_keys="emb", join="outer")
     _joint, mats = _joint_reference(refs, "outer")
     ref = np.concatenate(mats)
-    codes = np.array([MISSING_CODE if pd.isna(v) else mc.encoders["cell_type"][v] for r in refs for v in r.obs["cell_type"]])
+    codes = np.array([np.nan if pd.isna(v) else mc.encoders["cell_type"][v] for r in refs for v in r.obs["cell_type"]])
     runs = [list(mc.iter_batches(8, block_size=4, preload_blocks=3, seed=7)) for _ in range(2)]
     for a, b in zip(*runs):  # deterministic with a seed
         np.testing.assert_array_equal(a["_index"], b["_index"])
@@ -557,8 +558,7 @@ def test_same_items_as_lamindb(coll):
         for k in b:
             if isinstance(b[k], np.ndarray):
                 np.testing.assert_array_equal(a[k], b[k])
-                if k != "X":  # X: lamindb keeps each file's dtype, we unify float32/float64
-                    assert a[k].dtype == b[k].dtype
+                assert a[k].dtype == b[k].dtype  # each file's stored dtype
             elif b[k] is np.nan:
                 assert a[k] is np.nan
             else:

@@ -1,12 +1,11 @@
 """AnnData collections: lamindb's ``MappedCollection`` API, a dask view and a fast batch loader."""
 
 from dask_loom.anndata._loader import MappedIterableDataset, iter_batches
-from dask_loom.anndata._mapped import FILL_VALUES, MISSING_CODE, MappedCollection
+from dask_loom.anndata._mapped import FILL_VALUES, MappedCollection
 from dask_loom.anndata._store import AnnStore, open_store
 
 __all__ = [
     "FILL_VALUES",
-    "MISSING_CODE",
     "AnnStore",
     "MappedCollection",
     "MappedIterableDataset",

@@ -109,27 +109,64 @@ def layer_to_dask(mc: MappedCollection, layer: str = "X", *, sparse: bool = Fals
 # -- obs ------------------------------------------------------------------------
 
 
-def _obs_frame(mc: MappedCollection, i: int, columns: list[str], cat_dtypes: dict[str, Any]) -> pd.DataFrame:
+def _obs_frame(mc: MappedCollection, i: int, columns: list[str], dtypes: dict[str, Any]) -> pd.DataFrame:
     store = mc.storages[i]
     rows = mc.indices_list[i]
     index = read_index(store, "obs")[rows]
     data: dict[str, Any] = {}
     for key in columns:
-        if key in mc._cache_obs_keys[i]:
-            col = read_column(store, key)
-            values = col.labels()[rows]
-            if col.kind == "nullable" and col.values.dtype.kind in "iub":  # type: ignore[union-attr]
-                values = pd.array(col.values[rows], dtype="Int64" if col.values.dtype.kind in "iu" else "boolean")  # type: ignore[index,union-attr]
-                values[col.mask[rows]] = pd.NA  # type: ignore[index]
+        dtype = dtypes[key]
+        # pandas' masked Int*/UInt*/boolean: missing values become pd.NA
+        masked = isinstance(dtype, pd.api.extensions.ExtensionDtype) and dtype.kind in "iub"
+        if key not in mc._cache_obs_keys[i]:
+            values: Any = pd.array([pd.NA] * len(rows), dtype=dtype) if masked else np.full(len(rows), np.nan, dtype=object)
         else:
-            values = np.full(len(rows), np.nan, dtype=object)
-        s = pd.Series(values, index=index, name=key)
-        if key in cat_dtypes:
-            s = s.astype(cat_dtypes[key])
-        data[key] = s
+            col = read_column(store, key)
+            if col.kind == "nullable" and col.values.dtype.kind in "iub":  # type: ignore[union-attr]
+                # values and mask straight into the result: integers never pass through float
+                values = col.values[rows]  # type: ignore[index]
+                if masked:
+                    values = pd.array(values, dtype=dtype)
+                    values[np.asarray(col.mask)[rows]] = pd.NA
+            else:
+                values = col.labels()[rows]
+        data[key] = pd.Series(values, index=index, name=key).astype(dtype)
     df = pd.DataFrame(data, index=index)
     df.insert(0, "_store_idx", np.full(len(rows), i, dtype=np.int64))
     return df
+
+
+def _column_dtype(mc: MappedCollection, key: str) -> Any:
+    """One dtype for obs column *key* over every file, as close to the stored one as it can hold.
+
+    Categoricals get the merged categories; integer and boolean columns stay
+    integer/boolean (numpy when no value is missing anywhere, pandas' nullable
+    ``Int64``/``boolean`` family when some file masks values or lacks the
+    column); floats stay float; anything else is ``object``.
+    """
+    cols = [read_column(s, key) if key in mc._cache_obs_keys[i] else None for i, s in enumerate(mc.storages)]
+    present = [c for i, c in enumerate(cols) if c is not None and mc.n_obs_list[i]]
+    absent = any(c is None and mc.n_obs_list[i] for i, c in enumerate(cols))
+    if any(c.kind == "categorical" for c in present):
+        return pd.CategoricalDtype(mc.get_merged_categories(key))
+    kinds = {c.values.dtype.kind for c in present}  # type: ignore[union-attr]
+    masked = absent or any(
+        c.kind == "nullable" and bool(np.asarray(c.mask)[mc.indices_list[i]].any())
+        for i, c in enumerate(cols)
+        if c is not None and mc.n_obs_list[i]
+    )
+    if not present:
+        return np.dtype(object)
+    if kinds == {"b"}:
+        return pd.BooleanDtype() if masked else np.dtype(bool)
+    if kinds <= {"i", "u"}:
+        common = np.result_type(*[c.values.dtype for c in present])  # type: ignore[union-attr]
+        if common.kind not in "iu":  # uint64 with signed: no integer type holds both
+            return np.dtype(object)
+        return pd.api.types.pandas_dtype(common.name.replace("u", "U").replace("i", "I", 1)) if masked else common
+    if kinds <= {"i", "u", "f", "b"} and "f" in kinds:
+        return np.result_type(*[c.values.dtype for c in present], np.float32)  # type: ignore[union-attr]
+    return np.dtype(object)
 
 
 def obs_to_dask(mc: MappedCollection, columns: str | list[str] | None = None) -> Any:
@@ -143,21 +180,12 @@ def obs_to_dask(mc: MappedCollection, columns: str | list[str] | None = None) ->
     for key in columns:
         if not any(key in keys for keys in mc._cache_obs_keys):
             raise ElementNotFoundError(f"obs column '{key}' is absent from every file: {[s.name for s in mc.storages]}")
-    cat_dtypes = {}
-    for key in columns:
-        if any(
-            key in mc._cache_obs_keys[i] and read_column(mc.storages[i], key).kind == "categorical"
-            for i in range(len(mc.storages))
-        ):
-            cat_dtypes[key] = pd.CategoricalDtype(mc.get_merged_categories(key))
+    dtypes = {key: _column_dtype(mc, key) for key in columns}
     first = next((i for i, n in enumerate(mc.n_obs_list) if n), 0)
-    meta = _obs_frame(mc, first, columns, cat_dtypes).iloc[:0]
-    for key in columns:
-        if key not in cat_dtypes and meta[key].dtype.kind in "iub":
-            meta[key] = meta[key].astype("float64" if meta[key].dtype.kind in "iu" else object)
+    meta = _obs_frame(mc, first, columns, dtypes).iloc[:0]
     parts = [i for i, n in enumerate(mc.n_obs_list) if n] or [first]
     return dd.from_map(
-        _ObsPart(mc, columns, cat_dtypes, meta.dtypes.to_dict()),
+        _ObsPart(mc, columns, dtypes),
         parts,
         meta=meta,
         label="mapped-obs",
@@ -168,18 +196,13 @@ def obs_to_dask(mc: MappedCollection, columns: str | list[str] | None = None) ->
 class _ObsPart:
     """Reads one file's obs rows (a picklable callable for ``dd.from_map``)."""
 
-    def __init__(self, mc: MappedCollection, columns: list[str], cat_dtypes: dict[str, Any], dtypes: dict[str, Any]) -> None:
+    def __init__(self, mc: MappedCollection, columns: list[str], dtypes: dict[str, Any]) -> None:
         self.mc = mc
         self.columns = columns
-        self.cat_dtypes = cat_dtypes
         self.dtypes = dtypes
 
     def __call__(self, i: int) -> pd.DataFrame:
-        df = _obs_frame(self.mc, i, self.columns, self.cat_dtypes)
-        for key, dt in self.dtypes.items():
-            if key in df and df[key].dtype != dt:
-                df[key] = df[key].astype(dt)
-        return df
+        return _obs_frame(self.mc, i, self.columns, self.dtypes)
 
 
 def _column_values(mc: MappedCollection, i: int, key: str | None) -> np.ndarray:

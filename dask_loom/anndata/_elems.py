@@ -32,11 +32,13 @@ __all__ = [
     "Column",
     "MatrixMeta",
     "describe_matrix",
+    "element",
     "encoding_of",
     "file_n_obs",
     "obs_columns",
     "read_column",
     "read_index",
+    "record_field",
 ]
 
 _SPARSE = {"csr_matrix": "csr", "csc_matrix": "csc"}
@@ -66,6 +68,39 @@ def encoding_of(node: Any) -> str:
     if node.dtype.kind in "SUOT":
         return "string-array"
     return "array"
+
+
+def element(store: AnnStore, node: Any, key: str) -> Any:
+    """``node[key]``, ``None`` when absent; an element the container cannot open raises.
+
+    zarr-python refuses some metadata older writers produced (record arrays
+    with sub-array fields, as anndata < 0.7 wrote ``obsm``): that is an
+    unreadable element, not a missing one.
+    """
+    try:
+        if key not in node:
+            return None
+        return node[key]
+    except KeyError:
+        return None
+    except (ValueError, TypeError) as exc:
+        raise AnnDataFormatError(f"{store.name}: element '{key}' cannot be opened ({exc})") from exc
+
+
+def record_field(store: AnnStore, node: Any, field: str, where: str) -> np.ndarray:
+    """One field of a record (compound) array, as anndata < 0.7 stored obs, var and obsm.
+
+    h5py reads a single field; zarr-python cannot select fields of a
+    structured array (it fails inside its codec pipeline), so the records
+    are read whole (they are one row per cell) and the field taken here.
+    """
+    if isinstance(node, h5py.Dataset):
+        return node[field]
+    try:
+        records = node[...]
+    except (ValueError, TypeError) as exc:
+        raise AnnDataFormatError(f"{store.name}: {where} is a record array zarr-python cannot read ({exc})") from exc
+    return records[field]
 
 
 def read_array(node: Any) -> np.ndarray:
@@ -230,8 +265,7 @@ def _legacy_categories(root: Any, obs: Any, node: Any, key: str) -> Any:
 
 
 def _record_column(root: Any, obs: Any, key: str, where: str, store: AnnStore) -> Column:
-    values = obs[key]  # h5py reads one field of the compound dataset
-    values = to_str_array(values)
+    values = to_str_array(record_field(store, obs, key, where))
     uns = child(root, "uns")
     cats_node = child(uns, f"{key}_categories") if uns is not None else None
     if cats_node is not None:
@@ -287,7 +321,7 @@ def read_index(store: AnnStore, elem: str) -> pd.Index:
             field = next((n for n in ("index", "_index") if n in names), None)
             if field is None:
                 raise AnnDataFormatError(f"{store.name}: {elem} is a record array without an 'index' field")
-            values = to_str_array(node[field])
+            values = to_str_array(record_field(store, node, field, f"{elem}/{field}"))
     return pd.Index(np.asarray([str(v) for v in values], dtype=object) if values.dtype != object else values.astype(str).astype(object))
 
 
@@ -389,7 +423,7 @@ def layer_path(store: AnnStore, key: str) -> str | None:
 
 def obsm_meta(store: AnnStore, key: str) -> MatrixMeta | None:
     with store.locked() as root:
-        obsm = child(root, "obsm")
+        obsm = element(store, root, "obsm")
         if obsm is None:
             return None
         if not is_group(obsm):  # pre-0.7 compound obsm
@@ -407,7 +441,7 @@ def obsm_meta(store: AnnStore, key: str) -> MatrixMeta | None:
 def file_n_obs(store: AnnStore) -> int:
     """Rows of a file: X's rows, checked against obs; obs's length when X is absent."""
     with store.locked() as root:
-        if child(root, "obs") is None:
+        if element(store, root, "obs") is None:
             found = ", ".join(keys_of(root)[:12]) or "nothing"
             raise AnnDataFormatError(f"{store.name}: not an AnnData file (no 'obs' element; found {found})")
     n_obs_df = df_length(store, "obs")

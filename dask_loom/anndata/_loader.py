@@ -27,6 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dask_loom._config import get_config
+from dask_loom.anndata._mapped import MISSING_CODE
 
 if TYPE_CHECKING:
     from dask_loom.anndata._mapped import MappedCollection
@@ -134,7 +135,13 @@ def _read_fetch(mc: MappedCollection, blocks: list[tuple[int, int, int]], sparse
 
 def _labels(mc: MappedCollection, key: str, f: int, rows: np.ndarray) -> np.ndarray:
     if key in mc._codes:
-        return mc._codes[key][f][rows]
+        codes = mc._codes[key][f][rows]
+        if key not in mc._nan_coded:
+            return codes
+        # The same values as mc[i]: NaN where the label is missing or the file lacks the key.
+        out = codes.astype(np.float64)
+        out[codes == MISSING_CODE] = np.nan
+        return out
     col = mc._columns[key][f]
     if col is None:
         return np.full(len(rows), np.nan, dtype=object)
@@ -206,8 +213,11 @@ def iter_batches(
     dict
         ``"_index"`` (int64 positions in the collection), ``"_store_idx"``,
         one 2-D array per layer key and ``obsm_<key>``, and per obs key the
-        encoded labels (int64; ``-1`` unknown label, ``-2`` missing) or the
-        labels themselves (object array) when not encoded.
+        encoded labels or the labels themselves (object array) when not
+        encoded.  Encoded labels are int64 (``-1`` for ``unknown_label``);
+        a key with a missing label anywhere in the collection (or a file
+        without it) gives float64 with NaN there, so each row's label equals
+        ``mc[i][key]``.  Layers use the key's common dtype across files.
 
     Examples
     --------

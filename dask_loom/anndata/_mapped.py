@@ -7,13 +7,12 @@ label encoders, weights, filters and join rules as
 collection (:meth:`MappedCollection.to_dask`) and a block-shuffled batch
 loader (:meth:`MappedCollection.iter_batches`).
 
-Deliberate differences from lamindb (bugs or gaps there), all documented in
-the class docstring: CSC matrices are read (lamindb raises); every item has
-the same keys (an element missing from one file is filled, see
-:data:`FILL_VALUES`); item dtypes of a layer are unified across files;
-``get_merged_labels`` has one entry per row even when a file lacks the key;
-missing values never become categories; and bad input raises typed errors
-naming the file and the key.
+Deliberate differences from lamindb (bugs or gaps there) are listed in
+``docs/differences-mapped.md``: CSC matrices are read (lamindb raises); every
+item has the same keys (an element missing from one file is filled, see
+:data:`FILL_VALUES`); ``get_merged_labels`` has one entry per row even when a
+file lacks the key; missing values never become categories; and bad input
+raises typed errors naming the file and the key.
 """
 
 from __future__ import annotations
@@ -45,14 +44,14 @@ from dask_loom.anndata._read import map_threads, read_matrix_rows
 from dask_loom.anndata._store import AnnStore, open_store
 from dask_loom.errors import CollectionError, CollectionIndexError, ElementNotFoundError
 
-__all__ = ["FILL_VALUES", "MISSING_CODE", "MappedCollection"]
+__all__ = ["FILL_VALUES", "MappedCollection"]
 
 #: Fill of an element a file lacks: matrices get NaN rows (0 for integer dtypes),
 #: obs labels ``np.nan`` (as lamindb gives for a missing label).
 FILL_VALUES = {"float": np.nan, "int": 0, "label": np.nan}
 
-#: Encoded label of a missing value in batch arrays (``iter_batches``); per-item
-#: access gives ``np.nan`` as lamindb does.  ``-1`` stays the ``unknown_label`` code.
+# Internal code of a missing label in the encoded label vectors; items give
+# ``np.nan`` (as lamindb does) and batches NaN.  ``-1`` is the ``unknown_label`` code.
 MISSING_CODE = -2
 
 
@@ -72,7 +71,7 @@ def _is_missing(v: Any) -> bool:
 class _LayerPlan:
     """How one layer key of one file turns into rows of the joined collection."""
 
-    __slots__ = ("dtype", "fill", "join", "meta", "n_out", "store", "var_idx")
+    __slots__ = ("dtype", "fill", "item_dtype", "join", "meta", "n_out", "store", "var_idx")
 
     def __init__(
         self,
@@ -83,6 +82,7 @@ class _LayerPlan:
         var_idx: np.ndarray | None,
         n_out: int,
         dtype: np.dtype,
+        item_dtype: np.dtype | None = None,
     ) -> None:
         self.store = store
         self.meta = meta
@@ -90,12 +90,17 @@ class _LayerPlan:
         self.var_idx = var_idx
         self.n_out = n_out
         self.dtype = np.dtype(dtype)
+        # Items (``mc[i]``) keep the file's own dtype, as lamindb's do; batches
+        # and dask blocks span files and use the common ``dtype``.
+        self.item_dtype = self.dtype if item_dtype is None else np.dtype(item_dtype)
         self.fill = FILL_VALUES["float"] if self.dtype.kind in "fc" else FILL_VALUES["int"]
 
     def __dask_tokenize__(self) -> Any:
         from dask.base import tokenize
 
-        return ("LayerPlan", self.store, self.meta, self.join, tokenize(self.var_idx), self.n_out, self.dtype.str)
+        return (
+            "LayerPlan", self.store, self.meta, self.join, tokenize(self.var_idx), self.n_out, self.dtype.str, self.item_dtype.str
+        )
 
     def __getstate__(self) -> Any:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -104,16 +109,24 @@ class _LayerPlan:
         for k, v in state.items():
             setattr(self, k, v)
 
-    def read(self, rows: np.ndarray, *, sparse: bool | None = False) -> np.ndarray | sp.csr_matrix:
-        """Sorted unique local *rows*, in joined var space: dense, CSR, or (``None``) as stored."""
+    def read(
+        self, rows: np.ndarray, *, sparse: bool | None = False, dtype: np.dtype | None = None
+    ) -> np.ndarray | sp.csr_matrix:
+        """Sorted unique local *rows*, in joined var space: dense, CSR, or (``None``) as stored.
+
+        Values are cast to *dtype* (default: the collection's common dtype).
+        """
         n = len(rows)
         if self.meta is None:
             out = np.full((n, self.n_out), self.fill, dtype=self.dtype)
             return sp.csr_matrix(out) if sparse else out
         block = read_matrix_rows(self.store, self.meta, rows)
-        return self.to_joint(block, sparse=sparse)
+        return self.to_joint(block, sparse=sparse, dtype=dtype)
 
-    def to_joint(self, block: np.ndarray | sp.csr_matrix, *, sparse: bool | None) -> np.ndarray | sp.csr_matrix:
+    def to_joint(
+        self, block: np.ndarray | sp.csr_matrix, *, sparse: bool | None, dtype: np.dtype | None = None
+    ) -> np.ndarray | sp.csr_matrix:
+        dtype = self.dtype if dtype is None else dtype
         n = block.shape[0]
         if sp.issparse(block):
             data, indices, indptr = block.data, block.indices, block.indptr
@@ -129,8 +142,13 @@ class _LayerPlan:
                 indices = new
             elif self.join == "outer":
                 indices = self.var_idx[indices]  # type: ignore[index]
+            if not sparse and dtype.kind == "f" and dtype.itemsize == 2:
+                # scipy.sparse has no float16: scatter the entries straight into the dense rows
+                dense = np.zeros((n, self.n_out), dtype=dtype)
+                np.add.at(dense, (np.repeat(np.arange(n), np.diff(indptr)), indices), data.astype(dtype, copy=False))
+                return dense
             out = sp.csr_matrix(
-                (data.astype(self.dtype, copy=False), indices, indptr), shape=(n, self.n_out)
+                (data.astype(dtype, copy=False), indices, indptr), shape=(n, self.n_out)
             )
             if sparse:
                 if self.join is not None:
@@ -139,12 +157,12 @@ class _LayerPlan:
                 return out
             return out if sparse is None else out.toarray()
         if self.join == "inner":
-            out = block[:, self.var_idx].astype(self.dtype, copy=False)
+            out = block[:, self.var_idx].astype(dtype, copy=False)
         elif self.join == "outer":
-            out = np.zeros((n, self.n_out), dtype=self.dtype)
+            out = np.zeros((n, self.n_out), dtype=dtype)
             out[:, self.var_idx] = block
         else:
-            out = block.astype(self.dtype, copy=False)
+            out = block.astype(dtype, copy=False)
         return sp.csr_matrix(out) if sparse else out
 
 
@@ -180,7 +198,8 @@ class MappedCollection:
     encode_labels
         ``True`` (all ``obs_keys``), a list of obs keys, or ``False``/``[]``.
     unknown_label
-        A label (or ``{key: label}``) encoded as ``-1``.
+        A label (or ``{key: label}``) encoded as ``-1``; a label no file
+        holds is accepted (it has no entry in the encoder).
     cache_categories
         Accepted for compatibility: obs columns are always read once at
         construction (they are small next to the matrices).
@@ -189,7 +208,8 @@ class MappedCollection:
         after every ``fork``) whatever its value, so DataLoader workers need
         no ``worker_init_fn``.
     dtype
-        Cast layer and obsm rows to this dtype.
+        Cast layer and obsm rows to this dtype; ``None`` keeps each file's
+        stored dtype in items.
     storage_options
         fsspec options for URLs (credentials, endpoint).
 
@@ -201,15 +221,18 @@ class MappedCollection:
       read whole once per process, since every row touches every column.
     * Every item has the same keys.  An element absent from a file is
       filled: NaN rows for float layers/obsm (``0`` for integer dtypes),
-      ``np.nan`` for labels (see :data:`FILL_VALUES`).  When files store a
-      layer with different dtypes, items use their common dtype.
+      ``np.nan`` for labels (see :data:`FILL_VALUES`).  Items keep each
+      file's stored dtype (as lamindb's); batches and dask blocks, which
+      span files, use the common dtype.
     * ``get_merged_labels`` returns one label per row (NaN for files without
       the key), so ``get_label_weights`` can feed a ``WeightedRandomSampler``.
     * Missing values (NaN, masked) are never categories of an encoder.
     * Errors are typed and name the file and the key: missing files,
       non-AnnData files, inconsistent row counts, keys absent from every
-      file, an ``unknown_label`` that no file holds, an empty inner join,
-      duplicate var names in a join, an index out of range.
+      file, an empty inner join, duplicate var names in a join, an index
+      out of range.
+
+    The full list, with the reasons, is ``docs/differences-mapped.md``.
 
     Examples
     --------
@@ -318,6 +341,13 @@ class MappedCollection:
             self._make_join_vars()
             self.n_vars = len(self.var_joint)  # type: ignore[arg-type]
         self._codes = {key: self._encoded_codes(key) for key in self.encoders}
+        # Encoded keys with a missing label somewhere in the collection: their
+        # batch arrays are float64 with NaN there (equal to the items' np.nan).
+        self._nan_coded = {
+            key
+            for key, codes in self._codes.items()
+            if any((c[rows] == MISSING_CODE).any() for c, rows in zip(codes, self.indices_list))
+        }
         self._plans: dict[str, list[_LayerPlan]] = {}
         self._make_plans()
 
@@ -380,12 +410,9 @@ class MappedCollection:
         cats = self.get_merged_categories(key)
         unknown = self._unknown(key)
         encoder: dict[Any, int] = {}
-        if unknown is not None:
-            if unknown not in cats:
-                raise CollectionError(
-                    f"unknown_label {unknown!r} for obs key '{key}' is not among its labels in any file "
-                    f"({len(cats)} labels, e.g. {cats[:5]})"
-                )
+        # A label may be present in some collections and not in others (lamindb
+        # accepts an absent one too): it then simply has no entry.
+        if unknown is not None and unknown in cats:
             cats.remove(unknown)
             encoder[unknown] = -1
         encoder.update({cat: i for i, cat in enumerate(cats)})
@@ -463,14 +490,25 @@ class MappedCollection:
                     n_out = meta.shape[1] if meta is not None else (self.n_vars or self._file_n_vars(i))
                 else:
                     join, var_idx, n_out = self.join_vars, self.var_indices[i], self.n_vars  # type: ignore[index,assignment]
-                plans.append(_LayerPlan(store, meta, join=join, var_idx=var_idx, n_out=int(n_out), dtype=dtype))
+                item_dtype = self._dtype or (np.dtype(meta.dtype) if meta is not None else dtype)
+                plans.append(
+                    _LayerPlan(store, meta, join=join, var_idx=var_idx, n_out=int(n_out), dtype=dtype, item_dtype=item_dtype)
+                )
             self._plans[key] = plans
         for key in self.obsm_keys or []:
             metas = [m[key] for m in self._obsm_meta]
             dtype = self._dtype or np.result_type(*[np.dtype(m.dtype) for m in metas if m is not None])
             width = next(m.shape[1] for m in metas if m is not None)
             self._plans[f"obsm_{key}"] = [
-                _LayerPlan(s, m, join=None, var_idx=None, n_out=m.shape[1] if m is not None else width, dtype=dtype)
+                _LayerPlan(
+                    s,
+                    m,
+                    join=None,
+                    var_idx=None,
+                    n_out=m.shape[1] if m is not None else width,
+                    dtype=dtype,
+                    item_dtype=self._dtype or (np.dtype(m.dtype) if m is not None else dtype),
+                )
                 for s, m in zip(self.storages, metas)
             ]
 
@@ -633,11 +671,22 @@ class MappedCollection:
             )
         return np.where(idx < 0, idx + self.n_obs, idx)
 
-    def _read_rows(self, file_rows: dict[int, np.ndarray], *, sparse: bool | None) -> dict[tuple[int, str], Any]:
-        """Read sorted unique local rows of several files, every matrix key, concurrently."""
+    def _read_rows(
+        self, file_rows: dict[int, np.ndarray], *, sparse: bool | None, items: bool = False
+    ) -> dict[tuple[int, str], Any]:
+        """Read sorted unique local rows of several files, every matrix key, concurrently.
+
+        With *items*, each file's rows keep that file's dtype (as ``mc[i]``);
+        otherwise all files are cast to the key's common dtype.
+        """
         keys = list(self._plans)
         jobs = [(i, k) for i in file_rows for k in keys]
-        results = map_threads(lambda job: self._plans[job[1]][job[0]].read(file_rows[job[0]], sparse=sparse), jobs)
+
+        def read(job: tuple[int, str]) -> Any:
+            plan = self._plans[job[1]][job[0]]
+            return plan.read(file_rows[job[0]], sparse=sparse, dtype=plan.item_dtype if items else None)
+
+        results = map_threads(read, jobs)
         return dict(zip(jobs, results))
 
     def _label_value(self, key: str, i: int, row: int) -> Any:
@@ -671,7 +720,7 @@ class MappedCollection:
             rows, inv = np.unique(local[sel], return_inverse=True)
             file_rows[f] = rows
             inverse[f] = inv
-        blocks = self._read_rows(file_rows, sparse=False)
+        blocks = self._read_rows(file_rows, sparse=False, items=True)
         pos_in_file = np.zeros(len(idx), dtype=np.int64)
         for f, inv in inverse.items():
             pos_in_file[files == f] = inv
