@@ -90,10 +90,26 @@ def machine() -> dict[str, Any]:
     }
 
 
+def scrub(value: Any) -> Any:
+    """*value* with this machine's paths made repository-relative (results never carry absolute paths)."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    if isinstance(value, str):
+        value = value.replace(root, "")
+        # Temporary folders and other absolute paths: keep the file's name only.
+        return re.sub(r"(?<![\w.])/(?:[\w.+-]+/)+([\w.+-]+)", r"\1", value)
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v) for v in value]
+    return value
+
+
 def save(name: str, payload: dict[str, Any]) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")
-    payload = {"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
+    payload = scrub({"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload})
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=2, default=str)
     return path

@@ -150,3 +150,16 @@ def test_committed_figures_are_small_and_shown_in_the_readme():
         assert p.stat().st_size < MAX_BYTES, p.name
         assert p.read_bytes()[:8] == PNG_MAGIC
     assert shown <= {p.name for p in pngs}, f"README shows missing figures: {shown - {p.name for p in pngs}}"
+
+
+def test_benchmark_results_carry_no_machine_paths():
+    # Results record inputs by name and shape, relative to the repository (issue 11).
+    import json
+    import re
+
+    results = sorted((REPO / "benchmarks" / "results").glob("*.json"))
+    assert results
+    for f in results:
+        text = json.dumps(json.loads(f.read_text()))
+        assert not re.search(r'"/(?:work|tmp|home|root|Users)/', text), f.name
+        assert str(REPO) not in text, f.name
