@@ -179,7 +179,8 @@ def check_prefix(*args: Any, store: str | None = None) -> str:
     try:
         check_key(prefix[:-1], store=store)
     except InvalidKeyError as exc:
-        raise InvalidKeyError(str(exc).replace("invalid store key", "invalid store prefix", 1).replace(repr(prefix[:-1]), repr(prefix), 1)) from None
+        head = f"invalid store key {prefix[:-1]!r}"
+        raise InvalidKeyError(str(exc).replace(head, f"invalid store prefix {prefix!r} (directory {prefix[:-1]!r})", 1)) from None
     return prefix
 
 
