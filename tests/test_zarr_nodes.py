@@ -465,6 +465,11 @@ def test_structure_is_text_reprs_and_cached_nodes(capsys):
     assert g["sub"]["a"] is g["sub/a"] is g["sub"]["a"]
     assert g.children[0] is g["sub"]
     assert g[""] is g
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(g))
+    assert copy.get_structure() == expected
+    assert copy["sub"]["a"] is copy["sub/a"] is not g["sub/a"]
 
 
 def test_get_chunk_outside_the_grid_is_an_index_error():

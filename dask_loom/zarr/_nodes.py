@@ -244,7 +244,10 @@ class ZarrGroup(ZarrNode):
     def __init__(self, store: Any, path: str, metadata: dict[str, Any] | None = None) -> None:
         super().__init__(store, path, metadata)
         self._nodes: dict[str, ZarrNode] = {}  # opened descendants by path relative to this group
-        self._nodes_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy in another process opens its children again (the cache holds open arrays).
+        return {**self.__dict__, "_nodes": {}}
 
     def _child_names(self) -> list[str]:
         prefix = f"{self.path}/" if self.path else "/"
@@ -273,8 +276,7 @@ class ZarrGroup(ZarrNode):
             if parent is not None:
                 raise NodeNotFoundError(f"{self._where()}: {head!r} is an array, it has no node {rest!r}")
         node = _open_node(self.store, "/".join(p for p in (self.path, rel) if p))
-        with self._nodes_lock:
-            return self._nodes.setdefault(rel, node)
+        return self._nodes.setdefault(rel, node)  # atomic: racing threads all get the first node stored
 
     @property
     def children(self) -> tuple[ZarrNode, ...]:
