@@ -203,6 +203,13 @@ def test_compound_with_bytes_and_subarray_fields(tmp_path):
             got = ds.ca["Rec"]
             assert got.dtype == dt
             np.testing.assert_array_equal(got, values)
+    import zarr
+
+    zarr.open_group(tmp_path / "c.loom.zarr", mode="r+")["col_attrs/Rec"].__delitem__("1")  # a field array gone
+    with dask_loom.connect(tmp_path / "c.loom.zarr", "r", validate=False) as ds, pytest.raises(
+        LoomFormatError, match=r"field 1 \('xy'\) of compound attribute '/col_attrs/Rec' is unreadable"
+    ):
+        ds.ca["Rec"]
     bad = np.zeros(5, dtype=[("s", object)])
     with pytest.raises(TypeError, match="compound field 's' has dtype object"):
         dask_loom.create(tmp_path / "bad.loom", np.ones((3, 5)), {"Gene": np.arange(3)}, {"Rec": bad})

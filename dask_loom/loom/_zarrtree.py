@@ -156,6 +156,8 @@ class _ZarrReads:
         dt = _compound_dtype(m[1]["attributes"][_COMPOUND], where)
         if not dt.names:
             raise LoomFormatError(f"{where}: compound attribute with no fields")
+        if self._meta(f"{_p(path)}/0") is None:
+            raise LoomFormatError(f"{where}: compound attribute without its field arrays ('0', '1', ...)")
         first = self._array_meta(f"{_p(path)}/0")
         return dt, (int(first["shape"][0]),) if first.get("shape") else ()
 
@@ -163,9 +165,12 @@ class _ZarrReads:
         out = np.zeros(shape, dtype=dt)
         for i, name in enumerate(dt.names or ()):
             sub = dt.fields[name][0]
-            raw = np.asarray(self._array(f"{_p(path)}/{i}")[...])
-            if sub.base.kind == "S":  # stored as bytes: one more axis of itemsize uint8
-                raw = np.ascontiguousarray(raw).view(sub.base).reshape(raw.shape[:-1])
+            try:
+                raw = np.asarray(self._array(f"{_p(path)}/{i}")[...])
+                if sub.base.kind == "S":  # stored as bytes: one more axis of itemsize uint8
+                    raw = np.ascontiguousarray(raw).view(sub.base).reshape(raw.shape[:-1])
+            except (KeyError, ValueError) as exc:
+                raise LoomFormatError(f"{self.label}: field {i} ({name!r}) of compound attribute '/{_p(path)}' is unreadable ({exc})") from None
             if raw.shape != shape + sub.shape:
                 raise LoomFormatError(
                     f"{self.label}: field {i} ({name!r}) of compound attribute '/{_p(path)}' has shape {raw.shape}, expected {shape + sub.shape}"
