@@ -433,28 +433,9 @@ def _local_transaction(spec: FileSpec, store: LocalStore, label: str, *, atomic:
         except BaseException as exc:
             if atomic:
                 abort(target.path)  # tasks still running cannot recreate the copy
-                _forget_marker_at_exit(target.path)
                 if no_space(exc):
                     raise disk_full(label, exc, "store") from exc
             raise
-
-
-def _forget_marker_at_exit(path: str | os.PathLike[str]) -> None:
-    """Remove the rollback marker of *path* when this process exits.
-
-    ``abort`` leaves it in the temporary folder for 30 s, for late tasks of the
-    same graph; a process (a ``dask-loom`` command) that exits sooner has no
-    tasks left, and must leave nothing behind.
-    """
-    import atexit
-
-    from dask_loom.storage._atomic import _marker
-
-    def forget(marker: str = _marker(path)) -> None:
-        with contextlib.suppress(OSError):
-            os.remove(marker)
-
-    atexit.register(forget)
 
 
 class _ZarrEncoder:

@@ -14,6 +14,7 @@ remove the ones whose writer has died.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -244,6 +245,8 @@ def abort(path: str | os.PathLike[str]) -> None:
     t = threading.Timer(30.0, later)
     t.daemon = True
     t.start()
+    # A process that exits sooner (a dask-loom command) has no tasks left: it leaves nothing behind.
+    atexit.register(later)
 
 
 def no_space(exc: BaseException) -> bool:
