@@ -274,13 +274,13 @@ def test_selection_property(records, arr5, data):
 
 def _count_decodes(monkeypatch):
     calls = []
-    orig = _read._Payload.unit
+    orig = _read.Payload.unit
 
     def unit(self, i, shape, fallback):
         calls.append(i)
         return orig(self, i, shape, fallback)
 
-    monkeypatch.setattr(_read._Payload, "unit", unit)
+    monkeypatch.setattr(_read.Payload, "unit", unit)
     return calls
 
 

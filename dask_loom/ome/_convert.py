@@ -515,7 +515,7 @@ def convert_to_ome_arrow(src: str | os.PathLike[str], dst: str | os.PathLike[str
     elif kind == "zarr":
         arr, meta = read_ome_zarr(src, level=level, storage_options=storage_options)
     else:
-        from dask_loom.ome import open_ome_arrow
+        from dask_loom.ome._open import open_ome_arrow
         from dask_loom.ome._write import _meta_of
 
         view = open_ome_arrow(src, storage_options=storage_options, layout="TZCYX")

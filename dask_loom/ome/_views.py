@@ -36,11 +36,11 @@ from dask_loom.ome._read import (
     LoaderImage,
     RecordImage,
     _Image,
-    meta_of_row,
     open_image,
     read_tzchw,
     record_from_data,
 )
+from dask_loom.ome._record import meta_of_row
 from dask_loom.ome._schema import pixel_dtype
 
 _X = "\u00d7"  # the multiplication sign, as in the image sizes of messages
