@@ -32,6 +32,7 @@ from dask_loom.cluster import compute
 #: Every task-name prefix dask_loom gives its tasks.
 INTENDED = {
     "hdf-read",
+    "hdf-write",
     "loom-aggregate",
     "loom-batch",
     "loom-convert",
@@ -47,6 +48,7 @@ INTENDED = {
     "mapped-obs",
     "mapped-read",
     "ome-read",
+    "ome-write",
     "tiff-read",
     "zarr-read",
     "zarr-write",

@@ -33,7 +33,7 @@ import numpy as np
 from dask_loom.blocks._plan import align_chunks, block_regions, plan_blocks
 from dask_loom.blocks._target import ChunkTarget, check_region
 
-__all__ = ["batch_size", "store"]
+__all__ = ["batch_size", "computed_in_batches", "store"]
 
 
 def _encode(target: ChunkTarget, region: tuple[slice, ...], block: Any) -> Any:
@@ -257,3 +257,27 @@ def _pipeline(batches: Iterator[list[Any]], kw: dict[str, Any]) -> Iterator[tupl
             fut = ex.submit(compute, *batch, **kw)
             yield done
         yield fut.result()
+
+
+def computed_in_batches(
+    collections: Any, *, scheduler: Any = None, client: Any = None, progress: bool = False
+) -> Iterator[Any]:
+    """Results of dask collections, in order, computed under :func:`store`'s batching policy.
+
+    For writers whose output is not a chunk target (the single OME-Parquet
+    record): the same batches, the same bound on memory.
+    """
+    kw = {"scheduler": scheduler, "client": client, "progress": progress}
+    size = batch_size(_parallelism(scheduler, client))
+    it = iter(collections)
+
+    def batches() -> Iterator[list[Any]]:
+        while True:
+            part = [c for _, c in zip(range(size), it)]
+            if not part:
+                return
+            yield part
+
+    with contextlib.closing(_pipeline(batches(), kw)) as results:
+        for values in results:
+            yield from values
