@@ -233,8 +233,8 @@ class OMEDatasetTarget(BlockTarget):
         self.shape = tuple(int(s) for s in shape)
         if len(self.shape) != 5 or len(chunk_shape) != 5:
             raise SelectionError(f"{self.out}: shape {self.shape} and chunk_shape {tuple(chunk_shape)} must be TCZYX")
-        self.dtype = pixel_dtype(dtype, what="pixel dtype")
-        self.source_dtype = pixel_dtype(source_dtype if source_dtype is not None else dtype, what="array dtype")
+        self.dtype = pixel_dtype(np.dtype(dtype), what="pixel dtype")
+        self.source_dtype = pixel_dtype(np.dtype(source_dtype if source_dtype is not None else dtype), what="array dtype")
         self.chunk_shape = tuple(max(1, min(int(c), n)) for c, n in zip(chunk_shape, self.shape))
         self.image_id = str(image_id)
         self.clamp = bool(clamp)

@@ -166,7 +166,7 @@ class ZarrTarget(BlockTarget):
     def __reduce__(self) -> Any:
         # Tasks write into the store of the open transaction (the copy, for a local store).
         where = self._write_store if self._write_store is not None else self.store
-        return (_rebuild, (where, self.path, self.metadata, self.write_empty_chunks, self.prefix, self.label))
+        return (_rebuild, (self.store, where, self.path, self.metadata, self.write_empty_chunks, self.prefix, self.label))
 
     # -- the two halves ---------------------------------------------------------------------
 
@@ -256,7 +256,10 @@ class ZarrTarget(BlockTarget):
             self.store.set(key, self._docs[key])
 
 
-def _rebuild(store: Any, path: str, metadata: dict[str, Any], write_empty_chunks: bool, prefix: str, label: str) -> ZarrTarget:
-    self = ZarrTarget.on(store, path, metadata, prefix=prefix, label=label)
+def _rebuild(
+    store: Any, write_store: Any, path: str, metadata: dict[str, Any], write_empty_chunks: bool, prefix: str, label: str
+) -> ZarrTarget:
+    self = ZarrTarget.on(write_store, path, metadata, prefix=prefix, label=label)
+    self.store = store  # the destination names it; the transaction's copy takes the writes
     self.write_empty_chunks = write_empty_chunks
     return self
