@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from _targets import KINDS, HDF5, LoomHDF5, ZarrLocal
+from _targets import HDF5, KINDS, LoomHDF5, ZarrLocal
 
 import dask_loom
 from dask_loom.blocks import BlockTarget, batch_size, block_regions
