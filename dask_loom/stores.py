@@ -22,6 +22,8 @@ from dask_loom.storage._stores import (
     SlowStore,
     WrapperStore,
     WritableStore,
+    check_key,
+    check_prefix,
 )
 
 __all__ = [
@@ -36,5 +38,7 @@ __all__ = [
     "SlowStore",
     "WrapperStore",
     "WritableStore",
+    "check_key",
+    "check_prefix",
     "open_store",
 ]

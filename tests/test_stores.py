@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import time
 import uuid
 
 import dask
@@ -27,6 +28,8 @@ from dask_loom.stores import (
     SlowStore,
     WrapperStore,
     WritableStore,
+    check_key,
+    check_prefix,
     open_store,
 )
 
@@ -254,7 +257,8 @@ def test_read(filled):
 
 def test_list(filled):
     assert filled.list() == sorted(STORE)
-    assert isinstance(filled.list(), KeyList)
+    for listing in (filled.list(), filled.list_prefix("dir2/"), filled.list_dir("/")):
+        assert type(listing) is list  # outside an event loop: simplezarr's plain list
     assert filled.list_prefix("dir2/") == ["dir2/index", "dir2/sub/bar", "dir2/sub/foo"]
     assert filled.list_dir("/") == ["bar", "dir1/", "dir2/", "foo"]
     assert filled.list_dir("dir2/") == ["dir2/index", "dir2/sub/"]
@@ -294,13 +298,22 @@ def test_write(filled):
 
 def test_zarr_semantics_of_the_same_names(filled):
     """The async zarr calls on the very same object: None for missing, relative list_dir."""
-    from zarr.core.sync import _collect_aiterator, sync
+    from zarr.core.sync import sync
 
     proto = default_buffer_prototype()
     assert sync(filled.get("spam", prototype=proto)) is None
     assert sync(filled.get("foo", proto)).to_bytes() == b"foo-value"
-    assert sorted(sync(_collect_aiterator(filled.list_dir("dir2")))) == ["index", "sub"]
-    assert sorted(sync(_collect_aiterator(filled.list_prefix("dir2/")))) == ["dir2/index", "dir2/sub/bar", "dir2/sub/foo"]
+
+    async def as_zarr_lists():  # zarr calls the listings inside its event loop
+        return (
+            [k async for k in filled.list_dir("dir2")],
+            [k async for k in filled.list_dir("dir2/")],
+            [k async for k in filled.list_prefix("dir2/")],
+        )
+
+    d, d_slash, p = sync(as_zarr_lists())
+    assert sorted(d) == sorted(d_slash) == ["index", "sub"]
+    assert sorted(p) == ["dir2/index", "dir2/sub/bar", "dir2/sub/foo"]
     sync(filled.delete("spam"))  # no error
 
 
@@ -310,6 +323,188 @@ def test_read_only_refuses_writes(tmp_path):
         ro.set("a", b"x")
     with pytest.raises(ReadOnlyError):
         ro.erase_prefix("/")
+
+
+# --------------------------------------------------------------------------------------
+# A store written against the base classes as simplezarr documents it
+# --------------------------------------------------------------------------------------
+
+
+class _DictStore(ReadableStore, WritableStore, ListableStore):
+    """simplezarr's recipe: override get/set/erase/list, no base ``__init__`` call."""
+
+    def __init__(self, data=None):
+        self.data = dict(data or {})
+        self.calls = []
+
+    def get(self, key):
+        check_key(self, "get", key)
+        self.calls.append(("get", key))
+        try:
+            return self.data[key]
+        except KeyError:
+            raise OSError(f"get(): key {key!r} does not exist.") from None
+
+    def set(self, key, value):
+        check_key(self, "set", key)
+        self.calls.append(("set", key))
+        self.data[key] = bytes(value)
+
+    def erase(self, key):
+        check_key(self, "erase", key)
+        self.calls.append(("erase", key))
+        try:
+            del self.data[key]
+        except KeyError:
+            raise OSError(f"erase(): key {key!r} does not exist.") from None
+
+    def list(self):
+        self.calls.append(("list",))
+        return sorted(self.data)
+
+
+def test_custom_store_inherits_the_defaults_built_on_its_methods():
+    s = _DictStore(STORE)
+    assert s.read_only is False
+    # Partial reads through get(), then a slice (expected values: Python slicing of STORE).
+    assert s.get_partial_values([("foo", 4, 5), ("dir2/sub/foo", 4, None)]) == [STORE["foo"][4:9], STORE["dir2/sub/foo"][4:]]
+    assert ("get", "foo") in s.calls and ("get", "dir2/sub/foo") in s.calls
+    with pytest.raises(IOError):
+        s.get_partial_values([("nope", 0, 1)])
+    # Listings through list().
+    assert s.list_prefix("dir2/") == sorted(k for k in STORE if k.startswith("dir2/"))
+    assert s.list_dir("/") == ["bar", "dir1/", "dir2/", "foo"]
+    assert s.list_dir("dir2/") == ["dir2/index", "dir2/sub/"]
+    # Partial writes through get() and set(); erases through erase().
+    s.calls.clear()
+    s.set_partial_values([("foo", 1, b"XY")])
+    assert s.data["foo"] == STORE["foo"][:1] + b"XY" + STORE["foo"][3:]
+    assert s.calls == [("get", "foo"), ("set", "foo")]
+    s.erase_values(["bar"])
+    s.erase_prefix("dir2/")
+    assert sorted(s.data) == ["dir1/bar", "dir1/foo", "foo"]
+    assert ("erase", "dir2/sub/foo") in s.calls
+    with pytest.raises(IOError):
+        s.erase_values(["nope"])
+    s.erase_prefix("/")
+    assert s.data == {}
+
+
+def test_custom_store_works_with_zarr_and_open_zarr():
+    import dask_loom
+
+    s = _DictStore()
+    ref = np.arange(35, dtype="i4").reshape(5, 7)
+    z = zarr.create_array(s, name="g/x", shape=ref.shape, chunks=(2, 3), dtype="i4", fill_value=-1)
+    z[:] = ref
+    assert ("set", "g/x/c/0/0") in s.calls  # zarr's writes reached the store's own set()
+    np.testing.assert_array_equal(zarr.open_array(s, path="g/x", mode="r")[:], ref)
+    root = dask_loom.open_zarr(s)
+    assert root.keys() == ["g"]
+    a = root["g/x"]
+    np.testing.assert_array_equal(a.to_dask().compute(scheduler="sync"), ref)
+    np.testing.assert_array_equal(a.get_chunk((2, 2)), [[34, -1, -1], [-1, -1, -1]])
+
+
+def test_custom_store_super_calls_fall_back_to_the_defaults():
+    class Hidden(_DictStore):
+        def list_dir(self, prefix):
+            return [e for e in super().list_dir(prefix) if not e.rstrip("/").rpartition("/")[2].startswith(".")]
+
+        def get(self, key):
+            return super().get(key).upper()
+
+    s = Hidden({"a/.tmp/x": b"t", "a/b": b"b", "a/c/d": b"d"})
+    assert s.list_dir("a/") == ["a/b", "a/c/"]
+    assert s.get_partial_values([("a/b", 0, None)]) == [b"B"]  # built on the subclass's get()
+
+    class Partial(ReadableStore):
+        def get(self, key):
+            return super().get(key)  # simplezarr's base get() has nothing to fall back to
+
+    with pytest.raises(TypeError, match="not readable"):
+        Partial().get("a")
+
+
+def test_check_key_and_check_prefix_as_simplezarr_calls_them():
+    for key in ["foo", "x.y", "foo/bar/spam/eggs.xyz"]:
+        assert check_key(None, "test", key) == key
+    for key in [b"foo", ("foo",), 42]:
+        with pytest.raises(TypeError):
+            check_key(None, "test", key)
+    for key in ["", "/", "/foo", "foo/", ".", "..", "foo/./bar", "foo//bar"]:
+        with pytest.raises(ValueError, match=r"NoneType\.test\(\)"):
+            check_key(None, "test", key)
+    for prefix in ["/", "foo/", "x.y/", "foo/bar/"]:
+        assert check_prefix(None, "test", prefix) == prefix
+    for prefix in ["", "foo", "foo/bar", "/foo", "/foo/", "./", "../", "foo/./bar/", "foo//bar/"]:
+        with pytest.raises(ValueError):
+            check_prefix(None, "test", prefix)
+    with pytest.raises(TypeError):
+        check_prefix(None, "test", b"foo/")
+
+
+# --------------------------------------------------------------------------------------
+# Prefixes name directories (they end with '/'); zarr's async calls keep zarr's semantics
+# --------------------------------------------------------------------------------------
+
+_PREFIX_KEYS = {"dir1/foo": b"1", "dir1/sub/x": b"2", "dir10/bar": b"3", "dir1x": b"4", "other": b"5"}
+
+
+@pytest.mark.parametrize("kind", ["memory", "local", "wrapper", "object"])
+def test_prefix_without_slash_is_refused_by_the_sync_api(tmp_path, kind):
+    s = {
+        "memory": lambda: MemoryStore(),
+        "local": lambda: LocalStore(tmp_path / "s"),
+        "wrapper": lambda: WrapperStore(MemoryStore()),
+        "object": lambda: ObjectStore(f"memory://prefix-{uuid.uuid4().hex}"),
+    }[kind]()
+    for k, v in _PREFIX_KEYS.items():
+        s.set(k, v)
+    for method in (s.list_prefix, s.list_dir, s.erase_prefix):
+        with pytest.raises(ValueError, match="must end with '/'"):
+            method("dir1")
+        with pytest.raises(ValueError):
+            method("")
+    assert s.list() == sorted(_PREFIX_KEYS)  # the refused erase removed nothing
+    assert s.list_prefix("dir1/") == ["dir1/foo", "dir1/sub/x"]
+    assert s.list_dir("dir1/") == ["dir1/foo", "dir1/sub/"]
+    s.erase_prefix("dir1/")
+    assert s.list() == ["dir10/bar", "dir1x", "other"]
+
+
+def test_zarr_async_listings_match_zarr_pythons_own_store():
+    from zarr.core.sync import sync
+
+    ours, theirs = MemoryStore(), zarr.storage.MemoryStore()
+    for k, v in _PREFIX_KEYS.items():
+        ours.set(k, v)
+        sync(theirs.set(k, cpu.Buffer.from_bytes(v)))
+
+    async def lists(store):
+        return {
+            (name, p): sorted([k async for k in getattr(store, name)(p)])
+            for name in ("list_prefix", "list_dir")
+            for p in ("", "dir1", "dir1/", "dir1/sub", "nothing")
+        } | {("list", ""): sorted([k async for k in store.list()])}
+
+    assert sync(lists(ours)) == sync(lists(theirs))
+
+
+def test_listings_inside_a_running_loop_stay_usable_synchronously():
+    """A notebook cell runs inside an event loop: the simplezarr calls still work there."""
+    s = MemoryStore(_PREFIX_KEYS)
+
+    async def cell():
+        assert isinstance(s.list_dir("dir1/"), KeyList)
+        assert s.list_dir("dir1/") == ["dir1/foo", "dir1/sub/"]
+        assert list(s.list()) == sorted(_PREFIX_KEYS)
+        with pytest.raises(ValueError, match="must end with '/'"):
+            list(s.list_prefix("dir1"))  # checked when used
+        with pytest.raises(ValueError, match="must end with '/'"):
+            s.erase_prefix("dir1")
+
+    asyncio.run(cell())
 
 
 # --------------------------------------------------------------------------------------
@@ -369,6 +564,44 @@ def test_stores_pickle_as_specs(tmp_path):
     obj = ObjectStore("s3://b/x.zarr", storage_options={"secret": "hunter2"})
     assert "hunter2" not in repr(obj)
     assert dask.base.tokenize(local) == dask.base.tokenize(LocalStore(tmp_path))
+
+
+class _SlowStoreTestable(SlowStore):
+    """simplezarr's test pattern: a zero-argument subclass pre-filled with data."""
+
+    def __init__(self):
+        super().__init__(MemoryStore(STORE), 0.05, 0)
+        self.label = "mine"
+
+
+def _timed_get(store, key):
+    t0 = time.perf_counter()
+    value = store.get(key)
+    return value, time.perf_counter() - t0, type(store).__name__
+
+
+def test_pickled_slow_store_keeps_its_delay():
+    import concurrent.futures
+    import multiprocessing
+
+    import cloudpickle
+
+    for s in (SlowStore(MemoryStore(STORE), base_delay=0.05), _SlowStoreTestable()):
+        copies = [pickle.loads(pickle.dumps(s, protocol=p)) for p in range(2, pickle.HIGHEST_PROTOCOL + 1)]
+        copies.append(cloudpickle.loads(cloudpickle.dumps(s)))
+        for t in copies:
+            assert type(t) is type(s)
+            assert (t.base_delay, t.bits_per_second) == (0.05, 0.0)
+            value, took, _ = _timed_get(t, "foo")
+            assert value == STORE["foo"]
+            assert took >= 0.045
+        assert copies[0].__dict__.get("label") == s.__dict__.get("label")
+        # Shipped to another process (as to a dask worker), it still delays there.
+        ctx = multiprocessing.get_context("fork")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            value, took, name = pool.submit(_timed_get, s, "dir1/foo").result()
+        assert (value, name) == (STORE["dir1/foo"], type(s).__name__)
+        assert took >= 0.045
 
 
 @pytest.mark.parametrize("kind", ["memory", "local", "slow"])

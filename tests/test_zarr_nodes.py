@@ -66,7 +66,8 @@ def test_missing_codec_is_named(zdata, name):
 
 
 def test_zarr_python_v2_fixture(zdata):
-    root = dask_loom.open_zarr(zdata / "zarr-python-v2-fixture" / "fixture", mode="r")
+    fixture = zdata / "zarr-python-v2-fixture" / "fixture"
+    root = dask_loom.open_zarr(fixture, mode="r")
     assert isinstance(root, ZarrGroup)
     assert "14" in repr(root)
     assert "nested_legacy" in repr(root)
@@ -77,13 +78,13 @@ def test_zarr_python_v2_fixture(zdata):
         )
     for j in (0, 3):
         np.testing.assert_array_equal(root[f"10/{j}"].to_dask().compute(), np.linspace(0, 1, 3333))
-    with pytest.warns(UserWarning, match="14/1.*fill_value 0"):
-        s1 = root["14/1"].to_dask().compute()
+    with pytest.warns(UserWarning, match="14/1.*fill_value 0"):  # nodes are cached: open anew to see the warning
+        s1 = dask_loom.open_zarr(fixture, "14/1", mode="r").to_dask().compute()
     counts = dict(zip(*np.unique(s1, return_counts=True)))
     assert counts == {b"A": 1481, b"C": 1318, b"G": 1334, b"T": 1422}
     assert s1[:8].tolist() == [b"C", b"C", b"A", b"G", b"G", b"C", b"G", b"G"]
     with pytest.warns(UserWarning, match="15/2"):
-        u = root["15/2"].to_dask().compute()
+        u = dask_loom.open_zarr(fixture, "15/2", mode="r").to_dask().compute()
     assert dict(zip(*np.unique(u, return_counts=True))) == {"baz": 1444, "foo": 1385, "quux": 1374, "bar": 1352}
     f = root["16/5"].to_dask().compute()
     assert int(np.isnan(f).sum()) == 1137
@@ -135,8 +136,9 @@ def test_fill_values_and_strings(zdata):
     assert read("int_v2_fv_null.zarr").tolist() == [42, 123, 0, 0, 0]
     np.testing.assert_array_equal(read("float_v2_fv_null.zarr"), np.array([3.14, 2.71, 0, 0, 0], dtype="f4"))
     assert read("str_v2_fv_null.zarr").tolist() == ["a", "bb", "", "", ""]
-    # Documented: a numeric fill for strings reads as "" (zarr-python 3.1.6 gives "0").
-    assert read("str_v2_fv_0.zarr").tolist() == ["a", "bb", "", "", ""]
+    # A numeric fill for an object (vlen) string array reads as zarr-python 3 reads it.
+    zref = zarr.open_array(str(base / "str_v2_fv_0.zarr"), mode="r")[:].tolist()
+    assert read("str_v2_fv_0.zarr").tolist() == zref == ["a", "bb", "", "", "0"]
     for p in ("fixed_length_utf32_v2_le.zarr", "fixed_length_utf32_v2_be.zarr", "fixed_length_utf32_v3_le.zarr"):
         assert read(p).tolist() == ["abc", "🎉", "hi", "te", ""]
     assert read("v3_bytes.zarr").tolist() == [b"New York", b"Los Angeles", b"Chicago"]
@@ -426,3 +428,158 @@ def test_to_zarr_replaces_an_array_as_one_transaction(tmp_path):
     assert sorted(k for k, _ in zarr.open_group(str(root), mode="r").members(max_depth=None)) == [
         "deep", "deep/er", "deep/er/z", "x", "y"
     ]
+
+
+# -- conformance with simplezarr 0.0.1 and zarr-python (issue 12) ---------------------------------
+
+
+def _tree(store):
+    g = zarr.create_group(store)
+    g.create_group("sub")
+    a = g.create_array("sub/a", shape=(100, 100), chunks=(50, 50), dtype="f4", fill_value=0)
+    a[:50, :50] = 1.0
+    g.create_array("sub/b", shape=(3,), chunks=(2,), dtype="u2")
+    g.create_array("top", shape=(), dtype="i8")
+    return g
+
+
+def test_structure_is_text_reprs_and_cached_nodes(capsys):
+    s = MemoryStore()
+    _tree(s)
+    g = dask_loom.open_zarr(s)
+    expected = "\n".join([
+        "<ZarrGroup '' with 2 children>",
+        "    <ZarrGroup 'sub' with 2 children>",
+        "        <ZarrArray 'sub/a' 100x100 float32>",
+        "        <ZarrArray 'sub/b' 3 uint16>",
+        "    <ZarrArray 'top' () int64>",
+    ])
+    assert g.get_structure() == expected
+    g.print_structure()
+    assert capsys.readouterr().out == expected + "\n"
+    assert g.get_structure(max_depth=0) == "<ZarrGroup '' with 2 children>"
+    assert repr(g) == "\n".join(expected.splitlines()[:2] + expected.splitlines()[-1:])  # one level of children
+    assert repr(g["sub/a"]) == "<ZarrArray 'sub/a' 100x100 float32>"
+    assert repr(g["sub"]).count("<Zarr") == 3
+    # Nodes are opened once (simplezarr caches them): one object per node.
+    assert g["sub"]["a"] is g["sub/a"] is g["sub"]["a"]
+    assert g.children[0] is g["sub"]
+    assert g[""] is g
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(g))
+    assert copy.get_structure() == expected
+    assert copy["sub"]["a"] is copy["sub/a"] is not g["sub/a"]
+
+
+def test_get_chunk_outside_the_grid_is_an_index_error():
+    """Deliberate (docs/zarr.md): simplezarr 0.0.1 returned a fill-value chunk, its later releases refuse too."""
+    s = MemoryStore()
+    _tree(s)
+    a = dask_loom.open_zarr(s, "sub/a")
+    np.testing.assert_array_equal(a.get_chunk((0, 0)), np.ones((50, 50), "f4"))
+    np.testing.assert_array_equal(a.get_chunk((1, 1)), np.zeros((50, 50), "f4"))  # missing: the fill value
+    for index in ((9, 0), (0, 2), (-1, 0)):
+        with pytest.raises(IndexError, match=r"outside the chunk grid \(2, 2\)"):
+            a.get_chunk(index)
+        with pytest.raises(IndexError):
+            a.get_chunk_future(index)
+
+
+def test_folders_without_metadata_are_not_children(zdata, tmp_path):
+    d = _copy(zdata, "hierarchy.zarr", tmp_path)
+    (d / "OME").mkdir()
+    (d / "OME" / "METADATA.ome.xml").write_text("<OME/>")  # as OME-Zarr downloads carry
+    (d / "a" / "notes").mkdir()
+    (d / "a" / "notes" / "readme.txt").write_text("x")
+    for store in (LocalStore(d), zarr.storage.LocalStore(d, read_only=True)):
+        g = dask_loom.open_zarr(store)
+        ref = zarr.open_group(d, mode="r")
+        assert g.keys() == sorted(ref.keys()) == ["a", "b"]
+        assert g["a"].keys() == sorted(ref["a"].keys()) == ["baz", "foo"]
+        assert "OME" not in repr(g) and "notes" not in g.get_structure()
+        assert [c.name for c in g["a"].children] == ["baz", "foo"]
+        with pytest.raises(KeyError, match="no node 'OME'"):
+            g["OME"]
+
+
+def _zip_arrays(group, prefix=""):
+    out = {}
+    for c in group.children:
+        name = f"{prefix}{c.name}"
+        if isinstance(c, ZarrArray):
+            out[name] = c
+        else:
+            out.update(_zip_arrays(c, name + "/"))
+    return out
+
+
+def test_zipped_stores_open_read_only_from_an_object_or_a_path(data_dir):
+    import pickle
+
+    from zarr.storage import ZipStore
+
+    path = data_dir / "anndata" / "anndata-archives" / "v0.7.0" / "adata.zarr.zip"
+    ref = zarr.open_group(ZipStore(path, mode="r"), mode="r")
+    for g in (dask_loom.open_zarr(ZipStore(path, mode="r")), dask_loom.open_zarr(path), dask_loom.open_zarr(str(path))):
+        assert sorted(g.keys()) == sorted(ref.group_keys())
+        arrays = _zip_arrays(g)
+        assert len(arrays) == 79  # the MANIFEST's count
+        for name in ("X/data", "X/indices", "obsm/array", "layers/array", "raw/X/data"):
+            np.testing.assert_array_equal(arrays[name].to_dask().compute(scheduler="sync"), ref[name][:])
+        x = g["X/data"].to_dask()
+        assert float(x.sum().compute(scheduler="sync")) == 285.0
+        # Shipped to a worker, the zip store is re-opened there.
+        np.testing.assert_array_equal(pickle.loads(pickle.dumps(x)).compute(scheduler="sync"), ref["X/data"][:])
+    with pytest.raises(Exception, match="read-only"):
+        dask_loom.open_zarr(path)["X/data"].set_chunk(np.zeros(228, "f4"), (0,), check_empty=False)
+
+
+def test_v2_string_fill_values_match_zarr_python(tmp_path):
+    s = LocalStore(tmp_path / "s.zarr")
+    z = zarr.create_array(s, name="o", shape=(4,), chunks=(2,), dtype=str, zarr_format=2, fill_value="")
+    z[:2] = np.array(["a", "b"])
+    meta = json.loads(s.get("o/.zarray"))
+    meta["fill_value"] = 0  # as zarr-python 2 and anndata wrote it
+    s.set("o/.zarray", json.dumps(meta).encode())
+    ref = zarr.open_array(s, path="o", mode="r")[:]
+    a = dask_loom.open_zarr(s, "o")
+    assert a.to_dask().compute(scheduler="sync").tolist() == ref.tolist() == ["a", "b", "0", "0"]
+    assert a.get_chunk((1,)).tolist() == ref[2:].tolist()
+    # Fixed-length strings: zarr-python 3 refuses fill 0; zarr-python 2 read np.zeros((), dtype) ('').
+    u = zarr.create_array(s, name="u", shape=(4,), chunks=(2,), dtype="<U3", zarr_format=2, fill_value="")
+    u[:2] = np.array(["ab", "c"])
+    meta = json.loads(s.get("u/.zarray"))
+    meta["fill_value"] = 0
+    s.set("u/.zarray", json.dumps(meta).encode())
+    with pytest.raises(TypeError, match="Invalid type: 0"):
+        zarr.open_array(s, path="u", mode="r")
+    with pytest.warns(UserWarning, match="fill_value 0 for string dtype <U3"):
+        b = dask_loom.open_zarr(s, "u")
+    assert b.to_dask().compute(scheduler="sync").tolist() == ["ab", "c", np.zeros((), "<U3")[()], ""]
+
+
+def test_simplezarr_chunk_key_separator(tmp_path):
+    """simplezarr writes the "default" key encoding with any separator (its tests use "-") under c/0-0."""
+    meta = {
+        "zarr_format": 3, "node_type": "array", "shape": [4, 6], "data_type": "uint16",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [2, 3]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "-"}},
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}], "fill_value": 7,
+    }
+    ref = np.arange(24, dtype="<u2").reshape(4, 6)
+    data = {"x/zarr.json": json.dumps(meta).encode()}
+    for i, j in ((0, 0), (0, 1), (1, 0)):
+        data[f"x/c/{i}-{j}"] = ref[2 * i : 2 * i + 2, 3 * j : 3 * j + 3].tobytes()
+    s = MemoryStore(data)
+    a = dask_loom.open_zarr(s, "x")
+    expected = ref.copy()
+    expected[2:, 3:] = 7  # chunk (1, 1) is missing
+    np.testing.assert_array_equal(a.to_dask().compute(scheduler="sync"), expected)
+    np.testing.assert_array_equal(a.get_chunk((0, 1)), ref[:2, 3:])
+    a.set_chunk(np.full((2, 3), 9, "<u2"), (1, 1))
+    assert s.get("x/c/1-1") == np.full((2, 3), 9, "<u2").tobytes()
+    bad = {**meta, "chunk_key_encoding": {"name": "default", "configuration": {"separator": "\\"}}}
+    s.set("y/zarr.json", json.dumps(bad).encode())
+    with pytest.raises(FormatError, match="separator"):
+        dask_loom.open_zarr(s, "y")

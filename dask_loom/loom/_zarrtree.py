@@ -45,7 +45,7 @@ from dask_loom.storage._atomic import (
     temp_sibling,
 )
 from dask_loom.storage._objectstore import open_store
-from dask_loom.storage._stores import _TMP_MARK, BaseStore, LocalStore, check_prefix
+from dask_loom.storage._stores import _TMP_MARK, BaseStore, LocalStore, normalize_prefix
 from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
 from dask_loom.zarr._source import ZarrSource, _numpy_dtype, build_array
 
@@ -499,7 +499,7 @@ class ZarrWriter(_ZarrReads, TreeWriter):
         if not p:
             raise ValueError(f"{self.label}: refusing to delete the root group")
         with contextlib.suppress(MissingKeyError):
-            self.store.erase_prefix(check_prefix(p))
+            self.store.erase_prefix(normalize_prefix(p))
         for k in [k for k in self._meta_cache if k == p or k.startswith(p + "/")]:
             del self._meta_cache[k]
 

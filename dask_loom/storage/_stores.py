@@ -4,22 +4,33 @@ One object serves two callers:
 
 * **simplezarr's synchronous contract** — ``get(key) -> bytes`` (a missing key
   raises :class:`~dask_loom.errors.MissingKeyError`, an ``IOError``),
-  ``set(key, bytes)``, ``erase``, ``erase_values``, ``erase_prefix``,
+  ``set(key, bytes)``, ``erase``, ``erase_values``, ``erase_prefix("a/")``,
   ``get_partial_values([(key, start, length)])``, ``set_partial_values``,
   ``list()``, ``list_prefix("a/")`` (full keys), ``list_dir("a/")`` (full keys
-  and ``"sub/"`` prefixes);
+  and ``"a/sub/"`` prefixes), all returning plain lists.  A prefix is a
+  directory: it ends with ``/`` (the root is ``"/"``); anything else is an
+  :class:`~dask_loom.errors.InvalidKeyError` (a ``ValueError``).
 * **zarr-python's asynchronous ``Store`` ABC** — ``await get(key, prototype,
   byte_range)`` (``None`` when missing), ``await set(key, Buffer)``,
-  ``delete``, ``exists``, ``async for k in list_dir("a")`` (relative names).
+  ``delete``, ``exists``, ``async for k in list_dir("a")`` (relative names),
+  with zarr's own prefix semantics.
 
-The two share method names, so calls are told apart by their arguments: a
-``prototype`` (zarr always passes one) or a ``Buffer`` value selects the async
-path, plain ``bytes`` the sync one.  ``list``/``list_prefix``/``list_dir``
-return a :class:`KeyList`, a lazy sequence that compares equal to the sorted
-simplezarr list and, under ``async for``, yields zarr's entries without
-blocking zarr's event loop.  Deliberate difference: a prefix without the
-trailing ``/`` (zarr's spelling, ``list_dir("a")``) is read as the directory
-``a/`` instead of being refused, since zarr-python passes prefixes that way.
+The two share method names.  ``get``/``set``/``get_partial_values`` are told
+apart by their arguments: a ``prototype`` (zarr always passes one) or a
+``Buffer`` value selects the async path.  The listings are told apart by where
+they are called: zarr calls them inside a running event loop, and there they
+return a :class:`KeyList` (``async for`` yields zarr's entries; used as a
+sequence it is the simplezarr list, prefix checked on first use); called
+without a running loop they return the simplezarr ``list`` at once.
+
+A store written against the base classes as simplezarr documents it —
+subclass :class:`ReadableStore`/:class:`WritableStore`/:class:`ListableStore`,
+override the public ``get``/``set``/``erase``/``list`` (and optionally
+``list_prefix``/``list_dir``/...), no base ``__init__`` call — gets the other
+methods built on those, and works with zarr-python and
+:func:`dask_loom.open_zarr` as well.  The built-in stores implement private
+primitives (``_get``, ``_set``, ``_erase``, ``_keys``, ``_dir``) instead,
+which keep their fast paths (ranged reads, one-level listings).
 
 Stores pickle as a spec (path, URL, options; a :class:`MemoryStore` by value),
 never as an open connection.
@@ -29,13 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import pathlib
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from zarr.abc.store import (
     ByteRequest,
@@ -61,6 +73,7 @@ __all__ = [
     "check_key",
     "check_node_path",
     "check_prefix",
+    "normalize_prefix",
 ]
 
 _NO = object()  # "argument not given": tells simplezarr calls from zarr calls
@@ -69,15 +82,44 @@ _NO = object()  # "argument not given": tells simplezarr calls from zarr calls
 Req = tuple[Any, Any] | None
 
 
-def check_key(key: Any, store: str | None = None) -> str:
-    """Validate a simplezarr key: a non-empty ``str`` that cannot escape its store.
+def _checked_args(fn: str, args: tuple[Any, ...], store: str | None) -> tuple[Any, str | None]:
+    """``(value, store label)`` from ``f(value)`` or simplezarr's ``f(ob, method, value)``."""
+    if len(args) == 3:
+        ob, method, value = args
+        return value, store or f"{type(ob).__name__}.{method}()"
+    if len(args) == 1:
+        return args[0], store
+    raise TypeError(f"{fn}() takes (value) or simplezarr's (ob, method, value), got {len(args)} arguments")
 
-    Refused: a leading or trailing ``/``, empty or all-dot segments (``..``),
-    NUL bytes, backslashes (a path separator on Windows and to some servers),
-    and percent-encoded forms of these (``%2e%2e``, ``%5c``, ``%00``), which an
-    HTTP server or object store may decode.  *store* names the store in the
-    message.
+
+def check_key(*args: Any, store: str | None = None) -> str:
+    """Validate a store key and return it: ``check_key(key)`` or simplezarr's ``check_key(ob, method, key)``.
+
+    A key is a non-empty ``str`` without a leading or trailing ``/``.  Also
+    refused, so that no key can escape its store: empty or all-dot segments
+    (``..``), NUL bytes, backslashes (a path separator on Windows and to some
+    servers), and percent-encoded forms of these (``%2e%2e``, ``%5c``,
+    ``%00``), which an HTTP server or object store may decode.
+
+    Raises
+    ------
+    TypeError
+        *key* is not a ``str``.
+    dask_loom.errors.InvalidKeyError
+        (a ``ValueError``) naming the store (*store*, or ``Class.method()``
+        in the three-argument form) and the problem.
+
+    Examples
+    --------
+    >>> from dask_loom.stores import check_key
+    >>> check_key("a/b")
+    'a/b'
+    >>> check_key(None, "get", "a/../b")
+    Traceback (most recent call last):
+    ...
+    dask_loom.errors.InvalidKeyError: NoneType.get(): invalid store key 'a/../b': empty or all-dot segment '..'
     """
+    key, store = _checked_args("check_key", args, store)
     where = f"{store}: " if store else ""
     if not isinstance(key, str):
         raise TypeError(f"{where}store keys must be str, not {type(key).__name__}")
@@ -106,6 +148,58 @@ def _check_text(key: str, text: str, where: str, *, encoded: bool = False) -> No
             raise InvalidKeyError(f"{where}invalid store key {key!r}: empty or all-dot segment {part!r}{how}")
 
 
+def check_prefix(*args: Any, store: str | None = None) -> str:
+    """Validate a simplezarr prefix and return it: ``check_prefix(prefix)`` or ``check_prefix(ob, method, prefix)``.
+
+    A prefix names a directory: it ends with ``/`` (``"a/b/"``), and the
+    root is ``"/"``.  ``""``, ``"a"`` (no trailing ``/``) and ``"/a/"`` are
+    refused, as are the segments :func:`check_key` refuses.
+
+    Examples
+    --------
+    >>> from dask_loom.stores import check_prefix
+    >>> check_prefix("a/b/"), check_prefix("/")
+    ('a/b/', '/')
+    >>> check_prefix("dir1")
+    Traceback (most recent call last):
+    ...
+    dask_loom.errors.InvalidKeyError: invalid store prefix 'dir1': a prefix names a directory and must end with '/' ('dir1/'; the root is '/')
+    """
+    prefix, store = _checked_args("check_prefix", args, store)
+    where = f"{store}: " if store else ""
+    if not isinstance(prefix, str):
+        raise TypeError(f"{where}store prefixes must be str, not {type(prefix).__name__}")
+    if prefix == "/":
+        return prefix
+    if not prefix.endswith("/"):
+        hint = f"{prefix + '/'!r}; " if prefix and not prefix.startswith("/") else ""
+        raise InvalidKeyError(
+            f"{where}invalid store prefix {prefix!r}: a prefix names a directory and must end with '/' ({hint}the root is '/')"
+        )
+    try:
+        check_key(prefix[:-1], store=store)
+    except InvalidKeyError as exc:
+        head = f"invalid store key {prefix[:-1]!r}"
+        raise InvalidKeyError(str(exc).replace(head, f"invalid store prefix {prefix!r} (directory {prefix[:-1]!r})", 1)) from None
+    return prefix
+
+
+def normalize_prefix(prefix: Any, store: str | None = None) -> str:
+    """A directory prefix in any spelling as ``""`` (root) or ``"a/b/"``.
+
+    For zarr's calls and internal use: ``"/"`` and ``""`` both mean the
+    root, ``"a/b"`` is read as ``"a/b/"``.  The simplezarr methods use the
+    strict :func:`check_prefix` instead.
+    """
+    if not isinstance(prefix, str):
+        raise TypeError(f"{store + ': ' if store else ''}store prefixes must be str, not {type(prefix).__name__}")
+    if prefix in ("", "/"):
+        return ""
+    p = prefix if prefix.endswith("/") else prefix + "/"
+    check_key(p[:-1], store=store)
+    return p
+
+
 def check_node_path(path: Any, store: str | None = None) -> str:
     """Validate a Zarr node path inside a store and return it without outer ``/``.
 
@@ -119,7 +213,7 @@ def check_node_path(path: Any, store: str | None = None) -> str:
     p = path.strip("/")
     if p:
         try:
-            check_key(p, store)
+            check_key(p, store=store)
         except InvalidKeyError as exc:
             raise InvalidKeyError(str(exc).replace("invalid store key", "invalid node path", 1)) from None
     return p
@@ -140,19 +234,13 @@ def _plain_key(key: Any) -> bool:
     )
 
 
-def check_prefix(prefix: Any, store: str | None = None) -> str:
-    """Normalise a prefix to ``""`` (root) or ``"a/b/"``.
-
-    simplezarr's root ``"/"`` and zarr's root ``""`` both mean the whole store;
-    ``"a/b"`` (zarr's spelling) is read as ``"a/b/"``.
-    """
-    if not isinstance(prefix, str):
-        raise TypeError(f"{store + ': ' if store else ''}store prefixes must be str, not {type(prefix).__name__}")
-    if prefix in ("", "/"):
-        return ""
-    p = prefix if prefix.endswith("/") else prefix + "/"
-    check_key(p[:-1], store)
-    return p
+def _in_event_loop() -> bool:
+    """True inside a running asyncio loop (where zarr-python calls the listings)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _parse_range(byte_range: ByteRequest | None) -> Req:
@@ -186,21 +274,26 @@ def _as_bytes(value: Any, what: str) -> bytes:
 
 
 class KeyList(Sequence[str]):
-    """Result of ``list``/``list_prefix``/``list_dir``: a lazy, sorted key list.
+    """What ``list``/``list_prefix``/``list_dir`` return inside a running event loop.
 
-    Used as a sequence (``==``, ``len``, iteration, indexing) it is
-    simplezarr's answer, computed synchronously on first use; under
-    ``async for`` it yields zarr-python's entries through the store's async
-    path.
+    zarr-python calls the listings there and consumes them with
+    ``async for``, which yields zarr's entries through the store's async
+    path.  Used as a sequence (``==``, ``len``, iteration, indexing) it is
+    simplezarr's sorted list, computed (and its prefix checked) on first use:
+    so the simplezarr API still works in a notebook, whose cells run inside
+    an event loop.  Outside a loop the listings return a plain ``list``.
 
     Examples
     --------
+    >>> import asyncio
     >>> from dask_loom.stores import MemoryStore
     >>> s = MemoryStore({"a/b": b"1", "a/c/d": b"2", "e": b"3"})
-    >>> s.list_dir("a/")
+    >>> s.list_dir("a/")  # no running loop: a plain list
     ['a/b', 'a/c/']
-    >>> s.list_dir("a/") == ["a/b", "a/c/"]
-    True
+    >>> async def zarr_style():
+    ...     return [k async for k in s.list_dir("a")]
+    >>> asyncio.run(zarr_style())
+    ['b', 'c']
     """
 
     __slots__ = ("_afn", "_items", "_sfn")
@@ -240,20 +333,171 @@ class KeyList(Sequence[str]):
         return self._afn().__aiter__()
 
 
+# -- simplezarr-style subclasses: public methods as the primitives ------------------------
+
+# simplezarr's public store methods.  A subclass that overrides one of them
+# (as simplezarr documents) supplies the primitive the base classes build on.
+_SIMPLEZARR_METHODS = (
+    "get",
+    "get_partial_values",
+    "set",
+    "set_partial_values",
+    "erase",
+    "erase_values",
+    "erase_prefix",
+    "list",
+    "list_prefix",
+    "list_dir",
+)
+
+_calling = threading.local()  # (store id, method) pairs whose user implementation is running
+
+
+def _api(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a base-class method (not a user implementation)."""
+    fn._dl_api = True  # type: ignore[attr-defined]
+    return fn
+
+
+def _active() -> set[tuple[int, str]]:
+    try:
+        return _calling.active  # type: ignore[no-any-return]
+    except AttributeError:
+        _calling.active = set()
+        return _calling.active  # type: ignore[no-any-return]
+
+
+def _call_impl(store: BaseStore, name: str, impl: Callable[..., Any], *args: Any) -> Any:
+    """Run a user implementation, remembering it runs (so a ``super()`` call inside it gets the default)."""
+    active = _active()
+    tok = (id(store), name)
+    if tok in active:
+        return impl(store, *args)
+    active.add(tok)
+    try:
+        return impl(store, *args)
+    finally:
+        active.discard(tok)
+
+
+def _user_zget(impl: Callable[..., Any]) -> Callable[..., Any]:
+    def get(self: ReadableStore, key: Any, prototype: Any = _NO, byte_range: ByteRequest | None = None) -> Any:
+        if prototype is _NO and byte_range is None:
+            return _call_impl(self, "get", impl, key)
+        return self._zget(self._key(key), prototype, byte_range)
+
+    return get
+
+
+def _user_zget_partial(impl: Callable[..., Any]) -> Callable[..., Any]:
+    def get_partial_values(self: ReadableStore, *args: Any, **kwargs: Any) -> Any:
+        if len(args) + len(kwargs) == 2 or "prototype" in kwargs:
+            return self._zget_partial(*args, **kwargs)
+        return _call_impl(self, "get_partial_values", impl, *args, *kwargs.values())
+
+    return get_partial_values
+
+
+def _user_zset(impl: Callable[..., Any]) -> Callable[..., Any]:
+    def zset(self: WritableStore, key: Any, value: Any) -> Any:
+        if isinstance(value, Buffer):
+            return self._zset(self._key(key), value)
+        return _call_impl(self, "set", impl, key, value)
+
+    return zset
+
+
+def _user_zlist(impl: Callable[..., Any]) -> Callable[..., Any]:
+    def zlist(self: ListableStore) -> Any:
+        if _in_event_loop():
+            return KeyList(lambda: _call_impl(self, "list", impl), self._zlist)
+        return _call_impl(self, "list", impl)
+
+    return zlist
+
+
+def _user_zlisting(name: str, impl: Callable[..., Any]) -> Callable[..., Any]:
+    def listing(self: ListableStore, prefix: Any) -> Any:
+        if _in_event_loop():
+            agen = self._zlist_prefix if name == "list_prefix" else self._zlist_dir
+            return KeyList(lambda: _call_impl(self, name, impl, prefix), lambda: agen(prefix))
+        return _call_impl(self, name, impl, prefix)
+
+    listing.__name__ = name
+    return listing
+
+
+# Names shared with zarr's async Store: the user's sync method is wrapped so zarr's calls still work.
+_ZARR_SHARED: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "get": _user_zget,
+    "get_partial_values": _user_zget_partial,
+    "set": _user_zset,
+    "list": _user_zlist,
+    "list_prefix": lambda impl: _user_zlisting("list_prefix", impl),
+    "list_dir": lambda impl: _user_zlisting("list_dir", impl),
+}
+
+
+def _missing_error(exc: BaseException) -> bool:
+    """What simplezarr stores raise for a missing key: a bare ``IOError``, ``FileNotFoundError`` or ``KeyError``."""
+    return type(exc) is OSError or isinstance(exc, (FileNotFoundError, KeyError))
+
+
 class BaseStore(Store):
     """Base of every dask_loom store (a zarr-python ``Store``).
 
-    Subclasses implement synchronous primitives ``_get(key, req)``,
-    ``_set(key, data)``, ``_erase(key)`` and ``_keys(prefix)``; the async
-    primitives default to calling them directly, or in a thread when
-    ``_blocking_io`` is true (real disk or network I/O), so zarr's event loop
-    keeps running.
+    Built-in stores implement synchronous primitives ``_get(key, req)``,
+    ``_set(key, data)``, ``_erase(key)``, ``_keys(prefix)`` and optionally
+    ``_dir(prefix)``; the async primitives default to calling them directly,
+    or in a thread when ``_blocking_io`` is true (real disk or network I/O),
+    so zarr's event loop keeps running.
+
+    A subclass may instead override simplezarr's public methods (``get``,
+    ``set``, ``erase``, ``list``, ``list_prefix``, ``list_dir`` …): the
+    primitives then call those, every other method is built on them, and
+    zarr-python's calls of the shared names (``get(key, prototype)``,
+    ``set(key, Buffer)``, ``async for … in list_dir(p)``) still reach the
+    async path.  No base ``__init__`` call is needed.
     """
 
     _blocking_io = False
+    # Defaults for subclasses that do not call __init__ (simplezarr's base classes have none).
+    _read_only = False
+    _is_open = False
+    _sync_impls: ClassVar[dict[str, Callable[..., Any]]] = {}
 
     def __init__(self, *, read_only: bool = False) -> None:
         super().__init__(read_only=read_only)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        impls: dict[str, Callable[..., Any]] = {}
+        for name in _SIMPLEZARR_METHODS:
+            fn = next((k.__dict__[name] for k in cls.__mro__ if name in k.__dict__), None)
+            if fn is None or getattr(fn, "_dl_api", False):
+                continue
+            if hasattr(fn, "_dl_impl"):  # already wrapped in a parent class
+                impls[name] = fn._dl_impl
+                continue
+            if not inspect.isfunction(fn) or inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+                continue  # a zarr-style (async) override: not simplezarr's sync method
+            impls[name] = fn
+            wrap = _ZARR_SHARED.get(name)
+            if wrap is not None:
+                wrapped = wrap(fn)
+                wrapped.__name__, wrapped.__qualname__, wrapped.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+                wrapped._dl_impl = fn  # type: ignore[attr-defined]
+                setattr(cls, name, wrapped)
+        cls._sync_impls = impls
+        if impls and "_blocking_io" not in cls.__dict__:
+            cls._blocking_io = True  # user code may do real I/O: keep it off zarr's event loop
+
+    def _route(self, name: str, *args: Any) -> Any:
+        """Call the subclass's public *name* for a primitive, or ``_NO`` (none, or it is the caller)."""
+        impl = type(self)._sync_impls.get(name)
+        if impl is None or (id(self), name) in _active():
+            return _NO
+        return _call_impl(self, name, impl, *args)
 
     # -- names for messages -------------------------------------------------------------
     @property
@@ -266,20 +510,57 @@ class BaseStore(Store):
 
     def _key(self, key: Any) -> str:
         """*key* if it cannot escape the store, else :class:`~dask_loom.errors.InvalidKeyError` naming the store."""
-        return key if _plain_key(key) else check_key(key, self.name)
+        return key if _plain_key(key) else check_key(key, store=self.name)
 
-    # -- sync primitives (subclasses) -----------------------------------------------------
+    def _prefix(self, prefix: Any, method: str) -> str:
+        """A simplezarr prefix checked (:func:`check_prefix`) and normalised: ``""`` for the root, else ``"a/"``."""
+        p = check_prefix(prefix, store=f"{self.name}.{method}()")
+        return "" if p == "/" else p
+
+    # -- sync primitives (built-in stores override them) ------------------------------------
     def _get(self, key: str, req: Req = None) -> bytes:
-        raise TypeError(f"{self.name} is not readable")
+        try:
+            data = self._route("get", key)
+        except MissingKeyError:
+            raise
+        except Exception as exc:
+            if _missing_error(exc):
+                raise MissingKeyError(f"{self.name}: no key {key!r} ({exc})") from exc
+            raise
+        if data is _NO:
+            raise TypeError(f"{self.name} is not readable")
+        return _slice(_as_bytes(data, f"{self.name}.get({key!r}) returned"), req)
 
     def _set(self, key: str, data: bytes) -> None:
-        raise ReadOnlyError(f"{self.name} is not writable")
+        if self._route("set", key, data) is _NO:
+            raise ReadOnlyError(f"{self.name} is not writable")
 
     def _erase(self, key: str) -> None:
-        raise ReadOnlyError(f"{self.name} is not writable")
+        try:
+            done = self._route("erase", key)
+        except MissingKeyError:
+            raise
+        except Exception as exc:
+            if _missing_error(exc):
+                raise MissingKeyError(f"{self.name}: no key {key!r} ({exc})") from exc
+            raise
+        if done is _NO:
+            raise ReadOnlyError(f"{self.name} is not writable")
 
     def _keys(self, prefix: str) -> Iterable[str]:
-        raise TypeError(f"{self.name} cannot list its keys")
+        out = self._route("list_prefix", prefix or "/")
+        if out is _NO:
+            out = self._route("list")
+            if out is _NO:
+                raise TypeError(f"{self.name} cannot list its keys")
+        return sorted(k for k in out if k.startswith(prefix))
+
+    def _dir(self, prefix: str) -> list[str]:
+        """simplezarr's ``list_dir`` for a normalised prefix; stores override it to list one level only."""
+        out = self._route("list_dir", prefix or "/")
+        if out is not _NO:
+            return sorted(out)
+        return _dir_entries(self._keys(prefix), prefix)
 
     def _exists(self, key: str) -> bool:
         try:
@@ -313,12 +594,30 @@ class BaseStore(Store):
     async def _akeys(self, prefix: str) -> list[str]:
         return await self._run(lambda: list(self._keys(prefix)))
 
-    def _dir(self, prefix: str) -> list[str]:
-        """simplezarr's ``list_dir`` for a normalised prefix; stores override it to list one level only."""
-        return _dir_entries(self._keys(prefix), prefix)
-
     async def _adir(self, prefix: str) -> list[str]:
         return await self._run(self._dir, prefix)
+
+    # -- zarr's listings (zarr's prefix semantics) -------------------------------------------
+    async def _zlist(self) -> AsyncIterator[str]:
+        for k in await self._akeys(""):
+            yield k
+
+    async def _zlist_prefix(self, prefix: Any) -> AsyncIterator[str]:
+        if prefix in ("", "/") or (isinstance(prefix, str) and prefix.endswith("/")):
+            for k in await self._akeys(normalize_prefix(prefix, self.name)):
+                yield k
+            return
+        # zarr also passes plain string prefixes ("x" matches "x/..." and "xy"): match them as strings.
+        raw = check_key(prefix, store=self.name)
+        parent = raw.rpartition("/")[0]
+        for k in await self._akeys(parent + "/" if parent else ""):
+            if k.startswith(raw):
+                yield k
+
+    async def _zlist_dir(self, prefix: Any) -> AsyncIterator[str]:
+        p = normalize_prefix(prefix, self.name)
+        for entry in await self._adir(p):
+            yield entry[len(p) :].rstrip("/")
 
     # -- zarr's Store ABC -----------------------------------------------------------------
     @property
@@ -347,19 +646,23 @@ class BaseStore(Store):
         return self._copy(read_only=read_only)
 
     def _copy(self, *, read_only: bool) -> BaseStore:
-        raise NotImplementedError(f"with_read_only is not implemented for the {type(self)} store type.")
+        # A store of unknown construction (a user subclass): a view over the same object.
+        return WrapperStore(self, read_only=read_only)
 
     async def exists(self, key: str) -> bool:
         return await self._aexists(key)
 
+    @_api
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:  # type: ignore[override]
         raise TypeError(f"{self.name} is not readable")
 
+    @_api
     async def get_partial_values(  # type: ignore[override]
         self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
     ) -> list[Buffer | None]:
         raise TypeError(f"{self.name} is not readable")
 
+    @_api
     async def set(self, key: str, value: Buffer) -> None:  # type: ignore[override]
         self._check_writable()
         raise ReadOnlyError(f"{self.name} is not writable")
@@ -368,12 +671,15 @@ class BaseStore(Store):
         self._check_writable()
         raise ReadOnlyError(f"{self.name} is not writable")
 
+    @_api
     def list(self) -> Any:  # type: ignore[override]
         raise TypeError(f"{self.name} cannot list its keys")
 
+    @_api
     def list_prefix(self, prefix: str) -> Any:  # type: ignore[override]
         raise TypeError(f"{self.name} cannot list its keys")
 
+    @_api
     def list_dir(self, prefix: str) -> Any:  # type: ignore[override]
         raise TypeError(f"{self.name} cannot list its keys")
 
@@ -398,7 +704,7 @@ class BaseStore(Store):
     # -- helpers shared by moves (loom on zarr swaps names at the end of a write) --
     def _move_prefix(self, src: str, dst: str) -> None:
         """Move every key under ``src/`` to ``dst/`` (``dst/`` is emptied first)."""
-        src_p, dst_p = check_prefix(src), check_prefix(dst)
+        src_p, dst_p = normalize_prefix(src), normalize_prefix(dst)
         for k in list(self._keys(dst_p)):
             self._erase(k)
         for k in list(self._keys(src_p)):
@@ -411,8 +717,13 @@ class _ReadOnlyStoreError(ReadOnlyError, ValueError):
 
 
 class ReadableStore(BaseStore):
-    """A store that can read keys (simplezarr ``get``/``get_partial_values``; zarr ``get``/``exists``)."""
+    """A store that can read keys (simplezarr ``get``/``get_partial_values``; zarr ``get``/``exists``).
 
+    Partial reads default to ``get()`` and a slice; built-in stores read only
+    the requested bytes.
+    """
+
+    @_api
     def get(self, key: str, prototype: Any = _NO, byte_range: ByteRequest | None = None) -> Any:  # type: ignore[override]
         """``get(key) -> bytes`` (sync, ``IOError`` if missing) or zarr's ``await get(key, prototype, byte_range)``."""
         if prototype is _NO and byte_range is None:
@@ -429,13 +740,11 @@ class ReadableStore(BaseStore):
             return None
         return prototype.buffer.from_bytes(data)
 
+    @_api
     def get_partial_values(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """``get_partial_values([(key, start, length)])`` (sync) or zarr's ``await get_partial_values(prototype, key_ranges)``."""
         if len(args) + len(kwargs) == 2 or "prototype" in kwargs:
-            rest = list(args)
-            prototype = kwargs["prototype"] if "prototype" in kwargs else rest.pop(0)
-            key_ranges = kwargs["key_ranges"] if "key_ranges" in kwargs else rest.pop(0)
-            return self._zget_partial(prototype, key_ranges)
+            return self._zget_partial(*args, **kwargs)
         (key_ranges,) = args or (kwargs["key_ranges"],)
         out = []
         for item in key_ranges:
@@ -445,7 +754,10 @@ class ReadableStore(BaseStore):
             out.append(self._get(self._key(key), (int(start), None if length is None else int(length))))
         return out
 
-    async def _zget_partial(self, prototype: Any, key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
+    async def _zget_partial(self, *args: Any, **kwargs: Any) -> list[Buffer | None]:
+        rest = list(args)
+        prototype = kwargs["prototype"] if "prototype" in kwargs else rest.pop(0)
+        key_ranges = kwargs["key_ranges"] if "key_ranges" in kwargs else rest.pop(0)
         pairs = [(self._key(k), r) for k, r in key_ranges]
         return list(await asyncio.gather(*(self._zget(k, prototype, r) for k, r in pairs)))
 
@@ -462,8 +774,14 @@ class ReadableStore(BaseStore):
 
 
 class WritableStore(BaseStore):
-    """A store that can write and delete keys (simplezarr ``set``/``erase*``; zarr ``set``/``delete``)."""
+    """A store that can write and delete keys (simplezarr ``set``/``erase*``; zarr ``set``/``delete``).
 
+    ``set_partial_values`` defaults to get, splice and set; ``erase_values``
+    to ``erase()`` per key; ``erase_prefix`` to listing the prefix and
+    erasing each key.
+    """
+
+    @_api
     def set(self, key: str, value: Any) -> Any:  # type: ignore[override]
         """``set(key, bytes)`` (sync) or zarr's ``await set(key, Buffer)``."""
         if isinstance(value, Buffer):
@@ -496,6 +814,7 @@ class WritableStore(BaseStore):
         with contextlib.suppress(MissingKeyError):
             self._erase(key)
 
+    @_api
     def set_partial_values(self, key_start_values: Iterable[tuple[str, int, Any]]) -> None:
         """Write ``bytes`` into existing values at byte offsets: ``[(key, start, bytes)]``."""
         self._check_writable()
@@ -511,20 +830,28 @@ class WritableStore(BaseStore):
             old[start : start + len(new)] = new
             self._set(key, bytes(old))
 
+    @_api
     def erase(self, key: str) -> None:
         """Delete a key; a missing key raises :class:`~dask_loom.errors.MissingKeyError` (an ``IOError``)."""
         self._check_writable()
         self._erase(self._key(key))
 
+    @_api
     def erase_values(self, keys: Iterable[str]) -> None:
-        """Delete several keys."""
+        """Delete several keys (each through ``erase()``)."""
         for k in keys:
             self.erase(k)
 
+    @_api
     def erase_prefix(self, prefix: str) -> None:
-        """Delete every key under a ``"dir/"`` prefix (``"/"``: everything); a missing prefix is a no-op."""
+        """Delete every key under a ``"dir/"`` prefix (``"/"``: everything); a missing prefix is a no-op.
+
+        The prefix must end with ``/``: ``erase_prefix("dir1")`` is refused
+        rather than guessed (it could mean ``dir1/`` or every key starting
+        with ``dir1``, such as ``dir10/…``).
+        """
+        p = self._prefix(prefix, "erase_prefix")
         self._check_writable()
-        p = check_prefix(prefix, self.name)
         for k in list(self._keys(p)):
             with contextlib.suppress(MissingKeyError):
                 self._erase(k)
@@ -541,46 +868,32 @@ def _dir_entries(keys: Iterable[str], prefix: str) -> list[str]:
 
 
 class ListableStore(BaseStore):
-    """A store that can list keys (simplezarr ``list*``; zarr's async ``list*``)."""
+    """A store that can list keys (simplezarr ``list*``; zarr's async ``list*``).
 
-    def list(self) -> KeyList:  # type: ignore[override]
-        """All keys, sorted."""
+    ``list_prefix`` and ``list_dir`` default to filtering ``list()``; built-in
+    stores list only the requested directory.
+    """
 
-        async def agen() -> AsyncIterator[str]:
-            for k in await self._akeys(""):
-                yield k
+    @_api
+    def list(self) -> Any:  # type: ignore[override]
+        """All keys, sorted (a ``list``; a :class:`KeyList` inside a running event loop)."""
+        if _in_event_loop():
+            return KeyList(lambda: list(self._keys("")), self._zlist)
+        return sorted(self._keys(""))
 
-        return KeyList(lambda: list(self._keys("")), agen)
+    @_api
+    def list_prefix(self, prefix: str) -> Any:  # type: ignore[override]
+        """Every key under a ``"dir/"`` prefix (recursive, full keys); the root is ``"/"``."""
+        if _in_event_loop():
+            return KeyList(lambda: list(self._keys(self._prefix(prefix, "list_prefix"))), lambda: self._zlist_prefix(prefix))
+        return sorted(self._keys(self._prefix(prefix, "list_prefix")))
 
-    def list_prefix(self, prefix: str) -> KeyList:  # type: ignore[override]
-        """Every key under a ``"dir/"`` prefix (recursive, full keys)."""
-        if isinstance(prefix, str) and prefix and not prefix.endswith("/") and prefix != "/":
-            # zarr passes plain string prefixes here; match them as strings.
-            raw = check_key(prefix, self.name)
-
-            async def agen_raw() -> AsyncIterator[str]:
-                for k in await self._akeys(""):
-                    if k.startswith(raw):
-                        yield k
-
-            return KeyList(lambda: [k for k in self._keys("") if k.startswith(raw)], agen_raw)
-        p = check_prefix(prefix, self.name)
-
-        async def agen() -> AsyncIterator[str]:
-            for k in await self._akeys(p):
-                yield k
-
-        return KeyList(lambda: list(self._keys(p)), agen)
-
-    def list_dir(self, prefix: str) -> KeyList:  # type: ignore[override]
-        """Keys and ``"sub/"`` prefixes directly inside ``"dir/"``; ``async for`` yields zarr's relative names."""
-        p = check_prefix(prefix, self.name)
-
-        async def agen() -> AsyncIterator[str]:
-            for entry in await self._adir(p):
-                yield entry[len(p) :].rstrip("/")
-
-        return KeyList(lambda: self._dir(p), agen)
+    @_api
+    def list_dir(self, prefix: str) -> Any:  # type: ignore[override]
+        """Keys and ``"dir/sub/"`` prefixes directly inside ``"dir/"``; ``async for`` yields zarr's relative names."""
+        if _in_event_loop():
+            return KeyList(lambda: self._dir(self._prefix(prefix, "list_dir")), lambda: self._zlist_dir(prefix))
+        return self._dir(self._prefix(prefix, "list_dir"))
 
 
 class _Base3(ReadableStore, WritableStore, ListableStore):
@@ -621,7 +934,7 @@ class MemoryStore(_Base3):
         self._lock = threading.RLock()
         self._uid = uuid.uuid4().hex  # tokens name the store, never hash its data
         for k, v in (fields or {}).items():
-            self._dict[check_key(k, "MemoryStore")] = _as_bytes(v, f"MemoryStore: key {k!r}")
+            self._dict[check_key(k, store="MemoryStore")] = _as_bytes(v, f"MemoryStore: key {k!r}")
 
     @property
     def dict(self) -> dict[str, bytes]:
@@ -688,7 +1001,7 @@ class MemoryStore(_Base3):
             return sorted(k for k in self._dict if k.startswith(prefix))
 
     def _move_prefix(self, src: str, dst: str) -> None:
-        src_p, dst_p = check_prefix(src), check_prefix(dst)
+        src_p, dst_p = normalize_prefix(src), normalize_prefix(dst)
         with self._lock:
             for k in [k for k in self._dict if k.startswith(dst_p)]:
                 del self._dict[k]
@@ -765,7 +1078,7 @@ class LocalStore(_Base3):
             raise TypeError(f"store keys must be str, not {type(key).__name__}")
         if key.startswith(("/", "\\")) or os.path.isabs(key):
             raise InvalidKeyError(f"{self.name}: key {key!r} is an absolute path; keys must stay inside the store")
-        check_key(key, self.name)
+        check_key(key, store=self.name)
         p = self.path.joinpath(*key.split("/"))
         root = str(self.path)
         if os.path.commonpath([root, os.path.normpath(p)]) != root:
@@ -873,7 +1186,7 @@ class LocalStore(_Base3):
         return sorted(out)
 
     def _move_prefix(self, src: str, dst: str) -> None:
-        src_p, dst_p = check_prefix(src), check_prefix(dst)
+        src_p, dst_p = normalize_prefix(src), normalize_prefix(dst)
         s, d = self._file(src_p[:-1]), self._file(dst_p[:-1])
         if not s.is_dir():
             super()._move_prefix(src, dst)
@@ -938,8 +1251,8 @@ class WrapperStore(_Base3):
     def _copy(self, *, read_only: bool) -> WrapperStore:
         return type(self)(self._store._copy(read_only=read_only), *self._wrapper_args(), read_only=read_only)
 
-    def __reduce__(self) -> Any:
-        return (_rebuild_wrapper, (type(self), self._store, self._wrapper_args(), self.read_only))
+    # Pickled by state (the default): the wrapped store pickles as its spec, and
+    # subclasses keep every attribute whatever their __init__ takes.
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._store!r})"
@@ -998,10 +1311,6 @@ class WrapperStore(_Base3):
 
     def _move_prefix(self, src: str, dst: str) -> None:
         self._store._move_prefix(src, dst)
-
-
-def _rebuild_wrapper(cls: type, store: BaseStore, args: tuple[Any, ...], read_only: bool) -> WrapperStore:
-    return cls(store, *args, read_only=read_only)
 
 
 class SlowStore(WrapperStore):

@@ -7,8 +7,13 @@ a dask graph carries the store spec, the path and the document, nothing open.
 
 Where a directory holds both ``zarr.json`` and ``.zarray`` (zarrs writes both),
 the Zarr v3 document wins, as in zarr-python.  A Zarr v2 string array whose
-``fill_value`` is a number (zarr-python 2 wrote ``0``) opens with an empty
-fill value instead of failing, since its stored chunks never use it.
+``fill_value`` is a number (zarr-python 2 wrote ``0``) opens instead of
+failing: an object (variable-length) array fills with ``"0"`` as zarr-python
+3 reads it, a fixed-length one with the empty string as zarr-python 2 did
+(zarr-python 3 refuses those).
+
+Groups cache the nodes they open (``g["a"]["b"] is g["a/b"]``, as in
+simplezarr); ``open_zarr`` again to see metadata changed by another writer.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from dask_loom._config import get_config
-from dask_loom.errors import FormatError, MissingKeyError
+from dask_loom.errors import FormatError, InvalidKeyError, MissingKeyError
 from dask_loom.storage._objectstore import open_store
 from dask_loom.storage._stores import BaseStore, check_node_path
 from dask_loom.zarr._source import (
@@ -32,6 +37,7 @@ from dask_loom.zarr._source import (
     _numpy_dtype,
     build_array,
     chunk_key,
+    ensure_open,
     store_label,
     translate_read_error,
 )
@@ -98,6 +104,7 @@ def _read_key(store: Any, key: str) -> bytes | None:
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
+        ensure_open(store)
         buf = sync(store.get(key, prototype=default_buffer_prototype(), byte_range=RangeByteRequest(0, cap + 1)))
         raw = None if buf is None else buf.to_bytes()
     if raw is not None and len(raw) > cap:
@@ -158,12 +165,14 @@ def read_node_metadata(store: Any, path: str) -> tuple[str, dict[str, Any]]:
 def _open_array_checked(store: Any, path: str, meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     dtype = str(meta.get("dtype", ""))
     fill = meta.get("fill_value")
-    if meta.get("zarr_format") == 2 and dtype[1:2] in ("S", "U", "O") and fill is not None and not isinstance(fill, str):
-        # zarr-python 2 wrote fill_value 0 for string arrays; zarr-python 3 refuses it
-        # (or fills with "0").  Documented choice: an empty string.
+    if meta.get("zarr_format") == 2 and dtype[1:2] in ("S", "U") and fill is not None and not isinstance(fill, str):
+        # zarr-python 2 wrote fill_value 0 for string arrays and read it as
+        # np.zeros((), dtype)[()] (the empty string); zarr-python 3 refuses it
+        # for fixed-length strings.  Object arrays ("|O") are left to
+        # zarr-python 3, which fills them with str(fill_value).
         warnings.warn(
             f"{store_label(store)}: array {path or '/'!r} declares fill_value {fill!r} for string dtype {dtype}; "
-            "read with an empty fill value",
+            "read with an empty fill value, as zarr-python 2 did",
             UserWarning,
             stacklevel=4,
         )
@@ -201,9 +210,19 @@ class ZarrNode:
     def _where(self) -> str:
         return f"{store_label(self.store)}: {'array' if isinstance(self, ZarrArray) else 'group'} {self.path or '/'!r}"
 
+    def _one_line_repr(self) -> str:
+        return f"<{type(self).__name__} {self.path!r}>"
+
+    def __repr__(self) -> str:
+        return self._one_line_repr()
+
 
 class ZarrGroup(ZarrNode):
-    """A Zarr group; ``group["a/b"]`` navigates, ``repr`` lists its children.
+    """A Zarr group; ``group["a/b"]`` navigates, ``repr`` shows its children.
+
+    Child nodes are opened once and cached (``g["a"]["b"] is g["a/b"]``).
+    Sub-folders without Zarr metadata (an OME-Zarr download's extras, say)
+    are not children and are skipped by every listing.
 
     Examples
     --------
@@ -211,13 +230,24 @@ class ZarrGroup(ZarrNode):
     >>> from dask_loom.stores import MemoryStore
     >>> s = MemoryStore()
     >>> g = zarr.create_group(s)
-    >>> _ = g.create_array("a/x", shape=(4,), chunks=(2,), dtype="i4")
+    >>> _ = g.create_array("a/x", shape=(4, 6), chunks=(2, 3), dtype="i4")
     >>> root = dask_loom.open_zarr(s)
     >>> root
-    <ZarrGroup '/' children: ['a']>
+    <ZarrGroup '' with 1 children>
+        <ZarrGroup 'a' with 1 children>
     >>> root["a/x"]
-    <ZarrArray 'a/x' shape=(4,) dtype=int32 chunk_shape=(2,)>
+    <ZarrArray 'a/x' 4x6 int32>
+    >>> root["a"]["x"] is root["a/x"]
+    True
     """
+
+    def __init__(self, store: Any, path: str, metadata: dict[str, Any] | None = None) -> None:
+        super().__init__(store, path, metadata)
+        self._nodes: dict[str, ZarrNode] = {}  # opened descendants by path relative to this group
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy in another process opens its children again (the cache holds open arrays).
+        return {**self.__dict__, "_nodes": {}}
 
     def _child_names(self) -> list[str]:
         prefix = f"{self.path}/" if self.path else "/"
@@ -227,19 +257,38 @@ class ZarrGroup(ZarrNode):
             return [e[len(prefix) if self.path else 0 :].rstrip("/") for e in entries]
         from zarr.core.sync import _collect_aiterator, sync
 
-        names = sync(_collect_aiterator(store.list_dir(self.path)))
+        names = sync(_collect_aiterator(ensure_open(store).list_dir(self.path)))
         return sorted(n for n in names if n not in ("zarr.json", ".zarray", ".zgroup", ".zattrs", ".zmetadata"))
+
+    def _node(self, rel: str) -> ZarrNode:
+        """The node at *rel* below this group, opened once (:class:`NodeNotFoundError` if there is none)."""
+        node = self._nodes.get(rel)
+        if node is not None:
+            return node
+        head, _, rest = rel.partition("/")
+        if rest:
+            try:
+                parent: ZarrNode | None = self._node(head)
+            except NodeNotFoundError:
+                parent = None  # a folder without metadata on the way (implicit groups): open the path directly
+            if isinstance(parent, ZarrGroup):
+                return parent._node(rest)
+            if parent is not None:
+                raise NodeNotFoundError(f"{self._where()}: {head!r} is an array, it has no node {rest!r}")
+        node = _open_node(self.store, "/".join(p for p in (self.path, rel) if p))
+        return self._nodes.setdefault(rel, node)  # atomic: racing threads all get the first node stored
 
     @property
     def children(self) -> tuple[ZarrNode, ...]:
-        """The child nodes (sub-directories without readable Zarr metadata are skipped)."""
+        """The child nodes; sub-folders without Zarr metadata are skipped."""
         out = []
         for name in self._child_names():
             try:
-                out.append(self[name])
+                check_node_path(name)
+                out.append(self._node(name))
             except NodeNotFoundError:
-                continue
-            except FormatError as exc:
+                continue  # not a Zarr node: a plain folder beside the children
+            except (FormatError, InvalidKeyError) as exc:
                 warnings.warn(f"{self._where()}: skipped child {name!r}: {exc}", UserWarning, stacklevel=2)
         return tuple(out)
 
@@ -257,32 +306,44 @@ class ZarrGroup(ZarrNode):
     def __getitem__(self, path: str) -> ZarrNode:
         if not isinstance(path, str):
             raise TypeError(f"{self._where()}: index with a path string, not {type(path).__name__}")
-        full = "/".join(p for p in (self.path, check_node_path(path, self._where())) if p)
+        rel = check_node_path(path, self._where())
+        if not rel:
+            return self
         try:
-            return _open_node(self.store, full)
+            return self._node(rel)
         except NodeNotFoundError:
             raise KeyError(f"{self._where()} has no node {path!r}") from None
 
-    def get_structure(self, max_depth: int | None = None) -> list[str]:
-        """Lines describing the tree below this group."""
+    def _one_line_repr(self) -> str:
+        return f"<ZarrGroup {self.path!r} with {len(self.children)} children>"
+
+    def get_structure(self, max_depth: int | None = None, indent: int = 0) -> str:
+        """The tree below this group as text: one node per line, children indented by 4.
+
+        Parameters
+        ----------
+        max_depth
+            Levels of children to show (``None``: all).
+        indent
+            Spaces before the first line.
+        """
         lines: list[str] = []
 
         def walk(node: ZarrNode, depth: int) -> None:
-            pad = "    " * depth
-            lines.append(f"{pad}{node!r}")
-            if isinstance(node, ZarrGroup) and (max_depth is None or depth < max_depth):
+            lines.append(" " * (int(indent) + 4 * depth) + node._one_line_repr())
+            if isinstance(node, ZarrGroup) and (max_depth is None or depth < int(max_depth)):
                 for c in node.children:
                     walk(c, depth + 1)
 
         walk(self, 0)
-        return lines
+        return "\n".join(lines)
 
     def print_structure(self, max_depth: int | None = None) -> None:
-        """Print the tree below this group."""
-        print("\n".join(self.get_structure(max_depth)))
+        """Print :meth:`get_structure`."""
+        print(self.get_structure(max_depth))
 
     def __repr__(self) -> str:
-        return f"<ZarrGroup '{self.path or '/'}' children: {[c.name for c in self.children]}>"
+        return self.get_structure(max_depth=1)
 
 
 class ZarrArray(ZarrNode):
@@ -377,8 +438,9 @@ class ZarrArray(ZarrNode):
     def _dimension_names(self) -> tuple[str | None, ...] | None:
         return self.metadata.get("dimension_names")
 
-    def __repr__(self) -> str:
-        return f"<ZarrArray '{self.path or '/'}' shape={self.shape} dtype={self.dtype} chunk_shape={self.chunk_shape}>"
+    def _one_line_repr(self) -> str:
+        shape = "x".join(str(n) for n in self.shape) if self.shape else "()"
+        return f"<ZarrArray {self.path!r} {shape} {self.dtype}>"
 
     # -- chunk I/O -------------------------------------------------------------------
     def _chunk_region(self, index: Any) -> tuple[tuple[int, ...], tuple[slice, ...]]:
@@ -473,14 +535,26 @@ def _open_node(store: Any, path: str) -> ZarrNode:
     return ZarrArray(store, path, meta) if kind == "array" else ZarrGroup(store, path, meta)
 
 
+def _is_zip_file(path: str) -> bool:
+    from dask_loom.storage._urls import is_url
+
+    if is_url(path) or not os.path.isfile(path):
+        return False
+    import zipfile
+
+    return zipfile.is_zipfile(path)
+
+
 def open_zarr(store: Any, path: str = "", *, mode: str = "r+", **storage_options: Any) -> ZarrNode:
     """Open the Zarr node (group or array) at *path* of a store, path or URL.
 
     Parameters
     ----------
     store
-        A store (any zarr-python ``Store``), a local path, or a URL
-        (``s3://…``; options in ``storage_options``).
+        A store (any zarr-python ``Store``, a ``ZipStore`` opened or not), a
+        local path (a directory, or a zip file such as ``x.zarr.zip``, which
+        opens read-only), or a URL (``s3://…``; options in
+        ``storage_options``).
     path
         Node path inside the store.
     mode
@@ -497,7 +571,12 @@ def open_zarr(store: Any, path: str = "", *, mode: str = "r+", **storage_options
     """
     if mode not in ("r", "r+"):
         raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
-    if isinstance(store, (str, os.PathLike, dict)):
+    if isinstance(store, (str, os.PathLike)) and _is_zip_file(os.fspath(store)):
+        from zarr.storage import ZipStore
+
+        # Zipped stores open read-only: a zip member cannot be replaced or erased in place.
+        store = ZipStore(os.fspath(store), mode="r")
+    elif isinstance(store, (str, os.PathLike, dict)):
         s = open_store(store, read_only=mode == "r", **storage_options)
         if isinstance(store, (str, os.PathLike)) and not isinstance(store, dict):
             from dask_loom.storage._urls import is_url
@@ -507,6 +586,7 @@ def open_zarr(store: Any, path: str = "", *, mode: str = "r+", **storage_options
         store = s
     elif mode == "r" and isinstance(store, BaseStore) and not store.read_only:
         store = store.with_read_only(True)
+    ensure_open(store)
     # Checked for any store, zarr-python's own included (they do not all refuse "..").
     path = check_node_path(path, store_label(store))
     return _open_node(store, path)

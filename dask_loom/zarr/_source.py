@@ -19,7 +19,7 @@ import numpy as np
 
 from dask_loom.errors import CorruptChunkError, DaskLoomError, FormatError, UnsupportedCodecError
 
-__all__ = ["ZarrSource", "build_array", "chunk_key", "translate_read_error"]
+__all__ = ["ZarrSource", "build_array", "chunk_key", "ensure_open", "translate_read_error", "zarr_metadata"]
 
 _cache_lock = threading.Lock()
 _arrays: dict[Any, Any] = {}
@@ -64,6 +64,27 @@ def check_safe_codecs(metadata: Any, where: str) -> None:
     walk(metadata, True)
 
 
+_open_lock = threading.Lock()
+
+
+def ensure_open(store: Any) -> Any:
+    """Open a zarr-python ``ZipStore`` that was built (or unpickled in a worker) but not opened.
+
+    A ``ZipStore`` needs ``_sync_open()`` before its first read (its lock and
+    zip handle are made there, and are dropped when it is pickled); zarr's
+    other stores read without it.
+    """
+    if getattr(store, "_is_open", True):
+        return store
+    from zarr.storage import ZipStore
+
+    if isinstance(store, ZipStore):
+        with _open_lock:
+            if not store._is_open:
+                store._sync_open()
+    return store
+
+
 def build_array(store: Any, path: str, metadata: dict[str, Any], *, write_empty_chunks: bool = False) -> Any:
     """A ``zarr.Array`` for *metadata* at *path* of *store* (no I/O), cached per process."""
     from dask.base import tokenize
@@ -80,8 +101,13 @@ def build_array(store: Any, path: str, metadata: dict[str, Any], *, write_empty_
     from zarr.core.array import AsyncArray
     from zarr.storage import StorePath
 
+    ensure_open(store)
     try:
-        async_arr = AsyncArray(metadata=metadata, store_path=StorePath(store, path), config={"write_empty_chunks": write_empty_chunks})
+        async_arr = AsyncArray(
+            metadata=zarr_metadata(metadata, f"{store_label(store)}: array {path or '/'!r}"),
+            store_path=StorePath(store, path),
+            config={"write_empty_chunks": write_empty_chunks},
+        )
     except Exception as exc:
         raise translate_metadata_error(exc, store, path) from exc
     arr = zarr.Array(async_arr)
@@ -91,6 +117,68 @@ def build_array(store: Any, path: str, metadata: dict[str, Any], *, write_empty_
             _arrays.pop(next(iter(_arrays)))
         _arrays[key] = arr
     return arr
+
+
+# simplezarr writes the "default" chunk key encoding with any separator, its chunks under
+# "c/" + sep.join(index) ("c/0-0-0" with "-"); zarr-python accepts only "/" and ".".
+# Such arrays get an encoding of ours that finds simplezarr's keys.
+_SEPARATOR_ENCODING = "dask_loom.default_separator"
+_SAFE_SEPARATORS = frozenset("-_~:,;+|!=^")
+_registered = False
+
+
+def _register_separator_encoding() -> None:
+    global _registered
+    if _registered:
+        return
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from zarr.core.chunk_key_encodings import ChunkKeyEncoding
+    from zarr.registry import register_chunk_key_encoding
+
+    @dataclass(frozen=True)
+    class DefaultAnySeparator(ChunkKeyEncoding):
+        """simplezarr's "default" encoding with a separator other than "/" or ".": ``c/i-j-k``."""
+
+        name: ClassVar[str] = _SEPARATOR_ENCODING
+        separator: str = "-"
+
+        def encode_chunk_key(self, chunk_coords: tuple[int, ...]) -> str:
+            return "c/" + self.separator.join(map(str, chunk_coords)) if chunk_coords else "c"
+
+        def decode_chunk_key(self, chunk_key: str) -> tuple[int, ...]:
+            return () if chunk_key == "c" else tuple(map(int, chunk_key[2:].split(self.separator)))
+
+    register_chunk_key_encoding(_SEPARATOR_ENCODING, DefaultAnySeparator)
+    _registered = True
+
+
+def zarr_metadata(metadata: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """*metadata* as zarr-python can parse it.
+
+    A Zarr v3 "default" chunk key encoding whose separator is neither "/"
+    nor "." (outside the spec; simplezarr writes such arrays, "-" in its own
+    tests, with chunk keys ``c/0-0-0``) is swapped for an encoding registered
+    here that finds those keys; zarr-python refuses the original.
+    Separators that could make a key escape or be re-read differently are
+    refused.
+    """
+    if metadata.get("zarr_format") != 3:
+        return metadata
+    cke = metadata.get("chunk_key_encoding")
+    if not isinstance(cke, dict) or cke.get("name") != "default":
+        return metadata
+    sep = (cke.get("configuration") or {}).get("separator", "/")
+    if sep in ("/", "."):
+        return metadata
+    if not isinstance(sep, str) or sep not in _SAFE_SEPARATORS:
+        raise FormatError(
+            f"{where + ': ' if where else ''}invalid metadata: chunk_key_encoding separator {sep!r} "
+            f"(expected '/', '.' or one of {''.join(sorted(_SAFE_SEPARATORS))!r})"
+        )
+    _register_separator_encoding()
+    return {**metadata, "chunk_key_encoding": {"name": _SEPARATOR_ENCODING, "configuration": {"separator": sep}}}
 
 
 def _check_sizes(metadata: dict[str, Any], where: str) -> None:
@@ -209,7 +297,9 @@ class _FastPath:
             cke = meta.get("chunk_key_encoding", {"name": "default"})
             sep = cke.get("configuration", {}).get("separator")
             if cke.get("name") == "default":
-                self.sep, self.lead = sep or "/", "c" + (sep or "/")
+                # "/" and "." as the spec says; other separators where simplezarr puts them (c/0-0).
+                sep = sep or "/"
+                self.sep, self.lead = sep, "c" + (sep if sep in ("/", ".") else "/")
             elif cke.get("name") == "v2":
                 self.sep, self.lead = sep or ".", ""
             else:
