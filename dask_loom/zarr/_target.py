@@ -229,14 +229,12 @@ class ZarrTarget(BlockTarget):
         raise ContainsArrayError(f"{self.label}: a node exists there (pass overwrite=True to replace it)")
 
     def _erase_node(self) -> None:
-        from dask_loom.storage._stores import check_prefix
-
         # The metadata first: from here on the array does not open, whatever is left of its chunks.
         for doc in _DOCS:
             with contextlib.suppress(MissingKeyError, FileNotFoundError):
                 self.store.erase(_join(self.path, doc))
         with contextlib.suppress(MissingKeyError, FileNotFoundError):
-            self.store.erase_prefix(check_prefix(self.path) if self.path else "/")
+            self.store.erase_prefix(f"{self.path}/" if self.path else "/")
 
     def _commit_docs(self) -> None:
         """Groups above the array that the store lacks, then the array's own documents (the commit marker) last."""
