@@ -6,7 +6,8 @@ Writers are serialised by a lock file beside the data
 and, through NFS locks, machines) and, inside a ``dask.distributed`` worker,
 by a ``distributed.Lock`` keyed by the file.  A held lock is waited for with
 backoff until the timeout, then :class:`~dask_loom.errors.WriteConflictError`
-names the file.
+names the file.  A lock file beside a target that does not exist when its
+writer leaves (a failed create or convert) is removed.
 """
 
 from __future__ import annotations
@@ -49,32 +50,52 @@ def exclusive(spec: FileSpec, timeout: float, *, on_acquire: Callable[[], Any] |
     dist_lock = distributed_lock(spec)
     if dist_lock is not None and not dist_lock.acquire(timeout=timeout):
         raise WriteConflictError(f"{spec.name}: another dask_loom task held the write lock for {timeout:.0f} s")
+    path = lock_path(spec)
     try:
-        path = lock_path(spec)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() > deadline:
+                    raise WriteConflictError(
+                        f"{spec.name}: another writer held the file for {timeout:.0f} s (lock file {path})"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)
+                continue
+            if _same_file(fd, path):
+                break
+            # The holder removed the lock file as it left (its target was never
+            # created): this lock is on a dead inode; take the new file's.
+            os.close(fd)
         try:
-            deadline = time.monotonic() + timeout
-            delay = 0.005
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise WriteConflictError(
-                            f"{spec.name}: another writer held the file for {timeout:.0f} s (lock file {path})"
-                        ) from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.25)
             if on_acquire is not None:
                 on_acquire()
             yield
         finally:
+            # A lock file beside a target that does not exist (a failed create or
+            # convert) is removed, while still held; others re-check (_same_file).
+            if not os.path.lexists(spec.url):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
             os.close(fd)  # releases the flock
     finally:
         if dist_lock is not None:
             dist_lock.release()
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether the open lock file *fd* is still the file at *path* (not removed or replaced)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def distributed_lock(spec: FileSpec) -> Any:
