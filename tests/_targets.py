@@ -217,4 +217,74 @@ class LoomZarr(LoomHDF5):
         return g["layers/L"][...] if "layers" in g and "L" in g["layers"] else None
 
 
-KINDS = [HDF5(), ZarrLocal(), ZarrSharded(), ZarrV2(), OME(), LoomHDF5(), LoomZarr()]
+class AnnData(Kind):
+    """An AnnData matrix element, read back by anndata's own ``read_elem``."""
+
+    encoding = "dense"
+    suffix = ".h5ad"
+
+    def __init__(self, encoding: str = "dense", suffix: str = ".h5ad") -> None:
+        self.encoding = encoding
+        self.suffix = suffix
+        self.name = f"anndata-{encoding}-{suffix.strip('.')}"
+
+    def path(self, tmp):
+        return tmp / f"t{self.suffix}"
+
+    def make(self, tmp, shape, chunks, dtype, *, old=None):
+        import anndata
+        import scipy.sparse as sp
+
+        from dask_loom.anndata import anndata_target
+
+        if old is not None:
+            value = old if self.encoding == "dense" else (sp.csr_matrix(old) if self.encoding == "csr" else sp.csc_matrix(old))
+            if self.suffix == ".h5ad":
+                import h5py
+
+                with h5py.File(self.path(tmp), "a") as f:
+                    anndata.io.write_elem(f, "X", value)
+                    anndata.io.write_elem(f, "other", np.arange(5))
+            else:
+                import zarr
+
+                g = zarr.open_group(str(self.path(tmp)), mode="a", zarr_format=2)
+                anndata.io.write_elem(g, "X", value)
+                anndata.io.write_elem(g, "other", np.arange(5))
+        band = chunks if self.encoding == "dense" else chunks[0 if self.encoding == "csr" else 1]
+        return anndata_target(self.path(tmp), "X", shape=shape, dtype=dtype, encoding=self.encoding, chunks=band)
+
+    def read(self, tmp):
+        import anndata
+
+        fn = self.path(tmp)
+        if not fn.exists():
+            return None
+        if self.suffix == ".h5ad":
+            import h5py
+
+            with h5py.File(fn, "r") as f:
+                if "other" in f:
+                    assert f["other"][:].tolist() == [0, 1, 2, 3, 4]
+                if "X" not in f:
+                    return None
+                x = anndata.io.read_elem(f["X"])
+        else:
+            import zarr
+
+            g = zarr.open_group(str(fn), mode="r")
+            if "other" in g:
+                assert g["other"][:].tolist() == [0, 1, 2, 3, 4]
+            if "X" not in g:
+                return None
+            x = anndata.io.read_elem(g["X"])
+        if self.encoding != "dense":
+            assert type(x).__name__.startswith(self.encoding), f"read back as {type(x).__name__}"
+            x = x.toarray()
+        return np.asarray(x)
+
+
+KINDS = [
+    HDF5(), ZarrLocal(), ZarrSharded(), ZarrV2(), OME(), LoomHDF5(), LoomZarr(),
+    AnnData("dense"), AnnData("csr"), AnnData("csc", ".zarr"), AnnData("dense", ".zarr"),
+]

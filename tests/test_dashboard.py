@@ -31,6 +31,7 @@ from dask_loom.cluster import compute
 
 #: Every task-name prefix dask_loom gives its tasks.
 INTENDED = {
+    "anndata-write",
     "hdf-read",
     "hdf-write",
     "loom-aggregate",
@@ -55,7 +56,7 @@ INTENDED = {
 }
 # Names in the source that look like prefixes but name no task.
 NOT_TASKS = {"dask-loom", "dask-loom-demo", "dask-loom-write"}  # temporary paths, a distributed Lock
-FAMILIES = ("loom", "zarr", "mapped", "ome", "hdf", "tiff")
+FAMILIES = ("loom", "zarr", "mapped", "ome", "hdf", "tiff", "anndata")
 
 PACKAGE = pathlib.Path(dask_loom.__file__).parent
 

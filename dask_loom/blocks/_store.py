@@ -198,10 +198,18 @@ def _memory_blocks(x: Any, target: ChunkTarget) -> Iterator[tuple[tuple[slice, .
     itemsize = 8 if dtype.kind == "O" else dtype.itemsize
     cap = getattr(target, "block_bytes", None)
     if _is_sparse(x):
-        if x.format not in ("csr", "csc"):
-            x = x.tocsr()
-        # Row bands of CSR (cheap row slices), column bands of CSC.
-        axis = 0 if x.format == "csr" else 1
+        # Row bands of CSR (cheap row slices), column bands of CSC; a target whose
+        # write unit spans a whole axis (an AnnData CSR/CSC element) picks the format.
+        cs = tuple(int(c) for c in target.chunk_shape)
+        if len(shape) == 2 and cs[1] >= shape[1] > 0 and cs[0] < shape[0]:
+            fmt = "csr"
+        elif len(shape) == 2 and cs[0] >= shape[0] > 0 and cs[1] < shape[1]:
+            fmt = "csc"
+        else:
+            fmt = x.format if x.format in ("csr", "csc") else "csr"
+        if x.format != fmt:
+            x = x.asformat(fmt)
+        axis = 0 if fmt == "csr" else 1
         plan = plan_blocks(shape, target.chunk_shape, itemsize, band_axis=axis, target_bytes=cap)
         for _, region in block_regions(plan):
             if _nonempty(region):

@@ -59,6 +59,8 @@ class HDF5Target(BlockTarget):
         Of the new dataset.
     compression, compression_opts, shuffle, fillvalue, maxshape
         As for ``h5py.Group.create_dataset`` (default gzip level 2, loompy's).
+    attrs
+        HDF5 attributes of the new dataset.
     prefix
         Task-name prefix (default ``"hdf-write"``).
 
@@ -95,6 +97,7 @@ class HDF5Target(BlockTarget):
         shuffle: bool = False,
         fillvalue: Any = None,
         maxshape: tuple[int | None, ...] | None = None,
+        attrs: dict[str, Any] | None = None,
         prefix: str = "hdf-write",
     ) -> None:
         self.spec = file if isinstance(file, FileSpec) else FileSpec.from_path(file)
@@ -115,6 +118,7 @@ class HDF5Target(BlockTarget):
             "fillvalue": fillvalue,
             "maxshape": maxshape,
         }
+        self._attrs = dict(attrs or {})
         self._joined = False
         self._file: Any = None
         self._encoder: ChunkEncoder | None = None
@@ -136,6 +140,7 @@ class HDF5Target(BlockTarget):
         self.prefix = prefix
         self.label = label or f"{self.spec.name}: dataset '{self.path}'"
         self._create = {}
+        self._attrs = {}
         self._joined = True
         self._file = f
         self._encoder = encoder_for(ds)
@@ -200,6 +205,8 @@ class HDF5Target(BlockTarget):
             # HDF5 refuses a chunk larger than a fixed empty extent: empty axes may grow.
             kw["maxshape"] = tuple(None if n == 0 else n for n in self.shape)
         ds = f.create_dataset(self.path, shape=self.shape, dtype=self.dtype, chunks=self.chunk_shape, **kw)
+        for k, v in self._attrs.items():
+            ds.attrs[k] = v
         self._encoder = encoder_for(ds)
 
 
@@ -213,6 +220,7 @@ def _rebuild(spec: FileSpec, path: str, shape: tuple[int, ...], dtype: Any, chun
     self.prefix = prefix
     self.label = label
     self._create = {}
+    self._attrs = {}
     self._joined = True  # a copy in a task never opens the file
     self._file = None
     self._encoder = encoder
