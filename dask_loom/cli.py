@@ -4,9 +4,12 @@ Every subcommand that computes (``stats``, ``demo``, ``convert``,
 ``aggregate``, ``permute``, ``export``, ``scan``) takes ``--scheduler ADDR``
 (default: ``DASK_LOOM_SCHEDULER``, else the embedded default) and
 ``--progress/--no-progress`` (default: a bar when stderr is a terminal);
-``info`` and ``validate`` only read metadata and compute nothing.  Exit codes:
-0 success, 1 a data or I/O error (printed as one line naming the file and the
-problem, no traceback), 2 a usage error (unknown flag, bad value).
+``info`` and ``validate`` only read metadata and compute nothing.  Those that
+read a Loom file check it against the spec first, as ``loompy.connect`` does,
+and take ``--no-validate`` to skip the check (``connect(validate=False)``).
+Exit codes: 0 success, 1 a data or I/O error (printed as one line naming the
+file and the problem, no traceback; a failed spec check also lists the
+validator's reasons), 2 a usage error (unknown flag, bad value).
 """
 
 from __future__ import annotations
@@ -77,6 +80,16 @@ def _compute_options(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="show a progress bar on stderr (default: when stderr is a terminal)",
+    )
+
+
+def _validate_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-validate",
+        dest="validate",
+        action="store_false",
+        help="do not check the input against the Loom spec first (as connect(validate=False)); "
+        "files loompy's validator rejects are then read as far as they can be",
     )
 
 
@@ -201,17 +214,20 @@ def _stats_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default="", help="layer name (default: the main matrix)")
     p.add_argument("--axis", type=int, choices=[0, 1], default=0, help="0: one row per gene (default), 1: one row per cell")
     p.add_argument("-o", "--out", metavar="OUT.tsv", help="write the table here (default: a summary on stdout)")
+    _validate_option(p)
     _compute_options(p)
 
 
 STAT_FUNCS = ("mean", "std", "min", "max", "count_nonzero")
 
 
-def run_stats(path: str, *, layer: str = "", axis: int = 0, scheduler: Any = None, progress: bool = False) -> dict[str, np.ndarray]:
+def run_stats(
+    path: str, *, layer: str = "", axis: int = 0, scheduler: Any = None, progress: bool = False, validate: bool = True
+) -> dict[str, np.ndarray]:
     """Per-row (axis 0) or per-column (axis 1) mean, std, min, max and non-zero count."""
     from dask_loom.loom import connect
 
-    with connect(path, "r") as ds:
+    with connect(path, "r", validate=validate) as ds:
         values = ds.map(list(STAT_FUNCS), axis=axis, layer=layer, scheduler=scheduler, progress=progress)
         attrs = ds.ra if axis == 0 else ds.ca
         key = next((k for k in ("Gene", "CellID", "var_names", "obs_names") if k in attrs), None)
@@ -232,7 +248,7 @@ def write_table(table: dict[str, np.ndarray], out: str) -> None:
 def cmd_stats(args: argparse.Namespace) -> int:
     with _announce(args) as target:
         t0 = time.perf_counter()
-        table = run_stats(args.file, layer=args.layer, axis=args.axis, scheduler=target, progress=_progress(args))
+        table = run_stats(args.file, layer=args.layer, axis=args.axis, scheduler=target, progress=_progress(args), validate=args.validate)
         dt = time.perf_counter() - t0
     n = len(table["name"])
     if args.out:
@@ -352,6 +368,13 @@ def _version() -> str:
 
 def _message(exc: BaseException) -> str:
     """One line naming the file (when known) and the problem."""
+    from dask_loom.errors import LoomValidationError
+
+    if isinstance(exc, LoomValidationError):
+        # The validator's reasons follow, one per line; the headline names the file.
+        reasons = [e for e in exc.errors if not e.startswith("For help, see")]
+        head = f"{exc.filename} does not appear to be a valid Loom file according to Loom spec version '{exc.version}'"
+        return "\n".join([f"{head} (--no-validate reads it anyway):", *(f"  {r}" for r in reasons)])
     if isinstance(exc, KeyError) and exc.args:
         return str(exc.args[0])
     if isinstance(exc, OSError) and exc.strerror and exc.filename:
@@ -384,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (DaskLoomError, OSError, ValueError, KeyError, IndexError) as exc:
         _say(f"dask-loom {args.command}: error: {_message(exc)}")
+        return 1
+    except Exception as exc:  # anything else (a bug of ours or a dependency's): one line, no traceback
+        _say(f"dask-loom {args.command}: error: {type(exc).__name__}: {_message(exc)}")
         return 1
 
 

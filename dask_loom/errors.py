@@ -24,6 +24,7 @@ __all__ = [
     "InvalidKeyError",
     "InvalidNameError",
     "LoomFormatError",
+    "LoomValidationError",
     "MissingDependencyError",
     "MissingKeyError",
     "OMEArrowError",
@@ -50,6 +51,27 @@ class FormatError(DaskLoomError, ValueError):
 
 class LoomFormatError(FormatError):
     """A file is not a valid Loom file (or not one we can read)."""
+
+
+class LoomValidationError(LoomFormatError):
+    """A file fails the Loom spec checks run by ``connect(validate=True)``.
+
+    ``errors`` holds the validator's reasons, one line each; the message is
+    loompy's (the reasons, then the line naming the file and spec version).
+    """
+
+    def __init__(self, message: str, *, filename: str = "", version: str = "", errors: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.filename = filename
+        self.version = version
+        self.errors = list(errors or [])
+
+    def __reduce__(self) -> tuple:  # picklable with its keyword-only fields (dask re-raises it across processes)
+        return (_rebuild_validation_error, (self.args[0] if self.args else "", self.filename, self.version, self.errors))
+
+
+def _rebuild_validation_error(message: str, filename: str, version: str, errors: list[str]) -> LoomValidationError:
+    return LoomValidationError(message, filename=filename, version=version, errors=errors)
 
 
 class AnnDataFormatError(FormatError):

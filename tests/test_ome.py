@@ -862,6 +862,29 @@ def test_selection_errors(records):
         dask_loom.open_ome_arrow(rec, roi2=(0, 0, 1, 1))
 
 
+def test_error_messages_start_as_ome_arrows(records):
+    """Code that matches ome-arrow 0.1.0's messages keeps working: ours start with its exact wording."""
+    ome_arrow = pytest.importorskip("ome_arrow")
+    from ome_arrow.tensor import TensorView as RefView
+
+    rec = records["ref-list"] if "ref-list" in records else records["ours-list"]
+    ref = ome_arrow.OMEArrow(rec)
+    cases = [
+        (lambda: RefView(rec, chunk_policy="sideways"), lambda: dask_loom.TensorView(rec, chunk_policy="sideways")),
+        (lambda: RefView(rec, channel_policy="last"), lambda: dask_loom.TensorView(rec, channel_policy="last")),
+        (lambda: ref.tensor_view(z=0, roi3d=(0, 0, 0, 4, 4, 1)), lambda: dask_loom.TensorView(rec, z=0, roi3d=(0, 0, 0, 4, 4, 1))),
+        (lambda: ref.tensor_view(t=0, z=0).to_dlpack(device="TPU"), lambda: dask_loom.TensorView(rec, t=0, z=0).to_dlpack(device="TPU")),
+        (lambda: ref.tensor_view(t=0, z=0).to_dlpack(mode="pandas"), lambda: dask_loom.TensorView(rec, t=0, z=0).to_dlpack(mode="pandas")),
+    ]
+    for theirs, ours in cases:
+        with pytest.raises(ValueError) as expected:
+            theirs()
+        with pytest.raises(SelectionError) as got:
+            ours()
+        assert str(got.value).startswith(str(expected.value)), (str(got.value), str(expected.value))
+    assert str(got.value) == "Unsupported mode 'pandas'. Expected one of: arrow, numpy."
+
+
 def test_unsupported_dtypes(records):
     with pytest.raises(UnsupportedDtypeError, match="complex64"):
         dask_loom.to_ome_arrow(np.zeros((4, 4), np.complex64))

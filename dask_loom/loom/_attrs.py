@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import h5py
 import numpy as np
 
 from dask_loom.errors import LoomFormatError
-from dask_loom.loom._common import AXIS_ATTRS, NamedMapping, check_name, scalar_text, timestamp
-from dask_loom.loom._values import normalize_for_write
+from dask_loom.loom._common import (
+    AXIS_ATTRS,
+    NamedMapping,
+    check_name,
+    global_value,
+    is_spec3,
+    read_spec_version,
+    scalar_text,
+    timestamp,
+)
+from dask_loom.loom._values import materialize, normalize_for_write
 
 if TYPE_CHECKING:
     from dask_loom.loom._connection import LoomConnection
@@ -28,10 +40,14 @@ def _is_index(thing: Any) -> bool:
     return isinstance(thing, list) and bool(thing) and all(isinstance(x, (int, np.integer, bool, np.bool_)) for x in thing)
 
 
-def _take(values: np.ndarray, index: Any) -> np.ndarray:
-    if isinstance(index, (int, np.integer)):
-        return values[[int(index)]]
-    return values[index]
+def _take(values: np.ndarray, index: Any) -> Any:
+    """*values* at *index*; an integer drops the axis (numpy's rule, and loompy's ``ds.ra[5]["Gene"]``)."""
+    out = values[index]
+    if isinstance(out, str) and not isinstance(out, np.str_):
+        # Our string attributes are object arrays; loompy's are unicode arrays,
+        # whose elements are numpy.str_ (a str subclass).
+        return np.str_(out)
+    return out
 
 
 class AttributeManager(NamedMapping):
@@ -53,6 +69,9 @@ class AttributeManager(NamedMapping):
         object.__setattr__(self, "_parent", None)
         object.__setattr__(self, "_index", None)
         object.__setattr__(self, "_length", None)
+        if ds is not None and not hasattr(ds, "_attr_names"):
+            ds = _LoompyOwner(ds)  # loompy's contract: any object with ``_file`` and ``shape``
+            object.__setattr__(self, "ds", ds)
         names: list[str] = list(values or {})
         if ds is not None:
             names = ds._attr_names(axis)
@@ -75,14 +94,21 @@ class AttributeManager(NamedMapping):
 
 
 
-    def get(self, name: str, default: Any = None) -> Any:
-        """The attribute, or *default* (which, when given, must have one value per row/column)."""
+    def get(self, name: str, default: np.ndarray) -> Any:
+        """The attribute *name*, or *default* when there is none.
+
+        As in loompy, *default* is required and must be a numpy array with one
+        value per row (column): anything else, ``None`` included, raises
+        ``ValueError``.
+        """
         if name in self:
             return self[name]
-        if default is not None and self.ds is not None:
-            n = self.ds.shape[self.axis]
-            if not isinstance(default, np.ndarray) or default.shape[:1] != (n,):
-                raise ValueError(f"Default value for '{name}' must be an array of length {n}")
+        n = self._n()
+        if not isinstance(default, np.ndarray):
+            raise ValueError(f"Default must be an np.ndarray with exactly {n} values")
+        if n is not None and (default.ndim == 0 or default.shape[0] != n):
+            got = default.shape[0] if default.ndim else 0
+            raise ValueError(f"Default must be an np.ndarray with exactly {n} values but {got} were given")
         return default
 
     def _load(self, name: str) -> np.ndarray:
@@ -118,7 +144,7 @@ class AttributeManager(NamedMapping):
         raise TypeError(f"cannot index attributes with {type(thing).__name__}")
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("__") or name in _INTERNAL:  # internals not set yet (a failed __init__): no recursion
             raise AttributeError(name)
         try:
             return self[name]
@@ -168,6 +194,8 @@ class AttributeManager(NamedMapping):
     def _n(self) -> int | None:
         if self.ds is not None:
             return self.ds.shape[self.axis]
+        if isinstance(self._index, (int, np.integer)):
+            return None  # one row (column): the values are scalars
         for v in self._cache.values():
             return len(v)
         if self._names:
@@ -185,9 +213,16 @@ class AttributeManager(NamedMapping):
 
 
 class GlobalAttributeManager(NamedMapping):
-    """``ds.attrs``: file-wide attributes (``/attrs`` datasets in spec 3, root HDF5 attributes before)."""
+    """``ds.attrs``: file-wide attributes (``/attrs`` datasets in spec 3, root HDF5 attributes before).
 
-    def __init__(self, ds: LoomConnection | None, values: dict[str, Any] | None = None) -> None:
+    Built by a connection, from a dict of values (in memory), or, as loompy's
+    ``GlobalAttributeManager(f)``, from an open ``h5py.File`` (reads and
+    writes go to that file).
+    """
+
+    def __init__(self, ds: LoomConnection | h5py.Group | None, values: dict[str, Any] | None = None) -> None:
+        if isinstance(ds, h5py.Group):  # loompy's constructor takes the open h5py file
+            ds = _H5Globals(ds)
         object.__setattr__(self, "ds", ds)
         object.__setattr__(self, "_cache", dict(values or {}))
         names = list(values or {}) if ds is None else ds._global_names()
@@ -210,7 +245,7 @@ class GlobalAttributeManager(NamedMapping):
         return self._cache[name]
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
+        if name.startswith("__") or name in ("ds", "_cache", "_names"):
             raise AttributeError(name)
         return self[name]
 
@@ -243,6 +278,109 @@ class GlobalAttributeManager(NamedMapping):
 
     def __repr__(self) -> str:
         return f"<Global attributes: {', '.join(self._names)}>"
+
+
+class _H5Backed:
+    """Reads and writes of loompy's managers over an open h5py file (the objects loompy's constructors take)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.filename = str(getattr(f, "filename", "") or "")
+
+    def _h5(self) -> h5py.Group:
+        if not isinstance(self._f, h5py.Group):
+            raise TypeError(f"cannot write through a {type(self._f).__name__}; loompy-style managers write to an h5py.File")
+        return self._f
+
+    def _spec(self) -> str:
+        if not isinstance(self._f, h5py.Group):
+            return "3.0.0"
+        from dask_loom.loom._tree import HDF5Writer
+
+        return read_spec_version(HDF5Writer(self._f))
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[Any]:
+        from dask_loom.loom._tree import HDF5Writer
+
+        f = self._h5()
+        yield HDF5Writer(f)
+        f.flush()
+
+
+class _LoompyOwner(_H5Backed):
+    """A loompy-style attribute owner: an object with ``_file`` (an h5py file, or a mapping laid out as one) and ``shape``."""
+
+    def __init__(self, owner: Any) -> None:
+        if not hasattr(owner, "_file") or not hasattr(owner, "shape"):
+            raise TypeError(f"AttributeManager needs a Loom connection (an object with '_file' and 'shape'), not {type(owner).__name__}")
+        super().__init__(owner._file)
+        self._owner = owner
+        self.filename = self.filename or str(getattr(owner, "filename", "") or "")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self._owner.shape)  # type: ignore[return-value]
+
+    def _group(self, axis: int) -> Any:
+        return self._f[f"/{AXIS_ATTRS[axis]}/"]
+
+    def _attr_names(self, axis: int) -> list[str]:
+        return list(self._group(axis).keys())
+
+    def _read_attr(self, axis: int, name: str) -> np.ndarray:
+        node = self._group(axis)[name]
+        if isinstance(node, h5py.Dataset):
+            from dask_loom.loom._tree import _h5_info
+
+            info = _h5_info(node)
+            return materialize(node[()], kind=info.kind, enum=info.enum, spec=self._spec())
+        return materialize(np.asarray(node[:]), spec=self._spec())
+
+    def _write_attr(self, axis: int, name: str, value: Any) -> None:
+        from dask_loom.loom._store import put_attr
+
+        with self._writer() as w:
+            spec = self._spec()
+            put_attr(w, axis, name, value, n=self.shape[axis], spec3=is_spec3(spec) or spec == "0.0.0")
+
+    def _delete_attr(self, axis: int, name: str) -> None:
+        with self._writer() as w:
+            w.delete(f"{AXIS_ATTRS[axis]}/{name}")
+
+
+class _H5Globals(_H5Backed):
+    """Global attributes of an open h5py file: ``/attrs`` datasets (spec 3) or root HDF5 attributes."""
+
+    def _in_group(self) -> bool:
+        return isinstance(self._f.get("attrs"), h5py.Group)
+
+    def _global_names(self) -> list[str]:
+        return list(self._f["attrs"].keys()) if self._in_group() else list(self._f.attrs.keys())
+
+    def _read_global(self, name: str) -> Any:
+        if self._in_group():
+            from dask_loom.loom._tree import _h5_dataset
+
+            value = _h5_dataset(self._f, f"attrs/{name}")[()]
+        else:
+            value = self._f.attrs[name]
+        return global_value(value, self._spec())
+
+    def _write_global(self, name: str, value: Any) -> None:
+        from dask_loom.loom._store import put_global
+
+        in_group = self._in_group() or is_spec3(self._spec())
+        with self._writer() as w:
+            put_global(w, name, value, in_group=in_group)
+
+    def _delete_global(self, name: str) -> None:
+        in_group = self._in_group()
+        with self._writer() as w:
+            if in_group:
+                w.delete(f"attrs/{name}")
+            else:
+                w.del_attr("/", name)
 
 
 def warn_skipped(filename: str, path: str, why: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from dask_loom import cli
-from dask_loom.cli import _announce, _compute_options, _progress, _say, arguments, command
+from dask_loom.cli import _announce, _compute_options, _progress, _say, _validate_option, arguments, command
 
 __all__: list[str] = []
 
@@ -23,6 +23,7 @@ def _aggregate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default="", help="layer to aggregate (default: the main matrix)")
     p.add_argument("--ca", action="append", default=[], metavar="ATTR=FUNC", help="aggregate a column attribute too (tally, first, mean, mode, …); repeatable")
     p.add_argument("--if-equal", action="store_true", help="copy column attributes that are constant within every group")
+    _validate_option(p)
     _compute_options(p)
 
 
@@ -37,7 +38,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
             raise ValueError(f"--ca expects ATTR=FUNC, got {item!r}")
         k, v = item.split("=", 1)
         ca[k] = v
-    with _announce(args) as target, connect(args.file, "r") as ds:
+    with _announce(args) as target, connect(args.file, "r", validate=args.validate) as ds:
         t0 = time.perf_counter()
         m = ds.aggregate(args.out, group_by=args.group_by, aggr_by=args.aggr_by, aggr_ca_by=ca or None, layer=args.layer, aggr_ca_if_equal=args.if_equal, scheduler=target, progress=_progress(args))
     _say(f"wrote {args.out}: {m.shape[0]} rows x {m.shape[1]} groups ({args.aggr_by} by {args.group_by}) in {time.perf_counter() - t0:.2f} s")
@@ -51,6 +52,7 @@ def _permute_args(p: argparse.ArgumentParser) -> None:
     how.add_argument("--order-by", metavar="ATTR", help="sort by this attribute of the axis")
     how.add_argument("--random", metavar="SEED", type=int, help="a random permutation with this seed")
     how.add_argument("--ordering", metavar="FILE.npy", help="a .npy file holding the permutation")
+    _validate_option(p)
     _compute_options(p)
 
 
@@ -59,7 +61,7 @@ def _permute_args(p: argparse.ArgumentParser) -> None:
 def cmd_permute(args: argparse.Namespace) -> int:
     from dask_loom.loom import connect
 
-    with _announce(args) as target, connect(args.file, "r+", scheduler=target) as ds:
+    with _announce(args) as target, connect(args.file, "r+", validate=args.validate, scheduler=target) as ds:
         n = ds.shape[args.axis]
         if args.order_by:
             attrs = ds.ra if args.axis == 0 else ds.ca
@@ -81,6 +83,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="input .loom / .loom.zarr (path or URL)")
     p.add_argument("out", metavar="OUT.tsv", help="output tab-separated file (loompy's layout, byte for byte)")
     p.add_argument("--layer", default=None, help="layer to export (default: the main matrix)")
+    _validate_option(p)
     _compute_options(p)
 
 
@@ -89,7 +92,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace) -> int:
     from dask_loom.loom import connect
 
-    with _announce(args) as target, connect(args.file, "r", scheduler=target) as ds:
+    with _announce(args) as target, connect(args.file, "r", validate=args.validate, scheduler=target) as ds:
         t0 = time.perf_counter()
         ds.export(args.out, layer=args.layer)
     _say(f"wrote {args.out} in {time.perf_counter() - t0:.2f} s")
@@ -102,6 +105,7 @@ def _scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", metavar="N", type=cli._positive, default=512, help="rows or columns per batch (default: 512)")
     p.add_argument("--layers", default=None, help="comma-separated layer names (default: all)")
     p.add_argument("--out", required=True, metavar="DIR", help="write batch_<start>.npz files here (layers, indexes, attributes of the axis)")
+    _validate_option(p)
     _compute_options(p)
 
 
@@ -113,7 +117,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     layers = args.layers.split(",") if args.layers else None
     os.makedirs(args.out, exist_ok=True)
     n = 0
-    with _announce(args) as target, connect(args.file, "r", scheduler=target) as ds:
+    with _announce(args) as target, connect(args.file, "r", validate=args.validate, scheduler=target) as ds:
         t0 = time.perf_counter()
         what = ["layers", "col_attrs" if args.axis == 1 else "row_attrs"]
         for ix, index, view in ds.scan(axis=args.axis, batch_size=args.batch_size, layers=layers, what=what):

@@ -10,7 +10,7 @@ import numpy as np
 
 from dask_loom.loom._values import materialize, spec_at_least
 
-__all__ = ["AXIS_ATTRS", "AXIS_GRAPHS", "LEGACY_GRAPHS", "NamedMapping", "read_spec_version", "scalar_text", "timestamp"]
+__all__ = ["AXIS_ATTRS", "AXIS_GRAPHS", "LEGACY_GRAPHS", "NamedMapping", "global_value", "read_spec_version", "scalar_text", "timestamp"]
 
 AXIS_ATTRS = ("row_attrs", "col_attrs")
 AXIS_GRAPHS = ("row_graphs", "col_graphs")
@@ -71,6 +71,18 @@ def scalar_text(value: Any) -> Any:
     if isinstance(value, np.bytes_):
         return bytes(value).decode("utf-8", errors="replace")
     return value
+
+
+def global_value(value: Any, spec: str) -> Any:
+    """What ``ds.attrs[name]`` returns for a stored global attribute value (dataset or HDF5 attribute)."""
+    if isinstance(value, np.ndarray) and value.ndim and value.size > 1:
+        return materialize(value, spec=spec)
+    out = scalar_text(value)
+    if isinstance(out, str) and not is_spec3(spec):
+        out = materialize(out.encode("utf-8"), spec=spec)
+    if isinstance(out, np.ndarray) and out.ndim == 0:
+        out = out[()]
+    return out
 
 
 def read_spec_version(tree: Any) -> str:

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dask_loom._config import get_config
-from dask_loom.errors import FileBeingWrittenError, LoomFormatError, ReadOnlyError
+from dask_loom.errors import FileBeingWrittenError, LoomFormatError, LoomValidationError, ReadOnlyError
 from dask_loom.loom._attrs import AttributeManager, GlobalAttributeManager
 from dask_loom.loom._common import (
     AXIS_ATTRS,
     AXIS_GRAPHS,
     LEGACY_GRAPHS,
+    global_value,
     is_spec3,
     read_spec_version,
     scalar_text,
@@ -170,9 +171,12 @@ class LoomConnection(_Deprecated):
 
                 lv = LoomValidator()
                 if not lv.validate_tree(self._tree, self.filename):
-                    raise LoomFormatError(
+                    raise LoomValidationError(
                         "\n".join(lv.errors)
-                        + f"\n{self.filename} does not appear to be a valid Loom file according to Loom spec version '{lv.version}'"
+                        + f"\n{self.filename} does not appear to be a valid Loom file according to Loom spec version '{lv.version}'",
+                        filename=self.filename,
+                        version=str(lv.version),
+                        errors=lv.errors,
                     )
             self._open_managers()
 
@@ -188,6 +192,12 @@ class LoomConnection(_Deprecated):
             raise LoomFormatError(f"{self.filename}: not a readable Loom file ({exc})") from None
         if not any(has):
             raise LoomFormatError(f"{self.filename}: not a Loom file (no /matrix, /row_attrs or /col_attrs)")
+        # Nodes of the wrong kind would fail later with a bare AttributeError/TypeError.
+        if has[0] and t.is_group("matrix"):
+            raise LoomFormatError(f"{self.filename}: '/matrix' is a group where the Loom spec wants a dataset")
+        for group in ("layers", *AXIS_ATTRS, *AXIS_GRAPHS, *LEGACY_GRAPHS, "attrs"):
+            if (has[AXIS_ATTRS.index(group) + 1] if group in AXIS_ATTRS else t.exists(group)) and not t.is_group(group):
+                raise LoomFormatError(f"{self.filename}: '/{group}' is a dataset where the Loom spec wants a group")
         self._spec_version = read_spec_version(t)
 
     def _open_managers(self) -> None:
@@ -433,14 +443,7 @@ class LoomConnection(_Deprecated):
             value = self._tree.read(f"attrs/{name}")
         else:
             value = self._tree.attrs("/")[name]
-        if isinstance(value, np.ndarray) and value.ndim and value.size > 1:
-            return materialize(value, spec=self._spec_version)
-        out = scalar_text(value)
-        if isinstance(out, str) and not is_spec3(self._spec_version):
-            out = materialize(out.encode("utf-8"), spec=self._spec_version)
-        if isinstance(out, np.ndarray) and out.ndim == 0:
-            out = out[()]
-        return out
+        return global_value(value, self._spec_version)
 
     # -- graph internals -----------------------------------------------------------------
 
@@ -466,6 +469,8 @@ class LoomConnection(_Deprecated):
             path = f"{group}/{name}"
             if self._tree.is_group(path):
                 break
+            if self._tree.exists(path):
+                raise LoomFormatError(f"{self.filename}: '/{path}' is a dataset where the Loom spec wants a group (a, b, w)")
         else:
             raise AttributeError(f"'{name}' is not a graph in {self.filename}")
         for k in ("a", "b", "w"):

@@ -34,6 +34,7 @@ def convert(
     chunks: tuple[int, int] | None = None,
     storage_options: dict[str, Any] | None = None,
     dst_storage_options: dict[str, Any] | None = None,
+    validate: bool = False,
     scheduler: Any = None,
     client: Any = None,
     progress: bool = False,
@@ -54,6 +55,10 @@ def convert(
         Chunk shape of the target's layers (default: see above).
     storage_options, dst_storage_options
         fsspec options for *src* and *dst* (*dst* defaults to *src*'s).
+    validate
+        Check *src* against the Loom spec first (off by default: a copy does
+        not need a valid file; ``dask-loom convert`` turns it on unless
+        ``--no-validate`` is given, like the other commands).
     scheduler, client, progress
         Where the graph runs and whether to show a progress bar.
 
@@ -79,7 +84,7 @@ def convert(
     from dask_loom.loom._write import create_layer_array, encode_checked
 
     dst_spec = _spec(dst, dst_storage_options if dst_storage_options is not None else storage_options)
-    with connect(src, "r", validate=False, storage_options=storage_options) as ds:
+    with connect(src, "r", validate=validate, storage_options=storage_options) as ds:
         shape = ds.shape
         if 0 in shape:
             raise ValueError(f"{ds.filename}: the main matrix is empty; nothing to convert")
@@ -126,7 +131,7 @@ def convert(
                     w.store_chunks(path, payload)
             for axis in (0, 1):
                 for k, v in attrs[axis].items():
-                    put_attr(w, axis, k, v, n=shape[axis], stamp=False)
+                    put_attr(w, axis, k, v, n=shape[axis], stamp=False, nested=True)
                 for k, g in graphs[axis].items():
                     put_graph(w, axis, k, g, stamp=False)
             for k, v in globals_.items():
@@ -134,11 +139,12 @@ def convert(
 
 
 def _convert_args(p: Any) -> None:
-    from dask_loom.cli import _compute_options
+    from dask_loom.cli import _compute_options, _validate_option
 
     p.add_argument("src", help="source Loom container (.loom or .loom.zarr; path or URL)")
     p.add_argument("dst", help="target (*.zarr → Zarr, else HDF5 .loom); replaced if it exists")
     p.add_argument("--chunks", metavar="ROWS,COLS", help="chunk shape of the target's layers (default: 512,512 for .loom.zarr, 64,64 for .loom)")
+    _validate_option(p)
     _compute_options(p)
 
 
@@ -150,7 +156,7 @@ def _register_cli() -> None:
     def cmd_convert(args: Any) -> int:
         chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None
         with cli._announce(args) as target:
-            convert(args.src, args.dst, chunks=chunks, scheduler=target, progress=cli._progress(args))  # type: ignore[arg-type]
+            convert(args.src, args.dst, chunks=chunks, validate=args.validate, scheduler=target, progress=cli._progress(args))  # type: ignore[arg-type]
         cli._say(f"wrote {args.dst}")
         return 0
 

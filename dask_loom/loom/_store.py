@@ -64,9 +64,17 @@ def _swap_in(w: Any, path: str, **kwargs: Any) -> None:
     w.move(tmp, path)
 
 
-def put_attr(w: Any, axis: int, name: str, values: Any, *, n: int | None = None, spec3: bool = True, stamp: bool = True) -> None:
-    """Write a row (axis 0) or column (axis 1) attribute, replacing any old one."""
-    check_name("Attribute", name, _label(w))
+def put_attr(
+    w: Any, axis: int, name: str, values: Any, *, n: int | None = None, spec3: bool = True, stamp: bool = True, nested: bool = False
+) -> None:
+    """Write a row (axis 0) or column (axis 1) attribute, replacing any old one.
+
+    ``nested=True`` (for copies such as ``convert``) accepts a flattened name
+    ``"group/name"`` as the reader gives it for LoomExperiment's nested
+    groups, and writes it back nested.
+    """
+    for part in name.split("/") if nested else [name]:
+        check_name("Attribute", part, _label(w))
     arr, strings = normalize_for_write(values, name, spec3=spec3)
     if n and arr.shape[0] != n:
         raise ValueError(f"Attribute '{name}' must have exactly {n} values but {arr.shape[0]} were given")

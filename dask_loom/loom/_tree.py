@@ -19,6 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from dask_loom.errors import LoomFormatError
 from dask_loom.hdf5 import HDF5Source, dataset_layout, open_h5_read, open_h5_write
 from dask_loom.hdf5._encode import ChunkEncoder
 from dask_loom.hdf5._files import reading_values
@@ -155,7 +156,23 @@ class TreeWriter(ABC):
         """Make everything written so far durable."""
 
 
+def _wrong_kind(where: str, path: str, *, want: str) -> LoomFormatError:
+    """The error for a node of the wrong kind (a group where the spec wants a dataset, or the reverse)."""
+    got = "dataset" if want == "group" else "group"
+    return LoomFormatError(f"{where}: '/{path.strip('/')}' is an HDF5 {got} where the Loom spec wants a {want}")
+
+
+def _h5_dataset(f: h5py.File, path: str) -> h5py.Dataset:
+    """The dataset at *path*; a group (or other object) there is a :class:`LoomFormatError` naming file and path."""
+    node = f[path]
+    if not isinstance(node, h5py.Dataset):
+        raise _wrong_kind(f.filename, path, want="dataset")
+    return node
+
+
 def _h5_info(ds: h5py.Dataset) -> ArrayInfo:
+    if not isinstance(ds, h5py.Dataset):
+        raise _wrong_kind(ds.file.filename, ds.name, want="dataset")
     dt = ds.dtype
     kind = "plain"
     enum = None
@@ -184,7 +201,6 @@ def _h5_attrs(f: h5py.File, path: str) -> dict[str, Any]:
     from dask.utils import parse_bytes
 
     from dask_loom._config import get_config
-    from dask_loom.errors import LoomFormatError
 
     if path not in f:
         return {}
@@ -234,7 +250,7 @@ class _H5Reads:
     def read(self, path: str, sel: Any = ()) -> np.ndarray:
         # Raw values: vlen strings arrive as bytes and are decoded by the caller
         # (``_values.materialize``), so both trees share one decoding rule.
-        ds = self._file()[path]
+        ds = _h5_dataset(self._file(), path)
         with reading_values():
             return ds[sel]
 
@@ -271,7 +287,7 @@ class HDF5Tree(Tree):
 
     def read(self, path: str, sel: Any = ()) -> np.ndarray:
         with open_h5_read(self.spec) as f:
-            return f[path][sel]
+            return _h5_dataset(f, path)[sel]
 
     def attrs(self, path: str) -> dict[str, Any]:
         with open_h5_read(self.spec) as f:

@@ -70,25 +70,49 @@ class LoomValidator:
 
     def validate_tree(self, tree: Any, name: str = "") -> bool:
         """Spec checks on an open container tree."""
+        from dask_loom.errors import LoomFormatError
+
         if self.version is None:
-            self.version = read_spec_version(tree)
-        ok = self.validate_spec(tree)
+            try:
+                self.version = read_spec_version(tree)
+            except LoomFormatError as exc:  # e.g. /attrs/LOOM_SPEC_VERSION is a group
+                self.errors.append(str(exc))
+                self.version = "0.0.0"
+        ok = self.validate_spec(tree) and not self.errors
         if not ok:
             self.errors.append("For help, see http://linnarssonlab.org/loompy/format/")
         return ok
 
+    def _is_dataset(self, t: Any, path: str, what: str) -> bool:
+        """False (with an error naming *what* and *path*) when *path* is a group where the spec wants a dataset."""
+        return self._check(not t.is_group(path), f"{what} (/{path}) is a group, not a dataset")
+
+    def _is_group(self, t: Any, path: str, what: str) -> bool:
+        """False (with an error) when *path* exists but is a dataset where the spec wants a group."""
+        return self._check(not t.exists(path) or t.is_group(path), f"{what} (/{path}) is a dataset, not a group")
+
     def validate_spec(self, t: Any) -> bool:
-        """The format checks (loompy's ``validate_spec``) on a container tree."""
+        """The format checks (loompy's ``validate_spec``) on a container tree.
+
+        Unlike loompy's (which raises ``AttributeError``), a group where the
+        spec wants a dataset, or the reverse, is reported as an error naming
+        the path.
+        """
         out = self.summary.append
         v3 = self.version == "3.0.0"
-        self._check(t.exists("row_attrs"), "'row_attrs' group is missing")
-        self._check(t.exists("col_attrs"), "'col_attrs' group is missing")
+        for group in ("row_attrs", "col_attrs"):
+            if self._check(t.exists(group), f"'{group}' group is missing"):
+                self._is_group(t, group, f"'{group}'")
+        for group in ("layers", "row_graphs", "col_graphs", "row_edges", "col_edges"):
+            self._is_group(t, group, f"'{group}'")
         out("Global attributes:")
         if v3:
             if self._check(t.is_group("attrs"), "Global attributes missing"):
                 for a in t.children("attrs"):
-                    out(f"{a} (dataset)")
+                    if self._is_dataset(t, f"attrs/{a}", f"Global attribute '{a}'"):
+                        out(f"{a} (dataset)")
         else:
+            self._is_group(t, "attrs", "'attrs'")
             for key, value in t.attrs("/").items():
                 if isinstance(value, str):
                     self.warnings.append(f"Global attribute '{key}' has dtype string, which will be deprecated in future Loom versions")
@@ -96,13 +120,15 @@ class LoomValidator:
                     self.warnings.append(f"Global attribute '{key}' has dtype bytes, which will be deprecated in future Loom versions")
                 out(f"{key}")
         shape: tuple[int, ...] = (0, 0)
-        if self._check(t.exists("matrix"), "Main matrix missing"):
+        if self._check(t.exists("matrix"), "Main matrix missing") and self._is_dataset(t, "matrix", "Main matrix"):
             info = t.info("matrix")
             self._check(str(info.dtype) in MATRIX_TYPES, f"Main matrix dtype={info.dtype} is not allowed")
             shape = info.shape
             out(f"Layers shape={shape}:")
             out(f"Main matrix {info.dtype}")
         for layer in t.children("layers"):
+            if not self._is_dataset(t, f"layers/{layer}", f"Layer '{layer}'"):
+                continue
             info = t.info(f"layers/{layer}")
             self._check(info.shape == shape, f"Layer '{layer}' shape {info.shape} does not match main matrix shape {shape}")
             self._check(str(info.dtype) in MATRIX_TYPES, f"Layer '{layer}' dtype={info.dtype} is not allowed")
@@ -133,10 +159,14 @@ class LoomValidator:
             out(f"{label} graphs:")
             for g in t.children(group):
                 base = f"{group}/{g}"
+                if not self._check(t.is_group(base), f"{label} graph '{g}' (/{base}) is a dataset, not a group"):
+                    continue
                 lens = []
                 for vec, kinds, what in (("a", VERTEX_TYPES, "integer"), ("b", VERTEX_TYPES, "integer"), ("w", WEIGHT_TYPES, "float")):
                     desc = {"a": "start vertices", "b": "end vertices", "w": "vertex weights"}[vec]
                     if self._check(t.exists(f"{base}/{vec}"), f"{label} graph '{g}' is missing vector '{vec}', denoting {desc}"):
+                        if not self._is_dataset(t, f"{base}/{vec}", f"{label} graph '{g}' vector '{vec}'"):
+                            continue
                         info = t.info(f"{base}/{vec}")
                         self._check(str(info.dtype) in kinds, f"/{group}/{g}/{vec}.dtype {info.dtype} must be {what}")
                         lens.append(info.shape[0] if info.shape else 0)

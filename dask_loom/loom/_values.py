@@ -16,7 +16,7 @@ import numpy as np
 
 from dask_loom._lazy import issparse
 
-__all__ = ["decode_strings", "materialize", "normalize_for_write", "spec_at_least"]
+__all__ = ["check_compound", "decode_strings", "materialize", "normalize_for_write", "spec_at_least"]
 
 _CHARREF = re.compile(r"&#(\d{1,7});")
 
@@ -75,6 +75,17 @@ def materialize(values: Any, *, kind: str = "plain", enum: dict[int, str] | None
     return arr
 
 
+def check_compound(dt: np.dtype, name: str = "") -> None:
+    """Refuse compound dtypes whose fields are not fixed-size numbers, booleans or bytes (nested structs, objects, text)."""
+    for field in dt.names or ():
+        base = dt.fields[field][0].base
+        if base.kind not in "biufS" or base.names is not None:
+            raise TypeError(
+                f"attribute {name!r}: compound field {field!r} has dtype {base}; "
+                "only numbers, booleans and fixed-length bytes can be stored in compound attributes"
+            )
+
+
 def normalize_for_write(values: Any, name: str = "", *, spec3: bool = True) -> tuple[np.ndarray, bool]:
     """Prepare attribute values for writing: ``(array, is_string)``.
 
@@ -95,6 +106,10 @@ def normalize_for_write(values: Any, name: str = "", *, spec3: bool = True) -> t
     if arr.dtype.kind == "b":
         return arr.astype(np.uint8), False
     if arr.dtype.kind in "iuf":
+        return arr, False
+    if arr.dtype.names is not None:
+        # Compound (struct) values, as R writers store embeddings and marker tables.
+        check_compound(arr.dtype, name)
         return arr, False
     if arr.dtype.kind in "SUO":
         out = np.empty(arr.shape, dtype=object)

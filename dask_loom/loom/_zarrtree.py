@@ -3,7 +3,12 @@
 Same node names as the HDF5 file — ``matrix``, ``layers/<name>``,
 ``row_attrs``/``col_attrs`` arrays, ``row_graphs``/``col_graphs`` groups of
 ``a``/``b``/``w``, ``attrs/<name>`` scalars — as a Zarr v3 hierarchy.  Strings
-are Zarr ``string`` arrays (``vlen-utf8``); layers are compressed with
+are Zarr ``string`` arrays (``vlen-utf8``).  A compound (struct) attribute is a
+group of one array per field (``0``, ``1``, …; fixed-length bytes fields as
+``uint8`` arrays with one more axis) whose ``compound_dtype`` attribute records
+the names, formats, offsets and item size, so the numpy dtype comes back
+exactly and any Zarr reader can read the fields (Zarr v3 has no specified
+struct data type).  Layers are compressed with
 blosc-zstd by default (``dask_loom.zarr-codec``), chunked as loompy's layers
 (``dask_loom.loom-chunks``); node attributes (``last_modified``) are Zarr
 attributes.
@@ -91,6 +96,26 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+_COMPOUND = "compound_dtype"
+
+
+def _compound_doc(dt: np.dtype) -> dict[str, Any]:
+    """The ``compound_dtype`` attribute recording a struct dtype exactly."""
+    formats = []
+    for name in dt.names or ():
+        sub = dt.fields[name][0]
+        formats.append([sub.base.str, list(sub.shape)])
+    return {"names": list(dt.names or ()), "formats": formats, "offsets": [int(dt.fields[n][1]) for n in dt.names or ()], "itemsize": int(dt.itemsize)}
+
+
+def _compound_dtype(doc: Any, where: str) -> np.dtype:
+    try:
+        formats = [np.dtype((np.dtype(base), tuple(shape))) if shape else np.dtype(base) for base, shape in doc["formats"]]
+        return np.dtype({"names": list(doc["names"]), "formats": formats, "offsets": list(doc["offsets"]), "itemsize": int(doc["itemsize"])})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LoomFormatError(f"{where}: unreadable '{_COMPOUND}' attribute ({exc})") from None
+
+
 class _ZarrReads:
     """Read operations shared by the tree and its writer."""
 
@@ -115,7 +140,43 @@ class _ZarrReads:
 
     def is_group(self, path: str) -> bool:
         m = self._meta(path)
-        return m is not None and m[0] == "group"
+        return m is not None and m[0] == "group" and not self._is_compound(m)
+
+    @staticmethod
+    def _is_compound(m: tuple[str, dict[str, Any]] | None) -> bool:
+        return m is not None and m[0] == "group" and _COMPOUND in (m[1].get("attributes") or {})
+
+    def _compound(self, path: str) -> tuple[np.dtype, tuple[int, ...]] | None:
+        """``(dtype, shape)`` of a compound attribute stored as one array per field, else ``None``."""
+        m = self._meta(path)
+        if not self._is_compound(m):
+            return None
+        assert m is not None
+        where = f"{self.label}: '/{_p(path)}'"
+        dt = _compound_dtype(m[1]["attributes"][_COMPOUND], where)
+        if not dt.names:
+            raise LoomFormatError(f"{where}: compound attribute with no fields")
+        if self._meta(f"{_p(path)}/0") is None:
+            raise LoomFormatError(f"{where}: compound attribute without its field arrays ('0', '1', ...)")
+        first = self._array_meta(f"{_p(path)}/0")
+        return dt, (int(first["shape"][0]),) if first.get("shape") else ()
+
+    def _read_compound(self, path: str, dt: np.dtype, shape: tuple[int, ...], sel: Any) -> np.ndarray:
+        out = np.zeros(shape, dtype=dt)
+        for i, name in enumerate(dt.names or ()):
+            sub = dt.fields[name][0]
+            try:
+                raw = np.asarray(self._array(f"{_p(path)}/{i}")[...])
+                if sub.base.kind == "S":  # stored as bytes: one more axis of itemsize uint8
+                    raw = np.ascontiguousarray(raw).view(sub.base).reshape(raw.shape[:-1])
+            except (KeyError, ValueError) as exc:
+                raise LoomFormatError(f"{self.label}: field {i} ({name!r}) of compound attribute '/{_p(path)}' is unreadable ({exc})") from None
+            if raw.shape != shape + sub.shape:
+                raise LoomFormatError(
+                    f"{self.label}: field {i} ({name!r}) of compound attribute '/{_p(path)}' has shape {raw.shape}, expected {shape + sub.shape}"
+                )
+            out[name] = raw
+        return out[sel] if sel != () else out
 
     def children(self, path: str) -> list[str]:
         if not self.is_group(path):
@@ -135,14 +196,20 @@ class _ZarrReads:
 
     def _array_meta(self, path: str) -> dict[str, Any]:
         m = self._meta(path)
-        if m is None or m[0] != "array":
+        if m is None:
             raise KeyError(f"{self.label}: no array '{_p(path)}'")
+        if m[0] != "array":
+            raise LoomFormatError(f"{self.label}: '/{_p(path)}' is a Zarr group where the Loom spec wants an array")
         return m[1]
 
     def _array(self, path: str) -> Any:
         return build_array(self.store, _p(path), self._array_meta(path))
 
     def info(self, path: str) -> ArrayInfo:
+        compound = self._compound(path)
+        if compound is not None:
+            dt, shape = compound
+            return ArrayInfo(path=_p(path), shape=shape, dtype=dt, chunks=None, compression=None, compression_opts=None, kind="compound")
         meta = self._array_meta(path)
         arr = self._array(path)
         dt = _numpy_dtype(arr)
@@ -160,6 +227,9 @@ class _ZarrReads:
         )
 
     def read(self, path: str, sel: Any = ()) -> Any:
+        compound = self._compound(path)
+        if compound is not None:
+            return self._read_compound(path, compound[0], compound[1], sel)
         arr = self._array(path)
         out = arr[sel] if sel != () or arr.ndim == 0 else arr[...]
         out = np.asarray(out)
@@ -448,6 +518,9 @@ class ZarrWriter(_ZarrReads, TreeWriter):
         self.delete(p)
         head = p.rpartition("/")[0]
         self.create_group(head)
+        if data is not None and np.asarray(data).dtype.names is not None:
+            self._create_compound(p, np.asarray(data), compression=compression)
+            return
         if data is not None:
             data = np.asarray(data)
             shape = data.shape
@@ -486,6 +559,21 @@ class ZarrWriter(_ZarrReads, TreeWriter):
         self._meta_cache.pop(p, None)
         if data is not None and data.size:
             self._array(p)[...] = data
+
+    def _create_compound(self, p: str, data: np.ndarray, *, compression: str | None) -> None:
+        """A compound attribute as a group of one array per field (see the module docstring)."""
+        from dask_loom.loom._values import check_compound
+
+        dt = data.dtype
+        check_compound(dt, p)
+        if data.ndim != 1:
+            raise TypeError(f"{self.label}: compound attribute '/{p}' must be 1-D, not {data.ndim}-D")
+        self._put_meta(p, {**_ROOT_META, "attributes": {_COMPOUND: _compound_doc(dt)}})
+        for i, name in enumerate(dt.names or ()):
+            field = np.ascontiguousarray(data[name])
+            if field.dtype.kind == "S":
+                field = field.view(np.uint8).reshape(*field.shape, field.dtype.itemsize)
+            self.create_array(f"{p}/{i}", data=field, compression=compression)
 
     def write(self, path: str, sel: Any, data: np.ndarray) -> None:
         self._array(path)[sel] = data

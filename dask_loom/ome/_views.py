@@ -178,7 +178,7 @@ def _normalize_selection(
         if roi is not None or tile is not None:
             raise SelectionError("give only one of roi3d, roi or tile")
         if z is not None:
-            raise SelectionError("give either z or roi3d, not both")
+            raise SelectionError("Provide either z or roi3d, not both.")
         if len(roi3d) != 6:
             raise SelectionError(f"roi3d must be (x, y, z, w, h, d), got {tuple(roi3d)}")
         x3, y3, z3, w3, h3, d3 = (int(v) for v in roi3d)
@@ -243,7 +243,8 @@ def _drops(layout: str, dims: dict[str, int], channel_policy: str) -> None:
 def _check_policy(value: str, allowed: tuple[str, ...], name: str) -> str:
     v = str(value).strip().lower()
     if v not in allowed:
-        raise SelectionError(f"unsupported {name} {value!r}; expected one of {', '.join(allowed)}")
+        # ome-arrow's wording first: code matches on "Unsupported chunk_policy" etc.
+        raise SelectionError(f"Unsupported {name} '{value}'. Expected one of: {', '.join(allowed)}.")
     return v
 
 
@@ -287,7 +288,7 @@ def _jax_numpy() -> Any:
 def _device(device: str) -> str:
     d = str(device).strip().lower()
     if d not in ("cpu", "cuda"):
-        raise SelectionError(f"unsupported device {device!r}; expected 'cpu' or 'cuda'")
+        raise SelectionError(f"Unsupported device '{d}'. Expected 'cpu' or 'cuda'.")
     return d
 
 

@@ -18,6 +18,7 @@ writer lock it hands out a copy beside the store and swaps it in at the end.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -250,6 +251,8 @@ def abort(path: str | os.PathLike[str]) -> None:
     t = threading.Timer(30.0, later)
     t.daemon = True
     t.start()
+    # A process that exits sooner (a dask-loom command) has no tasks left: it leaves nothing behind.
+    atexit.register(later)
 
 
 def no_space(exc: BaseException) -> bool:
