@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from dask_loom import _config  # the dask_loom.* defaults and DASK_LOOM_* variables
 
 if TYPE_CHECKING:
-    from dask_loom.blocks import from_source, plan_blocks
+    from dask_loom.blocks import from_source, plan_blocks, store
     from dask_loom.loom import (
         AttributeManager,
         GlobalAttributeManager,
@@ -52,6 +52,7 @@ _LAZY = {
     "new": _LOOM,
     "from_source": "dask_loom.blocks",
     "plan_blocks": "dask_loom.blocks",
+    "store": "dask_loom.blocks",
     "MappedCollection": "dask_loom.anndata",
     "MappedIterableDataset": "dask_loom.anndata",
     "convert": "dask_loom.loom._convert",
@@ -132,6 +133,7 @@ __all__ = (
     "plan_blocks",
     "read_ome_tiff",
     "read_ome_zarr",
+    "store",
     "to_ome_arrow",
     "to_ome_parquet",
     "to_zarr",

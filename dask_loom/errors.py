@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "AnnDataFormatError",
+    "ChunkAlignmentError",
     "ChunkAlignmentWarning",
     "CollectionError",
     "CollectionIndexError",
@@ -165,6 +166,10 @@ class TooLargeError(DaskLoomError, ValueError):
 
 class ConfigError(DaskLoomError, ValueError):
     """A ``dask_loom.*`` setting (config, environment variable or preload argument) is unknown or invalid."""
+
+
+class ChunkAlignmentError(DaskLoomError, ValueError):
+    """A write region that does not start and end on stored-chunk boundaries (design decision 1)."""
 
 
 class ChunkAlignmentWarning(UserWarning):

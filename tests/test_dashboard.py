@@ -31,7 +31,9 @@ from dask_loom.cluster import compute
 
 #: Every task-name prefix dask_loom gives its tasks.
 INTENDED = {
+    "anndata-write",
     "hdf-read",
+    "hdf-write",
     "loom-aggregate",
     "loom-batch",
     "loom-convert",
@@ -47,13 +49,14 @@ INTENDED = {
     "mapped-obs",
     "mapped-read",
     "ome-read",
+    "ome-write",
     "tiff-read",
     "zarr-read",
     "zarr-write",
 }
 # Names in the source that look like prefixes but name no task.
 NOT_TASKS = {"dask-loom", "dask-loom-demo", "dask-loom-write"}  # temporary paths, a distributed Lock
-FAMILIES = ("loom", "zarr", "mapped", "ome", "hdf", "tiff")
+FAMILIES = ("loom", "zarr", "mapped", "ome", "hdf", "tiff", "anndata")
 
 PACKAGE = pathlib.Path(dask_loom.__file__).parent
 

@@ -20,12 +20,14 @@ import h5py
 from dask_loom._config import get_config
 from dask_loom.errors import FileBeingWrittenError, LoomFormatError, WriteConflictError
 from dask_loom.storage import FileSpec
+from dask_loom.storage._locks import exclusive, lock_path
 
 __all__ = [
     "cached_entry",
     "file_identity",
     "reading_values",
     "invalidate",
+    "lock_path",
     "open_h5_read",
     "open_h5_write",
     "read_ranges",
@@ -340,11 +342,11 @@ def open_h5_write(
 ) -> Iterator[h5py.File]:
     """Hold *spec* open for writing for the duration of one write.
 
-    HDF5 has one writer at a time.  Writers are serialised by a lock file
-    beside the data (``.<name>.dask-loom.lock``, ``flock``; it works across
-    processes and, through NFS locks, machines), a ``distributed.Lock`` keyed
-    by the file inside a cluster, and a lock per process; HDF5's own file lock
-    keeps foreign writers (a loompy ``r+`` connection) out.  A held lock is
+    HDF5 has one writer at a time.  Writers are serialised by the writer
+    lock of :mod:`dask_loom.storage._locks` (a lock file beside the data held
+    with ``flock``, and a ``distributed.Lock`` keyed by the file inside a
+    cluster) and a lock per process; HDF5's own file lock keeps foreign
+    writers (a loompy ``r+`` connection) out.  A held lock is
     waited for with backoff until *timeout*, then
     :class:`~dask_loom.errors.WriteConflictError` names the file.
 
@@ -385,63 +387,11 @@ def open_h5_write(
         local_lock.release()
 
 
-def lock_path(spec: FileSpec) -> str:
-    head, tail = os.path.split(spec.url)
-    return os.path.join(head, f".{tail}.dask-loom.lock")
-
-
 @contextlib.contextmanager
 def _exclusive(spec: FileSpec, timeout: float) -> Iterator[None]:
-    import fcntl
-
-    dist_lock = _distributed_lock(spec)
-    if dist_lock is not None and not dist_lock.acquire(timeout=timeout):
-        raise WriteConflictError(f"{spec.name}: another dask_loom task held the write lock for {timeout:.0f} s")
-    path = lock_path(spec)
-    try:
-        deadline = time.monotonic() + timeout
-        delay = 0.005
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                if time.monotonic() > deadline:
-                    raise WriteConflictError(
-                        f"{spec.name}: another writer held the file for {timeout:.0f} s (lock file {path})"
-                    ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.25)
-                continue
-            if _same_file(fd, path):
-                break
-            # The holder removed the lock file as it left (its target was never
-            # created): this lock is on a dead inode; take the new file's.
-            os.close(fd)
-        try:
-            _remove_stale(spec)
-            yield
-        finally:
-            # A lock file beside a target that does not exist (a failed create or
-            # convert) is removed, while still held; others re-check (_same_file).
-            if not os.path.lexists(spec.url):
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-            os.close(fd)  # releases the flock
-    finally:
-        if dist_lock is not None:
-            dist_lock.release()
-
-
-def _same_file(fd: int, path: str) -> bool:
-    """Whether the open lock file *fd* is still the file at *path* (not removed or replaced)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
-    own = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+    # The writer lock (storage/_locks.py); holding it, stale temporaries of dead writers go.
+    with exclusive(spec, timeout, on_acquire=lambda: _remove_stale(spec)):
+        yield
 
 
 def _remove_stale(spec: FileSpec) -> None:
@@ -564,15 +514,3 @@ def _copy_on_write(spec: FileSpec, *, fresh: bool, timeout: float) -> Iterator[h
         if os.path.exists(tmp):
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-
-
-def _distributed_lock(spec: FileSpec) -> Any:
-    """A ``distributed.Lock`` keyed by the file when running inside a distributed worker."""
-    try:
-        from distributed import Lock
-        from distributed.worker import get_worker
-
-        get_worker()
-    except (ImportError, ValueError):
-        return None
-    return Lock(f"dask-loom-write-{spec.url}")

@@ -8,12 +8,14 @@ from dask_loom.loom._layers import LayerManager, LoomLayer, MemoryLoomLayer
 from dask_loom.loom._modify import combine, combine_faster
 from dask_loom.loom._validator import LoomValidator
 from dask_loom.loom._view import LoomView, ViewManager
+from dask_loom.loom._write import LayerTarget
 
 __all__ = [
     "AttributeManager",
     "GlobalAttributeManager",
     "GraphManager",
     "LayerManager",
+    "LayerTarget",
     "LoomConnection",
     "LoomLayer",
     "LoomValidator",

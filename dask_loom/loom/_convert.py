@@ -1,8 +1,9 @@
 """``convert``: a Loom container to another kind (``.loom`` ↔ ``.loom.zarr``) as a parallel graph.
 
-Layers are read block by block (whole source chunks) and written by the same
-tasks: into a ``.loom.zarr`` the tasks store their chunks directly; into an
-HDF5 ``.loom`` they return compressed chunks that the single writer stores.
+Layers are read block by block (whole source chunks) and handed to
+:func:`dask_loom.store` with the target layer (tasks named ``loom-convert``):
+into a ``.loom.zarr`` the tasks store their chunks directly; into an HDF5
+``.loom`` they return compressed chunks that the single writer stores.
 Attributes, graphs and global attributes follow.  The target is built beside
 its final name and swapped in at the end, so a failed conversion leaves no
 half-written container.
@@ -72,16 +73,11 @@ def convert(
     ...     print(ds.shape, ds[2, :].tolist())
     (3, 4) [8.0, 9.0, 10.0, 11.0]
     """
-    from dask.base import tokenize
-    from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph
-
-    from dask_loom.blocks import block_regions, plan_blocks
-    from dask_loom.cluster import compute
+    from dask_loom.blocks import plan_blocks, store
     from dask_loom.loom._connection import connect
     from dask_loom.loom._create import creating
     from dask_loom.loom._store import init_layout, put_attr, put_global, put_graph
-    from dask_loom.loom._write import create_layer_array, encode_checked
+    from dask_loom.loom._write import LayerTarget, create_layer_array
 
     dst_spec = _spec(dst, dst_storage_options if dst_storage_options is not None else storage_options)
     with connect(src, "r", validate=validate, storage_options=storage_options) as ds:
@@ -101,9 +97,6 @@ def convert(
         default_chunks = get_config("loom-zarr-chunks") if is_zarr_spec(dst_spec) else get_config("loom-chunks")
         with creating(dst_spec) as w:
             init_layout(w)
-            dsk: dict[Any, Any] = {}
-            deps = []
-            order: list[tuple[str, Any]] = []
             for name in layer_names:
                 src_layer = sources[name]
                 dt = np.dtype(src_layer.dtype)
@@ -111,24 +104,11 @@ def convert(
                 layer_chunks = tuple(int(c) for c in (chunks or default_chunks))
                 layer_chunks = tuple(max(1, min(c, n)) for c, n in zip(layer_chunks, shape))
                 create_layer_array(w, path, shape, dt, layer_chunks)
-                encoder = w.encoder(path)
-                # Blocks whole in both the source's and the target's chunks.
-                unit = tuple(int(np.lcm(a, b)) for a, b in zip(src_layer.chunk_shape, layer_chunks))
-                plan = plan_blocks(shape, unit, dt.itemsize)
-                x = ds.layers[name].to_dask(chunks=plan)
-                deps.append(x)
-                lname = f"loom-convert-{tokenize(x.name, dst_spec.url, path)}"
-                for idx, region in block_regions(plan):
-                    key = (lname, *idx)
-                    dsk[key] = (encode_checked, encoder, region, (x.name, *idx), f"{dst_spec.name}: layer '{name}'", dt)
-                    order.append((path, key))
-            hlg = HighLevelGraph.from_collections("loom-convert", dsk, dependencies=deps)
-            batch = max(64, 16 * (os.cpu_count() or 1))
-            for i in range(0, len(order), batch):
-                part = order[i : i + batch]
-                results = compute(*[Delayed(k, hlg, layer="loom-convert") for _, k in part], progress=progress, **kw)
-                for (path, _), payload in zip(part, results):
-                    w.store_chunks(path, payload)
+                target = LayerTarget.on(w, path, f"{dst_spec.name}: layer '{name}'", prefix="loom-convert")
+                # Blocks whole in both the source's and the target's chunks: each read once, each written once.
+                unit = tuple(int(np.lcm(a, b)) for a, b in zip(src_layer.chunk_shape, target.chunk_shape))
+                x = ds.layers[name].to_dask(chunks=plan_blocks(shape, unit, dt.itemsize))
+                store(x, target, progress=progress, **kw)
             for axis in (0, 1):
                 for k, v in attrs[axis].items():
                     put_attr(w, axis, k, v, n=shape[axis], stamp=False, nested=True)

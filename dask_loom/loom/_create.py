@@ -102,9 +102,9 @@ def create(
     layers
         A 2-D numpy array, scipy.sparse matrix or dask array (the main
         matrix), or a dict / ``LayerManager`` of them (must include ``""``).
-        Sparse input is written one column band at a time, never densified
-        whole; dask input is written as a graph whose tasks compress the
-        chunks in parallel.
+        Every layer goes through :func:`dask_loom.store`: sparse input is
+        densified one band at a time in the tasks, never whole; tasks
+        compress the chunks in parallel and the single writer stores them.
     row_attrs, col_attrs
         Dicts (or attribute managers) of arrays with one value per row/column.
     file_attrs
@@ -153,7 +153,7 @@ def create(
             v = lay[k]
             path = "matrix" if k == "" else f"layers/{k}"
             create_layer_array(w, path, shape, v.dtype, chunks)
-            fill_layer(ctx, w, path, v, where=f"{filename}: layer '{k}'", dtype=v.dtype, chunks=chunks)
+            fill_layer(ctx, w, path, v, where=f"{filename}: layer '{k}'")
         for axis, attrs in ((0, ra), (1, ca)):
             for k, v in attrs.items():
                 put_attr(w, axis, k, v.toarray().ravel() if issparse(v) else v, n=shape[axis])

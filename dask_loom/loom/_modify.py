@@ -2,35 +2,36 @@
 
 Every operation here is one transaction (``Tree.writing(atomic=True)``):
 the result appears at the end all at once, or not at all.  Data move in
-bands of whole stored chunks; bands are read, reordered and encoded in
-parallel tasks, and the single writer stores the encoded chunks.
+bands of whole stored chunks: every layer is written by :func:`dask_loom.store`
+into the layer's chunk target (:class:`~dask_loom.loom._write.LayerTarget`),
+whose tasks encode the chunks in parallel while the single writer stores them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dask_loom._lazy import issparse
-from dask_loom.blocks import block_regions, plan_blocks
-from dask_loom.cluster import compute
+from dask_loom.blocks import from_source, plan_blocks, store
 from dask_loom.loom._common import AXIS_ATTRS, AXIS_GRAPHS
 from dask_loom.loom._layers import as_layer_dict
 from dask_loom.loom._store import init_layout, put_attr, put_graph, touch
 from dask_loom.loom._write import (
+    LayerTarget,
     check_dtype,
     check_values,
     create_layer_array,
     default_chunks,
-    encode_checked,
 )
-from dask_loom.ops._graph import task_name, tasks
+from dask_loom.ops._graph import task_name
 from dask_loom.ops._map import nbytes_of, read_into_buffer
 from dask_loom.storage._urls import check_scheme
 
@@ -43,15 +44,35 @@ __all__ = ["add_columns", "add_loom", "combine", "combine_faster", "export", "pe
 # --- permute ---------------------------------------------------------------------------------
 
 
-def _permuted_band(source: Any, encoder: Any, region: tuple[slice, ...], ordering: np.ndarray, axis: int, where: str) -> Any:
-    """Read a band of whole chunks, reorder it along *axis*, encode it for the new layer."""
-    if axis == 1:
-        src_region = (region[0], slice(0, source.shape[1]))
-        band = read_into_buffer(source, src_region)[:, ordering]
-    else:
-        src_region = (slice(0, source.shape[0]), region[1])
-        band = read_into_buffer(source, src_region)[ordering, :]
-    return encode_checked(encoder, region, band, where, band.dtype)
+class _PermutedSource:
+    """A layer read in a new order along one axis: a chunk source (task prefix ``loom-permute``).
+
+    Blocks are bands spanning the permuted axis whole, so every stored chunk
+    is read once; the reordered band goes to the new layer's target.
+    """
+
+    prefix = "loom-permute"
+
+    def __init__(self, source: Any, ordering: np.ndarray, axis: int) -> None:
+        self.source = source
+        self.ordering = ordering
+        self.axis = axis
+        self.shape = tuple(source.shape)
+        self.dtype = source.dtype
+        self.chunk_shape = tuple(source.chunk_shape)
+        self.label = getattr(source, "label", "the layer")
+
+    def __dask_tokenize__(self) -> Any:
+        from dask.base import tokenize
+
+        return ("PermutedSource", tokenize(self.source), tokenize(self.ordering), self.axis)
+
+    def read_block(self, region: tuple[slice, ...]) -> np.ndarray:
+        if self.axis == 1:
+            band = read_into_buffer(self.source, (region[0], slice(0, self.shape[1])))
+            return band[:, self.ordering[region[1]]]
+        band = read_into_buffer(self.source, (slice(0, self.shape[0]), region[1]))
+        return band[self.ordering[region[0]], :]
 
 
 def _copy_layer_permuted(ds: Any, w: Any, name: str, path: str, ordering: np.ndarray | None, axis: int) -> None:
@@ -60,24 +81,15 @@ def _copy_layer_permuted(ds: Any, w: Any, name: str, path: str, ordering: np.nda
     shape = tuple(info.shape)
     chunks = tuple(info.chunks) if info.chunks else default_chunks(shape)
     create_layer_array(w, path, shape, info.dtype, chunks)
-    encoder = w.encoder(path)
-    where = f"{ds.filename}: layer '{name}'"
+    target = LayerTarget.on(w, path, f"{ds.filename}: layer '{name}'")
     if ordering is None:
         ordering = np.arange(shape[axis])
     # Full-width row bands for a column permutation (and vice versa): every
     # stored chunk is read once and written once, memory is one band per worker.
-    plan = plan_blocks(shape, chunks, np.dtype(info.dtype).itemsize, band_axis=0 if axis == 1 else 1)
-    regions = [r for _, r in block_regions(plan)]
-    tname = task_name("loom-permute", src, ordering.tobytes(), axis, path)
-    jobs = tasks(tname, _permuted_band, [(src, encoder, r, ordering, axis, where) for r in regions])
-    _store_in_batches(ds, w, path, jobs, nbytes=nbytes_of(src))
-
-
-def _store_in_batches(ds: Any, w: Any, path: str, jobs: list[Any], nbytes: int | None = None) -> None:
-    batch = max(4, 4 * (os.cpu_count() or 1))
-    for i in range(0, len(jobs), batch):
-        for payload in compute(*jobs[i : i + batch], nbytes=nbytes, **ds._compute_kwargs()):
-            w.store_chunks(path, payload)
+    unit = tuple(int(np.lcm(a, b)) for a, b in zip(src.chunk_shape, target.chunk_shape))  # whole in both
+    plan = plan_blocks(shape, unit, np.dtype(info.dtype).itemsize, band_axis=0 if axis == 1 else 1)
+    x = from_source(_PermutedSource(src, ordering, axis), chunks=plan)
+    store(x, target, **ds._compute_kwargs())
 
 
 def _global_items(ds: Any) -> dict[str, Any]:
@@ -184,55 +196,49 @@ def _format_band(src: Any, r0: int, r1: int, m: int, prefixes: list[str]) -> str
 # --- growing a file: add_columns / add_loom -----------------------------------------------------
 
 
-def _write_columns(ds: Any, w: Any, path: str, start: int, batches: Iterable[np.ndarray], where: str, dtype: Any) -> int:
-    """Write column batches at ``start…``; aligned stretches are encoded in parallel, the
-    first partial chunk column (if *start* is not on a chunk boundary) goes through the writer."""
-    from concurrent.futures import ThreadPoolExecutor
+def _is_dask(x: Any) -> bool:
+    import dask
 
-    info = w.info(path)
-    chunks = tuple(info.chunks) if info.chunks else (info.shape[0], 1)
-    cw = chunks[1]
-    pos = start
-    pending: list[np.ndarray] = []
-    buffered = 0
+    return dask.is_dask_collection(x) and hasattr(x, "chunks")
 
-    def flush(final: bool) -> None:
-        nonlocal pos, pending, buffered
-        if not pending:
-            return
-        data = np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
-        pending, buffered = [], 0
-        head = (-pos) % cw
-        if head:
-            h = min(head, data.shape[1])
-            check_values(data[:, :h], where)
-            w.write(path, (slice(None), slice(pos, pos + h)), np.asarray(data[:, :h], dtype=dtype))
-            pos += h
-            data = data[:, h:]
-        if not data.shape[1]:
-            return
-        whole = data.shape[1] if final else (data.shape[1] // cw) * cw
-        encoder = w.encoder(path)
-        regions = []
-        for c0 in range(0, whole, cw * 64):
-            c1 = min(whole, c0 + cw * 64)
-            regions.append(((slice(0, data.shape[0]), slice(pos + c0, pos + c1)), data[:, c0:c1]))
-        with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-            for payload in pool.map(lambda rb: encode_checked(encoder, rb[0], rb[1], where, dtype), regions):
-                w.store_chunks(path, payload)
-        pos += whole
-        if whole < data.shape[1]:
-            pending.append(data[:, whole:])
-            buffered = data.shape[1] - whole
 
-    for b in batches:
-        b = b.toarray() if issparse(b) else np.asarray(b)
-        pending.append(b)
-        buffered += b.shape[1]
-        if buffered >= cw * 64:
-            flush(False)
-    flush(True)
-    return pos
+def _as_input(v: Any) -> Any:
+    return v if issparse(v) or _is_dask(v) else np.asarray(v)
+
+
+def _take_rows(block: np.ndarray, order: np.ndarray) -> np.ndarray:
+    return block[order]
+
+
+def _append_columns(ds: Any, w: Any, path: str, start: int, x: Any, where: str) -> None:
+    """Write *x* (numpy, scipy.sparse or dask; every row) at columns ``start…`` of the grown layer *path*.
+
+    A chunk column that already holds columns (*start* not on a chunk
+    boundary) is read, completed with the first new columns and written back
+    whole; the rest goes to :func:`dask_loom.store` as whole chunks.
+    """
+    target = LayerTarget.on(w, path, where)
+    n_rows, n_new = (int(v) for v in x.shape)
+    cw = target.chunk_shape[1]
+    c0 = start // cw * cw
+    if start > c0 and n_new:
+        k = min(c0 + cw - start, n_new)
+        first = x[:, :k]
+        if _is_dask(first):
+            from dask_loom.cluster import compute
+
+            first = compute(first, **ds._compute_kwargs())[0]
+        first = first.toarray() if issparse(first) else np.asarray(first)
+        head = np.asarray(w.read(path, (slice(None), slice(c0, start))))
+        block = np.concatenate([head.astype(target.dtype, copy=False), first.astype(target.dtype, copy=False)], axis=1)
+        target.write_block((slice(0, n_rows), slice(c0, start + k)), block)
+        x = x[:, k:]
+        start += k
+    if x.shape[1]:
+        if _is_dask(x):
+            # Full-height column bands of whole chunks (from here on, start is a chunk boundary).
+            x = x.rechunk(plan_blocks(tuple(x.shape), target.chunk_shape, target.dtype.itemsize, band_axis=1))
+        store(x, target, at=(0, start), **ds._compute_kwargs())
 
 
 def _fill_for(values: np.ndarray, n: int, fill: Any) -> np.ndarray:
@@ -285,7 +291,7 @@ def _check_append(ds: Any, names: list[str], n_rows: int, where: str) -> None:
 
 def _append(
     ds: Any,
-    layer_batches: dict[str, Iterator[np.ndarray]],
+    layer_values: dict[str, Any],
     dtypes: dict[str, Any],
     n_rows: int,
     n_new: int,
@@ -296,27 +302,25 @@ def _append(
     globals_set: dict[str, Any] | None = None,
     globals_del: Iterable[str] = (),
 ) -> None:
-    """Append *n_new* columns to every layer and rewrite the column attributes, atomically."""
+    """Append *n_new* columns to every layer (numpy, scipy.sparse or dask, ``(n_rows, n_new)``) and rewrite the column attributes, atomically."""
     from dask_loom.loom._store import put_global
 
     old_m = ds.shape[1]
     empty = ds.shape == (0, 0)
     where = ds.filename
     with ds._writing(atomic=True) as w:
-        for name, batches in layer_batches.items():
+        for name, value in layer_values.items():
             path = ds._layer_path(name)
+            if tuple(value.shape) != (n_rows, n_new):
+                raise ValueError(f"{where}: layer '{name}' brings shape {tuple(value.shape)}, expected {(n_rows, n_new)}")
             if empty:
                 dt = check_dtype(dtypes[name], f"{where}: layer '{name}'")
                 create_layer_array(w, path, (n_rows, 0), dt, default_chunks((n_rows, max(64, n_new))))
-            info = w.info(path)
-            dt = info.dtype
             try:
                 w.resize(path, (n_rows, old_m + n_new))
             except (TypeError, ValueError, OSError) as exc:
                 raise ValueError(f"{where}: layer '{name}' cannot grow along columns (fixed maximum shape): {exc}") from None
-            end = _write_columns(ds, w, path, old_m, batches, f"{where}: layer '{name}'", dt)
-            if end != old_m + n_new:
-                raise ValueError(f"{where}: layer '{name}' received {end - old_m} columns, expected {n_new}")
+            _append_columns(ds, w, path, old_m, value, f"{where}: layer '{name}'")
         if row_attrs:
             for k, v in row_attrs.items():
                 put_attr(w, 0, k, v, n=n_rows, stamp=False)
@@ -335,7 +339,7 @@ def _append(
                 w.delete(f"attrs/{k}")
             else:
                 w.del_attr("/", k)
-        touch(w, "col_attrs", *(ds._layer_path(n) for n in layer_batches))
+        touch(w, "col_attrs", *(ds._layer_path(n) for n in layer_values))
     ds._refresh_shape()
     ds._open_managers()
 
@@ -343,8 +347,9 @@ def _append(
 def add_columns(ds: LoomConnection, layers: Any, col_attrs: dict[str, Any], *, row_attrs: dict[str, Any] | None = None, fill_values: Any = None) -> None:
     """Append columns (all layers at once) and their attributes, all-or-nothing."""
     ds._check_writable()
-    # Appended columns are held in memory, as in loompy (dask input is computed here).
-    lay = {k: v if issparse(v) else np.asarray(v) for k, v in as_layer_dict(layers).items()}
+    # numpy and sparse columns are in memory, as in loompy; dask columns stay lazy
+    # (their NaN/Inf check runs in the write's tasks).
+    lay = {k: _as_input(v) for k, v in as_layer_dict(layers).items()}
     where = ds.filename
     if "" not in lay and ds.shape == (0, 0):
         raise ValueError(f"{where}: the main matrix (layer '') must be supplied")
@@ -360,7 +365,8 @@ def add_columns(ds: LoomConnection, layers: Any, col_attrs: dict[str, Any], *, r
         if v.shape[0] != n_new:
             raise ValueError(f"{where}: column attribute '{k}' has {v.shape[0]} values for {n_new} new columns")
     for k, v in lay.items():
-        check_values(v, f"{where}: layer '{k}'")
+        if not _is_dask(v):
+            check_values(v, f"{where}: layer '{k}'")
     merged = _merge_col_attrs(ds, col_attrs, n_new, fill_values)
     if ds.shape != (0, 0) and fill_values is None:
         merged = {k: v for k, v in merged.items() if k in col_attrs}
@@ -370,8 +376,7 @@ def add_columns(ds: LoomConnection, layers: Any, col_attrs: dict[str, Any], *, r
         for k, v in ra.items():
             if v.shape[0] != n_rows:
                 raise ValueError(f"{where}: row attribute '{k}' has {v.shape[0]} values, expected {n_rows}")
-    batches = {k: iter([v]) for k, v in lay.items()}
-    _append(ds, batches, {k: v.dtype for k, v in lay.items()}, n_rows, n_new, merged, ra)
+    _append(ds, lay, {k: v.dtype for k, v in lay.items()}, n_rows, n_new, merged, ra)
 
 
 def add_loom(
@@ -390,7 +395,9 @@ def add_loom(
     *convert_attrs*, global attributes that differ become constant column
     attributes of the combined file (the other file is not touched, unlike
     loompy).  With *include_graphs*, column graphs present in both files are
-    joined block-diagonally (loompy raises a shape error).
+    joined block-diagonally (loompy raises a shape error).  *batch_size* is
+    accepted as loompy's; columns move in blocks of whole stored chunks
+    (``dask_loom.block-size``), written through :func:`dask_loom.store`.
     """
     import scipy.sparse as sp
 
@@ -440,19 +447,19 @@ def add_loom(
                 if g in other.col_graphs.keys():
                     graphs[g] = sp.block_diag([ds.col_graphs[g], other.col_graphs[g]], format="coo")
 
-        def batches(layer: str) -> Iterator[np.ndarray]:
-            src = other._layer_source(layer)
-            for c0 in range(0, m2, max(1, int(batch_size))):
-                c1 = min(m2, c0 + max(1, int(batch_size)))
-                block = src.read_block((slice(0, other.shape[0]), slice(c0, c1)))
-                yield block if row_order is None else block[row_order]
+        def columns(layer: str) -> Any:
+            # The other file's layer, lazily, in full-height column bands of whole chunks (rows reordered per band).
+            x = from_source(other._layer_source(layer), band_axis=1)
+            if row_order is not None:
+                x = x.map_blocks(functools.partial(_take_rows, order=row_order), dtype=x.dtype)
+            return x
 
         ra = None
         if ds.shape == (0, 0):
             ra = {k: other.ra[k] for k in other.ra.keys()}
         _append(
             ds,
-            {n: batches(n) for n in names},
+            {n: columns(n) for n in names},
             {n: other._layer_dtype(n) for n in names},
             other.shape[0],
             m2,
@@ -494,9 +501,11 @@ def combine(
 
         invalidate(tmp)
         os.replace(tmp, output_file)
-        lock = os.path.join(os.path.dirname(tmp), f".{os.path.basename(tmp)}.dask-loom.lock")
+        from dask_loom.storage import FileSpec
+        from dask_loom.storage._locks import lock_path
+
         with contextlib.suppress(OSError):
-            os.remove(lock)
+            os.remove(lock_path(FileSpec.from_path(tmp)))
     finally:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -577,20 +586,11 @@ def combine_faster(
             for ln, dt in layer_dtypes.items():
                 path = "matrix" if ln == "" else f"layers/{ln}"
                 create_layer_array(w, path, (n, total), dt, chunks, fill=True)
-
-                def batches(ln: str = ln, dt: Any = dt) -> Iterator[np.ndarray]:
-                    for c, s, o in zip(conns, sels, orders):
-                        if ln not in c.layers:
-                            yield np.zeros((n, len(s)), dtype=dt)
-                            continue
-                        src = c._layer_source(ln)
-                        for c0 in range(0, len(s), 4096):
-                            cols = s[c0 : c0 + 4096]
-                            lo, hi = int(cols.min()), int(cols.max()) + 1
-                            block = src.read_block((slice(0, n), slice(lo, hi)))[:, cols - lo]
-                            yield block if o is None else block[o]
-
-                _write_columns(None, w, path, 0, batches(), f"{output_file}: layer '{ln}'", dt)
+                target = LayerTarget.on(w, path, f"{output_file}: layer '{ln}'")
+                x = _combined_columns(conns, sels, orders, ln, dt, n)
+                # Full-height column bands of whole chunks of the new layer.
+                x = x.rechunk(plan_blocks((n, total), target.chunk_shape, target.dtype.itemsize, band_axis=1))
+                store(x, target)
             for k, v in ra.items():
                 _put_attr_any(w, 0, k, np.asarray(v), n=n)
             for k, parts in ca_vals.items():
@@ -598,3 +598,21 @@ def combine_faster(
     finally:
         for c in conns:
             c.close(True)
+
+
+def _combined_columns(conns: list[Any], sels: list[np.ndarray], orders: list[Any], layer: str, dtype: Any, n: int) -> Any:
+    """The selected columns of one layer of every file side by side, lazily (zeros where a file lacks the layer)."""
+    import dask.array as da
+
+    parts = []
+    for c, s, o in zip(conns, sels, orders):
+        if layer not in c.layers:
+            parts.append(da.zeros((n, len(s)), dtype=dtype, chunks=(n, max(1, min(len(s), 4096)))))
+            continue
+        x = from_source(c._layer_source(layer), band_axis=1)
+        if not (len(s) == x.shape[1] and np.array_equal(s, np.arange(x.shape[1]))):
+            x = x[:, s]
+        if o is not None:
+            x = x.map_blocks(functools.partial(_take_rows, order=np.asarray(o)), dtype=x.dtype)
+        parts.append(x.astype(dtype))
+    return da.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]

@@ -2,8 +2,9 @@
 
 The Loom logic (managers, views, operations) is written once against this
 small interface: groups with children and attributes, arrays with a
-:class:`~dask_loom.blocks.ChunkSource` for data and a plain reader for small
-metadata arrays.  Writes happen inside ``with tree.writing() as w:``, which for
+:class:`~dask_loom.blocks.ChunkSource` for reading data, a
+:class:`~dask_loom.blocks.ChunkTarget` for writing it (through
+:func:`dask_loom.store`) and a plain reader for small metadata arrays.  Writes happen inside ``with tree.writing() as w:``, which for
 HDF5 holds the file open for writing only for the duration of the block.
 """
 
@@ -21,8 +22,8 @@ import numpy as np
 
 from dask_loom.errors import LoomFormatError
 from dask_loom.hdf5 import HDF5Source, dataset_layout, open_h5_read, open_h5_write
-from dask_loom.hdf5._encode import ChunkEncoder
 from dask_loom.hdf5._files import reading_values
+from dask_loom.hdf5._target import HDF5Target
 from dask_loom.storage import FileSpec
 
 __all__ = ["ArrayInfo", "HDF5Tree", "Tree", "TreeWriter", "is_zarr_spec"]
@@ -151,6 +152,14 @@ class TreeWriter(ABC):
 
     @abstractmethod
     def info(self, path: str) -> ArrayInfo: ...
+
+    @abstractmethod
+    def target(self, path: str, *, prefix: str = "loom-write", label: str | None = None) -> Any:
+        """The array at *path* as a chunk target (:class:`~dask_loom.blocks.ChunkTarget`) joined to this write.
+
+        Tasks encode blocks of whole chunks; this writer stores what they
+        return; the target commits and rolls back with the write it belongs to.
+        """
 
     def flush(self) -> None:  # noqa: B027 - optional hook
         """Make everything written so far durable."""
@@ -396,21 +405,9 @@ class HDF5Writer(_H5Reads, TreeWriter):
         if name in node.attrs:
             del node.attrs[name]
 
-    def encoder(self, path: str) -> ChunkEncoder:
-        from dask_loom.hdf5._layout import describe
-
-        ds = self.f[path]
-        lay = describe(ds)
-        if lay.chunks is None:
-            raise ValueError(f"{self.f.filename}: '{path}' is not chunked; it cannot take encoded chunks")
-        if not lay.fast:
-            raise ValueError(f"{self.f.filename}: '{path}' uses {lay.why_slow}; chunks cannot be encoded outside h5py")
-        return ChunkEncoder(lay.shape, lay.chunks, ds.dtype, lay.filters, lay.fillvalue)
-
-    def store_chunks(self, path: str, payload: Any) -> None:
-        dsid = self.f[path].id
-        for offset, data in payload:
-            dsid.write_direct_chunk(offset, data, 0)
+    def target(self, path: str, *, prefix: str = "loom-write", label: str | None = None) -> HDF5Target:
+        # Tasks compress whole chunks outside h5py; this (single) writer stores them.
+        return HDF5Target.on(self.f, path, prefix=prefix, label=label)
 
     def flush(self) -> None:
         self.f.flush()

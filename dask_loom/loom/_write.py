@@ -1,18 +1,19 @@
 """Writing layers: whole layers (numpy, scipy.sparse, dask) and regions.
 
-Whole-layer writes are transactions (``Tree.writing(atomic=True)``): a crash
-at any moment leaves the old file.  Data move in blocks of whole stored
-chunks; the blocks are encoded (compressed) in parallel — in a local thread
-pool for in-memory input, as tasks of a graph for dask input — and the single
-writer only stores the encoded chunks.  scipy.sparse input is densified one
-column band at a time, never whole.
+A Loom layer is a chunk target (:class:`LayerTarget`): blocks of whole stored
+chunks are checked (the spec forbids NaN and Inf), cast and encoded by the
+tasks of :func:`dask_loom.store` (compressed for HDF5, whose single writer
+stores them; written directly for ``.loom.zarr``).  Whole-layer writes are
+transactions (``Tree.writing(atomic=True)``): a crash at any moment leaves the
+old file.  scipy.sparse input is densified one band at a time, in the tasks,
+never whole.  Region writes read, update and write back whole chunks through
+the same target.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,18 +21,18 @@ import numpy as np
 from dask_loom._config import get_config
 from dask_loom._indexing import normalize_key
 from dask_loom._lazy import issparse
-from dask_loom.blocks import block_regions, plan_blocks, selection_bands
+from dask_loom.blocks import selection_bands, store
+from dask_loom.blocks._target import BlockTarget
 from dask_loom.loom._common import check_name
 
 if TYPE_CHECKING:
     from dask_loom.loom._connection import LoomConnection
 
 __all__ = [
+    "LayerTarget",
     "check_values",
     "default_chunks",
-    "encode_checked",
-    "store_blocks",
-    "store_dask",
+    "fill_layer",
     "write_layer",
     "write_layer_region",
 ]
@@ -57,81 +58,147 @@ def check_values(block: Any, where: str) -> None:
         raise ValueError(f"{where}: INF and NaN not allowed in loom matrix")
 
 
-def encode_checked(encoder: Any, region: tuple[slice, ...], block: Any, where: str, dtype: Any) -> Any:
-    """Task body: check one block, cast it to the layer dtype, encode it."""
-    if issparse(block):
-        block = block.toarray()
-    block = np.asarray(block)
-    check_values(block, where)
-    return encoder(region, block.astype(dtype, copy=False))
+class LayerTarget(BlockTarget):
+    """A Loom layer (HDF5 ``.loom`` or ``.loom.zarr``) as a chunk target.
 
+    Blocks are refused when they hold NaN or Inf, then encoded by the
+    container's own target (:meth:`TreeWriter.target`).
 
-def store_blocks(w: Any, path: str, blocks: Iterable[tuple[tuple[slice, ...], Any]], *, where: str, dtype: Any) -> None:
-    """Encode in-memory blocks in a local thread pool and store them (bounded look-ahead)."""
-    encoder = w.encoder(path)
-    workers = max(1, os.cpu_count() or 1)
-    with ThreadPoolExecutor(workers) as pool:
-        pending: list[Any] = []
-        for region, block in blocks:
-            pending.append(pool.submit(encode_checked, encoder, region, block, where, dtype))
-            if len(pending) > 2 * workers:
-                w.store_chunks(path, pending.pop(0).result())
-        for fut in pending:
-            w.store_chunks(path, fut.result())
+    Parameters
+    ----------
+    ds
+        An ``r+`` connection.
+    name
+        The layer (``""``: the main matrix); it is created, or replaced, with
+        the connection's shape.
+    dtype
+        Integer or float (default: the existing layer's).
+    chunks
+        Stored chunk shape (default: the existing layer's, else loompy's 64 x 64).
+    shape
+        The layer's shape (default: the connection's; the main matrix of a
+        file without other layers may change it).
+    prefix
+        Task-name prefix (default ``"loom-write"``).
 
+    Notes
+    -----
+    The transaction is the connection's: the layer is written under a
+    temporary name in a copy of the file (``Tree.writing(atomic=True)``) and
+    takes its name at commit.  :meth:`on` makes the target of an array in a
+    write already open (``create``, ``permute``, ``convert``), which joins it.
 
-def dense_blocks(value: Any, shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int) -> Iterator[tuple[tuple[slice, ...], Any]]:
-    """Aligned blocks of a numpy array or scipy.sparse matrix.
-
-    Sparse input is densified one band at a time, never whole: full-width row
-    bands for CSR (row slices of CSR are cheap), full-height column bands for
-    CSC; other sparse formats are converted to CSR first.
+    Examples
+    --------
+    >>> import numpy as np, tempfile, os, dask_loom
+    >>> from dask_loom.loom import LayerTarget
+    >>> fn = os.path.join(tempfile.mkdtemp(), "a.loom")
+    >>> dask_loom.create(fn, np.zeros((100, 50), "f4"), {"g": np.arange(100)}, {"c": np.arange(50)})
+    >>> with dask_loom.connect(fn) as ds:
+    ...     dask_loom.store(np.ones((100, 50)), LayerTarget(ds, "ones", dtype="i4"), scheduler="sync")
+    ...     print(ds.layers["ones"].dtype, int(ds.layers["ones"][:, :].sum()))
+    int32 5000
     """
-    if issparse(value):
-        if value.format not in ("csr", "csc"):
-            value = value.tocsr()
-        axis = 0 if value.format == "csr" else 1
-        plan = plan_blocks(shape, chunks, itemsize, band_axis=axis)
-        for _, region in block_regions(plan):
-            yield region, value[region[0]].toarray() if axis == 0 else value[:, region[1]].toarray()
-        return
-    plan = plan_blocks(shape, chunks, itemsize)
-    for _, region in block_regions(plan):
-        yield region, value[region]
+
+    def __init__(
+        self,
+        ds: LoomConnection,
+        name: str,
+        *,
+        dtype: Any = None,
+        chunks: Any = None,
+        shape: tuple[int, int] | None = None,
+        prefix: str = "loom-write",
+    ) -> None:
+        ds._check_writable()
+        check_name("Layer", name, ds.filename, allow_empty=True)
+        self.where = f"{ds.filename}: layer '{name}'"
+        existing = name in ds.layers.keys()
+        if dtype is None:
+            if not existing:
+                raise ValueError(f"{self.where}: give the dtype of a new layer")
+            dtype = ds._layer_dtype(name)
+        if chunks is None and existing:
+            info = ds._layer_info(name)
+            chunks = tuple(info.chunks) if info.chunks else None
+        self.shape = tuple(int(s) for s in (shape if shape is not None else ds.shape))
+        self.dtype = check_dtype(dtype, self.where)
+        self.chunk_shape = default_chunks(self.shape, chunks)
+        self.prefix = prefix
+        self.label = self.where
+        self._ds: Any = ds
+        self._name = name
+        self._inner: Any = None
+
+    @classmethod
+    def on(cls, w: Any, path: str, where: str, *, prefix: str = "loom-write") -> LayerTarget:
+        """The layer array at *path* of the open tree writer *w*, inside the write *w* belongs to."""
+        self = cls.__new__(cls)
+        self._inner = w.target(path, prefix=prefix, label=where)
+        self._ds = None
+        self._name = None
+        self.where = self.label = where
+        self.shape = tuple(self._inner.shape)
+        self.dtype = np.dtype(self._inner.dtype)
+        self.chunk_shape = tuple(self._inner.chunk_shape)
+        self.prefix = prefix
+        return self
+
+    def __dask_tokenize__(self) -> Any:
+        from dask.base import tokenize
+
+        return ("LayerTarget", self.where, self.shape, self.dtype.str, self.chunk_shape, self.prefix,
+                tokenize(self._inner) if self._inner is not None else None)
+
+    def __reduce__(self) -> Any:
+        # Tasks carry the container's target (which drops its open handles) and the check.
+        if self._inner is None:
+            raise RuntimeError(f"{self.where}: a layer target travels to tasks inside its transaction only")
+        return (_rebuild_layer_target, (self._inner, self.where, self.prefix))
+
+    def encode_block(self, region: tuple[slice, ...], data: Any) -> Any:
+        """Refuse NaN/Inf, then the container's encoding (compressed chunks, or chunks written)."""
+        check_values(data, self.where)
+        return self._inner.encode_block(region, data)
+
+    def store_payload(self, payload: Any) -> None:
+        self._inner.store_payload(payload)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        if self._ds is None:
+            yield  # joined: the write the tree writer belongs to decides
+            return
+        ds, name = self._ds, self._name
+        path = ds._layer_path(name)
+        head, _, tail = path.rpartition("/")
+        tmp = f"{head}/.tmp-{tail}" if head else f".tmp-{tail}"
+        try:
+            with ds._writing(atomic=True) as w:
+                if head:
+                    w.create_group(head)
+                w.delete(tmp)
+                create_layer_array(w, tmp, self.shape, self.dtype, self.chunk_shape)
+                self._inner = w.target(tmp, prefix=self.prefix, label=self.where)
+                yield
+                w.move(tmp, path)
+                ds._touch(w)
+        finally:
+            self._inner = None
+            ds._refresh_shape()
 
 
-def store_dask(ds: Any, w: Any, path: str, x: Any, *, where: str, dtype: Any, chunks: tuple[int, ...]) -> None:
-    """Write a dask array as a graph: aligned blocks encoded by tasks, stored by this writer.
-
-    Blocks are rechunked to unions of whole stored chunks first, so no two
-    tasks ever touch the same chunk.  Results are gathered a batch at a time,
-    so memory holds a few encoded blocks, not the layer.
-    """
-    from dask.base import tokenize
-    from dask.delayed import Delayed
-    from dask.highlevelgraph import HighLevelGraph
-
-    from dask_loom.blocks import align_chunks
-    from dask_loom.cluster import compute
-
-    dt = np.dtype(dtype)
-    plan = plan_blocks(tuple(x.shape), chunks, dt.itemsize)
-    plan = align_chunks(plan, tuple(x.shape), chunks, dt)
-    x = x.rechunk(plan)
-    encoder = w.encoder(path)
-    name = f"loom-write-{tokenize(x.name, path, where)}"
-    keys = []
-    dsk: dict[Any, Any] = {}
-    for idx, region in block_regions(plan):
-        key = (name, *idx)
-        dsk[key] = (encode_checked, encoder, region, (x.name, *idx), where, dt)
-        keys.append(key)
-    hlg = HighLevelGraph.from_collections(name, dsk, dependencies=[x])
-    batch = max(4, 4 * (os.cpu_count() or 1))
-    for i in range(0, len(keys), batch):
-        part = [Delayed(k, hlg, layer=name) for k in keys[i : i + batch]]
-        for payload in compute(*part, nbytes=int(x.nbytes), **ds._compute_kwargs()):
-            w.store_chunks(path, payload)
+def _rebuild_layer_target(inner: Any, where: str, prefix: str) -> LayerTarget:
+    self = LayerTarget.__new__(LayerTarget)
+    self._inner = inner
+    self._ds = None
+    self._name = None
+    self.where = self.label = where
+    self.shape = tuple(inner.shape)
+    self.dtype = np.dtype(inner.dtype)
+    self.chunk_shape = tuple(inner.chunk_shape)
+    self.prefix = prefix
+    return self
 
 
 def _prepare(ds: LoomConnection, name: str, value: Any) -> tuple[Any, tuple[int, ...], np.dtype]:
@@ -174,13 +241,9 @@ def create_layer_array(w: Any, path: str, shape: tuple[int, ...], dtype: Any, ch
     )
 
 
-def fill_layer(ds: Any, w: Any, path: str, value: Any, *, where: str, dtype: Any, chunks: tuple[int, ...]) -> None:
-    """Write *value* (numpy, sparse or dask) into an existing, empty layer dataset."""
-    dt = np.dtype(dtype)
-    if hasattr(value, "dask"):
-        store_dask(ds, w, path, value, where=where, dtype=dt, chunks=chunks)
-    else:
-        store_blocks(w, path, dense_blocks(value, tuple(value.shape), chunks, dt.itemsize), where=where, dtype=dt)
+def fill_layer(ds: Any, w: Any, path: str, value: Any, *, where: str, prefix: str = "loom-write") -> None:
+    """Write *value* (numpy, sparse or dask) into the layer array *path* of the open write *w*."""
+    store(value, LayerTarget.on(w, path, where, prefix=prefix), **ds._compute_kwargs())
 
 
 def write_layer(ds: LoomConnection, name: str, value: Any, *, chunks: Any = None) -> None:
@@ -188,28 +251,21 @@ def write_layer(ds: LoomConnection, name: str, value: Any, *, chunks: Any = None
     ds._check_writable()
     check_name("Layer", name, ds.filename, allow_empty=True)
     value, shape, dt = _prepare(ds, name, value)
-    where = f"{ds.filename}: layer '{name}'"
-    path = ds._layer_path(name)
-    head, _, tail = path.rpartition("/")
-    tmp = f"{head}/.tmp-{tail}" if head else f".tmp-{tail}"
-    chunks = default_chunks(shape, chunks)
-    with ds._writing(atomic=True) as w:
-        if head:
-            w.create_group(head)
-        w.delete(tmp)
-        create_layer_array(w, tmp, shape, dt, chunks, fill=value is None)
-        if value is not None:
-            fill_layer(ds, w, tmp, value, where=where, dtype=dt, chunks=chunks)
-        w.move(tmp, path)
-        ds._touch(w)
-    ds._refresh_shape()
+    target = LayerTarget(ds, name, dtype=dt, chunks=default_chunks(shape, chunks), shape=shape)
+    if value is None:
+        with target.transaction():
+            pass  # a layer of zeros (the fill value): nothing to write
+        return
+    store(value, target, **ds._compute_kwargs())
 
 
 def write_layer_region(ds: LoomConnection, name: str, key: Any, value: Any) -> None:
     """``ds.layers[name][rows, cols] = value`` with numpy (outer) semantics.
 
     Each band of whole stored chunks that the selection touches is read,
-    updated in memory and written back once, in place (as loompy does).
+    updated in memory and written back once through the layer's target
+    (:meth:`LayerTarget.on`), in the connection's write (a transaction unless
+    ``dask_loom.atomic-writes`` is off).
     """
     ds._check_writable()
     where = f"{ds.filename}: layer '{name}'"
@@ -227,13 +283,14 @@ def write_layer_region(ds: LoomConnection, name: str, key: Any, value: Any) -> N
             last = np.zeros(len(s.unique), dtype=np.int64)
             last[s.inverse] = np.arange(len(s.inverse))
             uniq_vals = np.take(uniq_vals, last, axis=ax)
-    chunks = ds._layer_source(name).chunk_shape
-    per_axis = []
-    for s, n, c in zip(sels, layer_shape, chunks):
-        pos = np.arange(s.start, s.stop) if s.kind in ("int", "range") else s.unique
-        per_axis.append((pos, selection_bands(n, c, np.unique(pos // c), 64)))
     path = ds._layer_path(name)
     with ds._writing() as w:
+        # The layer's own target: the bands below are whole chunks, encoded as store() would.
+        target = LayerTarget.on(w, path, where)
+        per_axis = []
+        for s, n, c in zip(sels, layer_shape, target.chunk_shape):
+            pos = np.arange(s.start, s.stop) if s.kind in ("int", "range") else s.unique
+            per_axis.append((pos, selection_bands(n, c, np.unique(pos // c), 64)))
         rows, cols = per_axis[0][0], per_axis[1][0]
         for b0r, b1r in per_axis[0][1]:
             ri = np.flatnonzero((rows >= b0r) & (rows < b1r))
@@ -242,7 +299,8 @@ def write_layer_region(ds: LoomConnection, name: str, key: Any, value: Any) -> N
                 if not len(ri) or not len(ci):
                     continue
                 region = (slice(b0r, b1r), slice(b0c, b1c))
+                # Partly covered chunks: read, update in memory, write back whole.
                 block = np.array(w.read(path, region), dtype=dt)
                 block[np.ix_(rows[ri] - b0r, cols[ci] - b0c)] = uniq_vals[np.ix_(ri, ci)]
-                w.write(path, region, block)
+                target.write_block(region, block)
         ds._touch(w, path)

@@ -13,13 +13,16 @@ blosc-zstd by default (``dask_loom.zarr-codec``), chunked as loompy's layers
 (``dask_loom.loom-chunks``); node attributes (``last_modified``) are Zarr
 attributes.
 
-Unlike HDF5 there is no single writer: stored chunks are written by the tasks
-that compute them (every block is a union of whole chunks, so no two tasks
-touch the same chunk).  On a local disk, writes hold a writer lock (a lock
-file beside the store) and transactions (``permute``, ``add_columns``, whole
-layers, ``create``, ``convert``) write a hard-linked copy of the store that
-replaces it in one atomic directory exchange, so a crash leaves the old or
-the new store, whole.
+Unlike HDF5 there is no single writer: a layer is a
+:class:`~dask_loom.zarr.ZarrTarget` (``ZarrWriter.target``) whose stored
+chunks are written by the tasks of :func:`dask_loom.store` that compute them
+(every block is a union of whole chunks, so no two tasks touch the same
+chunk).  On a local disk, writes hold the writer lock (a lock file beside the
+store) and transactions (``permute``, ``add_columns``, whole layers,
+``create``, ``convert``) write a hard-linked copy of the store that replaces
+it in one atomic directory exchange
+(:func:`~dask_loom.storage._atomic.local_transaction`, the one local Zarr
+transaction), so a crash leaves the old or the new store, whole.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import threading
 import uuid
 from collections.abc import Iterator
@@ -39,20 +41,12 @@ from dask_loom._config import get_config
 from dask_loom.errors import LoomFormatError, MissingKeyError
 from dask_loom.loom._tree import ArrayInfo, Tree, TreeWriter
 from dask_loom.storage import FileSpec
-from dask_loom.storage._atomic import (
-    TransactionStore,
-    abort,
-    clone_tree,
-    disk_full,
-    no_space,
-    remove_stale,
-    replace_dir,
-    temp_sibling,
-)
+from dask_loom.storage._atomic import local_transaction, replace_dir
 from dask_loom.storage._objectstore import open_store
 from dask_loom.storage._stores import _TMP_MARK, BaseStore, LocalStore, normalize_prefix
 from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
 from dask_loom.zarr._source import ZarrSource, _numpy_dtype, build_array
+from dask_loom.zarr._target import ZarrTarget
 
 __all__ = ["ZarrTree", "ZarrWriter"]
 
@@ -401,60 +395,23 @@ def _active_writer(spec: FileSpec) -> ZarrWriter | None:
 
 @contextlib.contextmanager
 def _local_transaction(spec: FileSpec, store: LocalStore, label: str, *, atomic: bool, fresh: bool) -> Iterator[ZarrWriter]:
-    """Hold the writer lock of a local store; with *atomic*, write a copy and swap it in at the end."""
-    from dask_loom._config import get_config
-    from dask_loom.hdf5._files import _exclusive
+    """Hold the writer lock of a local store; with *atomic*, write a copy and swap it in at the end.
 
-    store.path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(spec, float(get_config("write-timeout"))):
-        # We hold the lock: copies beside the store belong to writers that died.
-        remove_stale(store.path, all_of_them=True)
-        target: LocalStore = store
+    The one local Zarr transaction (:func:`dask_loom.storage._atomic.local_transaction`),
+    shared with :func:`dask_loom.to_zarr`.
+    """
+    base = "inplace" if not atomic else ("empty" if fresh or not store.path.is_dir() else "clone")
+    with local_transaction(store.path, label=label, base=base) as target:
+        w = ZarrWriter(target if atomic else store, label)
+        if atomic and fresh:
+            w.create_group("")
+        with _writers_lock:
+            _writers[spec.url] = (threading.get_ident(), w)
         try:
-            if atomic:
-                tmp = temp_sibling(store.path)
-                target = TransactionStore(tmp)
-                if fresh or not store.path.is_dir():
-                    os.makedirs(tmp)
-                else:
-                    clone_tree(store.path, tmp)
-            w = ZarrWriter(target, label)
-            if atomic and fresh:
-                w.create_group("")
+            yield w
+        finally:
             with _writers_lock:
-                _writers[spec.url] = (threading.get_ident(), w)
-            try:
-                yield w
-            finally:
-                with _writers_lock:
-                    _writers.pop(spec.url, None)
-            if atomic:
-                replace_dir(target.path, store.path)
-        except BaseException as exc:
-            if atomic:
-                abort(target.path)  # tasks still running cannot recreate the copy
-                if no_space(exc):
-                    raise disk_full(label, exc, "store") from exc
-            raise
-
-
-class _ZarrEncoder:
-    """Picklable per-task writer of aligned blocks (the Zarr side of ``TreeWriter.encoder``)."""
-
-    def __init__(self, store: BaseStore, path: str, metadata: dict[str, Any]) -> None:
-        self.store = store
-        self.path = path
-        self.metadata = metadata
-
-    def __dask_tokenize__(self) -> Any:
-        from dask.base import tokenize
-
-        return ("ZarrEncoder", tokenize(self.store), self.path, json.dumps(self.metadata, sort_keys=True, default=str))
-
-    def __call__(self, region: tuple[slice, ...], block: np.ndarray) -> tuple[()]:
-        # Blocks cover whole chunks, so tasks write their chunks directly and in parallel.
-        build_array(self.store, self.path, self.metadata, write_empty_chunks=False)[region] = block
-        return ()
+                _writers.pop(spec.url, None)
 
 
 class ZarrWriter(_ZarrReads, TreeWriter):
@@ -614,11 +571,8 @@ class ZarrWriter(_ZarrReads, TreeWriter):
         doc["attributes"] = {k: v for k, v in doc["attributes"].items() if k != name}
         self._put_meta(path, doc)
 
-    def encoder(self, path: str) -> _ZarrEncoder:
-        return _ZarrEncoder(self.store, _p(path), self._array_meta(path))
-
-    def store_chunks(self, path: str, payload: Any) -> None:
-        # The encoder already wrote its chunks; nothing is left to store.
-        if payload:
-            raise ValueError(f"{self.label}: unexpected chunk payload for '{path}'")
+    def target(self, path: str, *, prefix: str = "loom-write", label: str | None = None) -> ZarrTarget:
+        # Blocks cover whole chunks, so tasks write their chunks directly and in parallel
+        # (into this write's store: the transaction's copy when there is one).
+        return ZarrTarget.on(self.store, _p(path), self._array_meta(path), prefix=prefix, label=label)
 

@@ -6,7 +6,8 @@ column, any row, the 0.0.2-era schema included) or a typed chunk dataset
 directory, and returns ome-arrow's :class:`TensorView` (or
 :class:`LazyTensorView`).  Reads decode only the chunks a selection touches;
 ``to_dask()`` gives blocks that are the stored chunks.  Writers stream block
-by block and keep every dtype exact; converters bring OME-TIFF and OME-Zarr in.
+by block and keep every dtype exact (the chunk dataset through
+:func:`dask_loom.store` into an :class:`OMEDatasetTarget`); converters bring OME-TIFF and OME-Zarr in.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dask_loom.ome._schema import (
     OME_ARROW_STRUCT,
     choose_chunk_shape,
 )
+from dask_loom.ome._target import OMEDatasetTarget
 from dask_loom.ome._views import LazyTensorView, TensorView
 from dask_loom.ome._write import choose_chunking, to_ome_arrow, to_ome_parquet, write_ome_arrow_dataset
 
@@ -32,6 +34,7 @@ __all__ = [
     "LazyTensorView",
     "OME_ARROW_BYTE_STRUCT",
     "OME_ARROW_STRUCT",
+    "OMEDatasetTarget",
     "TensorView",
     "choose_chunk_shape",
     "choose_chunking",

@@ -11,8 +11,10 @@ and nothing holds the whole image except the output itself.
   pixel payloads are first spilled to a temporary file next to the output
   and handed to the Parquet writer as a memory map (pages already written
   are released as it goes): peak memory stays at a few blocks, not the image.
-* :func:`write_ome_arrow_dataset` writes the typed chunk dataset with a
-  ``ParquetWriter``: one chunk per row group, so readers fetch single chunks.
+* :func:`write_ome_arrow_dataset` writes the typed chunk dataset through
+  :func:`dask_loom.store`: each image is an :class:`~dask_loom.ome.OMEDatasetTarget`
+  whose tasks cut and cast chunks and whose single writer appends them to a
+  ``ParquetWriter``, one chunk per row group, so readers fetch single chunks.
 
 Pixel data is stored dtype-exact: uint16 as ome-arrow's numeric chunk lists,
 every other dtype as typed byte chunks (``OME_ARROW_BYTE_STRUCT``), never
@@ -23,12 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import math
 import mmap
 import os
-import shutil
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -38,12 +37,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dask_loom._config import block_size_bytes
 from dask_loom.errors import OMEArrowError, SelectionError, UnsupportedDtypeError
 from dask_loom.ome._schema import (
-    CHUNK_TABLE_SCHEMA,
-    DATASET_MANIFEST,
-    IMAGE_TABLE_SCHEMA,
-    INDEX_TABLE_SCHEMA,
     OME_ARROW_BYTE_STRUCT,
     OME_ARROW_STRUCT,
     OME_ARROW_TYPE,
@@ -52,6 +48,7 @@ from dask_loom.ome._schema import (
     default_channels,
 )
 from dask_loom.ome._schema import pixel_dtype as _pixel_dtype
+from dask_loom.ome._target import WRITE_BLOCK_BYTES
 from dask_loom.storage._urls import check_scheme
 
 __all__ = ["WithMeta", "choose_chunking", "to_ome_arrow", "to_ome_parquet", "write_ome_arrow_dataset"]
@@ -181,21 +178,6 @@ def _normalize_chunk(chunk_shape: Sequence[int] | None, shape: tuple[int, ...], 
 # --------------------------------------------------------------------------- streaming
 
 
-def _parallelism(scheduler: Any, client: Any) -> int:
-    from dask_loom.cluster import get_client
-
-    c = get_client(scheduler, client)
-    if c is not None:
-        with contextlib.suppress(Exception):
-            return max(1, sum(c.nthreads().values()))
-    return max(1, os.cpu_count() or 1)
-
-
-# Writers hold a few blocks at once (one per worker): keep each well below
-# dask_loom.block-size so a stream stays within a few hundred MiB.
-WRITE_BLOCK_BYTES = 32 << 20
-
-
 def _aligned(chunks: tuple[tuple[int, ...], ...], unit: tuple[int, ...], limit: int, itemsize: int) -> bool:
     """True when every dask block is a union of whole *unit* chunks and at most *limit* bytes."""
     for sizes, u in zip(chunks, unit):
@@ -204,27 +186,33 @@ def _aligned(chunks: tuple[tuple[int, ...], ...], unit: tuple[int, ...], limit: 
     return math.prod(max(c) for c in chunks) * itemsize <= limit
 
 
-def _iter_blocks(img: _Image5, chunk: tuple[int, ...], *, scheduler: Any, client: Any) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
-    """(origin, block) for blocks made of whole chunks, one wave of workers at a time."""
-    from dask_loom._config import block_size_bytes
-    from dask_loom.blocks import block_regions, plan_blocks
-    from dask_loom.cluster import compute
+def _write_input(img: _Image5, chunk: tuple[int, ...]) -> Any:
+    """The image as written: a dask input is rechunked to blocks of whole chunks first (silently,
+    since its blocks usually come from a view of another image), anything else as it is."""
+    from dask_loom.blocks import plan_blocks
 
     target = min(block_size_bytes(), WRITE_BLOCK_BYTES)
-    if _is_dask(img.array):
-        arr = img.array
-        if not _aligned(arr.chunks, chunk, 2 * target, img.dtype.itemsize):
-            arr = arr.rechunk(plan_blocks(img.shape, chunk, img.dtype.itemsize, target_bytes=target))
+    arr = img.array
+    if _is_dask(arr) and not _aligned(arr.chunks, chunk, 2 * target, img.dtype.itemsize):
+        arr = arr.rechunk(plan_blocks(img.shape, chunk, img.dtype.itemsize, target_bytes=target))
+    return arr
+
+
+def _iter_blocks(img: _Image5, chunk: tuple[int, ...], *, scheduler: Any, client: Any) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    """(origin, block) for blocks made of whole chunks, computed under :func:`dask_loom.store`'s batching."""
+    from dask_loom.blocks import block_regions, plan_blocks
+    from dask_loom.blocks._store import computed_in_batches
+
+    arr = _write_input(img, chunk)
+    if _is_dask(arr):
         regions = block_regions(arr.chunks)
-        wave = _parallelism(scheduler, client)
-        for i in range(0, len(regions), wave):
-            part = regions[i : i + wave]
-            values = compute(*[arr.blocks[idx] for idx, _ in part], scheduler=scheduler, client=client)
-            for (_, region), v in zip(part, values):
-                yield tuple(r.start for r in region), np.asarray(v)
+        values = computed_in_batches((arr.blocks[idx] for idx, _ in regions), scheduler=scheduler, client=client)
+        for (_, region), v in zip(regions, values):
+            yield tuple(r.start for r in region), np.asarray(v)
     else:
+        target = min(block_size_bytes(), WRITE_BLOCK_BYTES)
         for _, region in block_regions(plan_blocks(img.shape, chunk, img.dtype.itemsize, target_bytes=target)):
-            yield tuple(r.start for r in region), np.asarray(img.array[region])
+            yield tuple(r.start for r in region), np.asarray(arr[region])
 
 
 def _iter_chunks(img: _Image5, chunk: tuple[int, ...], *, scheduler: Any, client: Any) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
@@ -864,124 +852,39 @@ def write_ome_arrow_dataset(
             raise SelectionError(f"{len(image_ids)} image_ids for {len(entries)} images")
         entries = [(str(i), v) for i, (_, v) in zip(image_ids, entries)]
     target_dtype = None if pixel_dtype is None else _pixel_dtype(pixel_dtype, what="pixel_dtype")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(os.path.abspath(out)))
-    md = {b"ome.arrow.type": OME_ARROW_TYPE.encode(), b"ome.arrow.version": OME_ARROW_VERSION.encode(),
-          b"ome.arrow.layout": b"typed-chunk-dataset"}
-    schema = CHUNK_TABLE_SCHEMA.with_metadata(md)
-    image_rows: list[dict[str, Any]] = []
-    index_cols: dict[str, list[Any]] = {f.name: [] for f in INDEX_TABLE_SCHEMA}
-    first_choice: dict[str, Any] | None = None
-    chunk_id = 0
-    row_group = 0
+    from dask_loom.blocks import store
+    from dask_loom.ome._target import OMEDatasetTarget, _Dataset
+
+    dataset = _Dataset(out, compression=compression, chunk_rows_per_row_group=chunk_rows_per_row_group,
+                       build_physical_index=build_physical_index)
     seen: set[str] = set()
-    try:
-        writer = pq.ParquetWriter(
-            os.path.join(tmp, "chunks.parquet"), schema, compression=compression,
-            use_dictionary=["image_id", "dtype"], write_statistics=[*list("tczyx"), "chunk_id"],
-        )
-        with writer:
-            pending: list[dict[str, Any]] = []
-
-            def flush() -> None:
-                nonlocal row_group, pending
-                if pending:
-                    writer.write_table(pa.Table.from_pylist(pending, schema=schema), row_group_size=len(pending))
-                    row_group += 1
-                    pending = []
-
-            for k, (given_id, image) in enumerate(entries):
-                img = _prepare(
-                    image,
-                    dim_order,
-                    _overrides(channel_names=channel_names, physical_size_x=physical_size_x,
-                               physical_size_y=physical_size_y, physical_size_z=physical_size_z,
-                               physical_size_unit=physical_size_unit),
-                )
-                dtype = target_dtype or img.dtype
-                iid = str(given_id or img.meta.get("image_id") or f"image-{k:05d}")
-                if iid in seen:
-                    raise SelectionError(f"duplicate image_id {iid!r} in one dataset")
-                seen.add(iid)
-                choice = choose_chunking(
-                    img.shape, dtype, layout=layout, access_pattern=access_pattern,
-                    target_chunk_mb=target_chunk_mb, chunk_shape=chunk_shape,
-                )
-                first_choice = first_choice or choice
-                chunk = choice["chunk_shape"]
-                for start, ch in _iter_chunks(img, chunk, scheduler=scheduler, client=client):
-                    ch = _cast(ch, target_dtype, clamp, start, iid)
-                    rec = {
-                        "image_id": iid, "chunk_id": chunk_id,
-                        **{a: int(v) for a, v in zip("tczyx", start)},
-                        **{f"shape_{a}": int(v) for a, v in zip("tczyx", ch.shape)},
-                        "dtype": np.dtype(ch.dtype).name,
-                        "pixel_bytes": np.ascontiguousarray(ch).tobytes(),
-                    }
-                    for key in ("image_id", "chunk_id", *"tczyx", *[f"shape_{a}" for a in "tczyx"]):
-                        index_cols[key].append(rec[key])
-                    index_cols["row_group_id"].append(row_group)
-                    index_cols["row_index_in_group"].append(len(pending))
-                    index_cols["fragment_path"].append("chunks.parquet")
-                    pending.append(rec)
-                    chunk_id += 1
-                    if len(pending) >= chunk_rows_per_row_group:
-                        flush()
-                flush()  # an image never shares a row group with the next one
-                meta = img.meta
-                t, c, z, y, x = img.shape
-                chans = meta.get("channels") or default_channels(c, meta.get("channel_names"))
-                phys = {f"physical_size_{a}": meta.get(f"physical_size_{a}") for a in "xyz"}
-                unit = meta.get("physical_size_unit")
-                for a in "xyz":
-                    u = meta.get(f"physical_size_{a}_unit") or unit
-                    if u is not None:
-                        phys[f"physical_size_{a}_unit"] = u
-                image_rows.append(
-                    {
-                        "image_id": iid,
-                        "name": str(meta.get("name") or iid),
-                        "image_type": meta.get("image_type"),
-                        "dtype": np.dtype(dtype).name,
-                        "size_t": t, "size_c": c, "size_z": z, "size_y": y, "size_x": x,
-                        "layout": choice["layout"],
-                        **{f"chunk_{a}": int(v) for a, v in zip("tczyx", chunk)},
-                        "compression": compression,
-                        "channels_json": json.dumps([_channel(ch, i) for i, ch in enumerate(chans)]),
-                        "physical_json": json.dumps({k: v for k, v in phys.items() if v is not None}),
-                    }
-                )
-        images_schema = IMAGE_TABLE_SCHEMA.append(pa.field("physical_json", pa.string())).with_metadata(md)
-        pq.write_table(pa.Table.from_pylist(image_rows, schema=images_schema), os.path.join(tmp, "images.parquet"),
-                       compression=compression)
-        if build_physical_index:
-            pq.write_table(
-                pa.Table.from_pydict(index_cols, schema=INDEX_TABLE_SCHEMA.with_metadata(md)),
-                os.path.join(tmp, "index.parquet"),
-                compression=compression,
+    with dataset.writing():
+        for k, (given_id, image) in enumerate(entries):
+            img = _prepare(
+                image,
+                dim_order,
+                _overrides(channel_names=channel_names, physical_size_x=physical_size_x,
+                           physical_size_y=physical_size_y, physical_size_z=physical_size_z,
+                           physical_size_unit=physical_size_unit),
             )
-        from dask_loom import __version__
-
-        manifest = {
-            "type": OME_ARROW_TYPE,
-            "version": OME_ARROW_VERSION,
-            "layout": "typed-chunk-dataset",
-            "image_count": len(image_rows),
-            "chunk_count": chunk_id,
-            "choice": {**(first_choice or {}), "compression": compression},
-            "package_versions": {"dask_loom": __version__, "pyarrow": pa.__version__, "numpy": np.__version__},
-        }
-        with open(os.path.join(tmp, DATASET_MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-        if os.path.exists(out):
-            old = out + f".old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            dtype = target_dtype or img.dtype
+            iid = str(given_id or img.meta.get("image_id") or f"image-{k:05d}")
+            if iid in seen:
+                raise SelectionError(f"duplicate image_id {iid!r} in one dataset")
+            seen.add(iid)
+            choice = choose_chunking(
+                img.shape, dtype, layout=layout, access_pattern=access_pattern,
+                target_chunk_mb=target_chunk_mb, chunk_shape=chunk_shape,
+            )
+            dataset.first_choice = dataset.first_choice or choice
+            target = OMEDatasetTarget(
+                out, img.shape, dtype, chunk_shape=choice["chunk_shape"], image_id=iid, source_dtype=img.dtype,
+                clamp=clamp, meta=img.meta, layout=choice["layout"], dataset=dataset,
+            )
+            store(_write_input(img, target.chunk_shape), target, scheduler=scheduler, client=client)
+    first_choice = dataset.first_choice
+    image_rows = dataset.image_rows
+    chunk_id = dataset.chunk_id
     return {
         "layout": (first_choice or {}).get("layout"),
         "chunk_shape": (first_choice or {}).get("chunk_shape"),

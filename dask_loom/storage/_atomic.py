@@ -10,6 +10,10 @@ the short window between them is documented, not hidden.
 Temporary directories carry the ``.dlpart-`` mark (hidden from store
 listings) plus the host and process id of their writer, so a later writer can
 remove the ones whose writer has died.
+
+:func:`local_transaction` is the one transaction of local Zarr writes (a
+``.loom.zarr`` container's, and :func:`dask_loom.to_zarr`'s): under the
+writer lock it hands out a copy beside the store and swaps it in at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import shutil
 import socket
 import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from dask_loom.errors import StoreError
@@ -30,12 +35,13 @@ from dask_loom.storage._stores import LocalStore
 
 __all__ = [
     "TMP_MARK",
+    "TransactionStore",
     "disk_full",
     "no_space",
-    "TransactionStore",
     "abort",
     "clone_tree",
     "exchange",
+    "local_transaction",
     "remove_stale",
     "replace_dir",
     "temp_sibling",
@@ -268,3 +274,93 @@ def disk_full(name: str, exc: BaseException, what: str = "file") -> StoreError:
         f"{name}: no space left on the device for the new version of the {what}; the {what} is unchanged "
         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
     )
+
+
+def _bring_parents(tmp: str, root: str, node: str) -> None:
+    """Copy the group documents above *node* that the store lacks (the copy has them)."""
+    parts = node.split("/")[:-1]
+    for i in range(len(parts) + 1):
+        sub = "/".join(parts[:i])
+        for doc in ("zarr.json", ".zgroup", ".zattrs"):
+            src = os.path.join(tmp, sub, doc)
+            dst = os.path.join(root, sub, doc)
+            # A v2 document never goes beside a v3 group of the same node.
+            v3_there = doc != "zarr.json" and os.path.exists(os.path.join(root, sub, "zarr.json"))
+            if os.path.exists(src) and not os.path.exists(dst) and not v3_there:
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                shutil.copy2(src, dst)
+
+
+@contextlib.contextmanager
+def local_transaction(
+    root: str | os.PathLike[str],
+    *,
+    label: str | None = None,
+    base: str = "clone",
+    node: str = "",
+    timeout: float | None = None,
+) -> Iterator[LocalStore]:
+    """Write a local Zarr store (or one node of it) as one transaction, under the writer lock.
+
+    Parameters
+    ----------
+    root
+        The store's directory.
+    label
+        How errors name the store (default: *root*).
+    base
+        What the yielded store starts from: ``"clone"`` a hard-linked copy of
+        the store, ``"empty"`` an empty directory, ``"inplace"`` the store
+        itself (no transaction: only the writer lock is held).
+    node
+        With ``base="empty"``: the node (array or group path) that replaces
+        its namesake at the end; ``""`` replaces the whole store.  Groups
+        above it that the store lacks come along.
+    timeout
+        Seconds to wait for another writer (default ``dask_loom.write-timeout``).
+
+    Yields
+    ------
+    LocalStore
+        A :class:`TransactionStore` on the copy (or the store itself for
+        ``"inplace"``).  At a normal exit the copy replaces the store (or the
+        node) in one atomic directory exchange; on an exception (a full disk
+        becomes :func:`disk_full`'s ``StoreError``) the copy is abandoned and
+        tasks still writing into it find it gone.
+    """
+    from dask_loom._config import get_config
+    from dask_loom.storage._locks import exclusive
+    from dask_loom.storage._urls import FileSpec
+
+    if base not in ("clone", "empty", "inplace"):
+        raise ValueError(f"base must be 'clone', 'empty' or 'inplace', not {base!r}")
+    root = os.path.abspath(os.fspath(root))
+    label = label or root
+    node = node.strip("/")
+    os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
+    wait = float(get_config("write-timeout") if timeout is None else timeout)
+    with exclusive(FileSpec.from_path(root), wait):
+        # We hold the lock: copies beside the store belong to writers that died.
+        remove_stale(root, all_of_them=True)
+        if base == "inplace":
+            yield LocalStore(root)
+            return
+        tmp = temp_sibling(root)
+        try:
+            if base == "clone" and os.path.isdir(root):
+                clone_tree(root, tmp)
+            else:
+                os.makedirs(tmp)
+            yield TransactionStore(tmp)
+            if node:
+                _bring_parents(tmp, root, node)
+                replace_dir(os.path.join(tmp, node), os.path.join(root, node))
+            else:
+                replace_dir(tmp, root)
+        except BaseException as exc:
+            abort(tmp)  # tasks still running cannot recreate the copy
+            if no_space(exc):
+                raise disk_full(label, exc, "store") from exc
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

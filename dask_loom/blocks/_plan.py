@@ -1,59 +1,33 @@
-"""Chunk-aligned dask blocks: the one place that plans blocks and builds arrays.
+"""Planning blocks: dask chunks whose every boundary is a stored-chunk boundary.
 
 Decision 1 of the design: a dask block is always a union of whole on-disk
 chunks (or shards), so no two tasks read or write the same stored chunk.
-Everything that turns storage into a dask array goes through
-:func:`plan_blocks` and :func:`from_source`.
-
-A *chunk source* is any small, picklable object with ``shape``, ``dtype``,
-``chunk_shape`` (the storage unit: chunk, or shard where an array is sharded),
-``prefix`` (the task-name prefix, such as ``"loom-read"``) and a method
-``read_block(region) -> numpy.ndarray`` that reads a region whose edges lie on
-chunk boundaries.  Sources open their files lazily in whichever process runs
-the task; no open handle ever enters a graph (decision 2).
+:func:`plan_blocks` chooses such chunks; :func:`align_chunks` rounds a user's
+chunks out to them (with a :class:`~dask_loom.errors.ChunkAlignmentWarning`).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-from dask.base import tokenize
 
 from dask_loom._config import block_size_bytes
 from dask_loom.errors import ChunkAlignmentWarning
 
-if TYPE_CHECKING:
-    import dask.array as da
-
 __all__ = [
-    "ChunkSource",
+    "Chunks",
     "align_chunks",
     "block_regions",
-    "from_source",
     "plan_blocks",
+    "selection_bands",
+    "units_per_block",
 ]
 
 Chunks = tuple[tuple[int, ...], ...]
-
-
-@runtime_checkable
-class ChunkSource(Protocol):
-    """What :func:`from_source` needs from a storage-backed array."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    chunk_shape: tuple[int, ...]
-    prefix: str
-
-    def read_block(self, region: tuple[slice, ...]) -> np.ndarray:  # pragma: no cover - protocol
-        ...
-
-    def __dask_tokenize__(self) -> Hashable:  # pragma: no cover - protocol
-        ...
 
 
 def _unit(chunk_shape: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
@@ -188,6 +162,7 @@ def align_chunks(
     dtype: Any,
     *,
     what: str = "the array",
+    stacklevel: int = 3,
 ) -> Chunks:
     """Normalise user chunks and round every boundary out to a stored-chunk boundary.
 
@@ -233,7 +208,7 @@ def align_chunks(
             f"along axis {', '.join(map(str, moved))}; rounded out to {tuple(out)} so that no "
             "stored chunk is read (or written) by two tasks.",
             ChunkAlignmentWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     return tuple(out)
 
@@ -246,70 +221,6 @@ def block_regions(chunks: Chunks) -> list[tuple[tuple[int, ...], tuple[slice, ..
         region = tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(bounds, idx))
         out.append((tuple(int(i) for i in idx), region))
     return out
-
-
-def _read(source: ChunkSource, region: tuple[slice, ...], *args: Any, **kwargs: Any) -> np.ndarray:
-    return source.read_block(region)
-
-
-def from_source(
-    source: ChunkSource,
-    *,
-    chunks: Any = None,
-    band_axis: int | None = None,
-    name: str | None = None,
-    target_bytes: int | str | None = None,
-) -> da.Array:
-    """Build a dask array from a chunk source: one task per block.
-
-    Parameters
-    ----------
-    source
-        A :class:`ChunkSource`.
-    chunks
-        User chunks (any dask form); rounded out to storage boundaries with a
-        warning when they split stored chunks.  Default: :func:`plan_blocks`.
-    band_axis
-        See :func:`plan_blocks`; ignored when ``chunks`` is given.
-    name
-        Full layer name; default ``f"{source.prefix}-{token}"``, deterministic
-        for the same source and chunks.
-    target_bytes
-        Block size target (default ``dask_loom.block-size``).
-
-    Returns
-    -------
-    dask.array.Array
-    """
-    dtype = np.dtype(source.dtype)
-    itemsize = 8 if dtype.kind == "O" else dtype.itemsize
-    if chunks is None:
-        from dask_loom.errors import TooLargeError
-
-        try:
-            plan = plan_blocks(source.shape, source.chunk_shape, itemsize, target_bytes=target_bytes, band_axis=band_axis)
-        except TooLargeError as exc:
-            raise TooLargeError(f"{getattr(source, 'label', source.prefix)}: {exc}") from None
-    else:
-        plan = align_chunks(chunks, source.shape, source.chunk_shape, dtype, what=getattr(source, "label", "the array"))
-    if name is None:
-        name = f"{source.prefix}-{tokenize(source, plan)}"
-    import dask.array as da
-    from dask.array.core import graph_from_arraylike
-
-    graph = graph_from_arraylike(
-        source,
-        plan,
-        tuple(source.shape),
-        name,
-        getitem=_read,
-        lock=False,
-        asarray=False,
-        dtype=dtype,
-        inline_array=True,
-    )
-    meta = np.empty((0,) * len(source.shape), dtype=dtype)
-    return da.Array(graph, name, plan, meta=meta)
 
 
 def units_per_block(
