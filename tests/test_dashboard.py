@@ -139,7 +139,7 @@ def _ops(path, tmp):
         "aggregate": (with_ds(lambda ds: ds.aggregate(None, group_by="Clusters")), {"loom-aggregate"}),
         "sparse": (with_ds(lambda ds: ds.sparse()), {"loom-sparse"}),
         "export": (with_ds(lambda ds: ds.export(str(tmp / "d.tsv"))), {"loom-export"}),
-        "permute": (with_ds(lambda ds: ds.permute(np.arange(500)[::-1].copy(), axis=1)), {"loom-permute"}),
+        "permute": (with_ds(lambda ds: ds.permute(np.arange(500)[::-1].copy(), axis=1)), {"loom-permute", "loom-write"}),
         "write": (
             with_ds(lambda ds: ds.layers.__setitem__("twice", da.from_array(np.ones((300, 500), "float32"), chunks=(64, 64)))),
             {"loom-write"},
