@@ -15,8 +15,10 @@ the task; no open handle ever enters a graph (decision 2).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -35,6 +37,8 @@ __all__ = [
     "block_regions",
     "from_source",
     "plan_blocks",
+    "register_source",
+    "source_of",
 ]
 
 Chunks = tuple[tuple[int, ...], ...]
@@ -309,7 +313,35 @@ def from_source(
         inline_array=True,
     )
     meta = np.empty((0,) * len(source.shape), dtype=dtype)
-    return da.Array(graph, name, plan, meta=meta)
+    arr = da.Array(graph, name, plan, meta=meta)
+    register_source(arr, source)
+    return arr
+
+
+# Arrays built from a source, by name: the operations (dask_loom.map ...) read
+# such an array's stored chunks directly instead of going through its graph.
+# Weak values: an entry lives as long as its source (the array's graph holds it).
+_BUILT: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+def register_source(array: da.Array, source: ChunkSource) -> None:
+    """Remember that *array* reads *source* block by block (see :func:`source_of`)."""
+    # A source without weak references is not remembered: the array takes the generic path.
+    with contextlib.suppress(TypeError):
+        _BUILT[array.name] = source
+
+
+def source_of(array: Any) -> ChunkSource | None:
+    """The chunk source an array built by :func:`from_source` reads, else ``None``.
+
+    Only the array itself qualifies (same name and shape): anything derived
+    from it (sliced, persisted with other chunks, computed on) has another
+    name and is treated as an ordinary dask array.
+    """
+    src = _BUILT.get(getattr(array, "name", None))
+    if src is None or tuple(src.shape) != tuple(getattr(array, "shape", ())):
+        return None
+    return src
 
 
 def units_per_block(

@@ -26,6 +26,7 @@ __all__ = [
     "MissingDependencyError",
     "MissingKeyError",
     "OMEArrowError",
+    "OperationError",
     "ReadOnlyError",
     "SchedulerError",
     "SelectionError",
@@ -33,6 +34,7 @@ __all__ = [
     "TooLargeError",
     "UnsupportedSchemeError",
     "UnsupportedCodecError",
+    "UnsupportedSourceError",
     "UnsupportedDtypeError",
     "UnsupportedFilterError",
     "WriteConflictError",
@@ -143,6 +145,18 @@ class TooLargeError(DaskLoomError, ValueError):
 
 class ConfigError(DaskLoomError, ValueError):
     """A ``dask_loom.*`` setting (config, environment variable or preload argument) is unknown or invalid."""
+
+
+class OperationError(DaskLoomError, ValueError):
+    """Arguments of ``map``/``aggregate``/``scan``/``permute`` that do not fit their source.
+
+    Labels of the wrong length, an ordering that is not a permutation, an axis
+    the source lacks, an unknown function name; raised before any task runs.
+    """
+
+
+class UnsupportedSourceError(DaskLoomError, TypeError):
+    """An operation was given an object it cannot read as chunked storage (a numpy array, a list ...)."""
 
 
 class ChunkAlignmentWarning(UserWarning):

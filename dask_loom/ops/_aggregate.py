@@ -71,6 +71,7 @@ def aggregate_columns(
     func: str,
     *,
     select: np.ndarray | None = None,
+    prefix: str = "loom-aggregate",
     scheduler: Any = None,
     client: Any = None,
     progress: bool = False,
@@ -83,6 +84,8 @@ def aggregate_columns(
         Group of each (selected) column, ``0..n_groups-1``.
     select
         Indices of the columns taking part (default all).
+    prefix
+        Task-name prefix (``<format>-aggregate``).
     """
     func = check_group_func(func)
     shape = tuple(source.shape)
@@ -92,7 +95,7 @@ def aggregate_columns(
     itemsize = np.dtype(source.dtype).itemsize
     bands = plan_blocks(shape, source.chunk_shape, itemsize, band_axis=0)
     regions = [r for _, r in block_regions(bands)]
-    name = task_name("loom-aggregate", source, func, plan, None if select is None else select.tobytes())
+    name = task_name(prefix, source, func, plan, None if select is None else select.tobytes())
     delayed = tasks(name, _band, [(source, r, plan, func, select) for r in regions])
     parts = compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes_of(source)) if delayed else []
     if not parts:
