@@ -53,7 +53,7 @@ def _staged_sums(source: Any, region: tuple[slice, ...], plan: GroupPlan) -> np.
 def _band(source: Any, region: tuple[slice, ...], plan: GroupPlan, func: str, select: np.ndarray | None) -> np.ndarray:
     if select is None and func in ("sum", "mean"):
         sums = _staged_sums(source, region, plan)
-        if sums is not None:
+        if sums is not None and np.isfinite(sums).all():  # NaN/inf: the band is reduced group by group below
             if func == "sum":
                 return sums
             with np.errstate(invalid="ignore", divide="ignore"):  # an empty group's mean is NaN, as below

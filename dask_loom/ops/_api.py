@@ -146,7 +146,9 @@ def map(
         dsk, outs, assemble = map_graph_nd(info, reductions, sa, prefix=prefix, split_every=split_every)  # type: ignore[arg-type]
         deps: tuple[Any, ...] = (info.array,) if info.array is not None else ()
     else:
-        dsk, outs, assemble, deps = vector_graph(info, funcs, sa, prefix=prefix, chunksize=chunksize)
+        # names become their numpy functions: every function is called per vector here
+        called = [getattr(np, r.name) if isinstance(f, str) and r is not None else f for f, r in zip(funcs, reductions)]
+        dsk, outs, assemble, deps = vector_graph(info, called, sa, prefix=prefix, chunksize=chunksize)
     return assemble(run_graph(prefix, dsk, outs, dependencies=deps, progress=progress, nbytes=_nbytes(info), **kw))
 
 

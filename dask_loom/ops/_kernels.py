@@ -290,6 +290,9 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
         if base == "len":
             return np.asarray(n, dtype=np.float64).copy()
         s1 = (x @ oh).astype(np.float64)
+        if not np.isfinite(s1).all():
+            # NaN or inf times the 0s of the other groups spread to every group: numpy-groupies adds group by group
+            return np.asarray(aggregate_np(plan.idx, band, func=func, axis=1, size=plan.n_groups, fill_value=0), dtype=np.float64)
         if base == "sum":
             return s1
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -455,6 +458,9 @@ def dense_group_partials(block: np.ndarray, axis: int, idx: np.ndarray, n_groups
             res = (oh.T @ v[0])[None]  # (1, G, post)
         else:
             res = np.matmul(oh.T, v)  # (pre, G, post)
+        if v.dtype.kind == "f" and not np.isfinite(res).all():
+            # NaN or inf times the 0s of other groups spread to every group: add up group by group instead
+            res = _reduceat_sum(v, idx, n_groups)
         return res.astype(np.float64, copy=False).reshape(out_shape)
 
     out: dict[str, np.ndarray] = {}
@@ -479,6 +485,18 @@ def dense_group_partials(block: np.ndarray, axis: int, idx: np.ndarray, n_groups
             ufunc = np.minimum if key == "min" else np.maximum
             v[:, present, :] = ufunc.reduceat(np.take(x3, order, axis=1), starts, axis=1)
         out[key] = v.reshape(out_shape)
+    return out
+
+
+def _reduceat_sum(v3: np.ndarray, idx: np.ndarray, n_groups: int) -> np.ndarray:
+    """Group sums of ``(pre, k, post)`` along ``k``, each group added on its own (non-finite values stay in their group)."""
+    counts = np.bincount(idx, minlength=n_groups)
+    out = np.zeros((v3.shape[0], n_groups, v3.shape[2]))
+    if v3.shape[1]:
+        order = np.argsort(idx, kind="stable")
+        present = np.flatnonzero(counts)
+        starts = np.searchsorted(idx[order], present)
+        out[:, present, :] = np.add.reduceat(np.take(v3, order, axis=1).astype(np.float64), starts, axis=1)
     return out
 
 
