@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         create,
         new,
     )
+    from dask_loom.ops import aggregate, map, permute, scan
 # Everything loads on first use: `import dask_loom` costs little more than
 # `import dask` (dask-loom info and --help never pay for dask.array, zarr,
 # scipy or pyarrow), which also matters because xarray imports every
@@ -72,6 +73,10 @@ _LAZY = {
     "ZarrNode": "dask_loom.zarr",
     "open_zarr": "dask_loom.zarr",
     "to_zarr": "dask_loom.zarr",
+    "aggregate": "dask_loom.ops",
+    "map": "dask_loom.ops",
+    "permute": "dask_loom.ops",
+    "scan": "dask_loom.ops",
 }
 
 
@@ -118,6 +123,7 @@ __all__ = (
     "ZarrGroup",
     "ZarrNode",
     "__version__",
+    "aggregate",
     "combine",
     "combine_faster",
     "connect",
@@ -125,14 +131,17 @@ __all__ = (
     "convert_to_ome_arrow",
     "create",
     "from_source",
+    "map",
     "new",
     "ome_tiff_to_ome_arrow",
     "ome_zarr_to_ome_arrow",
     "open_ome_arrow",
     "open_zarr",
+    "permute",
     "plan_blocks",
     "read_ome_tiff",
     "read_ome_zarr",
+    "scan",
     "store",
     "to_ome_arrow",
     "to_ome_parquet",

@@ -28,6 +28,7 @@ __all__ = [
     "MissingDependencyError",
     "MissingKeyError",
     "OMEArrowError",
+    "OperationError",
     "ReadOnlyError",
     "SchedulerError",
     "SelectionError",
@@ -35,6 +36,7 @@ __all__ = [
     "TooLargeError",
     "UnsupportedSchemeError",
     "UnsupportedCodecError",
+    "UnsupportedSourceError",
     "UnsupportedDtypeError",
     "UnsupportedFilterError",
     "WriteConflictError",
@@ -170,6 +172,18 @@ class ConfigError(DaskLoomError, ValueError):
 
 class ChunkAlignmentError(DaskLoomError, ValueError):
     """A write region that does not start and end on stored-chunk boundaries (design decision 1)."""
+
+
+class OperationError(DaskLoomError, ValueError):
+    """Arguments of ``map``/``aggregate``/``scan``/``permute`` that do not fit their source.
+
+    Labels of the wrong length, an ordering that is not a permutation, an axis
+    the source lacks, an unknown function name; raised before any task runs.
+    """
+
+
+class UnsupportedSourceError(DaskLoomError, TypeError):
+    """An operation was given an object it cannot read as chunked storage (a numpy array, a list ...)."""
 
 
 class ChunkAlignmentWarning(UserWarning):

@@ -54,9 +54,14 @@ INTENDED = {
     "zarr-read",
     "zarr-write",
 }
+# dask_loom.map / aggregate / scan / permute name their tasks <format>-<operation>
+# (tests/test_ops_formats.py runs each on each format).
+OPS_FORMATS = ("loom", "zarr", "h5ad", "mapped", "ome", "dask", "hdf")
+OPS = ("map", "map-combine", "map-result", "aggregate", "aggregate-combine", "aggregate-result", "scan", "batch")
+INTENDED |= {f"{f}-{op}" for f in OPS_FORMATS for op in OPS} | {"zarr-permute", "h5ad-read"}
 # Names in the source that look like prefixes but name no task.
 NOT_TASKS = {"dask-loom", "dask-loom-demo", "dask-loom-write"}  # temporary paths, a distributed Lock
-FAMILIES = ("loom", "zarr", "mapped", "ome", "hdf", "tiff", "anndata")
+FAMILIES = ("loom", "zarr", "mapped", "ome", "hdf", "tiff", "anndata", "h5ad", "dask")
 
 PACKAGE = pathlib.Path(dask_loom.__file__).parent
 
@@ -67,8 +72,9 @@ def test_prefix_survives_key_split(prefix):
     assert key_split(f"{prefix}-{tok}") == prefix
     assert key_split((f"{prefix}-{tok}", 0, 3)) == prefix
     assert key_split(f"{prefix}-{tok}-1024") == prefix  # loom-batch-<token>-<start>
-    for word in prefix.split("-"):
-        assert word.isalpha()
+    for i, word in enumerate(prefix.split("-")):
+        # key_split keeps a first word that starts with a letter (h5ad), later words only if alphabetic
+        assert word.isalpha() or (i == 0 and word[0].isalpha() and word.isalnum())
         assert not (len(word) == 8 and word[0] in "abcdef")  # key_split would cut the prefix there
 
 

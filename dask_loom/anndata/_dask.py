@@ -57,7 +57,9 @@ def _bands(plan: _LayerPlan, n_rows: int, target: int) -> list[tuple[int, int]]:
             hi = int(np.searchsorted(ip, ip[lo] + budget, side="right")) - 1
             bounds.append(min(n_rows, max(hi, lo + 1)))
         return list(itertools.pairwise(bounds))
-    unit = max(1, meta.chunk_rows)
+    # A CSC matrix's rows are read from the whole matrix (cached per process): its
+    # data vector's chunks say nothing about rows, any row band will do.
+    unit = max(1, meta.chunk_rows) if meta.fmt != "csc" else 1
     width = max(1, meta.shape[1])
     chunks = plan_blocks((n_rows, width), (unit, width), np.dtype(meta.dtype).itemsize, target_bytes=target, band_axis=0)[0]
     edges = np.concatenate(([0], np.cumsum(chunks))).tolist()

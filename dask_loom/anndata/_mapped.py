@@ -753,6 +753,12 @@ class MappedCollection:
 
         return layer_to_dask(self, layer, sparse=sparse, target_bytes=target_bytes)
 
+    def __dask_loom_source__(self, layer: str | None = None) -> Any:
+        """A layer (default ``X``) as ``dask_loom.map``/``aggregate``/``scan`` read it: one source per file."""
+        from dask_loom.anndata._source import collection_info
+
+        return collection_info(self, layer)
+
     def obs_to_dask(self, columns: str | list[str] | None = None) -> Any:
         """obs of the collection as a lazy dask DataFrame (one partition per file)."""
         from dask_loom.anndata._dask import obs_to_dask

@@ -21,7 +21,7 @@ from dask_loom.blocks._plan import (
     selection_bands,
     units_per_block,
 )
-from dask_loom.blocks._source import ChunkSource, from_source
+from dask_loom.blocks._source import ChunkSource, from_source, register_source, source_of
 from dask_loom.blocks._store import batch_size, store
 from dask_loom.blocks._target import BlockTarget, ChunkTarget, Transaction, as_block, check_region
 
@@ -38,7 +38,9 @@ __all__ = [
     "check_region",
     "from_source",
     "plan_blocks",
+    "register_source",
     "selection_bands",
+    "source_of",
     "store",
     "units_per_block",
 ]

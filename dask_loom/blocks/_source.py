@@ -11,6 +11,8 @@ turns storage into a dask array goes through :func:`from_source`.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -102,4 +104,32 @@ def from_source(
         inline_array=True,
     )
     meta = np.empty((0,) * len(source.shape), dtype=dtype)
-    return da.Array(graph, name, plan, meta=meta)
+    arr = da.Array(graph, name, plan, meta=meta)
+    register_source(arr, source)
+    return arr
+
+
+# Arrays built from a source, by name: the operations (dask_loom.map ...) read
+# such an array's stored chunks directly instead of going through its graph.
+# Weak values: an entry lives as long as its source (the array's graph holds it).
+_BUILT: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+def register_source(array: da.Array, source: ChunkSource) -> None:
+    """Remember that *array* reads *source* block by block (see :func:`source_of`)."""
+    # A source without weak references is not remembered: the array takes the generic path.
+    with contextlib.suppress(TypeError):
+        _BUILT[array.name] = source
+
+
+def source_of(array: Any) -> ChunkSource | None:
+    """The chunk source an array built by :func:`from_source` reads, else ``None``.
+
+    Only the array itself qualifies (same name and shape): anything derived
+    from it (sliced, persisted with other chunks, computed on) has another
+    name and is treated as an ordinary dask array.
+    """
+    src = _BUILT.get(getattr(array, "name", None))
+    if src is None or tuple(src.shape) != tuple(getattr(array, "shape", ())):
+        return None
+    return src

@@ -634,9 +634,14 @@ class LoomConnection(_Deprecated):
         in at the end, so a killed process leaves the old or the new order,
         whole.  *ordering* must be a permutation of ``range(shape[axis])``.
         """
-        from dask_loom.loom._modify import permute
+        from dask_loom.ops import permute
 
-        permute(self, ordering, axis)
+        permute(self, ordering, axis=axis)
+
+    def __dask_loom_source__(self, layer: str | None = None) -> Any:
+        """A layer (default the main matrix) as the operations (``dask_loom.map`` ...) read it."""
+        self._check_open()
+        return self.layers["" if layer is None else layer].__dask_loom_source__()
 
     def export(self, out_file: str | os.PathLike[str], layer: str | None = None, format: str = "tab") -> None:
         """Export a layer and the attributes as tab-separated text (byte-identical to loompy)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,21 @@ if TYPE_CHECKING:
     from dask_loom.loom._connection import LoomConnection
 
 __all__ = ["LayerManager", "LoomLayer", "MemoryLoomLayer", "as_layer_dict"]
+
+
+def _permute_file(ds: LoomConnection, ordering: np.ndarray, axis: int, *, scheduler: Any = None, client: Any = None) -> None:
+    # A layer stands for its file: every layer, attribute and graph moves together.
+    from dask_loom.loom._modify import permute
+
+    if scheduler is None and client is None:
+        permute(ds, ordering, axis)
+        return
+    saved = ds._scheduler, ds._client  # the write runs where this call says, not where the connection would
+    ds._scheduler, ds._client = scheduler, client
+    try:
+        permute(ds, ordering, axis)
+    finally:
+        ds._scheduler, ds._client = saved
 
 
 class LoomLayer:
@@ -100,11 +116,33 @@ class LoomLayer:
         selection: np.ndarray | None = None,
         **kwargs: Any,
     ) -> list[np.ndarray]:
-        """Apply functions to every row (``axis=0``) or column (``axis=1``); see :meth:`LoomConnection.map`."""
-        from dask_loom.ops import map_source
+        """Apply functions to every row (``axis=0``) or column (``axis=1``); see :meth:`LoomConnection.map`.
 
-        kw = {**self.ds._compute_kwargs(), **kwargs}
-        return map_source(self._source(), f_list, axis=axis, chunksize=chunksize, selection=selection, **kw)
+        A thin call into :func:`dask_loom.map`.
+        """
+        from dask_loom.ops import map as _map
+
+        return _map(self, f_list, axis=axis, chunksize=chunksize, selection=selection, **kwargs)
+
+    def __dask_loom_source__(self, layer: str | None = None) -> Any:
+        """This layer as ``dask_loom.map``/``aggregate``/``scan``/``permute`` read it (format ``loom``)."""
+        from dask_loom.errors import OperationError
+        from dask_loom.ops._sources import SourceInfo
+
+        if layer is not None and layer != self.name:
+            raise OperationError(f"{self.ds.filename}: layer={layer!r} given with layer '{self.name}'; pass the connection instead")
+        ds = self.ds
+        ds._check_open()
+        writable = ds.mode == "r+" and not getattr(ds._tree, "read_only", False)
+        why = "it is read-only here (HDF5 on an object store)" if ds.mode == "r+" else "the connection is read-only (opened with mode='r')"
+        return SourceInfo.from_source(
+            self._source(),
+            format="loom",
+            label=f"{ds.filename}: layer '{self.name}'",
+            compute=ds._compute_kwargs(),
+            permute=functools.partial(_permute_file, ds) if writable else None,
+            read_only=why,
+        )
 
     def last_modified(self) -> str:
         """Timestamp of the last write to this layer (``"now"`` if it has none)."""

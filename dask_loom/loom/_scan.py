@@ -9,11 +9,10 @@ import numpy as np
 from dask.delayed import Delayed, delayed
 
 from dask_loom._config import get_config
-from dask_loom._indexing import AxisSel
 from dask_loom.loom._layers import LayerManager, MemoryLoomLayer
 from dask_loom.loom._view import LoomView
 from dask_loom.ops._prefetch import prefetched
-from dask_loom.ops._select import selection_tasks
+from dask_loom.ops._scan import band_reads, fill_band
 
 if TYPE_CHECKING:
     from dask_loom.loom._connection import LoomConnection
@@ -27,12 +26,7 @@ def _assemble(names: list[str], shapes: list[tuple[int, ...]], dtypes: list[Any]
     out = {}
     it = iter(parts)
     for name, shape, dt, pl in zip(names, shapes, dtypes, places):
-        if len(pl) == 1:
-            arr = next(it)  # one task read the whole band: no second copy
-        else:
-            arr = np.empty(shape, dtype=dt)
-            for place in pl:
-                arr[place] = next(it)
+        arr = fill_band(shape, dt, pl, [next(it) for _ in pl])  # one task read the whole band: no second copy
         if ordering is not None:
             arr = arr[:, ordering] if axis == 0 else arr[ordering, :]
         if selection is not None:
@@ -42,18 +36,12 @@ def _assemble(names: list[str], shapes: list[tuple[int, ...]], dtypes: list[Any]
 
 
 def band_job(sources: list[Any], names: list[str], axis: int, start: int, stop: int, n_other: int, ordering: Any, selection: Any) -> Delayed:
-    """One band ``[start, stop)`` along *axis* of several layers, as one ``Delayed`` dict."""
-    band = AxisSel("range", start, stop)
-    whole = AxisSel("range", 0, n_other)
-    sels = [band, whole] if axis == 0 else [whole, band]
-    parts: list[Any] = []
-    shapes, dtypes, places = [], [], []
-    for src in sources:
-        tasks, pl, shape = selection_tasks(src, sels, prefix="loom-scan")
-        parts.extend(tasks)
-        shapes.append(shape)
-        dtypes.append(np.dtype(src.dtype))
-        places.append(pl)
+    """One band ``[start, stop)`` along *axis* of several layers, as one ``Delayed`` dict.
+
+    The band is read as ``dask_loom.scan`` reads any source's bands
+    (:func:`dask_loom.ops._scan.band_reads`); *n_other* is the other axis's length.
+    """
+    parts, shapes, dtypes, places = band_reads(sources, axis, start, stop, prefix="loom-scan")
     # dask_key_name names the call's task (delayed's name= would only name the function object).
     return delayed(_assemble, pure=True)(
         names, shapes, dtypes, places, axis, ordering, selection, *parts,

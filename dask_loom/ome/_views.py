@@ -848,6 +848,32 @@ class TensorView:
         order = [current.index(d) for d in layout]
         return arr.transpose(order) if order != sorted(order) else arr
 
+    def __dask_loom_source__(self, layer: str | None = None) -> Any:
+        """The view as ``dask_loom.map``/``aggregate``/``scan`` read it (format ``ome``).
+
+        A view of the whole image of a file reads the stored chunks directly
+        (its layout is an axis order of the TZCYX source); a selection, or an
+        in-memory record, goes through :meth:`to_dask`.
+        """
+        from dask_loom.errors import OperationError
+        from dask_loom.ops._sources import SourceInfo
+
+        if layer is not None:
+            raise OperationError(f"{self._image.label}: layer={layer!r} does not apply to an image")
+        s, m = self._sel, self._image.meta
+        whole = (
+            s.t == tuple(range(m.size_t))
+            and s.z == tuple(range(m.size_z))
+            and self._channels() == tuple(range(m.size_c))
+            and tuple(s.roi) == (0, 0, m.size_x, m.size_y)
+        )
+        read_only = "an OME-Arrow image view is read-only"
+        if whole and not isinstance(self._image, RecordImage):
+            axes = tuple(_TZCHW.index(d) for d in self.layout)
+            source = OMEChunkSource(self._image, self._dtype)
+            return SourceInfo.from_source(source, format="ome", label=self._image.label, axes=axes, read_only=read_only)
+        return SourceInfo.from_array(self.to_dask(), format="ome", label=self._image.label, read_only=read_only)
+
     def to_xarray(self, *, chunks: Any = None, name: str | None = None) -> Any:
         """The view as a lazy ``xarray.DataArray`` over :meth:`to_dask`: dims in layout order
         (``t z c y x``), channel names and physical positions (``physical_size * index``) as coordinates."""
@@ -1059,6 +1085,10 @@ class LazyTensorView:
     def to_dask(self, *, chunks: Any = None) -> Any:
         """The plan as a dask array (collects metadata only for file-backed views)."""
         return self.collect().to_dask(chunks=chunks)
+
+    def __dask_loom_source__(self, layer: str | None = None) -> Any:
+        """As ``TensorView.__dask_loom_source__`` (collects metadata only for file-backed views)."""
+        return self.collect().__dask_loom_source__(layer)
 
     def to_xarray(self, *, chunks: Any = None, name: str | None = None) -> Any:
         """The plan as a lazy ``xarray.DataArray`` (see ``TensorView.to_xarray``)."""

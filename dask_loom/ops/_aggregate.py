@@ -53,7 +53,7 @@ def _staged_sums(source: Any, region: tuple[slice, ...], plan: GroupPlan) -> np.
 def _band(source: Any, region: tuple[slice, ...], plan: GroupPlan, func: str, select: np.ndarray | None) -> np.ndarray:
     if select is None and func in ("sum", "mean"):
         sums = _staged_sums(source, region, plan)
-        if sums is not None:
+        if sums is not None and np.isfinite(sums).all():  # NaN/inf: the band is reduced group by group below
             if func == "sum":
                 return sums
             with np.errstate(invalid="ignore", divide="ignore"):  # an empty group's mean is NaN, as below
@@ -71,6 +71,7 @@ def aggregate_columns(
     func: str,
     *,
     select: np.ndarray | None = None,
+    prefix: str = "loom-aggregate",
     scheduler: Any = None,
     client: Any = None,
     progress: bool = False,
@@ -83,6 +84,8 @@ def aggregate_columns(
         Group of each (selected) column, ``0..n_groups-1``.
     select
         Indices of the columns taking part (default all).
+    prefix
+        Task-name prefix (``<format>-aggregate``).
     """
     func = check_group_func(func)
     shape = tuple(source.shape)
@@ -92,7 +95,7 @@ def aggregate_columns(
     itemsize = np.dtype(source.dtype).itemsize
     bands = plan_blocks(shape, source.chunk_shape, itemsize, band_axis=0)
     regions = [r for _, r in block_regions(bands)]
-    name = task_name("loom-aggregate", source, func, plan, None if select is None else select.tobytes())
+    name = task_name(prefix, source, func, plan, None if select is None else select.tobytes())
     delayed = tasks(name, _band, [(source, r, plan, func, select) for r in regions])
     parts = compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes_of(source)) if delayed else []
     if not parts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -289,6 +290,9 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
         if base == "len":
             return np.asarray(n, dtype=np.float64).copy()
         s1 = (x @ oh).astype(np.float64)
+        if not np.isfinite(s1).all():
+            # NaN or inf times the 0s of the other groups spread to every group: numpy-groupies adds group by group
+            return np.asarray(aggregate_np(plan.idx, band, func=func, axis=1, size=plan.n_groups, fill_value=0), dtype=np.float64)
         if base == "sum":
             return s1
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -311,3 +315,246 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
 
 
 __all__ += ["GroupPlan", "NOT_REDUCING", "check_group_func", "group_reduce"]
+
+
+# --- n-d blocks, CSR blocks and group partials (dask_loom.map / dask_loom.aggregate) --------
+
+
+def nd_partials(block: np.ndarray, axis: int, needs: Iterable[str]) -> dict[str, np.ndarray]:
+    """:func:`block_partials` of an n-d block: one value per index along *axis*, over all other axes.
+
+    The block is viewed as ``(pre * k, post)`` (a free reshape of a C-ordered
+    block): the 2-D kernel reduces each row, then the ``pre`` rows of each
+    index are folded together, so no transposed copy is made.
+    """
+    block = np.ascontiguousarray(block)
+    shape = block.shape
+    pre = math.prod(shape[:axis])
+    k = shape[axis]
+    post = math.prod(shape[axis + 1 :])
+    if pre == 1:
+        return block_partials(block.reshape(k, post), 1, needs)
+    if post == 1:
+        return block_partials(block.reshape(pre, k), 0, needs)
+    parts = block_partials(block.reshape(pre * k, post), 1, needs)
+    return {key: _reduce_axis(key, v.reshape(pre, k), 0) for key, v in parts.items()}
+
+
+def _entry_rows(x: Any) -> np.ndarray:
+    return np.repeat(np.arange(x.shape[0], dtype=np.int64), np.diff(x.indptr))
+
+
+def _with_data(x: Any, data: np.ndarray) -> Any:
+    """A CSR matrix with *x*'s structure and other values (the structure is shared, not copied)."""
+    import scipy.sparse as sp
+
+    return sp.csr_matrix((data, x.indices, x.indptr), shape=x.shape, copy=False)
+
+
+def csr_group_partials(x: Any, axis: int, idx: np.ndarray, n_groups: int, needs: Iterable[str]) -> dict[str, np.ndarray]:
+    """Partial statistics of a CSR block grouped along *axis* (0: rows, 1: columns).
+
+    Every entry of the result has the block's shape with *axis* replaced by
+    ``n_groups``: ``(n_groups, n_cols)`` for ``axis=0``, ``(n_rows, n_groups)``
+    for ``axis=1``.  Sums run as one sparse product with a one-hot group matrix
+    (in float64); minima, maxima and NaN counts scatter the stored entries
+    into their cells and account for the implicit zeros of each cell.  The
+    block is never densified.
+    """
+    import scipy.sparse as sp
+
+    needs = set(needs)
+    x = x.tocsr() if not sp.isspmatrix_csr(x) else x
+    n_rows, n_cols = x.shape
+    idx = np.asarray(idx, dtype=np.int64)
+    size = np.bincount(idx, minlength=n_groups).astype(np.float64)  # members per group
+    other = n_cols if axis == 0 else n_rows
+    shape = (n_groups, other) if axis == 0 else (other, n_groups)
+    members = np.broadcast_to(size[:, None] if axis == 0 else size[None, :], shape)
+    onehot = sp.csr_matrix((np.ones(len(idx)), (idx, np.arange(len(idx)))), shape=(n_groups, len(idx)))
+    data = x.data.astype(np.float64, copy=False)
+
+    def grouped(values: np.ndarray) -> np.ndarray:
+        m = _with_data(x, values)
+        out = onehot @ m if axis == 0 else m @ onehot.T
+        return np.asarray(out.toarray() if sp.issparse(out) else out, dtype=np.float64)
+
+    out: dict[str, np.ndarray] = {}
+    if "n" in needs:
+        out["n"] = members.copy()
+    if "s1" in needs:
+        out["s1"] = grouped(data)
+    if "s2" in needs:
+        out["s2"] = grouped(data * data)
+    if "nnz" in needs:
+        out["nnz"] = grouped((data != 0).astype(np.float64))
+    nan_keys = needs & {"nn", "ns1", "ns2", "nmin", "nmax"}
+    isnan = np.isnan(data) if nan_keys and data.dtype.kind == "f" else None
+    clean = np.where(isnan, 0.0, data) if isnan is not None else data
+    if "nn" in needs:
+        out["nn"] = members - (grouped(isnan.astype(np.float64)) if isnan is not None else 0.0)
+    if "ns1" in needs:
+        out["ns1"] = grouped(clean)
+    if "ns2" in needs:
+        out["ns2"] = grouped(clean * clean)
+    extremes = [k for k in ("min", "max", "nmin", "nmax") if k in needs]
+    if extremes:
+        rows = _entry_rows(x)
+        gid = idx[rows] if axis == 0 else idx[x.indices]
+        flat = gid * other + x.indices if axis == 0 else rows * n_groups + gid
+        stored = np.bincount(flat, minlength=n_groups * other).reshape(shape)
+        implicit = stored < members  # the cell also holds zeros that are not stored
+        for key in extremes:
+            low = key in ("min", "nmin")
+            init = np.inf if low else -np.inf
+            ufunc = {"min": np.minimum, "max": np.maximum, "nmin": np.fmin, "nmax": np.fmax}[key]
+            v = np.full(n_groups * other, init)
+            ufunc.at(v, flat, data)
+            v = v.reshape(shape)
+            # A cell without members keeps the neutral value (+-inf), so blocks combine.
+            out[key] = np.where(implicit, ufunc(v, 0.0), v)
+    return out
+
+
+def csr_map_partials(x: Any, axis: int, needs: Iterable[str]) -> dict[str, np.ndarray]:
+    """:func:`block_partials` of a CSR block: one value per row (``axis=0``) or column (``axis=1``)."""
+    other = 1 - axis
+    parts = csr_group_partials(x, other, np.zeros(x.shape[other], dtype=np.int64), 1, needs)
+    return {k: v.ravel() for k, v in parts.items()}
+
+
+def map_partials(block: Any, axis: int, needs: Iterable[str]) -> dict[str, np.ndarray]:
+    """Partials of any block (numpy n-d, or scipy.sparse 2-D) along *axis*."""
+    from dask_loom._lazy import issparse
+
+    if issparse(block):
+        return csr_map_partials(block, axis, needs)
+    return nd_partials(np.asarray(block), axis, needs)
+
+
+def dense_group_partials(block: np.ndarray, axis: int, idx: np.ndarray, n_groups: int, needs: Iterable[str]) -> dict[str, np.ndarray]:
+    """Partial statistics of an n-d block grouped along *axis* (the block's shape with *axis* -> ``n_groups``).
+
+    Sums are matrix products with the one-hot group matrix (BLAS, in the
+    block's float dtype); minima and maxima are ``reduceat`` over the block
+    sorted by group.
+    """
+    needs = set(needs)
+    block = np.ascontiguousarray(block)
+    shape = block.shape
+    pre, k, post = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
+    out_shape = (*shape[:axis], n_groups, *shape[axis + 1 :])
+    x3 = block.reshape(pre, k, post)
+    idx = np.asarray(idx, dtype=np.int64)
+    work = block.dtype if block.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    oh = np.zeros((k, n_groups), dtype=work)
+    oh[np.arange(k), idx] = 1
+
+    def grouped(values: np.ndarray) -> np.ndarray:
+        v = values.astype(work, copy=False)
+        if post == 1:
+            res = v[:, :, 0] @ oh  # (pre, G)
+        elif pre == 1:
+            res = (oh.T @ v[0])[None]  # (1, G, post)
+        else:
+            res = np.matmul(oh.T, v)  # (pre, G, post)
+        if v.dtype.kind == "f" and not np.isfinite(res).all():
+            # NaN or inf times the 0s of other groups spread to every group: add up group by group instead
+            res = _reduceat_sum(v, idx, n_groups)
+        return res.astype(np.float64, copy=False).reshape(out_shape)
+
+    out: dict[str, np.ndarray] = {}
+    counts = np.bincount(idx, minlength=n_groups).astype(np.float64)
+    if "n" in needs:
+        out["n"] = np.broadcast_to(counts.reshape([n_groups if i == axis else 1 for i in range(len(shape))]), out_shape).copy()
+    if "s1" in needs:
+        out["s1"] = grouped(x3)
+    if "s2" in needs:
+        out["s2"] = grouped(x3 * x3 if x3.dtype.kind == "f" else x3.astype(np.float64) ** 2)
+    if "nnz" in needs:
+        out["nnz"] = grouped(x3 != 0)
+    for key in ("min", "max"):
+        if key not in needs:
+            continue
+        # Groups absent from this block hold the neutral value, so blocks combine.
+        v = np.full((pre, n_groups, post), np.inf if key == "min" else -np.inf)
+        if k:
+            order = np.argsort(idx, kind="stable")
+            present = np.flatnonzero(counts)
+            starts = np.searchsorted(idx[order], present)
+            ufunc = np.minimum if key == "min" else np.maximum
+            v[:, present, :] = ufunc.reduceat(np.take(x3, order, axis=1), starts, axis=1)
+        out[key] = v.reshape(out_shape)
+    return out
+
+
+def _reduceat_sum(v3: np.ndarray, idx: np.ndarray, n_groups: int) -> np.ndarray:
+    """Group sums of ``(pre, k, post)`` along ``k``, each group added on its own (non-finite values stay in their group)."""
+    counts = np.bincount(idx, minlength=n_groups)
+    out = np.zeros((v3.shape[0], n_groups, v3.shape[2]))
+    if v3.shape[1]:
+        order = np.argsort(idx, kind="stable")
+        present = np.flatnonzero(counts)
+        starts = np.searchsorted(idx[order], present)
+        out[:, present, :] = np.add.reduceat(np.take(v3, order, axis=1).astype(np.float64), starts, axis=1)
+    return out
+
+
+def group_partials(block: Any, axis: int, idx: np.ndarray, n_groups: int, needs: Iterable[str]) -> dict[str, np.ndarray]:
+    """Group partials of any block (numpy n-d, or scipy.sparse 2-D)."""
+    from dask_loom._lazy import issparse
+
+    if issparse(block):
+        return csr_group_partials(block, axis, idx, n_groups, needs)
+    return dense_group_partials(np.asarray(block), axis, idx, n_groups, needs)
+
+
+#: What ``dask_loom.aggregate`` computes, and the partial statistics each needs.
+GROUP_FUNCS: dict[str, tuple[str, ...]] = {
+    "sum": ("s1",),
+    "mean": ("n", "s1"),
+    "var": ("n", "s1", "s2"),
+    "std": ("n", "s1", "s2"),
+    "min": ("min",),
+    "max": ("max",),
+    "count_nonzero": ("nnz",),
+}
+
+
+def combine_group_partials(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Merge group partials of blocks covering the same cells (NaN-propagating min/max)."""
+    return combine_partials(parts)
+
+
+def group_finish(parts: dict[str, np.ndarray], funcs: list[str]) -> list[np.ndarray]:
+    """Final per-group values of each function in *funcs* from combined partials."""
+    out = []
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for f in funcs:
+            if f == "sum":
+                v = parts["s1"]
+            elif f == "mean":
+                v = parts["s1"] / parts["n"]
+            elif f in ("var", "std"):
+                mean = parts["s1"] / parts["n"]
+                v = np.maximum(parts["s2"] / parts["n"] - mean * mean, 0.0)
+                v = np.sqrt(v) if f == "std" else v
+            elif f == "count_nonzero":
+                v = parts["nnz"]
+            else:
+                v = parts[f]
+            out.append(np.asarray(v, dtype=np.float64))
+    return out
+
+
+__all__ += [
+    "GROUP_FUNCS",
+    "combine_group_partials",
+    "csr_group_partials",
+    "csr_map_partials",
+    "dense_group_partials",
+    "group_finish",
+    "group_partials",
+    "map_partials",
+    "nd_partials",
+]

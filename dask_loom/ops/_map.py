@@ -185,6 +185,8 @@ def map_graph(
     funcs = list(f_list)
     reductions = [recognise(f) for f in funcs]
     dtype = np.dtype(source.dtype)
+    if shape[red] == 0 and sel is None:
+        sel = np.empty(0, dtype=np.int64)  # nothing to reduce: numpy's answer on an empty vector
     if n_out == 0 or not funcs or (sel is not None and len(sel) == 0):
         vals = _empty_results(funcs, n_out, dtype, sel)
         return {}, [], lambda results: vals

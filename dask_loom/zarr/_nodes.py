@@ -510,6 +510,25 @@ class ZarrArray(ZarrNode):
         """This array as a chunk source for :func:`dask_loom.from_source`."""
         return ZarrSource(self.store, self.path, self.metadata, prefix=prefix)
 
+    def __dask_loom_source__(self, layer: str | None = None) -> Any:
+        """This array as ``dask_loom.map``/``aggregate``/``scan``/``permute`` read it (format ``zarr``)."""
+        import functools
+
+        from dask_loom.errors import OperationError
+        from dask_loom.ops._sources import SourceInfo
+        from dask_loom.zarr._permute import permute_array
+
+        if layer is not None:
+            raise OperationError(f"{self._where()}: layer={layer!r} applies to Loom connections and collections, not to a Zarr array")
+        writable = not getattr(self.store, "read_only", False)
+        return SourceInfo.from_source(
+            self.source(),
+            format="zarr",
+            label=self._where(),
+            permute=functools.partial(permute_array, self) if writable else None,
+            read_only="the store is read-only",
+        )
+
     def to_dask(self, *, chunks: Any = None, target_bytes: int | str | None = None) -> Any:
         """A dask array whose blocks are unions of whole stored chunks (shards).
 
