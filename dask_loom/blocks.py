@@ -9,7 +9,8 @@ A *chunk source* is any small, picklable object with ``shape``, ``dtype``,
 ``chunk_shape`` (the storage unit: chunk, or shard where an array is sharded),
 ``prefix`` (the task-name prefix, such as ``"loom-read"``) and a method
 ``read_block(region) -> numpy.ndarray`` that reads a region whose edges lie on
-chunk boundaries.  Sources open their files lazily in whichever process runs
+chunk boundaries.  A source whose blocks are not numpy arrays (the CSR views
+of :mod:`dask_loom._csr`) carries a ``meta`` (an empty block of its type).  Sources open their files lazily in whichever process runs
 the task; no open handle ever enters a graph (decision 2).
 """
 
@@ -308,7 +309,10 @@ def from_source(
         dtype=dtype,
         inline_array=True,
     )
-    meta = np.empty((0,) * len(source.shape), dtype=dtype)
+    # Sources with non-numpy blocks (CSR views) say so through ``meta``.
+    meta = getattr(source, "meta", None)
+    if meta is None:
+        meta = np.empty((0,) * len(source.shape), dtype=dtype)
     return da.Array(graph, name, plan, meta=meta)
 
 
