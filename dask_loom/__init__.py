@@ -71,6 +71,8 @@ _LAZY = {
     "ZarrNode": "dask_loom.zarr",
     "open_zarr": "dask_loom.zarr",
     "to_zarr": "dask_loom.zarr",
+    "read_loom": "dask_loom.analysis",
+    "pp": "dask_loom.pp",
 }
 
 
@@ -78,7 +80,9 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dask_loom' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    mod = importlib.import_module(module)
+    # Subpackages (dask_loom.pp) are their own value.
+    value = mod if module == f"{__name__}.{name}" else getattr(mod, name)
     globals()[name] = value
     return value
 
@@ -130,6 +134,8 @@ __all__ = (
     "open_ome_arrow",
     "open_zarr",
     "plan_blocks",
+    "pp",
+    "read_loom",
     "read_ome_tiff",
     "read_ome_zarr",
     "to_ome_arrow",
