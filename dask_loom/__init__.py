@@ -77,6 +77,8 @@ _LAZY = {
     "map": "dask_loom.ops",
     "permute": "dask_loom.ops",
     "scan": "dask_loom.ops",
+    "read_loom": "dask_loom.analysis",
+    "pp": "dask_loom.pp",
 }
 
 
@@ -84,7 +86,9 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dask_loom' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    mod = importlib.import_module(module)
+    # Subpackages (dask_loom.pp) are their own value.
+    value = mod if module == f"{__name__}.{name}" else getattr(mod, name)
     globals()[name] = value
     return value
 
@@ -139,6 +143,8 @@ __all__ = (
     "open_zarr",
     "permute",
     "plan_blocks",
+    "pp",
+    "read_loom",
     "read_ome_tiff",
     "read_ome_zarr",
     "scan",

@@ -79,6 +79,10 @@ DEFAULTS: dict[str, Any] = {
     "ome-chunk-bytes": "2MiB",
     # Whole single-record OME-Parquet images kept in memory per process for block reads.
     "ome-record-cache": 2,
+    # Per-block sparse kernels (dense chunks to CSR, per-gene statistics, Gram matrices):
+    # "auto" compiles them with numba where it is installed (the analysis extra brings it),
+    # "numpy" always uses the vectorised numpy versions, "numba" requires numba.
+    "kernels": "auto",
 }
 
 _ENV_PREFIX = "DASK_LOOM_"

@@ -759,6 +759,32 @@ class MappedCollection:
 
         return collection_info(self, layer)
 
+    def to_anndata(
+        self,
+        *,
+        layers: str | list[str] | None = None,
+        sparse: bool = True,
+        obs_keys: str | list[str] | None = None,
+        target_bytes: int | str | None = None,
+    ) -> Any:
+        """The joined collection as one lazy ``anndata.AnnData`` (cells as rows).
+
+        ``X`` (and ``layers``, from ``layers_keys``) are the dask arrays of
+        :meth:`to_dask` (CSR blocks with ``sparse=True``); ``obs`` holds every
+        obs column of the files (or *obs_keys*) with the merged categories and a
+        ``store_idx`` categorical naming each row's file; ``var`` is the joined
+        var index; ``obsm`` the dask arrays of ``obsm_keys``.  Needs anndata.
+        """
+        from dask_loom.analysis._mapped import mapped_to_anndata
+
+        return mapped_to_anndata(
+            self,
+            layers=[layers] if isinstance(layers, str) else layers,
+            sparse=sparse,
+            obs_keys=[obs_keys] if isinstance(obs_keys, str) else obs_keys,
+            target_bytes=target_bytes,
+        )
+
     def obs_to_dask(self, columns: str | list[str] | None = None) -> Any:
         """obs of the collection as a lazy dask DataFrame (one partition per file)."""
         from dask_loom.anndata._dask import obs_to_dask

@@ -30,7 +30,7 @@ from dask_loom.anndata._store import AnnStore
 from dask_loom.anndata._zchunks import ZarrChunkReader, chunk_reader, split_by_chunk
 from dask_loom.errors import AnnDataFormatError, CorruptChunkError
 from dask_loom.hdf5._decode import decode_chunk
-from dask_loom.hdf5._files import read_ranges
+from dask_loom.hdf5._files import read_ranges, read_ranges_into
 from dask_loom.hdf5._source import HDF5Source, _chunk_offsets, dataset_layout
 
 __all__ = ["coalesce", "map_threads", "read_csr_rows", "read_dense_rows", "read_matrix_rows", "read_vector"]
@@ -143,15 +143,18 @@ def _h5_ranges(store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarray
     if lay.layout == "contiguous":
         if lay.offset is None:
             return np.full(total, lay.fillvalue, dtype=dt)
-        bufs = read_ranges(spec, (lay.offset + starts * isz).tolist(), (lens * isz).tolist())
-        return np.frombuffer(bytearray().join(bufs), dtype=dt)
+        out = np.empty(total, dtype=dt)
+        # Straight into the result: a join of the pieces would copy again, holding the GIL.
+        read_ranges_into(spec, (lay.offset + starts * isz).tolist(), (lens * isz).tolist(), out)
+        return out
     c = int(lay.chunks[0])  # type: ignore[index]
     cid, lo, hi = split_by_chunk(starts, stops, c)
     offsets, sizes, masks = _chunk_offsets(spec, lay, cid[:, None])
     if not lay.filters and (offsets >= 0).all():
-        # Unfiltered chunks hold raw bytes: read exactly the elements needed.
-        bufs = read_ranges(spec, (offsets + (lo - cid * c) * isz).tolist(), ((hi - lo) * isz).tolist())
-        return np.frombuffer(bytearray().join(bufs), dtype=dt)
+        # Unfiltered chunks hold raw bytes: read exactly the elements needed, into the result.
+        out = np.empty(total, dtype=dt)
+        read_ranges_into(spec, (offsets + (lo - cid * c) * isz).tolist(), ((hi - lo) * isz).tolist(), out)
+        return out
     out = np.empty(total, dtype=dt)
     uniq, inv = np.unique(cid, return_inverse=True)
     first_of = np.zeros(len(uniq), dtype=np.int64)

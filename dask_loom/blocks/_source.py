@@ -103,7 +103,10 @@ def from_source(
         dtype=dtype,
         inline_array=True,
     )
-    meta = np.empty((0,) * len(source.shape), dtype=dtype)
+    # Sources with non-numpy blocks (CSR views) say so through ``meta``.
+    meta = getattr(source, "meta", None)
+    if meta is None:
+        meta = np.empty((0,) * len(source.shape), dtype=dtype)
     arr = da.Array(graph, name, plan, meta=meta)
     register_source(arr, source)
     return arr

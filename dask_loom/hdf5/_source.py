@@ -264,6 +264,24 @@ class HDF5Source:
                 return None
         return self._stage(region)[0]
 
+    def read_sparse(self, region: tuple[slice, ...], *, transpose: bool = False) -> Any:
+        """The region (or its transpose) as ``scipy.sparse.csr_matrix``.
+
+        Chunked 2-D datasets on the fast path are converted from the decoded
+        chunks in grid layout (no row-major dense copy of the region); other
+        layouts are read dense and converted.
+        """
+        from dask_loom._csr import dense_to_csr, staged_to_csr
+
+        region = tuple(slice(*r.indices(n)[:2]) for r, n in zip(region, self.shape))
+        shape = tuple(r.stop - r.start for r in region)
+        lay = self.layout
+        if lay.fast and lay.layout == "chunked" and lay.chunks and len(shape) == 2 and math.prod(shape):
+            staged, c_lo = self._stage(region)
+            offsets = (region[0].start - c_lo[0] * lay.chunks[0], region[1].start - c_lo[1] * lay.chunks[1])
+            return staged_to_csr(staged, offsets, shape, transpose=transpose)
+        return dense_to_csr(self.read_block(region), transpose=transpose)
+
     def _read_chunked(self, region: tuple[slice, ...], shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
         dt = np.dtype(self.layout.dtype)
         chunks = self.layout.chunks

@@ -359,9 +359,46 @@ class LoomConnection(_Deprecated):
         arrays = read_selections(sources, sels, **self._compute_kwargs())
         return dict(zip(names, arrays))
 
-    def dask(self, layer: str = "", *, chunks: Any = None, band_axis: int | None = None) -> Any:
-        """A layer as a lazy dask array whose blocks are whole stored chunks."""
-        return self.layers[layer].to_dask(chunks=chunks, band_axis=band_axis)
+    def dask(self, layer: str = "", *, chunks: Any = None, band_axis: int | None = None, sparse: bool = False) -> Any:
+        """A layer as a lazy dask array whose blocks are whole stored chunks (CSR blocks with ``sparse=True``)."""
+        return self.layers[layer].to_dask(chunks=chunks, band_axis=band_axis, sparse=sparse)
+
+    def to_anndata(
+        self,
+        *,
+        layers: Any = None,
+        sparse: bool = True,
+        X_name: str = "",
+        obs_names: str | None = "CellID",
+        var_names: str | None = "Gene",
+        obsm_mapping: dict[str, Any] | None = None,
+        varm_mapping: dict[str, Any] | None = None,
+        dtype: Any = None,
+    ) -> Any:
+        """The file as a lazy ``anndata.AnnData`` with cells as rows (needs anndata).
+
+        ``X`` is layer *X_name* (default the main matrix) and ``layers`` the
+        named layers (or those in *layers*), all dask arrays of the Loom layers
+        transposed lazily, each block a full-width band of whole stored chunks
+        (``scipy.sparse.csr_matrix`` with ``sparse=True``).  ``obs``/``var``
+        come from the column/row attributes (*obs_names*/*var_names* as index
+        where present, enum attributes as categoricals), multi-column and
+        compound attributes become ``obsm``/``varm``, graphs ``obsp``/``varp``.
+        See :mod:`dask_loom.analysis`.
+        """
+        from dask_loom.analysis._loom import loom_to_anndata
+
+        return loom_to_anndata(
+            self,
+            X_name=X_name,
+            layers=[layers] if isinstance(layers, str) else layers,
+            sparse=sparse,
+            obs_names=obs_names,
+            var_names=var_names,
+            obsm_mapping=obsm_mapping or {},
+            varm_mapping=varm_mapping or {},
+            dtype=dtype,
+        )
 
     def to_xarray(self, *, row_dim: str = "gene", col_dim: str = "cell", layers: Any = None, chunks: Any = None) -> Any:
         """The file as a lazy ``xarray.Dataset``: layers over ``(row_dim, col_dim)``, attributes as coordinates.

@@ -81,7 +81,7 @@ class LoomLayer:
     def __setitem__(self, key: Any, value: Any) -> None:
         self.ds._write_layer_region(self.name, key, value)
 
-    def to_dask(self, *, chunks: Any = None, band_axis: int | None = None) -> da.Array:
+    def to_dask(self, *, chunks: Any = None, band_axis: int | None = None, sparse: bool = False) -> da.Array:
         """This layer as a dask array whose blocks are whole stored chunks.
 
         Parameters
@@ -91,11 +91,20 @@ class LoomLayer:
             chunks are rounded out (with a warning).
         band_axis
             ``0`` for full-width row bands, ``1`` for full-height column bands.
+        sparse
+            Blocks are ``scipy.sparse.csr_matrix`` (built from the decoded
+            chunks, never a dense copy of the block); the array's ``meta`` is
+            a CSR matrix, so anndata and scanpy treat it as sparse.
         """
         from dask_loom.blocks import from_source
 
         self.ds._check_open()
-        return from_source(self._source(), chunks=chunks, band_axis=band_axis)
+        source = self._source()
+        if sparse:
+            from dask_loom._csr import CSRView
+
+            source = CSRView(source)
+        return from_source(source, chunks=chunks, band_axis=band_axis)
 
     @property
     def dask(self) -> da.Array:
