@@ -104,3 +104,32 @@ def test_short_fault_is_a_well_formed_short_answer(s3_proxy, objects):
     assert got == objects[a][:2000]
     assert proxy.counts["short"] == 1
     assert fs.cat_file(a, start=0, end=4000) == objects[a][:4000]
+
+
+def test_fast_reads_answer_as_moto(s3_server, objects):
+    """The test server's fast read path sends what moto itself sends (status, headers, body)."""
+    import boto3
+    from _s3server import S3Server
+
+    slow = S3Server(fast_reads=False)  # moto's state is process-wide: it sees the same objects
+    info = slow.start()
+    try:
+        clients = [
+            boto3.client("s3", endpoint_url=e, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
+            for e in (s3_server["endpoint_url"], info["endpoint_url"])
+        ]
+        a, b = objects
+        bucket, key = a.split("/", 1)
+        skip = {"access-control-allow-origin", "date", "server", "x-amzn-requestid", "x-amz-request-id", "x-amz-id-2", "connection"}
+        for kw in ({}, {"Range": "bytes=10-99"}, {"Range": "bytes=1000-"}, {"Range": "bytes=-5"}, {"Range": "bytes=0-99999999"}):
+            fast, moto = (c.get_object(Bucket=bucket, Key=key, **kw) for c in clients)
+            assert fast["Body"].read() == moto["Body"].read()
+            hf, hm = (
+                {k: v for k, v in r["ResponseMetadata"]["HTTPHeaders"].items() if k not in skip} for r in (fast, moto)
+            )
+            assert hf == hm, kw
+            assert fast["ResponseMetadata"]["HTTPStatusCode"] == moto["ResponseMetadata"]["HTTPStatusCode"]
+        hf, hm = (c.head_object(Bucket=bucket, Key=b.split("/", 1)[1]) for c in clients)
+        assert hf["ContentLength"] == hm["ContentLength"] == 1000 and hf["ETag"] == hm["ETag"]
+    finally:
+        slow.stop()
