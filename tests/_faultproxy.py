@@ -13,11 +13,26 @@ a fault taken from a queue:
     timeout), then the connection is closed;
 ``"cut"``
     the request is forwarded, but the answer is cut off half-way through its
-    body and the connection reset.
+    body and the connection reset;
+``"short"``
+    the request is forwarded, but only the first half of the answer's body is
+    sent, under a ``Content-Length`` rewritten to match, and the connection is
+    closed cleanly: a well-formed answer that is silently short (a broken
+    cache or middlebox), which only a client checking lengths notices.
 
 ``proxy.inject("503", 3)`` queues faults for the next requests;
 ``proxy.always("drop")`` fails every request until ``proxy.clear()``.
 ``proxy.counts`` tells how many requests met each outcome.
+
+It is also the latency-true test bed of the cloud benchmarks: ``latency``
+seconds are waited before every request is answered (a round trip to a real
+object store costs tens of milliseconds; requests in flight at once wait
+concurrently, as they would), and ``bandwidth`` caps the bytes per second of
+all answer bodies together (one shared link).  ``proxy.requests`` and
+``proxy.bytes`` count requests and answer-body bytes by method,
+``proxy.ranged`` the GETs that carried a ``Range`` header, and ``proxy.log``
+keeps one :class:`Request` per request (method, path, range, status, body
+bytes) for assertions on what a reader asked for.
 """
 
 from __future__ import annotations
@@ -28,9 +43,10 @@ import socket
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FaultProxy"]
+__all__ = ["FaultProxy", "Request", "options_via"]
 
 _BODIES = {
     "500": (500, "Internal Server Error", b"<Error><Code>InternalError</Code><Message>We encountered an internal error. Please try again.</Message></Error>"),
@@ -72,18 +88,67 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-class FaultProxy:
-    """A threaded HTTP proxy to ``upstream`` (``"http://127.0.0.1:PORT"``) that injects faults."""
+@dataclass
+class Request:
+    """One request the proxy saw: what was asked and how much body came back."""
 
-    def __init__(self, upstream: str, *, stall_seconds: float = 5.0) -> None:
+    method: str
+    path: str
+    range: str | None  # the Range header as sent ("bytes=0-99"), or None
+    fault: str
+    status: int | None = None  # the upstream status (None when the proxy answered itself)
+    body_bytes: int = 0
+
+
+def options_via(storage_options: dict[str, Any], url: str) -> dict[str, Any]:
+    """fsspec/s3fs *storage_options* pointed at *url* (a proxy) instead of the server itself."""
+    import copy
+
+    opts = copy.deepcopy(storage_options)
+    opts["endpoint_url"] = url
+    return opts
+
+
+def _status_of(head: bytes) -> int | None:
+    try:
+        return int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+class FaultProxy:
+    """A threaded HTTP proxy to ``upstream`` (``"http://127.0.0.1:PORT"``) that injects faults.
+
+    Parameters
+    ----------
+    upstream
+        The server's address (``"http://127.0.0.1:PORT"``).
+    stall_seconds
+        How long a ``"stall"`` fault keeps silent.
+    latency
+        Seconds waited before each request is forwarded (or faulted); settable later.
+    bandwidth
+        Bytes per second of all answer bodies together (``None``: no cap); settable later.
+    """
+
+    def __init__(
+        self, upstream: str, *, stall_seconds: float = 5.0, latency: float = 0.0, bandwidth: float | None = None
+    ) -> None:
         host, _, port = upstream.split("://", 1)[1].partition(":")
         self.upstream = (host, int(port))
         self.stall_seconds = stall_seconds
+        self.latency = float(latency)
+        self.bandwidth = bandwidth
         self._lock = threading.Lock()
         self._queue: collections.deque[str] = collections.deque()
         self._always: str | None = None
+        self._link_free = 0.0  # when the shared link has sent everything reserved so far
         self.counts: collections.Counter[str] = collections.Counter()
         self.methods: collections.Counter[str] = collections.Counter()
+        self.requests: collections.Counter[str] = self.methods  # the same counts, by their plainer name
+        self.bytes: collections.Counter[str] = collections.Counter()
+        self.ranged = 0
+        self.log: list[Request] = []
         self._srv = socket.socket()
         self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._srv.bind(("127.0.0.1", 0))
@@ -112,18 +177,60 @@ class FaultProxy:
         with self._lock:
             self.counts.clear()
             self.methods.clear()
+            self.bytes.clear()
+            self.ranged = 0
+            self.log = []
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counts so far: requests and body bytes by method, ranged GETs, and their totals."""
+        with self._lock:
+            return {
+                "requests": dict(self.methods),
+                "bytes": dict(self.bytes),
+                "ranged_gets": self.ranged,
+                "total_requests": sum(self.methods.values()),
+                "total_bytes": sum(self.bytes.values()),
+                "faults": {k: v for k, v in self.counts.items() if k != "pass"},
+            }
 
     @property
     def pending(self) -> int:
         with self._lock:
             return len(self._queue)
 
-    def _next(self, method: str) -> str:
+    def _next(self, head: bytes) -> tuple[str, Request]:
+        first = head.split(b"\r\n", 1)[0].split(b" ")
+        method = first[0].decode(errors="replace")
+        path = first[1].decode(errors="replace") if len(first) > 1 else ""
+        rng = _header(head, b"range")
         with self._lock:
             fault = self._queue.popleft() if self._queue else (self._always or "pass")
             self.counts[fault] += 1
             self.methods[method] += 1
-            return fault
+            if method == "GET" and rng is not None:
+                self.ranged += 1
+            req = Request(method, path, None if rng is None else rng.decode(errors="replace"), fault)
+            self.log.append(req)
+            return fault, req
+
+    def _sent(self, req: Request, n: int) -> None:
+        with self._lock:
+            req.body_bytes += n
+            self.bytes[req.method] += n
+
+    def _pace(self, n: int) -> None:
+        """Wait until *n* more body bytes fit through the shared link (a no-op without a cap)."""
+        bw = self.bandwidth
+        if not bw or n <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._link_free)
+            self._link_free = start + n / float(bw)
+            until = self._link_free
+        delay = until - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
 
     def close(self) -> None:
         self._stop.set()
@@ -157,8 +264,10 @@ class FaultProxy:
                 client.close()
                 return
             head, rest = got
-            method = head.split(b" ", 1)[0].decode(errors="replace")
-            fault = self._next(method)
+            fault, req = self._next(head)
+            method = req.method
+            if self.latency > 0:
+                time.sleep(self.latency)
             if fault in _BODIES:
                 self._drain_body(client, head, rest)
                 status, reason, body = _BODIES[fault]
@@ -173,7 +282,7 @@ class FaultProxy:
                 self._stop.wait(self.stall_seconds)
                 client.close()
             else:
-                self._forward(client, head, rest, cut=fault == "cut")
+                self._forward(client, head, rest, req, mode=fault)
         except OSError:
             client.close()
 
@@ -188,7 +297,7 @@ class FaultProxy:
                 break
             n -= len(chunk)
 
-    def _forward(self, client: socket.socket, head: bytes, rest: bytes, *, cut: bool) -> None:
+    def _forward(self, client: socket.socket, head: bytes, rest: bytes, req: Request, *, mode: str) -> None:
         up = socket.create_connection(self.upstream, timeout=30)
         up.sendall(_with_close(head) + rest)
         done = threading.Event()
@@ -206,25 +315,67 @@ class FaultProxy:
 
         t = threading.Thread(target=pump_up, daemon=True)
         t.start()
-        body_seen = False
+        answer = b""  # the upstream answer's head, until it is complete
+        in_body = False
         try:
             while True:
                 chunk = up.recv(65536)
                 if not chunk:
                     break
-                if cut and not body_seen and b"\r\n\r\n" in chunk:
-                    body_seen = True
-                    h, _, b = chunk.partition(b"\r\n\r\n")
-                    n = int(_header(h + b"\r\n\r\n", b"content-length") or 0)
-                    client.sendall(h + b"\r\n\r\n" + b[: max(0, n // 2)])
-                    break
+                if not in_body:
+                    answer += chunk
+                    if b"\r\n\r\n" not in answer:
+                        continue
+                    h, _, body = answer.partition(b"\r\n\r\n")
+                    h += b"\r\n\r\n"
+                    in_body = True
+                    if h.startswith(b"HTTP/1.1 100") or h.startswith(b"HTTP/1.0 100"):
+                        # An interim "100 Continue": pass it on and read the real answer.
+                        client.sendall(h)
+                        answer, in_body = body, False
+                        if b"\r\n\r\n" not in answer:
+                            continue
+                        h, _, body = answer.partition(b"\r\n\r\n")
+                        h += b"\r\n\r\n"
+                        in_body = True
+                    req.status = _status_of(h)
+                    n = int(_header(h, b"content-length") or 0)
+                    if mode == "cut":
+                        half = body[: max(0, n // 2)]
+                        self._pace(len(half))
+                        client.sendall(h + half)
+                        self._sent(req, len(half))
+                        break
+                    if mode == "short" and req.method == "GET" and n > 1:
+                        # A well-formed answer with half the body: Content-Length rewritten to match.
+                        keep = n // 2
+                        h = b"\r\n".join(
+                            (b"Content-Length: %d" % keep) if ln.lower().startswith(b"content-length:") else ln
+                            for ln in h.split(b"\r\n")
+                        )
+                        got = body
+                        while len(got) < keep:
+                            more = up.recv(65536)
+                            if not more:
+                                break
+                            got += more
+                        self._pace(keep)
+                        client.sendall(h + got[:keep])
+                        self._sent(req, min(keep, len(got)))
+                        break
+                    client.sendall(h)
+                    chunk = body
+                    if not chunk:
+                        continue
+                self._pace(len(chunk))
                 client.sendall(chunk)
+                self._sent(req, len(chunk))
         finally:
             done.set()
             up.close()
             with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RD)  # wakes the request pump
-            if cut:
+            if mode == "cut":
                 time.sleep(0.05)
                 _reset(client)
             else:

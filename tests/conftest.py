@@ -20,6 +20,30 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 from _s3server import s3_server  # noqa: E402, F401
 
 
+@pytest.fixture
+def s3_proxy(s3_server):  # noqa: F811
+    """A factory of proxies in front of the local S3 server: ``s3_proxy(latency=0.02, bandwidth=None)``.
+
+    Each proxy (``tests/_faultproxy.py``) injects latency per request, caps the
+    bandwidth, counts requests and bytes by method and can inject faults; its
+    ``storage_options`` attribute holds s3fs options that go through it.  All
+    are closed at the end of the test.
+    """
+    from _faultproxy import FaultProxy, options_via
+
+    made = []
+
+    def make(*, latency: float = 0.0, bandwidth: float | None = None, stall_seconds: float = 5.0):
+        p = FaultProxy(s3_server["endpoint_url"], latency=latency, bandwidth=bandwidth, stall_seconds=stall_seconds)
+        p.storage_options = options_via(s3_server["storage_options"], p.url)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
 def _data_root() -> pathlib.Path:
     env = os.environ.get("DASK_LOOM_TEST_DATA")
     return pathlib.Path(env) if env else REPO.parent / "shared" / "data"
