@@ -91,7 +91,8 @@ class KillSwitch(WorkerPlugin):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _wait_workers(client, n: int = 2, timeout: float = 60) -> None:
+def _wait_workers(client, n: int = 2, timeout: float = 180) -> None:
+    # A nanny restarting its worker on a loaded 2-core machine has been seen to need over a minute.
     deadline = time.monotonic() + timeout
     while len(client.scheduler_info()["workers"]) < n:
         if time.monotonic() > deadline:
