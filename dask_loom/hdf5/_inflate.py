@@ -28,7 +28,7 @@ import numpy as np
 
 from dask_loom.errors import CorruptChunkError
 
-__all__ = ["GIL_FREE", "inflate_into"]
+__all__ = ["BATCHED", "GIL_FREE", "inflate_into", "inflate_place"]
 
 _SUCCESS = 0
 
@@ -58,6 +58,23 @@ _LIB = _load()
 #: True when chunks are inflated with the GIL released (libdeflate through ctypes).
 GIL_FREE = _LIB is not None
 _local = threading.local()
+
+
+def _load_batch() -> tuple[Any, tuple[int, int, int]] | None:
+    # The optional compiled loop (dask_loom/hdf5/_cinflate.c): one GIL release per block.
+    if _LIB is None:
+        return None
+    try:
+        from dask_loom.hdf5 import _cinflate
+    except ImportError:
+        return None
+    addr = tuple(ctypes.cast(f, ctypes.c_void_p).value for f in _LIB)
+    return _cinflate, addr  # type: ignore[return-value]
+
+
+_BATCH = _load_batch()
+#: True when whole blocks of chunks are inflated by the compiled loop.
+BATCHED = _BATCH is not None
 
 
 class _Decompressor:
@@ -119,6 +136,13 @@ def inflate_into(
     if _LIB is None:
         _inflate_with_gil(raws, flat, nbytes, slots, where)
         return
+    if _BATCH is not None:
+        mod, (alloc, inflate, free) = _BATCH
+        slot_arr = np.asarray(slots, dtype=np.int64)
+        for k in mod.inflate_many(raws, flat, nbytes, slot_arr, alloc, inflate, free):
+            s = int(slot_arr[k])
+            flat[s * nbytes : (s + 1) * nbytes] = np.frombuffer(_zlib_exact(raws[k], nbytes, where), np.uint8)
+        return
     d = _decompressor()
     call = _LIB[1]
     base = flat.ctypes.data
@@ -151,3 +175,44 @@ def _zlib_exact(raw: Any, nbytes: int, where: str) -> bytes:
     if len(data) != nbytes:
         raise CorruptChunkError(f"{where}: a chunk decoded to {len(data)} bytes, expected {nbytes}")
     return data
+
+
+def inflate_place(
+    raws: Sequence[Any],
+    out: np.ndarray,
+    chunks: tuple[int, int],
+    origins: np.ndarray,
+    region: tuple[slice, slice],
+    *,
+    where: str = "",
+) -> bool:
+    """Inflate 2-D chunks straight into their place in a row-major *out* (the compiled loop only).
+
+    ``origins[k]`` is chunk *k*'s first (row, column) in the array; *out*
+    holds *region*.  Each chunk's part inside the region is copied from a
+    cache-sized buffer right after it is decoded: one pass over *out* instead
+    of a staging copy and a second, transposing pass.  Returns ``False``
+    (nothing done) when the compiled loop is not available.
+    """
+    if _BATCH is None or out.ndim != 2 or not out.flags.c_contiguous:
+        return False
+    mod, (alloc, inflate, free) = _BATCH
+    c0, c1 = chunks
+    isz = out.dtype.itemsize
+    r0, q0 = region[0].start, region[1].start
+    o = np.asarray(origins, dtype=np.int64).reshape(-1, 2)
+    lo_r = np.maximum(o[:, 0], region[0].start)
+    hi_r = np.minimum(o[:, 0] + c0, region[0].stop)
+    lo_c = np.maximum(o[:, 1], region[1].start)
+    hi_c = np.minimum(o[:, 1] + c1, region[1].stop)
+    nrows = np.maximum(hi_r - lo_r, 0)
+    row_bytes = np.maximum(hi_c - lo_c, 0) * isz
+    src = ((lo_r - o[:, 0]) * c1 + (lo_c - o[:, 1])) * isz
+    dst = (lo_r - r0) * out.strides[0] + (lo_c - q0) * isz
+    nbytes = c0 * c1 * isz
+    failed = mod.inflate_place(raws, out, nbytes, src, dst, nrows, row_bytes, c1 * isz, out.strides[0], alloc, inflate, free)
+    for k in failed:  # streams libdeflate refuses: zlib decides, numpy places
+        chunk = np.frombuffer(_zlib_exact(raws[k], nbytes, where), out.dtype).reshape(c0, c1)
+        rs, cs = slice(lo_r[k] - o[k, 0], hi_r[k] - o[k, 0]), slice(lo_c[k] - o[k, 1], hi_c[k] - o[k, 1])
+        out[lo_r[k] - r0 : hi_r[k] - r0, lo_c[k] - q0 : hi_c[k] - q0] = chunk[rs, cs]
+    return True

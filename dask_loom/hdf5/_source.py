@@ -21,7 +21,7 @@ from dask_loom.blocks import from_source
 from dask_loom.errors import CorruptChunkError, FileBeingWrittenError
 from dask_loom.hdf5._decode import decode_chunk
 from dask_loom.hdf5._files import cached_entry, open_h5_read, read_ranges
-from dask_loom.hdf5._inflate import inflate_into
+from dask_loom.hdf5._inflate import BATCHED, inflate_into, inflate_place
 from dask_loom.hdf5._layout import (
     DEFLATE,
     ChunkIndex,
@@ -217,7 +217,13 @@ class HDF5Source:
         return flat.reshape(*grid, *chunks), c_lo
 
     def _read_consistent(self, coords: np.ndarray, flat: np.ndarray, nbytes: int, itemsize: int) -> np.ndarray:
-        """Decode the chunks at *coords* into their slots of *flat*; return the indices of those stored.
+        """Decode the chunks at *coords* into their slots of *flat*; return the indices of those stored."""
+        return self._read_chunks(coords, lambda raws, masks, idx: self._decode_into(raws, masks, idx, flat, nbytes, itemsize))
+
+    def _read_chunks(self, coords: np.ndarray, decode: Any) -> np.ndarray:
+        """Read the chunks at *coords* and hand them to ``decode(raws, masks, idx)``; return *idx*.
+
+        *idx* are the positions in *coords* of the chunks stored in the file.
 
         Chunk offsets and chunk bytes are taken from one and the same version of the file.
 
@@ -236,7 +242,7 @@ class HDF5Source:
                 offsets, sizes, masks = _chunk_offsets(self.spec, lay, coords, entry)
                 idx = np.flatnonzero(offsets >= 0)
                 raws = read_ranges(self.spec, offsets[idx].tolist(), sizes[idx].tolist(), entry=entry)
-                self._decode_into(raws, masks[idx], idx, flat, nbytes, itemsize)
+                decode(raws, masks[idx], idx)
             except Exception:
                 if file_identity(self.spec) == entry.identity:
                     raise
@@ -282,12 +288,42 @@ class HDF5Source:
             return staged_to_csr(staged, offsets, shape, transpose=transpose)
         return dense_to_csr(self.read_block(region), transpose=transpose)
 
+    def _place_2d_directly(self, region: tuple[slice, ...], out: np.ndarray) -> bool:
+        """Inflate a 2-D region's chunks straight into row-major *out* (compiled loop, deflate only)."""
+        lay = self.layout
+        chunks = lay.chunks
+        if not (BATCHED and chunks and len(chunks) == 2 and out.flags.c_contiguous):
+            return False
+        if len(lay.filters) != 1 or lay.filters[0][0] != DEFLATE:
+            return False
+        c_lo = [r.start // c for r, c in zip(region, chunks)]
+        c_hi = [-(-r.stop // c) for r, c in zip(region, chunks)]
+        coords = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(c_lo, c_hi)], indexing="ij"), axis=-1).reshape(-1, 2)
+        origins = coords * np.asarray(chunks, dtype=np.int64)
+        done = False
+
+        def decode(raws: list[Any], masks: np.ndarray, idx: np.ndarray) -> None:
+            nonlocal done
+            if masks.any():  # a chunk stored without its filter: the general path decides
+                return
+            if len(idx) < len(coords):
+                out[...] = lay.fillvalue
+            done = inflate_place(raws, out, chunks, origins[idx], region, where=self.label)
+
+        self._read_chunks(coords, decode)
+        if done:
+            with _stats_lock:
+                STATS["fast_blocks"] += 1
+        return done
+
     def _read_chunked(self, region: tuple[slice, ...], shape: tuple[int, ...], out: np.ndarray | None) -> np.ndarray:
         dt = np.dtype(self.layout.dtype)
         chunks = self.layout.chunks
         assert chunks is not None
         if out is None:
             out = np.empty(shape, dtype=dt)
+        if self._place_2d_directly(region, out):
+            return out
         staged, c_lo = self._stage(region)
         if len(chunks) == 2 and all(r.start % c == 0 for r, c in zip(region, chunks)):
             _place_2d(out, staged, chunks)
