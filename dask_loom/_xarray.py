@@ -34,6 +34,8 @@ import xarray as xr
 from xarray.backends.common import BackendArray
 from xarray.core import indexing
 
+from dask_loom._doors import provides
+
 if TYPE_CHECKING:
 
     from dask_loom.loom._connection import LoomConnection
@@ -320,6 +322,7 @@ class _Closer:
         return (_Closer, (None,))
 
 
+@provides("loom", "xarray")
 def loom_to_xarray(
     conn: LoomConnection,
     *,
@@ -337,6 +340,7 @@ def loom_to_xarray(
 _DIM_NAMES = {"T": "t", "Z": "z", "C": "c", "H": "y", "W": "x"}
 
 
+@provides("tensor", "xarray")
 def tensor_to_xarray(view: Any, *, chunks: Any = None, name: str | None = None) -> xr.DataArray:
     """See :meth:`dask_loom.TensorView.to_xarray`."""
     data = view.to_dask(chunks=chunks)

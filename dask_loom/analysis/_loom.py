@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dask_loom._doors import provides
 from dask_loom.errors import ElementNotFoundError
 
 if TYPE_CHECKING:
@@ -133,6 +134,7 @@ def _graphs(ds: LoomConnection, manager: Any) -> dict[str, Any]:
     return out
 
 
+@provides("loom", "anndata")
 def loom_to_anndata(
     ds: LoomConnection,
     *,

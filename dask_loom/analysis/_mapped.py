@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dask_loom._doors import provides
 from dask_loom.errors import ElementNotFoundError
 
 if TYPE_CHECKING:
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["mapped_to_anndata"]
 
 
+@provides("mapped", "anndata")
 def mapped_to_anndata(
     mc: MappedCollection,
     *,

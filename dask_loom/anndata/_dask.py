@@ -26,7 +26,7 @@ from dask_loom.blocks import plan_blocks
 from dask_loom.errors import CollectionError, ElementNotFoundError
 
 if TYPE_CHECKING:
-    from dask_loom.anndata._mapped import MappedCollection, _LayerPlan
+    from dask_loom.anndata._plan import CollectionLike, _LayerPlan
 
 __all__ = ["layer_to_dask", "obs_to_dask", "to_xarray"]
 
@@ -66,7 +66,7 @@ def _bands(plan: _LayerPlan, n_rows: int, target: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges))
 
 
-def layer_to_dask(mc: MappedCollection, layer: str = "X", *, sparse: bool = False, target_bytes: Any = None) -> da.Array:
+def layer_to_dask(mc: CollectionLike, layer: str = "X", *, sparse: bool = False, target_bytes: Any = None) -> da.Array:
     """See :meth:`MappedCollection.to_dask`."""
     if layer not in mc.layers_keys and f"obsm_{layer}" not in mc._plans:
         raise ElementNotFoundError(
@@ -111,7 +111,7 @@ def layer_to_dask(mc: MappedCollection, layer: str = "X", *, sparse: bool = Fals
 # -- obs ------------------------------------------------------------------------
 
 
-def _obs_frame(mc: MappedCollection, i: int, columns: list[str], dtypes: dict[str, Any]) -> pd.DataFrame:
+def _obs_frame(mc: CollectionLike, i: int, columns: list[str], dtypes: dict[str, Any]) -> pd.DataFrame:
     store = mc.storages[i]
     rows = mc.indices_list[i]
     index = read_index(store, "obs")[rows]
@@ -138,7 +138,7 @@ def _obs_frame(mc: MappedCollection, i: int, columns: list[str], dtypes: dict[st
     return df
 
 
-def _column_dtype(mc: MappedCollection, key: str) -> Any:
+def _column_dtype(mc: CollectionLike, key: str) -> Any:
     """One dtype for obs column *key* over every file, as close to the stored one as it can hold.
 
     Categoricals get the merged categories; integer and boolean columns stay
@@ -171,7 +171,7 @@ def _column_dtype(mc: MappedCollection, key: str) -> Any:
     return np.dtype(object)
 
 
-def obs_to_dask(mc: MappedCollection, columns: str | list[str] | None = None) -> Any:
+def obs_to_dask(mc: CollectionLike, columns: str | list[str] | None = None) -> Any:
     """See :meth:`MappedCollection.obs_to_dask`."""
     import dask.dataframe as dd
 
@@ -198,7 +198,7 @@ def obs_to_dask(mc: MappedCollection, columns: str | list[str] | None = None) ->
 class _ObsPart:
     """Reads one file's obs rows (a picklable callable for ``dd.from_map``)."""
 
-    def __init__(self, mc: MappedCollection, columns: list[str], dtypes: dict[str, Any]) -> None:
+    def __init__(self, mc: CollectionLike, columns: list[str], dtypes: dict[str, Any]) -> None:
         self.mc = mc
         self.columns = columns
         self.dtypes = dtypes
@@ -207,7 +207,7 @@ class _ObsPart:
         return _obs_frame(self.mc, i, self.columns, self.dtypes)
 
 
-def _column_values(mc: MappedCollection, i: int, key: str | None) -> np.ndarray:
+def _column_values(mc: CollectionLike, i: int, key: str | None) -> np.ndarray:
     rows = mc.indices_list[i]
     if key is None:
         return np.asarray(read_index(mc.storages[i], "obs")[rows], dtype=object)
@@ -216,7 +216,7 @@ def _column_values(mc: MappedCollection, i: int, key: str | None) -> np.ndarray:
     return np.asarray(read_column(mc.storages[i], key).labels()[rows], dtype=object)
 
 
-def _lazy_column(mc: MappedCollection, key: str | None) -> da.Array:
+def _lazy_column(mc: CollectionLike, key: str | None) -> da.Array:
     import dask
 
     parts = []
@@ -228,7 +228,7 @@ def _lazy_column(mc: MappedCollection, key: str | None) -> da.Array:
 
 
 def to_xarray(
-    mc: MappedCollection, layer: str = "X", *, obs_columns: str | list[str] | None = None, sparse: bool = False
+    mc: CollectionLike, layer: str = "X", *, obs_columns: str | list[str] | None = None, sparse: bool = False
 ) -> Any:
     """See :meth:`MappedCollection.to_xarray`."""
     import xarray as xr

@@ -27,10 +27,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from dask_loom._config import get_config
-from dask_loom.anndata._mapped import MISSING_CODE
+from dask_loom.anndata._plan import MISSING_CODE
 
 if TYPE_CHECKING:
-    from dask_loom.anndata._mapped import MappedCollection
+    from dask_loom.anndata._plan import CollectionLike
 
 __all__ = ["MappedIterableDataset", "iter_batches", "plan_epoch"]
 
@@ -107,7 +107,7 @@ def _vstack_csr(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
     return sp.csr_matrix((data, indices, indptr), shape=(n, parts[0].shape[1]))
 
 
-def _read_fetch(mc: MappedCollection, blocks: list[tuple[int, int, int]], sparse: bool) -> _Fetch:
+def _read_fetch(mc: CollectionLike, blocks: list[tuple[int, int, int]], sparse: bool) -> _Fetch:
     by_file: dict[int, list[np.ndarray]] = {}
     for f, a, b in blocks:
         by_file.setdefault(f, []).append(np.arange(a, b))
@@ -133,7 +133,7 @@ def _read_fetch(mc: MappedCollection, blocks: list[tuple[int, int, int]], sparse
     return _Fetch.concat(parts)
 
 
-def _labels(mc: MappedCollection, key: str, f: int, rows: np.ndarray) -> np.ndarray:
+def _labels(mc: CollectionLike, key: str, f: int, rows: np.ndarray) -> np.ndarray:
     if key in mc._codes:
         codes = mc._codes[key][f][rows]
         if key not in mc._nan_coded:
@@ -161,7 +161,7 @@ def _emit(batch: _Fetch, sparse: bool, dense_keys: list[str]) -> dict[str, Any]:
 
 
 def iter_batches(
-    mc: MappedCollection,
+    mc: CollectionLike,
     batch_size: int,
     *,
     shuffle: bool = True,
@@ -253,7 +253,7 @@ def iter_batches(
 
 
 def _batches(
-    mc: MappedCollection,
+    mc: CollectionLike,
     groups: list[list[tuple[int, int, int]]],
     batch_size: int,
     shuffle: bool,
@@ -292,7 +292,7 @@ def _batches(
 
 
 def _prefetched(
-    mc: MappedCollection, groups: list[list[tuple[int, int, int]]], sparse: bool, prefetch: int
+    mc: CollectionLike, groups: list[list[tuple[int, int, int]]], sparse: bool, prefetch: int
 ) -> Iterator[_Fetch]:
     if prefetch <= 0:
         for g in groups:
@@ -371,7 +371,7 @@ class MappedIterableDataset:
 
     def __init__(
         self,
-        collection: MappedCollection,
+        collection: CollectionLike,
         batch_size: int,
         *,
         shuffle: bool = True,

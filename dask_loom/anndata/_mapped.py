@@ -26,7 +26,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from dask_loom.anndata._elems import (
     Column,
@@ -40,131 +39,12 @@ from dask_loom.anndata._elems import (
     read_column,
     read_index,
 )
-from dask_loom.anndata._read import map_threads, read_matrix_rows
+from dask_loom.anndata._plan import FILL_VALUES, MISSING_CODE, _as_list, _is_missing, _LayerPlan
+from dask_loom.anndata._read import map_threads
 from dask_loom.anndata._store import AnnStore, open_store
 from dask_loom.errors import CollectionError, CollectionIndexError, ElementNotFoundError
 
 __all__ = ["FILL_VALUES", "MappedCollection"]
-
-#: Fill of an element a file lacks: matrices get NaN rows (0 for integer dtypes),
-#: obs labels ``np.nan`` (as lamindb gives for a missing label).
-FILL_VALUES = {"float": np.nan, "int": 0, "label": np.nan}
-
-# Internal code of a missing label in the encoded label vectors; items give
-# ``np.nan`` (as lamindb does) and batches NaN.  ``-1`` is the ``unknown_label`` code.
-MISSING_CODE = -2
-
-
-def _as_list(keys: str | Sequence[str] | None) -> list[str] | None:
-    if keys is None:
-        return None
-    return [keys] if isinstance(keys, str) else list(keys)
-
-
-def _is_missing(v: Any) -> bool:
-    try:
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False
-
-
-class _LayerPlan:
-    """How one layer key of one file turns into rows of the joined collection."""
-
-    __slots__ = ("dtype", "fill", "item_dtype", "join", "meta", "n_out", "store", "var_idx")
-
-    def __init__(
-        self,
-        store: AnnStore,
-        meta: MatrixMeta | None,
-        *,
-        join: str | None,
-        var_idx: np.ndarray | None,
-        n_out: int,
-        dtype: np.dtype,
-        item_dtype: np.dtype | None = None,
-    ) -> None:
-        self.store = store
-        self.meta = meta
-        self.join = join
-        self.var_idx = var_idx
-        self.n_out = n_out
-        self.dtype = np.dtype(dtype)
-        # Items (``mc[i]``) keep the file's own dtype, as lamindb's do; batches
-        # and dask blocks span files and use the common ``dtype``.
-        self.item_dtype = self.dtype if item_dtype is None else np.dtype(item_dtype)
-        self.fill = FILL_VALUES["float"] if self.dtype.kind in "fc" else FILL_VALUES["int"]
-
-    def __dask_tokenize__(self) -> Any:
-        from dask.base import tokenize
-
-        return (
-            "LayerPlan", self.store, self.meta, self.join, tokenize(self.var_idx), self.n_out, self.dtype.str, self.item_dtype.str
-        )
-
-    def __getstate__(self) -> Any:
-        return {k: getattr(self, k) for k in self.__slots__}
-
-    def __setstate__(self, state: Any) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
-
-    def read(
-        self, rows: np.ndarray, *, sparse: bool | None = False, dtype: np.dtype | None = None
-    ) -> np.ndarray | sp.csr_matrix:
-        """Sorted unique local *rows*, in joined var space: dense, CSR, or (``None``) as stored.
-
-        Values are cast to *dtype* (default: the collection's common dtype).
-        """
-        n = len(rows)
-        if self.meta is None:
-            out = np.full((n, self.n_out), self.fill, dtype=self.dtype)
-            return sp.csr_matrix(out) if sparse else out
-        block = read_matrix_rows(self.store, self.meta, rows)
-        return self.to_joint(block, sparse=sparse, dtype=dtype)
-
-    def to_joint(
-        self, block: np.ndarray | sp.csr_matrix, *, sparse: bool | None, dtype: np.dtype | None = None
-    ) -> np.ndarray | sp.csr_matrix:
-        dtype = self.dtype if dtype is None else dtype
-        n = block.shape[0]
-        if sp.issparse(block):
-            data, indices, indptr = block.data, block.indices, block.indptr
-            if self.join == "inner":
-                lut = np.full(block.shape[1], -1, dtype=np.int64)
-                lut[self.var_idx] = np.arange(len(self.var_idx))  # type: ignore[arg-type]
-                new = lut[indices]
-                keep = new >= 0
-                if not keep.all():
-                    kept = np.concatenate(([0], np.cumsum(keep)))
-                    indptr = kept[indptr]
-                    data, new = data[keep], new[keep]
-                indices = new
-            elif self.join == "outer":
-                indices = self.var_idx[indices]  # type: ignore[index]
-            if not sparse and dtype.kind == "f" and dtype.itemsize == 2:
-                # scipy.sparse has no float16: scatter the entries straight into the dense rows
-                dense = np.zeros((n, self.n_out), dtype=dtype)
-                np.add.at(dense, (np.repeat(np.arange(n), np.diff(indptr)), indices), data.astype(dtype, copy=False))
-                return dense
-            out = sp.csr_matrix(
-                (data.astype(dtype, copy=False), indices, indptr), shape=(n, self.n_out)
-            )
-            if sparse:
-                if self.join is not None:
-                    out.has_sorted_indices = False
-                    out.sort_indices()
-                return out
-            return out if sparse is None else out.toarray()
-        if self.join == "inner":
-            out = block[:, self.var_idx].astype(dtype, copy=False)
-        elif self.join == "outer":
-            out = np.zeros((n, self.n_out), dtype=dtype)
-            out[:, self.var_idx] = block
-        else:
-            out = block.astype(dtype, copy=False)
-        return sp.csr_matrix(out) if sparse else out
-
 
 class MappedCollection:
     """Map-style collection of AnnData files (h5ad and zarr), as lamindb's ``MappedCollection``.
@@ -775,9 +655,9 @@ class MappedCollection:
         ``store_idx`` categorical naming each row's file; ``var`` is the joined
         var index; ``obsm`` the dask arrays of ``obsm_keys``.  Needs anndata.
         """
-        from dask_loom.analysis._mapped import mapped_to_anndata
+        from dask_loom._doors import converter
 
-        return mapped_to_anndata(
+        return converter("mapped", "anndata")(
             self,
             layers=[layers] if isinstance(layers, str) else layers,
             sparse=sparse,

@@ -23,7 +23,7 @@ from dask_loom.errors import CollectionError, ElementNotFoundError
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
-    from dask_loom.anndata._mapped import MappedCollection, _LayerPlan
+    from dask_loom.anndata._plan import CollectionLike, _LayerPlan
 
 __all__ = ["AnnDataSource", "collection_info", "label_codes"]
 
@@ -104,7 +104,7 @@ class AnnDataSource:
         return np.asarray(block)
 
 
-def label_codes(mc: MappedCollection, key: str) -> tuple[np.ndarray, np.ndarray]:
+def label_codes(mc: CollectionLike, key: str) -> tuple[np.ndarray, np.ndarray]:
     """``(codes, categories)`` of obs column *key* over the collection's rows: sorted categories, ``-1`` where missing.
 
     Categorical columns map their codes through one small table per file;
@@ -135,7 +135,7 @@ def label_codes(mc: MappedCollection, key: str) -> tuple[np.ndarray, np.ndarray]
     return codes, (np.asarray(cats) if cats else np.empty(0, dtype=object))
 
 
-def collection_info(mc: MappedCollection, layer: str | None = None) -> Any:
+def collection_info(mc: CollectionLike, layer: str | None = None) -> Any:
     """The :class:`~dask_loom.ops._sources.SourceInfo` of a collection's layer (default ``X``)."""
     from dask_loom.ops._sources import SourceInfo
 

@@ -12,7 +12,7 @@ from dask_loom.ops._aggregate import aggregate_columns
 from dask_loom.ops._kernels import check_group_func
 
 if TYPE_CHECKING:
-    from dask_loom.loom._connection import LoomConnection
+    from dask_loom.loom._protocol import LoomConnectionLike
 
 __all__ = ["aggregate"]
 
@@ -33,7 +33,7 @@ def _tally_name(key: str, value: Any) -> str:
 
 
 def aggregate(
-    ds: LoomConnection,
+    ds: LoomConnectionLike,
     out_file: str | os.PathLike[str] | None = None,
     select: np.ndarray | None = None,
     group_by: str | np.ndarray = "Clusters",

@@ -24,7 +24,7 @@ from dask_loom.loom._common import (
 from dask_loom.loom._values import materialize, normalize_for_write
 
 if TYPE_CHECKING:
-    from dask_loom.loom._connection import LoomConnection
+    from dask_loom.loom._protocol import LoomConnectionLike
 
 __all__ = ["AttributeManager", "GlobalAttributeManager"]
 
@@ -62,7 +62,7 @@ class AttributeManager(NamedMapping):
     (or list), a new in-memory manager with every attribute sliced.
     """
 
-    def __init__(self, ds: LoomConnection | None, *, axis: int, values: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(self, ds: LoomConnectionLike | None, *, axis: int, values: dict[str, np.ndarray] | None = None) -> None:
         object.__setattr__(self, "ds", ds)
         object.__setattr__(self, "axis", axis)
         object.__setattr__(self, "_cache", dict(values or {}))
@@ -220,7 +220,7 @@ class GlobalAttributeManager(NamedMapping):
     writes go to that file).
     """
 
-    def __init__(self, ds: LoomConnection | h5py.Group | None, values: dict[str, Any] | None = None) -> None:
+    def __init__(self, ds: LoomConnectionLike | h5py.Group | None, values: dict[str, Any] | None = None) -> None:
         if isinstance(ds, h5py.Group):  # loompy's constructor takes the open h5py file
             ds = _H5Globals(ds)
         object.__setattr__(self, "ds", ds)

@@ -25,10 +25,12 @@ from dask_loom.loom._common import (
     scalar_text,
     timestamp,
 )
+from dask_loom.loom._create import _spec, creating
 from dask_loom.loom._graphs import GraphManager
 from dask_loom.loom._layers import LayerManager
-from dask_loom.loom._store import put_attr, put_global, put_graph, touch
-from dask_loom.loom._tree import Tree, is_zarr_spec
+from dask_loom.loom._open import open_tree
+from dask_loom.loom._speccheck import SpecValidator
+from dask_loom.loom._store import init_layout, put_attr, put_global, put_graph, touch
 from dask_loom.loom._values import materialize
 from dask_loom.loom._view import ViewManager
 from dask_loom.storage import FileSpec
@@ -36,19 +38,7 @@ from dask_loom.storage import FileSpec
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
-__all__ = ["LoomConnection", "connect", "open_tree"]
-
-def open_tree(spec: FileSpec, *, mode: str = "r") -> Tree:
-    """The :class:`Tree` for a container: a Zarr group (``.loom.zarr``), else HDF5."""
-    if is_zarr_spec(spec):
-        # Imported here: zarr costs half a second that an HDF5 user never needs.
-        from dask_loom.loom._zarrtree import ZarrTree
-
-        return ZarrTree(spec, mode=mode)
-    from dask_loom.loom._tree import HDF5Tree
-
-    return HDF5Tree(spec)
-
+__all__ = ["LoomConnection", "connect", "new", "open_tree"]
 
 def _deprecated(old: str, new: str) -> None:
     warnings.warn(f"'{old}' is deprecated (as in loompy); use {new} instead", DeprecationWarning, stacklevel=3)
@@ -167,9 +157,7 @@ class LoomConnection(_Deprecated):
         with self._tree.session():
             self._check_loom()
             if validate:
-                from dask_loom.loom._validator import LoomValidator
-
-                lv = LoomValidator()
+                lv = SpecValidator()
                 if not lv.validate_tree(self._tree, self.filename):
                     raise LoomValidationError(
                         "\n".join(lv.errors)
@@ -386,9 +374,9 @@ class LoomConnection(_Deprecated):
         compound attributes become ``obsm``/``varm``, graphs ``obsp``/``varp``.
         See :mod:`dask_loom.analysis`.
         """
-        from dask_loom.analysis._loom import loom_to_anndata
+        from dask_loom._doors import converter
 
-        return loom_to_anndata(
+        return converter("loom", "anndata")(
             self,
             X_name=X_name,
             layers=[layers] if isinstance(layers, str) else layers,
@@ -407,9 +395,9 @@ class LoomConnection(_Deprecated):
         tasks); see :mod:`dask_loom._xarray` for the layout and
         ``xr.open_dataset(path, engine="loom")`` for the same without a connection.
         """
-        from dask_loom._xarray import loom_to_xarray
+        from dask_loom._doors import converter
 
-        return loom_to_xarray(self, row_dim=row_dim, col_dim=col_dim, layers=layers, chunks=chunks)
+        return converter("loom", "xarray")(self, row_dim=row_dim, col_dim=col_dim, layers=layers, chunks=chunks)
 
     # -- attribute internals --------------------------------------------------------
 
@@ -675,6 +663,21 @@ class LoomConnection(_Deprecated):
 
         permute(self, ordering, axis=axis)
 
+    def _permute_in_place(self, ordering: np.ndarray, axis: int, *, scheduler: Any = None, client: Any = None) -> None:
+        # What dask_loom.permute calls for a layer: a layer stands for its file, so every
+        # layer, attribute and graph moves together (the ``permute`` of a SourceInfo).
+        from dask_loom.loom._modify import permute
+
+        if scheduler is None and client is None:
+            permute(self, ordering, axis)
+            return
+        saved = self._scheduler, self._client  # the write runs where this call says, not where the connection would
+        self._scheduler, self._client = scheduler, client
+        try:
+            permute(self, ordering, axis)
+        finally:
+            self._scheduler, self._client = saved
+
     def __dask_loom_source__(self, layer: str | None = None) -> Any:
         """A layer (default the main matrix) as the operations (``dask_loom.map`` ...) read it."""
         self._check_open()
@@ -710,7 +713,9 @@ class LoomConnection(_Deprecated):
         """Append the columns of another Loom file (see :func:`dask_loom.loom._modify.add_loom`)."""
         from dask_loom.loom._modify import add_loom
 
-        add_loom(self, other_file, key, fill_values, batch_size, convert_attrs, include_graphs)
+        self._check_writable()
+        with connect(other_file, "r", validate=False) as other:
+            add_loom(self, other, key, fill_values, batch_size, convert_attrs, include_graphs)
 
     def sparse(self, rows: Any = None, cols: Any = None, layer: str | None = None, *, dtype: Any = None) -> sp.coo_matrix:
         """A layer (default: the main matrix) as ``scipy.sparse.coo_matrix``, built blockwise."""
@@ -825,3 +830,24 @@ def connect(
         scheduler=scheduler,
         client=client,
     )
+
+
+def new(
+    filename: str | os.PathLike[str],
+    *,
+    file_attrs: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> LoomConnection:
+    """Create an empty Loom file and return an ``r+`` connection to it (shape ``(0, 0)``).
+
+    Writes loompy's layout: ``/attrs`` (``LOOM_SPEC_VERSION = "3.0.0"``,
+    ``CreationDate``, then *file_attrs*) and the empty groups ``/layers``,
+    ``/row_attrs``, ``/col_attrs``, ``/row_graphs``, ``/col_graphs``.  An
+    existing file is replaced.  Fill it with :meth:`LoomConnection.add_columns`.
+    """
+    spec = _spec(filename, storage_options)
+    with creating(spec) as w:
+        init_layout(w, file_attrs)
+    ds = LoomConnection(spec.url if spec.is_local else os.fspath(filename), "r+", validate=False, storage_options=storage_options)
+    ds._created = True
+    return ds

@@ -15,13 +15,12 @@ import numpy as np
 
 from dask_loom._lazy import issparse
 from dask_loom.loom._common import check_name
-from dask_loom.loom._connection import LoomConnection
 from dask_loom.loom._layers import as_layer_dict
 from dask_loom.loom._store import init_layout, put_attr
 from dask_loom.loom._tree import is_zarr_spec
 from dask_loom.storage import FileSpec
 
-__all__ = ["create", "creating", "new"]
+__all__ = ["create", "creating"]
 
 
 def creating(spec: FileSpec) -> contextlib.AbstractContextManager[Any]:
@@ -39,27 +38,6 @@ def _spec(filename: str | os.PathLike[str], storage_options: dict[str, Any] | No
     if not isinstance(filename, str) or "://" not in filename:
         filename = os.path.expanduser(os.fspath(filename))
     return FileSpec.from_path(filename, storage_options)
-
-
-def new(
-    filename: str | os.PathLike[str],
-    *,
-    file_attrs: dict[str, Any] | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> LoomConnection:
-    """Create an empty Loom file and return an ``r+`` connection to it (shape ``(0, 0)``).
-
-    Writes loompy's layout: ``/attrs`` (``LOOM_SPEC_VERSION = "3.0.0"``,
-    ``CreationDate``, then *file_attrs*) and the empty groups ``/layers``,
-    ``/row_attrs``, ``/col_attrs``, ``/row_graphs``, ``/col_graphs``.  An
-    existing file is replaced.  Fill it with :meth:`LoomConnection.add_columns`.
-    """
-    spec = _spec(filename, storage_options)
-    with creating(spec) as w:
-        init_layout(w, file_attrs)
-    ds = LoomConnection(spec.url if spec.is_local else os.fspath(filename), "r+", validate=False, storage_options=storage_options)
-    ds._created = True
-    return ds
 
 
 def _as_attrs(attrs: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from dask_loom.loom._common import NamedMapping, check_name
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
-    from dask_loom.loom._connection import LoomConnection
+    from dask_loom.loom._protocol import LoomConnectionLike
 
 __all__ = ["GraphManager", "slice_graph"]
 
@@ -39,7 +39,7 @@ def slice_graph(g: sp.coo_matrix, index: Any, n: int) -> sp.coo_matrix:
 class GraphManager(NamedMapping):
     """Dict-like access to the graphs along one axis (file-backed or in memory)."""
 
-    def __init__(self, ds: LoomConnection | None, *, axis: int, values: dict[str, sp.coo_matrix] | None = None) -> None:
+    def __init__(self, ds: LoomConnectionLike | None, *, axis: int, values: dict[str, sp.coo_matrix] | None = None) -> None:
         object.__setattr__(self, "ds", ds)
         object.__setattr__(self, "axis", axis)
         object.__setattr__(self, "_cache", dict(values or {}))

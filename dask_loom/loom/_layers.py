@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,24 +17,9 @@ if TYPE_CHECKING:
 if TYPE_CHECKING:
     import dask.array as da
 
-    from dask_loom.loom._connection import LoomConnection
+    from dask_loom.loom._protocol import LoomConnectionLike
 
 __all__ = ["LayerManager", "LoomLayer", "MemoryLoomLayer", "as_layer_dict"]
-
-
-def _permute_file(ds: LoomConnection, ordering: np.ndarray, axis: int, *, scheduler: Any = None, client: Any = None) -> None:
-    # A layer stands for its file: every layer, attribute and graph moves together.
-    from dask_loom.loom._modify import permute
-
-    if scheduler is None and client is None:
-        permute(ds, ordering, axis)
-        return
-    saved = ds._scheduler, ds._client  # the write runs where this call says, not where the connection would
-    ds._scheduler, ds._client = scheduler, client
-    try:
-        permute(ds, ordering, axis)
-    finally:
-        ds._scheduler, ds._client = saved
 
 
 class LoomLayer:
@@ -48,7 +32,7 @@ class LoomLayer:
     on both axes at once.
     """
 
-    def __init__(self, name: str, ds: LoomConnection) -> None:
+    def __init__(self, name: str, ds: LoomConnectionLike) -> None:
         self.name = name
         self.ds = ds
 
@@ -149,7 +133,7 @@ class LoomLayer:
             format="loom",
             label=f"{ds.filename}: layer '{self.name}'",
             compute=ds._compute_kwargs(),
-            permute=functools.partial(_permute_file, ds) if writable else None,
+            permute=ds._permute_in_place if writable else None,
             read_only=why,
         )
 
@@ -217,7 +201,7 @@ class LayerManager(NamedMapping):
     into an in-memory manager of :class:`MemoryLoomLayer`.
     """
 
-    def __init__(self, ds: LoomConnection | None, values: dict[str, MemoryLoomLayer] | None = None) -> None:
+    def __init__(self, ds: LoomConnectionLike | None, values: dict[str, MemoryLoomLayer] | None = None) -> None:
         object.__setattr__(self, "ds", ds)
         object.__setattr__(self, "_layers", dict(values or {}))
         names = ds._layer_names() if ds is not None else list(values or {})

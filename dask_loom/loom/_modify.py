@@ -1,4 +1,4 @@
-"""Whole-file rewrites and growth: ``permute``, ``add_columns``, ``add_loom``, ``combine``, ``combine_faster``, ``export``.
+"""Whole-file rewrites and growth: ``permute``, ``add_columns``, ``add_loom``, ``export`` (``combine`` is in ``_combine``).
 
 Every operation here is one transaction (``Tree.writing(atomic=True)``):
 the result appears at the end all at once, or not at all.  Data move in
@@ -13,7 +13,6 @@ import contextlib
 import functools
 import itertools
 import os
-import shutil
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -33,12 +32,11 @@ from dask_loom.loom._write import (
 )
 from dask_loom.ops._graph import task_name
 from dask_loom.ops._map import nbytes_of, read_into_buffer
-from dask_loom.storage._urls import check_scheme
 
 if TYPE_CHECKING:
-    from dask_loom.loom._connection import LoomConnection
+    from dask_loom.loom._protocol import LoomConnectionLike
 
-__all__ = ["add_columns", "add_loom", "combine", "combine_faster", "export", "permute"]
+__all__ = ["add_columns", "add_loom", "export", "permute"]
 
 
 # --- permute ---------------------------------------------------------------------------------
@@ -105,7 +103,7 @@ def _put_attr_any(w: Any, axis: int, name: str, values: np.ndarray, *, n: int) -
     put_attr(w, axis, name, values, n=n, stamp=False)
 
 
-def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
+def permute(ds: LoomConnectionLike, ordering: Any, axis: int) -> None:
     """Permute every layer, attribute and graph along *axis*, out of core and crash-safe.
 
     The permuted file is written beside the old one (memory bounded by one
@@ -147,7 +145,7 @@ def _format_rows(rows: np.ndarray, prefixes: list[str]) -> str:
     return "".join(p + "".join(str(v) + "\t" for v in row) + "\n" for p, row in zip(prefixes, rows))
 
 
-def export(ds: LoomConnection, out_file: str | os.PathLike[str], layer: str | None = None, format: str = "tab") -> None:
+def export(ds: LoomConnectionLike, out_file: str | os.PathLike[str], layer: str | None = None, format: str = "tab") -> None:
     """Write a layer with its row and column attributes as tab-separated text, byte-identical to loompy.
 
     Streamed: row bands are read and formatted by tasks, two ahead of the
@@ -344,7 +342,7 @@ def _append(
     ds._open_managers()
 
 
-def add_columns(ds: LoomConnection, layers: Any, col_attrs: dict[str, Any], *, row_attrs: dict[str, Any] | None = None, fill_values: Any = None) -> None:
+def add_columns(ds: LoomConnectionLike, layers: Any, col_attrs: dict[str, Any], *, row_attrs: dict[str, Any] | None = None, fill_values: Any = None) -> None:
     """Append columns (all layers at once) and their attributes, all-or-nothing."""
     ds._check_writable()
     # numpy and sparse columns are in memory, as in loompy; dask columns stay lazy
@@ -380,15 +378,15 @@ def add_columns(ds: LoomConnection, layers: Any, col_attrs: dict[str, Any], *, r
 
 
 def add_loom(
-    ds: LoomConnection,
-    other_file: str | os.PathLike[str],
+    ds: LoomConnectionLike,
+    other: LoomConnectionLike,
     key: str | None = None,
     fill_values: Any = None,
     batch_size: int = 1000,
     convert_attrs: bool = False,
     include_graphs: bool = False,
 ) -> None:
-    """Append the columns of another Loom file (opened read-only, never modified), atomically.
+    """Append the columns of another Loom file, open read-only (*other*, never modified), atomically.
 
     Rows are matched on the row attribute *key* when given.  Every layer of
     this file must exist in the other; its extra layers are ignored.  With
@@ -401,218 +399,68 @@ def add_loom(
     """
     import scipy.sparse as sp
 
-    from dask_loom.loom._connection import connect
-
     ds._check_writable()
-    with connect(other_file, "r", validate=False) as other:
-        where = f"{ds.filename} + {other.filename}"
-        if ds.shape != (0, 0) and other.shape[0] != ds.shape[0]:
-            raise ValueError(f"{where}: the files have {ds.shape[0]} and {other.shape[0]} rows")
-        names = ds.layers.keys() if ds.shape != (0, 0) else other.layers.keys()
-        for n in names:
-            if n not in other.layers:
-                raise ValueError(f"{where}: layer '{n}' is missing from {other.filename}")
-        row_order = None
-        if key is not None:
-            mine, theirs = np.asarray(ds.ra[key]), np.asarray(other.ra[key])
-            if not np.array_equal(np.sort(mine), np.sort(theirs)):
-                raise ValueError(f"{where}: the values of row attribute '{key}' differ between the files")
-            row_order = np.argsort(theirs, kind="stable")[np.argsort(np.argsort(mine, kind="stable"), kind="stable")]
-        m2 = other.shape[1]
-        incoming = {k: other.ca[k] for k in other.ca.keys()}
-        globals_set: dict[str, Any] = {}
-        globals_del: list[str] = []
-        if convert_attrs:
-            for k in sorted(set(ds.attrs.keys()) | set(other.attrs.keys())):
-                if k in ("LOOM_SPEC_VERSION", "CreationDate", "last_modified"):
+    where = f"{ds.filename} + {other.filename}"
+    if ds.shape != (0, 0) and other.shape[0] != ds.shape[0]:
+        raise ValueError(f"{where}: the files have {ds.shape[0]} and {other.shape[0]} rows")
+    names = ds.layers.keys() if ds.shape != (0, 0) else other.layers.keys()
+    for n in names:
+        if n not in other.layers:
+            raise ValueError(f"{where}: layer '{n}' is missing from {other.filename}")
+    row_order = None
+    if key is not None:
+        mine, theirs = np.asarray(ds.ra[key]), np.asarray(other.ra[key])
+        if not np.array_equal(np.sort(mine), np.sort(theirs)):
+            raise ValueError(f"{where}: the values of row attribute '{key}' differ between the files")
+        row_order = np.argsort(theirs, kind="stable")[np.argsort(np.argsort(mine, kind="stable"), kind="stable")]
+    m2 = other.shape[1]
+    incoming = {k: other.ca[k] for k in other.ca.keys()}
+    globals_set: dict[str, Any] = {}
+    globals_del: list[str] = []
+    if convert_attrs:
+        for k in sorted(set(ds.attrs.keys()) | set(other.attrs.keys())):
+            if k in ("LOOM_SPEC_VERSION", "CreationDate", "last_modified"):
+                continue
+            a, b = ds.attrs.get(k), other.attrs.get(k)
+            if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) or a != b:
+                if k in ds.ca or k in incoming:
                     continue
-                a, b = ds.attrs.get(k), other.attrs.get(k)
-                if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) or a != b:
-                    if k in ds.ca or k in incoming:
-                        continue
-                    incoming[k] = np.array([b] * m2, dtype=object if isinstance(b, str) or b is None else None) if b is not None else np.array([""] * m2, dtype=object)
-                    mine_vals = np.array([a] * ds.shape[1], dtype=object if isinstance(a, str) or a is None else None) if a is not None else np.array([""] * ds.shape[1], dtype=object)
-                    ds.ca._cache[k] = mine_vals
-                    if k not in ds.ca._names:
-                        ds.ca._names.append(k)
-                    if k in ds.attrs:
-                        globals_del.append(k)
-        merged = _merge_col_attrs(ds, incoming, m2, fill_values)
-        if fill_values is None and ds.shape != (0, 0):
-            merged = {k: v for k, v in merged.items() if k in incoming}
-        graphs = None
-        if include_graphs:
-            graphs = {}
-            for g in ds.col_graphs.keys():
-                if g in other.col_graphs.keys():
-                    graphs[g] = sp.block_diag([ds.col_graphs[g], other.col_graphs[g]], format="coo")
+                incoming[k] = np.array([b] * m2, dtype=object if isinstance(b, str) or b is None else None) if b is not None else np.array([""] * m2, dtype=object)
+                mine_vals = np.array([a] * ds.shape[1], dtype=object if isinstance(a, str) or a is None else None) if a is not None else np.array([""] * ds.shape[1], dtype=object)
+                ds.ca._cache[k] = mine_vals
+                if k not in ds.ca._names:
+                    ds.ca._names.append(k)
+                if k in ds.attrs:
+                    globals_del.append(k)
+    merged = _merge_col_attrs(ds, incoming, m2, fill_values)
+    if fill_values is None and ds.shape != (0, 0):
+        merged = {k: v for k, v in merged.items() if k in incoming}
+    graphs = None
+    if include_graphs:
+        graphs = {}
+        for g in ds.col_graphs.keys():
+            if g in other.col_graphs.keys():
+                graphs[g] = sp.block_diag([ds.col_graphs[g], other.col_graphs[g]], format="coo")
 
-        def columns(layer: str) -> Any:
-            # The other file's layer, lazily, in full-height column bands of whole chunks (rows reordered per band).
-            x = from_source(other._layer_source(layer), band_axis=1)
-            if row_order is not None:
-                x = x.map_blocks(functools.partial(_take_rows, order=row_order), dtype=x.dtype)
-            return x
+    def columns(layer: str) -> Any:
+        # The other file's layer, lazily, in full-height column bands of whole chunks (rows reordered per band).
+        x = from_source(other._layer_source(layer), band_axis=1)
+        if row_order is not None:
+            x = x.map_blocks(functools.partial(_take_rows, order=row_order), dtype=x.dtype)
+        return x
 
-        ra = None
-        if ds.shape == (0, 0):
-            ra = {k: other.ra[k] for k in other.ra.keys()}
-        _append(
-            ds,
-            {n: columns(n) for n in names},
-            {n: other._layer_dtype(n) for n in names},
-            other.shape[0],
-            m2,
-            merged,
-            ra,
-            col_graphs=graphs,
-            globals_set=globals_set,
-            globals_del=globals_del,
-        )
-
-
-def combine(
-    files: list[str | os.PathLike[str]],
-    output_file: str | os.PathLike[str],
-    key: str | None = None,
-    file_attrs: dict[str, Any] | None = None,
-    batch_size: int = 1000,
-    convert_attrs: bool = False,
-) -> None:
-    """Concatenate Loom files along columns (loompy's ``combine``): a copy of the first file,
-    then every other file appended with :func:`add_loom`.  Column attributes not present in
-    every file are dropped; rows keep the first file's order (matched on *key*)."""
-    from dask_loom.loom._connection import connect
-
-    if not files:
-        raise ValueError("combine needs at least one input file")
-    output_file = os.fspath(output_file)
-    for f in (*files, output_file):
-        check_scheme(os.fspath(f))  # combine copies local files: no URL of any scheme gets this far
-    tmp = output_file + ".dask-loom-combine.tmp"
-    try:
-        shutil.copyfile(os.fspath(files[0]), tmp)
-        with connect(tmp, "r+", validate=False) as ds:
-            for f in files[1:]:
-                add_loom(ds, f, key=key, batch_size=batch_size, convert_attrs=convert_attrs)
-            for k, v in (file_attrs or {}).items():
-                ds.attrs[k] = v
-        from dask_loom.hdf5 import invalidate
-
-        invalidate(tmp)
-        os.replace(tmp, output_file)
-        from dask_loom.storage import FileSpec
-        from dask_loom.storage._locks import lock_path
-
-        with contextlib.suppress(OSError):
-            os.remove(lock_path(FileSpec.from_path(tmp)))
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-
-
-def combine_faster(
-    files: list[str | os.PathLike[str]],
-    output_file: str | os.PathLike[str],
-    file_attrs: dict[str, Any] | None = None,
-    selections: list[np.ndarray | None] | None = None,
-    key: str | None = None,
-    skip_attrs: list[str] | None = None,
-) -> None:
-    """Combine Loom files with the same rows into a new file in one pass (loompy's ``combine_faster``).
-
-    Layers missing from a file contribute zeros; column attributes missing from
-    a file are filled with zeros (``"0"`` for strings, as loompy); rows are
-    sorted by *key* when given; no graphs are copied.  Unlike loompy the
-    inputs need not fit in memory.
-    """
-    from dask_loom.loom._connection import connect
-    from dask_loom.loom._create import _spec, creating
-
-    skip = set(skip_attrs or [])
-    conns = [connect(f, "r", validate=False) for f in files]
-    try:
-        if not conns:
-            raise ValueError("combine_faster needs at least one input file")
-        n = conns[0].shape[0]
-        for c in conns:
-            if c.shape[0] != n:
-                raise ValueError(f"{c.filename} has {c.shape[0]} rows; all files must have {n}")
-        sels = []
-        for i, c in enumerate(conns):
-            s = None if selections is None else selections[i]
-            if s is None:
-                s = np.arange(c.shape[1])
-            else:
-                s = np.asarray(s)
-                s = np.flatnonzero(s) if s.dtype.kind == "b" else s.astype(np.int64)
-            sels.append(s)
-        total = sum(len(s) for s in sels)
-        layer_dtypes: dict[str, Any] = {}
-        for c in conns:
-            for ln in c.layers.keys():
-                dt = c._layer_dtype(ln)
-                if ln in layer_dtypes and np.dtype(layer_dtypes[ln]) != np.dtype(dt):
-                    raise ValueError(f"{c.filename}: layer '{ln}' has dtype {dt}, another file {layer_dtypes[ln]}")
-                layer_dtypes.setdefault(ln, dt)
-        orders = [np.argsort(c.ra[key]) if key is not None else None for c in conns]
-        ca_vals: dict[str, list[np.ndarray]] = {}
-        ca_first: dict[str, np.ndarray] = {}
-        for c in conns:
-            for k in c.ca.keys():
-                if k in skip:
-                    continue
-                v = c.ca[k]
-                if k in ca_first and v.dtype.kind != ca_first[k].dtype.kind:
-                    raise ValueError(f"{c.filename}: column attribute '{k}' has dtype {v.dtype}, another file {ca_first[k].dtype}")
-                ca_first.setdefault(k, v)
-        for c, s in zip(conns, sels):
-            for k, first in ca_first.items():
-                if k in c.ca:
-                    ca_vals.setdefault(k, []).append(np.asarray(c.ca[k])[s])
-                else:
-                    filler = np.full((len(s), *first.shape[1:]), "0" if first.dtype.kind in "OUS" else 0, dtype=object if first.dtype.kind in "OUS" else first.dtype)
-                    ca_vals.setdefault(k, []).append(filler)
-        ra: dict[str, np.ndarray] = {}
-        for c, o in zip(conns, orders):
-            for k in c.ra.keys():
-                if k not in skip and k not in ra:
-                    v = c.ra[k]
-                    ra[k] = v if o is None else v[o]
-        spec = _spec(output_file, None)
-        with creating(spec) as w:
-            init_layout(w, file_attrs)
-            chunks = default_chunks((n, total))
-            for ln, dt in layer_dtypes.items():
-                path = "matrix" if ln == "" else f"layers/{ln}"
-                create_layer_array(w, path, (n, total), dt, chunks, fill=True)
-                target = LayerTarget.on(w, path, f"{output_file}: layer '{ln}'")
-                x = _combined_columns(conns, sels, orders, ln, dt, n)
-                # Full-height column bands of whole chunks of the new layer.
-                x = x.rechunk(plan_blocks((n, total), target.chunk_shape, target.dtype.itemsize, band_axis=1))
-                store(x, target)
-            for k, v in ra.items():
-                _put_attr_any(w, 0, k, np.asarray(v), n=n)
-            for k, parts in ca_vals.items():
-                _put_attr_any(w, 1, k, np.concatenate(parts), n=total)
-    finally:
-        for c in conns:
-            c.close(True)
-
-
-def _combined_columns(conns: list[Any], sels: list[np.ndarray], orders: list[Any], layer: str, dtype: Any, n: int) -> Any:
-    """The selected columns of one layer of every file side by side, lazily (zeros where a file lacks the layer)."""
-    import dask.array as da
-
-    parts = []
-    for c, s, o in zip(conns, sels, orders):
-        if layer not in c.layers:
-            parts.append(da.zeros((n, len(s)), dtype=dtype, chunks=(n, max(1, min(len(s), 4096)))))
-            continue
-        x = from_source(c._layer_source(layer), band_axis=1)
-        if not (len(s) == x.shape[1] and np.array_equal(s, np.arange(x.shape[1]))):
-            x = x[:, s]
-        if o is not None:
-            x = x.map_blocks(functools.partial(_take_rows, order=np.asarray(o)), dtype=x.dtype)
-        parts.append(x.astype(dtype))
-    return da.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    ra = None
+    if ds.shape == (0, 0):
+        ra = {k: other.ra[k] for k in other.ra.keys()}
+    _append(
+        ds,
+        {n: columns(n) for n in names},
+        {n: other._layer_dtype(n) for n in names},
+        other.shape[0],
+        m2,
+        merged,
+        ra,
+        col_graphs=graphs,
+        globals_set=globals_set,
+        globals_del=globals_del,
+    )

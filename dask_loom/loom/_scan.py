@@ -15,7 +15,7 @@ from dask_loom.ops._prefetch import prefetched
 from dask_loom.ops._scan import band_reads, fill_band
 
 if TYPE_CHECKING:
-    from dask_loom.loom._connection import LoomConnection
+    from dask_loom.loom._protocol import LoomConnectionLike
 
 __all__ = ["band_job", "scan"]
 
@@ -50,7 +50,7 @@ def band_job(sources: list[Any], names: list[str], axis: int, start: int, stop: 
 
 
 def scan(
-    ds: LoomConnection,
+    ds: LoomConnectionLike,
     *,
     items: Any = None,
     axis: int | None = None,

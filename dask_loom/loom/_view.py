@@ -11,7 +11,7 @@ from dask_loom.loom._graphs import GraphManager
 from dask_loom.loom._layers import LayerManager, MemoryLoomLayer
 
 if TYPE_CHECKING:
-    from dask_loom.loom._connection import LoomConnection
+    from dask_loom.loom._protocol import LoomConnectionLike
 
 __all__ = ["LoomView", "ViewManager"]
 
@@ -71,7 +71,7 @@ class LoomView:
 class ViewManager:
     """``ds.view``: index with ``[rows, cols]`` to get a :class:`LoomView`."""
 
-    def __init__(self, ds: LoomConnection | LoomView) -> None:
+    def __init__(self, ds: LoomConnectionLike | LoomView) -> None:
         self.ds = ds
 
     def __getitem__(self, key: Any) -> LoomView:

@@ -26,7 +26,7 @@ from dask_loom.blocks._target import BlockTarget
 from dask_loom.loom._common import check_name
 
 if TYPE_CHECKING:
-    from dask_loom.loom._connection import LoomConnection
+    from dask_loom.loom._protocol import LoomConnectionLike
 
 __all__ = [
     "LayerTarget",
@@ -102,7 +102,7 @@ class LayerTarget(BlockTarget):
 
     def __init__(
         self,
-        ds: LoomConnection,
+        ds: LoomConnectionLike,
         name: str,
         *,
         dtype: Any = None,
@@ -201,7 +201,7 @@ def _rebuild_layer_target(inner: Any, where: str, prefix: str) -> LayerTarget:
     return self
 
 
-def _prepare(ds: LoomConnection, name: str, value: Any) -> tuple[Any, tuple[int, ...], np.dtype]:
+def _prepare(ds: LoomConnectionLike, name: str, value: Any) -> tuple[Any, tuple[int, ...], np.dtype]:
     from dask_loom.loom._layers import LoomLayer, MemoryLoomLayer
 
     where = f"{ds.filename}: layer '{name}'"
@@ -246,7 +246,7 @@ def fill_layer(ds: Any, w: Any, path: str, value: Any, *, where: str, prefix: st
     store(value, LayerTarget.on(w, path, where, prefix=prefix), **ds._compute_kwargs())
 
 
-def write_layer(ds: LoomConnection, name: str, value: Any, *, chunks: Any = None) -> None:
+def write_layer(ds: LoomConnectionLike, name: str, value: Any, *, chunks: Any = None) -> None:
     """Create or replace a whole layer (``ds.layers[name] = value``), as one transaction."""
     ds._check_writable()
     check_name("Layer", name, ds.filename, allow_empty=True)
@@ -259,7 +259,7 @@ def write_layer(ds: LoomConnection, name: str, value: Any, *, chunks: Any = None
     store(value, target, **ds._compute_kwargs())
 
 
-def write_layer_region(ds: LoomConnection, name: str, key: Any, value: Any) -> None:
+def write_layer_region(ds: LoomConnectionLike, name: str, key: Any, value: Any) -> None:
     """``ds.layers[name][rows, cols] = value`` with numpy (outer) semantics.
 
     Each band of whole stored chunks that the selection touches is read,

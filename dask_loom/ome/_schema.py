@@ -9,7 +9,7 @@ writing never needs the ``ome-arrow`` package.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ import pyarrow as pa
 from dask_loom.errors import UnsupportedDtypeError
 
 __all__ = [
+    "channel_record",
     "CHUNK_TABLE_SCHEMA",
     "DATASET_MANIFEST",
     "IMAGE_TABLE_SCHEMA",
@@ -302,3 +303,18 @@ def choose_chunk_shape(
 def grid_count(shape: Sequence[int], chunk: Sequence[int]) -> int:
     """Number of chunks of *chunk* shape covering *shape*."""
     return math.prod(-(-int(s) // int(c)) for s, c in zip(shape, chunk))
+
+
+def channel_record(ch: Mapping[str, Any], i: int) -> dict[str, Any]:
+    """Channel *i* as the OME-Arrow ``channels`` struct holds it, defaults filled in."""
+    color = ch.get("color_rgba")
+    if color is None:
+        color = 0xFFFFFFFF
+    return {
+        "id": str(ch.get("id") or f"ch-{i}"),
+        "name": str(ch.get("name") if ch.get("name") is not None else f"C{i}"),
+        "emission_um": float(ch.get("emission_um") or 0.0),
+        "excitation_um": float(ch.get("excitation_um") or 0.0),
+        "illumination": str(ch.get("illumination") or "Unknown"),
+        "color_rgba": int(color) & 0xFFFFFFFF,
+    }

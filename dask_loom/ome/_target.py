@@ -25,12 +25,30 @@ from typing import Any
 import numpy as np
 
 from dask_loom.blocks._target import BlockTarget
+from dask_loom.errors import UnsupportedDtypeError
 
 __all__ = ["OMEDatasetTarget"]
 
 # Writers hold a few blocks at once: keep each well below dask_loom.block-size
 # so a stream stays within a few hundred MiB.
 WRITE_BLOCK_BYTES = 32 << 20
+
+
+
+def _cast(chunk: np.ndarray, dtype: np.dtype | None, clamp: bool, start: tuple[int, ...], label: str) -> np.ndarray:
+    if dtype is None or chunk.dtype == dtype:
+        return chunk
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        lo, hi = (chunk.min(), chunk.max()) if chunk.size else (0, 0)
+        if lo < info.min or hi > info.max:
+            if not clamp:
+                raise UnsupportedDtypeError(
+                    f"{label}: the chunk at TCZYX {start} holds values {lo}..{hi} outside {dtype} "
+                    f"{info.min}..{info.max}; pass clamp=True to clip them"
+                )
+            chunk = np.clip(chunk, info.min, info.max)
+    return chunk.astype(dtype)
 
 
 class _Dataset:
@@ -263,8 +281,6 @@ class OMEDatasetTarget(BlockTarget):
 
     def encode_block(self, region: tuple[slice, ...], data: Any) -> list[tuple[tuple[int, ...], tuple[int, ...], str, bytes]]:
         """The block's chunks in C order, cast to the stored dtype: ``(start, shape, dtype name, bytes)``."""
-        from dask_loom.ome._write import _cast
-
         self.check_region(region)
         block = np.asarray(data)
         expect = tuple(r.stop - r.start for r in region)
@@ -308,8 +324,7 @@ class OMEDatasetTarget(BlockTarget):
             self._dataset = None
 
     def _commit_image(self) -> None:
-        from dask_loom.ome._schema import default_channels
-        from dask_loom.ome._write import _channel
+        from dask_loom.ome._schema import channel_record, default_channels
 
         ds = self._dataset
         assert ds is not None
@@ -333,7 +348,7 @@ class OMEDatasetTarget(BlockTarget):
                 "layout": self.layout,
                 **{f"chunk_{a}": int(v) for a, v in zip("tczyx", self.chunk_shape)},
                 "compression": ds.compression,
-                "channels_json": json.dumps([_channel(ch, i) for i, ch in enumerate(chans)]),
+                "channels_json": json.dumps([channel_record(ch, i) for i, ch in enumerate(chans)]),
                 "physical_json": json.dumps({k: v for k, v in phys.items() if v is not None}),
             }
         )

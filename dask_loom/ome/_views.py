@@ -877,9 +877,9 @@ class TensorView:
     def to_xarray(self, *, chunks: Any = None, name: str | None = None) -> Any:
         """The view as a lazy ``xarray.DataArray`` over :meth:`to_dask`: dims in layout order
         (``t z c y x``), channel names and physical positions (``physical_size * index``) as coordinates."""
-        from dask_loom._xarray import tensor_to_xarray
+        from dask_loom._doors import converter
 
-        return tensor_to_xarray(self, chunks=chunks, name=name)
+        return converter("tensor", "xarray")(self, chunks=chunks, name=name)
 
     def __dask_tokenize__(self) -> Any:
         return ("TensorView", self._image.token(), self._sel, self.layout, self._dtype.str, self._channel_policy)

@@ -47,6 +47,7 @@ from dask_loom.ome._schema import (
     choose_chunk_shape,
     default_channels,
 )
+from dask_loom.ome._schema import channel_record as _channel
 from dask_loom.ome._schema import pixel_dtype as _pixel_dtype
 from dask_loom.ome._target import WRITE_BLOCK_BYTES
 from dask_loom.storage._urls import check_scheme
@@ -243,22 +244,6 @@ def _check_uint16(chunk: np.ndarray, start: tuple[int, ...], label: str) -> np.n
     return chunk.astype(np.uint16)
 
 
-def _cast(chunk: np.ndarray, dtype: np.dtype | None, clamp: bool, start: tuple[int, ...], label: str) -> np.ndarray:
-    if dtype is None or chunk.dtype == dtype:
-        return chunk
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        lo, hi = (chunk.min(), chunk.max()) if chunk.size else (0, 0)
-        if lo < info.min or hi > info.max:
-            if not clamp:
-                raise UnsupportedDtypeError(
-                    f"{label}: the chunk at TCZYX {start} holds values {lo}..{hi} outside {dtype} "
-                    f"{info.min}..{info.max}; pass clamp=True to clip them"
-                )
-            chunk = np.clip(chunk, info.min, info.max)
-    return chunk.astype(dtype)
-
-
 # "auto" writes uint16 images up to this size as numeric lists (readable by every
 # ome-arrow version); larger ones as byte chunks, since Parquet stores a list
 # with one repetition level per pixel and reads and writes it ~10x slower.
@@ -405,20 +390,6 @@ def _record_arrays(
         "masks": pa.nulls(1),
     }
     return pa.StructArray.from_arrays([top[f.name] for f in struct_type], fields=list(struct_type))
-
-
-def _channel(ch: Mapping[str, Any], i: int) -> dict[str, Any]:
-    color = ch.get("color_rgba")
-    if color is None:
-        color = 0xFFFFFFFF
-    return {
-        "id": str(ch.get("id") or f"ch-{i}"),
-        "name": str(ch.get("name") if ch.get("name") is not None else f"C{i}"),
-        "emission_um": float(ch.get("emission_um") or 0.0),
-        "excitation_um": float(ch.get("excitation_um") or 0.0),
-        "illumination": str(ch.get("illumination") or "Unknown"),
-        "color_rgba": int(color) & 0xFFFFFFFF,
-    }
 
 
 def _overrides(**kw: Any) -> dict[str, Any]:
