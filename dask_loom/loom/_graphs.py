@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dask_loom.errors import LoomFormatError
 from dask_loom.loom._common import NamedMapping, check_name
 
 if TYPE_CHECKING:
@@ -13,7 +15,7 @@ if TYPE_CHECKING:
 
     from dask_loom.loom._protocol import LoomConnectionLike
 
-__all__ = ["GraphManager", "slice_graph"]
+__all__ = ["GraphManager", "graph_matrix", "slice_graph"]
 
 
 def slice_graph(g: sp.coo_matrix, index: Any, n: int) -> sp.coo_matrix:
@@ -137,3 +139,34 @@ class GraphManager(NamedMapping):
     def _permute(self, ordering: np.ndarray) -> None:
         for name in self.keys():
             self._cache[name] = slice_graph(self[name], ordering, self._size())
+
+
+def graph_matrix(filename: str, path: str, a: np.ndarray, b: np.ndarray, w: np.ndarray, n: int) -> sp.coo_matrix:
+    """The graph stored at *path* (its ``a``, ``b``, ``w`` vectors) as an ``n`` x ``n`` COO matrix, checked.
+
+    Float node indices holding integers are read as int64 with a warning (some
+    writers store them so); anything else outside the spec is a
+    :class:`~dask_loom.errors.LoomFormatError` naming the file.
+    """
+    import scipy.sparse as sp
+
+    if not (len(a) == len(b) == len(w)):
+        raise LoomFormatError(f"{filename}: graph '{path}' has a, b, w of different lengths ({len(a)}, {len(b)}, {len(w)})")
+    out = []
+    for k, v in (("a", a), ("b", b)):
+        if v.dtype.kind == "f":
+            if len(v) and (not np.all(np.isfinite(v)) or np.any(v != np.round(v))):
+                raise LoomFormatError(f"{filename}: graph index '{path}/{k}' is {v.dtype} with non-integer values")
+            warnings.warn(
+                f"{filename}: graph index '{path}/{k}' is stored as {v.dtype} (the spec requires integers); read as int64",
+                UserWarning,
+                stacklevel=5,
+            )
+            v = v.astype(np.int64)
+        elif v.dtype.kind not in "iu":
+            raise LoomFormatError(f"{filename}: graph index '{path}/{k}' has dtype {v.dtype}, not integer")
+        if len(v) and (v.min() < 0 or v.max() >= n):
+            hint = " (they look 1-based, as some R writers store them)" if v.min() >= 1 and v.max() == n else ""
+            raise LoomFormatError(f"{filename}: graph '{path}/{k}' holds node indices outside 0..{n - 1}{hint}")
+        out.append(v)
+    return sp.coo_matrix((w, (out[0], out[1])), shape=(n, n))

@@ -20,6 +20,8 @@ from dask_loom.ome._convert import (
     read_ome_tiff,
     read_ome_zarr,
 )
+from dask_loom.ome._dataset import choose_chunking, write_ome_arrow_dataset
+from dask_loom.ome._lazy import LazyTensorView
 from dask_loom.ome._open import open_ome_arrow
 from dask_loom.ome._schema import (
     OME_ARROW_BYTE_STRUCT,
@@ -27,8 +29,8 @@ from dask_loom.ome._schema import (
     choose_chunk_shape,
 )
 from dask_loom.ome._target import OMEDatasetTarget
-from dask_loom.ome._views import LazyTensorView, TensorView
-from dask_loom.ome._write import choose_chunking, to_ome_arrow, to_ome_parquet, write_ome_arrow_dataset
+from dask_loom.ome._views import TensorView
+from dask_loom.ome._write import to_ome_arrow, to_ome_parquet
 
 __all__ = [
     "LazyTensorView",

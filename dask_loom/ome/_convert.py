@@ -386,7 +386,8 @@ _DATASET_OPTS = (
 
 
 def _write(arr: Any, meta: dict[str, Any], dst: str, fmt: str, opts: dict[str, Any]) -> str:
-    from dask_loom.ome._write import WithMeta, to_ome_parquet, write_ome_arrow_dataset
+    from dask_loom.ome._dataset import write_ome_arrow_dataset
+    from dask_loom.ome._write import WithMeta, to_ome_parquet
 
     {k: meta[k] for k in ("physical_size_x", "physical_size_y", "physical_size_z") if k in meta}
     units = [meta.get(f"physical_size_{a}_unit") for a in "xyz" if meta.get(f"physical_size_{a}_unit")]

@@ -6,8 +6,9 @@ import functools
 import os
 from typing import Any
 
+from dask_loom.ome._lazy import LazyTensorView
 from dask_loom.ome._read import open_image
-from dask_loom.ome._views import LazyTensorView, TensorView
+from dask_loom.ome._views import TensorView
 from dask_loom.ome._write import to_ome_arrow
 
 __all__ = ["open_ome_arrow"]
