@@ -17,8 +17,7 @@ loader; sparse rows stay CSR until a batch is cut.
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from dask_loom._config import get_config
+from dask_loom._threads import read_ahead
 from dask_loom.anndata._plan import MISSING_CODE
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MappedIterableDataset", "iter_batches", "plan_epoch"]
 
-_SENTINEL = object()
 
 
 def plan_epoch(
@@ -294,45 +293,10 @@ def _batches(
 def _prefetched(
     mc: CollectionLike, groups: list[list[tuple[int, int, int]]], sparse: bool, prefetch: int
 ) -> Iterator[_Fetch]:
-    if prefetch <= 0:
-        for g in groups:
-            yield _read_fetch(mc, g, sparse)
-        return
-    q: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for g in groups:
-                item = _read_fetch(mc, g, sparse)
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_SENTINEL)
-        except BaseException as exc:  # handed to the consumer, raised there
-            q.put(exc)
-
-    t = threading.Thread(target=produce, name="dask-loom-prefetch", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is _SENTINEL:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                q.get_nowait()
-        t.join(timeout=5)
+    # One background thread reads the fetches in order, *prefetch* of them ahead: each
+    # fetch is already parallel over files and ranges (map_threads on the I/O pool).
+    thunks = (functools.partial(_read_fetch, mc, g, sparse) for g in groups)
+    return read_ahead(thunks, max(0, prefetch), workers=1, name="dask-loom-prefetch")
 
 
 def _register_with_torch() -> None:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from dask_loom._threads import map_threads
 from dask_loom.anndata._elems import (
     Column,
     MatrixMeta,
@@ -40,7 +41,6 @@ from dask_loom.anndata._elems import (
     read_index,
 )
 from dask_loom.anndata._plan import FILL_VALUES, MISSING_CODE, _as_list, _is_missing, _LayerPlan
-from dask_loom.anndata._read import map_threads
 from dask_loom.anndata._store import AnnStore, open_store
 from dask_loom.errors import CollectionError, CollectionIndexError, ElementNotFoundError
 

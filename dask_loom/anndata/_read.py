@@ -15,16 +15,14 @@ cached.
 from __future__ import annotations
 
 import asyncio
-import os
-import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from dask_loom._config import get_config
+from dask_loom._handles import HandleCache
+from dask_loom._threads import map_threads
 from dask_loom.anndata._elems import MatrixMeta
 from dask_loom.anndata._store import AnnStore
 from dask_loom.anndata._zchunks import ZarrChunkReader, chunk_reader, split_by_chunk
@@ -35,54 +33,8 @@ from dask_loom.hdf5._source import HDF5Source, _chunk_offsets, dataset_layout
 
 __all__ = ["coalesce", "map_threads", "read_csr_rows", "read_dense_rows", "read_matrix_rows", "read_vector"]
 
-_cache_lock = threading.Lock()
-_cache: dict[tuple[Any, ...], Any] = {}
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _reset_after_fork() -> None:
-    global _cache, _pool
-    _cache = {}
-    _pool = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    pid = os.getpid()
-    if _pool is None or _pool[0] != pid:
-        n = max(2, min(int(get_config("io-threads")), 16))
-        _pool = (pid, ThreadPoolExecutor(n, thread_name_prefix="dask-loom-anndata"))
-    return _pool[1]
-
-
-_in_pool = threading.local()
-
-
-def _pooled(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def run(x: Any) -> Any:
-        _in_pool.active = True
-        try:
-            return fn(x)
-        finally:
-            _in_pool.active = False
-
-    return run
-
-
-def map_threads(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-    """``[fn(x) for x in items]``, concurrently when there is more than one item.
-
-    Calls made from inside a pool thread run inline: a pool thread waiting
-    on work queued behind its own siblings would deadlock the pool (e.g. a
-    batch touching more files than the pool has threads).
-    """
-    if len(items) <= 1 or getattr(_in_pool, "active", False):
-        return [fn(x) for x in items]
-    return list(_executor().map(_pooled(fn), items))
+# indptr vectors, zarr arrays and CSC-as-CSR matrices, made once per process and file.
+_derived: HandleCache[Any] = HandleCache("anndata arrays")
 
 
 def coalesce(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,20 +59,12 @@ def forget(store: AnnStore) -> None:
     from dask_loom.anndata import _zchunks
 
     url = store.spec.url
-    with _cache_lock:
-        for key in [k for k in _cache if len(k) > 2 and k[2] == url]:
-            del _cache[key]
+    _derived.forget(lambda k: len(k) > 1 and k[1] == url)
     _zchunks.forget(url)
 
 
 def _cached(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
-    key = (os.getpid(), *key)
-    v = _cache.get(key)
-    if v is None:
-        v = make()
-        with _cache_lock:
-            _cache[key] = v
-    return v
+    return _derived.get(key, make)
 
 
 # -- 1-D vectors ------------------------------------------------------------------

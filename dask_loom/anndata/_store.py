@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from dask_loom._handles import HandleCache
 from dask_loom.errors import AnnDataFormatError
 from dask_loom.hdf5._files import open_h5_read, reading_values
 from dask_loom.storage import FileSpec
@@ -28,21 +28,8 @@ __all__ = ["AnnStore", "attr", "child", "is_group", "keys_of", "open_store", "to
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
 
-_lock = threading.Lock()
-_roots: dict[tuple[int, str], Any] = {}
-
-
-def _reset_after_fork() -> None:
-    # The parent's zarr groups (and their stores) stay referenced but unused:
-    # closing them here could block on locks the parent held while forking.
-    global _roots
-    _inherited.append(_roots)
-    _roots = {}
-
-
-_inherited: list[Any] = []
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
+# Root groups of zarr stores, opened once per process (a forked child opens its own).
+_roots: HandleCache[Any] = HandleCache("anndata zarr roots")
 
 
 @dataclass(frozen=True)
@@ -60,15 +47,7 @@ class AnnStore:
         """The root group of a zarr store, opened once per process (h5ad: use :meth:`locked`)."""
         if self.kind == "h5ad":
             raise TypeError(f"{self.name}: h5ad handles are held per use; use AnnStore.locked()")
-        key = (os.getpid(), self.spec.url)
-        g = _roots.get(key)
-        if g is None:
-            with _lock:
-                g = _roots.get(key)
-                if g is None:
-                    g = _open_zarr_root(self)
-                    _roots[key] = g
-        return g
+        return _roots.get(self.spec.url, lambda: _open_zarr_root(self))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[Any]:

@@ -12,12 +12,12 @@ import contextlib
 import os
 import threading
 import xml.etree.ElementTree as ET
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from dask_loom._handles import HandleCache
 from dask_loom.errors import MissingDependencyError, OMEArrowError, SelectionError
 from dask_loom.ome._schema import pixel_dtype
 from dask_loom.storage._urls import check_scheme
@@ -45,26 +45,14 @@ def _tifffile() -> Any:
 
 # --------------------------------------------------------------------------- TIFF
 
-_tiff_lock = threading.Lock()
-_tiff_cache: OrderedDict[Any, tuple[Any, threading.Lock]] = OrderedDict()
+# Open TIFF files with a lock each (tifffile handles are not thread-safe), per file version.
+_tiffs: HandleCache[tuple[Any, threading.Lock]] = HandleCache("tiff files", maxsize=8, close=lambda got: got[0].close())
 
 
 def _tiff_handle(path: str) -> tuple[Any, threading.Lock]:
     st = os.stat(path)
     key = (path, st.st_mtime_ns, st.st_size)
-    with _tiff_lock:
-        got = _tiff_cache.get(key)
-        if got is not None:
-            _tiff_cache.move_to_end(key)
-            return got
-    tf = _tifffile().TiffFile(path)
-    got = (tf, threading.Lock())
-    with _tiff_lock:
-        _tiff_cache[key] = got
-        while len(_tiff_cache) > 8:
-            old, _ = _tiff_cache.popitem(last=False)[1]
-            old.close()
-    return got
+    return _tiffs.get(key, lambda: (_tifffile().TiffFile(path), threading.Lock()))
 
 
 @dataclass(frozen=True)

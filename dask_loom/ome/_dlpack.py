@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from dask_loom._threads import read_ahead
 from dask_loom.errors import MissingDependencyError, SelectionError
 from dask_loom.ome._selection import _check_policy
 
@@ -71,24 +70,7 @@ def _export(obj: Any, device: str) -> Any:
 
 
 def _prefetched(thunks: Sequence[Callable[[], Any]], depth: int) -> Iterator[Any]:
-    """Results of *thunks* in order, with *depth* of them computed ahead on threads."""
+    """Results of *thunks* in order, with *depth* of them computed ahead on (at most 4) threads."""
     if depth < 0:
         raise SelectionError(f"prefetch must be >= 0, got {depth}")
-    if depth == 0:
-        for th in thunks:
-            yield th()
-        return
-    pool = ThreadPoolExecutor(max_workers=min(depth, 4), thread_name_prefix="ome-prefetch")
-    pending: deque[Any] = deque()
-    nxt = 0
-    try:
-        for k in range(len(thunks)):
-            while nxt < len(thunks) and nxt <= k + depth:
-                pending.append(pool.submit(thunks[nxt]))
-                nxt += 1
-            result = pending.popleft().result()
-            yield result
-    finally:
-        for f in pending:
-            f.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+    return read_ahead(thunks, depth, workers=4, name="ome-prefetch")

@@ -11,11 +11,11 @@ graphs and reopen their files lazily in each worker process.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,6 +26,8 @@ import pyarrow.parquet as pq
 from dask.base import tokenize
 
 from dask_loom._config import get_config
+from dask_loom._handles import HandleCache
+from dask_loom._threads import read_ahead
 from dask_loom.errors import OMEArrowError, SelectionError
 from dask_loom.ome._record import (
     AXES,
@@ -185,8 +187,8 @@ class LoaderImage(_Image):
 # ---- files ------------------------------------------------------------------------
 
 
-_md_lock = threading.Lock()
-_md_cache: OrderedDict[Any, pq.FileMetaData] = OrderedDict()
+# Parsed Parquet footers, keyed by file identity (a rewritten file is parsed afresh).
+_footers: HandleCache[pq.FileMetaData] = HandleCache("parquet footers", maxsize=64)
 
 
 def _stat_key(spec: FileSpec) -> Any:
@@ -211,10 +213,7 @@ def _open_input(spec: FileSpec) -> Any:
 def parquet_file(spec: FileSpec, *, label: str | None = None) -> pq.ParquetFile:
     """A fresh ``ParquetFile`` whose footer is parsed once per process and file version."""
     key = _stat_key(spec)
-    with _md_lock:
-        md = _md_cache.get(key)
-        if md is not None:
-            _md_cache.move_to_end(key)
+    md = _footers.peek(key)
     try:
         pf = pq.ParquetFile(_open_input(spec), metadata=md)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -222,10 +221,7 @@ def parquet_file(spec: FileSpec, *, label: str | None = None) -> pq.ParquetFile:
             raise
         raise OMEArrowError(f"{label or spec.name}: not a readable Parquet file: {exc}") from None
     if md is None:
-        with _md_lock:
-            _md_cache[key] = pf.metadata
-            while len(_md_cache) > 64:
-                _md_cache.popitem(last=False)
+        _footers.put(key, pf.metadata)
     return pf
 
 
@@ -262,9 +258,8 @@ def _payload_leaf(path: str) -> bool:
     return path.endswith(".pixel_bytes") or ".pixels.list." in path or path.endswith(".pixels")
 
 
-_rec_lock = threading.Lock()
-_rec_cache: OrderedDict[Any, Payload] = OrderedDict()
-_rec_loading: dict[Any, threading.Lock] = {}
+# Pixel payloads of records (read once per process and file version; dask_loom.ome-record-cache of them).
+_payloads: HandleCache[Payload] = HandleCache("ome payloads", maxsize=lambda: int(get_config("ome-record-cache")))
 
 
 class ParquetImage(_Image):
@@ -313,32 +308,19 @@ class ParquetImage(_Image):
         return self._index
 
     def payload(self) -> Payload:
-        key = self._key
-        with _rec_lock:
-            p = _rec_cache.get(key)
-            if p is not None:
-                _rec_cache.move_to_end(key)
-                return p
-            lock = _rec_loading.setdefault(key, threading.Lock())
-        with lock:
-            with _rec_lock:
-                p = _rec_cache.get(key)
-            if p is not None:
-                return p
-            pf = parquet_file(self.spec, label=self.label)
-            table = pf.read_row_group(self.row_group, columns=self.pixel_cols)
-            record = table.column(self.column).combine_chunks().slice(self.local_row, 1)
-            units = units_of(record, self.what)
-            if units is None:
-                raise OMEArrowError(f"{self.label}: field {self.what!r} lost its entries between reads (file changed?)")
-            p = Payload(units, self.what, self.label, self.what)
-            p.check_lengths(self._index.size, self.meta)
-            with _rec_lock:
-                _rec_cache[key] = p
-                _rec_loading.pop(key, None)
-                while len(_rec_cache) > max(1, int(get_config("ome-record-cache"))):
-                    _rec_cache.popitem(last=False)
-            return p
+        return _payloads.get(self._key, self._read_payload)
+
+    def _read_payload(self) -> Payload:
+        # Called once per record and file version: HandleCache.get serialises callers.
+        pf = parquet_file(self.spec, label=self.label)
+        table = pf.read_row_group(self.row_group, columns=self.pixel_cols)
+        record = table.column(self.column).combine_chunks().slice(self.local_row, 1)
+        units = units_of(record, self.what)
+        if units is None:
+            raise OMEArrowError(f"{self.label}: field {self.what!r} lost its entries between reads (file changed?)")
+        p = Payload(units, self.what, self.label, self.what)
+        p.check_lengths(self._index.size, self.meta)
+        return p
 
     def stored_dtype(self) -> np.dtype:
         if self.meta.type_name is None and self.binary:
@@ -530,26 +512,15 @@ class DatasetImage(_Image):
         self.__dict__.update(_reopen(DatasetImage, state["spec"], state["image_id"], 0).__dict__)
 
 
-_open_lock = threading.Lock()
-_open_cache: OrderedDict[Any, _Image] = OrderedDict()
+# Opened images (metadata and unit index read), per file version.
+_images: HandleCache[_Image] = HandleCache("ome images", maxsize=32)
 
 
 def _reopen(cls: type, spec: FileSpec, key: Any, row: int) -> _Image:
     """The image *cls(spec, key, row)*, built once per process and file version."""
     names = ("images.parquet", "chunks.parquet") if cls is DatasetImage else ()
     stamp = tuple(_stat_key(_join(spec, n)) for n in names) if names else _stat_key(spec)
-    ck = (cls.__name__, spec.url, key, row, stamp)
-    with _open_lock:
-        img = _open_cache.get(ck)
-        if img is not None:
-            _open_cache.move_to_end(ck)
-            return img
-    img = cls(spec, key, row)
-    with _open_lock:
-        _open_cache[ck] = img
-        while len(_open_cache) > 32:
-            _open_cache.popitem(last=False)
-    return img
+    return _images.get((cls.__name__, spec.url, key, row, stamp), lambda: cls(spec, key, row))
 
 
 # --------------------------------------------------------------------------- reading
@@ -561,28 +532,11 @@ def ordered_parallel(fn: Any, items: Sequence[Any], *, workers: int | None = Non
     Decompression and Parquet decoding release the GIL, so a large read
     decodes chunks on several cores; the window bounds what waits in memory.
     """
-    import concurrent.futures as cf
-    from collections import deque
-
-    n = len(items)
     workers = workers or min(4, os.cpu_count() or 1)
-    if n <= 1 or workers <= 1:
-        for it in items:
-            yield fn(it)
-        return
+    if len(items) <= 1 or workers <= 1:
+        return (fn(it) for it in items)
     window = window or 2 * workers
-    pending: deque[Any] = deque()
-    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ome-read") as pool:
-        nxt = 0
-        try:
-            while nxt < n or pending:
-                while nxt < n and len(pending) < window:
-                    pending.append(pool.submit(fn, items[nxt]))
-                    nxt += 1
-                yield pending.popleft().result()
-        finally:
-            for f in pending:
-                f.cancel()
+    return read_ahead((functools.partial(fn, it) for it in items), window - 1, workers=workers, name="ome-read")
 
 
 def _take(sel: np.ndarray, lo: int, hi: int) -> tuple[Any, Any]:

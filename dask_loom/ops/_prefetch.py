@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import dask
 
+from dask_loom._threads import read_ahead
 from dask_loom.cluster import compute, resolve_scheduler
 
 __all__ = ["prefetched"]
@@ -58,22 +59,7 @@ def prefetched(
         sched = target if isinstance(target, str) and target not in ("threads", "threading") else "sync"
         return compute(build(job), scheduler=sched if depth else local_scheduler)[0]
 
-    if depth == 0:
-        for job in it:
-            yield run(job)
-        return
-    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="dask-loom-prefetch") as pool:
-        futs: collections.deque[Future[Any]] = collections.deque()
-        try:
-            for job in it:
-                futs.append(pool.submit(run, job))
-                if len(futs) > depth:
-                    yield futs.popleft().result()
-            while futs:
-                yield futs.popleft().result()
-        finally:
-            for f in futs:
-                f.cancel()
+    yield from read_ahead((functools.partial(run, job) for job in it), depth, name="dask-loom-prefetch")
 
 
 def as_callable(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:

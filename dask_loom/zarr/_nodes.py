@@ -22,7 +22,6 @@ import concurrent.futures
 import json
 import math
 import os
-import threading
 import warnings
 from typing import Any
 
@@ -50,21 +49,13 @@ class NodeNotFoundError(FormatError, FileNotFoundError):
 
 
 # -- executor for get_chunk_future / set_chunk_future -------------------------------------
-_pool_lock = threading.Lock()
-_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
 
 
 def executor() -> concurrent.futures.ThreadPoolExecutor:
-    """The thread pool behind the ``*_future`` methods (``dask_loom.io-threads`` threads)."""
-    global _pool
-    n = max(1, int(get_config("io-threads")))
-    with _pool_lock:
-        if _pool is None or _pool[0] != n:
-            old = _pool
-            _pool = (n, concurrent.futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix="dask-loom-io"))
-            if old is not None:
-                old[1].shutdown(wait=False)
-        return _pool[1]
+    """The thread pool behind the ``*_future`` methods: the package's I/O pool (``dask_loom.io-threads``)."""
+    from dask_loom._threads import io_pool
+
+    return io_pool()
 
 
 # -- metadata discovery ---------------------------------------------------------------------

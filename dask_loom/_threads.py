@@ -1,0 +1,105 @@
+"""The package's thread helpers: one I/O pool per process, and one ordered read-ahead.
+
+* :func:`io_pool` -- the threads for blocking reads and for decoding that
+  releases the GIL (ranged reads of h5ad and zarr files, ``get_chunk_future``):
+  ``dask_loom.io-threads`` of them, one pool per process, remade in a forked
+  child (a torch DataLoader worker) and when the setting changes.
+* :func:`map_threads` -- ``[fn(x) for x in items]`` on that pool.
+* :func:`read_ahead` -- results of a sequence of thunks in order, with a bounded
+  number computed ahead (scan batches, loader fetches, tensor-view tiles,
+  OME unit reads), on threads of its own.
+
+The scheduler's own pool (the threaded scheduler behind ``compute``) is
+:func:`dask_loom.cluster.thread_pool`; it runs tasks, these run I/O.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from dask_loom._config import get_config
+
+__all__ = ["io_pool", "map_threads", "read_ahead"]
+
+T = TypeVar("T")
+
+_IO_PREFIX = "dask-loom-io"
+_lock = threading.Lock()
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, size, pool)
+
+
+def io_pool() -> ThreadPoolExecutor:
+    """This process's I/O pool (``dask_loom.io-threads`` threads)."""
+    global _pool
+    n = max(1, int(get_config("io-threads")))
+    pid = os.getpid()
+    with _lock:
+        if _pool is None or _pool[0] != pid or _pool[1] != n:
+            old = _pool
+            _pool = (pid, n, ThreadPoolExecutor(max_workers=n, thread_name_prefix=_IO_PREFIX))
+            if old is not None and old[0] == pid:
+                # Resized: running work finishes on the old threads, new work goes to the new pool.
+                old[2].shutdown(wait=False)
+        return _pool[2]
+
+
+def _in_io_pool() -> bool:
+    return threading.current_thread().name.startswith(_IO_PREFIX)
+
+
+def map_threads(fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
+    """``[fn(x) for x in items]``, on the I/O pool when there is more than one item.
+
+    Calls made from a thread of the pool run inline: a pool thread waiting on
+    work queued behind its own siblings would deadlock the pool (e.g. a batch
+    touching more files than the pool has threads).
+    """
+    if len(items) <= 1 or _in_io_pool():
+        return [fn(x) for x in items]
+    return list(io_pool().map(fn, items))
+
+
+def read_ahead(
+    thunks: Iterable[Callable[[], T]],
+    depth: int,
+    *,
+    workers: int | None = None,
+    name: str = "dask-loom-prefetch",
+) -> Iterator[T]:
+    """Call *thunks* in order, keeping *depth* calls ahead of the one yielded.
+
+    While the caller works on result *k*, results *k+1 ... k+depth* are being
+    computed on up to *workers* threads (default *depth*) of a pool of this
+    iteration's own: the thunks may themselves use :func:`map_threads` or run
+    a dask graph, which must not wait on the pool they run in.  *thunks* is
+    consumed lazily.  Memory holds at most ``depth + 1`` results.  Closing the
+    generator early cancels what has not started and waits for what has (so
+    no read is still running when the caller goes on, e.g., to write the file).
+    ``depth=0`` calls each thunk when its result is asked for.
+    """
+    depth = int(depth)
+    if depth < 0:
+        raise ValueError(f"read-ahead depth must be >= 0, got {depth}")
+    it = iter(thunks)
+    if depth == 0:
+        for th in it:
+            yield th()
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, min(depth, workers or depth)), thread_name_prefix=name)
+    pending: collections.deque[Future[T]] = collections.deque()
+    try:
+        for th in it:
+            pending.append(pool.submit(th))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
