@@ -432,15 +432,15 @@ class MappedCollection:
 
     def close(self) -> None:
         """Release the handles this process holds on the files."""
-        from dask_loom.anndata import _store as store_mod
         from dask_loom.anndata._read import forget
+        from dask_loom.anndata._store import forget_root
         from dask_loom.hdf5._files import invalidate
 
         for s in self.storages:
             if s.kind == "h5ad":
                 invalidate(s.spec)
             else:
-                store_mod._roots.pop((os.getpid(), s.spec.url), None)
+                forget_root(s)
             forget(s)
         self._closed = True
 

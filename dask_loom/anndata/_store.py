@@ -23,7 +23,7 @@ from dask_loom.errors import AnnDataFormatError
 from dask_loom.hdf5._files import open_h5_read, reading_values
 from dask_loom.storage import FileSpec
 
-__all__ = ["AnnStore", "attr", "child", "is_group", "keys_of", "open_store", "to_str_array"]
+__all__ = ["AnnStore", "attr", "child", "forget_root", "is_group", "keys_of", "open_store", "to_str_array"]
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -60,6 +60,11 @@ class AnnStore:
 
     def __dask_tokenize__(self) -> Any:
         return ("AnnStore", self.kind, self.spec.__dask_tokenize__())
+
+
+def forget_root(store: AnnStore) -> None:
+    """Drop this process's root group of a zarr *store* (the next :meth:`AnnStore.root` reopens it)."""
+    _roots.discard(store.spec.url)
 
 
 def _remote_head(spec: FileSpec) -> tuple[bool, bytes]:
