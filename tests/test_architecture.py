@@ -251,3 +251,63 @@ def test_every_door_method_finds_its_converter():
         assert fn.__module__.startswith(_doors.DOORS[target]), (mod, source, target, fn.__module__)
     with pytest.raises(LookupError, match="no conversion of 'nothing'"):
         _doors.converter("nothing", "xarray")
+
+
+def _module_aliases(mod: str, tree: ast.AST, mods: dict[str, Path]) -> set[str]:
+    """Names that a module binds to other modules of the package (``from dask_loom import cli``)."""
+    names = set()
+    is_package = mods[mod].name == "__init__.py"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in mods and a.asname:
+                    names.add(a.asname)
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(mod, is_package, node)
+            for a in node.names:
+                if f"{base}.{a.name}" in mods:
+                    names.add(a.asname or a.name)
+    return names
+
+
+def _patches(tree: ast.AST, aliases: set[str]) -> list[int]:
+    """Lines that write into another module: ``mod.x = ...``, ``mod.x[k] = ...``, ``setattr(mod, ...)``."""
+
+    def into_module(t: ast.AST) -> bool:
+        while isinstance(t, (ast.Subscript, ast.Attribute)):
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in aliases:
+                return True
+            t = t.value
+        return False
+
+    lines = []
+    for node in ast.walk(tree):
+        targets: list[ast.AST] = []
+        if isinstance(node, ast.Assign):
+            targets = list(node.targets)
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", None) in ("setattr", "delattr")
+            and node.args
+            and isinstance(node.args[0], ast.Name)
+            and node.args[0].id in aliases
+        ):
+            lines.append(node.lineno)
+        lines += [node.lineno for t in targets if into_module(t)]
+    return lines
+
+
+def test_no_module_patches_another():
+    # Commands, converters and hooks are registered where they are defined or in one
+    # table (cli/_main.py COMMANDS, _doors): never by assigning into another module.
+    mods = _modules()
+    src = "from dask_loom import cli\nimport dask_loom.loom as L\ndef f():\n    cli.COMMANDS['x'] = 1\n    L.y = 2\n"
+    tree = ast.parse(src)
+    assert _patches(tree, {"cli", "L"}) == [4, 5]
+    bad = []
+    for mod, path in mods.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        bad += [f"{mod} line {n}" for n in _patches(tree, _module_aliases(mod, tree, mods))]
+    assert not bad, "modules writing into other modules:\n  " + "\n  ".join(bad)
