@@ -27,11 +27,11 @@ import scipy.sparse as sp
 from dask_loom._config import get_config
 from dask_loom.anndata._elems import MatrixMeta
 from dask_loom.anndata._store import AnnStore
-from dask_loom.zarr._chunks import ZarrChunkReader, chunk_reader, split_by_chunk
 from dask_loom.errors import AnnDataFormatError, CorruptChunkError
 from dask_loom.hdf5._decode import decode_chunk
 from dask_loom.hdf5._files import read_ranges, read_ranges_into
 from dask_loom.hdf5._source import HDF5Source, _chunk_offsets, dataset_layout
+from dask_loom.zarr._chunks import ZarrChunkReader, chunk_reader, split_by_chunk
 
 __all__ = ["coalesce", "map_threads", "read_csr_rows", "read_dense_rows", "read_matrix_rows", "read_vector"]
 

@@ -103,7 +103,7 @@ def convert(
                 path = "matrix" if name == "" else f"layers/{name}"
                 layer_chunks = tuple(int(c) for c in (chunks or default_chunks))
                 layer_chunks = tuple(max(1, min(c, n)) for c, n in zip(layer_chunks, shape))
-                create_layer_array(w, path, shape, dt, layer_chunks)
+                create_layer_array(w, path, shape, dt, layer_chunks)  # sharded in a .loom.zarr
                 target = LayerTarget.on(w, path, f"{dst_spec.name}: layer '{name}'", prefix="loom-convert")
                 # Blocks whole in both the source's and the target's chunks: each read once, each written once.
                 unit = tuple(int(np.lcm(a, b)) for a, b in zip(src_layer.chunk_shape, target.chunk_shape))

@@ -103,6 +103,10 @@ def _classify(exc: BaseException) -> str:
     return "fatal"
 
 
+# Schemes whose fsspec filesystem sends a negative start as a suffix range ("bytes=-n").
+_SUFFIX_RANGES = frozenset({"s3", "s3a"})
+
+
 class ObjectStore(_Base3):
     """A store on an object store or any fsspec URL, as one prefix (``s3://bucket/x.zarr``).
 
@@ -255,6 +259,8 @@ class ObjectStore(_Base3):
                 if not req[1]:
                     fs.info(path)
                     return b""
+                if self.scheme in _SUFFIX_RANGES:
+                    return fs.cat_file(path, start=-int(req[1]))
                 size = fs.size(path)
                 return fs.cat_file(path, start=max(0, size - int(req[1])), end=size)
             start, length = int(req[0]), req[1]
@@ -346,6 +352,10 @@ class ObjectStore(_Base3):
             if req is None:
                 return await fs._cat_file(path)
             if req[0] == "suffix":
+                n = int(req[1])
+                if n and self.scheme in _SUFFIX_RANGES:
+                    # One GET with "Range: bytes=-n" (a shard index): no HEAD, not the whole object.
+                    return await fs._cat_file(path, start=-n)
                 data = await fs._cat_file(path)
                 return _slice(data, req)
             start, length = int(req[0]), req[1]
