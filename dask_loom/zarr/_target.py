@@ -46,7 +46,7 @@ def default_shards(
     --------
     >>> default_shards((20_000, 50_000), (64, 64), 4, target_bytes="64MiB")
     (4032, 3904)
-    >>> default_shards((100, 50), (64, 64), 4) is None
+    >>> default_shards((60, 50), (64, 64), 4) is None
     True
     """
     from dask_loom.blocks._plan import units_per_block
