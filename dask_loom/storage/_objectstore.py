@@ -366,6 +366,30 @@ class ObjectStore(_Base3):
 
         return await self._aretry("get", key, go)
 
+    async def _aget_tail(self, key: str, n: int) -> tuple[bytes, int | None]:
+        """The last *n* bytes of object *key* (all of it when smaller) and the object's size, in one request.
+
+        On S3 the size comes from the answer's ``Content-Range`` (no HEAD);
+        elsewhere it is ``None`` (unknown).  Raises :class:`MissingKeyError`
+        when the object does not exist.
+        """
+        fs = await self._afs()
+        if fs is False or self.scheme not in _SUFFIX_RANGES or not hasattr(fs, "_call_s3"):
+            return await self._aget(key, ("suffix", n)), None
+        path = self._path(key)
+        bucket, obj, _ = fs.split_path(path)
+
+        async def go() -> tuple[bytes, int | None]:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=obj, Range=f"bytes=-{int(n)}")
+            try:
+                body = await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+            total = str(resp.get("ContentRange") or "").rpartition("/")[2]
+            return body, int(total) if total.isdigit() else None
+
+        return await self._aretry("get", key, go)
+
     async def _aset(self, key: str, data: bytes) -> None:
         fs = await self._afs()
         if fs is False:

@@ -481,42 +481,126 @@ class _StoreObjects(_Objects):
     def whole(self, keys: list[str]) -> list[Any]:
         return self._get_many([(k, None, None) for k in keys])
 
-    def _read_indexes(self, lay: ChunkLayout, keys: list[str]) -> dict[str, Any]:
+    def _read_indexes(self, lay: ChunkLayout, keys: list[str]) -> tuple[dict[str, Any], dict[str, tuple[int, bytes]]]:
+        """Shard indexes of *keys* (``None`` for absent shards), and the tail bytes read with them.
+
+        On an object store that tells an object's size with a suffix read
+        (S3), the index of a shard whose index is at its end is read with the
+        last ``coalesce-bytes`` of the shard in one request: the chunks those
+        bytes hold need no request of their own.  The tails come back as
+        ``{key: (offset of the first byte, bytes)}``.
+        """
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 
         n = lay.index_nbytes
+        tails: dict[str, tuple[int, bytes]] = {}
+        if lay.index_at_end and self.remote and hasattr(self.store, "_aget_tail"):
+            got = self._get_tails(keys, max(n, self.max_bytes))
+            out: dict[str, Any] = {}
+            for k, res in zip(keys, got):
+                if res is None:
+                    out[k] = None
+                    continue
+                blob, size = res
+                out[k] = ("remote", self._index(lay, k, blob[-n:] if len(blob) >= n else blob, size))
+                if size is not None:
+                    tails[k] = (size - len(blob), blob)
+            return out, tails
         rng = SuffixByteRequest(n) if lay.index_at_end else RangeByteRequest(0, n)
         # No expected length: a short index is a truncated shard, refused by _index.
         raws = self._get_many([(k, rng, None) for k in keys])
-        return {k: None if raw is None else ("remote", self._index(lay, k, raw)) for k, raw in zip(keys, raws)}
+        return {k: None if raw is None else ("remote", self._index(lay, k, raw)) for k, raw in zip(keys, raws)}, tails
+
+    def _get_tails(self, keys: list[str], n: int) -> list[tuple[bytes, int | None] | None]:
+        """``store._aget_tail(key, n)`` for every key, concurrently (``None``: absent); short answers retried, then refused."""
+        import zarr
+        from zarr.core.sync import sync
+
+        from dask_loom.errors import MissingKeyError
+
+        limit = int(zarr.config.get("async.concurrency") or 10)
+        store = self.store
+        backoff = float(get_config("retry-backoff"))
+
+        async def one(sem: asyncio.Semaphore, key: str) -> tuple[bytes, int | None] | None:
+            got = 0
+            for attempt in range(3):
+                async with sem:
+                    _count("range_requests")
+                    try:
+                        blob, size = await store._aget_tail(key, n)
+                    except MissingKeyError:
+                        return None
+                expect = n if size is None else min(n, size)
+                got = len(blob)
+                if got >= expect:
+                    return blob, size
+                _count("short_answers")
+                if attempt < 2:
+                    await asyncio.sleep(backoff * 2**attempt)
+            raise CorruptChunkError(
+                f"{self.label}: object {key!r}, last {n} bytes: {got} bytes came back, expected {expect} (the answer was cut short)"
+            )
+
+        async def all_() -> list[Any]:
+            sem = asyncio.Semaphore(limit)
+            got = await asyncio.gather(*(one(sem, k) for k in keys), return_exceptions=True)
+            for g in got:
+                if isinstance(g, BaseException):
+                    raise g
+            return list(got)
+
+        return sync(all_())
 
     def shard_chunks(self, lay: ChunkLayout, groups: dict[str, list[int]]) -> dict[str, list[Any]]:
         from zarr.abc.store import RangeByteRequest
 
+        tails: dict[str, tuple[int, bytes]] = {}
         if self.cache_indexes:
             need = [k for k in groups if k not in self.indexes]
             if need:
-                parsed = self._read_indexes(lay, need)
+                parsed, tails = self._read_indexes(lay, need)
                 with self.index_lock:
                     self.indexes.update(parsed)
             indexes = self.indexes
         else:
-            indexes = self._read_indexes(lay, list(groups))
+            indexes, tails = self._read_indexes(lay, list(groups))
         out: dict[str, list[Any]] = {}
         reqs: list[tuple[str, Any, int | None]] = []
-        where: list[tuple[str, int, int, list[Span]]] = []
+        where: list[tuple[str, int, int, list[Span], int]] = []  # key, run, members, pieces
         for key, ids in groups.items():
             out[key] = [None] * len(ids)
             cached = indexes.get(key)
             if cached is None:
                 continue
-            for r0, r1, members in _coalesce(_spans(cached[1], ids), self.gap, self.max_bytes):
-                reqs.append((key, RangeByteRequest(r0, r1), r1 - r0))
-                where.append((key, r0, r1, members))
+            spans = _spans(cached[1], ids)
+            tail = tails.get(key)
+            if tail is not None:
+                t0, blob = tail
+                mv = memoryview(blob)
+                rest = []
+                for a, b, slot in spans:
+                    if a >= t0:  # inside the bytes read with the index
+                        out[key][slot] = mv[a - t0 : b - t0]
+                    else:
+                        rest.append((a, b, slot))
+                spans = rest
+            for r0, r1, members in _coalesce(spans, self.gap):
+                # A run is fetched in requests of exactly coalesce-bytes (the last one shorter),
+                # cut wherever they fall: the fewest requests of at most that size.
+                pieces = range(r0, r1, self.max_bytes)
+                for p0 in pieces:
+                    p1 = min(p0 + self.max_bytes, r1)
+                    reqs.append((key, RangeByteRequest(p0, p1), p1 - p0))
+                where.append((key, r0, r1, members, len(pieces)))
         blobs = self._get_many(reqs)
-        for (key, r0, r1, members), blob in zip(where, blobs):
-            if blob is None:
+        i = 0
+        for key, r0, r1, members, k in where:
+            parts = blobs[i : i + k]
+            i += k
+            if any(p is None for p in parts):
                 raise CorruptChunkError(f"{self.label}: shard {key!r} vanished while it was read (bytes {r0}..{r1})")
+            blob = parts[0] if k == 1 else b"".join(parts)
             mv = memoryview(blob)
             for a, b, slot in members:
                 out[key][slot] = mv[a - r0 : b - r0]

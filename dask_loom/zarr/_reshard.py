@@ -117,7 +117,8 @@ def _reshard_array(
     store: Any, url: str, storage_options: dict[str, Any] | None, path: str, chunks: tuple[int, ...] | None, kw: dict[str, Any]
 ) -> None:
     """Rewrite one unsharded array of *store* (v2 or v3) as a sharded v3 array at the same path."""
-    from dask_loom.blocks import plan_blocks, store as store_blocks
+    from dask_loom.blocks import plan_blocks
+    from dask_loom.blocks import store as store_blocks
     from dask_loom.blocks._source import from_source
     from dask_loom.storage._stores import LocalStore
     from dask_loom.zarr._nodes import read_node_metadata
