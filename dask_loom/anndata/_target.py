@@ -138,9 +138,7 @@ def anndata_target(
     spec = FileSpec.from_path(path, storage_options)
     if _is_zarr(spec):
         from dask_loom.storage._objectstore import open_store
-        from dask_loom.zarr._target import ZarrTarget
-
-        from dask_loom.zarr._target import default_shards
+        from dask_loom.zarr._target import ZarrTarget, default_shards
 
         store = open_store(spec.url, **spec.storage_options)
         fmt = _zarr_format(store, zarr_format)

@@ -88,7 +88,10 @@ def _classify(exc: BaseException) -> str:
     if isinstance(exc, (TimeoutError, ConnectionError, asyncio.TimeoutError)):
         return "transient"
     name = type(exc).__name__
-    if any(w in name for w in ("Timeout", "Connect", "Connection", "EndpointConnection", "ServerDisconnected", "ClientOSError")):
+    # A body that fails its checksum (botocore's FlexibleChecksumError) or ends early came back
+    # damaged on the way (a proxy, a cache): asked again, as any transient fault.
+    if any(w in name for w in ("Timeout", "Connect", "Connection", "EndpointConnection", "ServerDisconnected", "ClientOSError",
+                               "ChecksumError", "PayloadError", "IncompleteRead")):
         return "transient"
     if isinstance(exc, OSError):
         if exc.errno in _TRANSIENT_ERRNOS:

@@ -61,10 +61,19 @@ __all__ = [
 ]
 
 # Counters the tests use to prove which path served a read (per process).
-STATS = {"direct_reads": 0, "chunks_decoded": 0, "index_reads": 0, "fallback_arrays": 0, "range_requests": 0, "short_answers": 0}
+STATS = {
+    "direct_reads": 0,
+    "chunks_decoded": 0,
+    "index_reads": 0,
+    "fallback_arrays": 0,
+    "range_requests": 0,
+    "short_answers": 0,
+}
 
 
-def split_by_chunk(starts: np.ndarray, stops: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_by_chunk(
+    starts: np.ndarray, stops: np.ndarray, c: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cut element ranges ``[starts[i], stops[i])`` of a 1-D array at chunk boundaries (chunk size *c*).
 
     Returns, for every piece in order, its chunk id and its ``[lo, hi)`` in
@@ -243,8 +252,16 @@ def _layout(arr: Any) -> ChunkLayout:
     decoders = tuple(_v3_decoder(c) for c in inner[1:])
     disk = dtype.newbyteorder(order) if dtype.itemsize > 1 else dtype
     return ChunkLayout(
-        tuple(arr.shape), chunks, per_shard, disk, dtype, decoders, fill,
-        index_at_end=at_end, index_crc=index_crc, index_order=index_order,
+        tuple(arr.shape),
+        chunks,
+        per_shard,
+        disk,
+        dtype,
+        decoders,
+        fill,
+        index_at_end=at_end,
+        index_crc=index_crc,
+        index_order=index_order,
     )
 
 
@@ -270,7 +287,11 @@ def _coalesce(spans: list[Span], gap: int, max_bytes: int | None = None) -> list
     """
     runs: list[tuple[int, int, list[Span]]] = []
     for span in sorted(spans):
-        if runs and span[0] - runs[-1][1] <= gap and (max_bytes is None or max(runs[-1][1], span[1]) - runs[-1][0] <= max_bytes):
+        if (
+            runs
+            and span[0] - runs[-1][1] <= gap
+            and (max_bytes is None or max(runs[-1][1], span[1]) - runs[-1][0] <= max_bytes)
+        ):
             r0, r1, members = runs[-1]
             members.append(span)
             runs[-1] = (r0, max(r1, span[1]), members)
@@ -307,7 +328,9 @@ class _Objects(abc.ABC):
     def shard_chunks(self, lay: ChunkLayout, groups: dict[str, list[int]]) -> dict[str, list[Any]]:
         """Raw inner chunks ``groups[key]`` (linear ids) of each shard (``None`` where absent)."""
 
-    def _index(self, lay: ChunkLayout, key: str, raw: Any, size: int | None = None) -> list[tuple[int, int] | None]:
+    def _index(
+        self, lay: ChunkLayout, key: str, raw: Any, size: int | None = None
+    ) -> list[tuple[int, int] | None]:
         """Parse (and check) a shard index read from object *key*: ``(offset, nbytes)`` or ``None`` per inner chunk."""
         _count("index_reads")
         n = math.prod(lay.per_shard or ())
@@ -315,7 +338,9 @@ class _Objects(abc.ABC):
         if raw is None or len(raw) != lay.index_nbytes:
             got = 0 if raw is None else len(raw)
             rng = f"the last {lay.index_nbytes} bytes" if lay.index_at_end else f"bytes 0..{lay.index_nbytes}"
-            raise CorruptChunkError(f"{where}: shard index ({rng}) holds {got} bytes, expected {lay.index_nbytes}: the shard is truncated")
+            raise CorruptChunkError(
+                f"{where}: shard index ({rng}) holds {got} bytes, expected {lay.index_nbytes}: the shard is truncated"
+            )
         if lay.index_crc:
             import numcodecs
 
@@ -328,7 +353,9 @@ class _Objects(abc.ABC):
         if present.any():
             starts, ends = index[present, 0], index[present, 0] + index[present, 1]
             if (ends < starts).any():  # offset + size wrapped around 2**64
-                raise CorruptChunkError(f"{where}: shard index holds an impossible byte range (offset + size overflows)")
+                raise CorruptChunkError(
+                    f"{where}: shard index holds an impossible byte range (offset + size overflows)"
+                )
             if size is not None and int(ends.max()) > size:
                 raise CorruptChunkError(
                     f"{where}: shard index points outside the object (bytes up to {int(ends.max())} of a {size}-byte shard)"
@@ -382,7 +409,9 @@ class _LocalDir(_Objects):
             for r0, r1, members in _coalesce(_spans(cached[1], ids), self.gap):
                 buf = os.pread(fd, r1 - r0, r0)
                 if len(buf) < r1 - r0:
-                    raise CorruptChunkError(f"{self.label}: shard {key!r} is truncated (bytes {r0}..{r1} requested, {len(buf)} read)")
+                    raise CorruptChunkError(
+                        f"{self.label}: shard {key!r} is truncated (bytes {r0}..{r1} requested, {len(buf)} read)"
+                    )
                 mv = memoryview(buf)
                 for a, b, slot in members:
                     out[slot] = mv[a - r0 : b - r0]
@@ -474,14 +503,18 @@ class _StoreObjects(_Objects):
             except (OSError, TimeoutError) as exc:
                 # Refused credentials and missing files are not transient.
                 if isinstance(exc, (FileNotFoundError, PermissionError)) or attempt == retries:
-                    raise StoreError(f"{self.label}: range request failed after {attempt + 1} attempts: {exc}") from exc
+                    raise StoreError(
+                        f"{self.label}: range request failed after {attempt + 1} attempts: {exc}"
+                    ) from exc
                 time.sleep(backoff * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def whole(self, keys: list[str]) -> list[Any]:
         return self._get_many([(k, None, None) for k in keys])
 
-    def _read_indexes(self, lay: ChunkLayout, keys: list[str]) -> tuple[dict[str, Any], dict[str, tuple[int, bytes]]]:
+    def _read_indexes(
+        self, lay: ChunkLayout, keys: list[str]
+    ) -> tuple[dict[str, Any], dict[str, tuple[int, bytes]]]:
         """Shard indexes of *keys* (``None`` for absent shards), and the tail bytes read with them.
 
         On an object store that tells an object's size with a suffix read
@@ -509,7 +542,9 @@ class _StoreObjects(_Objects):
         rng = SuffixByteRequest(n) if lay.index_at_end else RangeByteRequest(0, n)
         # No expected length: a short index is a truncated shard, refused by _index.
         raws = self._get_many([(k, rng, None) for k in keys])
-        return {k: None if raw is None else ("remote", self._index(lay, k, raw)) for k, raw in zip(keys, raws)}, tails
+        return {
+            k: None if raw is None else ("remote", self._index(lay, k, raw)) for k, raw in zip(keys, raws)
+        }, tails
 
     def _get_tails(self, keys: list[str], n: int) -> list[tuple[bytes, int | None] | None]:
         """``store._aget_tail(key, n)`` for every key, concurrently (``None``: absent); short answers retried, then refused."""
@@ -599,7 +634,9 @@ class _StoreObjects(_Objects):
             parts = blobs[i : i + k]
             i += k
             if any(p is None for p in parts):
-                raise CorruptChunkError(f"{self.label}: shard {key!r} vanished while it was read (bytes {r0}..{r1})")
+                raise CorruptChunkError(
+                    f"{self.label}: shard {key!r} vanished while it was read (bytes {r0}..{r1})"
+                )
             blob = parts[0] if k == 1 else b"".join(parts)
             mv = memoryview(blob)
             for a, b, slot in members:
@@ -686,7 +723,9 @@ class ZarrChunkReader:
         except Exception as exc:
             raise CorruptChunkError(f"{self.label}, {self._name(coords)}: {_problem(exc)}") from None
         if buf.nbytes != lay.chunk_nbytes:
-            raise CorruptChunkError(f"{self.label}, {self._name(coords)}: decoded to {buf.nbytes} bytes, expected {lay.chunk_nbytes}")
+            raise CorruptChunkError(
+                f"{self.label}, {self._name(coords)}: decoded to {buf.nbytes} bytes, expected {lay.chunk_nbytes}"
+            )
         return buf.view(lay.disk_dtype).reshape(lay.chunks)
 
     def read_chunks(self, coords: np.ndarray) -> list[np.ndarray | None]:
@@ -705,7 +744,9 @@ class ZarrChunkReader:
             for j, sc in enumerate(shards):
                 groups.setdefault(sc, []).append(j)
             keys = {sc: self.key(sc) for sc in groups}
-            got = self.objects.shard_chunks(lay, {keys[sc]: [linear[j] for j in js] for sc, js in groups.items()})
+            got = self.objects.shard_chunks(
+                lay, {keys[sc]: [linear[j] for j in js] for sc, js in groups.items()}
+            )
             raws = [None] * len(coords)
             for sc, js in groups.items():
                 for j, raw in zip(js, got[keys[sc]]):
@@ -792,7 +833,9 @@ class ZarrChunkReader:
         ruq = np.unique(rchunk)
         other = [range(-(-s // c)) for s, c in zip(rest, lay.chunks[1:])]
         other_coords = list(np.ndindex(*[len(r) for r in other])) if rest else [()]
-        coords = np.array([(int(r), *oc) for r in ruq.tolist() for oc in other_coords], dtype=np.int64).reshape(-1, len(lay.chunks))
+        coords = np.array(
+            [(int(r), *oc) for r in ruq.tolist() for oc in other_coords], dtype=np.int64
+        ).reshape(-1, len(lay.chunks))
         chunks = self.read_chunks(coords)
         per_row_chunk = len(other_coords)
         # rows are sorted: those of one row chunk are a contiguous slice of out.
@@ -847,7 +890,11 @@ def _objects_for(store: Any) -> _Objects:
 
 
 def chunk_reader(
-    store: Any, path: str, array: Callable[[], Any], *, mapper: Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]] | None = None
+    store: Any,
+    path: str,
+    array: Callable[[], Any],
+    *,
+    mapper: Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]] | None = None,
 ) -> ZarrChunkReader | None:
     """The per-process :class:`ZarrChunkReader` of array *path* of an AnnData *store*, or ``None``.
 
@@ -867,7 +914,11 @@ def chunk_reader(
         else:
             with _lock:
                 objects = next(
-                    (r.objects for (url, _), r in _readers.items() if url == store.spec.url and r is not _NO_READER),
+                    (
+                        r.objects
+                        for (url, _), r in _readers.items()
+                        if url == store.spec.url and r is not _NO_READER
+                    ),
                     None,
                 )
             objects = objects or _objects_for(store)

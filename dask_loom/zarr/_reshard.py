@@ -109,12 +109,19 @@ def _needs(store: Any, path: str) -> bool:
     except NodeNotFoundError:
         raise FormatError(f"{store_label(store)}: no Zarr array at {path or '/'!r}") from None
     if kind != "array":
-        raise FormatError(f"{store_label(store)}: {path or '/'!r} is a Zarr group, not an array (nor a .loom.zarr)")
+        raise FormatError(
+            f"{store_label(store)}: {path or '/'!r} is a Zarr group, not an array (nor a .loom.zarr)"
+        )
     return build_array(store, path, meta).shards is None
 
 
 def _reshard_array(
-    store: Any, url: str, storage_options: dict[str, Any] | None, path: str, chunks: tuple[int, ...] | None, kw: dict[str, Any]
+    store: Any,
+    url: str,
+    storage_options: dict[str, Any] | None,
+    path: str,
+    chunks: tuple[int, ...] | None,
+    kw: dict[str, Any],
 ) -> None:
     """Rewrite one unsharded array of *store* (v2 or v3) as a sharded v3 array at the same path."""
     from dask_loom.blocks import plan_blocks
@@ -130,8 +137,10 @@ def _reshard_array(
     where = f"{store_label(store)}: array {path or '/'!r}"
     if meta.get("zarr_format") == 2 and path:
         # A v3 array inside a v2 hierarchy would not be found by v2 readers of its group.
-        raise FormatError(f"{where}: a Zarr v2 array inside a v2 group cannot be sharded (sharding is Zarr v3); "
-                          "rewrite the store as Zarr v3 first")
+        raise FormatError(
+            f"{where}: a Zarr v2 array inside a v2 group cannot be sharded (sharding is Zarr v3); "
+            "rewrite the store as Zarr v3 first"
+        )
     src = ZarrSource(store, path, meta, prefix="zarr-read")
     inner = tuple(int(c) for c in (chunks or arr.chunks))
     inner = tuple(max(1, min(c, n)) if n else max(1, c) for c, n in zip(inner, src.shape))
@@ -153,8 +162,20 @@ def _reshard_array(
             from dask_loom.storage._objectstore import open_store
 
             out = open_store(_sibling(url), **(storage_options or {}))
-    target = ZarrTarget(out, dest, shape=src.shape, dtype=src.dtype, chunks=inner, shards=shards, compressors=compressors,
-                        fill_value=arr.fill_value, attributes=attrs, dimension_names=dims, zarr_format=3, prefix="zarr-reshard")
+    target = ZarrTarget(
+        out,
+        dest,
+        shape=src.shape,
+        dtype=src.dtype,
+        chunks=inner,
+        shards=shards,
+        compressors=compressors,
+        fill_value=arr.fill_value,
+        attributes=attrs,
+        dimension_names=dims,
+        zarr_format=3,
+        prefix="zarr-reshard",
+    )
     unit = tuple(int(np.lcm(a, b)) for a, b in zip(src.chunk_shape, target.chunk_shape))
     x = from_source(src, chunks=plan_blocks(src.shape, unit, src.dtype.itemsize))
     store_blocks(x, target, **kw)
@@ -171,7 +192,9 @@ def _reshard_array(
         _swap_stores(out, store)
 
 
-def _reshard_loom(url: str, storage_options: dict[str, Any] | None, chunks: tuple[int, ...] | None, kw: dict[str, Any]) -> list[str]:
+def _reshard_loom(
+    url: str, storage_options: dict[str, Any] | None, chunks: tuple[int, ...] | None, kw: dict[str, Any]
+) -> list[str]:
     """Every unsharded layer of a ``.loom.zarr``, rewritten in one write of the container."""
     from dask_loom.blocks import plan_blocks, store
     from dask_loom.loom._connection import connect
