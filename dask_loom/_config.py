@@ -41,9 +41,11 @@ DEFAULTS: dict[str, Any] = {
     "io-threads": 32,
     # Compressor of arrays in .loom.zarr containers: blosc-zstd, blosc-lz4, zstd, gzip or none.
     "zarr-codec": "blosc-zstd",
-    # Layer chunk shape dask_loom.convert gives a .loom.zarr (1 MiB of float32): loompy's
-    # 64 x 64 suits HDF5, but as Zarr objects (one per chunk) it means 16 KiB requests.
-    "loom-zarr-chunks": [512, 512],
+    # Inner chunk shape of the sharded layers of a .loom.zarr (shards of about block-size
+    # are made of them): 128 x 128 (64 KiB of float32) measured fastest for map over a layer
+    # against 64 x 64, 256 x 256 and 512 x 512 (benchmarks/bench_cloud_zarr.py), and quicker to
+    # write than 64 x 64 (zarr-python encodes a shard chunk by chunk).
+    "loom-zarr-chunks": [128, 128],
     # Ranged reads on object stores: adjacent byte ranges of one object (inner chunks of a
     # shard, chunks of an HDF5 file) are merged into requests of up to coalesce-bytes,
     # reading through holes of up to coalesce-gap bytes rather than sending another request.

@@ -28,7 +28,7 @@ def convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--chunks",
         metavar="ROWS,COLS",
-        help="chunk shape of the target's layers (default: 512,512 for .loom.zarr, 64,64 for .loom); for an image, the tile shape",
+        help="chunk shape of the target's layers (default: 128,128 inner chunks in shards for .loom.zarr, 64,64 for .loom); for an image, the tile shape",
     )
     validate_option(p)
     compute_options(p)
