@@ -146,7 +146,7 @@ class LayerTarget(BlockTarget):
             chunks = info.inner_chunks or (tuple(info.chunks) if info.chunks else None)
         self.shape = tuple(int(s) for s in (shape if shape is not None else ds.shape))
         self.dtype = check_dtype(dtype, self.where)
-        zarr = is_zarr_writer_kind(ds)
+        zarr = is_zarr_connection(ds)
         self._chunks = default_chunks(self.shape, chunks, zarr=zarr)
         # A .loom.zarr layer is sharded: the shard is the write unit the blocks are planned in.
         self._shards = layer_shards(self.shape, self.dtype, self._chunks) if zarr else None
@@ -278,7 +278,7 @@ def create_layer_array(
     )
 
 
-def is_zarr_writer_kind(ds: Any) -> bool:
+def is_zarr_connection(ds: Any) -> bool:
     """True when connection *ds* is a ``.loom.zarr``."""
     from dask_loom.loom._zarrtree import ZarrTree
 
@@ -295,7 +295,7 @@ def write_layer(ds: LoomConnection, name: str, value: Any, *, chunks: Any = None
     ds._check_writable()
     check_name("Layer", name, ds.filename, allow_empty=True)
     value, shape, dt = _prepare(ds, name, value)
-    target = LayerTarget(ds, name, dtype=dt, chunks=default_chunks(shape, chunks, zarr=is_zarr_writer_kind(ds)), shape=shape)
+    target = LayerTarget(ds, name, dtype=dt, chunks=default_chunks(shape, chunks, zarr=is_zarr_connection(ds)), shape=shape)
     if value is None:
         with target.transaction():
             pass  # a layer of zeros (the fill value): nothing to write
