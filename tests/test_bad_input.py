@@ -20,8 +20,8 @@ raises, the client gets the same typed error, and no worker dies.
 
 from __future__ import annotations
 
-import json
 import glob
+import json
 import os
 import shutil
 import traceback

@@ -76,6 +76,9 @@ def _classify(exc: BaseException) -> str:
         return "missing"
     if isinstance(exc, PermissionError):
         return "denied"
+    if any(w in type(exc).__name__ for w in ("ChecksumError", "PayloadError", "IncompleteRead")):
+        # A body cut short or damaged on the way (aiohttp reports a cut body with status 400).
+        return "transient"
     status = _status(exc)
     if status is not None:
         if status == 404:
