@@ -16,7 +16,7 @@ import dask
 import dask.config
 from dask.utils import parse_bytes
 
-__all__ = ["DEFAULTS", "get_config", "block_size_bytes"]
+__all__ = ["DEFAULTS", "block_size_bytes", "config_bytes", "get_config"]
 
 DEFAULTS: dict[str, Any] = {
     # Target bytes per dask block; 64 MiB measured best on 2-core machines
@@ -41,9 +41,16 @@ DEFAULTS: dict[str, Any] = {
     "io-threads": 32,
     # Compressor of arrays in .loom.zarr containers: blosc-zstd, blosc-lz4, zstd, gzip or none.
     "zarr-codec": "blosc-zstd",
-    # Layer chunk shape dask_loom.convert gives a .loom.zarr (1 MiB of float32): loompy's
-    # 64 x 64 suits HDF5, but as Zarr objects (one per chunk) it means 16 KiB requests.
-    "loom-zarr-chunks": [512, 512],
+    # Inner chunk shape of the sharded layers of a .loom.zarr (shards of about block-size
+    # are made of them): 128 x 128 (64 KiB of float32) measured fastest for map over a layer
+    # against 64 x 64, 256 x 256 and 512 x 512 (benchmarks/bench_cloud_zarr.py), and quicker to
+    # write than 64 x 64 (zarr-python encodes a shard chunk by chunk).
+    "loom-zarr-chunks": [128, 128],
+    # Ranged reads on object stores: adjacent byte ranges of one object (inner chunks of a
+    # shard, chunks of an HDF5 file) are merged into requests of up to coalesce-bytes,
+    # reading through holes of up to coalesce-gap bytes rather than sending another request.
+    "coalesce-bytes": "4MiB",
+    "coalesce-gap": "1MiB",
     # Retries for transient object-store errors.
     "retries": 5,
     "retry-backoff": 0.2,
@@ -120,4 +127,13 @@ def block_size_bytes(value: int | str | None = None) -> int:
     n = parse_bytes(v) if isinstance(v, str) else int(v)
     if n <= 0:
         raise ValueError(f"dask_loom.block-size must be positive, got {v!r}")
+    return n
+
+
+def config_bytes(key: str) -> int:
+    """A byte-size key (``"4MiB"`` or an int) as a non-negative int."""
+    v = get_config(key)
+    n = parse_bytes(v) if isinstance(v, str) else int(v)
+    if n < 0:
+        raise ValueError(f"dask_loom.{key} must not be negative, got {v!r}")
     return n

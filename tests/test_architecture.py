@@ -31,7 +31,7 @@ MAX_LINES = 800
 #: ``map_threads`` from anndata/_read.py, which reads zarr chunks through _zchunks; that
 #: file is being rewritten on another branch (one direct Zarr chunk decoder), whose
 #: import of the thread-pool helper ends this cycle.  Remove the entry then.
-KNOWN_CYCLES: list[frozenset[str]] = [frozenset({"dask_loom.anndata._read", "dask_loom.anndata._zchunks"})]
+KNOWN_CYCLES: list[frozenset[str]] = []
 
 
 def _module_name(path: Path) -> str:

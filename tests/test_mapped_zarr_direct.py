@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ShardingCodec
 
 from dask_loom import MappedCollection
-from dask_loom.anndata import _zchunks, open_store
+from dask_loom.anndata import open_store
 from dask_loom.anndata._read import read_vector
 from dask_loom.errors import CorruptChunkError
+from dask_loom.zarr import _chunks as _zchunks
 
 N_OBS, N_VARS = 120, 14
 

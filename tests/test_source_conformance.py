@@ -266,19 +266,23 @@ class TestZarrSourceSharded(SourceTests):
 
 
 class TestLoomZarrLayerSource(SourceTests):
-    """A ``.loom.zarr`` layer (convert's chunks)."""
+    """A ``.loom.zarr`` layer (sharded: 16 x 16 inner chunks in 32 x 32 shards, the stored unit)."""
 
     prefix = "loom-read"
 
     @pytest.fixture
     def make(self, tmp_path):
+        import dask
+
         data = np.random.default_rng(5).random((70, 45)).astype("f4")
         dask_loom.create(str(tmp_path / "a.loom"), data, {"G": np.arange(70)}, {"C": np.arange(45)})
-        dask_loom.convert(tmp_path / "a.loom", tmp_path / "a.loom.zarr", chunks=(16, 16))
+        # Shards of 2 x 2 inner chunks (the default block-size would make one shard of this array).
+        with dask.config.set({"dask_loom.block-size": 4 * 16 * 16 * 4}):
+            dask_loom.convert(tmp_path / "a.loom", tmp_path / "a.loom.zarr", chunks=(16, 16))
 
         def make():
             with dask_loom.connect(tmp_path / "a.loom.zarr", "r") as ds:
-                return ds._layer_source(""), data, (16, 16)
+                return ds._layer_source(""), data, (32, 32)
 
         return make
 

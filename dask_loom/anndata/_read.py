@@ -5,7 +5,7 @@ by byte range through :mod:`dask_loom.hdf5` (chunk index built once per
 process, ``pread`` or parallel range requests, libdeflate outside h5py's
 global lock); for an uncompressed chunked vector only the bytes a row needs
 are read, not its whole chunk.  zarr arrays (v2, v3, sharded, zipped, remote)
-are read by byte range too (:mod:`dask_loom.anndata._zchunks`: cached shard
+are read by byte range too (:mod:`dask_loom.zarr._chunks`: cached shard
 indexes, coalesced range reads, numcodecs decoding in the calling threads);
 layouts that path does not handle go through zarr-python's async API, all
 runs of a request gathered at once.  ``indptr`` is read once per process and
@@ -25,11 +25,11 @@ from dask_loom._handles import HandleCache
 from dask_loom._threads import map_threads
 from dask_loom.anndata._elems import MatrixMeta
 from dask_loom.anndata._store import AnnStore
-from dask_loom.anndata._zchunks import ZarrChunkReader, chunk_reader, split_by_chunk
 from dask_loom.errors import AnnDataFormatError, CorruptChunkError
 from dask_loom.hdf5._decode import decode_chunk
 from dask_loom.hdf5._files import read_ranges, read_ranges_into
 from dask_loom.hdf5._source import HDF5Source, _chunk_offsets, dataset_layout
+from dask_loom.zarr._chunks import ZarrChunkReader, chunk_reader, split_by_chunk
 
 __all__ = ["coalesce", "map_threads", "read_csr_rows", "read_dense_rows", "read_matrix_rows", "read_vector"]
 
@@ -56,11 +56,11 @@ def coalesce(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def forget(store: AnnStore) -> None:
     """Drop what this process cached about *store* (indptr, zarr arrays, shard indexes)."""
-    from dask_loom.anndata import _zchunks
+    from dask_loom.zarr import _chunks
 
     url = store.spec.url
     _derived.forget(lambda k: len(k) > 1 and k[1] == url)
-    _zchunks.forget(url)
+    _chunks.forget(url)
 
 
 def _cached(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
@@ -144,7 +144,7 @@ def _zarr_array(store: AnnStore, path: str) -> Any:
 
 
 def _direct(store: AnnStore, path: str) -> ZarrChunkReader | None:
-    return chunk_reader(store, path, lambda: _zarr_array(store, path))
+    return chunk_reader(store, path, lambda: _zarr_array(store, path), mapper=map_threads)
 
 
 def _zarr_ranges(store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:

@@ -41,7 +41,11 @@ def _is_zarr(spec: FileSpec) -> bool:
 
 
 def _zarr_format(store: Any, given: int | None) -> int:
-    """The store's own format (its root metadata), else *given*, else 2 (anndata's default)."""
+    """*given*, else the store's own format (its root metadata), else 3.
+
+    A new store is Zarr v3 so that its arrays can be sharded (anndata reads
+    both formats); an existing v2 store stays v2 (and unsharded).
+    """
     if given is not None:
         return int(given)
     from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
@@ -49,8 +53,15 @@ def _zarr_format(store: Any, given: int | None) -> int:
     try:
         _, meta = read_node_metadata(store, "")
     except (NodeNotFoundError, OSError):
-        return 2
+        return 3
     return int(meta.get("zarr_format", 2))
+
+
+def _shards_1d(length: int, itemsize: int) -> int:
+    """Shard length of a 1-D array of *length*-element chunks: about ``dask_loom.block-size`` bytes."""
+    from dask_loom._config import block_size_bytes
+
+    return max(1, block_size_bytes() // max(1, itemsize * length)) * length
 
 
 def _default_band(n: int, other: int, itemsize: int) -> int:
@@ -127,12 +138,16 @@ def anndata_target(
     spec = FileSpec.from_path(path, storage_options)
     if _is_zarr(spec):
         from dask_loom.storage._objectstore import open_store
-        from dask_loom.zarr._target import ZarrTarget
+        from dask_loom.zarr._target import ZarrTarget, default_shards
 
         store = open_store(spec.url, **spec.storage_options)
-        return ZarrTarget(store, elem, shape=shape, dtype=dt, chunks=tuple(chunks), attributes=dict(_DENSE),
+        fmt = _zarr_format(store, zarr_format)
+        # Zarr v3: shards of about dask_loom.block-size made of the row-band chunks (the read unit of
+        # a MappedCollection item), so a dask block is one object.
+        shards = default_shards(shape, tuple(chunks), dt.itemsize) if fmt == 3 else None
+        return ZarrTarget(store, elem, shape=shape, dtype=dt, chunks=tuple(chunks), shards=shards, attributes=dict(_DENSE),
                           compressors="auto" if compression is not None else None,
-                          zarr_format=_zarr_format(store, zarr_format), prefix=_PREFIX)
+                          zarr_format=fmt, prefix=_PREFIX)
     from dask_loom.hdf5._target import HDF5Target
 
     return HDF5Target(spec, elem, shape=shape, dtype=dt, chunks=tuple(chunks), compression=compression,
@@ -186,6 +201,10 @@ class SparseTarget(BlockTarget):
         self._group: Any = None
         self._pos = 0
         self._nnz = 0
+        # Zarr: values waiting for a whole write unit, and the indptr (written once, at the end).
+        self._pending: dict[str, list[np.ndarray]] = {}
+        self._units: dict[str, int] = {}
+        self._indptr: np.ndarray | None = None
 
     def __dask_tokenize__(self) -> Any:
         return ("SparseTarget", self.spec.url, self.elem, self.encoding, self.shape, self.dtype.str, self.chunk_shape)
@@ -232,7 +251,10 @@ class SparseTarget(BlockTarget):
         self._append("data", values)
         self._append("indices", indices)
         ends = self._nnz + np.cumsum(counts)
-        self._arrays["indptr"][start + 1 : stop + 1] = ends
+        if self._indptr is not None:
+            self._indptr[start + 1 : stop + 1] = ends  # written whole at the end (zarr: no partial shards)
+        else:
+            self._arrays["indptr"][start + 1 : stop + 1] = ends
         self._nnz += int(counts.sum())
         self._pos = stop
 
@@ -241,11 +263,30 @@ class SparseTarget(BlockTarget):
             return
         arr = self._arrays[name]  # type: ignore[index]
         if self.zarr:
-            arr.append(values)
+            # Buffered until whole shards are complete: appending to a shard in place would
+            # rewrite it (read, merge, write) once per band.
+            self._pending[name].append(values)
+            self._flush(name, final=False)
             return
         n = arr.shape[0]
         arr.resize((n + len(values),))
         arr[n:] = values
+
+    def _flush(self, name: str, *, final: bool) -> None:
+        """Write the buffered values of zarr array *name* in whole write units (all of them when *final*)."""
+        parts = self._pending[name]
+        if not parts:
+            return
+        vals = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        unit = self._units[name]
+        k = len(vals) if final else len(vals) // unit * unit
+        self._pending[name] = [vals[k:]] if k < len(vals) else []
+        if not k:
+            return
+        arr = self._arrays[name]  # type: ignore[index]
+        n0 = int(arr.shape[0])
+        arr.resize((n0 + k,))
+        arr[n0 : n0 + k] = vals[:k]
 
     # -- the transaction --------------------------------------------------------------------
 
@@ -255,6 +296,12 @@ class SparseTarget(BlockTarget):
     def _finish(self) -> None:
         # Rows (columns) never written are empty; the indptr closes at the element's end.
         n = self.shape[self.axis]
+        if self._indptr is not None:
+            self._indptr[self._pos + 1 : n + 1] = self._nnz
+            for name in ("data", "indices"):
+                self._flush(name, final=True)
+            self._arrays["indptr"][:] = self._indptr  # type: ignore[index]
+            return
         if self._pos < n:
             self._arrays["indptr"][self._pos + 1 : n + 1] = self._nnz  # type: ignore[index]
 
@@ -272,6 +319,8 @@ class SparseTarget(BlockTarget):
         finally:
             self._arrays = None
             self._group = None
+            self._indptr = None
+            self._pending = {}
 
     @contextlib.contextmanager
     def _h5_transaction(self) -> Iterator[None]:
@@ -326,12 +375,25 @@ class SparseTarget(BlockTarget):
         self._group = zarr.open_group(store, path=self.elem, mode="w", zarr_format=fmt)
         comp: Any = "auto" if self.compression is not None else None
         length = 1 << 16
+        n = self.shape[self.axis] + 1
+
+        def shards(itemsize: int, size: int | None = None) -> tuple[int] | None:
+            if fmt != 3:
+                return None
+            k = _shards_1d(length, itemsize)
+            return (k,) if size is None or size > length else None
+
         self._arrays = {
-            "data": self._group.create_array("data", shape=(0,), chunks=(length,), dtype=self.dtype, compressors=comp),
-            "indices": self._group.create_array("indices", shape=(0,), chunks=(length,), dtype=self.index_dtype, compressors=comp),
-            "indptr": self._group.create_array("indptr", shape=(self.shape[self.axis] + 1,), chunks=(length,), dtype=np.int64,
+            "data": self._group.create_array("data", shape=(0,), chunks=(length,), shards=shards(self.dtype.itemsize),
+                                             dtype=self.dtype, compressors=comp),
+            "indices": self._group.create_array("indices", shape=(0,), chunks=(length,), shards=shards(self.index_dtype.itemsize),
+                                                dtype=self.index_dtype, compressors=comp),
+            "indptr": self._group.create_array("indptr", shape=(n,), chunks=(length,), shards=shards(8, n), dtype=np.int64,
                                                compressors=comp, fill_value=0),
         }
+        self._units = {k: int((a.shards or a.chunks)[0]) for k, a in self._arrays.items()}
+        self._pending = {"data": [], "indices": []}
+        self._indptr = np.zeros(n, dtype=np.int64)
 
     def _zarr_commit(self) -> None:
         self._finish()

@@ -16,12 +16,19 @@ def convert_args(p: argparse.ArgumentParser) -> None:
         help="source: a Loom container (.loom or .loom.zarr) or an image (OME-TIFF, OME-Zarr); path or URL",
     )
     p.add_argument(
-        "dst", help="target (*.zarr → Zarr, *.parquet → OME-Arrow, else HDF5 .loom); replaced if it exists"
+        "dst",
+        nargs="?",
+        help="target (*.zarr → Zarr, *.parquet → OME-Arrow, else HDF5 .loom); replaced if it exists",
+    )
+    p.add_argument(
+        "--reshard",
+        action="store_true",
+        help="rewrite SRC (a .loom.zarr, or a Zarr array) in place as sharded Zarr v3; no DST",
     )
     p.add_argument(
         "--chunks",
         metavar="ROWS,COLS",
-        help="chunk shape of the target's layers (default: 512,512 for .loom.zarr, 64,64 for .loom); for an image, the tile shape",
+        help="chunk shape of the target's layers (default: 128,128 inner chunks in shards for .loom.zarr, 64,64 for .loom); for an image, the tile shape",
     )
     validate_option(p)
     compute_options(p)
@@ -35,6 +42,21 @@ def _is_image(src: str, dst: str) -> bool:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None
+    if args.reshard:
+        if args.dst is not None:
+            raise SystemExit("dask-loom convert: --reshard rewrites SRC in place; give no DST")
+        from dask_loom.zarr._reshard import reshard
+
+        with announce(args) as target:
+            done = reshard(args.src, chunks=chunks, scheduler=target, progress=progress(args))
+        say(
+            f"resharded {', '.join(done)} in {args.src}"
+            if done
+            else f"{args.src}: already sharded, nothing to do"
+        )
+        return 0
+    if args.dst is None:
+        raise SystemExit("dask-loom convert: give SRC and DST (or --reshard SRC)")
     if _is_image(args.src, args.dst):
         from dask_loom.ome import convert_to_ome_arrow
 

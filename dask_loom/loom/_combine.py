@@ -19,7 +19,7 @@ from dask_loom.loom._connection import connect
 from dask_loom.loom._create import _spec, creating
 from dask_loom.loom._modify import _put_attr_any, _take_rows
 from dask_loom.loom._store import init_layout
-from dask_loom.loom._write import LayerTarget, create_layer_array, default_chunks
+from dask_loom.loom._write import LayerTarget, create_layer_array, default_chunks, is_zarr_writer
 from dask_loom.storage._urls import check_scheme
 
 __all__ = ["combine", "combine_faster"]
@@ -139,7 +139,7 @@ def combine_faster(
         spec = _spec(output_file, None)
         with creating(spec) as w:
             init_layout(w, file_attrs)
-            chunks = default_chunks((n, total))
+            chunks = default_chunks((n, total), zarr=is_zarr_writer(w))
             for ln, dt in layer_dtypes.items():
                 path = "matrix" if ln == "" else f"layers/{ln}"
                 create_layer_array(w, path, (n, total), dt, chunks, fill=True)

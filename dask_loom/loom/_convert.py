@@ -45,8 +45,8 @@ def convert(
     The kind of *dst* follows its name (``*.zarr`` → Zarr, else HDF5).  Every
     layer, row/column attribute, graph and global attribute is copied; layer
     dtypes are kept.  Layer chunks default to the target kind's:
-    ``dask_loom.loom-zarr-chunks`` (512 x 512) for Zarr, whose chunks are
-    separate objects, and ``dask_loom.loom-chunks`` (loompy's 64 x 64) for HDF5.
+    ``dask_loom.loom-zarr-chunks`` (128 x 128 inner chunks, in shards of about
+    ``dask_loom.block-size``) for Zarr, and ``dask_loom.loom-chunks`` (loompy's 64 x 64) for HDF5.
 
     Parameters
     ----------
@@ -108,7 +108,7 @@ def convert(
                 path = "matrix" if name == "" else f"layers/{name}"
                 layer_chunks = tuple(int(c) for c in (chunks or default_chunks))
                 layer_chunks = tuple(max(1, min(c, n)) for c, n in zip(layer_chunks, shape))
-                create_layer_array(w, path, shape, dt, layer_chunks)
+                create_layer_array(w, path, shape, dt, layer_chunks)  # sharded in a .loom.zarr
                 target = LayerTarget.on(w, path, f"{dst_spec.name}: layer '{name}'", prefix="loom-convert")
                 # Blocks whole in both the source's and the target's chunks: each read once, each written once.
                 unit = tuple(int(np.lcm(a, b)) for a, b in zip(src_layer.chunk_shape, target.chunk_shape))

@@ -123,7 +123,9 @@ def create(
                 kind = "Row" if axis == 0 else "Column"
                 raise ValueError(f"{kind} attribute '{k}' must have exactly {shape[axis]} values but {n} were given")
     spec = _spec(filename, storage_options)
-    chunks = default_chunks(shape, chunks)
+    from dask_loom.loom._tree import is_zarr_spec
+
+    chunks = default_chunks(shape, chunks, zarr=is_zarr_spec(spec))
     ctx = _Compute(scheduler, client, os.fspath(filename))
     with creating(spec) as w:
         init_layout(w, file_attrs)

@@ -29,6 +29,7 @@ from dask_loom.loom._write import (
     check_values,
     create_layer_array,
     default_chunks,
+    is_zarr_writer,
 )
 from dask_loom.ops._graph import task_name
 from dask_loom.ops._map import nbytes_of, read_into_buffer
@@ -77,7 +78,7 @@ def _copy_layer_permuted(ds: Any, w: Any, name: str, path: str, ordering: np.nda
     src = ds._layer_source(name)
     info = ds._layer_info(name)
     shape = tuple(info.shape)
-    chunks = tuple(info.chunks) if info.chunks else default_chunks(shape)
+    chunks = info.inner_chunks or (tuple(info.chunks) if info.chunks else default_chunks(shape))
     create_layer_array(w, path, shape, info.dtype, chunks)
     target = LayerTarget.on(w, path, f"{ds.filename}: layer '{name}'")
     if ordering is None:
@@ -313,7 +314,7 @@ def _append(
                 raise ValueError(f"{where}: layer '{name}' brings shape {tuple(value.shape)}, expected {(n_rows, n_new)}")
             if empty:
                 dt = check_dtype(dtypes[name], f"{where}: layer '{name}'")
-                create_layer_array(w, path, (n_rows, 0), dt, default_chunks((n_rows, max(64, n_new))))
+                create_layer_array(w, path, (n_rows, 0), dt, default_chunks((n_rows, max(64, n_new)), zarr=is_zarr_writer(w)))
             try:
                 w.resize(path, (n_rows, old_m + n_new))
             except (TypeError, ValueError, OSError) as exc:

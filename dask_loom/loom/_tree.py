@@ -41,6 +41,8 @@ class ArrayInfo:
     compression_opts: Any
     kind: str = "plain"  # "plain", "string", "enum", "compound", "vlen"
     enum: dict[int, str] | None = None
+    # The inner chunk shape of a sharded Zarr array (``chunks`` is then the shard, the write unit).
+    inner_chunks: tuple[int, ...] | None = None
 
     @property
     def maxshape(self) -> tuple[int | None, ...] | None:

@@ -38,10 +38,33 @@ __all__ = [
 ]
 
 
-def default_chunks(shape: tuple[int, ...], chunks: Any = None) -> tuple[int, ...]:
-    """``(min(64, N), min(64, M))`` as loompy, or the configured/given chunk shape."""
-    c = chunks if chunks is not None else get_config("loom-chunks")
+def default_chunks(shape: tuple[int, ...], chunks: Any = None, *, zarr: bool = False) -> tuple[int, ...]:
+    """``(min(64, N), min(64, M))`` as loompy, or the configured/given chunk shape.
+
+    For a ``.loom.zarr`` (*zarr*), the inner chunk shape of its sharded layers,
+    ``dask_loom.loom-zarr-chunks``.
+    """
+    c = chunks if chunks is not None else get_config("loom-zarr-chunks" if zarr else "loom-chunks")
     return tuple(max(1, min(int(k), int(n))) for k, n in zip(c, shape))
+
+
+def is_zarr_writer(w: Any) -> bool:
+    """True for the writer of a ``.loom.zarr`` container."""
+    from dask_loom.loom._zarrtree import ZarrWriter
+
+    return isinstance(w, ZarrWriter)
+
+
+def layer_shards(shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The shard shape of a ``.loom.zarr`` layer of inner *chunks* (``None``: unsharded).
+
+    A layer without columns yet (``add_columns`` to an empty file) is sharded
+    as if it had one shard's worth of columns, as it will grow.
+    """
+    from dask_loom.zarr._target import default_shards
+
+    planned = tuple(max(int(n), int(c)) for n, c in zip(shape, chunks))
+    return default_shards(planned, chunks, np.dtype(dtype).itemsize)
 
 
 def check_dtype(dtype: Any, where: str) -> np.dtype:
@@ -120,10 +143,14 @@ class LayerTarget(BlockTarget):
             dtype = ds._layer_dtype(name)
         if chunks is None and existing:
             info = ds._layer_info(name)
-            chunks = tuple(info.chunks) if info.chunks else None
+            chunks = info.inner_chunks or (tuple(info.chunks) if info.chunks else None)
         self.shape = tuple(int(s) for s in (shape if shape is not None else ds.shape))
         self.dtype = check_dtype(dtype, self.where)
-        self.chunk_shape = default_chunks(self.shape, chunks)
+        zarr = is_zarr_connection(ds)
+        self._chunks = default_chunks(self.shape, chunks, zarr=zarr)
+        # A .loom.zarr layer is sharded: the shard is the write unit the blocks are planned in.
+        self._shards = layer_shards(self.shape, self.dtype, self._chunks) if zarr else None
+        self.chunk_shape = self._shards or self._chunks
         self.prefix = prefix
         self.label = self.where
         self._ds: Any = ds
@@ -178,7 +205,7 @@ class LayerTarget(BlockTarget):
                 if head:
                     w.create_group(head)
                 w.delete(tmp)
-                create_layer_array(w, tmp, self.shape, self.dtype, self.chunk_shape)
+                create_layer_array(w, tmp, self.shape, self.dtype, self._chunks, shards=self._shards)
                 self._inner = w.target(tmp, prefix=self.prefix, label=self.where)
                 yield
                 w.move(tmp, path)
@@ -227,8 +254,17 @@ def _prepare(ds: LoomConnectionLike, name: str, value: Any) -> tuple[Any, tuple[
     return value, shape, dt
 
 
-def create_layer_array(w: Any, path: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], *, fill: bool = False) -> None:
-    """Create a layer dataset with loompy's settings (gzip 2, columns resizable)."""
+def create_layer_array(
+    w: Any, path: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], *, fill: bool = False, shards: Any = "auto"
+) -> None:
+    """Create a layer dataset with loompy's settings (gzip 2, columns resizable).
+
+    In a ``.loom.zarr`` the layer is sharded: *shards* ``"auto"`` picks
+    :func:`layer_shards` of the inner *chunks*, ``None`` writes it unsharded.
+    """
+    kw: dict[str, Any] = {}
+    if is_zarr_writer(w):
+        kw["shards"] = layer_shards(shape, dtype, chunks) if isinstance(shards, str) else shards
     w.create_array(
         path,
         shape=shape,
@@ -238,7 +274,15 @@ def create_layer_array(w: Any, path: str, shape: tuple[int, ...], dtype: Any, ch
         compression="gzip",
         compression_opts=2,
         fillvalue=0 if fill else None,
+        **kw,
     )
+
+
+def is_zarr_connection(ds: Any) -> bool:
+    """True when connection *ds* is a ``.loom.zarr``."""
+    from dask_loom.loom._zarrtree import ZarrTree
+
+    return isinstance(getattr(ds, "_tree", None), ZarrTree)
 
 
 def fill_layer(ds: Any, w: Any, path: str, value: Any, *, where: str, prefix: str = "loom-write") -> None:
@@ -251,7 +295,7 @@ def write_layer(ds: LoomConnectionLike, name: str, value: Any, *, chunks: Any = 
     ds._check_writable()
     check_name("Layer", name, ds.filename, allow_empty=True)
     value, shape, dt = _prepare(ds, name, value)
-    target = LayerTarget(ds, name, dtype=dt, chunks=default_chunks(shape, chunks), shape=shape)
+    target = LayerTarget(ds, name, dtype=dt, chunks=default_chunks(shape, chunks, zarr=is_zarr_connection(ds)), shape=shape)
     if value is None:
         with target.transaction():
             pass  # a layer of zeros (the fill value): nothing to write

@@ -9,9 +9,13 @@ group of one array per field (``0``, ``1``, …; fixed-length bytes fields as
 the names, formats, offsets and item size, so the numpy dtype comes back
 exactly and any Zarr reader can read the fields (Zarr v3 has no specified
 struct data type).  Layers are compressed with
-blosc-zstd by default (``dask_loom.zarr-codec``), chunked as loompy's layers
-(``dask_loom.loom-chunks``); node attributes (``last_modified``) are Zarr
-attributes.
+blosc-zstd by default (``dask_loom.zarr-codec``) and sharded: a layer's shards
+hold about ``dask_loom.block-size`` bytes of whole inner chunks
+(``dask_loom.loom-zarr-chunks``), so a dask block is one object on an object
+store (:func:`dask_loom.zarr.default_shards`); node attributes
+(``last_modified``) are Zarr attributes.  Unsharded stores (older ones, or
+written by other tools) read as before; :func:`dask_loom.reshard` rewrites
+them sharded.
 
 Unlike HDF5 there is no single writer: a layer is a
 :class:`~dask_loom.zarr.ZarrTarget` (``ZarrWriter.target``) whose stored
@@ -218,6 +222,7 @@ class _ZarrReads:
             compression=comp,
             compression_opts=None,
             kind=kind,
+            inner_chunks=tuple(int(c) for c in arr.chunks) if arr.shards else None,
         )
 
     def read(self, path: str, sel: Any = ()) -> Any:
@@ -468,7 +473,9 @@ class ZarrWriter(_ZarrReads, TreeWriter):
         compression_opts: Any = 2,
         fillvalue: Any = None,
         strings: bool = False,
+        shards: tuple[int, ...] | None = None,
     ) -> None:
+        """Create an array (see :meth:`TreeWriter.create_array`); *shards*: Zarr v3 shards of whole *chunks*."""
         import zarr
 
         p = _p(path)
@@ -507,6 +514,7 @@ class ZarrWriter(_ZarrReads, TreeWriter):
             shape=shape,
             dtype=dtype,
             chunks=chunks if shape else (),
+            shards=tuple(int(c) for c in shards) if shards and shape and all(shape) else None,
             compressors=_codecs(compression) if not strings or compression else None,
             fill_value=fillvalue if fillvalue is not None else ("" if strings else 0),
             zarr_format=3,

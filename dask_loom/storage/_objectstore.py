@@ -76,6 +76,9 @@ def _classify(exc: BaseException) -> str:
         return "missing"
     if isinstance(exc, PermissionError):
         return "denied"
+    if any(w in type(exc).__name__ for w in ("ChecksumError", "PayloadError", "IncompleteRead")):
+        # A body cut short or damaged on the way (aiohttp reports a cut body with status 400).
+        return "transient"
     status = _status(exc)
     if status is not None:
         if status == 404:
@@ -88,7 +91,10 @@ def _classify(exc: BaseException) -> str:
     if isinstance(exc, (TimeoutError, ConnectionError, asyncio.TimeoutError)):
         return "transient"
     name = type(exc).__name__
-    if any(w in name for w in ("Timeout", "Connect", "Connection", "EndpointConnection", "ServerDisconnected", "ClientOSError")):
+    # A body that fails its checksum (botocore's FlexibleChecksumError) or ends early came back
+    # damaged on the way (a proxy, a cache): asked again, as any transient fault.
+    if any(w in name for w in ("Timeout", "Connect", "Connection", "EndpointConnection", "ServerDisconnected", "ClientOSError",
+                               "ChecksumError", "PayloadError", "IncompleteRead")):
         return "transient"
     if isinstance(exc, OSError):
         if exc.errno in _TRANSIENT_ERRNOS:
@@ -101,6 +107,10 @@ def _classify(exc: BaseException) -> str:
         if any(w in text for w in ("access denied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch", "403")):
             return "denied"
     return "fatal"
+
+
+# Schemes whose fsspec filesystem sends a negative start as a suffix range ("bytes=-n").
+_SUFFIX_RANGES = frozenset({"s3", "s3a"})
 
 
 class ObjectStore(_Base3):
@@ -255,6 +265,8 @@ class ObjectStore(_Base3):
                 if not req[1]:
                     fs.info(path)
                     return b""
+                if self.scheme in _SUFFIX_RANGES:
+                    return fs.cat_file(path, start=-int(req[1]))
                 size = fs.size(path)
                 return fs.cat_file(path, start=max(0, size - int(req[1])), end=size)
             start, length = int(req[0]), req[1]
@@ -346,6 +358,10 @@ class ObjectStore(_Base3):
             if req is None:
                 return await fs._cat_file(path)
             if req[0] == "suffix":
+                n = int(req[1])
+                if n and self.scheme in _SUFFIX_RANGES:
+                    # One GET with "Range: bytes=-n" (a shard index): no HEAD, not the whole object.
+                    return await fs._cat_file(path, start=-n)
                 data = await fs._cat_file(path)
                 return _slice(data, req)
             start, length = int(req[0]), req[1]
@@ -353,6 +369,30 @@ class ObjectStore(_Base3):
                 await fs._info(path)
                 return b""
             return await fs._cat_file(path, start=start, end=None if length is None else start + int(length))
+
+        return await self._aretry("get", key, go)
+
+    async def _aget_tail(self, key: str, n: int) -> tuple[bytes, int | None]:
+        """The last *n* bytes of object *key* (all of it when smaller) and the object's size, in one request.
+
+        On S3 the size comes from the answer's ``Content-Range`` (no HEAD);
+        elsewhere it is ``None`` (unknown).  Raises :class:`MissingKeyError`
+        when the object does not exist.
+        """
+        fs = await self._afs()
+        if fs is False or self.scheme not in _SUFFIX_RANGES or not hasattr(fs, "_call_s3"):
+            return await self._aget(key, ("suffix", n)), None
+        path = self._path(key)
+        bucket, obj, _ = fs.split_path(path)
+
+        async def go() -> tuple[bytes, int | None]:
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=obj, Range=f"bytes=-{int(n)}")
+            try:
+                body = await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+            total = str(resp.get("ContentRange") or "").rpartition("/")[2]
+            return body, int(total) if total.isdigit() else None
 
         return await self._aretry("get", key, go)
 

@@ -7,61 +7,22 @@ without reading metadata again; it is cached per process.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import threading
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from dask_loom.errors import CorruptChunkError, DaskLoomError, FormatError, UnsupportedCodecError
+from dask_loom.zarr._meta import _problem, check_safe_codecs, store_label
 
 __all__ = ["ZarrSource", "build_array", "chunk_key", "ensure_open", "translate_read_error", "zarr_metadata"]
 
 _cache_lock = threading.Lock()
 _arrays: dict[Any, Any] = {}
 _MAX_CACHED = 256
-
-
-def store_label(store: Any) -> str:
-    return getattr(store, "name", None) or str(store)
-
-
-# Codecs whose decoding runs code stored in the file (numcodecs' Pickle calls pickle.loads).
-_UNSAFE_CODECS = frozenset({"pickle"})
-
-
-def check_safe_codecs(metadata: Any, where: str) -> None:
-    """Refuse array metadata naming an unsafe codec (``pickle``) anywhere, before zarr or numcodecs sees it.
-
-    zarr-python 3 happens to refuse these today; this does not rely on it
-    (and stops its "install the package providing this codec" advice).
-
-    Examples
-    --------
-    >>> check_safe_codecs({"zarr_format": 2, "compressor": {"id": "zlib"}}, "x.zarr")
-    >>> check_safe_codecs({"zarr_format": 2, "filters": [{"id": "pickle"}]}, "x.zarr")
-    Traceback (most recent call last):
-    ...
-    dask_loom.errors.UnsupportedCodecError: x.zarr: codec 'pickle' is refused: decoding it would run code stored in the file
-    """
-
-    def walk(node: Any, top: bool) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if top and k == "attributes":
-                    continue  # user attributes, not codecs
-                if k in ("id", "name", "object_codec_id") and isinstance(v, str) and v.lower().removeprefix("numcodecs.") in _UNSAFE_CODECS:
-                    raise UnsupportedCodecError(f"{where}: codec {v!r} is refused: decoding it would run code stored in the file")
-                walk(v, False)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                walk(v, False)
-
-    walk(metadata, True)
 
 
 _open_lock = threading.Lock()
@@ -232,17 +193,6 @@ def chunk_key(arr: Any, coords: tuple[int, ...]) -> str:
     return f"{arr.path}/{k}" if arr.path else k
 
 
-def _problem(exc: BaseException) -> str:
-    text = str(exc)
-    if isinstance(exc, gzip.BadGzipFile) and "b'x" in text:
-        return f"the codec says gzip but the bytes are not gzip ({text}); they look like a zlib stream"
-    if "checksum" in text.lower():
-        return f"checksum mismatch ({text})"
-    if isinstance(exc, zlib.error):
-        return f"zlib stream does not decode ({text})"
-    return f"{type(exc).__name__}: {text}"
-
-
 def translate_read_error(exc: BaseException, arr: Any, store: Any, region: tuple[slice, ...], chunk_shape: tuple[int, ...]) -> BaseException:
     """Name the chunk that fails to decode (re-reading the region chunk by chunk)."""
     if isinstance(exc, DaskLoomError):
@@ -270,145 +220,6 @@ def _chunks_in(region: tuple[slice, ...], chunk_shape: tuple[int, ...], shape: t
         yield cc, tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cc, chunk_shape, shape))
 
 
-_FLOATS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
-
-
-class _FastPath:
-    """Chunk reads that bypass zarr's async codec pipeline for the common layouts.
-
-    Regular grid, no sharding or transpose, a numeric dtype and codecs
-    numcodecs decodes (blosc, zstd, gzip, crc32c; any v2 compressor): raw chunk
-    bytes are fetched (concurrently on object stores) and decoded in the
-    calling thread, like the HDF5 fast path.  zarr-python's pipeline costs
-    about 0.5 ms per chunk, which dominates with small (64 x 64) Loom chunks.
-    Anything else goes through zarr.
-    """
-
-    def __init__(self, meta: dict[str, Any]) -> None:
-        import numcodecs
-
-        check_safe_codecs(meta, "fast path")  # numcodecs.get_codec below would build any codec
-        self.decoders: list[Any] = []
-        if meta.get("zarr_format") == 3:
-            grid = meta.get("chunk_grid", {})
-            if grid.get("name") != "regular":
-                raise ValueError("irregular grid")
-            self.chunks = tuple(int(c) for c in grid["configuration"]["chunk_shape"])
-            cke = meta.get("chunk_key_encoding", {"name": "default"})
-            sep = cke.get("configuration", {}).get("separator")
-            if cke.get("name") == "default":
-                # "/" and "." as the spec says; other separators where simplezarr puts them (c/0-0).
-                sep = sep or "/"
-                self.sep, self.lead = sep, "c" + (sep if sep in ("/", ".") else "/")
-            elif cke.get("name") == "v2":
-                self.sep, self.lead = sep or ".", ""
-            else:
-                raise ValueError("chunk key encoding")
-            codecs = meta.get("codecs", [])
-            if not codecs or codecs[0].get("name") != "bytes":
-                raise ValueError("array-to-bytes codec")
-            endian = (codecs[0].get("configuration") or {}).get("endian", "little")
-            dt = meta.get("data_type")
-            if not isinstance(dt, str):
-                raise ValueError("extension data type")
-            base = np.dtype(dt)
-            if base.kind not in "biuf":
-                raise ValueError("dtype")
-            self.dtype = base.newbyteorder("<" if endian == "little" else ">") if base.itemsize > 1 else base
-            from numcodecs import blosc
-
-            known = {
-                # blosc's module-level decompress skips Blosc.decode's buffer checks:
-                # about 4x less overhead on a 16 KiB chunk.
-                "blosc": lambda: blosc.decompress,
-                "zstd": lambda: numcodecs.Zstd().decode,
-                "gzip": lambda: numcodecs.GZip().decode,
-                "crc32c": lambda: numcodecs.CRC32C().decode,
-            }
-            for c in codecs[1:]:
-                if c.get("name") not in known:
-                    raise ValueError(f"codec {c.get('name')}")
-                self.decoders.append(known[c["name"]]())
-            fill = meta.get("fill_value", 0)
-        elif meta.get("zarr_format") == 2:
-            if meta.get("order", "C") != "C" or meta.get("filters"):
-                raise ValueError("order/filters")
-            self.chunks = tuple(int(c) for c in meta["chunks"])
-            self.sep, self.lead = meta.get("dimension_separator") or ".", ""
-            self.dtype = np.dtype(meta["dtype"])
-            if self.dtype.kind not in "biuf":
-                raise ValueError("dtype")
-            if meta.get("compressor"):
-                self.decoders.append(numcodecs.get_codec(dict(meta["compressor"])).decode)
-            fill = meta.get("fill_value", 0)
-        else:
-            raise ValueError("format")
-        fill = 0 if fill is None else _FLOATS.get(fill, fill)
-        if not isinstance(fill, (int, float, bool)):
-            raise ValueError("fill value")
-        self.fill = fill
-        self.nbytes = math.prod(self.chunks) * self.dtype.itemsize
-
-    def key(self, path: str, coords: tuple[int, ...]) -> str:
-        k = self.lead + self.sep.join(str(int(c)) for c in coords) if coords else self.lead.rstrip(self.sep) or "0"
-        return f"{path}/{k}" if path else k
-
-    def decode(self, raw: bytes) -> np.ndarray:
-        data: Any = raw
-        for decode in reversed(self.decoders):
-            data = decode(data)
-        buf = memoryview(data).cast("B") if not isinstance(data, bytes) else data
-        if len(buf) != self.nbytes:
-            raise ValueError(f"decoded to {len(buf)} bytes, expected {self.nbytes}")
-        return np.frombuffer(buf, dtype=self.dtype).reshape(self.chunks)
-
-
-def _fast_path(meta: dict[str, Any]) -> _FastPath | None:
-    try:
-        return _FastPath(meta)
-    except Exception:
-        return None
-
-
-def _fetch(store: Any, keys: list[str]) -> list[bytes | None]:
-    """Raw values (``None`` when missing): serial for local stores, concurrent for the others."""
-    from dask_loom.errors import MissingKeyError
-    from dask_loom.storage._stores import LocalStore, MemoryStore
-
-    if type(store) in (LocalStore, MemoryStore):
-        out: list[bytes | None] = []
-        for k in keys:
-            try:
-                out.append(store._get(k))
-            except MissingKeyError:
-                out.append(None)
-        return out
-    import asyncio
-
-    import zarr
-    from zarr.core.sync import sync
-
-    limit = int(zarr.config.get("async.concurrency") or 10)
-
-    async def one(sem: asyncio.Semaphore, k: str) -> bytes | None:
-        async with sem:
-            try:
-                return await store._aget(k)
-            except MissingKeyError:
-                return None
-
-    async def all_() -> list[bytes | None]:
-        sem = asyncio.Semaphore(limit)
-        # Let every request finish (no orphaned requests on the loop), then raise the first error.
-        got = await asyncio.gather(*(one(sem, k) for k in keys), return_exceptions=True)
-        for g in got:
-            if isinstance(g, BaseException):
-                raise g
-        return list(got)
-
-    return sync(all_())
-
-
 class ZarrSource:
     """A Zarr array as a :class:`~dask_loom.blocks.ChunkSource` (storage unit: shard, else chunk).
 
@@ -434,9 +245,26 @@ class ZarrSource:
         self.dtype = _numpy_dtype(arr)
         self.chunk_shape = tuple(int(c) for c in (arr.shards or arr.chunks))
         self.label = f"{store_label(store)}:{path}"
-        from dask_loom.storage._stores import BaseStore
+        self._reader: Any = None
+        self._direct = self._direct_possible(arr)
 
-        self._fast = _fast_path(metadata) if isinstance(store, BaseStore) and not arr.shards else None
+    def _direct_possible(self, arr: Any) -> bool:
+        """Whether blocks are read by the direct chunk reader (:mod:`dask_loom.zarr._chunks`)."""
+        from dask_loom.storage._stores import BaseStore
+        from dask_loom.zarr._chunks import layout_of
+
+        return isinstance(self.store, BaseStore) and layout_of(arr) is not None
+
+    def reader(self) -> Any:
+        """This source's :class:`~dask_loom.zarr._chunks.ZarrChunkReader` (shard indexes cached for its life)."""
+        if self._reader is None:
+            from dask_loom.zarr._chunks import ZarrChunkReader, layout_of, objects_for_store
+
+            arr = self.array()
+            lay = layout_of(arr)
+            assert lay is not None
+            self._reader = ZarrChunkReader(objects_for_store(self.store), arr.path, lay, arr.metadata.encode_chunk_key)
+        return self._reader
 
     def array(self) -> Any:
         return build_array(self.store, self.path, self.metadata)
@@ -456,8 +284,9 @@ class ZarrSource:
     def read_block(self, region: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
         """Read a region (edges on stored-chunk boundaries read each chunk once)."""
         region = tuple(slice(*r.indices(n)[:2]) for r, n in zip(region, self.shape))
-        if self._fast is not None and region and all(r.stop > r.start for r in region):
-            return self._read_fast(region, out)
+        if self._direct and region and all(r.stop > r.start for r in region):
+            data = self.reader().read_region(region, out)
+            return data if data.dtype == self.dtype else data.astype(self.dtype)
         arr = self.array()
         if not region:
             data = np.asarray(arr[()])
@@ -475,40 +304,6 @@ class ZarrSource:
             out[...] = data
             return out
         return data
-
-
-    def _read_fast(self, region: tuple[slice, ...], out: np.ndarray | None) -> np.ndarray:
-        fast = self._fast
-        assert fast is not None
-        cs = fast.chunks
-        ranges = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, cs)]
-        coords = list(np.ndindex(*[len(r) for r in ranges]))
-        coords = [tuple(rg[i] for rg, i in zip(ranges, cc)) for cc in coords]
-        keys = [fast.key(self.path, cc) for cc in coords]
-        raws = _fetch(self.store, keys)
-        shape = tuple(r.stop - r.start for r in region)
-        if out is None:
-            out = np.empty(shape, dtype=self.dtype)
-        if any(r is None for r in raws):
-            out[...] = fast.fill
-        for cc, key, raw in zip(coords, keys, raws):
-            if raw is None:
-                continue
-            try:
-                chunk = fast.decode(raw)
-            except Exception as exc:
-                raise CorruptChunkError(
-                    f"{store_label(self.store)}: array {self.path or '/'!r}, chunk {key!r}: {_problem(exc)}"
-                ) from exc
-            src, dst = [], []
-            for ax, c in enumerate(cc):
-                lo = c * cs[ax]
-                a = max(lo, region[ax].start)
-                b = min(lo + cs[ax], region[ax].stop)
-                src.append(slice(a - lo, b - lo))
-                dst.append(slice(a - region[ax].start, b - region[ax].start))
-            out[tuple(dst)] = chunk[tuple(src)]
-        return out
 
 
 def _rebuild_source(store: Any, path: str, metadata: dict[str, Any], prefix: str) -> ZarrSource:

@@ -27,9 +27,40 @@ from typing import Any
 from dask_loom.blocks._target import BlockTarget
 from dask_loom.errors import MissingKeyError
 
-__all__ = ["ZarrTarget"]
+__all__ = ["ZarrTarget", "default_shards"]
 
 _DOCS = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
+
+
+def default_shards(
+    shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int, *, target_bytes: int | str | None = None
+) -> tuple[int, ...] | None:
+    """The shard shape dask_loom writes: whole inner *chunks*, about ``dask_loom.block-size`` bytes decoded.
+
+    Shaped as :func:`~dask_loom.blocks.plan_blocks` shapes a block, so a dask
+    block of the array is one shard (one object: one request for its index
+    and a few coalesced ranged reads for its chunks).  ``None`` when a shard
+    would hold a single chunk (nothing to gain from sharding).
+
+    Examples
+    --------
+    >>> default_shards((20_000, 50_000), (64, 64), 4, target_bytes="64MiB")
+    (4032, 3904)
+    >>> default_shards((60, 50), (64, 64), 4) is None
+    True
+    """
+    from dask_loom.blocks._plan import units_per_block
+
+    shape = tuple(int(s) for s in shape)
+    chunks = tuple(max(1, int(c)) for c in chunks)
+    if not shape or 0 in shape:
+        return None
+    units = units_per_block(shape, chunks, max(1, int(itemsize)), target_bytes=target_bytes)
+    # Not past the array's edge: the last shard holds the chunks that exist.
+    units = tuple(min(u, -(-n // c)) for u, n, c in zip(units, shape, chunks))
+    if all(u == 1 for u in units):
+        return None
+    return tuple(u * c for u, c in zip(units, chunks))
 
 
 def _store_name(store: Any) -> str:
