@@ -44,6 +44,17 @@ DEFAULTS: dict[str, Any] = {
     # Layer chunk shape dask_loom.convert gives a .loom.zarr (1 MiB of float32): loompy's
     # 64 x 64 suits HDF5, but as Zarr objects (one per chunk) it means 16 KiB requests.
     "loom-zarr-chunks": [512, 512],
+    # Reads of byte ranges on object stores (HDF5 .loom chunks, chunk-index pages): neighbouring
+    # ranges are merged into one ranged request of about coalesce-bytes (a run is cut into
+    # round(run / coalesce-bytes) pieces, so no small tail request), reading through holes of up
+    # to coalesce-gap (at tens of ms per request and >= 100 MB/s, a 1 MiB hole costs less than a
+    # request); the requests of one task are sent at once.  Local files read with pread.
+    "coalesce-bytes": "4MiB",
+    "coalesce-gap": "1MiB",
+    # A remote HDF5 dataset's chunk index (built once, in few requests, when a source is made)
+    # travels inside the graph when encoded it is at most this big, so workers need not
+    # rebuild it; larger indexes are rebuilt once per worker process.
+    "index-ship-bytes": "2MiB",
     # Retries for transient object-store errors.
     "retries": 5,
     "retry-backoff": 0.2,
