@@ -142,10 +142,17 @@ def chunk_btree(
 ) -> BTreeInfo | None:
     """Find a dataset's chunk B-tree from its object header, or ``None`` if it has no version 1 B-tree index.
 
-    *read* ``(offset, size) -> bytes`` reads the file; *header_addr* is the
-    object header's address (``h5py.h5o.get_info(ds.id).addr``).
+    *read* ``(offset, size) -> bytes`` reads the file at absolute offsets;
+    *header_addr* is the object header's address as the file stores it (the
+    hard link's address, relative to the superblock's *base*).
     """
     so, sl = sizeof_offsets, sizeof_lengths
+    user_read = read
+
+    def read(offset: int, n: int) -> bytes:
+        # Addresses inside the file are relative to the base address (after a user block).
+        return user_read(base + offset, n)
+
     sig = read(header_addr, 4)
     if bytes(sig) == b"OHDR":
         msgs = _messages_v2(read, header_addr, so, sl, name)
