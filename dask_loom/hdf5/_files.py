@@ -345,7 +345,6 @@ def object_size(spec: FileSpec, entry: _Entry) -> int:
 def _remote_call(spec: FileSpec, fn: Any, *, what: str) -> Any:
     """Run one object-store call with the stores' retry policy and typed errors."""
     from dask_loom.errors import StoreError
-    from dask_loom.storage._objectstore import CredentialsError, _classify
 
     retries = int(get_config("retries"))
     backoff = float(get_config("retry-backoff"))
@@ -353,6 +352,9 @@ def _remote_call(spec: FileSpec, fn: Any, *, what: str) -> Any:
         try:
             return fn()
         except Exception as exc:
+            # Imported on failure only: the stores module brings zarr-python (0.6 s cold).
+            from dask_loom.storage._objectstore import CredentialsError, _classify
+
             kind = _classify(exc)
             if kind == "missing":
                 raise FileNotFoundError(errno.ENOENT, f"File '{spec.name}' not found", spec.name) from exc
