@@ -51,6 +51,11 @@ DEFAULTS: dict[str, Any] = {
     # request); the requests of one task are sent at once.  Local files read with pread.
     "coalesce-bytes": "4MiB",
     "coalesce-gap": "1MiB",
+    # The chunk B-tree of a remote HDF5 dataset is read a level at a time; its pages lie between
+    # chunks, so reading through the holes between them (the smallest first, each at most
+    # coalesce-gap) may add at most this many bytes per level: a small file is fetched in a few
+    # large requests, a large one costs more requests but never a download of most of the file.
+    "index-read-waste": "64MiB",
     # A remote HDF5 dataset's chunk index (built once, in few requests, when a source is made)
     # travels inside the graph when encoded it is at most this big, so workers need not
     # rebuild it; larger indexes are rebuilt once per worker process.

@@ -8,6 +8,7 @@ behind the request-counting proxy (``tests/_faultproxy.py``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import uuid
@@ -129,7 +130,12 @@ def test_deep_tree_is_read_one_level_per_round(tmp_path):
     ref = _h5py_index(path, "x")
     assert len(ref) == 10_000
     _assert_same(index, ref)
-    assert len(index.fetches) == 3 and index.fetches[0] == 1 and index.fetches[1] > 1 and index.fetches[2] > index.fetches[1]
+    assert (
+        len(index.fetches) == 3
+        and index.fetches[0] == 1
+        and index.fetches[1] > 1
+        and index.fetches[2] > index.fetches[1]
+    )
 
 
 def test_userblock_base_address(tmp_path):
@@ -157,7 +163,9 @@ def test_btree_index_on_loompy_file(tmp_path):
 
     path = str(tmp_path / "l.loom")
     m = make_matrix((300, 700), seed=3)
-    loompy.create(path, {"": m, "spliced": m.astype("int32")}, {"Gene": np.arange(300)}, {"CellID": np.arange(700)})
+    loompy.create(
+        path, {"": m, "spliced": m.astype("int32")}, {"Gene": np.arange(300)}, {"CellID": np.arange(700)}
+    )
     for name in ("matrix", "layers/spliced"):
         _assert_same(_local_index(path, name), _h5py_index(path, name))
 
@@ -169,9 +177,14 @@ def test_btree_index_on_real_files(data_dir):
             if not fn.endswith(".loom"):
                 continue
             path = os.path.join(root, fn)
-            names = []
+            names: list[str] = []
+
+            def chunked(n: str, o: object, names: list[str] = names) -> None:
+                if isinstance(o, h5py.Dataset) and o.chunks:
+                    names.append(n)
+
             with h5py.File(path, "r") as f:
-                f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) and o.chunks else None)
+                f.visititems(chunked)
             for name in names:
                 index = _local_index(path, name)
                 assert index is not None, (fn, name)
@@ -232,7 +245,7 @@ def test_coalesce_plan_covers_each_range_once(ranges, gap, target):
     spans = sorted((starts[i], starts[i] + sizes[i]) for i in range(len(starts)))
     for r0, r1, _m in plan:
         inside = [s for s in spans if r0 <= s[0] < r1]
-        for (_a, e), (s, _b) in zip(inside, inside[1:]):
+        for (_a, e), (s, _b) in itertools.pairwise(inside):
             assert s - e <= gap
 
 
@@ -249,6 +262,7 @@ def test_coalesce_plan_pieces_of_about_target():
 
 
 # -- on the local S3 server ----------------------------------------------------------------------
+
 
 def _upload(s3_server, local: str, name: str) -> str:
     import fsspec
@@ -294,6 +308,30 @@ def test_remote_open_index_and_map_request_counts(s3_server, s3_proxy, big_loom)
         m = f["matrix"][:]
     np.testing.assert_allclose(got[0], m.mean(axis=1, dtype=np.float64), rtol=1e-6)
     np.testing.assert_allclose(got[1], m.std(axis=1, dtype=np.float64), rtol=1e-5)
+    _assert_same(src.index, _h5py_index(big_loom, "matrix"))
+
+    # With no bytes to spare for holes, the pages are fetched one by one (all of a level at once):
+    # more requests, but a few hundred KiB instead of most of the file.
+    clear_all()
+    with dask.config.set({"dask_loom.index-read-waste": 0}):
+        with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
+            proxy.reset_counts()
+            lean = ds._layer_source("")
+            snap = proxy.snapshot()
+    np.testing.assert_array_equal(lean.index.offsets, src.index.offsets)
+    assert snap["total_bytes"] < 2**21 and snap["total_requests"] > index_requests, snap
+
+
+def test_gap_within_merges_smallest_holes_first():
+    from dask_loom.hdf5._files import gap_within
+
+    # Holes of 10, 50, 20, 1000 bytes between five ranges of 5 bytes.
+    starts, sizes = [0, 15, 70, 95, 1100], [5] * 5
+    assert gap_within(starts, sizes, gap=10**6, max_waste=10**6) == 1000
+    assert gap_within(starts, sizes, gap=10**6, max_waste=80) == 50
+    assert gap_within(starts, sizes, gap=10**6, max_waste=79) == 20
+    assert gap_within(starts, sizes, gap=10**6, max_waste=5) == 0
+    assert gap_within(starts, sizes, gap=30, max_waste=10**6) == 20
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import threading
 import time
@@ -259,14 +260,17 @@ def _coalesce(starts: list[int], sizes: list[int], gap: int) -> list[tuple[int, 
     return runs
 
 
-def read_ranges(spec: FileSpec, starts: list[int], sizes: list[int], *, entry: _Entry | None = None) -> list[bytes | memoryview]:
+def read_ranges(
+    spec: FileSpec, starts: list[int], sizes: list[int], *, entry: _Entry | None = None, max_waste: int | None = None
+) -> list[bytes | memoryview]:
     """Read byte ranges of a file: ``pread`` locally, concurrent range requests remotely.
 
     Neighbouring ranges are coalesced into one read (chunks of one dataset
     usually lie next to each other on disk), then split again.  *entry* pins
     the cached file the ranges were looked up in.  Remotely, requests are
     sized by ``dask_loom.coalesce-bytes`` and ``dask_loom.coalesce-gap`` and
-    sent at once (:func:`coalesce_plan`).
+    sent at once (:func:`coalesce_plan`); *max_waste* caps the bytes of
+    holes read through (the smallest holes are merged first).
     """
     if not starts:
         return []
@@ -292,7 +296,7 @@ def read_ranges(spec: FileSpec, starts: list[int], sizes: list[int], *, entry: _
         finally:
             os.close(fd)
         return out
-    return _read_remote(spec, entry, list(starts), list(sizes))
+    return _read_remote(spec, entry, list(starts), list(sizes), max_waste=max_waste)
 
 
 def coalesce_plan(starts: list[int], sizes: list[int], *, gap: int, target: int) -> list[tuple[int, int, list[int]]]:
@@ -374,7 +378,33 @@ class _ShortAnswer(OSError):
     """A ranged answer with fewer bytes than asked for (transient: retried)."""
 
 
-def _read_remote(spec: FileSpec, entry: _Entry, starts: list[int], sizes: list[int]) -> list[Any]:
+def gap_within(starts: list[int], sizes: list[int], *, gap: int, max_waste: int) -> int:
+    """The largest hole size up to *gap* whose holes, all read through, add at most *max_waste* bytes.
+
+    Merging the smallest holes first saves the most requests for the bytes
+    spent: reading the pages of a chunk index spread through a large file
+    then costs a bounded number of extra bytes, not the whole file.
+    """
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    holes = sorted(
+        h
+        for a, b in itertools.pairwise(order)
+        if 0 < (h := starts[b] - (starts[a] + sizes[a])) <= gap
+    )
+    total = 0
+    best = 0
+    for i, h in enumerate(holes):
+        total += h
+        if total > max_waste:
+            break
+        if i + 1 == len(holes) or holes[i + 1] != h:
+            best = h  # every hole of this size fits: a threshold no tie can overshoot
+    return best
+
+
+def _read_remote(
+    spec: FileSpec, entry: _Entry, starts: list[int], sizes: list[int], *, max_waste: int | None = None
+) -> list[Any]:
     """Ranged requests of about ``dask_loom.coalesce-bytes``, issued at once, each answer checked for length.
 
     Neighbouring ranges (holes up to ``dask_loom.coalesce-gap``) share a
@@ -388,6 +418,8 @@ def _read_remote(spec: FileSpec, entry: _Entry, starts: list[int], sizes: list[i
 
     gap = _nbytes(get_config("coalesce-gap"))
     target = _nbytes(get_config("coalesce-bytes"))
+    if max_waste is not None:
+        gap = gap_within(starts, sizes, gap=gap, max_waste=max_waste)
     plan = coalesce_plan(starts, sizes, gap=gap, target=target)
     if entry.size is not None:
         for r0, r1, _m in plan:

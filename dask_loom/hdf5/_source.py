@@ -126,7 +126,7 @@ def build_index(spec: FileSpec, layout: DatasetLayout, entry: Any = None) -> Chu
 def _remote_btree_index(spec: FileSpec, layout: DatasetLayout, entry: Any) -> ChunkIndex | None:
 
     from dask_loom.hdf5._btree import chunk_btree, read_chunk_index
-    from dask_loom.hdf5._files import object_size
+    from dask_loom.hdf5._files import _nbytes, object_size
 
     with open_h5_read(spec) as f:
         addr = _header_address(f, layout.path)
@@ -146,8 +146,11 @@ def _remote_btree_index(spec: FileSpec, layout: DatasetLayout, entry: Any) -> Ch
     if info is None or info.chunk_dims != layout.chunks or info.element_size != np.dtype(layout.dtype).itemsize:
         return None  # another index type (or a layout we do not model): h5py builds it
 
+    waste = _nbytes(get_config("index-read-waste"))
+
     def fetch(starts: list[int], sizes: list[int]) -> list[Any]:
-        return read_ranges(spec, starts, sizes, entry=entry)
+        # B-tree pages lie between chunks: read through holes, but never most of a large file.
+        return read_ranges(spec, starts, sizes, entry=entry, max_waste=waste)
 
     return read_chunk_index(fetch, info, shape=layout.shape, file_size=size, name=f"{spec.name}:{layout.path}")
 
