@@ -190,8 +190,15 @@ def read_chunk_index(
     file_size: int | None,
     name: str,
     istore_k: int = DEFAULT_ISTORE_K,
+    span: tuple[int, int] | None = None,
 ) -> ChunkIndex:
     """Read every chunk's byte offset, stored size and filter mask from the B-tree, level by level.
+
+    *span* ``(first, last)`` (positions in the C order of the chunk grid,
+    inclusive) restricts the walk to the subtrees that may hold those chunks
+    (a B-tree search: a small read fetches a node per level, not the whole
+    tree); entries outside the span are then left unknown (``-1``), so such
+    an index answers only for chunks inside the span.
 
     *fetch* reads many byte ranges at once (one round trip); it is called once
     per tree level (twice for a level whose nodes hold more than ``2 *
@@ -217,6 +224,7 @@ def read_chunk_index(
     if addr_t is None:
         raise LoomFormatError(f"{name}: unsupported size of file offsets ({so} bytes)")
     entry_dt = np.dtype([("size", "<u4"), ("mask", "<u4"), ("coords", "<u8", (rank + 1,)), ("child", addr_t)])
+    key_dt = np.dtype([("size", "<u4"), ("mask", "<u4"), ("coords", "<u8", (rank + 1,))])
     header = 8 + 2 * so
     full = _node_bytes(rank, so, 2 * istore_k)
     limit = file_size if file_size is not None else None
@@ -268,6 +276,13 @@ def read_chunk_index(
             ent = np.frombuffer(buf, dtype=entry_dt, count=count, offset=header)
             child = ent["child"].astype(np.int64) + info.base
             if level > 0:
+                if span is not None and count:
+                    # Child i holds the chunks from key i up to (not including) key i + 1.
+                    last = np.frombuffer(buf, dtype=key_dt, count=1, offset=header + count * entry_dt.itemsize)
+                    keys = np.concatenate([ent["coords"][:, :rank], last["coords"][:, :rank]]).astype(np.int64)
+                    flat = (keys // chunks) @ strides
+                    keep = (flat[:-1] <= span[1]) & (flat[1:] > span[0])
+                    child = child[keep]
                 children.extend(child.tolist())
                 continue
             coords = ent["coords"][:, :rank].astype(np.int64)

@@ -34,7 +34,7 @@ from dask_loom.hdf5._layout import (
 )
 from dask_loom.storage import FileSpec
 
-__all__ = ["HDF5Source", "build_index", "dataset_layout", "hdf5_to_dask", "remote_index"]
+__all__ = ["HDF5Source", "build_index", "dataset_layout", "full_chunk_index", "hdf5_to_dask", "remote_index"]
 
 # Counters the tests use to prove which path served a read (per process).
 STATS = {"fast_blocks": 0, "h5py_blocks": 0}
@@ -92,19 +92,47 @@ def dataset_layout(spec: FileSpec, path: str) -> DatasetLayout:
 
 
 def _chunk_offsets(
-    spec: FileSpec, layout: DatasetLayout, coords: np.ndarray, entry: Any = None, shipped: ChunkIndex | None = None
+    spec: FileSpec,
+    layout: DatasetLayout,
+    coords: np.ndarray,
+    entry: Any = None,
+    shipped: ChunkIndex | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     entry = entry if entry is not None else cached_entry(spec)
-    if shipped is not None or wants_full_index(layout):
-        key = ("index", layout.path)
-        index: ChunkIndex | None = entry.cache.get(key)
-        if index is None:
-            # The index that came with the graph is used as is: a remote object is immutable.
-            index = shipped if shipped is not None else build_index(spec, layout, entry)
-            entry.cache[key] = index
+    key = ("index", layout.path)
+    index: ChunkIndex | None = entry.cache.get(key)
+    if index is None and shipped is not None:
+        # The index that came with the graph is used as is: a remote object is immutable.
+        index = entry.cache[key] = shipped
+    if index is not None:
         return index.lookup(coords)
+    if not spec.is_local and wants_full_index(layout) and len(coords):
+        flat = np.ravel_multi_index(tuple(coords.T), layout.grid)
+        lo, hi = int(flat.min()), int(flat.max())
+        if (hi - lo + 1) * 8 >= math.prod(layout.grid):
+            # A large part of the array (a block of a whole-array graph): the full
+            # index, once per process, costs no more than this part's pages.
+            return full_chunk_index(spec, layout, entry).lookup(coords)
+        part = _remote_btree_index(spec, layout, entry, span=(lo, hi))
+        if part is not None:
+            return part.lookup(coords)
+    if wants_full_index(layout):
+        return full_chunk_index(spec, layout, entry).lookup(coords)
     with open_h5_read(spec) as f:
         return region_index(f[layout.path], coords)
+
+
+def full_chunk_index(spec: FileSpec, layout: DatasetLayout, entry: Any = None) -> ChunkIndex:
+    """The dataset's whole chunk index, built once per process (cached with the open file)."""
+    entry = entry if entry is not None else cached_entry(spec)
+    key = ("index", layout.path)
+    index = entry.cache.get(key)
+    if index is None:
+        with entry.lock:  # threads of one process build it once
+            index = entry.cache.get(key)
+            if index is None:
+                index = entry.cache[key] = build_index(spec, layout, entry)
+    return index
 
 
 def build_index(spec: FileSpec, layout: DatasetLayout, entry: Any = None) -> ChunkIndex:
@@ -123,36 +151,44 @@ def build_index(spec: FileSpec, layout: DatasetLayout, entry: Any = None) -> Chu
         return full_index(f[layout.path], layout)
 
 
-def _remote_btree_index(spec: FileSpec, layout: DatasetLayout, entry: Any) -> ChunkIndex | None:
-
+def _remote_btree_index(
+    spec: FileSpec, layout: DatasetLayout, entry: Any, *, span: tuple[int, int] | None = None
+) -> ChunkIndex | None:
     from dask_loom.hdf5._btree import chunk_btree, read_chunk_index
     from dask_loom.hdf5._files import _nbytes, object_size
 
-    with open_h5_read(spec) as f:
-        addr = _header_address(f, layout.path)
-        if addr is None:
-            return None
-        so, sl = f.id.get_create_plist().get_sizes()
-        base = int(f.userblock_size)
-        fobj = entry.fobj
+    info = entry.cache.get(("btree", layout.path), False)
+    if info is False:
+        with open_h5_read(spec) as f:
+            addr = _header_address(f, layout.path)
+            if addr is None:
+                info = None
+            else:
+                so, sl = f.id.get_create_plist().get_sizes()
+                base = int(f.userblock_size)
+                fobj = entry.fobj
 
-        def read(offset: int, n: int) -> bytes:
-            # The object header was just read by h5py: these bytes come from its block cache.
-            fobj.seek(offset)
-            return fobj.read(n)
+                def read(offset: int, n: int) -> bytes:
+                    # The object header was just read by h5py: these bytes come from its block cache.
+                    fobj.seek(offset)
+                    return fobj.read(n)
 
-        info = chunk_btree(read, int(addr), sizeof_offsets=int(so), sizeof_lengths=int(sl), base=base, name=spec.name)
-        size = object_size(spec, entry)
-    if info is None or info.chunk_dims != layout.chunks or info.element_size != np.dtype(layout.dtype).itemsize:
-        return None  # another index type (or a layout we do not model): h5py builds it
-
+                info = chunk_btree(read, addr, sizeof_offsets=int(so), sizeof_lengths=int(sl), base=base, name=spec.name)
+            object_size(spec, entry)
+        if info is not None and (info.chunk_dims != layout.chunks or info.element_size != np.dtype(layout.dtype).itemsize):
+            info = None  # a layout we do not model: h5py builds the index
+        entry.cache[("btree", layout.path)] = info
+    if info is None:
+        return None  # another index type: h5py builds it
     waste = _nbytes(get_config("index-read-waste"))
 
     def fetch(starts: list[int], sizes: list[int]) -> list[Any]:
         # B-tree pages lie between chunks: read through holes, but never most of a large file.
         return read_ranges(spec, starts, sizes, entry=entry, max_waste=waste)
 
-    return read_chunk_index(fetch, info, shape=layout.shape, file_size=size, name=f"{spec.name}:{layout.path}")
+    return read_chunk_index(
+        fetch, info, shape=layout.shape, file_size=entry.size, name=f"{spec.name}:{layout.path}", span=span
+    )
 
 
 def _header_address(f: Any, path: str) -> int | None:
@@ -175,20 +211,14 @@ def _header_address(f: Any, path: str) -> int | None:
 
 
 def remote_index(spec: FileSpec, layout: DatasetLayout) -> ChunkIndex | None:
-    """The chunk index a source of a remote file carries into graphs (``None`` for local files).
+    """The chunk index of a remote dataset if this process has built it already (``None`` otherwise).
 
-    Built once per process (cached with the file) when the source is made, so
-    tasks on workers look chunks up without opening the file through h5py.
+    Sources carry it into graphs; one without it builds it when first pickled
+    (see :meth:`HDF5Source.chunk_index`).  Local files: always ``None``.
     """
     if spec.is_local or not (layout.fast and layout.layout == "chunked"):
         return None
-    entry = cached_entry(spec)
-    key = ("index", layout.path)
-    index = entry.cache.get(key)
-    if index is None:
-        index = build_index(spec, layout, entry)
-        entry.cache[key] = index
-    return index
+    return cached_entry(spec).cache.get(("index", layout.path))
 
 
 class HDF5Source:
@@ -222,9 +252,24 @@ class HDF5Source:
 
         return ("HDF5Source", self.spec.url, self.layout, file_identity(self.spec))
 
+    def chunk_index(self) -> ChunkIndex | None:
+        """The whole chunk index of a remote chunked dataset, built once per process (``None`` locally).
+
+        Reading it costs one round of coalesced ranged requests per B-tree
+        level.  Graph builders call it (through :attr:`contiguous_axis`, or
+        when the source is pickled into a graph), so the index travels with
+        the tasks and workers never rebuild it; small reads (``ds[10:20, :5]``)
+        never need it: they search the tree for their chunks only.
+        """
+        lay = self.layout
+        if self.index is None and not self.spec.is_local and lay.fast and lay.layout == "chunked" and wants_full_index(lay):
+            self.index = full_chunk_index(self.spec, lay)
+        return self.index
+
     def __reduce__(self) -> Any:
         state: dict[str, Any] = {"prefix": self.prefix, "dtype": self.dtype}
-        if self.index is not None:
+        # Pickled into a graph for other processes: they get the index with the tasks.
+        if self.chunk_index() is not None:
             encoded = self._encoded_index()
             if encoded is not None:
                 state["index"] = encoded
@@ -260,7 +305,7 @@ class HDF5Source:
         chunk row: block planners that may choose their bands ask this.
         Local files (read with ``pread``) and unindexed sources answer ``None``.
         """
-        if self.index is None or self.ndim < 2:
+        if self.ndim < 2 or self.chunk_index() is None:
             return None
         cached = getattr(self, "_contiguous", False)
         if cached is False:
