@@ -46,11 +46,22 @@ DEFAULTS: dict[str, Any] = {
     # against 64 x 64, 256 x 256 and 512 x 512 (benchmarks/bench_cloud_zarr.py), and quicker to
     # write than 64 x 64 (zarr-python encodes a shard chunk by chunk).
     "loom-zarr-chunks": [128, 128],
-    # Ranged reads on object stores: adjacent byte ranges of one object (inner chunks of a
-    # shard, chunks of an HDF5 file) are merged into requests of up to coalesce-bytes,
-    # reading through holes of up to coalesce-gap bytes rather than sending another request.
+    # Reads of byte ranges on object stores (HDF5 .loom chunks, chunk-index pages): neighbouring
+    # ranges are merged into one ranged request of about coalesce-bytes (a run is cut into
+    # round(run / coalesce-bytes) pieces, so no small tail request), reading through holes of up
+    # to coalesce-gap (at tens of ms per request and >= 100 MB/s, a 1 MiB hole costs less than a
+    # request); the requests of one task are sent at once.  Local files read with pread.
     "coalesce-bytes": "4MiB",
     "coalesce-gap": "1MiB",
+    # The chunk B-tree of a remote HDF5 dataset is read a level at a time; its pages lie between
+    # chunks, so reading through the holes between them (the smallest first, each at most
+    # coalesce-gap) may add at most this many bytes per level: a small file is fetched in a few
+    # large requests, a large one costs more requests but never a download of most of the file.
+    "index-read-waste": "64MiB",
+    # A remote HDF5 dataset's chunk index (built once, in few requests, when a source is made)
+    # travels inside the graph when encoded it is at most this big, so workers need not
+    # rebuild it; larger indexes are rebuilt once per worker process.
+    "index-ship-bytes": "2MiB",
     # Retries for transient object-store errors.
     "retries": 5,
     "retry-backoff": 0.2,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import threading
 import time
@@ -56,6 +57,7 @@ class _Entry:
         self.fobj: Any = None  # remote file object behind h5py
         self.fs: Any = None
         self.fs_path: str | None = None
+        self.size: int | None = None  # remote objects: bytes in the object, once known
         self.cache: dict[Any, Any] = {}  # layouts and chunk indexes, keyed by dataset path
         self.lock = threading.RLock()
 
@@ -192,10 +194,11 @@ def _open_for_read(spec: FileSpec, entry: _Entry) -> h5py.File:
             return _open_local_for_read(spec)
         fs, path = spec.fs()
         entry.fs, entry.fs_path = fs, path
-        # h5py's metadata reads (object headers, chunk B-tree nodes) are small and
-        # scattered: 64 KiB cached blocks fetch ~10x fewer bytes than 1 MiB
-        # read-ahead when opening a remote file and indexing its chunks.
-        entry.fobj = fs.open(path, "rb", block_size=2**16, cache_type="blockcache")
+        # h5py reads only metadata here (object headers, attributes, names): chunk
+        # indexes are read by _btree.py and chunks by read_ranges.  A Loom file keeps
+        # it at the start and after the matrix: 1 MiB cached blocks open a 4,096 x
+        # 16,384 loompy file in 3 GETs (64 KiB blocks took 6, one round trip each).
+        entry.fobj = fs.open(path, "rb", block_size=2**20, cache_type="blockcache")
         return h5py.File(entry.fobj, "r")
     except (FileNotFoundError, FileBeingWrittenError):
         raise
@@ -258,20 +261,24 @@ def _coalesce(starts: list[int], sizes: list[int], gap: int) -> list[tuple[int, 
     return runs
 
 
-def read_ranges(spec: FileSpec, starts: list[int], sizes: list[int], *, entry: _Entry | None = None) -> list[bytes | memoryview]:
+def read_ranges(
+    spec: FileSpec, starts: list[int], sizes: list[int], *, entry: _Entry | None = None, max_waste: int | None = None
+) -> list[bytes | memoryview]:
     """Read byte ranges of a file: ``pread`` locally, concurrent range requests remotely.
 
     Neighbouring ranges are coalesced into one read (chunks of one dataset
     usually lie next to each other on disk), then split again.  *entry* pins
-    the cached file the ranges were looked up in.
+    the cached file the ranges were looked up in.  Remotely, requests are
+    sized by ``dask_loom.coalesce-bytes`` and ``dask_loom.coalesce-gap`` and
+    sent at once (:func:`coalesce_plan`); *max_waste* caps the bytes of
+    holes read through (the smallest holes are merged first).
     """
     if not starts:
         return []
     entry = entry if entry is not None else cached_entry(spec)
-    gap = 1 << 16 if spec.is_local else 1 << 20
-    runs = _coalesce(list(starts), list(sizes), gap)
-    out: list[Any] = [None] * len(starts)
     if spec.is_local:
+        runs = _coalesce(list(starts), list(sizes), 1 << 16)
+        out: list[Any] = [None] * len(starts)
         # A private duplicate: another thread may close the entry (the file
         # was replaced, a connection closed) while this one reads, and the
         # shared descriptor's number could then name another open file.
@@ -290,40 +297,185 @@ def read_ranges(spec: FileSpec, starts: list[int], sizes: list[int], *, entry: _
         finally:
             os.close(fd)
         return out
-    if entry.fs is None:
-        entry.fs, entry.fs_path = spec.fs()
-    fs, path = entry.fs, entry.fs_path
+    return _read_remote(spec, entry, list(starts), list(sizes), max_waste=max_waste)
+
+
+def coalesce_plan(starts: list[int], sizes: list[int], *, gap: int, target: int) -> list[tuple[int, int, list[int]]]:
+    """Group byte ranges into requests: ``(start, end, member indices)``.
+
+    Ranges no further apart than *gap* are merged (the hole between them is
+    read and dropped: cheaper than another request); a merged run longer than
+    *target* is cut, between ranges, into pieces of about *target* bytes
+    (``round(run / target)`` pieces, so no small tail request: a piece is at
+    most about 1.5 x *target*, or one range larger than that).
+    """
+    out: list[tuple[int, int, list[int]]] = []
+    for r0, r1, members in _coalesce(starts, sizes, gap):
+        pieces = max(1, round((r1 - r0) / target)) if target > 0 else 1
+        if pieces == 1 or len(members) == 1:
+            out.append((r0, r1, members))
+            continue
+        # Cut where the running length passes each multiple of the piece size.
+        step = (r1 - r0) / pieces
+        cur: list[int] = []
+        c0 = c1 = -1
+        k = 1
+        for i in members:
+            s, e = starts[i], starts[i] + sizes[i]
+            if cur and s - r0 >= k * step:
+                out.append((c0, c1, cur))
+                cur = []
+                while s - r0 >= k * step:
+                    k += 1
+            if not cur:
+                c0, c1 = s, e
+            c1 = max(c1, e)
+            cur.append(i)
+        out.append((c0, c1, cur))
+    return out
+
+
+def object_size(spec: FileSpec, entry: _Entry) -> int:
+    """The remote object's size in bytes (known from opening it, else one HEAD request)."""
+    if entry.size is None:
+        if entry.fobj is not None and getattr(entry.fobj, "size", None) is not None:
+            entry.size = int(entry.fobj.size)
+        else:
+            if entry.fs is None:
+                entry.fs, entry.fs_path = spec.fs()
+            entry.size = int(_remote_call(spec, lambda: entry.fs.size(entry.fs_path), what="size"))
+    return entry.size
+
+
+def _remote_call(spec: FileSpec, fn: Any, *, what: str) -> Any:
+    """Run one object-store call with the stores' retry policy and typed errors."""
+    from dask_loom.errors import StoreError
+
     retries = int(get_config("retries"))
     backoff = float(get_config("retry-backoff"))
-    from dask_loom.errors import StoreError
-    from dask_loom.storage._objectstore import CredentialsError, _classify
-
     for attempt in range(retries + 1):
         try:
-            blobs = fs.cat_ranges([path] * len(runs), [r[0] for r in runs], [r[1] for r in runs])
-            bad = [b for b in blobs if isinstance(b, BaseException)]
-            if bad:
-                raise bad[0]
-            break
+            return fn()
         except Exception as exc:
-            # botocore/aiohttp errors are not all OSErrors: classify them as the stores do.
+            # Imported on failure only: the stores module brings zarr-python (0.6 s cold).
+            from dask_loom.storage._objectstore import CredentialsError, _classify
+
             kind = _classify(exc)
             if kind == "missing":
                 raise FileNotFoundError(errno.ENOENT, f"File '{spec.name}' not found", spec.name) from exc
             if kind == "denied":
                 raise CredentialsError(f"{spec.name}: access refused: {type(exc).__name__}: {exc}") from exc
             if kind != "transient":
-                raise StoreError(f"{spec.name}: range request failed: {type(exc).__name__}: {exc}") from exc
+                raise StoreError(f"{spec.name}: {what} failed: {type(exc).__name__}: {exc}") from exc
             if attempt == retries:
                 raise StoreError(
-                    f"{spec.name}: range request failed after {retries + 1} attempts: {type(exc).__name__}: {exc}"
+                    f"{spec.name}: {what} failed after {retries + 1} attempts: {type(exc).__name__}: {exc}"
                 ) from exc
             time.sleep(backoff * 2**attempt)
-    for (r0, _r1, members), blob in zip(runs, blobs):
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _ShortAnswer(OSError):
+    """A ranged answer with fewer bytes than asked for (transient: retried)."""
+
+
+def gap_within(starts: list[int], sizes: list[int], *, gap: int, max_waste: int) -> int:
+    """The largest hole size up to *gap* whose holes, all read through, add at most *max_waste* bytes.
+
+    Merging the smallest holes first saves the most requests for the bytes
+    spent: reading the pages of a chunk index spread through a large file
+    then costs a bounded number of extra bytes, not the whole file.
+    """
+    order = sorted(range(len(starts)), key=starts.__getitem__)
+    holes = sorted(
+        h
+        for a, b in itertools.pairwise(order)
+        if 0 < (h := starts[b] - (starts[a] + sizes[a])) <= gap
+    )
+    total = 0
+    best = 0
+    for i, h in enumerate(holes):
+        total += h
+        if total > max_waste:
+            break
+        if i + 1 == len(holes) or holes[i + 1] != h:
+            best = h  # every hole of this size fits: a threshold no tie can overshoot
+    return best
+
+
+def _read_remote(
+    spec: FileSpec, entry: _Entry, starts: list[int], sizes: list[int], *, max_waste: int | None = None
+) -> list[Any]:
+    """Ranged requests of about ``dask_loom.coalesce-bytes``, issued at once, each answer checked for length.
+
+    Neighbouring ranges (holes up to ``dask_loom.coalesce-gap``) share a
+    request; all requests of the call go out concurrently (fsspec's
+    ``cat_ranges`` on the asynchronous filesystem).  An answer shorter than
+    asked for (a cut connection, a broken middlebox) is retried like any
+    transient fault and never returned short: after the retries a
+    :class:`~dask_loom.errors.StoreError` names the object and the range.
+    """
+    from dask_loom.errors import StoreError
+
+    gap = _nbytes(get_config("coalesce-gap"))
+    target = _nbytes(get_config("coalesce-bytes"))
+    if max_waste is not None:
+        gap = gap_within(starts, sizes, gap=gap, max_waste=max_waste)
+    plan = coalesce_plan(starts, sizes, gap=gap, target=target)
+    if entry.size is not None:
+        for r0, r1, _m in plan:
+            if r1 > entry.size:
+                raise LoomFormatError(
+                    f"{spec.name}: bytes {r0}..{r1} requested, but the object holds only {entry.size} bytes "
+                    "(the file's chunk index points past its end)"
+                )
+    if entry.fs is None:
+        entry.fs, entry.fs_path = spec.fs()
+    fs, path = entry.fs, entry.fs_path
+    blobs: list[Any] = [None] * len(plan)
+    todo = list(range(len(plan)))
+    short_note = ""
+
+    def attempt() -> None:
+        nonlocal todo, short_note
+        got = fs.cat_ranges([path] * len(todo), [plan[j][0] for j in todo], [plan[j][1] for j in todo])
+        failed: list[int] = []
+        first: BaseException | None = None
+        for j, blob in zip(todo, got):
+            if isinstance(blob, BaseException):
+                failed.append(j)
+                first = first or blob
+            elif len(blob) != plan[j][1] - plan[j][0]:
+                failed.append(j)
+                short_note = f"bytes {plan[j][0]}..{plan[j][1]}: {len(blob)} of {plan[j][1] - plan[j][0]} bytes answered"
+                first = first or _ShortAnswer(errno.EAGAIN, f"short answer ({short_note})")
+            else:
+                blobs[j] = blob
+        todo = failed
+        if first is not None:
+            raise first
+
+    try:
+        _remote_call(spec, attempt, what=f"range request ({len(plan)} ranges)")
+    except StoreError as exc:
+        if short_note and short_note not in str(exc):
+            raise StoreError(f"{exc} [{short_note}]") from exc.__cause__
+        raise
+    out: list[Any] = [None] * len(starts)
+    for (r0, _r1, members), blob in zip(plan, blobs):
         mv = memoryview(blob)
         for i in members:
             out[i] = mv[starts[i] - r0 : starts[i] - r0 + sizes[i]]
     return out
+
+
+def _nbytes(value: Any) -> int:
+    from dask.utils import parse_bytes
+
+    n = parse_bytes(value) if isinstance(value, str) else int(value)
+    if n < 0:
+        raise ValueError(f"a byte count must not be negative, got {value!r}")
+    return n
 
 
 def read_ranges_into(spec: FileSpec, starts: list[int], sizes: list[int], out: Any, *, entry: _Entry | None = None) -> None:

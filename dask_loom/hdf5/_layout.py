@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ __all__ = ["ChunkIndex", "DatasetLayout", "describe", "full_index", "region_inde
 # HDF5 filter ids the byte-range path decodes itself.
 DEFLATE, SHUFFLE, FLETCHER32 = 1, 2, 3
 FAST_FILTERS = frozenset({DEFLATE, SHUFFLE, FLETCHER32})
+_INDEX_MAGIC = b"DLCI\x01"
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,49 @@ class ChunkIndex:
     def lookup(self, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         flat = np.ravel_multi_index(tuple(coords.T), self.grid)
         return self.offsets[flat], self.sizes[flat], self.masks[flat]
+
+    def encode(self) -> bytes:
+        """The index as compact bytes (travels inside task graphs; :meth:`decode` reverses it).
+
+        Offsets are stored as differences (chunks written in order lie next
+        to each other, so the differences are the chunk sizes and repeat),
+        then everything is deflated: about 2 bytes per chunk for loompy files.
+        """
+        import zlib
+
+        head = _INDEX_MAGIC + struct.pack("<B", len(self.grid)) + struct.pack(f"<{len(self.grid)}q", *self.grid)
+        body = b"".join(
+            (
+                np.diff(self.offsets.astype("<i8"), prepend=np.int64(0)).astype("<i8").tobytes(),
+                self.sizes.astype("<i8").tobytes(),
+                self.masks.astype("<u4").tobytes(),
+            )
+        )
+        return head + zlib.compress(body, 6)
+
+    @classmethod
+    def decode(cls, data: bytes, *, name: str = "chunk index") -> ChunkIndex:
+        """Rebuild an index from :meth:`encode`'s bytes (damaged bytes raise :class:`~dask_loom.errors.FormatError`)."""
+        import zlib
+
+        from dask_loom.errors import FormatError
+
+        try:
+            if not data.startswith(_INDEX_MAGIC):
+                raise ValueError("not an encoded chunk index")
+            pos = len(_INDEX_MAGIC)
+            (ndim,) = struct.unpack_from("<B", data, pos)
+            grid = struct.unpack_from(f"<{ndim}q", data, pos + 1)
+            n = math.prod(grid)
+            body = zlib.decompress(data[pos + 1 + 8 * ndim :])
+            if len(body) != n * 20:
+                raise ValueError(f"{len(body)} bytes for {n} chunks")
+            offsets = np.cumsum(np.frombuffer(body, "<i8", n, 0)).astype(np.int64)
+            sizes = np.frombuffer(body, "<i8", n, 8 * n).astype(np.int64)
+            masks = np.frombuffer(body, "<u4", n, 16 * n).astype(np.uint32)
+        except (ValueError, struct.error, zlib.error) as exc:
+            raise FormatError(f"{name}: cannot decode ({exc})") from None
+        return cls(tuple(int(g) for g in grid), offsets, sizes, masks)
 
 
 def full_index(ds: h5py.Dataset, layout: DatasetLayout) -> ChunkIndex:

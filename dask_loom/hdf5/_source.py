@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dask_loom._config import get_config
 from dask_loom.blocks import from_source
 from dask_loom.errors import CorruptChunkError, FileBeingWrittenError
 from dask_loom.hdf5._decode import decode_chunk
@@ -33,7 +34,7 @@ from dask_loom.hdf5._layout import (
 )
 from dask_loom.storage import FileSpec
 
-__all__ = ["HDF5Source", "dataset_layout", "hdf5_to_dask"]
+__all__ = ["HDF5Source", "build_index", "dataset_layout", "full_chunk_index", "hdf5_to_dask", "remote_index"]
 
 # Counters the tests use to prove which path served a read (per process).
 STATS = {"fast_blocks": 0, "h5py_blocks": 0}
@@ -90,20 +91,134 @@ def dataset_layout(spec: FileSpec, path: str) -> DatasetLayout:
     return layout
 
 
-def _chunk_offsets(spec: FileSpec, layout: DatasetLayout, coords: np.ndarray, entry: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _chunk_offsets(
+    spec: FileSpec,
+    layout: DatasetLayout,
+    coords: np.ndarray,
+    entry: Any = None,
+    shipped: ChunkIndex | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     entry = entry if entry is not None else cached_entry(spec)
-    if wants_full_index(layout):
-        key = ("index", layout.path)
-        index: ChunkIndex | None = entry.cache.get(key)
-        if index is None:
-            with open_h5_read(spec) as f:
-                index = entry.cache.get(key)
-                if index is None:
-                    index = full_index(f[layout.path], layout)
-                    entry.cache[key] = index
+    key = ("index", layout.path)
+    index: ChunkIndex | None = entry.cache.get(key)
+    if index is None and shipped is not None:
+        # The index that came with the graph is used as is: a remote object is immutable.
+        index = entry.cache[key] = shipped
+    if index is not None:
         return index.lookup(coords)
+    if not spec.is_local and wants_full_index(layout) and len(coords):
+        flat = np.ravel_multi_index(tuple(coords.T), layout.grid)
+        lo, hi = int(flat.min()), int(flat.max())
+        if (hi - lo + 1) * 8 >= math.prod(layout.grid):
+            # A large part of the array (a block of a whole-array graph): the full
+            # index, once per process, costs no more than this part's pages.
+            return full_chunk_index(spec, layout, entry).lookup(coords)
+        part = _remote_btree_index(spec, layout, entry, span=(lo, hi))
+        if part is not None:
+            return part.lookup(coords)
+    if wants_full_index(layout):
+        return full_chunk_index(spec, layout, entry).lookup(coords)
     with open_h5_read(spec) as f:
         return region_index(f[layout.path], coords)
+
+
+def full_chunk_index(spec: FileSpec, layout: DatasetLayout, entry: Any = None) -> ChunkIndex:
+    """The dataset's whole chunk index, built once per process (cached with the open file)."""
+    entry = entry if entry is not None else cached_entry(spec)
+    key = ("index", layout.path)
+    index = entry.cache.get(key)
+    if index is None:
+        with entry.lock:  # threads of one process build it once
+            index = entry.cache.get(key)
+            if index is None:
+                index = entry.cache[key] = build_index(spec, layout, entry)
+    return index
+
+
+def build_index(spec: FileSpec, layout: DatasetLayout, entry: Any = None) -> ChunkIndex:
+    """Every chunk's offset, size and filter mask.
+
+    Remote files read the dataset's version 1 B-tree level by level (one round
+    trip of coalesced ranged requests per level, see :mod:`dask_loom.hdf5._btree`);
+    local files, and datasets indexed otherwise, ask h5py (``chunk_iter``).
+    """
+    entry = entry if entry is not None else cached_entry(spec)
+    if not spec.is_local:
+        index = _remote_btree_index(spec, layout, entry)
+        if index is not None:
+            return index
+    with open_h5_read(spec) as f:
+        return full_index(f[layout.path], layout)
+
+
+def _remote_btree_index(
+    spec: FileSpec, layout: DatasetLayout, entry: Any, *, span: tuple[int, int] | None = None
+) -> ChunkIndex | None:
+    from dask_loom.hdf5._btree import chunk_btree, read_chunk_index
+    from dask_loom.hdf5._files import _nbytes, object_size
+
+    info = entry.cache.get(("btree", layout.path), False)
+    if info is False:
+        with open_h5_read(spec) as f:
+            addr = _header_address(f, layout.path)
+            if addr is None:
+                info = None
+            else:
+                so, sl = f.id.get_create_plist().get_sizes()
+                base = int(f.userblock_size)
+                fobj = entry.fobj
+
+                def read(offset: int, n: int) -> bytes:
+                    # The object header was just read by h5py: these bytes come from its block cache.
+                    fobj.seek(offset)
+                    return fobj.read(n)
+
+                info = chunk_btree(read, addr, sizeof_offsets=int(so), sizeof_lengths=int(sl), base=base, name=spec.name)
+            object_size(spec, entry)
+        if info is not None and (info.chunk_dims != layout.chunks or info.element_size != np.dtype(layout.dtype).itemsize):
+            info = None  # a layout we do not model: h5py builds the index
+        entry.cache[("btree", layout.path)] = info
+    if info is None:
+        return None  # another index type: h5py builds it
+    waste = _nbytes(get_config("index-read-waste"))
+
+    def fetch(starts: list[int], sizes: list[int]) -> list[Any]:
+        # B-tree pages lie between chunks: read through holes, but never most of a large file.
+        return read_ranges(spec, starts, sizes, entry=entry, max_waste=waste)
+
+    return read_chunk_index(
+        fetch, info, shape=layout.shape, file_size=entry.size, name=f"{spec.name}:{layout.path}", span=span
+    )
+
+
+def _header_address(f: Any, path: str) -> int | None:
+    """The object header address of dataset *path* (from its hard link: no other metadata read).
+
+    ``h5py.h5o.get_info`` would give it too, but HDF5 then sums the object's
+    metadata size, which walks the whole chunk B-tree (a request per node).
+    """
+    import h5py
+
+    parent, _, leaf = path.rstrip("/").rpartition("/")
+    try:
+        group = f[parent or "/"]  # held: its id closes when the Group object goes
+        info = group.id.links.get_info(leaf.encode())
+    except (KeyError, ValueError):
+        return None
+    if info.type != h5py.h5l.TYPE_HARD:
+        return None  # a soft or external link: let h5py resolve it
+    return int(info.u)
+
+
+def remote_index(spec: FileSpec, layout: DatasetLayout) -> ChunkIndex | None:
+    """The chunk index of a remote dataset if this process has built it already (``None`` otherwise).
+
+    Sources carry it into graphs; one without it builds it when first pickled
+    (see :meth:`HDF5Source.chunk_index`).  Local files: always ``None``.
+    """
+    if spec.is_local or not (layout.fast and layout.layout == "chunked"):
+        return None
+    return cached_entry(spec).cache.get(("index", layout.path))
 
 
 class HDF5Source:
@@ -119,10 +234,14 @@ class HDF5Source:
         Task-name prefix of the blocks it yields (``"loom-read"`` …).
     """
 
-    def __init__(self, spec: FileSpec, layout: DatasetLayout, *, prefix: str = "hdf-read") -> None:
+    def __init__(
+        self, spec: FileSpec, layout: DatasetLayout, *, prefix: str = "hdf-read", index: ChunkIndex | None = None
+    ) -> None:
         self.spec = spec
         self.layout = layout
         self.prefix = prefix
+        # Remote files: the chunk index, built once where the source is made and shipped to workers.
+        self.index = index
         self.shape = layout.shape
         self.dtype = np.dtype(layout.dtype) if layout.fast else None
         self.chunk_shape = layout.chunk_shape
@@ -133,17 +252,67 @@ class HDF5Source:
 
         return ("HDF5Source", self.spec.url, self.layout, file_identity(self.spec))
 
+    def chunk_index(self) -> ChunkIndex | None:
+        """The whole chunk index of a remote chunked dataset, built once per process (``None`` locally).
+
+        Reading it costs one round of coalesced ranged requests per B-tree
+        level.  Graph builders call it (through :attr:`contiguous_axis`, or
+        when the source is pickled into a graph), so the index travels with
+        the tasks and workers never rebuild it; small reads (``ds[10:20, :5]``)
+        never need it: they search the tree for their chunks only.
+        """
+        lay = self.layout
+        if self.index is None and not self.spec.is_local and lay.fast and lay.layout == "chunked" and wants_full_index(lay):
+            self.index = full_chunk_index(self.spec, lay)
+        return self.index
+
     def __reduce__(self) -> Any:
-        return (HDF5Source, (self.spec, self.layout), {"prefix": self.prefix, "dtype": self.dtype})
+        state: dict[str, Any] = {"prefix": self.prefix, "dtype": self.dtype}
+        # Pickled into a graph for other processes: they get the index with the tasks.
+        if self.chunk_index() is not None:
+            encoded = self._encoded_index()
+            if encoded is not None:
+                state["index"] = encoded
+        return (HDF5Source, (self.spec, self.layout), state)
+
+    def _encoded_index(self) -> bytes | None:
+        from dask_loom.hdf5._files import _nbytes
+
+        cached = getattr(self, "_index_bytes", None)
+        if cached is None:
+            cached = self.index.encode() if self.index is not None else b""
+            self._index_bytes = cached
+        limit = _nbytes(get_config("index-ship-bytes"))
+        return cached if cached and len(cached) <= limit else None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.prefix = state["prefix"]
         if state["dtype"] is not None:
             self.dtype = state["dtype"]
+        if state.get("index") is not None:
+            self.index = ChunkIndex.decode(state["index"], name=self.label)
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+    @property
+    def contiguous_axis(self) -> int | None:
+        """``0`` when this remote dataset's chunks lie in the file in C order of the chunk grid.
+
+        Then a full-width row band of chunks is one run of bytes (a few large
+        ranged requests) while a block of a few chunk columns is a run per
+        chunk row: block planners that may choose their bands ask this.
+        Local files (read with ``pread``) and unindexed sources answer ``None``.
+        """
+        if self.ndim < 2 or self.chunk_index() is None:
+            return None
+        cached = getattr(self, "_contiguous", False)
+        if cached is False:
+            stored = self.index.offsets[self.index.offsets >= 0]
+            cached = 0 if len(stored) > 1 and bool((np.diff(stored) > 0).all()) else None
+            self._contiguous = cached
+        return cached
 
     def read_block(self, region: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
         """Read a region (any region; chunk-aligned ones read each chunk once)."""
@@ -239,7 +408,7 @@ class HDF5Source:
         for attempt in range(attempts):
             entry = cached_entry(self.spec)
             try:
-                offsets, sizes, masks = _chunk_offsets(self.spec, lay, coords, entry)
+                offsets, sizes, masks = _chunk_offsets(self.spec, lay, coords, entry, self.index)
                 idx = np.flatnonzero(offsets >= 0)
                 raws = read_ranges(self.spec, offsets[idx].tolist(), sizes[idx].tolist(), entry=entry)
                 decode(raws, masks[idx], idx)
@@ -375,7 +544,7 @@ def hdf5_to_dask(
     if not isinstance(spec, FileSpec):
         spec = FileSpec.from_path(spec)
     layout = dataset_layout(spec, path)
-    src = HDF5Source(spec, layout, prefix=prefix)
+    src = HDF5Source(spec, layout, prefix=prefix, index=remote_index(spec, layout))
     if src.dtype is None:
         src.dtype = np.dtype(_h5py_dtype(spec, path))
     return from_source(src, chunks=chunks, band_axis=band_axis)

@@ -23,6 +23,7 @@ import numpy as np
 from dask_loom.errors import LoomFormatError
 from dask_loom.hdf5 import HDF5Source, dataset_layout, open_h5_read, open_h5_write
 from dask_loom.hdf5._files import reading_values
+from dask_loom.hdf5._source import remote_index
 from dask_loom.hdf5._target import HDF5Target
 from dask_loom.storage import FileSpec
 
@@ -310,7 +311,7 @@ class HDF5Tree(Tree):
 
     def source(self, path: str, *, prefix: str | None = None) -> HDF5Source:
         layout = dataset_layout(self.spec, path)
-        src = HDF5Source(self.spec, layout, prefix=prefix or self.read_prefix)
+        src = HDF5Source(self.spec, layout, prefix=prefix or self.read_prefix, index=remote_index(self.spec, layout))
         if src.dtype is None:
             src.dtype = self.info(path).dtype
         return src

@@ -192,7 +192,9 @@ def map_graph(
         return {}, [], lambda results: vals
 
     if all(r is not None for r in reductions):
-        plan = plan_blocks(shape, source.chunk_shape, dtype.itemsize)
+        # Sources that store their chunks in C order on an object store (a remote HDF5
+        # .loom) prefer row bands: a band is then one run of bytes, read in few requests.
+        plan = plan_blocks(shape, source.chunk_shape, dtype.itemsize, band_axis=getattr(source, "contiguous_axis", None))
         needs = tuple(sorted({n for r in reductions for n in r.needs}))  # type: ignore[union-attr]
         name = task_name(prefix, source, axis, needs, None if sel is None else sel.tobytes())
         dsk: dict[Any, Any] = {}

@@ -1,0 +1,433 @@
+"""HDF5 ``.loom`` on an object store: the chunk index read from the B-tree, coalesced ranged reads, faults.
+
+The B-tree reader is checked against h5py's own chunk lookup
+(``DatasetID.get_chunk_info``) on files h5py and loompy wrote and on the real
+files of ``shared/data/loom``; the remote path runs against the local S3 server
+behind the request-counting proxy (``tests/_faultproxy.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import uuid
+
+import dask
+import h5py
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dask_loom
+from dask_loom.errors import FormatError, LoomFormatError, StoreError
+from dask_loom.hdf5._btree import chunk_btree, read_chunk_index
+from dask_loom.hdf5._files import clear_all, coalesce_plan
+from dask_loom.hdf5._layout import ChunkIndex
+from tests.conftest import make_matrix
+
+# -- the B-tree reader on local files ------------------------------------------------------------
+
+
+def _local_index(path: str, name: str) -> ChunkIndex | None:
+    """Our reader's index of dataset *name*, reading the file with plain ``pread``."""
+    with h5py.File(path, "r") as f:
+        ds = f[name]
+        parent, _, leaf = ds.name.rpartition("/")
+        group = f[parent or "/"]
+        addr = group.id.links.get_info(leaf.encode()).u
+        so, sl = f.id.get_create_plist().get_sizes()
+        base = f.userblock_size
+        shape = ds.shape
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    calls = []
+    try:
+
+        def read(o: int, n: int) -> bytes:
+            return os.pread(fd, n, o)
+
+        def fetch(starts: list[int], sizes: list[int]) -> list[bytes]:
+            calls.append(len(starts))
+            return [os.pread(fd, n, s) for s, n in zip(starts, sizes)]
+
+        info = chunk_btree(read, addr, sizeof_offsets=so, sizeof_lengths=sl, base=base, name=path)
+        if info is None:
+            return None
+        index = read_chunk_index(fetch, info, shape=shape, file_size=size, name=path)
+        index.fetches = calls  # type: ignore[attr-defined]
+        return index
+    finally:
+        os.close(fd)
+
+
+def _h5py_index(path: str, name: str) -> dict[tuple[int, ...], tuple[int, int, int]]:
+    """Every stored chunk as h5py reports it: grid position -> (offset, size, filter mask)."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        ds = f[name]
+        n = ds.id.get_num_chunks()
+        if n <= 2000:
+            for i in range(n):
+                info = ds.id.get_chunk_info(i)
+                pos = tuple(int(o) // c for o, c in zip(info.chunk_offset, ds.chunks))
+                out[pos] = (int(info.byte_offset), int(info.size), int(info.filter_mask))
+        else:  # get_chunk_info(i) walks the tree from its start: by coordinate is O(log n) per chunk
+            grid = [-(-s // c) for s, c in zip(ds.shape, ds.chunks)]
+            for pos in np.ndindex(*grid):
+                info = ds.id.get_chunk_info_by_coord(tuple(p * c for p, c in zip(pos, ds.chunks)))
+                if info.byte_offset is not None:
+                    out[pos] = (int(info.byte_offset), int(info.size), int(info.filter_mask))
+            assert len(out) == n
+    return out
+
+
+def _assert_same(index: ChunkIndex, ref: dict[tuple[int, ...], tuple[int, int, int]]) -> None:
+    got = {}
+    for flat in np.flatnonzero(index.offsets >= 0):
+        pos = tuple(int(p) for p in np.unravel_index(flat, index.grid))
+        got[pos] = (int(index.offsets[flat]), int(index.sizes[flat]), int(index.masks[flat]))
+    assert got == ref
+
+
+@st.composite
+def _datasets(draw):
+    rank = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 40), min_size=rank, max_size=rank)))
+    chunks = tuple(draw(st.integers(1, s)) for s in shape)
+    dtype = draw(st.sampled_from(["<f4", "<i2", "<f8", "u1"]))
+    filters = draw(st.sampled_from([{}, {"compression": "gzip"}, {"compression": "gzip", "shuffle": True}]))
+    written = draw(st.floats(0.0, 1.0))  # the fraction of chunks ever written (the rest stay unallocated)
+    return shape, chunks, dtype, filters, written, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=40, deadline=None)
+@given(_datasets())
+def test_btree_index_equals_h5py(tmp_path_factory, case):
+    shape, chunks, dtype, filters, written, seed = case
+    path = str(tmp_path_factory.mktemp("bt") / "x.h5")
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("g/x", shape=shape, chunks=chunks, dtype=dtype, **filters)
+        grid = [-(-s // c) for s, c in zip(shape, chunks)]
+        for pos in np.ndindex(*grid):
+            if rng.random() < written:
+                sel = tuple(slice(p * c, min((p + 1) * c, s)) for p, c, s in zip(pos, chunks, shape))
+                ds[sel] = rng.integers(0, 100, size=[x.stop - x.start for x in sel])
+    index = _local_index(path, "g/x")
+    assert index is not None
+    _assert_same(index, _h5py_index(path, "g/x"))
+
+
+def test_deep_tree_is_read_one_level_per_round(tmp_path):
+    """10,000 chunks make a tree of three levels: three fetches, each for a whole level."""
+    path = str(tmp_path / "deep.h5")
+    data = np.arange(200 * 300, dtype="<i4").reshape(200, 300)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=data, chunks=(2, 3), compression="gzip")
+    index = _local_index(path, "x")
+    ref = _h5py_index(path, "x")
+    assert len(ref) == 10_000
+    _assert_same(index, ref)
+    assert (
+        len(index.fetches) == 3
+        and index.fetches[0] == 1
+        and index.fetches[1] > 1
+        and index.fetches[2] > index.fetches[1]
+    )
+
+
+def test_userblock_base_address(tmp_path):
+    """Addresses in the file are relative to the superblock's base (after a user block)."""
+    path = str(tmp_path / "ub.h5")
+    with h5py.File(path, "w", userblock_size=1024) as f:
+        f.create_dataset("x", data=np.arange(5000.0).reshape(50, 100), chunks=(7, 9), compression="gzip")
+    index = _local_index(path, "x")
+    _assert_same(index, _h5py_index(path, "x"))
+
+
+def test_other_index_types_are_left_to_h5py(tmp_path):
+    """The 1.10 format's indexes (extensible array, v2 B-tree) are not read here: ``None``, h5py builds them."""
+    path = str(tmp_path / "latest.h5")
+    with h5py.File(path, "w", libver="latest") as f:
+        f.create_dataset("x", data=np.ones((40, 40)), chunks=(8, 8), maxshape=(None, 40))
+        f.create_dataset("y", data=np.ones((40, 40)), chunks=(8, 8), maxshape=(None, None))
+        f.create_dataset("c", data=np.ones((4, 4)))  # contiguous
+    for name in ("x", "y", "c"):
+        assert _local_index(path, name) is None
+
+
+def test_btree_index_on_loompy_file(tmp_path):
+    import loompy
+
+    path = str(tmp_path / "l.loom")
+    m = make_matrix((300, 700), seed=3)
+    loompy.create(
+        path, {"": m, "spliced": m.astype("int32")}, {"Gene": np.arange(300)}, {"CellID": np.arange(700)}
+    )
+    for name in ("matrix", "layers/spliced"):
+        _assert_same(_local_index(path, name), _h5py_index(path, name))
+
+
+def test_btree_index_on_real_files(data_dir):
+    seen = 0
+    for root, _dirs, files in os.walk(data_dir / "loom"):
+        for fn in sorted(files):
+            if not fn.endswith(".loom"):
+                continue
+            path = os.path.join(root, fn)
+            names: list[str] = []
+
+            def chunked(n: str, o: object, names: list[str] = names) -> None:
+                if isinstance(o, h5py.Dataset) and o.chunks:
+                    names.append(n)
+
+            with h5py.File(path, "r") as f:
+                f.visititems(chunked)
+            for name in names:
+                index = _local_index(path, name)
+                assert index is not None, (fn, name)
+                _assert_same(index, _h5py_index(path, name))
+                seen += 1
+    assert seen > 100  # the LoomExperiment files hold a chunked dataset per attribute
+
+
+def test_chunk_index_encodes_small_and_exact(loompy_file):
+    import dask_loom.hdf5._layout as lay
+    from dask_loom.hdf5 import dataset_layout
+    from dask_loom.storage import FileSpec
+
+    path, _ref = loompy_file
+    spec = FileSpec.from_path(path)
+    layout = dataset_layout(spec, "/matrix")
+    with h5py.File(path, "r") as f:
+        index = lay.full_index(f["matrix"], layout)
+    data = index.encode()
+    back = ChunkIndex.decode(data)
+    assert back.grid == index.grid
+    for a in ("offsets", "sizes", "masks"):
+        np.testing.assert_array_equal(getattr(back, a), getattr(index, a))
+    assert len(data) < 8 * index.offsets.size  # compact enough to ride in a graph
+    with pytest.raises(FormatError, match="cannot decode"):
+        ChunkIndex.decode(data[:-5])
+    with pytest.raises(FormatError, match="cannot decode"):
+        ChunkIndex.decode(b"nonsense")
+
+
+# -- request planning ----------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 700)), min_size=1, max_size=40),
+    st.integers(0, 3000),
+    st.integers(1, 4000),
+)
+def test_coalesce_plan_covers_each_range_once(ranges, gap, target):
+    # Ranges of a real index never overlap: lay them out one after another with the drawn holes.
+    starts, sizes, pos = [], [], 0
+    for hole, n in ranges:
+        starts.append(pos + hole)
+        sizes.append(n)
+        pos += hole + n
+    order = np.random.default_rng(len(ranges)).permutation(len(starts))
+    starts = [starts[i] for i in order]
+    sizes = [sizes[i] for i in order]
+    plan = coalesce_plan(starts, sizes, gap=gap, target=target)
+    members = sorted(i for _a, _b, m in plan for i in m)
+    assert members == list(range(len(starts)))
+    for r0, r1, m in plan:
+        assert r0 == min(starts[i] for i in m) and r1 == max(starts[i] + sizes[i] for i in m)
+        # A piece longer than 1.5 x target is a single range (never cut inside one).
+        assert r1 - r0 <= 1.5 * target + max(sizes[i] for i in m) or len(m) == 1
+    # Holes wider than the gap are never read through.
+    spans = sorted((starts[i], starts[i] + sizes[i]) for i in range(len(starts)))
+    for r0, r1, _m in plan:
+        inside = [s for s in spans if r0 <= s[0] < r1]
+        for (_a, e), (s, _b) in itertools.pairwise(inside):
+            assert s - e <= gap
+
+
+def test_coalesce_plan_pieces_of_about_target():
+    starts = [i * 100 for i in range(100)]  # 100 adjacent ranges of 100 bytes: one run of 10,000
+    sizes = [100] * 100
+    plan = coalesce_plan(starts, sizes, gap=0, target=3000)
+    assert [b - a for a, b, _m in plan] == [3400, 3300, 3300]  # round(10000 / 3000) = 3 pieces, no small tail
+    plan = coalesce_plan(starts, sizes, gap=0, target=4000)
+    assert [b - a for a, b, _m in plan] == [5000, 5000]  # 2.5 rounds to 2: pieces stay under 1.5 x target
+    assert len(coalesce_plan(starts, sizes, gap=0, target=10**9)) == 1
+    assert len(coalesce_plan([0, 10_000], [10, 10], gap=9_989, target=10**9)) == 2
+    assert len(coalesce_plan([0, 10_000], [10, 10], gap=9_990, target=10**9)) == 1
+
+
+# -- on the local S3 server ----------------------------------------------------------------------
+
+
+def _upload(s3_server, local: str, name: str) -> str:
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **s3_server["storage_options"], skip_instance_cache=True)
+    key = f"{s3_server['bucket']}/hdf5-remote-{uuid.uuid4().hex[:8]}/{name}"
+    fs.put_file(local, key)
+    return f"s3://{key}"
+
+
+@pytest.fixture(scope="module")
+def big_loom(tmp_path_factory):
+    """A 4,096 x 16,384 float32 Loom written by loompy (the issue's measurement file)."""
+    from dask_loom._synthetic import write_synthetic_loom
+
+    path = str(tmp_path_factory.mktemp("big") / "big.loom")
+    write_synthetic_loom(path, 4096, 16384, writer="loompy")
+    return path
+
+
+@pytest.mark.s3
+@pytest.mark.xdist_group("s3proxy")
+@pytest.mark.slow
+def test_remote_open_index_and_map_request_counts(s3_server, s3_proxy, big_loom):
+    url = _upload(s3_server, big_loom, "big.loom")
+    proxy = s3_proxy()
+    clear_all()
+    with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
+        opened = proxy.snapshot()["total_requests"]
+        proxy.reset_counts()
+        src = ds._layer_source("")
+        assert src.index is None  # small reads search the tree; whole-array graphs build the index
+        src.chunk_index()
+        index_requests = proxy.snapshot()["total_requests"]
+        assert src.index is not None and src.contiguous_axis == 0
+        proxy.reset_counts()
+        got = ds.map([np.mean, np.std], axis=0, scheduler="threads")
+        snap = proxy.snapshot()
+    # h5py's walk of the same tree took 270+ requests (64 KiB blocks).
+    assert index_requests <= 10, (opened, index_requests, [(r.method, r.range) for r in proxy.log])
+    stored = int(src.index.sizes.sum())
+    assert snap["total_requests"] <= max(1, round(stored / 2**22)), snap
+    assert snap["total_bytes"] <= stored * 1.1  # no holes of any size read through
+    with h5py.File(big_loom, "r") as f:
+        m = f["matrix"][:]
+    np.testing.assert_allclose(got[0], m.mean(axis=1, dtype=np.float64), rtol=1e-6)
+    np.testing.assert_allclose(got[1], m.std(axis=1, dtype=np.float64), rtol=1e-5)
+    _assert_same(src.index, _h5py_index(big_loom, "matrix"))
+
+    # With no bytes to spare for holes, the pages are fetched one by one (all of a level at once):
+    # more requests, but a few hundred KiB instead of most of the file.
+    clear_all()
+    with dask.config.set({"dask_loom.index-read-waste": 0}):
+        with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
+            proxy.reset_counts()
+            lean = ds._layer_source("")
+            lean.chunk_index()
+            snap = proxy.snapshot()
+    np.testing.assert_array_equal(lean.index.offsets, src.index.offsets)
+    assert snap["total_bytes"] < 2**21 and snap["total_requests"] > index_requests, snap
+
+
+def test_gap_within_merges_smallest_holes_first():
+    from dask_loom.hdf5._files import gap_within
+
+    # Holes of 10, 50, 20, 1000 bytes between five ranges of 5 bytes.
+    starts, sizes = [0, 15, 70, 95, 1100], [5] * 5
+    assert gap_within(starts, sizes, gap=10**6, max_waste=10**6) == 1000
+    assert gap_within(starts, sizes, gap=10**6, max_waste=80) == 50
+    assert gap_within(starts, sizes, gap=10**6, max_waste=79) == 20
+    assert gap_within(starts, sizes, gap=10**6, max_waste=5) == 0
+    assert gap_within(starts, sizes, gap=30, max_waste=10**6) == 20
+
+
+@pytest.fixture(scope="module")
+def small_loom(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("small") / "ref.loom")
+    m = make_matrix((300, 700), seed=21, density=0.5)
+    dask_loom.create(path, m, {"Gene": np.arange(300)}, {"CellID": np.arange(700)}, chunks=(64, 64))
+    return path, m
+
+
+@pytest.mark.s3
+@pytest.mark.xdist_group("s3proxy")
+def test_remote_source_ships_its_index(s3_server, s3_proxy, small_loom):
+    """A source unpickled in a fresh process state reads blocks without opening the file through h5py."""
+    path, m = small_loom
+    url = _upload(s3_server, path, "ref.loom")
+    proxy = s3_proxy()
+    clear_all()
+    with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
+        src = ds._layer_source("")
+    blob = pickle.dumps(src)
+    clear_all()  # a worker: no open file, no cached index
+    proxy.reset_counts()
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again.index.offsets, src.index.offsets)
+    got = again.read_block((slice(64, 192), slice(0, 700)))
+    np.testing.assert_array_equal(got, m[64:192])
+    log = [(r.method, r.range) for r in proxy.log]
+    assert [m for m, _r in log] == ["GET"], log  # one ranged GET of the band's chunks: no HEAD, no metadata
+    with dask.config.set({"dask_loom.index-ship-bytes": 10}):
+        assert pickle.loads(pickle.dumps(src)).index is None  # too big to ship: workers rebuild it
+
+
+def _patched_copy(path: str, out: str) -> tuple[int, int]:
+    """*path* with the first chunk address of its B-tree pointing past the end of the file."""
+    import shutil
+
+    shutil.copyfile(path, out)
+    with h5py.File(out, "r") as f:
+        addr = f.id.links.get_info(b"matrix").u
+    fd = os.open(out, os.O_RDWR)
+    try:
+        info = chunk_btree(lambda o, n: os.pread(fd, n, o), addr, sizeof_offsets=8, sizeof_lengths=8)
+        node = os.pread(fd, 24, info.root)
+        assert node[:4] == b"TREE" and node[5] == 0  # a leaf: its first child is a chunk
+        size = os.path.getsize(out)
+        pos = info.root + 24 + 32  # node header, then the first key (size, mask, 3 x uint64)
+        os.pwrite(fd, (size + 4096).to_bytes(8, "little"), pos)
+    finally:
+        os.close(fd)
+    return size, size + 4096
+
+
+@pytest.mark.s3
+@pytest.mark.xdist_group("s3proxy")
+def test_remote_index_pointing_past_the_object_is_a_typed_error(s3_server, s3_proxy, small_loom, tmp_path):
+    path, _m = small_loom
+    bad = str(tmp_path / "bad.loom")
+    size, where = _patched_copy(path, bad)
+    url = _upload(s3_server, bad, "bad.loom")
+    proxy = s3_proxy()
+    clear_all()
+    with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
+        with pytest.raises(LoomFormatError) as info:
+            ds[:, :]
+    msg = str(info.value)
+    assert url in msg and str(where) in msg and str(size) in msg and "outside the file" in msg, msg
+    # The same damage locally: h5py's index, then the read refuses it as truncated.
+    clear_all()
+    with dask_loom.connect(bad, "r", validate=False) as ds:
+        with pytest.raises(LoomFormatError, match="truncated"):
+            ds[:, :]
+
+
+@pytest.mark.s3
+@pytest.mark.xdist_group("s3proxy")
+def test_short_answers_are_retried_or_refused(s3_server, s3_proxy, small_loom):
+    path, m = small_loom
+    url = _upload(s3_server, path, "ref.loom")
+    proxy = s3_proxy()
+    clear_all()
+    with dask.config.set({"dask_loom.retries": 2, "dask_loom.retry-backoff": 0.01}):
+        with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
+            ds._layer_source("").chunk_index()  # built while the answers are whole
+            proxy.reset_counts()
+            proxy.inject("short", 2)
+            np.testing.assert_array_equal(ds[:, :], m)
+            assert proxy.counts["short"] == 2
+            proxy.always("short")
+            try:
+                with pytest.raises(StoreError) as info:
+                    ds[:, :]
+            finally:
+                proxy.clear()
+    msg = str(info.value)
+    assert url in msg and "attempts" in msg and "bytes" in msg and "answered" in msg, msg
