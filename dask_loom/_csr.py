@@ -287,6 +287,11 @@ class CSRView:
         self.meta = sp.csr_matrix((0, 0), dtype=self.dtype)
 
     @property
+    def dense_source(self) -> Any:
+        """The dense source, in its stored orientation, for operations that reduce its chunks directly."""
+        return self.source
+
+    @property
     def ndim(self) -> int:
         return 2
 

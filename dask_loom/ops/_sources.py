@@ -85,6 +85,12 @@ class SourceInfo:
         """The info of a dask array: its source when :func:`from_source` built it, else the generic path."""
         src = source_of(array)
         if src is not None:
+            dense = getattr(src, "dense_source", None)
+            if dense is not None and "axes" not in kw:
+                # CSR blocks made from dense stored chunks (a Loom layer's sparse view):
+                # reduce the stored chunks with the fused dense kernels instead of building
+                # CSR first; a transposed view (cells as rows) is the source's axes swapped.
+                return cls.from_source(dense, format=format, label=label, axes=(1, 0) if src.transpose else None, **kw)
             return cls.from_source(src, format=format, label=label, **kw)
         if format is None:
             from dask.utils import key_split
