@@ -10,7 +10,6 @@ generated (plus the real Loom files of ``../shared/data/loom``); a small
 
 from __future__ import annotations
 
-import os
 import pathlib
 import shutil
 import warnings
@@ -67,7 +66,9 @@ def stored_chunks(path: pathlib.Path, layer: str) -> tuple[int, int]:
         return tuple(f[internal].chunks)
 
 
-def assert_aligned(chunks: tuple[tuple[int, ...], ...], stored: tuple[int, ...], shape: tuple[int, ...]) -> None:
+def assert_aligned(
+    chunks: tuple[tuple[int, ...], ...], stored: tuple[int, ...], shape: tuple[int, ...]
+) -> None:
     """Every block boundary is a stored-chunk boundary or the array's edge."""
     for axis, sizes in enumerate(chunks):
         edges = np.cumsum(sizes)
@@ -120,7 +121,9 @@ def test_sparse_reductions_match_numpy_without_densifying(loom_path, monkeypatch
             got = dask_loom.map(x, funcs, axis=axis, scheduler="sync")
             for f, v in zip(funcs, got):
                 np.testing.assert_allclose(v, f(m, axis=1 - axis), rtol=1e-6, err_msg=f.__name__)
-        res, cats = dask_loom.aggregate(x, labels, axis=1, func=["sum", "mean", "count_nonzero"], return_labels=True, scheduler="sync")
+        res, cats = dask_loom.aggregate(
+            x, labels, axis=1, func=["sum", "mean", "count_nonzero"], return_labels=True, scheduler="sync"
+        )
     monkeypatch.undo()
     np.testing.assert_array_equal(cats, np.unique(labels))
     for f, v in zip(["sum", "mean", "count_nonzero"], res):
@@ -136,7 +139,9 @@ def loom_matrices(draw):
     seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     density = draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]))
-    x = (rng.integers(-4, 9, (n, m)) * (rng.random((n, m)) < density)).astype(draw(st.sampled_from(["f4", "f8", "i4", "u2"])))
+    x = (rng.integers(-4, 9, (n, m)) * (rng.random((n, m)) < density)).astype(
+        draw(st.sampled_from(["f4", "f8", "i4", "u2"]))
+    )
     return x, (c0, c1), seed
 
 
@@ -167,7 +172,9 @@ def test_sparse_reduction_property(tmp_path_factory, arg, kernels, block):
                     np.testing.assert_allclose(v, f(want, axis=1 - axis), rtol=1e-6, err_msg=f.__name__)
             got = dask_loom.aggregate(s, labels, axis=1, func="sum", scheduler="sync")
     cats = np.unique(labels)
-    np.testing.assert_allclose(got, np.stack([want[:, labels == c].sum(axis=1) for c in cats], axis=1), rtol=1e-6)
+    np.testing.assert_allclose(
+        got, np.stack([want[:, labels == c].sum(axis=1) for c in cats], axis=1), rtol=1e-6
+    )
 
 
 # -- 2. lazy AnnData ---------------------------------------------------------------------------
@@ -212,7 +219,10 @@ def _peer_read(reader, path, **kwargs):
 
 
 @pytest.mark.parametrize("peer", ["anndata", "scanpy"])
-@pytest.mark.parametrize(("kwargs"), [{}, {"sparse": False, "X_name": "", "cleanup": True}, {"obsm_mapping": {"pair": ["Clusters", "Total"]}}])
+@pytest.mark.parametrize(
+    ("kwargs"),
+    [{}, {"sparse": False, "X_name": "", "cleanup": True}, {"obsm_mapping": {"pair": ["Clusters", "Total"]}}],
+)
 def test_read_loom_equals_the_peers(loompy_file, zarr_twin, peer, kwargs):
     """dask_loom.read_loom(...) with scanpy's parameters: the peers' AnnData, lazily (and from .loom.zarr too)."""
     path, ref = loompy_file
@@ -243,7 +253,9 @@ def test_read_loom_equals_the_peers(loompy_file, zarr_twin, peer, kwargs):
         assert sorted(got.obsm) == sorted(want.obsm) and sorted(got.varm) == sorted(want.varm)
         for m, r in ((got.obsm, want.obsm), (got.varm, want.varm)):
             for k in r:
-                np.testing.assert_allclose(np.asarray(m[k], dtype=float), np.asarray(r[k], dtype=float), err_msg=k)
+                np.testing.assert_allclose(
+                    np.asarray(m[k], dtype=float), np.asarray(r[k], dtype=float), err_msg=k
+                )
         assert got.uns.get("loom-obs", {}).keys() == want.uns.get("loom-obs", {}).keys()
         assert got.uns.get("loom-var", {}).keys() == want.uns.get("loom-var", {}).keys()
     eager = dask_loom.read_loom(path, lazy=False, **kwargs)
@@ -271,14 +283,22 @@ def test_read_loom_opens_every_real_file_connect_opens(data_dir):
         opened += 1
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            got = dask_loom.read_loom(fn, sparse=True, cleanup=False, X_name="spliced", obs_names="CellID", var_names="Gene", dtype="float32")
+            got = dask_loom.read_loom(
+                fn,
+                sparse=True,
+                cleanup=False,
+                X_name="spliced",
+                obs_names="CellID",
+                var_names="Gene",
+                dtype="float32",
+            )
         assert got.shape == matrix.shape[::-1], fn.name
         np.testing.assert_allclose(dense(got.X), matrix.T.astype("float32"), err_msg=fn.name)
         for k, v in layers.items():
             np.testing.assert_array_equal(dense(got.layers[k]), v.T, err_msg=f"{fn.name}: {k}")
         try:
             want = _peer_read(anndata.io.read_loom, fn, validate=False)
-        except Exception:  # noqa: BLE001 - anndata fails on 3 of these files (nested row_attrs groups)
+        except Exception:
             continue
         peer_checked += 1
         np.testing.assert_allclose(dense(got.X), dense(want.X), err_msg=fn.name)
@@ -298,8 +318,12 @@ def _mapped_files(tmp: pathlib.Path) -> tuple[list[str], list]:
     """Two AnnData files written by anndata (h5ad CSR, Zarr v3 dense), genes partly shared."""
     rng = np.random.default_rng(7)
     refs, paths = [], []
-    for i, (n, genes, fmt) in enumerate([(70, [f"g{j}" for j in range(12)], "h5ad"), (55, [f"g{j}" for j in range(3, 15)], "zarr")]):
-        x = (rng.negative_binomial(2, 0.4, (n, len(genes))) * (rng.random((n, len(genes))) < 0.4)).astype("float32")
+    for i, (n, genes, fmt) in enumerate(
+        [(70, [f"g{j}" for j in range(12)], "h5ad"), (55, [f"g{j}" for j in range(3, 15)], "zarr")]
+    ):
+        x = (rng.negative_binomial(2, 0.4, (n, len(genes))) * (rng.random((n, len(genes))) < 0.4)).astype(
+            "float32"
+        )
         obs = pd.DataFrame(
             {"cell_type": pd.Categorical(rng.choice(["B", "T", "NK"], n)), "n_counts": x.sum(1)},
             index=[f"f{i}_c{k}" for k in range(n)],
@@ -324,7 +348,9 @@ def mapped(tmp_path_factory):
 def test_mapped_to_anndata_equals_the_files(mapped):
     paths, refs = mapped
     want = anndata.concat(refs, join="inner")
-    with dask_loom.MappedCollection(paths, layers_keys=["X", "counts"], obs_keys=["cell_type", "n_counts"], obsm_keys="emb", join="inner") as mc:
+    with dask_loom.MappedCollection(
+        paths, layers_keys=["X", "counts"], obs_keys=["cell_type", "n_counts"], obsm_keys="emb", join="inner"
+    ) as mc:
         a = mc.to_anndata()
         assert isinstance(a.X, da.Array) and isinstance(a.X._meta, sp.csr_matrix)
         assert a.shape == want.shape
@@ -360,23 +386,32 @@ def recipe_loom(tmp_path_factory):
     path = tmp_path_factory.mktemp("recipe") / "r.loom"
     x = _counts(300, 450, 11)
     ra = {"Gene": np.array([f"gene{i}" for i in range(x.shape[0])])}
-    ca = {"CellID": np.array([f"cell{i}" for i in range(x.shape[1])]), "batch": np.array(["a", "b", "c"])[np.arange(x.shape[1]) % 3]}
+    ca = {
+        "CellID": np.array([f"cell{i}" for i in range(x.shape[1])]),
+        "batch": np.array(["a", "b", "c"])[np.arange(x.shape[1]) % 3],
+    }
     dask_loom.create(str(path), x, ra, ca)
     return path
 
 
 def _assert_same_hvg(got, want, flavor, rtol=2e-4):
-    cols = ["highly_variable", "means"] + (["variances", "variances_norm"] if flavor == "seurat_v3" else ["dispersions", "dispersions_norm"])
+    cols = ["highly_variable", "means"] + (
+        ["variances", "variances_norm"] if flavor == "seurat_v3" else ["dispersions", "dispersions_norm"]
+    )
     for c in cols:
         g, w = np.asarray(got.var[c]), np.asarray(want.var[c])
         if g.dtype == bool:
             np.testing.assert_array_equal(g, w, err_msg=c)
         else:
-            np.testing.assert_allclose(g.astype(float), w.astype(float), rtol=rtol, atol=1e-6, equal_nan=True, err_msg=c)
+            np.testing.assert_allclose(
+                g.astype(float), w.astype(float), rtol=rtol, atol=1e-6, equal_nan=True, err_msg=c
+            )
 
 
 def _assert_same_pca(got, want, rtol=1e-3):
-    np.testing.assert_allclose(got.uns["pca"]["variance_ratio"], want.uns["pca"]["variance_ratio"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(
+        got.uns["pca"]["variance_ratio"], want.uns["pca"]["variance_ratio"], rtol=0, atol=1e-4
+    )
     np.testing.assert_allclose(got.uns["pca"]["variance"], want.uns["pca"]["variance"], rtol=rtol)
     g, w = np.asarray(dense(got.obsm["X_pca"]), dtype=float), np.asarray(want.obsm["X_pca"], dtype=float)
     # Up to the sign of each component.
@@ -403,7 +438,9 @@ def _recipe(lib, a, flavor, n_comps, batch_key=None):
 @pytest.mark.parametrize("impl", ["scanpy-on-lazy", "dask_loom.pp"])
 def test_recipe_on_lazy_anndata_equals_scanpy_in_memory(recipe_loom, flavor, impl):
     if impl == "scanpy-on-lazy" and flavor == "seurat_v3":
-        pytest.skip("scanpy 1.11's seurat_v3 calls np.putmask on the matrix, which a dask array refuses; dask_loom.pp covers it")
+        pytest.skip(
+            "scanpy 1.11's seurat_v3 calls np.putmask on the matrix, which a dask array refuses; dask_loom.pp covers it"
+        )
     want = _recipe(sc.pp, _peer_read(sc.read_loom, recipe_loom, X_name=""), flavor, 20)
     with dask.config.set({"dask_loom.block-size": "64KiB"}):
         lazy = dask_loom.read_loom(recipe_loom, X_name="")
@@ -455,8 +492,11 @@ def test_non_numeric_layer_is_refused(loompy_file, tmp_path):
         n, m = f["matrix"].shape
         f.create_dataset("layers/names", data=np.full((n, m), b"x", dtype="S1"), chunks=(64, 64))
     with dask_loom.connect(path, "r", validate=False) as ds:
-        for make in (lambda: ds.layers["names"].to_dask(sparse=True), lambda: ds.to_anndata(layers=["names"]),
-                     lambda: ds.to_anndata(X_name="names", sparse=False)):
+        for make in (
+            lambda: ds.layers["names"].to_dask(sparse=True),
+            lambda: ds.to_anndata(layers=["names"]),
+            lambda: ds.to_anndata(X_name="names", sparse=False),
+        ):
             with pytest.raises(UnsupportedDtypeError, match="text.loom.*names.*not numeric"):
                 make()
     with pytest.raises(UnsupportedDtypeError, match="text.loom"):
@@ -486,3 +526,144 @@ def test_csr_with_inconsistent_indptr_is_refused(tmp_path):
         with pytest.raises(AnnDataFormatError, match="bad.h5ad") as info:
             dense(mc.to_anndata().X)
     assert "indptr" in str(info.value)
+
+
+# -- 3. conversion into AnnData, streamed --------------------------------------------------------
+
+
+def _read_back(path: pathlib.Path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return anndata.read_zarr(str(path)) if str(path).endswith(".zarr") else anndata.read_h5ad(path)
+
+
+def _leftovers(folder: pathlib.Path, keep: set[str]) -> list[str]:
+    """Entries of *folder* other than *keep* and the writer lock files (temporary copies, partial outputs)."""
+    return sorted(
+        p.name for p in folder.iterdir() if p.name not in keep and not p.name.endswith(".dask-loom.lock")
+    )
+
+
+@pytest.mark.parametrize("out", ["cells.zarr", "cells.h5ad"])
+def test_write_anndata_reads_back_equal_to_connect(loom_path, tmp_path, out):
+    path, ref = loom_path
+    dst = tmp_path / out
+    with dask.config.set({"dask_loom.block-size": "256KiB"}):
+        dask_loom.write_anndata(path, dst, scheduler="threads")
+    assert _leftovers(tmp_path, {out}) == []
+    a = _read_back(dst)
+    with dask_loom.connect(path, "r") as ds:
+        X, spliced = ds[:, :], ds.layers["spliced"][:, :]
+        ca, ra = ds.ca, ds.ra
+        knn, rknn = ds.col_graphs["KNN"], ds.row_graphs["RKNN"]
+    assert isinstance(a.X, sp.csr_matrix) and a.X.has_canonical_format
+    assert a.X.dtype == X.dtype and a.layers["spliced"].dtype == spliced.dtype
+    np.testing.assert_array_equal(a.X.toarray(), X.T)
+    np.testing.assert_array_equal(a.layers["spliced"].toarray(), spliced.T)
+    assert isinstance(a.layers["spliced"], sp.csr_matrix)
+    assert list(a.obs_names) == list(ca["CellID"]) and list(a.var_names) == list(ra["Gene"])
+    for c in ("Clusters", "ClusterName", "Total"):
+        np.testing.assert_array_equal(np.asarray(a.obs[c]), ca[c], err_msg=c)
+    for c in ("Accession", "Score"):
+        np.testing.assert_array_equal(np.asarray(a.var[c]), ra[c], err_msg=c)
+    np.testing.assert_allclose(a.varm["PCA"], ra["PCA"])
+    assert (a.obsp["KNN"] != knn.tocsr()).nnz == 0 and (a.varp["RKNN"] != rknn.tocsr()).nnz == 0
+    np.testing.assert_array_equal(a.X.toarray(), ref[""].T)
+    if out.endswith(".zarr"):
+        import zarr
+
+        g = zarr.open_group(str(dst), mode="r")
+        assert g.metadata.zarr_format == 3
+        assert g.attrs["encoding-type"] == "anndata"
+        data = g["X/data"]
+        # Shards of about dask_loom.block-size (256 KiB of float32), whole chunks of 65,536 values.
+        assert data.shards == (65536,) and data.chunks == (65536,)
+        assert g["layers/spliced/indptr"].shape == (X.shape[1] + 1,)
+
+
+def test_write_anndata_shards_follow_block_size(loompy_file, tmp_path):
+    path, ref = loompy_file
+    import zarr
+
+    with dask.config.set({"dask_loom.block-size": "1MiB"}):
+        dask_loom.write_anndata(path, tmp_path / "s.zarr", scheduler="sync")
+    dask_loom.write_anndata(path, tmp_path / "u.zarr", sharded=False, scheduler="sync")
+    s, u = (
+        zarr.open_group(str(tmp_path / "s.zarr"), mode="r"),
+        zarr.open_group(str(tmp_path / "u.zarr"), mode="r"),
+    )
+    assert s["X/data"].shards == (4 * 65536,)  # 1 MiB of float32 values
+    assert u["X/data"].shards is None
+    for g in (s, u):
+        m = sp.csr_matrix(
+            (g["X/data"][:], g["X/indices"][:], g["X/indptr"][:]), shape=tuple(g["X"].attrs["shape"])
+        )
+        np.testing.assert_array_equal(m.toarray(), ref[""].T)
+
+
+@pytest.mark.parametrize("out", ["joined.zarr", "joined.h5ad"])
+def test_write_anndata_from_mapped_collection(mapped, tmp_path, out):
+    paths, refs = mapped
+    want = anndata.concat(refs, join="inner")
+    with dask_loom.MappedCollection(
+        paths, layers_keys=["X", "counts"], obs_keys=["cell_type"], obsm_keys="emb", join="inner"
+    ) as mc:
+        lazy = mc.to_anndata()
+        dask_loom.write_anndata(mc, tmp_path / out, scheduler="sync")
+    a = _read_back(tmp_path / out)
+    assert a.shape == want.shape and isinstance(a.X, sp.csr_matrix)
+    order = want.var_names.get_indexer(a.var_names)
+    assert list(a.var_names) == list(lazy.var_names)
+    np.testing.assert_array_equal(a.X.toarray(), dense(want.X)[:, order])
+    np.testing.assert_array_equal(a.layers["counts"].toarray(), dense(want.layers["counts"])[:, order])
+    pd.testing.assert_index_equal(a.obs_names, want.obs_names)
+    np.testing.assert_array_equal(a.obs["cell_type"].astype(str), want.obs["cell_type"].astype(str))
+    np.testing.assert_allclose(a.obsm["emb"], want.obsm["emb"])
+    assert _leftovers(tmp_path, {out}) == []
+
+
+def test_write_anndata_refuses_an_existing_target(loompy_file, tmp_path):
+    from dask_loom.errors import TargetExistsError
+
+    path, ref = loompy_file
+    for name in ("old.h5ad", "old.zarr"):
+        dst = tmp_path / name
+        dask_loom.write_anndata(path, dst, layers=[], scheduler="sync")
+        before = _listing(dst) if dst.is_dir() else dst.read_bytes()
+        with pytest.raises(TargetExistsError, match=f"{name}.*overwrite=True") as info:
+            dask_loom.write_anndata(path, dst, scheduler="sync")
+        assert isinstance(info.value, FileExistsError)
+        assert (_listing(dst) if dst.is_dir() else dst.read_bytes()) == before
+        dask_loom.write_anndata(path, dst, overwrite=True, scheduler="sync")
+        a = _read_back(dst)
+        assert list(a.layers) == ["spliced"]
+        np.testing.assert_array_equal(a.layers["spliced"].toarray(), ref["spliced"].T)
+
+
+def test_failed_conversion_leaves_nothing(loompy_file, tmp_path):
+    src, _ = loompy_file
+    text = tmp_path / "text.loom"
+    shutil.copy(src, text)
+    with h5py.File(text, "r+") as f:
+        n, m = f["matrix"].shape
+        f.create_dataset("layers/names", data=np.full((n, m), b"x", dtype="S1"), chunks=(64, 64))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("a.zarr", "a.h5ad"):
+        with pytest.raises(UnsupportedDtypeError, match="text.loom.*names"):
+            dask_loom.write_anndata(text, out / name, scheduler="sync")
+    # A CSR whose indptr runs past its data: found while streaming, after some bands were written.
+    bad = anndata.AnnData(sp.csr_matrix(_counts(8, 300, 5).T))
+    bad.write_h5ad(tmp_path / "bad.h5ad")
+    with h5py.File(tmp_path / "bad.h5ad", "r+") as f:
+        indptr = f["X/indptr"][:]
+        indptr[-1] += 5
+        f["X/indptr"][...] = indptr
+    with dask_loom.MappedCollection([str(tmp_path / "bad.h5ad")]) as mc:
+        for name in ("b.zarr", "b.h5ad"):
+            with dask.config.set({"dask_loom.block-size": "4KiB"}):
+                with pytest.raises(AnnDataFormatError, match="bad.h5ad"):
+                    dask_loom.write_anndata(mc, out / name, scheduler="sync")
+    assert _leftovers(out, set()) == []
+    with pytest.raises(dask_loom.errors.FormatError, match="h5ad or"):
+        dask_loom.write_anndata(src, out / "c.txt")

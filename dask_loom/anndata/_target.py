@@ -31,6 +31,7 @@ __all__ = ["SparseTarget", "anndata_target"]
 _DENSE = {"encoding-type": "array", "encoding-version": "0.2.0"}
 _SPARSE = {"csr": "csr_matrix", "csc": "csc_matrix"}
 _PREFIX = "anndata-write"
+_LENGTH = 1 << 16  # values per chunk of a sparse element's data / indices / indptr
 
 
 def _is_zarr(spec: FileSpec) -> bool:
@@ -68,6 +69,7 @@ def anndata_target(
     chunks: int | tuple[int, int] | None = None,
     compression: str | None = "gzip",
     zarr_format: int | None = None,
+    shards: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> BlockTarget:
     """A chunk target for an AnnData matrix element in an ``.h5ad`` file or an AnnData Zarr store.
@@ -92,6 +94,10 @@ def anndata_target(
         ``None`` stores uncompressed.
     zarr_format
         Zarr format of a new store (default: the store's own, else 2, anndata's default).
+    shards
+        Sparse elements in a Zarr v3 store: values per shard of ``data`` /
+        ``indices`` / ``indptr`` (a multiple of their chunk length); ``None``
+        stores unsharded chunks.
 
     Returns
     -------
@@ -120,8 +126,18 @@ def anndata_target(
     dt = np.dtype(dtype)
     if enc != "dense":
         band = int(chunks if isinstance(chunks, (int, np.integer)) else (chunks or (None,))[0] or 0) or None
-        return SparseTarget(path, elem, shape=shape, dtype=dt, encoding=enc, band=band, compression=compression,
-                            zarr_format=zarr_format, storage_options=storage_options)
+        return SparseTarget(
+            path,
+            elem,
+            shape=shape,
+            dtype=dt,
+            encoding=enc,
+            band=band,
+            compression=compression,
+            zarr_format=zarr_format,
+            shards=shards,
+            storage_options=storage_options,
+        )
     if chunks is None:
         chunks = (_default_band(shape[0], shape[1], dt.itemsize), max(1, shape[1]))
     spec = FileSpec.from_path(path, storage_options)
@@ -130,13 +146,30 @@ def anndata_target(
         from dask_loom.zarr._target import ZarrTarget
 
         store = open_store(spec.url, **spec.storage_options)
-        return ZarrTarget(store, elem, shape=shape, dtype=dt, chunks=tuple(chunks), attributes=dict(_DENSE),
-                          compressors="auto" if compression is not None else None,
-                          zarr_format=_zarr_format(store, zarr_format), prefix=_PREFIX)
+        return ZarrTarget(
+            store,
+            elem,
+            shape=shape,
+            dtype=dt,
+            chunks=tuple(chunks),
+            attributes=dict(_DENSE),
+            compressors="auto" if compression is not None else None,
+            zarr_format=_zarr_format(store, zarr_format),
+            prefix=_PREFIX,
+        )
     from dask_loom.hdf5._target import HDF5Target
 
-    return HDF5Target(spec, elem, shape=shape, dtype=dt, chunks=tuple(chunks), compression=compression,
-                      compression_opts=4 if compression == "gzip" else None, attrs=dict(_DENSE), prefix=_PREFIX)
+    return HDF5Target(
+        spec,
+        elem,
+        shape=shape,
+        dtype=dt,
+        chunks=tuple(chunks),
+        compression=compression,
+        compression_opts=4 if compression == "gzip" else None,
+        attrs=dict(_DENSE),
+        prefix=_PREFIX,
+    )
 
 
 class SparseTarget(BlockTarget):
@@ -160,6 +193,8 @@ class SparseTarget(BlockTarget):
         band: int | None = None,
         compression: str | None = "gzip",
         zarr_format: int | None = None,
+        shards: int | None = None,
+        joined: bool = False,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         from dask_loom.storage._stores import check_node_path
@@ -180,22 +215,50 @@ class SparseTarget(BlockTarget):
         self.compression = compression
         self.zarr = _is_zarr(self.spec)
         self.zarr_format = zarr_format
+        # Values per shard (Zarr v3), a whole number of chunks of _LENGTH values.
+        self.shards = None if not shards else max(1, int(shards) // _LENGTH) * _LENGTH
+        # A Zarr store written whole inside a transaction of the caller's (write_anndata's
+        # new directory): no transaction of its own, no lock file beside the temporary copy.
+        self.joined = bool(joined)
         self.prefix = _PREFIX
         self.label = f"{self.spec.name}: element '{self.elem}' ({_SPARSE[encoding]})"
         self._arrays: dict[str, Any] | None = None
         self._group: Any = None
         self._pos = 0
         self._nnz = 0
+        self._pending: dict[str, list[np.ndarray]] = {}
+        self._written: dict[str, int] = {}
 
     def __dask_tokenize__(self) -> Any:
-        return ("SparseTarget", self.spec.url, self.elem, self.encoding, self.shape, self.dtype.str, self.chunk_shape)
+        return (
+            "SparseTarget",
+            self.spec.url,
+            self.elem,
+            self.encoding,
+            self.shape,
+            self.dtype.str,
+            self.chunk_shape,
+        )
 
     def __reduce__(self) -> Any:
-        return (_rebuild, (self.spec, self.elem, self.shape, self.dtype, self.encoding, self.chunk_shape[self.axis], self.label))
+        return (
+            _rebuild,
+            (
+                self.spec,
+                self.elem,
+                self.shape,
+                self.dtype,
+                self.encoding,
+                self.chunk_shape[self.axis],
+                self.label,
+            ),
+        )
 
     # -- the two halves ---------------------------------------------------------------------
 
-    def encode_block(self, region: tuple[slice, ...], data: Any) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    def encode_block(
+        self, region: tuple[slice, ...], data: Any
+    ) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
         """``(start, stop, data, indices, counts)`` of one band, ``start:stop`` along the compressed axis."""
         import scipy.sparse as sp
 
@@ -204,7 +267,9 @@ class SparseTarget(BlockTarget):
         self.check_region(region)
         expect = tuple(r.stop - r.start for r in region)
         if tuple(data.shape) != expect:
-            raise ValueError(f"{self.label}: a block of shape {tuple(data.shape)} does not fit region {region}")
+            raise ValueError(
+                f"{self.label}: a block of shape {tuple(data.shape)} does not fit region {region}"
+            )
         if issparse(data):
             m = data.tocsr() if self.axis == 0 else data.tocsc()
         else:
@@ -228,11 +293,16 @@ class SparseTarget(BlockTarget):
         if self._arrays is None:
             raise RuntimeError(f"{self.label}: payloads are stored inside the target's transaction")
         if start != self._pos:
-            raise ValueError(f"{self.label}: bands are written in order: expected the band at {self._pos}, got {start}")
+            raise ValueError(
+                f"{self.label}: bands are written in order: expected the band at {self._pos}, got {start}"
+            )
         self._append("data", values)
         self._append("indices", indices)
         ends = self._nnz + np.cumsum(counts)
-        self._arrays["indptr"][start + 1 : stop + 1] = ends
+        if self.zarr:
+            self._append("indptr", ends)
+        else:
+            self._arrays["indptr"][start + 1 : stop + 1] = ends
         self._nnz += int(counts.sum())
         self._pos = stop
 
@@ -241,20 +311,52 @@ class SparseTarget(BlockTarget):
             return
         arr = self._arrays[name]  # type: ignore[index]
         if self.zarr:
-            arr.append(values)
+            # Whole chunks (shards) only: a write that ends inside a chunk or shard would
+            # make the next one read, merge and rewrite it.  At most one unit waits here.
+            pending = self._pending.setdefault(name, [])
+            pending.append(np.asarray(values))
+            self._flush(name, final=False)
             return
         n = arr.shape[0]
         arr.resize((n + len(values),))
         arr[n:] = values
 
+    def _flush(self, name: str, *, final: bool) -> None:
+        pending = self._pending.get(name)
+        if not pending:
+            return
+        unit = self.shards or _LENGTH
+        total = sum(len(p) for p in pending)
+        take = total if final else (total // unit) * unit
+        if not take:
+            return
+        joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
+        arr = self._arrays[name]  # type: ignore[index]
+        at = self._written.get(name, 0)
+        if arr.shape[0] < at + take:
+            arr.resize((at + take,))
+        arr[at : at + take] = joined[:take]
+        self._written[name] = at + take
+        self._pending[name] = [joined[take:]] if take < total else []
+
     # -- the transaction --------------------------------------------------------------------
 
     def _attrs(self) -> dict[str, Any]:
-        return {"encoding-type": _SPARSE[self.encoding], "encoding-version": "0.1.0", "shape": list(self.shape)}
+        return {
+            "encoding-type": _SPARSE[self.encoding],
+            "encoding-version": "0.1.0",
+            "shape": list(self.shape),
+        }
 
     def _finish(self) -> None:
         # Rows (columns) never written are empty; the indptr closes at the element's end.
         n = self.shape[self.axis]
+        if self.zarr:
+            if self._pos < n:
+                self._append("indptr", np.full(n - self._pos, self._nnz, dtype=np.int64))
+            for name in ("data", "indices", "indptr"):
+                self._flush(name, final=True)
+            return
         if self._pos < n:
             self._arrays["indptr"][self._pos + 1 : n + 1] = self._nnz  # type: ignore[index]
 
@@ -262,6 +364,8 @@ class SparseTarget(BlockTarget):
     def _transaction(self) -> Iterator[None]:
         self._pos = 0
         self._nnz = 0
+        self._pending = {}
+        self._written = {}
         try:
             if self.zarr:
                 with self._zarr_transaction():
@@ -272,12 +376,14 @@ class SparseTarget(BlockTarget):
         finally:
             self._arrays = None
             self._group = None
+            self._pending = {}
 
     @contextlib.contextmanager
     def _h5_transaction(self) -> Iterator[None]:
-        from dask_loom.hdf5._files import open_h5_write
+        from dask_loom.hdf5._files import open_h5_write, write_open
 
-        mode = "r+" if os.path.exists(self.spec.url) else "w"
+        # A file being written by this process (a whole new AnnData) is joined, not recreated.
+        mode = "r+" if os.path.exists(self.spec.url) or write_open(self.spec) else "w"
         with open_h5_write(self.spec, mode=mode, atomic=True) as f:
             if self.elem in f:
                 del f[self.elem]
@@ -285,9 +391,15 @@ class SparseTarget(BlockTarget):
             kw: dict[str, Any] = {"compression": self.compression} if self.compression else {}
             length = 1 << 16
             self._arrays = {
-                "data": g.create_dataset("data", shape=(0,), maxshape=(None,), chunks=(length,), dtype=self.dtype, **kw),
-                "indices": g.create_dataset("indices", shape=(0,), maxshape=(None,), chunks=(length,), dtype=self.index_dtype, **kw),
-                "indptr": g.create_dataset("indptr", shape=(self.shape[self.axis] + 1,), dtype=np.int64, **kw),
+                "data": g.create_dataset(
+                    "data", shape=(0,), maxshape=(None,), chunks=(length,), dtype=self.dtype, **kw
+                ),
+                "indices": g.create_dataset(
+                    "indices", shape=(0,), maxshape=(None,), chunks=(length,), dtype=self.index_dtype, **kw
+                ),
+                "indptr": g.create_dataset(
+                    "indptr", shape=(self.shape[self.axis] + 1,), dtype=np.int64, **kw
+                ),
             }
             yield
             self._finish()
@@ -302,6 +414,12 @@ class SparseTarget(BlockTarget):
 
         store = open_store(self.spec.url, **self.spec.storage_options)
         fmt = _zarr_format(store, self.zarr_format)
+        if self.joined:
+            # The caller's transaction holds the whole (new) store: write the element in it.
+            self._zarr_begin(store, fmt)
+            yield
+            self._zarr_commit()
+            return
         if type(store) is LocalStore:
             with local_transaction(store.path, label=self.label, base="empty", node=self.elem) as copy:
                 self._zarr_begin(copy, fmt)
@@ -325,20 +443,24 @@ class SparseTarget(BlockTarget):
 
         self._group = zarr.open_group(store, path=self.elem, mode="w", zarr_format=fmt)
         comp: Any = "auto" if self.compression is not None else None
-        length = 1 << 16
+        kw: dict[str, Any] = {"chunks": (_LENGTH,), "compressors": comp}
+        if self.shards and fmt >= 3:
+            kw["shards"] = (self.shards,)
         self._arrays = {
-            "data": self._group.create_array("data", shape=(0,), chunks=(length,), dtype=self.dtype, compressors=comp),
-            "indices": self._group.create_array("indices", shape=(0,), chunks=(length,), dtype=self.index_dtype, compressors=comp),
-            "indptr": self._group.create_array("indptr", shape=(self.shape[self.axis] + 1,), chunks=(length,), dtype=np.int64,
-                                               compressors=comp, fill_value=0),
+            "data": self._group.create_array("data", shape=(0,), dtype=self.dtype, **kw),
+            "indices": self._group.create_array("indices", shape=(0,), dtype=self.index_dtype, **kw),
+            "indptr": self._group.create_array("indptr", shape=(0,), dtype=np.int64, fill_value=0, **kw),
         }
+        self._append("indptr", np.zeros(1, dtype=np.int64))
 
     def _zarr_commit(self) -> None:
         self._finish()
         self._group.attrs.update(self._attrs())
 
 
-def _rebuild(spec: FileSpec, elem: str, shape: tuple[int, int], dtype: Any, encoding: str, band: int, label: str) -> SparseTarget:
+def _rebuild(
+    spec: FileSpec, elem: str, shape: tuple[int, int], dtype: Any, encoding: str, band: int, label: str
+) -> SparseTarget:
     t = SparseTarget(spec, elem, shape=shape, dtype=dtype, encoding=encoding, band=band)
     t.label = label
     return t
