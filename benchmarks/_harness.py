@@ -26,7 +26,11 @@ CACHE = os.path.join(os.path.dirname(__file__), "cache")
 
 def _tree_rss(proc: psutil.Process) -> int:
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:  # a child exited while the tree was listed: sample again next tick
+        return 0
+    for p in procs:
         with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
     return total

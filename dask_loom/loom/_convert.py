@@ -89,12 +89,17 @@ def convert(
         names = {m: list(getattr(ds, m).keys()) for m in ("attrs", "ra", "ca", "row_graphs", "col_graphs")}
         globals_ = {k: ds.attrs[k] for k in names["attrs"] if k != "LOOM_SPEC_VERSION"}
         attrs = [{k: ds.ra[k] for k in names["ra"]}, {k: ds.ca[k] for k in names["ca"]}]
-        graphs = [{k: ds.row_graphs[k] for k in names["row_graphs"]}, {k: ds.col_graphs[k] for k in names["col_graphs"]}]
+        graphs = [
+            {k: ds.row_graphs[k] for k in names["row_graphs"]},
+            {k: ds.col_graphs[k] for k in names["col_graphs"]},
+        ]
         kw = {"scheduler": scheduler, "client": client}
         from dask_loom._config import get_config
         from dask_loom.loom._tree import is_zarr_spec
 
-        default_chunks = get_config("loom-zarr-chunks") if is_zarr_spec(dst_spec) else get_config("loom-chunks")
+        default_chunks = (
+            get_config("loom-zarr-chunks") if is_zarr_spec(dst_spec) else get_config("loom-chunks")
+        )
         with creating(dst_spec) as w:
             init_layout(w)
             for name in layer_names:
@@ -116,29 +121,3 @@ def convert(
                     put_graph(w, axis, k, g, stamp=False)
             for k, v in globals_.items():
                 put_global(w, k, v, in_group=True)
-
-
-def _convert_args(p: Any) -> None:
-    from dask_loom.cli import _compute_options, _validate_option
-
-    p.add_argument("src", help="source Loom container (.loom or .loom.zarr; path or URL)")
-    p.add_argument("dst", help="target (*.zarr → Zarr, else HDF5 .loom); replaced if it exists")
-    p.add_argument("--chunks", metavar="ROWS,COLS", help="chunk shape of the target's layers (default: 512,512 for .loom.zarr, 64,64 for .loom)")
-    _validate_option(p)
-    _compute_options(p)
-
-
-def _register_cli() -> None:
-    from dask_loom import cli
-
-    @cli.command("convert", "convert a Loom container between .loom (HDF5) and .loom.zarr (Zarr)")
-    @cli.arguments(_convert_args)
-    def cmd_convert(args: Any) -> int:
-        chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None
-        with cli._announce(args) as target:
-            convert(args.src, args.dst, chunks=chunks, validate=args.validate, scheduler=target, progress=cli._progress(args))  # type: ignore[arg-type]
-        cli._say(f"wrote {args.dst}")
-        return 0
-
-
-_register_cli()

@@ -1,0 +1,58 @@
+"""``dask-loom convert``: a Loom container between ``.loom`` and ``.loom.zarr``, or an image to OME-Arrow."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from dask_loom.cli._common import announce, compute_options, progress, say, validate_option
+
+__all__: list[str] = []
+
+
+def convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "src",
+        help="source: a Loom container (.loom or .loom.zarr) or an image (OME-TIFF, OME-Zarr); path or URL",
+    )
+    p.add_argument(
+        "dst", help="target (*.zarr → Zarr, *.parquet → OME-Arrow, else HDF5 .loom); replaced if it exists"
+    )
+    p.add_argument(
+        "--chunks",
+        metavar="ROWS,COLS",
+        help="chunk shape of the target's layers (default: 512,512 for .loom.zarr, 64,64 for .loom); for an image, the tile shape",
+    )
+    validate_option(p)
+    compute_options(p)
+
+
+def _is_image(src: str, dst: str) -> bool:
+    from dask_loom.ome import image_kind
+
+    return image_kind(src) is not None or dst.rstrip("/").lower().endswith((".parquet", ".pq"))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None
+    if _is_image(args.src, args.dst):
+        from dask_loom.ome import convert_to_ome_arrow
+
+        with announce(args) as target:
+            t0 = time.perf_counter()
+            convert_to_ome_arrow(args.src, args.dst, chunk_shape=chunks, scheduler=target)
+        say(f"wrote {args.dst} in {time.perf_counter() - t0:.2f} s")
+        return 0
+    from dask_loom.loom._convert import convert
+
+    with announce(args) as target:
+        convert(
+            args.src,
+            args.dst,
+            chunks=chunks,
+            validate=args.validate,
+            scheduler=target,
+            progress=progress(args),
+        )
+    say(f"wrote {args.dst}")
+    return 0
