@@ -538,10 +538,9 @@ def _read_back(path: pathlib.Path):
 
 
 def _leftovers(folder: pathlib.Path, keep: set[str]) -> list[str]:
-    """Entries of *folder* other than *keep* and the writer lock files (temporary copies, partial outputs)."""
-    return sorted(
-        p.name for p in folder.iterdir() if p.name not in keep and not p.name.endswith(".dask-loom.lock")
-    )
+    """Entries of *folder* other than *keep* and their writer lock files (temporary copies, partial outputs)."""
+    locks = {f".{k}.dask-loom.lock" for k in keep}
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep | locks)
 
 
 @pytest.mark.parametrize("out", ["cells.zarr", "cells.h5ad"])
@@ -667,3 +666,42 @@ def test_failed_conversion_leaves_nothing(loompy_file, tmp_path):
     assert _leftovers(out, set()) == []
     with pytest.raises(dask_loom.errors.FormatError, match="h5ad or"):
         dask_loom.write_anndata(src, out / "c.txt")
+
+
+def test_cli_convert_into_anndata(loompy_file, tmp_path, capsys):
+    from dask_loom.cli import main
+
+    path, ref = loompy_file
+    for name in ("cells.zarr", "cells.h5ad"):
+        dst = tmp_path / name
+        assert main(["convert", str(path), str(dst), "--scheduler", "sync"]) == 0
+        assert f"wrote {dst} (AnnData)" in capsys.readouterr().err
+        a = _read_back(dst)
+        np.testing.assert_array_equal(a.X.toarray(), ref[""].T)
+        np.testing.assert_array_equal(a.layers["spliced"].toarray(), ref["spliced"].T)
+        assert list(a.obs_names) == list(ref["ca"]["CellID"])
+        before = _listing(dst) if dst.is_dir() else dst.read_bytes()
+        assert main(["convert", str(path), str(dst)]) == 1
+        err = capsys.readouterr().err
+        assert err == f"dask-loom convert: error: {dst}: exists; pass overwrite=True to replace it\n"
+        assert (_listing(dst) if dst.is_dir() else dst.read_bytes()) == before
+        assert main(["convert", str(path), str(dst), "--overwrite", "--scheduler", "sync"]) == 0
+        np.testing.assert_array_equal(_read_back(dst).X.toarray(), ref[""].T)
+    # A .loom.zarr target is still a Loom container.
+    assert main(["convert", str(path), str(tmp_path / "c.loom.zarr"), "--scheduler", "sync"]) == 0
+    with dask_loom.connect(tmp_path / "c.loom.zarr", "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], ref[""])
+    assert main(["convert", str(path), str(tmp_path / "d.zarr"), "--chunks", "8,8"]) == 1
+    assert "--chunks applies to Loom" in capsys.readouterr().err
+    assert not (tmp_path / "d.zarr").exists()
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import dask_loom._csr
+    import dask_loom.analysis._write
+
+    for mod in (dask_loom.analysis._write, dask_loom._csr):
+        failed, tried = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+        assert tried and not failed, mod.__name__
