@@ -705,3 +705,29 @@ def test_docstring_examples_run():
     for mod in (dask_loom.analysis._write, dask_loom._csr):
         failed, tried = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
         assert tried and not failed, mod.__name__
+
+
+@pytest.mark.s3
+def test_lazy_anndata_and_conversion_from_object_store(s3_server, loompy_file, zarr_twin, tmp_path):
+    """A .loom.zarr and an HDF5 .loom on S3 (a local S3 server): read_loom, to_anndata, write_anndata."""
+    import uuid
+
+    import s3fs
+
+    path, ref = loompy_file
+    opts = s3_server["storage_options"]
+    prefix = f"{s3_server['bucket']}/{uuid.uuid4().hex}"
+    fs = s3fs.S3FileSystem(**opts)
+    fs.put(str(path), f"{prefix}/ref.loom")
+    fs.put(str(zarr_twin), f"{prefix}/ref.loom.zarr", recursive=True)
+    for name in ("ref.loom", "ref.loom.zarr"):
+        url = f"s3://{prefix}/{name}"
+        a = dask_loom.read_loom(url, X_name="", storage_options=opts)
+        assert isinstance(a.X, da.Array) and isinstance(a.X._meta, sp.csr_matrix)
+        np.testing.assert_array_equal(dense(a.X), ref[""].T.astype("float32"))
+        np.testing.assert_array_equal(dense(a.layers["spliced"]), ref["spliced"].T)
+        out = tmp_path / f"{name}.h5ad"
+        dask_loom.write_anndata(url, out, storage_options=opts, scheduler="sync")
+        back = _read_back(out)
+        np.testing.assert_array_equal(back.X.toarray(), ref[""].T)
+        assert list(back.obs_names) == list(ref["ca"]["CellID"])
