@@ -87,14 +87,9 @@ def _as_anndata(
     )
 
 
-def _shard_values(itemsize: int) -> int:
-    from dask_loom._config import block_size_bytes
-
-    return max(1, block_size_bytes() // max(1, itemsize))
-
-
 def _store_matrix(x: Any, path: str, elem: str, *, kind: str, sharded: bool, kw: dict[str, Any]) -> None:
     """One matrix element: CSR (row bands, appended in order) from a dask array or an in-memory matrix."""
+    from dask_loom._config import block_size_bytes
     from dask_loom._csr import sparse_dtype
     from dask_loom._lazy import issparse
     from dask_loom.anndata._target import SparseTarget
@@ -116,7 +111,7 @@ def _store_matrix(x: Any, path: str, elem: str, *, kind: str, sharded: bool, kw:
         band=1,
         compression="gzip" if kind == "h5ad" else "auto",
         zarr_format=3 if kind == "zarr" else None,
-        shards=_shard_values(dtype.itemsize) if sharded and kind == "zarr" else None,
+        shard_bytes=block_size_bytes() if sharded and kind == "zarr" else None,
         joined=True,
     )
     store(x, target, **kw)

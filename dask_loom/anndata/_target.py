@@ -69,7 +69,7 @@ def anndata_target(
     chunks: int | tuple[int, int] | None = None,
     compression: str | None = "gzip",
     zarr_format: int | None = None,
-    shards: int | None = None,
+    shard_bytes: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> BlockTarget:
     """A chunk target for an AnnData matrix element in an ``.h5ad`` file or an AnnData Zarr store.
@@ -94,10 +94,10 @@ def anndata_target(
         ``None`` stores uncompressed.
     zarr_format
         Zarr format of a new store (default: the store's own, else 2, anndata's default).
-    shards
-        Sparse elements in a Zarr v3 store: values per shard of ``data`` /
-        ``indices`` / ``indptr`` (a multiple of their chunk length); ``None``
-        stores unsharded chunks.
+    shard_bytes
+        Sparse elements in a Zarr v3 store: about this many bytes per shard of
+        ``data`` / ``indices`` / ``indptr`` (whole chunks of 65,536 values);
+        ``None`` stores unsharded chunks.
 
     Returns
     -------
@@ -135,7 +135,7 @@ def anndata_target(
             band=band,
             compression=compression,
             zarr_format=zarr_format,
-            shards=shards,
+            shard_bytes=shard_bytes,
             storage_options=storage_options,
         )
     if chunks is None:
@@ -193,7 +193,7 @@ class SparseTarget(BlockTarget):
         band: int | None = None,
         compression: str | None = "gzip",
         zarr_format: int | None = None,
-        shards: int | None = None,
+        shard_bytes: int | None = None,
         joined: bool = False,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
@@ -215,8 +215,8 @@ class SparseTarget(BlockTarget):
         self.compression = compression
         self.zarr = _is_zarr(self.spec)
         self.zarr_format = zarr_format
-        # Values per shard (Zarr v3), a whole number of chunks of _LENGTH values.
-        self.shards = None if not shards else max(1, int(shards) // _LENGTH) * _LENGTH
+        # Bytes per shard (Zarr v3); each array's shards hold a whole number of chunks.
+        self.shard_bytes = int(shard_bytes) if shard_bytes else None
         # A Zarr store written whole inside a transaction of the caller's (write_anndata's
         # new directory): no transaction of its own, no lock file beside the temporary copy.
         self.joined = bool(joined)
@@ -226,7 +226,8 @@ class SparseTarget(BlockTarget):
         self._group: Any = None
         self._pos = 0
         self._nnz = 0
-        self._pending: dict[str, list[np.ndarray]] = {}
+        self._buf: dict[str, np.ndarray] = {}
+        self._fill: dict[str, int] = {}
         self._written: dict[str, int] = {}
 
     def __dask_tokenize__(self) -> Any:
@@ -311,33 +312,48 @@ class SparseTarget(BlockTarget):
             return
         arr = self._arrays[name]  # type: ignore[index]
         if self.zarr:
-            # Whole chunks (shards) only: a write that ends inside a chunk or shard would
-            # make the next one read, merge and rewrite it.  At most one unit waits here.
-            pending = self._pending.setdefault(name, [])
-            pending.append(np.asarray(values))
-            self._flush(name, final=False)
+            self._buffered(name, arr, np.asarray(values))
             return
         n = arr.shape[0]
         arr.resize((n + len(values),))
         arr[n:] = values
 
-    def _flush(self, name: str, *, final: bool) -> None:
-        pending = self._pending.get(name)
-        if not pending:
+    def _unit(self, arr: Any) -> int:
+        """Values per write: a whole shard (about *shard_bytes*), else a whole chunk."""
+        if not self.shard_bytes:
+            return _LENGTH
+        return max(1, self.shard_bytes // (np.dtype(arr.dtype).itemsize * _LENGTH)) * _LENGTH
+
+    def _buffered(self, name: str, arr: Any, values: np.ndarray) -> None:
+        # Whole chunks (shards) only: a write that ends inside a chunk or shard would make
+        # the next one read, merge and rewrite it.  One preallocated unit per array waits here.
+        buf = self._buf.get(name)
+        if buf is None:
+            size = self._unit(arr)
+            if name == "indptr":  # its length is known: no bigger buffer than what is left of it
+                size = max(1, min(size, self.shape[self.axis] + 1 - self._written.get(name, 0)))
+            buf = self._buf[name] = np.empty(size, dtype=arr.dtype)
+            self._fill[name] = 0
+        pos = 0
+        while pos < len(values):
+            fill = self._fill[name]
+            take = min(len(buf) - fill, len(values) - pos)
+            buf[fill : fill + take] = values[pos : pos + take]
+            self._fill[name] = fill + take
+            pos += take
+            if self._fill[name] == len(buf):
+                self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        buf, fill = self._buf.get(name), self._fill.get(name, 0)
+        if buf is None or not fill:
             return
-        unit = self.shards or _LENGTH
-        total = sum(len(p) for p in pending)
-        take = total if final else (total // unit) * unit
-        if not take:
-            return
-        joined = np.concatenate(pending) if len(pending) > 1 else pending[0]
         arr = self._arrays[name]  # type: ignore[index]
         at = self._written.get(name, 0)
-        if arr.shape[0] < at + take:
-            arr.resize((at + take,))
-        arr[at : at + take] = joined[:take]
-        self._written[name] = at + take
-        self._pending[name] = [joined[take:]] if take < total else []
+        arr.resize((at + fill,))
+        arr[at : at + fill] = buf[:fill]
+        self._written[name] = at + fill
+        self._fill[name] = 0
 
     # -- the transaction --------------------------------------------------------------------
 
@@ -355,7 +371,7 @@ class SparseTarget(BlockTarget):
             if self._pos < n:
                 self._append("indptr", np.full(n - self._pos, self._nnz, dtype=np.int64))
             for name in ("data", "indices", "indptr"):
-                self._flush(name, final=True)
+                self._flush(name)
             return
         if self._pos < n:
             self._arrays["indptr"][self._pos + 1 : n + 1] = self._nnz  # type: ignore[index]
@@ -364,8 +380,7 @@ class SparseTarget(BlockTarget):
     def _transaction(self) -> Iterator[None]:
         self._pos = 0
         self._nnz = 0
-        self._pending = {}
-        self._written = {}
+        self._buf, self._fill, self._written = {}, {}, {}
         try:
             if self.zarr:
                 with self._zarr_transaction():
@@ -376,7 +391,7 @@ class SparseTarget(BlockTarget):
         finally:
             self._arrays = None
             self._group = None
-            self._pending = {}
+            self._buf = {}
 
     @contextlib.contextmanager
     def _h5_transaction(self) -> Iterator[None]:
@@ -444,12 +459,18 @@ class SparseTarget(BlockTarget):
         self._group = zarr.open_group(store, path=self.elem, mode="w", zarr_format=fmt)
         comp: Any = "auto" if self.compression is not None else None
         kw: dict[str, Any] = {"chunks": (_LENGTH,), "compressors": comp}
-        if self.shards and fmt >= 3:
-            kw["shards"] = (self.shards,)
+        sharded = bool(self.shard_bytes) and fmt >= 3
+        if not sharded:
+            self.shard_bytes = None  # Zarr v2 has no shards: write whole chunks
+
+        def create(name: str, dtype: Any, **extra: Any) -> Any:
+            more = {"shards": (self._unit(np.empty(0, dtype)),)} if sharded else {}
+            return self._group.create_array(name, shape=(0,), dtype=dtype, **kw, **more, **extra)
+
         self._arrays = {
-            "data": self._group.create_array("data", shape=(0,), dtype=self.dtype, **kw),
-            "indices": self._group.create_array("indices", shape=(0,), dtype=self.index_dtype, **kw),
-            "indptr": self._group.create_array("indptr", shape=(0,), dtype=np.int64, fill_value=0, **kw),
+            "data": create("data", self.dtype),
+            "indices": create("indices", self.index_dtype),
+            "indptr": create("indptr", np.int64, fill_value=0),
         }
         self._append("indptr", np.zeros(1, dtype=np.int64))
 
