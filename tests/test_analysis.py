@@ -315,12 +315,15 @@ def test_read_loom_opens_every_real_file_connect_opens(data_dir):
 
 
 def _mapped_files(tmp: pathlib.Path) -> tuple[list[str], list]:
-    """Two AnnData files written by anndata (h5ad CSR, Zarr v3 dense), genes partly shared."""
+    """Three AnnData files written by anndata (h5ad CSR, Zarr v3 dense, h5ad CSC), genes partly shared."""
     rng = np.random.default_rng(7)
     refs, paths = [], []
-    for i, (n, genes, fmt) in enumerate(
-        [(70, [f"g{j}" for j in range(12)], "h5ad"), (55, [f"g{j}" for j in range(3, 15)], "zarr")]
-    ):
+    layout = [
+        (70, [f"g{j}" for j in range(12)], "h5ad", sp.csr_matrix),
+        (55, [f"g{j}" for j in range(3, 15)], "zarr", np.asarray),
+        (40, [f"g{j}" for j in range(14, 1, -1)], "h5ad", sp.csc_matrix),
+    ]
+    for i, (n, genes, fmt, kind) in enumerate(layout):
         x = (rng.negative_binomial(2, 0.4, (n, len(genes))) * (rng.random((n, len(genes))) < 0.4)).astype(
             "float32"
         )
@@ -328,11 +331,11 @@ def _mapped_files(tmp: pathlib.Path) -> tuple[list[str], list]:
             {"cell_type": pd.Categorical(rng.choice(["B", "T", "NK"], n)), "n_counts": x.sum(1)},
             index=[f"f{i}_c{k}" for k in range(n)],
         )
-        a = anndata.AnnData(sp.csr_matrix(x) if fmt == "h5ad" else x, obs=obs, var=pd.DataFrame(index=genes))
+        a = anndata.AnnData(kind(x), obs=obs, var=pd.DataFrame(index=genes))
         a.layers["counts"] = sp.csr_matrix(x.astype("int32"))
         a.obsm["emb"] = rng.random((n, 2)).astype("float32")
         p = tmp / f"m{i}.{fmt}"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), anndata.settings.override(zarr_write_format=3):
             warnings.simplefilter("ignore")
             a.write_h5ad(p) if fmt == "h5ad" else a.write_zarr(p)
         refs.append(a)
