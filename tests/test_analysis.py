@@ -734,3 +734,62 @@ def test_lazy_anndata_and_conversion_from_object_store(s3_server, loompy_file, z
         back = _read_back(out)
         np.testing.assert_array_equal(back.X.toarray(), ref[""].T)
         assert list(back.obs_names) == list(ref["ca"]["CellID"])
+
+
+@pytest.mark.parametrize(
+    ("name", "out"),
+    [
+        ("scopeloomr/example.loom", "zarr"),  # compound attributes -> obsm/varm data frames
+        ("loomexperiment/L1_DRG_20_example.loom", "h5ad"),  # graphs with float64 indices -> obsp
+        ("loomexperiment/legacy-2018/scle_example_2018.loom", "zarr"),  # nested groups, 2-D attributes
+    ],
+)
+def test_write_anndata_real_files(data_dir, tmp_path, name, out):
+    fn = data_dir / "loom" / name
+    if not fn.exists():
+        pytest.skip(f"{fn} is absent")
+    dst = tmp_path / f"x.{out}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dask_loom.write_anndata(fn, dst, scheduler="sync")
+        want = dask_loom.read_loom(fn, X_name="", dtype=None, lazy=False)
+    a = _read_back(dst)
+    with dask_loom.connect(fn, "r", validate=False) as ds:
+        np.testing.assert_array_equal(a.X.toarray(), ds[:, :].T)
+    pd.testing.assert_index_equal(a.obs_names, want.obs_names)
+    pd.testing.assert_index_equal(a.var_names, want.var_names)
+    assert sorted(a.obsm) == sorted(want.obsm) and sorted(a.varm) == sorted(want.varm)
+    assert sorted(a.obsp) == sorted(want.obsp)
+    for m, r in ((a.obsm, want.obsm), (a.varm, want.varm)):
+        for k in r:
+            np.testing.assert_allclose(
+                np.asarray(m[k], dtype=float), np.asarray(r[k], dtype=float), err_msg=k
+            )
+    for k in want.obsp:
+        assert (a.obsp[k] != want.obsp[k]).nnz == 0
+    for c in want.obs.columns:
+        np.testing.assert_array_equal(np.asarray(a.obs[c]), np.asarray(want.obs[c]), err_msg=c)
+
+
+def test_write_anndata_of_an_anndata_and_layer_choice(loompy_file, mapped, tmp_path):
+    """An AnnData (the lazy one read_loom gives, or one in memory) is written as it is; *layers* picks layers."""
+    path, ref = loompy_file
+    lazy = dask_loom.read_loom(path, X_name="")
+    dask_loom.write_anndata(lazy, tmp_path / "lazy.zarr", layers=["spliced"], scheduler="sync")
+    a = _read_back(tmp_path / "lazy.zarr")
+    assert list(a.layers) == ["spliced"]
+    np.testing.assert_array_equal(a.X.toarray(), ref[""].T)
+    np.testing.assert_array_equal(a.layers["spliced"].toarray(), ref["spliced"].T)
+    mem = anndata.AnnData(
+        ref[""].T.copy(), obs=pd.DataFrame(index=[f"c{i}" for i in range(ref[""].shape[1])])
+    )
+    dask_loom.write_anndata(mem, tmp_path / "mem.h5ad")
+    np.testing.assert_array_equal(_read_back(tmp_path / "mem.h5ad").X.toarray(), ref[""].T)
+    with pytest.raises(ElementNotFoundError, match="nope"):
+        dask_loom.write_anndata(lazy, tmp_path / "no.zarr", layers=["nope"])
+    paths, refs = mapped
+    with dask_loom.MappedCollection(paths, layers_keys=["X", "counts"]) as mc:
+        dask_loom.write_anndata(mc, tmp_path / "x_only.h5ad", layers=[], scheduler="sync")
+    b = _read_back(tmp_path / "x_only.h5ad")
+    assert not b.layers and b.n_obs == sum(r.n_obs for r in refs)
+    assert _leftovers(tmp_path, {"lazy.zarr", "mem.h5ad", "x_only.h5ad"}) == []

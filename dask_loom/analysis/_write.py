@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dask_loom.errors import TargetExistsError, UnsupportedSourceError
+from dask_loom.errors import ElementNotFoundError, TargetExistsError, UnsupportedSourceError
 
 if TYPE_CHECKING:
     import anndata
@@ -62,7 +62,10 @@ def _as_anndata(
     if isinstance(source, ad.AnnData):
         return source, None
     if isinstance(source, MappedCollection):
-        return source.to_anndata(layers=list(layers) if layers is not None else None), None
+        # The collection's first layer (X where requested) becomes X; *layers* are the others.
+        first = ["X"] if "X" in source.layers_keys else []
+        keys = None if layers is None else [*first, *[k for k in layers if k != "X"]]
+        return source.to_anndata(layers=keys), None
     opened = None
     if isinstance(source, (str, os.PathLike)):
         opened = connect(
@@ -156,7 +159,14 @@ def _small_elements(a: anndata.AnnData) -> dict[str, Any]:
 
 
 def _write_into(
-    group: Any, a: anndata.AnnData, path: str, kind: str, kw: dict[str, Any], sharded: bool
+    group: Any,
+    a: anndata.AnnData,
+    path: str,
+    kind: str,
+    kw: dict[str, Any],
+    *,
+    sharded: bool,
+    layers: list[str] | None,
 ) -> None:
     import anndata as ad
 
@@ -172,8 +182,11 @@ def _write_into(
             for k, v in lazy.items():
                 _store_dense(v, group, f"{axis_name}/{k}", kind=kind, kw=kw)
         ad.io.write_elem(group, "layers", {})
-    _store_matrix(a.X, path, "X", kind=kind, sharded=sharded, kw=kw)
+    if a.X is not None:
+        _store_matrix(a.X, path, "X", kind=kind, sharded=sharded, kw=kw)
     for k, v in a.layers.items():
+        if layers is not None and k not in layers:
+            continue
         _store_matrix(v, path, f"layers/{k}", kind=kind, sharded=sharded, kw=kw)
     for k, v in _ROOT_ATTRS.items():
         group.attrs[k] = v
@@ -258,6 +271,15 @@ def write_anndata(
     a, opened = _as_anndata(
         source, layers=layers, X_name=X_name, validate=validate, storage_options=storage_options
     )
+    # Loom sources and collections make only the layers asked for; an AnnData is filtered here.
+    wanted = None
+    if layers is not None and source is a:
+        wanted = list(layers)
+        missing = [k for k in wanted if k not in a.layers]
+        if missing:
+            raise ElementNotFoundError(
+                f"{out}: layers {missing} are not in the AnnData (it has {list(a.layers)})"
+            )
     kw = {"scheduler": scheduler, "client": client, "progress": progress}
     if opened is None and scheduler is None and client is None:
         kw.update(getattr(source, "_compute_kwargs", dict)())
@@ -269,7 +291,7 @@ def write_anndata(
             if os.path.isdir(out):
                 raise TargetExistsError(f"{out}: is a directory; remove it first")
             with open_h5_write(FileSpec.from_path(out), mode="w") as f:
-                _write_into(f, a, out, kind, kw, sharded=False)
+                _write_into(f, a, out, kind, kw, sharded=False, layers=wanted)
         else:
             import zarr
 
@@ -279,7 +301,7 @@ def write_anndata(
                 raise TargetExistsError(f"{out}: exists and is not a directory; remove it first")
             with local_transaction(out, label=out, base="empty") as tmp:
                 group = zarr.open_group(tmp.path, mode="w", zarr_format=3)
-                _write_into(group, a, tmp.path, kind, kw, sharded=sharded)
+                _write_into(group, a, tmp.path, kind, kw, sharded=sharded, layers=wanted)
                 with warnings.catch_warnings():
                     # Consolidated metadata is what anndata writes (and reads fast) in v3 too.
                     warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
