@@ -669,6 +669,8 @@ def test_failed_conversion_leaves_nothing(loompy_file, tmp_path):
     assert _leftovers(out, set()) == []
     with pytest.raises(dask_loom.errors.FormatError, match="h5ad or"):
         dask_loom.write_anndata(src, out / "c.txt")
+    with pytest.raises(dask_loom.errors.UnsupportedSchemeError, match="s3://bucket/c.zarr.*local"):
+        dask_loom.write_anndata(src, "s3://bucket/c.zarr")
 
 
 def test_cli_convert_into_anndata(loompy_file, tmp_path, capsys):

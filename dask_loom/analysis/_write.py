@@ -225,7 +225,8 @@ def write_anndata(
         (its files joined, written as one AnnData) or an ``anndata.AnnData``
         (for instance from :func:`dask_loom.read_loom`).
     dst
-        ``*.h5ad`` or ``*.zarr`` (a local path).
+        ``*.h5ad`` or ``*.zarr``, a local path (a URL is refused with
+        :class:`~dask_loom.errors.UnsupportedSchemeError`).
     layers
         Layers to write besides ``X`` (default: all).
     X_name
@@ -264,6 +265,12 @@ def write_anndata(
     >>> a.shape, list(a.var_names), a.X.toarray()[:3, :3].tolist()
     ((4, 3), ['x', 'y', 'z'], [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     """
+    if "://" in os.fspath(dst):
+        from dask_loom.errors import UnsupportedSchemeError
+
+        raise UnsupportedSchemeError(
+            f"{os.fspath(dst)}: write_anndata writes a local .h5ad or .zarr (copy it to the object store afterwards)"
+        )
     out = os.path.abspath(os.fspath(dst))
     kind = _kind(out)
     if os.path.lexists(out) and not overwrite:
