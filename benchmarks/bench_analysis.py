@@ -152,16 +152,26 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated runs: scanpy-memory, scanpy-dask, dask_loom, mean_var, convert")
     ap.add_argument("--dask-chunk", type=int, default=100_000, help="rows per chunk of the scanpy-dask run (its tutorial: 100,000)")
     ap.add_argument("--formats", default="h5ad,zarr")
+    ap.add_argument(
+        "--convert-small", action="store_true", help="convert the 4,000 x 10,000 Loom file instead of the 20,000 x 50,000 one"
+    )
+    ap.add_argument(
+        "--convert-ours-only", action="store_true", help="convert with dask-loom only (scanpy reads the whole file into memory)"
+    )
     args = ap.parse_args()
     n_cells = args.cells or (FULL if args.full else DEFAULT)
     only = set(args.only.split(",")) if args.only else {"scanpy-memory", "scanpy-dask", "dask_loom", "mean_var", "convert"}
     formats = args.formats.split(",")
     import psutil
 
-    paths = inputs(n_cells)
+    # The matrix inputs are generated only for the runs that read them (not for --only convert).
+    paths = inputs(n_cells) if only - {"convert"} else {}
     nnz_est = int(n_cells * N_GENES * DENSITY)
     results: dict = {"n_cells": n_cells, "n_genes": N_GENES, "density": DENSITY, "nnz": nnz_est, "runs": {}}
-    print(f"{n_cells} cells x {N_GENES} genes, ~{nnz_est / 1e6:.0f} M non-zeros; inputs {[relative(p) for p in paths.values()]}")
+    if paths:
+        print(f"{n_cells} cells x {N_GENES} genes, ~{nnz_est / 1e6:.0f} M non-zeros; inputs {[relative(p) for p in paths.values()]}")
+    else:
+        formats = []
     runs = results["runs"]
     if "scanpy-memory" in only:
         need = nnz_est * 8 * 3  # X, its normalised copy, working space
@@ -195,10 +205,15 @@ def main() -> None:
         ratios["h5ad"]["speedup_vs_scanpy_memory"] = mem["wall"] / runs["dask_loom h5ad"]["wall"]
     results["ratios"] = ratios
     if "convert" in only:
-        results["convert"] = run_convert()
+        results["convert"] = run_convert(small=args.convert_small, peers=not args.convert_ours_only)
     for fmt, r in ratios.items():
         print(f"  {fmt}: {r}")
-    name = "analysis_full" if n_cells == FULL else ("analysis" if n_cells == DEFAULT else f"analysis_{n_cells}")
+    if only == {"convert"}:
+        results = {"convert": results.get("convert")}
+        name = "analysis_convert_small" if args.convert_small else "analysis_convert"
+        name += "_ours" if args.convert_ours_only else ""
+    else:
+        name = "analysis_full" if n_cells == FULL else ("analysis" if n_cells == DEFAULT else f"analysis_{n_cells}")
     print("saved", save(name, results))
 
 
@@ -216,18 +231,21 @@ print(json.dumps({{"steps": T}}))
 """
 
 
-def run_convert() -> dict:
+def run_convert(*, small: bool = False, peers: bool = True) -> dict:
     import shutil
 
     from bench_loom_map import bench_file
 
-    src = bench_file(small=False)
+    src = bench_file(small=small)
     out: dict = {"input": relative(src)}
-    for kind, code in (("scanpy read_loom + write_zarr", CONVERT_SCANPY), ("dask-loom convert", CONVERT_OURS)):
+    runs = (("scanpy read_loom + write_zarr", CONVERT_SCANPY),) if peers else ()
+    for kind, code in (*runs, ("dask-loom convert", CONVERT_OURS)):
         dst = os.path.join(CACHE, "converted.zarr")
         shutil.rmtree(dst, ignore_errors=True)
         out[kind] = run_recipe(kind, code.format(src=src, dst=dst))
         shutil.rmtree(dst, ignore_errors=True)
+    if not peers:
+        return out
     a, b = out["scanpy read_loom + write_zarr"], out["dask-loom convert"]
     out["speedup"] = a["wall"] / b["wall"]
     print(f"  convert: {out['speedup']:.2f}x faster, peak {b['peak_rss'] / 2**30:.2f} GiB vs {a['peak_rss'] / 2**30:.2f} GiB")

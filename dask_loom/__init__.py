@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from dask_loom import _config  # the dask_loom.* defaults and DASK_LOOM_* variables
 
 if TYPE_CHECKING:
+    from dask_loom.analysis import read_loom, write_anndata
     from dask_loom.blocks import from_source, plan_blocks, store
     from dask_loom.loom import (
         AttributeManager,
@@ -79,6 +80,7 @@ _LAZY = {
     "permute": "dask_loom.ops",
     "scan": "dask_loom.ops",
     "read_loom": "dask_loom.analysis",
+    "write_anndata": "dask_loom.analysis",
     "pp": "dask_loom.pp",
 }
 
@@ -154,5 +156,6 @@ __all__ = (
     "to_ome_arrow",
     "to_ome_parquet",
     "to_zarr",
+    "write_anndata",
     "write_ome_arrow_dataset",
 )

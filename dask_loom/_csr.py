@@ -55,7 +55,9 @@ def sparse_dtype(dtype: Any, *, where: str = "the array") -> np.dtype:
     """The dtype a CSR block of *dtype* data holds (scipy has no float16; non-numeric is refused)."""
     dt = np.dtype(dtype)
     if dt.kind not in "biuf":
-        raise UnsupportedDtypeError(f"{where}: dtype {dt} is not numeric; it cannot be read as a sparse matrix")
+        raise UnsupportedDtypeError(
+            f"{where}: dtype {dt} is not numeric; it cannot be read as a sparse matrix"
+        )
     if dt == np.float16:
         return np.dtype(np.float32)
     return dt
@@ -274,7 +276,9 @@ class CSRView:
         import scipy.sparse as sp
 
         if len(source.shape) != 2:
-            raise ValueError(f"{getattr(source, 'label', 'the array')}: sparse blocks need a 2-D array, not shape {tuple(source.shape)}")
+            raise ValueError(
+                f"{getattr(source, 'label', 'the array')}: sparse blocks need a 2-D array, not shape {tuple(source.shape)}"
+            )
         self.source = source
         self.transpose = bool(transpose)
         self.label = getattr(source, "label", getattr(source, "prefix", "array"))
@@ -285,6 +289,11 @@ class CSRView:
         self.chunk_shape = chunk_shape[::-1] if self.transpose else chunk_shape
         self.prefix = source.prefix
         self.meta = sp.csr_matrix((0, 0), dtype=self.dtype)
+
+    @property
+    def dense_source(self) -> Any:
+        """The dense source, in its stored orientation, for operations that reduce its chunks directly."""
+        return self.source
 
     @property
     def ndim(self) -> int:

@@ -33,6 +33,7 @@ __all__ = [
     "SchedulerError",
     "SelectionError",
     "StoreError",
+    "TargetExistsError",
     "TooLargeError",
     "UnsupportedSchemeError",
     "UnsupportedCodecError",
@@ -62,17 +63,26 @@ class LoomValidationError(LoomFormatError):
     loompy's (the reasons, then the line naming the file and spec version).
     """
 
-    def __init__(self, message: str, *, filename: str = "", version: str = "", errors: list[str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, filename: str = "", version: str = "", errors: list[str] | None = None
+    ) -> None:
         super().__init__(message)
         self.filename = filename
         self.version = version
         self.errors = list(errors or [])
 
-    def __reduce__(self) -> tuple:  # picklable with its keyword-only fields (dask re-raises it across processes)
-        return (_rebuild_validation_error, (self.args[0] if self.args else "", self.filename, self.version, self.errors))
+    def __reduce__(
+        self,
+    ) -> tuple:  # picklable with its keyword-only fields (dask re-raises it across processes)
+        return (
+            _rebuild_validation_error,
+            (self.args[0] if self.args else "", self.filename, self.version, self.errors),
+        )
 
 
-def _rebuild_validation_error(message: str, filename: str, version: str, errors: list[str]) -> LoomValidationError:
+def _rebuild_validation_error(
+    message: str, filename: str, version: str, errors: list[str]
+) -> LoomValidationError:
     return LoomValidationError(message, filename=filename, version=version, errors=errors)
 
 
@@ -129,6 +139,10 @@ class WriteConflictError(DaskLoomError, BlockingIOError):
 
 class FileBeingWrittenError(DaskLoomError, BlockingIOError):
     """A reader met a file in the middle of a write it cannot read around."""
+
+
+class TargetExistsError(DaskLoomError, FileExistsError):
+    """A conversion target that exists, written without ``overwrite=True`` (left as it is)."""
 
 
 class StoreError(DaskLoomError, OSError):

@@ -9,5 +9,6 @@ import this package; their ``to_anndata`` methods import it when called.
 
 from dask_loom.analysis._loom import layer_cells_by_genes, loom_to_anndata, read_loom
 from dask_loom.analysis._mapped import mapped_to_anndata
+from dask_loom.analysis._write import write_anndata
 
-__all__ = ["layer_cells_by_genes", "loom_to_anndata", "mapped_to_anndata", "read_loom"]
+__all__ = ["layer_cells_by_genes", "loom_to_anndata", "mapped_to_anndata", "read_loom", "write_anndata"]

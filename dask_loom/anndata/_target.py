@@ -31,6 +31,7 @@ __all__ = ["SparseTarget", "anndata_target"]
 _DENSE = {"encoding-type": "array", "encoding-version": "0.2.0"}
 _SPARSE = {"csr": "csr_matrix", "csc": "csc_matrix"}
 _PREFIX = "anndata-write"
+_LENGTH = 1 << 16  # values per chunk of a sparse element's data / indices / indptr
 
 
 def _is_zarr(spec: FileSpec) -> bool:
@@ -57,13 +58,6 @@ def _zarr_format(store: Any, given: int | None) -> int:
     return int(meta.get("zarr_format", 2))
 
 
-def _shards_1d(length: int, itemsize: int) -> int:
-    """Shard length of a 1-D array of *length*-element chunks: about ``dask_loom.block-size`` bytes."""
-    from dask_loom._config import block_size_bytes
-
-    return max(1, block_size_bytes() // max(1, itemsize * length)) * length
-
-
 def _default_band(n: int, other: int, itemsize: int) -> int:
     # About 1 MiB of decoded values per band: rows read by a MappedCollection item stay small.
     return max(1, min(max(1, n), (1 << 20) // max(1, other * itemsize)))
@@ -79,6 +73,7 @@ def anndata_target(
     chunks: int | tuple[int, int] | None = None,
     compression: str | None = "gzip",
     zarr_format: int | None = None,
+    shard_bytes: int | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> BlockTarget:
     """A chunk target for an AnnData matrix element in an ``.h5ad`` file or an AnnData Zarr store.
@@ -103,6 +98,10 @@ def anndata_target(
         ``None`` stores uncompressed.
     zarr_format
         Zarr format of a new store (default: the store's own, else 2, anndata's default).
+    shard_bytes
+        Sparse elements in a Zarr v3 store: about this many bytes per shard of
+        ``data`` / ``indices`` / ``indptr`` (whole chunks of 65,536 values);
+        ``None`` (default) about ``dask_loom.block-size``, ``0`` unsharded chunks.
 
     Returns
     -------
@@ -131,8 +130,18 @@ def anndata_target(
     dt = np.dtype(dtype)
     if enc != "dense":
         band = int(chunks if isinstance(chunks, (int, np.integer)) else (chunks or (None,))[0] or 0) or None
-        return SparseTarget(path, elem, shape=shape, dtype=dt, encoding=enc, band=band, compression=compression,
-                            zarr_format=zarr_format, storage_options=storage_options)
+        return SparseTarget(
+            path,
+            elem,
+            shape=shape,
+            dtype=dt,
+            encoding=enc,
+            band=band,
+            compression=compression,
+            zarr_format=zarr_format,
+            shard_bytes=shard_bytes,
+            storage_options=storage_options,
+        )
     if chunks is None:
         chunks = (_default_band(shape[0], shape[1], dt.itemsize), max(1, shape[1]))
     spec = FileSpec.from_path(path, storage_options)
@@ -150,8 +159,17 @@ def anndata_target(
                           zarr_format=fmt, prefix=_PREFIX)
     from dask_loom.hdf5._target import HDF5Target
 
-    return HDF5Target(spec, elem, shape=shape, dtype=dt, chunks=tuple(chunks), compression=compression,
-                      compression_opts=4 if compression == "gzip" else None, attrs=dict(_DENSE), prefix=_PREFIX)
+    return HDF5Target(
+        spec,
+        elem,
+        shape=shape,
+        dtype=dt,
+        chunks=tuple(chunks),
+        compression=compression,
+        compression_opts=4 if compression == "gzip" else None,
+        attrs=dict(_DENSE),
+        prefix=_PREFIX,
+    )
 
 
 class SparseTarget(BlockTarget):
@@ -175,6 +193,8 @@ class SparseTarget(BlockTarget):
         band: int | None = None,
         compression: str | None = "gzip",
         zarr_format: int | None = None,
+        shard_bytes: int | None = None,
+        joined: bool = False,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         from dask_loom.storage._stores import check_node_path
@@ -195,26 +215,55 @@ class SparseTarget(BlockTarget):
         self.compression = compression
         self.zarr = _is_zarr(self.spec)
         self.zarr_format = zarr_format
+        # Bytes per shard (Zarr v3); each array's shards hold a whole number of chunks.
+        if shard_bytes is None:  # sharded by default (Zarr v3): a dask block reads one object
+            from dask_loom._config import block_size_bytes
+
+            shard_bytes = block_size_bytes()
+        self.shard_bytes = int(shard_bytes) or None
+        # A Zarr store written whole inside a transaction of the caller's (write_anndata's
+        # new directory): no transaction of its own, no lock file beside the temporary copy.
+        self.joined = bool(joined)
         self.prefix = _PREFIX
         self.label = f"{self.spec.name}: element '{self.elem}' ({_SPARSE[encoding]})"
         self._arrays: dict[str, Any] | None = None
         self._group: Any = None
         self._pos = 0
         self._nnz = 0
-        # Zarr: values waiting for a whole write unit, and the indptr (written once, at the end).
-        self._pending: dict[str, list[np.ndarray]] = {}
-        self._units: dict[str, int] = {}
-        self._indptr: np.ndarray | None = None
+        self._buf: dict[str, np.ndarray] = {}
+        self._fill: dict[str, int] = {}
+        self._written: dict[str, int] = {}
 
     def __dask_tokenize__(self) -> Any:
-        return ("SparseTarget", self.spec.url, self.elem, self.encoding, self.shape, self.dtype.str, self.chunk_shape)
+        return (
+            "SparseTarget",
+            self.spec.url,
+            self.elem,
+            self.encoding,
+            self.shape,
+            self.dtype.str,
+            self.chunk_shape,
+        )
 
     def __reduce__(self) -> Any:
-        return (_rebuild, (self.spec, self.elem, self.shape, self.dtype, self.encoding, self.chunk_shape[self.axis], self.label))
+        return (
+            _rebuild,
+            (
+                self.spec,
+                self.elem,
+                self.shape,
+                self.dtype,
+                self.encoding,
+                self.chunk_shape[self.axis],
+                self.label,
+            ),
+        )
 
     # -- the two halves ---------------------------------------------------------------------
 
-    def encode_block(self, region: tuple[slice, ...], data: Any) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    def encode_block(
+        self, region: tuple[slice, ...], data: Any
+    ) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
         """``(start, stop, data, indices, counts)`` of one band, ``start:stop`` along the compressed axis."""
         import scipy.sparse as sp
 
@@ -223,7 +272,9 @@ class SparseTarget(BlockTarget):
         self.check_region(region)
         expect = tuple(r.stop - r.start for r in region)
         if tuple(data.shape) != expect:
-            raise ValueError(f"{self.label}: a block of shape {tuple(data.shape)} does not fit region {region}")
+            raise ValueError(
+                f"{self.label}: a block of shape {tuple(data.shape)} does not fit region {region}"
+            )
         if issparse(data):
             m = data.tocsr() if self.axis == 0 else data.tocsc()
         else:
@@ -247,12 +298,14 @@ class SparseTarget(BlockTarget):
         if self._arrays is None:
             raise RuntimeError(f"{self.label}: payloads are stored inside the target's transaction")
         if start != self._pos:
-            raise ValueError(f"{self.label}: bands are written in order: expected the band at {self._pos}, got {start}")
+            raise ValueError(
+                f"{self.label}: bands are written in order: expected the band at {self._pos}, got {start}"
+            )
         self._append("data", values)
         self._append("indices", indices)
         ends = self._nnz + np.cumsum(counts)
-        if self._indptr is not None:
-            self._indptr[start + 1 : stop + 1] = ends  # written whole at the end (zarr: no partial shards)
+        if self.zarr:
+            self._append("indptr", ends)
         else:
             self._arrays["indptr"][start + 1 : stop + 1] = ends
         self._nnz += int(counts.sum())
@@ -263,44 +316,66 @@ class SparseTarget(BlockTarget):
             return
         arr = self._arrays[name]  # type: ignore[index]
         if self.zarr:
-            # Buffered until whole shards are complete: appending to a shard in place would
-            # rewrite it (read, merge, write) once per band.
-            self._pending[name].append(values)
-            self._flush(name, final=False)
+            self._buffered(name, arr, np.asarray(values))
             return
         n = arr.shape[0]
         arr.resize((n + len(values),))
         arr[n:] = values
 
-    def _flush(self, name: str, *, final: bool) -> None:
-        """Write the buffered values of zarr array *name* in whole write units (all of them when *final*)."""
-        parts = self._pending[name]
-        if not parts:
-            return
-        vals = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        unit = self._units[name]
-        k = len(vals) if final else len(vals) // unit * unit
-        self._pending[name] = [vals[k:]] if k < len(vals) else []
-        if not k:
+    def _unit(self, arr: Any) -> int:
+        """Values per write: a whole shard (about *shard_bytes*), else a whole chunk."""
+        if not self.shard_bytes:
+            return _LENGTH
+        return max(1, self.shard_bytes // (np.dtype(arr.dtype).itemsize * _LENGTH)) * _LENGTH
+
+    def _buffered(self, name: str, arr: Any, values: np.ndarray) -> None:
+        # Whole chunks (shards) only: a write that ends inside a chunk or shard would make
+        # the next one read, merge and rewrite it.  One preallocated unit per array waits here.
+        buf = self._buf.get(name)
+        if buf is None:
+            size = self._unit(arr)
+            if name == "indptr":  # its length is known: no bigger buffer than what is left of it
+                size = max(1, min(size, self.shape[self.axis] + 1 - self._written.get(name, 0)))
+            buf = self._buf[name] = np.empty(size, dtype=arr.dtype)
+            self._fill[name] = 0
+        pos = 0
+        while pos < len(values):
+            fill = self._fill[name]
+            take = min(len(buf) - fill, len(values) - pos)
+            buf[fill : fill + take] = values[pos : pos + take]
+            self._fill[name] = fill + take
+            pos += take
+            if self._fill[name] == len(buf):
+                self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        buf, fill = self._buf.get(name), self._fill.get(name, 0)
+        if buf is None or not fill:
             return
         arr = self._arrays[name]  # type: ignore[index]
-        n0 = int(arr.shape[0])
-        arr.resize((n0 + k,))
-        arr[n0 : n0 + k] = vals[:k]
+        at = self._written.get(name, 0)
+        arr.resize((at + fill,))
+        arr[at : at + fill] = buf[:fill]
+        self._written[name] = at + fill
+        self._fill[name] = 0
 
     # -- the transaction --------------------------------------------------------------------
 
     def _attrs(self) -> dict[str, Any]:
-        return {"encoding-type": _SPARSE[self.encoding], "encoding-version": "0.1.0", "shape": list(self.shape)}
+        return {
+            "encoding-type": _SPARSE[self.encoding],
+            "encoding-version": "0.1.0",
+            "shape": list(self.shape),
+        }
 
     def _finish(self) -> None:
         # Rows (columns) never written are empty; the indptr closes at the element's end.
         n = self.shape[self.axis]
-        if self._indptr is not None:
-            self._indptr[self._pos + 1 : n + 1] = self._nnz
-            for name in ("data", "indices"):
-                self._flush(name, final=True)
-            self._arrays["indptr"][:] = self._indptr  # type: ignore[index]
+        if self.zarr:
+            if self._pos < n:
+                self._append("indptr", np.full(n - self._pos, self._nnz, dtype=np.int64))
+            for name in ("data", "indices", "indptr"):
+                self._flush(name)
             return
         if self._pos < n:
             self._arrays["indptr"][self._pos + 1 : n + 1] = self._nnz  # type: ignore[index]
@@ -309,6 +384,7 @@ class SparseTarget(BlockTarget):
     def _transaction(self) -> Iterator[None]:
         self._pos = 0
         self._nnz = 0
+        self._buf, self._fill, self._written = {}, {}, {}
         try:
             if self.zarr:
                 with self._zarr_transaction():
@@ -319,14 +395,14 @@ class SparseTarget(BlockTarget):
         finally:
             self._arrays = None
             self._group = None
-            self._indptr = None
-            self._pending = {}
+            self._buf = {}
 
     @contextlib.contextmanager
     def _h5_transaction(self) -> Iterator[None]:
-        from dask_loom.hdf5._files import open_h5_write
+        from dask_loom.hdf5._files import open_h5_write, write_open
 
-        mode = "r+" if os.path.exists(self.spec.url) else "w"
+        # A file being written by this process (a whole new AnnData) is joined, not recreated.
+        mode = "r+" if os.path.exists(self.spec.url) or write_open(self.spec) else "w"
         with open_h5_write(self.spec, mode=mode, atomic=True) as f:
             if self.elem in f:
                 del f[self.elem]
@@ -334,9 +410,15 @@ class SparseTarget(BlockTarget):
             kw: dict[str, Any] = {"compression": self.compression} if self.compression else {}
             length = 1 << 16
             self._arrays = {
-                "data": g.create_dataset("data", shape=(0,), maxshape=(None,), chunks=(length,), dtype=self.dtype, **kw),
-                "indices": g.create_dataset("indices", shape=(0,), maxshape=(None,), chunks=(length,), dtype=self.index_dtype, **kw),
-                "indptr": g.create_dataset("indptr", shape=(self.shape[self.axis] + 1,), dtype=np.int64, **kw),
+                "data": g.create_dataset(
+                    "data", shape=(0,), maxshape=(None,), chunks=(length,), dtype=self.dtype, **kw
+                ),
+                "indices": g.create_dataset(
+                    "indices", shape=(0,), maxshape=(None,), chunks=(length,), dtype=self.index_dtype, **kw
+                ),
+                "indptr": g.create_dataset(
+                    "indptr", shape=(self.shape[self.axis] + 1,), dtype=np.int64, **kw
+                ),
             }
             yield
             self._finish()
@@ -351,6 +433,12 @@ class SparseTarget(BlockTarget):
 
         store = open_store(self.spec.url, **self.spec.storage_options)
         fmt = _zarr_format(store, self.zarr_format)
+        if self.joined:
+            # The caller's transaction holds the whole (new) store: write the element in it.
+            self._zarr_begin(store, fmt)
+            yield
+            self._zarr_commit()
+            return
         if type(store) is LocalStore:
             with local_transaction(store.path, label=self.label, base="empty", node=self.elem) as copy:
                 self._zarr_begin(copy, fmt)
@@ -374,33 +462,30 @@ class SparseTarget(BlockTarget):
 
         self._group = zarr.open_group(store, path=self.elem, mode="w", zarr_format=fmt)
         comp: Any = "auto" if self.compression is not None else None
-        length = 1 << 16
-        n = self.shape[self.axis] + 1
+        kw: dict[str, Any] = {"chunks": (_LENGTH,), "compressors": comp}
+        sharded = bool(self.shard_bytes) and fmt >= 3
+        if not sharded:
+            self.shard_bytes = None  # Zarr v2 has no shards: write whole chunks
 
-        def shards(itemsize: int, size: int | None = None) -> tuple[int] | None:
-            if fmt != 3:
-                return None
-            k = _shards_1d(length, itemsize)
-            return (k,) if size is None or size > length else None
+        def create(name: str, dtype: Any, **extra: Any) -> Any:
+            more = {"shards": (self._unit(np.empty(0, dtype)),)} if sharded else {}
+            return self._group.create_array(name, shape=(0,), dtype=dtype, **kw, **more, **extra)
 
         self._arrays = {
-            "data": self._group.create_array("data", shape=(0,), chunks=(length,), shards=shards(self.dtype.itemsize),
-                                             dtype=self.dtype, compressors=comp),
-            "indices": self._group.create_array("indices", shape=(0,), chunks=(length,), shards=shards(self.index_dtype.itemsize),
-                                                dtype=self.index_dtype, compressors=comp),
-            "indptr": self._group.create_array("indptr", shape=(n,), chunks=(length,), shards=shards(8, n), dtype=np.int64,
-                                               compressors=comp, fill_value=0),
+            "data": create("data", self.dtype),
+            "indices": create("indices", self.index_dtype),
+            "indptr": create("indptr", np.int64, fill_value=0),
         }
-        self._units = {k: int((a.shards or a.chunks)[0]) for k, a in self._arrays.items()}
-        self._pending = {"data": [], "indices": []}
-        self._indptr = np.zeros(n, dtype=np.int64)
+        self._append("indptr", np.zeros(1, dtype=np.int64))
 
     def _zarr_commit(self) -> None:
         self._finish()
         self._group.attrs.update(self._attrs())
 
 
-def _rebuild(spec: FileSpec, elem: str, shape: tuple[int, int], dtype: Any, encoding: str, band: int, label: str) -> SparseTarget:
+def _rebuild(
+    spec: FileSpec, elem: str, shape: tuple[int, int], dtype: Any, encoding: str, band: int, label: str
+) -> SparseTarget:
     t = SparseTarget(spec, elem, shape=shape, dtype=dtype, encoding=encoding, band=band)
     t.label = label
     return t

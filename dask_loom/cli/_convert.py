@@ -1,4 +1,4 @@
-"""``dask-loom convert``: a Loom container between ``.loom`` and ``.loom.zarr``, or an image to OME-Arrow."""
+"""``dask-loom convert``: a Loom container between ``.loom`` and ``.loom.zarr``, into AnnData, or an image to OME-Arrow."""
 
 from __future__ import annotations
 
@@ -18,12 +18,18 @@ def convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "dst",
         nargs="?",
-        help="target (*.zarr → Zarr, *.parquet → OME-Arrow, else HDF5 .loom); replaced if it exists",
+        help="target: *.loom.zarr → Loom in Zarr, *.zarr or *.h5ad → AnnData (Zarr v3, sharded), "
+        "*.parquet → OME-Arrow, else HDF5 .loom; a Loom target is replaced if it exists",
     )
     p.add_argument(
         "--reshard",
         action="store_true",
         help="rewrite SRC (a .loom.zarr, or a Zarr array) in place as sharded Zarr v3; no DST",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing AnnData target (otherwise it is an error)",
     )
     p.add_argument(
         "--chunks",
@@ -38,6 +44,11 @@ def _is_image(src: str, dst: str) -> bool:
     from dask_loom.ome import image_kind
 
     return image_kind(src) is not None or dst.rstrip("/").lower().endswith((".parquet", ".pq"))
+
+
+def _is_anndata(dst: str) -> bool:
+    name = dst.rstrip("/").lower()
+    return name.endswith(".h5ad") or (name.endswith(".zarr") and not name.endswith(".loom.zarr"))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -57,6 +68,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
         return 0
     if args.dst is None:
         raise SystemExit("dask-loom convert: give SRC and DST (or --reshard SRC)")
+    if _is_anndata(str(args.dst)) and not _is_image(args.src, args.dst):
+        from dask_loom.analysis import write_anndata
+
+        if chunks is not None:
+            raise ValueError(
+                f"{args.dst}: --chunks applies to Loom and image targets; AnnData is written in row bands"
+            )
+        with announce(args) as target:
+            t0 = time.perf_counter()
+            write_anndata(
+                args.src,
+                args.dst,
+                overwrite=args.overwrite,
+                validate=args.validate,
+                scheduler=target,
+                progress=progress(args),
+            )
+        say(f"wrote {args.dst} (AnnData) in {time.perf_counter() - t0:.2f} s")
+        return 0
     if _is_image(args.src, args.dst):
         from dask_loom.ome import convert_to_ome_arrow
 

@@ -56,7 +56,7 @@ COMMANDS: dict[str, Command] = {
     "convert": Command(
         _convert.convert_args,
         _convert.cmd_convert,
-        "convert .loom <-> .loom.zarr, or an image (OME-TIFF, OME-Zarr) to OME-Arrow Parquet",
+        "convert .loom <-> .loom.zarr, a Loom container to AnnData (.zarr, .h5ad), or an image (OME-TIFF, OME-Zarr) to OME-Arrow Parquet",
     ),
     "aggregate": Command(
         _ops.aggregate_args,
@@ -87,7 +87,7 @@ EXAMPLES: dict[str, str] = {
     "validate": "dask-loom validate cortex.loom --strictness conventions",
     "stats": "dask-loom stats cortex.loom --axis 1 -o cells.tsv --scheduler tcp://10.0.0.5:8786",
     "demo": "dask-loom demo --genes 2000 --cells 8000 --scheduler local",
-    "convert": "dask-loom convert cortex.loom cortex.loom.zarr --chunks 256,256\ndask-loom convert image.ome.tiff image.ome.parquet\ndask-loom convert --reshard old.loom.zarr",
+    "convert": "dask-loom convert cortex.loom cortex.loom.zarr --chunks 256,256\ndask-loom convert cortex.loom cortex.zarr\ndask-loom convert image.ome.tiff image.ome.parquet\ndask-loom convert --reshard old.loom.zarr",
     "aggregate": "dask-loom aggregate cortex.loom clusters.loom --group-by Clusters --aggr-by mean --ca Age=mean",
     "permute": "dask-loom permute cortex.loom --axis 1 --order-by Clusters\ndask-loom permute cortex.loom --axis 1 --random 42",
     "export": "dask-loom export cortex.loom cortex.tsv --layer spliced",

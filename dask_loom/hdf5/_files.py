@@ -513,7 +513,9 @@ def read_ranges_into(spec: FileSpec, starts: list[int], sizes: list[int], out: A
             while done < n:
                 got = os.preadv(fd, [dst[pos + done : pos + n]], r0 + done)
                 if got <= 0:
-                    raise LoomFormatError(f"{spec.name}: file is truncated (needed bytes {r0}..{r0 + n}, got {done})")
+                    raise LoomFormatError(
+                        f"{spec.name}: file is truncated (needed bytes {r0}..{r0 + n}, got {done})"
+                    )
                 done += got
             pos += n
             i = j
@@ -523,7 +525,12 @@ def read_ranges_into(spec: FileSpec, starts: list[int], sizes: list[int], out: A
 
 def _is_lock_error(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return isinstance(exc, BlockingIOError) or "unable to lock" in text or "errno = 11" in text or "resource temporarily unavailable" in text
+    return (
+        isinstance(exc, BlockingIOError)
+        or "unable to lock" in text
+        or "errno = 11" in text
+        or "resource temporarily unavailable" in text
+    )
 
 
 @contextlib.contextmanager
@@ -555,12 +562,16 @@ def open_h5_write(
     if not spec.is_local:
         from dask_loom.errors import ReadOnlyError
 
-        raise ReadOnlyError(f"{spec.name}: HDF5 files on object stores are read-only (write a .loom.zarr instead)")
+        raise ReadOnlyError(
+            f"{spec.name}: HDF5 files on object stores are read-only (write a .loom.zarr instead)"
+        )
     timeout = float(get_config("write-timeout") if timeout is None else timeout)
     with _lock:
         local_lock = _write_locks.setdefault(spec.url, threading.RLock())
     if not local_lock.acquire(timeout=timeout):
-        raise WriteConflictError(f"{spec.name}: another thread of this process held the write lock for {timeout:.0f} s")
+        raise WriteConflictError(
+            f"{spec.name}: another thread of this process held the write lock for {timeout:.0f} s"
+        )
     try:
         held = _open_writers.get(spec.url) or _transactions.get(spec.url)
         if held is not None and mode == "r+":
@@ -580,6 +591,11 @@ def open_h5_write(
                         _open_writers.pop(spec.url, None)
     finally:
         local_lock.release()
+
+
+def write_open(spec: FileSpec) -> bool:
+    """Whether this process holds *spec* open for writing (a target made inside joins that write)."""
+    return spec.url in _open_writers or spec.url in _transactions
 
 
 @contextlib.contextmanager

@@ -136,7 +136,9 @@ class HDF5Target(BlockTarget):
         self.path = str(path).strip("/")
         self.shape = tuple(int(s) for s in ds.shape)
         self.dtype = ds.dtype
-        self.chunk_shape = tuple(int(c) for c in ds.chunks) if ds.chunks else tuple(max(1, n) for n in self.shape)
+        self.chunk_shape = (
+            tuple(int(c) for c in ds.chunks) if ds.chunks else tuple(max(1, n) for n in self.shape)
+        )
         self.prefix = prefix
         self.label = label or f"{self.spec.name}: dataset '{self.path}'"
         self._create = {}
@@ -147,11 +149,31 @@ class HDF5Target(BlockTarget):
         return self
 
     def __dask_tokenize__(self) -> Any:
-        return ("HDF5Target", self.spec.url, self.path, self.shape, self.dtype.str, self.chunk_shape, self.prefix)
+        return (
+            "HDF5Target",
+            self.spec.url,
+            self.path,
+            self.shape,
+            self.dtype.str,
+            self.chunk_shape,
+            self.prefix,
+        )
 
     def __reduce__(self) -> Any:
         # Tasks need the encoder only; the open file stays with the writer.
-        return (_rebuild, (self.spec, self.path, self.shape, self.dtype, self.chunk_shape, self.prefix, self.label, self._encoder))
+        return (
+            _rebuild,
+            (
+                self.spec,
+                self.path,
+                self.shape,
+                self.dtype,
+                self.chunk_shape,
+                self.prefix,
+                self.label,
+                self._encoder,
+            ),
+        )
 
     # -- the two halves ---------------------------------------------------------------------
 
@@ -181,9 +203,12 @@ class HDF5Target(BlockTarget):
         if self._joined:
             yield  # the transaction of the file's writer decides
             return
-        from dask_loom.hdf5._files import open_h5_write
+        from dask_loom.hdf5._files import open_h5_write, write_open
 
-        mode = "r+" if self.spec.is_local and os.path.exists(self.spec.url) else "w"
+        # A file being written by this process (a whole new AnnData) is joined, not recreated.
+        mode = (
+            "r+" if (self.spec.is_local and os.path.exists(self.spec.url)) or write_open(self.spec) else "w"
+        )
         with open_h5_write(self.spec, mode=mode, atomic=True) as f:
             self._create_dataset(f)
             self._file = f
@@ -210,7 +235,16 @@ class HDF5Target(BlockTarget):
         self._encoder = encoder_for(ds)
 
 
-def _rebuild(spec: FileSpec, path: str, shape: tuple[int, ...], dtype: Any, chunk_shape: tuple[int, ...], prefix: str, label: str, encoder: ChunkEncoder | None) -> HDF5Target:
+def _rebuild(
+    spec: FileSpec,
+    path: str,
+    shape: tuple[int, ...],
+    dtype: Any,
+    chunk_shape: tuple[int, ...],
+    prefix: str,
+    label: str,
+    encoder: ChunkEncoder | None,
+) -> HDF5Target:
     self = HDF5Target.__new__(HDF5Target)
     self.spec = spec
     self.path = path

@@ -81,10 +81,20 @@ class SourceInfo:
     compute: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_array(cls, array: Any, *, format: str | None = None, label: str | None = None, **kw: Any) -> SourceInfo:
+    def from_array(
+        cls, array: Any, *, format: str | None = None, label: str | None = None, **kw: Any
+    ) -> SourceInfo:
         """The info of a dask array: its source when :func:`from_source` built it, else the generic path."""
         src = source_of(array)
         if src is not None:
+            dense = getattr(src, "dense_source", None)
+            if dense is not None and "axes" not in kw:
+                # CSR blocks made from dense stored chunks (a Loom layer's sparse view):
+                # reduce the stored chunks with the fused dense kernels instead of building
+                # CSR first; a transposed view (cells as rows) is the source's axes swapped.
+                return cls.from_source(
+                    dense, format=format, label=label, axes=(1, 0) if src.transpose else None, **kw
+                )
             return cls.from_source(src, format=format, label=label, **kw)
         if format is None:
             from dask.utils import key_split
@@ -94,7 +104,9 @@ class SourceInfo:
         return cls(array=array, format=format, label=label or f"dask array {array.name!r}", **kw)
 
     @classmethod
-    def from_source(cls, source: Any, *, format: str | None = None, label: str | None = None, **kw: Any) -> SourceInfo:
+    def from_source(
+        cls, source: Any, *, format: str | None = None, label: str | None = None, **kw: Any
+    ) -> SourceInfo:
         """The info of one chunk source."""
         return cls(
             parts=(source,),
@@ -153,7 +165,9 @@ class SourceInfo:
             raise OperationError(f"{what}: axis must be an integer, not {axis!r} ({self.label})")
         a = int(axis)
         if not -nd <= a < nd:
-            raise OperationError(f"{what}: axis {a} is out of range for {self.label}, which has {nd} axes (shape {self.shape})")
+            raise OperationError(
+                f"{what}: axis {a} is out of range for {self.label}, which has {nd} axes (shape {self.shape})"
+            )
         a %= nd
         return a if self.axes is None else self.axes[a]
 
@@ -179,14 +193,20 @@ def resolve(x: Any, *, layer: str | None = None, what: str = "dask_loom") -> Sou
     if hook is not None:
         return hook(x, layer=layer)
     if layer is not None:
-        raise OperationError(f"{what}: layer={layer!r} applies to Loom connections and collections, not to {type(x).__name__}")
+        raise OperationError(
+            f"{what}: layer={layer!r} applies to Loom connections and collections, not to {type(x).__name__}"
+        )
     array_type = _dask_array_type()
     if array_type is not None and isinstance(x, array_type):
         return SourceInfo.from_array(x)
     if isinstance(x, ChunkSource):
         return SourceInfo.from_source(x)
     kind = f"{type(x).__module__}.{type(x).__qualname__}"
-    hint = " (wrap it with dask.array.from_array to run on it)" if hasattr(x, "shape") and hasattr(x, "dtype") else ""
+    hint = (
+        " (wrap it with dask.array.from_array to run on it)"
+        if hasattr(x, "shape") and hasattr(x, "dtype")
+        else ""
+    )
     raise UnsupportedSourceError(
         f"{what}: cannot use a {kind}: it is not chunked storage. Pass a Loom layer or connection, a ZarrArray, "
         f"a MappedCollection, a TensorView, a dask array or a ChunkSource{hint}"
