@@ -97,6 +97,7 @@ def read_ahead(source: Any, region: tuple[slice, ...], out: np.ndarray | None = 
         return source.read_block(region, out=out) if out is not None else source.read_block(region)
     limit = _concurrency()
     per_tile = max(1, limit // readers)
+    region = tuple(slice(*r.indices(int(n))[:2]) for r, n in zip(region, source.shape))
     tiles = sub_blocks(region, tuple(int(c) for c in source.chunk_shape), per_tile)
     if len(tiles) < 2:
         return source.read_block(region, out=out) if out is not None else source.read_block(region)
