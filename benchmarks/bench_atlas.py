@@ -280,6 +280,22 @@ def stream_stats(data: list[dict[str, Any]], t_start: float, t_end: float, lanes
     }
 
 
+def _noop(i: int) -> int:
+    return i
+
+
+def noop_rate(client: Any, sched: Any, n: int = 4000) -> dict[str, Any]:
+    """The scheduler's own price per task: *n* independent no-op tasks, wall and scheduler CPU per task."""
+    client.gather(client.map(_noop, range(200), pure=False))  # warm
+    cpu0 = sum(sched.cpu_times()[:2])
+    t0 = time.perf_counter()
+    got = client.gather(client.map(_noop, range(n), pure=False))
+    wall = time.perf_counter() - t0
+    cpu = sum(sched.cpu_times()[:2]) - cpu0
+    assert got == list(range(n))
+    return {"tasks": n, "wall_s": wall, "tasks_per_s": n / wall, "scheduler_cpu_per_task_ms": 1000 * cpu / n}
+
+
 def _cpu_seconds() -> float:
     import psutil
 
@@ -324,6 +340,8 @@ def run_cluster(
             sampler = RssSampler([p.pid for p in procs[1:]])
             out: dict[str, Any] = {"workers": n_workers, "threads_per_worker": 1}
             try:
+                out["noop_tasks"] = noop_rate(client, sched)
+                proxy.reset_counts()
                 t0 = time.perf_counter()
                 ds = dask_loom.connect(url, "r", storage_options=options)
                 out["connect_s"] = time.perf_counter() - t0
@@ -466,7 +484,12 @@ def main() -> None:
                         f"{o['overhead_per_task_ms']:.1f} ms/task gap, scheduler CPU {o['scheduler_cpu_share']:.3f}",
                         flush=True,
                     )
-                print(f"  peak worker RSS {r['peak_worker_rss'] / 2**20:.0f} MiB", flush=True)
+                nt = r["noop_tasks"]
+                print(
+                    f"  peak worker RSS {r['peak_worker_rss'] / 2**20:.0f} MiB; no-op tasks: {nt['tasks_per_s']:.0f}/s, "
+                    f"scheduler CPU {nt['scheduler_cpu_per_task_ms']:.2f} ms/task",
+                    flush=True,
+                )
                 results["runs"][str(n)] = r
         runs = results["runs"]
         results["check"] = check(runs[next(iter(runs))], n_cells, chunks, args.groups)
