@@ -53,7 +53,7 @@ def measure(fn: Callable[..., Any], *args: Any, repeat: int = 1) -> dict[str, An
     returns a dict with a ``"wall"`` key; otherwise the call's duration.
     """
     ctx = mp.get_context("spawn")
-    walls, peaks, extra = [], [], None
+    walls, peaks, extra, extras = [], [], None, []
     for _ in range(repeat):
         parent, child = ctx.Pipe()
         p = ctx.Process(target=_child, args=(fn, args, child))
@@ -79,10 +79,17 @@ def measure(fn: Callable[..., Any], *args: Any, repeat: int = 1) -> dict[str, An
         if isinstance(out, dict) and "wall" in out:
             wall = out["wall"]
             extra = out
+            extras.append(out)
         walls.append(wall)
         peaks.append(peak)
     walls.sort()
-    return {"wall": walls[len(walls) // 2], "walls": walls, "peak_rss": max(peaks), "result": extra}
+    return {
+        "wall": walls[len(walls) // 2],
+        "walls": walls,
+        "peak_rss": max(peaks),
+        "result": extra,
+        "results": extras,
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -113,7 +120,9 @@ def scrub(value: Any) -> Any:
 def save(name: str, payload: dict[str, Any]) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")
-    payload = scrub({"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload})
+    payload = scrub(
+        {"benchmark": name, "machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
+    )
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=2, default=str)
     return path
@@ -142,7 +151,9 @@ def run_process(code: str, *, env: dict[str, str] | None = None, timeout: float 
 
     full_env = {**os.environ, **(env or {})}
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, text=True
+    )
     proc = psutil.Process(p.pid)
     peak = 0
     stop = threading.Event()
@@ -171,7 +182,9 @@ def run_process(code: str, *, env: dict[str, str] | None = None, timeout: float 
     return {"wall": wall, "peak_rss": peak, "result": result}
 
 
-def cold_and_warm(setup: str, op: str, *, result: str = "None", repeat: int = 1, env: dict[str, str] | None = None) -> dict[str, Any]:
+def cold_and_warm(
+    setup: str, op: str, *, result: str = "None", repeat: int = 1, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Time an operation as users meet it: cold (a fresh process) and warm (a second call).
 
     *setup* is code run first (imports, inputs; its cost is part of the cold

@@ -39,6 +39,11 @@ DEFAULTS: dict[str, Any] = {
     "index-max-chunks": 1_048_576,
     # Thread pool size for ZarrArray.get_chunk_future and similar helpers.
     "io-threads": 32,
+    # A block read from a store whose requests wait (object stores) is read as this many
+    # sub-blocks at once, so one decodes while the others' requests are in flight; the
+    # requests in flight stay within zarr's async.concurrency (blocks/_readahead.py).
+    # 1 reads each block in one call.
+    "read-ahead": 4,
     # Compressor of arrays in .loom.zarr containers: blosc-zstd, blosc-lz4, zstd, gzip or none.
     "zarr-codec": "blosc-zstd",
     # Inner chunk shape of the sharded layers of a .loom.zarr (shards of about block-size

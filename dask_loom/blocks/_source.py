@@ -44,7 +44,9 @@ class ChunkSource(Protocol):
 
 
 def _read(source: ChunkSource, region: tuple[slice, ...], *args: Any, **kwargs: Any) -> np.ndarray:
-    return source.read_block(region)
+    from dask_loom.blocks._readahead import read_ahead
+
+    return read_ahead(source, region)
 
 
 def from_source(

@@ -17,6 +17,7 @@ import numpy as np
 
 from dask_loom._config import block_size_bytes
 from dask_loom.blocks import block_regions, plan_blocks
+from dask_loom.blocks._readahead import read_ahead
 from dask_loom.cluster import compute
 from dask_loom.ops._graph import task_name
 from dask_loom.ops._kernels import (
@@ -49,7 +50,7 @@ def read_into_buffer(source: Any, region: tuple[slice, ...]) -> np.ndarray:
         buf = np.empty(max(n, 1), dtype=np.uint8)
         _local.buf = buf
     out = buf[:n].view(dtype).reshape(shape)
-    res = source.read_block(region, out=out)
+    res = read_ahead(source, region, out)
     return out if res is None else res
 
 
