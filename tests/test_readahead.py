@@ -118,16 +118,16 @@ def test_local_and_memory_stores_read_in_one_call(tmp_path):
 
 def _decode_watch(monkeypatch, store):
     """Record the requests in flight each time a chunk is decoded."""
-    from dask_loom.zarr import _source
+    from dask_loom.zarr._chunks import ZarrChunkReader
 
     seen: list[int] = []
-    decode = _source._FastPath.decode
+    decode = ZarrChunkReader._decode
 
-    def watched(self, raw):
+    def watched(self, raw, coords):
         seen.append(store.active)
-        return decode(self, raw)
+        return decode(self, raw, coords)
 
-    monkeypatch.setattr(_source._FastPath, "decode", watched)
+    monkeypatch.setattr(ZarrChunkReader, "_decode", watched)
     return seen
 
 
