@@ -58,7 +58,7 @@ INTENDED = {
 # (tests/test_ops_formats.py runs each on each format).
 OPS_FORMATS = ("loom", "zarr", "h5ad", "mapped", "ome", "dask", "hdf")
 OPS = ("map", "map-combine", "map-result", "aggregate", "aggregate-combine", "aggregate-result", "scan", "batch")
-INTENDED |= {f"{f}-{op}" for f in OPS_FORMATS for op in OPS} | {"zarr-permute", "h5ad-read"}
+INTENDED |= {f"{f}-{op}" for f in OPS_FORMATS for op in OPS} | {"zarr-permute", "h5ad-read", "loom-reshard", "zarr-reshard"}
 # Names in the source that look like prefixes but name no task.
 NOT_TASKS = {"dask-loom", "dask-loom-demo", "dask-loom-write"}  # temporary paths, a distributed Lock
 FAMILIES = ("loom", "zarr", "mapped", "ome", "hdf", "tiff", "anndata", "h5ad", "dask")
