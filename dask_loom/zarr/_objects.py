@@ -305,29 +305,7 @@ class _LocalDir(_Objects):
         return out
 
     def shard_chunks(self, lay: ChunkLayout, groups: dict[str, list[int]]) -> dict[str, list[Any]]:
-        return {key: self._stable_shard(lay, key, ids) for key, ids in groups.items()}
-
-    def _ident(self, key: str) -> Any:
-        try:
-            st = os.stat(self._path(key))
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-    def _stable_shard(self, lay: ChunkLayout, key: str, ids: list[int]) -> list[Any]:
-        # A shard being rewritten in place by another process reads torn (its index checksum
-        # fails): read again once the file has changed; a shard that stays the same and still
-        # fails is damaged, and that error stands.
-        for _ in range(50):
-            before = self._ident(key)
-            try:
-                return self._one_shard(lay, key, ids)
-            except CorruptChunkError:
-                self.indexes.pop(key, None)
-                time.sleep(0.02)
-                if self._ident(key) == before:
-                    raise
-        return self._one_shard(lay, key, ids)
+        return {key: self._one_shard(lay, key, ids) for key, ids in groups.items()}
 
     def _one_shard(self, lay: ChunkLayout, key: str, ids: list[int]) -> list[Any]:
         try:
@@ -528,20 +506,6 @@ class _StoreObjects(_Objects):
         return sync(all_())
 
     def shard_chunks(self, lay: ChunkLayout, groups: dict[str, list[int]]) -> dict[str, list[Any]]:
-        # A shard replaced while it is read (a writer in another process) can read torn: read it
-        # again a few times before calling it damaged; damage that persists still raises.
-        for attempt in range(5):
-            try:
-                return self._shard_chunks(lay, groups)
-            except CorruptChunkError:
-                if attempt == 4:
-                    raise
-                for key in groups:
-                    self.indexes.pop(key, None)
-                time.sleep(0.05 * (attempt + 1))
-        raise AssertionError("unreachable")
-
-    def _shard_chunks(self, lay: ChunkLayout, groups: dict[str, list[int]]) -> dict[str, list[Any]]:
         from zarr.abc.store import RangeByteRequest
 
         tails: dict[str, tuple[int, bytes]] = {}
