@@ -176,12 +176,7 @@ VERSIONS = 4
 READER_CASES = {"loom": ".loom", "zarr": ".loom.zarr", "loom-in-place": ".loom, dask_loom.atomic-writes off"}
 
 
-# Known regression since .loom.zarr layers are sharded by default: a reader sees a shard index
-# that fails its checksum while the writer replaces the layer (issue 15, open); kept visible.
-_SHARD_RACE = pytest.mark.xfail(reason="sharded .loom.zarr: a reader can meet a shard index mid-replacement (open)", strict=False)
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=_SHARD_RACE) if k == "zarr" else k for k in READER_CASES])
+@pytest.mark.parametrize("kind", list(READER_CASES))
 def test_readers_while_writer_writes(tmp_path, kind):
     loom, zpath = make_files(str(tmp_path))
     path = zpath if kind == "zarr" else loom

@@ -19,7 +19,7 @@ import zarr
 from conftest import make_matrix
 
 import dask_loom
-from dask_loom.errors import CorruptChunkError, StoreError
+from dask_loom.errors import CorruptChunkError, FileBeingWrittenError, StoreError
 
 # Several shards in a small array: small blocks, 64 x 64 inner chunks.
 SMALL_BLOCKS = {"dask_loom.block-size": "256KiB", "dask_loom.loom-zarr-chunks": [64, 64]}
@@ -223,6 +223,26 @@ def test_shard_index_pointing_outside_is_refused(tmp_path):
     _point_outside(fn / "c" / "0" / "0")
     with pytest.raises(CorruptChunkError, match=r"shard 'c/0/0'.*points outside the object"):
         dask_loom.open_zarr(str(fn)).to_dask().compute(scheduler="sync")
+
+
+def test_layer_replaced_with_other_inner_chunks_reads_the_new_layout(tmp_path):
+    """An open reader meets a layer replaced (directory exchange) with other inner chunks: new values, never garbage."""
+    m = make_matrix((300, 517), seed=1)
+    fn = tmp_path / "r.loom.zarr"
+    with dask.config.set(SMALL_BLOCKS):
+        dask_loom.create(str(fn), {"": m, "L": m}, {"g": np.arange(300)}, {"c": np.arange(517)}, scheduler="sync")
+    new = m * 2 + 1
+    with dask.config.set(SMALL_BLOCKS), dask_loom.connect(str(fn), "r") as ds:
+        np.testing.assert_array_equal(ds.layers["L"][:50, :50], m[:50, :50])  # layout read, indexes cached
+        x = ds.layers["L"].dask  # a graph built before the replacement
+        dask_loom.to_zarr(new, str(fn), "layers/L", chunks=(32, 128), shards=(64, 256), scheduler="sync")
+        assert _sharding(_meta(fn, "layers/L"))[1] == (32, 128)
+        np.testing.assert_array_equal(ds.layers["L"][:, :], new)
+        np.testing.assert_array_equal(x.compute(scheduler="sync"), new)
+        # A replacement of another shape cannot be read as the opened layer: a typed error, not data.
+        dask_loom.to_zarr(new[:, :100], str(fn), "layers/L", scheduler="sync")
+        with pytest.raises(FileBeingWrittenError, match=r"layers/L.*replaced by one of shape \(300, 100\)"):
+            ds.layers["L"][:10, :10]
 
 
 # -- on the S3 server behind the counting proxy -------------------------------------------------------

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -247,6 +249,9 @@ class ZarrSource:
         self.label = f"{store_label(store)}:{path}"
         self._reader: Any = None
         self._direct = self._direct_possible(arr)
+        self._doc_path = self._local_doc_path()
+        self._doc_seen: tuple[int, int, int] | None = None
+        self._refresh_lock = threading.Lock()
 
     def _direct_possible(self, arr: Any) -> bool:
         """Whether blocks are read by the direct chunk reader (:mod:`dask_loom.zarr._chunks`)."""
@@ -279,10 +284,90 @@ class ZarrSource:
         return ("ZarrSource", tokenize(self.store), self.path, json.dumps(self.metadata, sort_keys=True, default=str))
 
     def __reduce__(self) -> Any:
-        return (_rebuild_source, (self.store, self.path, self.metadata, self.prefix))
+        return (_rebuild_source, (self.store, self.path, self.metadata, self.prefix, self._doc_seen))
+
+    # -- an array replaced under the reader -----------------------------------------------
+
+    def _local_doc_path(self) -> str | None:
+        """The file of the array's metadata document, for a local directory store (else ``None``)."""
+        from dask_loom.storage._stores import LocalStore
+
+        if type(self.store) is not LocalStore:
+            return None
+        doc = "zarr.json" if self.metadata.get("zarr_format", 3) == 3 else ".zarray"
+        return os.path.join(str(self.store.path), *[p for p in self.path.split("/") if p], doc)
+
+    def _doc_identity(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self._doc_path)  # type: ignore[arg-type]
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _adopt(self, seen: tuple[int, int, int] | None) -> None:
+        """Take the metadata document now on disk if it is not the one this source reads with.
+
+        A writer replaces a ``.loom.zarr`` layer (or any local array) by
+        exchanging its directory, possibly with other inner chunks or shards;
+        reading the new shards with the old layout would misplace every byte.
+        The new layout is adopted when shape and dtype are unchanged (the
+        block grid of graphs already built stays valid: any region reads);
+        otherwise the array cannot be read as the one that was opened.
+        """
+        from dask_loom.errors import FileBeingWrittenError
+        from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
+
+        with self._refresh_lock:
+            if seen == self._doc_seen:
+                return
+            try:
+                kind, doc = read_node_metadata(self.store, self.path)
+            except NodeNotFoundError:
+                kind, doc = "missing", {}
+            if kind != "array":
+                raise FileBeingWrittenError(f"{self.label}: the array was removed while it was read")
+            if doc != self.metadata:
+                arr = build_array(self.store, self.path, doc)
+                if tuple(int(s) for s in arr.shape) != self.shape or _numpy_dtype(arr) != self.dtype:
+                    raise FileBeingWrittenError(
+                        f"{self.label}: the array was replaced by one of shape {tuple(arr.shape)} and dtype "
+                        f"{_numpy_dtype(arr)} (opened as {self.shape}, {self.dtype}) while it was read; open it again"
+                    )
+                self.metadata = doc
+                self._reader = None
+                self._direct = self._direct_possible(arr)
+            self._doc_seen = seen
 
     def read_block(self, region: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
-        """Read a region (edges on stored-chunk boundaries read each chunk once)."""
+        """Read a region (edges on stored-chunk boundaries read each chunk once).
+
+        On a local directory the array's metadata document is checked before
+        and after the read (a ``stat`` each): a read that overlapped the
+        array's replacement is repeated with the new layout.
+        """
+        if self._doc_path is None:
+            return self._read_block(region, out)
+        from dask_loom.errors import FileBeingWrittenError
+
+        attempts = 20
+        for attempt in range(attempts):
+            seen = self._doc_identity()
+            if seen != self._doc_seen:
+                self._adopt(seen)
+            try:
+                data = self._read_block(region, out)
+            except Exception:
+                if self._doc_identity() == seen:
+                    raise
+            else:
+                if self._doc_identity() == seen:
+                    return data
+            time.sleep(min(0.001 * 2**attempt, 0.1))
+        raise FileBeingWrittenError(
+            f"{self.label}: the array was replaced {attempts} times while a block was read (it is being written); read again later"
+        )
+
+    def _read_block(self, region: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
         region = tuple(slice(*r.indices(n)[:2]) for r, n in zip(region, self.shape))
         if self._direct and region and all(r.stop > r.start for r in region):
             data = self.reader().read_region(region, out)
@@ -306,8 +391,12 @@ class ZarrSource:
         return data
 
 
-def _rebuild_source(store: Any, path: str, metadata: dict[str, Any], prefix: str) -> ZarrSource:
-    return ZarrSource(store, path, metadata, prefix=prefix)
+def _rebuild_source(
+    store: Any, path: str, metadata: dict[str, Any], prefix: str, seen: tuple[int, int, int] | None = None
+) -> ZarrSource:
+    source = ZarrSource(store, path, metadata, prefix=prefix)
+    source._doc_seen = seen  # the document *metadata* was checked against, on this machine's disk
+    return source
 
 
 def _numpy_dtype(arr: Any) -> np.dtype:
