@@ -54,6 +54,8 @@ _LOCAL_NAMES = {"threads", "threading", "sync", "synchronous", "single-threaded"
 
 
 def _active_client() -> Any:
+    if "distributed" not in sys.modules:  # no Client can exist: do not pay 0.3 s to import it
+        return None
     try:
         from distributed import default_client
     except ImportError:  # pragma: no cover - distributed is a dependency
@@ -363,6 +365,19 @@ def compute(
         else:
             kwargs["pool"] = thread_pool()
             with _one_blas_thread(), _progress(progress, target):
-                return dask.compute(*collections, scheduler=target, **kwargs)
+                return dask.compute(*collections, scheduler=_scheduler_function(target), **kwargs)
     with _progress(progress, target):
-        return dask.compute(*collections, scheduler=target, **kwargs)
+        return dask.compute(*collections, scheduler=_scheduler_function(target), **kwargs)
+
+
+def _scheduler_function(target: Any) -> Any:
+    """dask's local scheduler for a name (dask asks whether distributed is installed for a name: 0.3 s cold)."""
+    if target in ("threads", "threading"):
+        import dask.threaded
+
+        return dask.threaded.get
+    if target in ("sync", "synchronous", "single-threaded"):
+        import dask.local
+
+        return dask.local.get_sync
+    return target

@@ -9,7 +9,6 @@ picklable plans, never open handles.
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING, Any
 
 import dask.array as da
@@ -21,8 +20,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from dask_loom._config import block_size_bytes
 from dask_loom.anndata._elems import read_column, read_index
-from dask_loom.anndata._read import indptr_of
-from dask_loom.blocks import plan_blocks
+from dask_loom.anndata._source import row_bands
 from dask_loom.errors import CollectionError, ElementNotFoundError
 
 if TYPE_CHECKING:
@@ -33,37 +31,6 @@ __all__ = ["layer_to_dask", "obs_to_dask", "to_xarray"]
 
 def _read_band(plan: _LayerPlan, rows: np.ndarray, sparse: bool) -> Any:
     return plan.read(rows, sparse=sparse)
-
-
-def _bands(plan: _LayerPlan, n_rows: int, target: int) -> list[tuple[int, int]]:
-    """Row ranges ``[lo, hi)`` of one file, on storage boundaries, about *target* bytes each."""
-    meta = plan.meta
-    if n_rows == 0:
-        return []
-    if meta is None:
-        per_row = max(1, plan.n_out * plan.dtype.itemsize)
-        step = max(1, target // per_row)
-        return [(a, min(n_rows, a + step)) for a in range(0, n_rows, step)]
-    if meta.fmt == "csr":
-        # Rows per band from the stored entries, rounded to whole row units of
-        # the data vector's chunks is impossible (chunks cut rows); bands follow
-        # the entry budget instead, so each band reads about *target* bytes.
-        ip = indptr_of(plan.store, meta)
-        isz = np.dtype(meta.dtype).itemsize + 8
-        budget = max(1, target // isz)
-        bounds = [0]
-        while bounds[-1] < n_rows:
-            lo = bounds[-1]
-            hi = int(np.searchsorted(ip, ip[lo] + budget, side="right")) - 1
-            bounds.append(min(n_rows, max(hi, lo + 1)))
-        return list(itertools.pairwise(bounds))
-    # A CSC matrix's rows are read from the whole matrix (cached per process): its
-    # data vector's chunks say nothing about rows, any row band will do.
-    unit = max(1, meta.chunk_rows) if meta.fmt != "csc" else 1
-    width = max(1, meta.shape[1])
-    chunks = plan_blocks((n_rows, width), (unit, width), np.dtype(meta.dtype).itemsize, target_bytes=target, band_axis=0)[0]
-    edges = np.concatenate(([0], np.cumsum(chunks))).tolist()
-    return list(itertools.pairwise(edges))
 
 
 def layer_to_dask(mc: CollectionLike, layer: str = "X", *, sparse: bool = False, target_bytes: Any = None) -> da.Array:
@@ -89,7 +56,7 @@ def layer_to_dask(mc: CollectionLike, layer: str = "X", *, sparse: bool = False,
     for i, plan in enumerate(plans):
         rows = mc.indices_list[i]
         full = len(rows) == mc._n_obs_full[i]
-        for lo, hi in _bands(plan, mc._n_obs_full[i], target):
+        for lo, hi in row_bands(plan, mc._n_obs_full[i], target):
             if full:
                 sel = np.arange(lo, hi, dtype=np.int64)
             else:

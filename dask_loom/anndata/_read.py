@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,11 +25,14 @@ from dask_loom._handles import HandleCache
 from dask_loom._threads import map_threads
 from dask_loom.anndata._elems import MatrixMeta
 from dask_loom.anndata._store import AnnStore
+from dask_loom.blocks import split_by_chunk
 from dask_loom.errors import AnnDataFormatError, CorruptChunkError
 from dask_loom.hdf5._decode import decode_chunk
 from dask_loom.hdf5._files import read_ranges, read_ranges_into
 from dask_loom.hdf5._source import HDF5Source, _chunk_offsets, dataset_layout
-from dask_loom.zarr._chunks import ZarrChunkReader, chunk_reader, split_by_chunk
+
+if TYPE_CHECKING:
+    from dask_loom.zarr._chunks import ZarrChunkReader
 
 __all__ = ["coalesce", "map_threads", "read_csr_rows", "read_dense_rows", "read_matrix_rows", "read_vector"]
 
@@ -144,6 +147,8 @@ def _zarr_array(store: AnnStore, path: str) -> Any:
 
 
 def _direct(store: AnnStore, path: str) -> ZarrChunkReader | None:
+    from dask_loom.zarr._chunks import chunk_reader  # zarr-python (0.3 s to import) only for Zarr stores
+
     return chunk_reader(store, path, lambda: _zarr_array(store, path), mapper=map_threads)
 
 

@@ -12,12 +12,14 @@ matrix (``plan_chunks``, the same bands as ``MappedCollection.to_dask``).
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dask_loom._config import block_size_bytes
-from dask_loom.anndata._dask import _bands
+from dask_loom.anndata._read import indptr_of
+from dask_loom.blocks import plan_blocks
 from dask_loom.errors import CollectionError, ElementNotFoundError
 
 if TYPE_CHECKING:
@@ -25,7 +27,39 @@ if TYPE_CHECKING:
 
     from dask_loom.anndata._plan import CollectionLike, _LayerPlan
 
-__all__ = ["AnnDataSource", "collection_info", "label_codes"]
+__all__ = ["AnnDataSource", "collection_info", "label_codes", "row_bands"]
+
+
+def row_bands(plan: _LayerPlan, n_rows: int, target: int) -> list[tuple[int, int]]:
+    """Row ranges ``[lo, hi)`` of one file, on storage boundaries, about *target* bytes each."""
+    meta = plan.meta
+    if n_rows == 0:
+        return []
+    if meta is None:
+        per_row = max(1, plan.n_out * plan.dtype.itemsize)
+        step = max(1, target // per_row)
+        return [(a, min(n_rows, a + step)) for a in range(0, n_rows, step)]
+    if meta.fmt == "csr":
+        # Rows per band from the stored entries, rounded to whole row units of
+        # the data vector's chunks is impossible (chunks cut rows); bands follow
+        # the entry budget instead, so each band reads about *target* bytes.
+        ip = indptr_of(plan.store, meta)
+        isz = np.dtype(meta.dtype).itemsize + 8
+        budget = max(1, target // isz)
+        bounds = [0]
+        while bounds[-1] < n_rows:
+            lo = bounds[-1]
+            hi = int(np.searchsorted(ip, ip[lo] + budget, side="right")) - 1
+            bounds.append(min(n_rows, max(hi, lo + 1)))
+        return list(itertools.pairwise(bounds))
+    # A CSC matrix's rows are read from the whole matrix (cached per process): its
+    # data vector's chunks say nothing about rows, any row band will do.
+    unit = max(1, meta.chunk_rows) if meta.fmt != "csc" else 1
+    width = max(1, meta.shape[1])
+    chunks = plan_blocks((n_rows, width), (unit, width), np.dtype(meta.dtype).itemsize, target_bytes=target, band_axis=0)[0]
+    edges = np.concatenate(([0], np.cumsum(chunks))).tolist()
+    return list(itertools.pairwise(edges))
+
 
 _PREFIX = {"h5ad": "h5ad-read", "zarr": "zarr-read", "zarr-zip": "zarr-read"}
 
@@ -79,7 +113,7 @@ class AnnDataSource:
         n_rows, n_cols = self.shape
         if n_rows == 0:
             return ((0,), (n_cols,))
-        bounds = _bands(self.layer_plan, self.n_full, block_size_bytes(target_bytes))
+        bounds = row_bands(self.layer_plan, self.n_full, block_size_bytes(target_bytes))
         edges = np.array([lo for lo, _ in bounds] + [bounds[-1][1]], dtype=np.int64)
         sizes = np.diff(np.searchsorted(self.rows, edges))
         return (tuple(int(s) for s in sizes if s) or (0,), (n_cols,))

@@ -19,6 +19,7 @@ from dask_loom.blocks._plan import (
     block_regions,
     plan_blocks,
     selection_bands,
+    split_by_chunk,
     units_per_block,
 )
 from dask_loom.blocks._source import ChunkSource, from_source, register_source, source_of
@@ -40,6 +41,7 @@ __all__ = [
     "plan_blocks",
     "register_source",
     "selection_bands",
+    "split_by_chunk",
     "source_of",
     "store",
     "units_per_block",

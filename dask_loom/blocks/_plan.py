@@ -24,6 +24,7 @@ __all__ = [
     "block_regions",
     "plan_blocks",
     "selection_bands",
+    "split_by_chunk",
     "units_per_block",
 ]
 
@@ -256,3 +257,26 @@ def selection_bands(n: int, unit: int, needed: np.ndarray, max_units: int) -> li
             bands.append((k * unit, min(n, stop_unit * unit)))
             k = stop_unit
     return bands
+
+
+def split_by_chunk(
+    starts: np.ndarray, stops: np.ndarray, c: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut element ranges ``[starts[i], stops[i])`` of a 1-D array at chunk boundaries (chunk size *c*).
+
+    Returns, for every piece in order, its chunk id and its ``[lo, hi)`` in
+    array coordinates (non-empty ranges assumed).
+
+    Examples
+    --------
+    >>> split_by_chunk(np.array([1, 8]), np.array([6, 9]), 4)
+    (array([0, 1, 2]), array([1, 4, 8]), array([4, 6, 9]))
+    """
+    first = starts // c
+    counts = (stops - 1) // c - first + 1
+    if (counts == 1).all():
+        return first, starts, stops
+    rep = np.repeat(np.arange(len(starts)), counts)
+    step = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    cid = first[rep] + step
+    return cid, np.maximum(starts[rep], cid * c), np.minimum(stops[rep], (cid + 1) * c)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import threading
 import zlib
 from typing import Any
 
 from dask_loom.errors import UnsupportedCodecError
 
-__all__ = ["check_safe_codecs", "store_label"]
+__all__ = ["check_safe_codecs", "ensure_open", "store_label"]
 
 
 def store_label(store: Any) -> str:
@@ -58,3 +59,24 @@ def _problem(exc: BaseException) -> str:
     if isinstance(exc, zlib.error):
         return f"zlib stream does not decode ({text})"
     return f"{type(exc).__name__}: {text}"
+
+
+_open_lock = threading.Lock()
+
+
+def ensure_open(store: Any) -> Any:
+    """Open a zarr-python ``ZipStore`` that was built (or unpickled in a worker) but not opened.
+
+    A ``ZipStore`` needs ``_sync_open()`` before its first read (its lock and
+    zip handle are made there, and are dropped when it is pickled); zarr's
+    other stores read without it.
+    """
+    if getattr(store, "_is_open", True):
+        return store
+    from zarr.storage import ZipStore
+
+    if isinstance(store, ZipStore):
+        with _open_lock:
+            if not store._is_open:
+                store._sync_open()
+    return store

@@ -18,34 +18,13 @@ from typing import Any
 import numpy as np
 
 from dask_loom.errors import CorruptChunkError, DaskLoomError, FormatError, UnsupportedCodecError
-from dask_loom.zarr._meta import _problem, check_safe_codecs, store_label
+from dask_loom.zarr._meta import _problem, check_safe_codecs, ensure_open, store_label
 
 __all__ = ["ZarrSource", "build_array", "chunk_key", "ensure_open", "translate_read_error", "zarr_metadata"]
 
 _cache_lock = threading.Lock()
 _arrays: dict[Any, Any] = {}
 _MAX_CACHED = 256
-
-
-_open_lock = threading.Lock()
-
-
-def ensure_open(store: Any) -> Any:
-    """Open a zarr-python ``ZipStore`` that was built (or unpickled in a worker) but not opened.
-
-    A ``ZipStore`` needs ``_sync_open()`` before its first read (its lock and
-    zip handle are made there, and are dropped when it is pickled); zarr's
-    other stores read without it.
-    """
-    if getattr(store, "_is_open", True):
-        return store
-    from zarr.storage import ZipStore
-
-    if isinstance(store, ZipStore):
-        with _open_lock:
-            if not store._is_open:
-                store._sync_open()
-    return store
 
 
 def build_array(store: Any, path: str, metadata: dict[str, Any], *, write_empty_chunks: bool = False) -> Any:
@@ -315,7 +294,7 @@ class ZarrSource:
         otherwise the array cannot be read as the one that was opened.
         """
         from dask_loom.errors import FileBeingWrittenError
-        from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
+        from dask_loom.zarr._docs import NodeNotFoundError, read_node_metadata, readable_metadata
 
         with self._refresh_lock:
             if seen == self._doc_seen:
@@ -326,6 +305,7 @@ class ZarrSource:
                 kind, doc = "missing", {}
             if kind != "array":
                 raise FileBeingWrittenError(f"{self.label}: the array was removed while it was read")
+            doc = readable_metadata(doc)
             if doc != self.metadata:
                 arr = build_array(self.store, self.path, doc)
                 if tuple(int(s) for s in arr.shape) != self.shape or _numpy_dtype(arr) != self.dtype:
