@@ -18,6 +18,7 @@ import functools
 import inspect
 import itertools
 import math
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,9 +49,11 @@ def _takes_out(cls: type) -> bool:
 
 def latency_bound(source: Any) -> bool:
     """Whether *source* reads through a dask_loom store whose requests wait (neither local nor in memory)."""
+    store = getattr(source, "store", None)
+    if store is None or "dask_loom.storage._stores" not in sys.modules:
+        return False  # no dask_loom store exists yet: do not import one (zarr-python, 0.3 s) to ask
     from dask_loom.storage._stores import BaseStore, LocalStore, MemoryStore
 
-    store = getattr(source, "store", None)
     return (
         isinstance(store, BaseStore)
         and type(store) not in (LocalStore, MemoryStore)

@@ -248,13 +248,15 @@ class GroupPlan:
 
 def check_group_func(func: str) -> str:
     """Canonical name of a numpy-groupies reduction; ``ValueError`` for unknown or non-reducing names."""
-    from numpy_groupies import aggregate_np
-
     if not isinstance(func, str):
         raise TypeError(f"aggregation function must be a numpy-groupies function name, not {type(func).__name__}")
     name = _NPG_ALIASES.get(func, func)
     if name in NOT_REDUCING:
         raise ValueError(f"'{func}' does not reduce each group to one value; use a reducing numpy-groupies function")
+    if name in _MATMUL or name in _REDUCEAT or name in ("first", "last"):
+        return name  # computed here without numpy-groupies: no need to import it (and numba) to check
+    from numpy_groupies import aggregate_np
+
     try:
         aggregate_np(np.array([0, 0, 1]), np.array([1.0, 2.0, 3.0]), func=name, size=2)
     except (ValueError, NotImplementedError, KeyError, AttributeError, TypeError) as exc:
@@ -270,10 +272,6 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
     over group-sorted columns; every other numpy-groupies function through
     ``numpy_groupies.aggregate``.
     """
-    # numpy-groupies' numpy implementation: its numba one compiles each
-    # function on first use in every worker process, which costs seconds.
-    from numpy_groupies import aggregate_np
-
     if band.shape[1] == 0 or band.shape[0] == 0:
         return np.zeros((band.shape[0], plan.n_groups))
     work_dtype = band.dtype if band.dtype in (np.float32, np.float64) else np.float64
@@ -292,7 +290,7 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
         s1 = (x @ oh).astype(np.float64)
         if not np.isfinite(s1).all():
             # NaN or inf times the 0s of the other groups spread to every group: numpy-groupies adds group by group
-            return np.asarray(aggregate_np(plan.idx, band, func=func, axis=1, size=plan.n_groups, fill_value=0), dtype=np.float64)
+            return _npg_reduce(band, plan, func)
         if base == "sum":
             return s1
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -311,6 +309,15 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
         return band[:, plan.first].astype(np.float64)
     if func == "last":
         return band[:, plan.last].astype(np.float64)
+    return _npg_reduce(band, plan, func)
+
+
+def _npg_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
+    # numpy-groupies' numpy implementation: its numba one compiles each function on
+    # first use in every worker process (seconds).  Imported here, when needed: the
+    # package imports numba where it is installed (0.4-0.9 s).
+    from numpy_groupies import aggregate_np
+
     return np.asarray(aggregate_np(plan.idx, band, func=func, axis=1, size=plan.n_groups, fill_value=0), dtype=np.float64)
 
 
