@@ -159,7 +159,10 @@ def test_handle_cache_replaces_what_valid_rejects_once():
     assert cache.get("f", make(9), valid=lambda v: v[0] == 1) == [1]  # still valid: not made again
     # The file changed: eight threads see the stale entry together; one replaces it, one close.
     got = []
-    threads = [threading.Thread(target=lambda: got.append(cache.get("f", make(2), valid=lambda v: v[0] == 2))) for _ in range(8)]
+    threads = [
+        threading.Thread(target=lambda: got.append(cache.get("f", make(2), valid=lambda v: v[0] == 2)))
+        for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
