@@ -99,3 +99,44 @@ def test_a_closed_or_read_only_connection_still_guards_its_layers(writable):
         layer[:2, :2]
     with pytest.raises(ValueError, match="closed"):
         layer.to_dask()
+
+
+def test_the_layer_manager_uses_only_the_host(writable):
+    path, ref = writable
+    main = ref[""]
+    with dask_loom.connect(path, scheduler="sync") as ds:
+        layers = ds.layers
+        object.__setattr__(layers, "ds", _NoPrivates(ds.filename))
+        assert layers.keys() == ["", "spliced"]
+        np.testing.assert_array_equal(layers["spliced"][:5, :5], ref["spliced"][:5, :5])
+        got = layers[[0, 7, 7], 100:103]
+        np.testing.assert_array_equal(got[""][:, :], main[[0, 7, 7], 100:103])
+        np.testing.assert_array_equal(got["spliced"][:, :], ref["spliced"][[0, 7, 7], 100:103])
+        layers["twice"] = main * 2
+        np.testing.assert_array_equal(layers["twice"][:, :], main * 2)
+        del layers["twice"]
+        assert layers.keys() == ["", "spliced"]
+        with pytest.raises(KeyError, match="not found in"):
+            layers["twice"]
+    with dask_loom.connect(path, "r") as again:
+        assert again.layers.keys() == ["", "spliced"]
+
+
+def test_a_source_built_across_a_write_is_not_kept(writable, monkeypatch):
+    path, ref = writable
+    with dask_loom.connect(path, scheduler="sync") as ds:
+        host = ds._layer_host
+        real, built = host.tree.source, []
+
+        def racing(p, **kw):
+            got = real(p, **kw)
+            built.append(p)
+            if len(built) == 1:
+                host.invalidate()  # another thread's write finished meanwhile
+            return got
+
+        monkeypatch.setattr(host.tree, "source", racing)
+        layer = ds.layers["spliced"]
+        np.testing.assert_array_equal(layer[:3, :3], ref["spliced"][:3, :3])
+        assert layer._source() is layer._source()  # built again once, then kept
+        assert built == ["layers/spliced", "layers/spliced"]

@@ -109,7 +109,9 @@ class LoomConnection(_Deprecated):
             self.filename,
             check_open=self._check_open,
             compute_kwargs=self._compute_kwargs,
+            write_layer=self._write_layer,
             write_region=self._write_layer_region,
+            delete_layer=self._delete_layer,
             permute=self._permute_in_place if writable else None,
             read_only=why,
         )
@@ -286,14 +288,7 @@ class LoomConnection(_Deprecated):
         return self._layer_host.source(name)
 
     def _read_layers(self, names: list[str], key: Any) -> dict[str, np.ndarray]:
-        from dask_loom._indexing import normalize_key
-        from dask_loom.ops._select import read_selections
-
-        self._check_open()
-        sels = normalize_key(key, self.shape, where=self.filename)
-        sources = [self._layer_source(n) for n in names]
-        arrays = read_selections(sources, sels, **self._compute_kwargs())
-        return dict(zip(names, arrays))
+        return self._layer_host.read(names, key)
 
     def dask(self, layer: str = "", *, chunks: Any = None, band_axis: int | None = None, sparse: bool = False) -> Any:
         """A layer as a lazy dask array whose blocks are whole stored chunks (CSR blocks with ``sparse=True``)."""

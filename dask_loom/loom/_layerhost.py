@@ -29,12 +29,13 @@ def node_timestamp(tree: Tree, path: str) -> str:
 
 
 class LayerHost:
-    """The layers' side of a Loom connection: what each ``LoomLayer`` may use of it.
+    """The layers' side of a Loom connection: what ``ds.layers`` and each ``LoomLayer`` may use of it.
 
-    The connection builds one host when it opens and hands it to every layer
-    it makes, so a layer holds its host, never the connection's internals.
-    The host owns the layers' metadata and chunk sources, cached until
-    :meth:`invalidate`, which the connection calls after every write.  A
+    The connection builds one host when it opens and hands it to its layer
+    manager and every layer it makes, so they hold the host, never the
+    connection's internals.  The host owns the layers' metadata and chunk
+    sources, cached until :meth:`invalidate`, which the connection calls
+    after every write (each call starts a new generation).  A
     layer asks :meth:`source` on each use rather than keeping a source of its
     own: a write may replace the file under it (an HDF5 transaction renames a
     new file over the old one, a permutation rewrites every layer), and a
@@ -54,8 +55,12 @@ class LayerHost:
     compute_kwargs
         Where graphs run now (``scheduler``/``client``), read at each call:
         a permutation given its own scheduler changes it while it runs.
+    write_layer
+        Creates or replaces a whole layer (``ds.layers[name] = value``).
     write_region
         Writes ``ds.layers[name][key] = value`` (``(name, key, value)``).
+    delete_layer
+        Deletes a named layer (``del ds.layers[name]``).
     permute
         Permutes the whole file (``dask_loom.permute`` of a layer: every
         layer, attribute and graph moves together); ``None`` when the
@@ -72,7 +77,9 @@ class LayerHost:
         *,
         check_open: Callable[[], None],
         compute_kwargs: Callable[[], dict[str, Any]],
+        write_layer: Callable[[str, Any], None],
         write_region: Callable[[str, Any, Any], None],
+        delete_layer: Callable[[str], None],
         permute: Callable[..., None] | None,
         read_only: str,
     ) -> None:
@@ -80,14 +87,28 @@ class LayerHost:
         self.filename = filename
         self.check_open = check_open
         self.compute_kwargs = compute_kwargs
+        self.write_layer = write_layer
         self.write_region = write_region
+        self.delete_layer = delete_layer
         self.permute = permute
         self.read_only = read_only
         self._cache: dict[tuple[str, str], Any] = {}
+        self.generation = 0
 
     def invalidate(self) -> None:
         """Forget every layer's metadata and source: the file was written, or replaced."""
+        self.generation += 1
         self._cache.clear()
+
+    def _cached(self, key: tuple[str, str], make: Callable[[], Any]) -> Any:
+        got = self._cache.get(key)
+        if got is None:
+            gen = self.generation
+            got = make()
+            # Built while a write finished (another thread): good for this call, not for later ones.
+            if gen == self.generation:
+                self._cache[key] = got
+        return got
 
     def names(self) -> list[str]:
         """The layers in the file: ``""`` (the main matrix) if present, then the named layers."""
@@ -96,14 +117,14 @@ class LayerHost:
 
     def info(self, name: str) -> ArrayInfo:
         """Shape, dtype and chunking of layer *name* (``KeyError`` if the file has none)."""
-        key = ("info", name)
-        got = self._cache.get(key)
-        if got is None:
+
+        def make() -> ArrayInfo:
             path = layer_path(name)
             if not self.tree.exists(path):
                 raise KeyError(f"Layer '{name}' not found in {self.filename}")
-            got = self._cache[key] = self.tree.info(path)
-        return got
+            return self.tree.info(path)
+
+        return self._cached(("info", name), make)
 
     def shape(self, name: str) -> tuple[int, int]:
         return tuple(self.info(name).shape)
@@ -113,12 +134,26 @@ class LayerHost:
 
     def source(self, name: str) -> Any:
         """Layer *name*'s chunk source as the file is now (a ``ChunkSource``: HDF5 or Zarr)."""
-        key = ("source", name)
-        got = self._cache.get(key)
-        if got is None:
+
+        def make() -> Any:
             self.info(name)  # the KeyError of a missing layer, before any open
-            got = self._cache[key] = self.tree.source(layer_path(name))
-        return got
+            return self.tree.source(layer_path(name))
+
+        return self._cached(("source", name), make)
+
+    def read(self, names: list[str], key: Any) -> dict[str, np.ndarray]:
+        """Selection *key* (numpy outer semantics) of each layer in *names*, read in one graph."""
+        from dask_loom._indexing import normalize_key
+        from dask_loom.ops._select import read_selections
+
+        self.check_open()
+        try:  # the main matrix's shape is the file's, as ds.shape: (0, 0) for an empty file
+            shape = self.shape("")
+        except KeyError:
+            shape = (0, 0)
+        sels = normalize_key(key, shape, where=self.filename)
+        arrays = read_selections([self.source(n) for n in names], sels, **self.compute_kwargs())
+        return dict(zip(names, arrays))
 
     def timestamp(self, name: str) -> str:
         """When layer *name* was last written (now if it carries no timestamp)."""

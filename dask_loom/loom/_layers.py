@@ -212,7 +212,9 @@ class LayerManager(NamedMapping):
 
     ``ds.layers["x"]`` (or ``ds.layers.x``, ``ds["x"]``) is a lazy
     :class:`LoomLayer`; ``ds.layers[rows, cols]`` reads every layer's selection
-    into an in-memory manager of :class:`MemoryLoomLayer`.
+    into an in-memory manager of :class:`MemoryLoomLayer`.  A file's manager
+    (*ds* given) uses only the connection's :class:`~dask_loom.loom._layerhost.LayerHost`;
+    an in-memory one (``ds=None``, in views and scans) holds *values*.
     """
 
     def __init__(self, ds: LoomConnectionLike | None, values: dict[str, MemoryLoomLayer] | None = None) -> None:
@@ -221,18 +223,20 @@ class LayerManager(NamedMapping):
         host = ds._layer_host if ds is not None else None
         object.__setattr__(self, "_host", host)
         object.__setattr__(self, "_names", host.names() if host is not None else list(values or {}))
+
     def __getitem__(self, thing: Any) -> Any:
+        host = self._host
         if isinstance(thing, str):
             if thing not in self._names:
-                where = f" in {self.ds.filename}" if self.ds is not None else ""
+                where = f" in {host.filename}" if host is not None else ""
                 raise KeyError(f"Layer '{thing}' not found{where}")
-            if self.ds is None:
+            if host is None:
                 return self._layers[thing]
-            return LoomLayer(thing, self.ds, host=self._host)
+            return LoomLayer(thing, self.ds, host=host)
         if isinstance(thing, tuple) and len(thing) == 2:
-            if self.ds is None:
+            if host is None:
                 return LayerManager(None, {k: MemoryLoomLayer(k, v[thing]) for k, v in self._layers.items()})
-            arrays = self.ds._read_layers(self.keys(), thing)
+            arrays = host.read(self.keys(), thing)
             return LayerManager(None, {k: MemoryLoomLayer(k, v) for k, v in arrays.items()})
         raise TypeError(f"cannot index layers with {type(thing).__name__}; use a name or a (rows, cols) tuple")
 
@@ -247,11 +251,12 @@ class LayerManager(NamedMapping):
     def __setitem__(self, name: str, value: Any) -> None:
         if not isinstance(name, str):
             raise TypeError("layer names must be str")
-        check_name("Layer", name, self.ds.filename if self.ds is not None else None, allow_empty=True)
-        if self.ds is None:
+        host = self._host
+        check_name("Layer", name, host.filename if host is not None else None, allow_empty=True)
+        if host is None:
             self._layers[name] = MemoryLoomLayer(name, value)
         else:
-            self.ds._write_layer(name, value)
+            host.write_layer(name, value)
         if name not in self._names:
             self._names.append(name)
 
@@ -263,8 +268,8 @@ class LayerManager(NamedMapping):
             raise ValueError("Cannot delete the main matrix (layer '')")
         if name not in self._names:
             raise KeyError(f"Layer '{name}' not found")
-        if self.ds is not None:
-            self.ds._delete_layer(name)
+        if self._host is not None:
+            self._host.delete_layer(name)
         else:
             del self._layers[name]
         self._names.remove(name)
