@@ -8,8 +8,9 @@ handles (HDF5 and many readers are not fork-safe); the parent's values stay
 referenced there, never closed, because closing could block on locks another
 parent thread held at the moment of the fork.
 
-Keys that include a file's identity (size, mtime, inode) make a rewritten
-file open afresh; stale entries then age out of a bounded cache.
+A rewritten file opens afresh either way: keys that include its identity
+(size, mtime, inode), whose stale entries age out of a bounded cache, or one
+key per file with a ``valid`` check that replaces (and closes) a stale entry.
 """
 
 from __future__ import annotations
@@ -84,19 +85,24 @@ class HandleCache(Generic[V]):
                 evicted.append(self._data.popitem(last=False)[1])
         self._closing(evicted)
 
-    def get(self, key: Hashable, make: Callable[[], V]) -> V:
+    def get(self, key: Hashable, make: Callable[[], V], *, valid: Callable[[V], bool] | None = None) -> V:
         """The value for *key*, made by *make* (once, even when threads ask together) if absent.
 
-        *make* must not return ``None`` (``None`` means "not cached").
+        *make* must not return ``None`` (``None`` means "not cached").  With
+        *valid*, a cached value it rejects (a handle to a file since replaced)
+        is dropped, closed, and made afresh, under the same once-per-key rule.
         """
         v = self.peek(key)
-        if v is not None:
+        if v is not None and (valid is None or valid(v)):
             return v
         with self._lock:
             making = self._making.setdefault(key, threading.Lock())
         with making:
             try:
                 v = self.peek(key)
+                if v is not None and valid is not None and not valid(v):
+                    self._drop_stale(key, v)
+                    v = None
                 if v is None:
                     v = make()
                     self.put(key, v)
@@ -104,6 +110,14 @@ class HandleCache(Generic[V]):
                 with self._lock:
                     self._making.pop(key, None)
         return v
+
+    def _drop_stale(self, key: Hashable, value: V) -> None:
+        with self._lock:
+            mine = self._data.get(key) is value
+            if mine:
+                del self._data[key]
+        # Whoever took it out closes it, once.
+        self._closing([value] if mine else [])
 
     def discard(self, key: Hashable) -> None:
         """Drop (and close) the value for *key*, if any."""
@@ -126,6 +140,9 @@ class HandleCache(Generic[V]):
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._data
 
     def __repr__(self) -> str:
         return f"<HandleCache {self.name}: {len(self._data)} entries>"

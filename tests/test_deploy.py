@@ -648,7 +648,7 @@ def test_worker_setup_teardown_closes_cached_files(data_dir):
     with open_h5_read(spec) as f:
         assert f["matrix"].shape == (1000, 100)
     assert read_ranges(spec, [0], [8]) == [b"\x89HDF\r\n\x1a\n"]  # keeps a descriptor open
-    entry = _files._entries[spec.url]
+    entry = _files._entries.peek(spec.url)
     assert entry.fd is not None
     worker_setup.teardown(_FakeServer())
     assert spec.url not in _files._entries

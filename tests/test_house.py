@@ -140,3 +140,33 @@ def test_handle_cache_is_empty_in_a_forked_child():
     p.join(60)
     assert got == (0, "child")
     assert cache.peek("k") == "parent"
+
+
+def test_handle_cache_replaces_what_valid_rejects_once():
+    closed = []
+    cache: HandleCache[list[int]] = HandleCache("valid", close=closed.append)
+    made = []
+
+    def make(identity):
+        def run():
+            time.sleep(0.02)
+            made.append(identity)
+            return [identity]
+
+        return run
+
+    assert cache.get("f", make(1), valid=lambda v: v[0] == 1) == [1]
+    assert cache.get("f", make(9), valid=lambda v: v[0] == 1) == [1]  # still valid: not made again
+    # The file changed: eight threads see the stale entry together; one replaces it, one close.
+    got = []
+    threads = [
+        threading.Thread(target=lambda: got.append(cache.get("f", make(2), valid=lambda v: v[0] == 2)))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert made == [1, 2] and got == [[2]] * 8
+    assert closed == [[1]]
+    assert "f" in cache and "g" not in cache and len(cache) == 1

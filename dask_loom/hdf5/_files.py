@@ -19,6 +19,7 @@ from typing import Any
 import h5py
 
 from dask_loom._config import get_config
+from dask_loom._handles import HandleCache
 from dask_loom.errors import FileBeingWrittenError, LoomFormatError, WriteConflictError
 from dask_loom.storage import FileSpec
 from dask_loom.storage._locks import exclusive, lock_path
@@ -40,7 +41,6 @@ _lock = threading.RLock()
 # #2920).  Our h5py reads of values hold this lock; it is taken last and held
 # only for the read, so it never waits on anything else.
 _value_lock = threading.Lock()
-_entries: dict[str, _Entry] = {}
 _write_locks: dict[str, threading.RLock] = {}
 _open_writers: dict[str, h5py.File] = {}
 _transactions: dict[str, h5py.File] = {}
@@ -78,19 +78,22 @@ class _Entry:
             self.cache.clear()
 
 
+# One entry per file URL, unbounded (a process reads few files), replaced when the
+# file's identity changes.  HandleCache empties itself in a forked child: HDF5 is
+# not fork-safe, so a child (a torch DataLoader worker, a multiprocessing pool)
+# opens its own handles.
+_entries: HandleCache[_Entry] = HandleCache("hdf5 files", close=_Entry.close)
 _inherited: list[Any] = []
 
 
 def _forget_after_fork() -> None:
-    # HDF5 is not fork-safe: a forked child (a torch DataLoader worker, a
-    # multiprocessing pool) opens its own handles.  The parent's stay
-    # referenced, unclosed: closing them could block on locks that the
+    # The write state is no cache but is per process too.  The parent's writers
+    # stay referenced, unclosed: closing them could block on locks that the
     # parent's other threads held at the moment of the fork.
-    global _lock, _value_lock, _entries, _write_locks, _open_writers, _transactions
-    _inherited.append((_entries, _open_writers, _transactions))
+    global _lock, _value_lock, _write_locks, _open_writers, _transactions
+    _inherited.append((_open_writers, _transactions))
     _lock = threading.RLock()
     _value_lock = threading.Lock()
-    _entries = {}
     _write_locks = {}
     _open_writers = {}
     _transactions = {}
@@ -122,33 +125,18 @@ def file_identity(spec: FileSpec) -> Any:
 def cached_entry(spec: FileSpec) -> _Entry:
     """The process-wide entry for *spec*, reopened if the file changed."""
     ident = file_identity(spec)
-    with _lock:
-        entry = _entries.get(spec.url)
-        if entry is not None and entry.identity != ident:
-            entry.close()
-            entry = None
-        if entry is None:
-            entry = _Entry(spec, ident)
-            _entries[spec.url] = entry
-        return entry
+    return _entries.get(spec.url, lambda: _Entry(spec, ident), valid=lambda e: e.identity == ident)
 
 
 def invalidate(spec: FileSpec | str) -> None:
     """Close and forget everything cached for a file in this process."""
     url = spec.url if isinstance(spec, FileSpec) else FileSpec.from_path(spec).url
-    with _lock:
-        entry = _entries.pop(url, None)
-    if entry is not None:
-        entry.close()
+    _entries.discard(url)
 
 
 def clear_all() -> None:
     """Close every cached file of this process (used by tests and shutdown)."""
-    with _lock:
-        entries = list(_entries.values())
-        _entries.clear()
-    for e in entries:
-        e.close()
+    _entries.forget(lambda _url: True)
 
 
 def _not_hdf5(spec: FileSpec, exc: BaseException) -> LoomFormatError:

@@ -22,12 +22,11 @@ from dask_loom.loom._common import (
     global_value,
     is_spec3,
     read_spec_version,
-    scalar_text,
-    timestamp,
 )
 from dask_loom.loom._create import _spec, creating
 from dask_loom.loom._deprecated import _Deprecated
 from dask_loom.loom._graphs import GraphManager, graph_matrix
+from dask_loom.loom._layerhost import LayerHost, layer_path, node_timestamp
 from dask_loom.loom._layers import LayerManager
 from dask_loom.loom._open import open_tree
 from dask_loom.loom._speccheck import SpecValidator
@@ -100,7 +99,22 @@ class LoomConnection(_Deprecated):
         self._client = client
         self._closed = False
         self._write_lock = threading.RLock()
-        self._cache: dict[Any, Any] = {}
+        writable = mode == "r+" and not getattr(self._tree, "read_only", False)
+        why = "the connection is read-only (opened with mode='r')"
+        if mode == "r+":
+            why = "it is read-only here (HDF5 on an object store)"
+        # One host for the connection's life: layers taken before a write stay valid after it.
+        self._layer_host = LayerHost(
+            self._tree,
+            self.filename,
+            check_open=self._check_open,
+            compute_kwargs=self._compute_kwargs,
+            write_layer=self._write_layer,
+            write_region=self._write_layer_region,
+            delete_layer=self._delete_layer,
+            permute=self._permute_in_place if writable else None,
+            read_only=why,
+        )
         # One handle for the dozens of small reads of opening and validating (17 ms -> 5 ms).
         with self._tree.session():
             self._check_loom()
@@ -148,7 +162,7 @@ class LoomConnection(_Deprecated):
         self.view = ViewManager(self)
 
     def _refresh_shape(self) -> None:
-        self._cache.clear()
+        self._layer_host.invalidate()
         if self._tree.exists("matrix"):
             self._shape = tuple(int(s) for s in self._tree.info("matrix").shape)
         else:
@@ -255,45 +269,26 @@ class LoomConnection(_Deprecated):
 
     # -- layer internals ----------------------------------------------------------------
 
+    # The layers' facts live in the LayerHost; these are the operations' way to them.
+
     @staticmethod
     def _layer_path(name: str) -> str:
-        return "matrix" if name == "" else f"layers/{name}"
-
-    def _layer_names(self) -> list[str]:
-        names = [""] if self._tree.exists("matrix") else []
-        return names + self._tree.children("layers")
+        return layer_path(name)
 
     def _layer_info(self, name: str) -> Any:
-        key = ("info", name)
-        if key not in self._cache:
-            path = self._layer_path(name)
-            if not self._tree.exists(path):
-                raise KeyError(f"Layer '{name}' not found in {self.filename}")
-            self._cache[key] = self._tree.info(path)
-        return self._cache[key]
+        return self._layer_host.info(name)
 
     def _layer_shape(self, name: str) -> tuple[int, int]:
-        return tuple(self._layer_info(name).shape)
+        return self._layer_host.shape(name)
 
     def _layer_dtype(self, name: str) -> np.dtype:
-        return self._layer_info(name).dtype
+        return self._layer_host.dtype(name)
 
     def _layer_source(self, name: str) -> Any:
-        key = ("source", name)
-        if key not in self._cache:
-            self._layer_info(name)
-            self._cache[key] = self._tree.source(self._layer_path(name))
-        return self._cache[key]
+        return self._layer_host.source(name)
 
     def _read_layers(self, names: list[str], key: Any) -> dict[str, np.ndarray]:
-        from dask_loom._indexing import normalize_key
-        from dask_loom.ops._select import read_selections
-
-        self._check_open()
-        sels = normalize_key(key, self.shape, where=self.filename)
-        sources = [self._layer_source(n) for n in names]
-        arrays = read_selections(sources, sels, **self._compute_kwargs())
-        return dict(zip(names, arrays))
+        return self._layer_host.read(names, key)
 
     def dask(self, layer: str = "", *, chunks: Any = None, band_axis: int | None = None, sparse: bool = False) -> Any:
         """A layer as a lazy dask array whose blocks are whole stored chunks (CSR blocks with ``sparse=True``)."""
@@ -452,10 +447,7 @@ class LoomConnection(_Deprecated):
     # -- timestamps ----------------------------------------------------------------
 
     def _node_timestamp(self, path: str) -> str:
-        value = self._tree.attrs(path).get("last_modified")
-        if value is None:
-            return timestamp()
-        return str(scalar_text(value))
+        return node_timestamp(self._tree, path)
 
     def last_modified(self) -> str:
         """When the file was last modified (the root ``last_modified`` timestamp), or now if it has none."""
@@ -661,7 +653,7 @@ class LoomConnection(_Deprecated):
             with self._write_lock, self._tree.writing(atomic=atomic, fresh=fresh) as w:
                 yield w
         finally:
-            self._cache.clear()
+            self._layer_host.invalidate()
 
     def _touch(self, w: Any, *paths: str) -> None:
         touch(w, *paths)

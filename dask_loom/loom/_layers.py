@@ -12,11 +12,10 @@ from dask_loom._lazy import issparse
 from dask_loom.loom._common import NamedMapping, check_name
 
 if TYPE_CHECKING:
+    import dask.array as da
     import scipy.sparse as sp
 
-if TYPE_CHECKING:
-    import dask.array as da
-
+    from dask_loom.loom._layerhost import LayerHost
     from dask_loom.loom._protocol import LoomConnectionLike
 
 __all__ = ["LayerManager", "LoomLayer", "MemoryLoomLayer", "as_layer_dict"]
@@ -30,40 +29,55 @@ class LoomLayer:
     numpy with outer semantics: slices with any step, ints, negative indices,
     bool masks, integer lists in any order with duplicates, and index arrays
     on both axes at once.
+
+    Parameters
+    ----------
+    name
+        The layer (``""``: the main matrix).
+    ds
+        The connection it belongs to (loompy's ``layer.ds``).
+    host
+        What the layer uses of the connection (:class:`~dask_loom.loom._layerhost.LayerHost`);
+        by default the connection's own.
     """
 
-    def __init__(self, name: str, ds: LoomConnectionLike) -> None:
+    def __init__(self, name: str, ds: LoomConnectionLike, *, host: LayerHost | None = None) -> None:
         self.name = name
         self.ds = ds
+        # Everything below goes through the host, which stays valid when a write replaces the file.
+        self._host = host if host is not None else ds._layer_host
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.ds._layer_shape(self.name)
+        return self._host.shape(self.name)
 
     @property
     def dtype(self) -> str:
         """The stored dtype, as a string (``"float32"``), as in loompy."""
-        return str(self.ds._layer_dtype(self.name))
+        return str(self._host.dtype(self.name))
 
     @property
     def ndim(self) -> int:
         return 2
 
-
     def _source(self) -> Any:
-        return self.ds._layer_source(self.name)
+        # Asked for on each use, never kept: the file's current chunks.
+        return self._host.source(self.name)
+
+    def _where(self) -> str:
+        return f"{self._host.filename}: layer '{self.name}'"
 
     def __getitem__(self, key: Any) -> np.ndarray:
         from dask_loom.ops._select import read_selection
 
-        self.ds._check_open()
+        self._host.check_open()
         if key == () or key is Ellipsis:
             key = (slice(None), slice(None))
-        sels = normalize_key(key, self.shape, where=f"{self.ds.filename}: layer '{self.name}'")
-        return read_selection(self._source(), sels, **self.ds._compute_kwargs())
+        sels = normalize_key(key, self.shape, where=self._where())
+        return read_selection(self._source(), sels, **self._host.compute_kwargs())
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self.ds._write_layer_region(self.name, key, value)
+        self._host.write_region(self.name, key, value)
 
     def to_dask(self, *, chunks: Any = None, band_axis: int | None = None, sparse: bool = False) -> da.Array:
         """This layer as a dask array whose blocks are whole stored chunks.
@@ -82,7 +96,7 @@ class LoomLayer:
         """
         from dask_loom.blocks import from_source
 
-        self.ds._check_open()
+        self._host.check_open()
         source = self._source()
         if sparse:
             from dask_loom._csr import CSRView
@@ -99,7 +113,7 @@ class LoomLayer:
         """The layer (or a selection of it) as ``scipy.sparse.coo_matrix``, built blockwise in parallel."""
         from dask_loom.ops import sparse as _sparse
 
-        return _sparse(self._source(), rows=rows, cols=cols, dtype=dtype, **self.ds._compute_kwargs())
+        return _sparse(self._source(), rows=rows, cols=cols, dtype=dtype, **self._host.compute_kwargs())
 
     def map(
         self,
@@ -122,24 +136,24 @@ class LoomLayer:
         from dask_loom.errors import OperationError
         from dask_loom.ops._sources import SourceInfo
 
+        host = self._host
         if layer is not None and layer != self.name:
-            raise OperationError(f"{self.ds.filename}: layer={layer!r} given with layer '{self.name}'; pass the connection instead")
-        ds = self.ds
-        ds._check_open()
-        writable = ds.mode == "r+" and not getattr(ds._tree, "read_only", False)
-        why = "it is read-only here (HDF5 on an object store)" if ds.mode == "r+" else "the connection is read-only (opened with mode='r')"
+            raise OperationError(
+                f"{host.filename}: layer={layer!r} given with layer '{self.name}'; pass the connection instead"
+            )
+        host.check_open()
         return SourceInfo.from_source(
             self._source(),
             format="loom",
-            label=f"{ds.filename}: layer '{self.name}'",
-            compute=ds._compute_kwargs(),
-            permute=ds._permute_in_place if writable else None,
-            read_only=why,
+            label=self._where(),
+            compute=host.compute_kwargs(),
+            permute=host.permute,
+            read_only=host.read_only,
         )
 
     def last_modified(self) -> str:
         """Timestamp of the last write to this layer (``"now"`` if it has none)."""
-        return self.ds._node_timestamp(self.ds._layer_path(self.name))
+        return self._host.timestamp(self.name)
 
     def __repr__(self) -> str:
         return f"<LoomLayer '{self.name}' shape={self.shape} dtype={self.dtype}>"
@@ -198,33 +212,31 @@ class LayerManager(NamedMapping):
 
     ``ds.layers["x"]`` (or ``ds.layers.x``, ``ds["x"]``) is a lazy
     :class:`LoomLayer`; ``ds.layers[rows, cols]`` reads every layer's selection
-    into an in-memory manager of :class:`MemoryLoomLayer`.
+    into an in-memory manager of :class:`MemoryLoomLayer`.  A file's manager
+    (*ds* given) uses only the connection's :class:`~dask_loom.loom._layerhost.LayerHost`;
+    an in-memory one (``ds=None``, in views and scans) holds *values*.
     """
 
     def __init__(self, ds: LoomConnectionLike | None, values: dict[str, MemoryLoomLayer] | None = None) -> None:
         object.__setattr__(self, "ds", ds)
         object.__setattr__(self, "_layers", dict(values or {}))
-        names = ds._layer_names() if ds is not None else list(values or {})
-        object.__setattr__(self, "_names", names)
-
-
-
-
-
-
+        host = ds._layer_host if ds is not None else None
+        object.__setattr__(self, "_host", host)
+        object.__setattr__(self, "_names", host.names() if host is not None else list(values or {}))
 
     def __getitem__(self, thing: Any) -> Any:
+        host = self._host
         if isinstance(thing, str):
             if thing not in self._names:
-                where = f" in {self.ds.filename}" if self.ds is not None else ""
+                where = f" in {host.filename}" if host is not None else ""
                 raise KeyError(f"Layer '{thing}' not found{where}")
-            if self.ds is None:
+            if host is None:
                 return self._layers[thing]
-            return LoomLayer(thing, self.ds)
+            return LoomLayer(thing, self.ds, host=host)
         if isinstance(thing, tuple) and len(thing) == 2:
-            if self.ds is None:
+            if host is None:
                 return LayerManager(None, {k: MemoryLoomLayer(k, v[thing]) for k, v in self._layers.items()})
-            arrays = self.ds._read_layers(self.keys(), thing)
+            arrays = host.read(self.keys(), thing)
             return LayerManager(None, {k: MemoryLoomLayer(k, v) for k, v in arrays.items()})
         raise TypeError(f"cannot index layers with {type(thing).__name__}; use a name or a (rows, cols) tuple")
 
@@ -239,11 +251,12 @@ class LayerManager(NamedMapping):
     def __setitem__(self, name: str, value: Any) -> None:
         if not isinstance(name, str):
             raise TypeError("layer names must be str")
-        check_name("Layer", name, self.ds.filename if self.ds is not None else None, allow_empty=True)
-        if self.ds is None:
+        host = self._host
+        check_name("Layer", name, host.filename if host is not None else None, allow_empty=True)
+        if host is None:
             self._layers[name] = MemoryLoomLayer(name, value)
         else:
-            self.ds._write_layer(name, value)
+            host.write_layer(name, value)
         if name not in self._names:
             self._names.append(name)
 
@@ -255,8 +268,8 @@ class LayerManager(NamedMapping):
             raise ValueError("Cannot delete the main matrix (layer '')")
         if name not in self._names:
             raise KeyError(f"Layer '{name}' not found")
-        if self.ds is not None:
-            self.ds._delete_layer(name)
+        if self._host is not None:
+            self._host.delete_layer(name)
         else:
             del self._layers[name]
         self._names.remove(name)
