@@ -133,19 +133,38 @@ def _decode_watch(monkeypatch, store):
 
 def test_in_flight_within_the_limit_and_decoding_overlaps_requests(monkeypatch):
     # The latency benchmark's layout: 256 chunks behind 50 ms, 32 requests at a time.
+    from dask_loom.zarr._chunks import ZarrChunkReader
+
     store, ref = _array(lambda s: _Counting(s, base_delay=0.05), (1024, 1024), (64, 64))
     src = dask_loom.open_zarr(store, "a", mode="r").source()
     region = (slice(0, 1024), slice(0, 1024))
-    _Counting.reset()
     seen = _decode_watch(monkeypatch, _Counting)
     with zarr.config.set({"async.concurrency": 32}):
+        # Unsharded chunks on a store whose requests wait: the block's chunks are asked for
+        # at once, 32 in flight until the last, each decoded as it arrives, whatever read-ahead says.
+        assert src.streams_chunks
+        for readers in (1, 4, 5):
+            _Counting.reset()
+            seen.clear()
+            with dask.config.set({"dask_loom.read-ahead": readers}):
+                np.testing.assert_array_equal(read_ahead(src, region), ref)
+            assert _Counting.peak == 32 and _Counting.started == 256, readers
+            overlapped = sum(1 for n in seen if n > 0)
+            assert len(seen) == 256 and overlapped >= 224, (readers, overlapped)
+            # Requests are never waited for in waves: 32 stay in flight while 224 remain to start.
+            assert sorted(seen[:200])[len(seen[:200]) // 2] >= 24, seen[:200]
+
+        # A source that does not stream (e.g. sharded): read in one call, or as sub-blocks.
+        monkeypatch.setattr(ZarrChunkReader, "streams", property(lambda self: False))
+        src = dask_loom.open_zarr(store, "a", mode="r").source()
+        assert not src.streams_chunks
+        _Counting.reset()
+        seen.clear()
         with dask.config.set({"dask_loom.read-ahead": 1}):
             np.testing.assert_array_equal(read_ahead(src, region), ref)
         # Read in one call: 32 in flight, and every chunk decoded after the last request.
         assert _Counting.peak == 32 and _Counting.started == 256
         assert len(seen) == 256 and max(seen) == 0
-        _Counting.reset()
-        seen.clear()
         for readers in (4, 8, 5):
             _Counting.reset()
             seen.clear()
