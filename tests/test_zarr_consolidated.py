@@ -116,6 +116,8 @@ def test_every_write_keeps_consolidated_metadata_current(loom_zarr):
         lambda ds: ds.ra.__delitem__("Score"),
         lambda ds: ds.col_graphs.__setitem__("G", sp.eye(m, format="coo")),
         lambda ds: ds.layers.__delitem__("spliced"),
+        # to_zarr into the container (a layer written by hand) keeps it current too.
+        lambda ds: dask_loom.to_zarr(np.ones((n, m), "f4"), str(fn), "layers/ext", scheduler="sync"),
         lambda ds: ds.permute(np.arange(m)[::-1], axis=1),
         lambda ds: ds.add_columns(
             {k: np.ones((n, 2), dtype=ds.layers[k].dtype) for k in ds.layers.keys()},

@@ -48,7 +48,7 @@ from dask_loom.storage import FileSpec
 from dask_loom.storage._atomic import local_transaction, replace_dir
 from dask_loom.storage._objectstore import open_store
 from dask_loom.storage._stores import _TMP_MARK, BaseStore, LocalStore, normalize_prefix
-from dask_loom.zarr._consolidated import canonical, load_consolidated, write_consolidated
+from dask_loom.zarr._consolidated import canonical, load_consolidated, prior_documents, write_consolidated
 from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
 from dask_loom.zarr._source import ZarrSource, _numpy_dtype, build_array
 from dask_loom.zarr._target import ZarrTarget
@@ -504,15 +504,9 @@ class ZarrWriter(_ZarrReads, TreeWriter):
         """Rewrite the root document with every node's metadata consolidated (see ``_consolidated``)."""
         root = self._meta_cache.get("") if self._defer_root or "" in self._meta_cache else self._meta("")
         doc = dict(root[1]) if root is not None and root[0] == "group" else dict(_ROOT_META)
-        known: dict[str, dict[str, Any]] = {}
-        prior = doc.get("consolidated_metadata")
-        if isinstance(prior, dict) and isinstance(prior.get("metadata"), dict):
-            # Checked against the listing's digests before use: a stale one is read afresh.
-            for node, d in prior["metadata"].items():
-                if isinstance(d, dict):
-                    group = d.get("node_type") == "group"
-                    known[node] = {k: v for k, v in d.items() if not (group and k == "consolidated_metadata")}
-        known.update(self._written)
+        # The documents consolidated before, and those written here: each is checked
+        # against the listing's digest before use (a stale one is read afresh).
+        known = {**prior_documents(doc), **self._written}
         self._defer_root = False
         write_consolidated(self.store, doc, known)
         self._meta_cache.pop("", None)

@@ -31,7 +31,7 @@ from typing import Any
 
 from dask_loom.errors import MissingKeyError
 
-__all__ = ["canonical", "load_consolidated", "write_consolidated"]
+__all__ = ["canonical", "load_consolidated", "refresh_consolidated", "write_consolidated"]
 
 _EXTRA = "dask_loom"  # our key inside consolidated_metadata: {"digests": {node path: md5 hex}}
 _V2_DOCS = (".zarray", ".zgroup", ".zattrs")
@@ -197,3 +197,33 @@ def load_consolidated(store: Any, root: dict[str, Any]) -> dict[str, tuple[str, 
             }  # as the node's own document reads
         out[node] = (doc["node_type"], doc)
     return out
+
+
+def prior_documents(root: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The node documents *root*'s consolidated metadata holds (unverified: ``write_consolidated`` checks them)."""
+    cm = root.get("consolidated_metadata")
+    metadata = cm.get("metadata") if isinstance(cm, dict) else None
+    out: dict[str, dict[str, Any]] = {}
+    for node, doc in (metadata or {}).items():
+        if isinstance(doc, dict):
+            group = doc.get("node_type") == "group"
+            out[node] = {k: v for k, v in doc.items() if not (group and k == "consolidated_metadata")}
+    return out
+
+
+def refresh_consolidated(store: Any) -> None:
+    """Bring the root's consolidated metadata up to date after a write below it, where dask_loom keeps one.
+
+    A root without dask_loom's digests (no consolidated metadata, or
+    zarr-python's own) is left as it is.
+    """
+    from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
+
+    try:
+        kind, root = read_node_metadata(store, "")
+    except NodeNotFoundError:
+        return
+    cm = root.get("consolidated_metadata")
+    if kind != "group" or root.get("zarr_format") != 3 or not isinstance(cm, dict) or _EXTRA not in cm:
+        return
+    write_consolidated(store, root, prior_documents(root))
