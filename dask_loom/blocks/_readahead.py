@@ -10,6 +10,11 @@ threads read at once, each at most ``async.concurrency / readers`` chunks, so
 while one thread decodes, the others' requests are in flight, and the
 requests in flight for the block never exceed ``async.concurrency`` (the
 limit one read had before).
+
+A source that streams its chunks (``streams_chunks``: unsharded Zarr chunks,
+each decoded as it arrives while ``async.concurrency`` requests stay in
+flight) is read in one call: sub-blocks would only put back the waves of
+requests it avoids.
 """
 
 from __future__ import annotations

@@ -217,8 +217,11 @@ def refresh_consolidated(store: Any) -> None:
     A root without dask_loom's digests (no consolidated metadata, or
     zarr-python's own) is left as it is.
     """
+    from dask_loom.storage._stores import BaseStore
     from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
 
+    if not isinstance(store, BaseStore):
+        return  # a zarr-python store given to to_zarr: dask_loom does not rewrite its root
     try:
         kind, root = read_node_metadata(store, "")
     except NodeNotFoundError:
