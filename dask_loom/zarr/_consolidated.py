@@ -62,7 +62,12 @@ def _is_v2(key: str) -> bool:
 
 def _listing(store: Any) -> dict[str, str | None] | None:
     digests = getattr(store, "content_digests", None)
-    return None if digests is None else digests(limit=_LIST_LIMIT)
+    if digests is None:
+        return None
+    try:
+        return digests(limit=_LIST_LIMIT)  # type: ignore[no-any-return]
+    except OSError:
+        return None  # listing refused or failing: the documents are read one by one (which say why)
 
 
 def _walk_docs(store: Any) -> dict[str, bytes] | None:
