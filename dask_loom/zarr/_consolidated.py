@@ -117,17 +117,29 @@ def write_consolidated(
         docs = None
     else:
         docs = {}
+        unknown: list[tuple[str, str]] = []
         for key, digest in listing.items():
             node = _node_of(key)
             if node is None:
                 continue
             raw = canonical(known[node]) if node in known else None
             if raw is None or digest is None or _md5(raw) != digest:
-                try:
-                    raw = store.get(key)
-                except MissingKeyError:
-                    continue
-            docs[node] = raw
+                unknown.append((node, key))
+            else:
+                docs[node] = raw
+
+        def read(item: tuple[str, str]) -> bytes | None:
+            try:
+                return store.get(item[1])  # type: ignore[no-any-return]
+            except MissingKeyError:
+                return None  # removed since the listing
+
+        from dask_loom._threads import map_threads
+
+        # Documents written by others (or on a store that lists no digests): read at once.
+        for (node, _), raw in zip(unknown, map_threads(read, unknown)):
+            if raw is not None:
+                docs[node] = raw
     if docs is not None:
         metadata: dict[str, Any] = {}
         for node in sorted(docs):
