@@ -475,7 +475,9 @@ class _StoreObjects(_Objects):
                 except (OSError, TimeoutError) as exc:
                     # Refused credentials and missing files are not transient.
                     if isinstance(exc, (FileNotFoundError, PermissionError)) or attempt == retries:
-                        err = StoreError(f"{self.label}: request for {key!r} failed after {attempt + 1} attempts: {exc}")
+                        err = StoreError(
+                            f"{self.label}: request for {key!r} failed after {attempt + 1} attempts: {exc}"
+                        )
                         err.__cause__ = exc
                         answers.put((i, None, err))
                         return
