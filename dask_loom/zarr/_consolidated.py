@@ -235,7 +235,7 @@ def refresh_consolidated(store: Any) -> None:
     zarr-python's own) is left as it is.
     """
     from dask_loom.storage._stores import BaseStore
-    from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
+    from dask_loom.zarr._docs import NodeNotFoundError, read_node_metadata
 
     if not isinstance(store, BaseStore):
         return  # a zarr-python store given to to_zarr: dask_loom does not rewrite its root
