@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     # A block read from a store whose requests wait (object stores) is read as this many
     # sub-blocks at once, so one decodes while the others' requests are in flight; the
     # requests in flight stay within zarr's async.concurrency (blocks/_readahead.py).
-    # 1 reads each block in one call.
+    # 1 reads each block in one call.  Unsharded Zarr chunks stream instead (no sub-blocks).
     "read-ahead": 4,
     # Compressor of arrays in .loom.zarr containers: blosc-zstd, blosc-lz4, zstd, gzip or none.
     "zarr-codec": "blosc-zstd",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from typing import ClassVar
 
 import dask
 import numpy as np
@@ -133,19 +134,38 @@ def _decode_watch(monkeypatch, store):
 
 def test_in_flight_within_the_limit_and_decoding_overlaps_requests(monkeypatch):
     # The latency benchmark's layout: 256 chunks behind 50 ms, 32 requests at a time.
+    from dask_loom.zarr._chunks import ZarrChunkReader
+
     store, ref = _array(lambda s: _Counting(s, base_delay=0.05), (1024, 1024), (64, 64))
     src = dask_loom.open_zarr(store, "a", mode="r").source()
     region = (slice(0, 1024), slice(0, 1024))
-    _Counting.reset()
     seen = _decode_watch(monkeypatch, _Counting)
     with zarr.config.set({"async.concurrency": 32}):
+        # Unsharded chunks on a store whose requests wait: the block's chunks are asked for
+        # at once, 32 in flight until the last, each decoded as it arrives, whatever read-ahead says.
+        assert src.streams_chunks
+        for readers in (1, 4, 5):
+            _Counting.reset()
+            seen.clear()
+            with dask.config.set({"dask_loom.read-ahead": readers}):
+                np.testing.assert_array_equal(read_ahead(src, region), ref)
+            assert _Counting.peak == 32 and _Counting.started == 256, readers
+            overlapped = sum(1 for n in seen if n > 0)
+            assert len(seen) == 256 and overlapped >= 224, (readers, overlapped)
+            # Requests are never waited for in waves: 32 stay in flight while 224 remain to start.
+            assert sorted(seen[:200])[len(seen[:200]) // 2] >= 24, seen[:200]
+
+        # A source that does not stream (e.g. sharded): read in one call, or as sub-blocks.
+        monkeypatch.setattr(ZarrChunkReader, "streams", property(lambda self: False))
+        src = dask_loom.open_zarr(store, "a", mode="r").source()
+        assert not src.streams_chunks
+        _Counting.reset()
+        seen.clear()
         with dask.config.set({"dask_loom.read-ahead": 1}):
             np.testing.assert_array_equal(read_ahead(src, region), ref)
         # Read in one call: 32 in flight, and every chunk decoded after the last request.
         assert _Counting.peak == 32 and _Counting.started == 256
         assert len(seen) == 256 and max(seen) == 0
-        _Counting.reset()
-        seen.clear()
         for readers in (4, 8, 5):
             _Counting.reset()
             seen.clear()
@@ -183,3 +203,49 @@ def test_sub_blocks_cover_every_chunk_once_for_many_shapes():
         for t in tiles:
             hits[t] += 1
         assert (hits == 1).all(), (shape, unit, per)
+
+
+class _Flaky(SlowStore):
+    """A SlowStore whose first request for each key in ``flaky`` fails as a dropped connection."""
+
+    flaky: ClassVar[set[str]] = set()
+    failed: ClassVar[list[str]] = []
+
+    async def _aget(self, key, req=None):
+        if key in type(self).flaky:
+            type(self).flaky.discard(key)
+            type(self).failed.append(key)
+            raise ConnectionResetError(f"connection dropped reading {key}")
+        return await super()._aget(key, req)
+
+
+def test_streamed_block_fills_missing_chunks_and_retries_dropped_requests():
+    store, ref = _array(lambda s: _Flaky(s, base_delay=0.002), (256, 256), (32, 32))
+    store._store.erase("a/c/1/2")
+    ref[32:64, 64:96] = 0  # a missing chunk reads as the fill value
+    src = dask_loom.open_zarr(store, "a", mode="r").source()
+    assert src.streams_chunks
+    _Flaky.flaky = {"a/c/0/0", "a/c/7/7", "a/c/3/4"}
+    _Flaky.failed = []
+    with zarr.config.set({"async.concurrency": 8}), dask.config.set({"dask_loom.retry-backoff": 0.001}):
+        np.testing.assert_array_equal(read_ahead(src, (slice(0, 256), slice(0, 256))), ref)
+    assert sorted(_Flaky.failed) == ["a/c/0/0", "a/c/3/4", "a/c/7/7"]
+
+
+def test_streamed_block_refuses_after_the_retries():
+    from dask_loom.errors import StoreError
+
+    class _Down(SlowStore):
+        async def _aget(self, key, req=None):
+            if key == "a/c/2/2":
+                raise ConnectionResetError("down")
+            return await super()._aget(key, req)
+
+    store, _ = _array(lambda s: _Down(s, base_delay=0.001), (128, 128), (32, 32))
+    src = dask_loom.open_zarr(store, "a", mode="r").source()
+    with (
+        zarr.config.set({"async.concurrency": 4}),
+        dask.config.set({"dask_loom.retry-backoff": 0.001, "dask_loom.retries": 2}),
+        pytest.raises(StoreError, match=r"'a/c/2/2' failed after 3 attempts: down"),
+    ):
+        read_ahead(src, (slice(0, 128), slice(0, 128)))

@@ -10,6 +10,11 @@ threads read at once, each at most ``async.concurrency / readers`` chunks, so
 while one thread decodes, the others' requests are in flight, and the
 requests in flight for the block never exceed ``async.concurrency`` (the
 limit one read had before).
+
+A source that streams its chunks (``streams_chunks``: unsharded Zarr chunks,
+each decoded as it arrives while ``async.concurrency`` requests stay in
+flight) is read in one call: sub-blocks would only put back the waves of
+requests it avoids.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["latency_bound", "read_ahead", "sub_blocks"]
+__all__ = ["latency_bound", "read_ahead", "store_waits", "sub_blocks"]
 
 
 def _concurrency() -> int:
@@ -47,18 +52,18 @@ def _takes_out(cls: type) -> bool:
         return False
 
 
-def latency_bound(source: Any) -> bool:
-    """Whether *source* reads through a dask_loom store whose requests wait (neither local nor in memory)."""
-    store = getattr(source, "store", None)
+def store_waits(store: Any) -> bool:
+    """Whether *store* is a dask_loom store whose requests wait (neither local nor in memory)."""
     if store is None or "dask_loom.storage._stores" not in sys.modules:
         return False  # no dask_loom store exists yet: do not import one (zarr-python, 0.3 s) to ask
     from dask_loom.storage._stores import BaseStore, LocalStore, MemoryStore
 
-    return (
-        isinstance(store, BaseStore)
-        and type(store) not in (LocalStore, MemoryStore)
-        and _takes_out(type(source))
-    )
+    return isinstance(store, BaseStore) and type(store) not in (LocalStore, MemoryStore)
+
+
+def latency_bound(source: Any) -> bool:
+    """Whether *source* reads through a dask_loom store whose requests wait (neither local nor in memory)."""
+    return store_waits(getattr(source, "store", None)) and _takes_out(type(source))
 
 
 def sub_blocks(region: tuple[slice, ...], unit: tuple[int, ...], per_tile: int) -> list[tuple[slice, ...]]:
@@ -96,7 +101,8 @@ def read_ahead(source: Any, region: tuple[slice, ...], out: np.ndarray | None = 
     are read in one call as before.
     """
     readers = _readers()
-    if readers < 2 or not region or not latency_bound(source):
+    if readers < 2 or not region or not latency_bound(source) or getattr(source, "streams_chunks", False):
+        # A source that decodes chunks as they arrive keeps its requests in flight itself.
         return source.read_block(region, out=out) if out is not None else source.read_block(region)
     limit = _concurrency()
     per_tile = max(1, limit // readers)

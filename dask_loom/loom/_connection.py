@@ -87,9 +87,19 @@ class LoomConnection(_Deprecated):
         spec = FileSpec.from_path(filename, storage_options)
         self._spec = spec
         self.filename = os.fspath(filename) if not spec.is_local else spec.url
-        if not spec.exists():
+        # A remote .loom.zarr is known to exist by its root document (the tree's first
+        # read): asking first would cost two more requests on an object store.
+        remote_zarr = not spec.is_local and spec.url.rstrip("/").endswith(".zarr")
+        if not remote_zarr and not spec.exists():
             raise FileNotFoundError(errno.ENOENT, f"File '{filename}' not found", os.fspath(filename))
-        self._tree = open_tree(spec, mode=mode)
+        try:
+            self._tree = open_tree(spec, mode=mode)
+        except LoomFormatError:
+            if remote_zarr and not spec.exists():
+                raise FileNotFoundError(
+                    errno.ENOENT, f"File '{filename}' not found", os.fspath(filename)
+                ) from None
+            raise
         self._mode = mode
         if mode == "r+" and getattr(self._tree, "read_only", False):
             raise ReadOnlyError(

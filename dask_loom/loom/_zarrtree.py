@@ -48,6 +48,7 @@ from dask_loom.storage import FileSpec
 from dask_loom.storage._atomic import local_transaction, replace_dir
 from dask_loom.storage._objectstore import open_store
 from dask_loom.storage._stores import _TMP_MARK, BaseStore, LocalStore, normalize_prefix
+from dask_loom.zarr._consolidated import canonical, load_consolidated, prior_documents, write_consolidated
 from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
 from dask_loom.zarr._source import ZarrSource, _numpy_dtype, build_array
 from dask_loom.zarr._target import ZarrTarget
@@ -55,6 +56,7 @@ from dask_loom.zarr._target import ZarrTarget
 __all__ = ["ZarrTree", "ZarrWriter"]
 
 _ROOT_META = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+_UNKNOWN = object()  # consolidated metadata not looked at yet
 
 
 def _p(path: str) -> str:
@@ -124,6 +126,10 @@ class _ZarrReads:
         path = _p(path)
         cache = self._cache()
         if path not in cache:
+            nodes = self._consolidated() if path else None
+            if nodes is not None:
+                cache[path] = nodes.get(path)  # verified complete: a node not in it does not exist
+                return cache[path]
             try:
                 cache[path] = read_node_metadata(self.store, path)
             except NodeNotFoundError:
@@ -132,6 +138,10 @@ class _ZarrReads:
 
     def _cache(self) -> dict[str, Any]:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _consolidated(self) -> dict[str, tuple[str, dict[str, Any]]] | None:
+        """Every node's metadata from the root's verified consolidated metadata, or ``None`` (read each)."""
+        return None
 
     def exists(self, path: str) -> bool:
         return self._meta(path) is not None
@@ -180,6 +190,11 @@ class _ZarrReads:
         if not self.is_group(path):
             return []
         p = _p(path)
+        nodes = self._consolidated()
+        if nodes is not None:
+            inside = [n.rpartition("/")[2] for n in nodes if n.rpartition("/")[0] == p]
+            # In the order of a directory listing ("name/" entries), as below.
+            return sorted((n for n in inside if not n.startswith(_TMP_MARK)), key=lambda n: n + "/")
         prefix = f"{p}/" if p else "/"
         out = []
         for entry in self.store.list_dir(prefix):
@@ -266,17 +281,47 @@ class ZarrTree(_ZarrReads, Tree):
         self.read_only = bool(self.store.read_only)  # http(s) stores cannot be written
         self.label = spec.name
         self._meta_cache: dict[str, Any] = {}
+        self._nodes: Any = _UNKNOWN
+        self._scalars: dict[str, Any] = {}
         if self._meta("") is None:
             raise LoomFormatError(f"{spec.name}: not a Zarr group (no zarr.json or .zgroup at its root)")
 
     def _cache(self) -> dict[str, Any]:
         return self._meta_cache
 
+    def _forget(self) -> None:
+        self._meta_cache.clear()
+        self._scalars.clear()
+        self._nodes = _UNKNOWN
+
+    def read(self, path: str, sel: Any = ()) -> Any:
+        # A scalar (a file attribute: LOOM_SPEC_VERSION is read by the opening and
+        # by the validator) is one request on an object store: read once, as its metadata.
+        if isinstance(sel, tuple) and not sel and not isinstance(self.store, LocalStore):
+            m = self._meta(path)
+            if m is not None and m[0] == "array" and m[1].get("shape") == []:
+                key = _p(path)
+                if key not in self._scalars:
+                    self._scalars[key] = super().read(path)
+                return self._scalars[key]
+        return super().read(path, sel)
+
+    def _consolidated(self) -> dict[str, tuple[str, dict[str, Any]]] | None:
+        # Local documents cost microseconds to read and are always current: read them.
+        # Elsewhere the root's consolidated metadata, verified by one listing
+        # (dask_loom.zarr._consolidated), replaces a request per node.
+        if self._nodes is _UNKNOWN:
+            self._nodes = None
+            root = None if isinstance(self.store, LocalStore) else self._meta("")
+            if root is not None and root[0] == "group":
+                self._nodes = load_consolidated(self.store, root[1])
+        return self._nodes  # type: ignore[no-any-return]
+
     def source(self, path: str, *, prefix: str | None = None) -> ZarrSource:
         return ZarrSource(self.store, _p(path), self._array_meta(path), prefix=prefix or self.read_prefix)
 
     def identity(self) -> Any:
-        self._meta_cache.clear()
+        self._forget()
         m = self._meta("")
         return ("zarr", self.spec.url, hashlib.sha1(json.dumps(m, sort_keys=True, default=str).encode()).hexdigest())
 
@@ -296,7 +341,7 @@ class ZarrTree(_ZarrReads, Tree):
             from dask_loom.errors import ReadOnlyError
 
             raise ReadOnlyError(f"{self.label}: opened read-only")
-        self._meta_cache.clear()
+        self._forget()
         joined = _active_writer(self.spec)
         if joined is not None:
             # A nested write in the same thread joins the write already open.
@@ -307,13 +352,15 @@ class ZarrTree(_ZarrReads, Tree):
                 try:
                     yield w
                 finally:
-                    self._meta_cache.clear()
+                    self._forget()
             return
         if not fresh:
+            w = ZarrWriter(self.store, self.label)
             try:
-                yield ZarrWriter(self.store, self.label)
+                yield w
+                w.consolidate()
             finally:
-                self._meta_cache.clear()
+                self._forget()
             return
         tmp_url = _sibling(self.spec.url)
         tmp_store = open_store(tmp_url, **self.spec.storage_options)
@@ -326,7 +373,8 @@ class ZarrTree(_ZarrReads, Tree):
                 tmp_store.erase_prefix("/")
             raise
         finally:
-            self._meta_cache.clear()
+            self._forget()
+        w.consolidate()
         _swap_stores(tmp_store, self.store)
 
     @classmethod
@@ -414,6 +462,7 @@ def _local_transaction(spec: FileSpec, store: LocalStore, label: str, *, atomic:
             _writers[spec.url] = (threading.get_ident(), w)
         try:
             yield w
+            w.consolidate()  # into the copy: the exchange brings documents and consolidation together
         finally:
             with _writers_lock:
                 _writers.pop(spec.url, None)
@@ -426,6 +475,7 @@ class ZarrWriter(_ZarrReads, TreeWriter):
         self.store = store
         self.label = label
         self._meta_cache: dict[str, Any] = {}
+        self._written: dict[str, dict[str, Any]] = {}  # node documents written here (for consolidate)
         # Object stores have no rename: a new store's root metadata is written last
         # (commit_root), so an interrupted upload never opens as a complete group.
         self._defer_root = defer_root
@@ -439,15 +489,27 @@ class ZarrWriter(_ZarrReads, TreeWriter):
             self._meta_cache[""] = ("group", doc)
             return
         key = f"{p}/zarr.json" if p else "zarr.json"
-        self.store.set(key, json.dumps(doc, indent=2, default=str).encode("utf-8"))
+        self.store.set(key, canonical(doc))
         self._meta_cache.pop(p, None)
+        if p:
+            self._written[p] = doc
 
     def commit_root(self) -> None:
-        """Write the deferred root metadata: the store becomes a readable group."""
+        """Write the deferred root metadata, consolidated: the store becomes a readable group."""
         if self._defer_root:
             self._defer_root = False
-            doc = self._meta_cache.get("")
-            self._put_meta("", doc[1] if doc else dict(_ROOT_META))
+            self.consolidate()
+
+    def consolidate(self) -> None:
+        """Rewrite the root document with every node's metadata consolidated (see ``_consolidated``)."""
+        root = self._meta_cache.get("") if self._defer_root or "" in self._meta_cache else self._meta("")
+        doc = dict(root[1]) if root is not None and root[0] == "group" else dict(_ROOT_META)
+        # The documents consolidated before, and those written here: each is checked
+        # against the listing's digest before use (a stale one is read afresh).
+        known = {**prior_documents(doc), **self._written}
+        self._defer_root = False
+        write_consolidated(self.store, doc, known)
+        self._meta_cache.pop("", None)
 
     def create_group(self, path: str) -> None:
         p = _p(path)
@@ -519,9 +581,11 @@ class ZarrWriter(_ZarrReads, TreeWriter):
             fill_value=fillvalue if fillvalue is not None else ("" if strings else 0),
             zarr_format=3,
         )
-        doc = scratch.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
-        self.store.set(f"{p}/zarr.json" if p else "zarr.json", doc)
+        doc = json.loads(scratch.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
+        self.store.set(f"{p}/zarr.json" if p else "zarr.json", canonical(doc))
         self._meta_cache.pop(p, None)
+        if p:
+            self._written[p] = doc
         if data is not None and data.size:
             self._array(p)[...] = data
 
@@ -546,6 +610,7 @@ class ZarrWriter(_ZarrReads, TreeWriter):
     def resize(self, path: str, shape: tuple[int, ...]) -> None:
         self._array(path).resize(shape)
         self._meta_cache.pop(_p(path), None)
+        self._written.pop(_p(path), None)  # rewritten by zarr-python, not as canonical()
 
     def delete(self, path: str) -> None:
         p = _p(path)
@@ -555,6 +620,8 @@ class ZarrWriter(_ZarrReads, TreeWriter):
             self.store.erase_prefix(normalize_prefix(p))
         for k in [k for k in self._meta_cache if k == p or k.startswith(p + "/")]:
             del self._meta_cache[k]
+        for k in [k for k in self._written if k == p or k.startswith(p + "/")]:
+            del self._written[k]
 
     def move(self, src: str, dst: str) -> None:
         s, d = _p(src), _p(dst)
@@ -562,6 +629,10 @@ class ZarrWriter(_ZarrReads, TreeWriter):
         self.store._move_prefix(s, d)
         for k in [k for k in self._meta_cache if k in (s, d) or k.startswith((s + "/", d + "/"))]:
             del self._meta_cache[k]
+        moved = {k: v for k, v in self._written.items() if k == s or k.startswith(s + "/")}
+        for k in [k for k in self._written if k in (s, d) or k.startswith((s + "/", d + "/"))]:
+            del self._written[k]
+        self._written.update({d + k[len(s) :]: v for k, v in moved.items()})
 
     def set_attr(self, path: str, name: str, value: Any) -> None:
         m = self._meta(path)

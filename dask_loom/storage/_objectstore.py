@@ -111,6 +111,24 @@ def _classify(exc: BaseException) -> str:
 
 # Schemes whose fsspec filesystem sends a negative start as a suffix range ("bytes=-n").
 _SUFFIX_RANGES = frozenset({"s3", "s3a"})
+_HEX = frozenset("0123456789abcdef")
+
+
+def _content_md5(info: dict[str, Any]) -> str | None:
+    """The MD5 (hex) of an object's content from its listing entry, where the store tells it."""
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"').lower()
+    if len(etag) == 32 and set(etag) <= _HEX:
+        return etag  # S3 single-part upload (a multipart ETag has a "-N" suffix)
+    b64 = info.get("md5Hash")  # GCS
+    if isinstance(b64, str):
+        import base64
+        import binascii
+
+        try:
+            return base64.b64decode(b64).hex()
+        except (binascii.Error, ValueError):
+            return None
+    return None
 
 
 class ObjectStore(_Base3):
@@ -214,6 +232,13 @@ class ObjectStore(_Base3):
             self._afs_by_loop[id(loop)] = (loop, fs)
         return fs
 
+    def _whole_kw(self, fs: Any) -> dict[str, Any]:
+        # s3fs asks for the size (a HEAD) before every whole-object GET, to split
+        # large objects into concurrent ranges; whole objects read here are small
+        # (metadata, attribute values, unsharded chunks): one GET each.
+        s3fs = self.scheme in _SUFFIX_RANGES and hasattr(fs, "max_concurrency")
+        return {"max_concurrency": 1} if s3fs else {}
+
     # -- retries ----------------------------------------------------------------------------
     def _fail(self, op: str, key: str, exc: BaseException, attempts: int) -> BaseException:
         kind = _classify(exc)
@@ -260,7 +285,7 @@ class ObjectStore(_Base3):
 
         def go() -> bytes:
             if req is None:
-                return fs.cat_file(path)
+                return fs.cat_file(path, **self._whole_kw(fs))
             if req[0] == "suffix":
                 if not req[1]:
                     fs.info(path)
@@ -347,6 +372,47 @@ class ObjectStore(_Base3):
             out.add(rel + "/" if info.get("type") == "directory" else rel)
         return sorted(out)
 
+    def content_digests(self, *, limit: int) -> dict[str, str | None] | None:
+        """Every key of the store with the MD5 (hex) of its content where the listing tells it, else ``None``.
+
+        One listing (a request per thousand keys on S3): an S3 ``ETag`` of a
+        single-part upload is the MD5 of the object, GCS lists ``md5Hash``.
+        Returns ``None`` altogether when the store holds more than *limit*
+        keys (S3 stops paging there) or cannot be listed.
+        """
+        if not self.supports_listing:
+            return None
+        fs = self._fs()
+        root = str(self._root)
+        if hasattr(fs, "_iterdir") and hasattr(fs, "split_path") and getattr(fs, "loop", None) is not None:
+            from fsspec.asyn import sync
+
+            bucket, prefix, _ = fs.split_path(root)
+            head = f"{bucket}/{prefix}/" if prefix else f"{bucket}/"
+
+            async def pages() -> list[dict[str, Any]] | None:
+                out = []
+                async for info in fs._iterdir(bucket, delimiter="", prefix=head[len(bucket) + 1 :]):
+                    out.append(info)
+                    if len(out) > limit:
+                        return None
+                return out
+
+            infos = self._retry("list", "", lambda: sync(fs.loop, pages))
+            if infos is None:
+                return None
+            names = [(str(i.get("name", "")), i) for i in infos]
+        else:
+            try:
+                found = self._retry("list", "", lambda: fs.find(root, detail=True))
+            except MissingKeyError:
+                return {}
+            if len(found) > limit:
+                return None
+            names = list(found.items())
+            head = root.rstrip("/") + "/"
+        return {name[len(head) :]: _content_md5(info) for name, info in names if name.startswith(head)}
+
     # -- async primitives --------------------------------------------------------------
     async def _aget(self, key: str, req: Req = None) -> bytes:
         fs = await self._afs()
@@ -356,7 +422,7 @@ class ObjectStore(_Base3):
 
         async def go() -> bytes:
             if req is None:
-                return await fs._cat_file(path)
+                return await fs._cat_file(path, **self._whole_kw(fs))
             if req[0] == "suffix":
                 n = int(req[1])
                 if n and self.scheme in _SUFFIX_RANGES:

@@ -198,6 +198,27 @@ class ZarrChunkReader:
         _count("chunks_decoded", len(present))
         return out
 
+    @property
+    def streams(self) -> bool:
+        """Whether a region's chunks are decoded as they arrive (unsharded, on a store whose requests wait)."""
+        return self.layout.per_shard is None and self.objects.streams
+
+    def _chunks_as_they_come(self, coords: np.ndarray) -> Any:
+        """``(j, decoded chunk or None)`` for every row of *coords*, in the order they arrive where that streams."""
+        if not self.streams or len(coords) < 2:
+            yield from enumerate(self.read_chunks(coords))
+            return
+        keys = [self.key(c) for c in coords.tolist()]
+        n = 0
+        for j, raw in self.objects.stream_whole(keys):
+            if raw is None:
+                yield j, None
+                continue
+            n += 1
+            yield j, self._decode(raw, tuple(int(c) for c in coords[j]))
+        _count("direct_reads")
+        _count("chunks_decoded", n)
+
     # -- consumers ----------------------------------------------------------------
 
     def read_region(self, region: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
@@ -210,8 +231,9 @@ class ZarrChunkReader:
         ranges = [range(r.start // c, -(-r.stop // c)) for r, c in zip(region, cs)]
         coords = np.array(list(np.ndindex(*[len(r) for r in ranges])), dtype=np.int64).reshape(-1, len(cs))
         coords += np.array([r.start for r in ranges], dtype=np.int64)
-        chunks = self.read_chunks(coords)
-        for cc, chunk in zip(coords.tolist(), chunks):
+        listed = coords.tolist()
+        for j, chunk in self._chunks_as_they_come(coords):
+            cc = listed[j]
             src, dst = [], []
             for ax, c in enumerate(cc):
                 lo = c * cs[ax]
@@ -311,7 +333,11 @@ def objects_for_store(store: Any) -> _Objects:
     if type(store) is LocalStore:
         return _LocalDir(str(store.path), label)
     remote = isinstance(store, ObjectStore)
-    return _StoreObjects(store, label, remote=remote, cache_indexes=remote)
+    objects = _StoreObjects(store, label, remote=remote, cache_indexes=remote)
+    from dask_loom.blocks._readahead import store_waits
+
+    objects.streams = store_waits(store)
+    return objects
 
 
 def _objects_for(store: Any) -> _Objects:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,6 +233,9 @@ class _Objects(abc.ABC):
     """Byte ranges of the objects (chunks, shards) of one zarr store."""
 
     gap = 1 << 16
+    # Whether whole objects arrive one by one (stream_whole) while others are in flight:
+    # worth it where each request waits (object stores), so decoding overlaps the waiting.
+    streams = False
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -241,6 +245,10 @@ class _Objects(abc.ABC):
     @abc.abstractmethod
     def whole(self, keys: list[str]) -> list[Any]:
         """Whole objects (``None`` where absent)."""
+
+    def stream_whole(self, keys: list[str]) -> Iterator[tuple[int, Any]]:
+        """``(position in keys, whole object or None)`` for every key, in the order they arrive."""
+        yield from enumerate(self.whole(keys))
 
     @abc.abstractmethod
     def shard_chunks(self, lay: ChunkLayout, groups: dict[str, list[int]]) -> dict[str, list[Any]]:
@@ -373,36 +381,12 @@ class _StoreObjects(_Objects):
         are retried by the store (dask_loom's object store), or here.
         """
         import zarr
-        from zarr.core.buffer import default_buffer_prototype
         from zarr.core.sync import sync
 
-        proto = default_buffer_prototype()
         limit = int(zarr.config.get("async.concurrency") or 10)
-        store = self.store
         retries = int(get_config("retries"))
         backoff = float(get_config("retry-backoff"))
-
-        async def one(sem: asyncio.Semaphore, key: str, rng: Any, expect: int | None) -> Any:
-            got = 0
-            for attempt in range(retries + 1):
-                async with sem:
-                    _count("range_requests")
-                    buf = await store.get(key, prototype=proto, byte_range=rng)
-                if buf is None:
-                    return None
-                data = buf.to_bytes()
-                got = len(data)
-                if expect is None or got >= expect:
-                    return data
-                _count("short_answers")
-                if attempt < min(retries, 2):  # short twice more: not transient
-                    await asyncio.sleep(backoff * 2**attempt)
-                    continue
-                break
-            raise CorruptChunkError(
-                f"{self.label}: object {key!r}, bytes {_fmt(rng)}: {got} bytes came back, expected {expect} "
-                "(the answer was cut short, or the shard index points outside the object)"
-            )
+        one = self._one
 
         async def all_() -> list[Any]:
             sem = asyncio.Semaphore(limit)
@@ -427,8 +411,105 @@ class _StoreObjects(_Objects):
                 time.sleep(backoff * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _one(self, sem: asyncio.Semaphore | None, key: str, rng: Any, expect: int | None) -> Any:
+        """One request (``None``: missing); a short answer is asked again, then refused (*sem*: the limit)."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        retries = int(get_config("retries"))
+        backoff = float(get_config("retry-backoff"))
+        got = 0
+        for attempt in range(retries + 1):
+            async with sem if sem is not None else contextlib.nullcontext():
+                _count("range_requests")
+                buf = await self.store.get(key, prototype=default_buffer_prototype(), byte_range=rng)
+            if buf is None:
+                return None
+            data = buf.to_bytes()
+            got = len(data)
+            if expect is None or got >= expect:
+                return data
+            _count("short_answers")
+            if attempt < min(retries, 2):  # short twice more: not transient
+                await asyncio.sleep(backoff * 2**attempt)
+                continue
+            break
+        raise CorruptChunkError(
+            f"{self.label}: object {key!r}, bytes {_fmt(rng)}: {got} bytes came back, expected {expect} "
+            "(the answer was cut short, or the shard index points outside the object)"
+        )
+
     def whole(self, keys: list[str]) -> list[Any]:
         return self._get_many([(k, None, None) for k in keys])
+
+    def stream_whole(self, keys: list[str]) -> Iterator[tuple[int, Any]]:
+        """Whole objects as they arrive, ``async.concurrency`` requests in flight until the last.
+
+        Reading a block as one batch leaves nothing in flight while its chunks
+        are decoded; batches of sub-blocks (one per thread) wait for their
+        slowest request before asking for more.  Here a request starts as soon
+        as one ends, and the caller decodes each object while the others wait.
+        A failed request is retried on its own (transient errors), and the
+        first error is raised once every request has finished.
+        """
+        import queue
+
+        import zarr
+        from zarr.core.sync import _get_loop
+
+        if len(keys) < 2:
+            yield from enumerate(self.whole(keys))
+            return
+        limit = int(zarr.config.get("async.concurrency") or 10)
+        retries = int(get_config("retries"))
+        backoff = float(get_config("retry-backoff"))
+        answers: queue.SimpleQueue[tuple[int, Any, BaseException | None]] = queue.SimpleQueue()
+
+        async def one(i: int, key: str) -> None:
+            for attempt in range(retries + 1):
+                try:
+                    answers.put((i, await self._one(None, key, None, None), None))
+                    return
+                except (CorruptChunkError, StoreError) as exc:
+                    answers.put((i, None, exc))
+                    return
+                except (OSError, TimeoutError) as exc:
+                    # Refused credentials and missing files are not transient.
+                    if isinstance(exc, (FileNotFoundError, PermissionError)) or attempt == retries:
+                        err = StoreError(
+                            f"{self.label}: request for {key!r} failed after {attempt + 1} attempts: {exc}"
+                        )
+                        err.__cause__ = exc
+                        answers.put((i, None, err))
+                        return
+                    await asyncio.sleep(backoff * 2**attempt)
+                except BaseException as exc:
+                    answers.put((i, None, exc))
+                    return
+
+        todo = list(enumerate(keys))[::-1]
+
+        async def worker() -> None:
+            # `limit` workers each start their next request as soon as one ends: no
+            # semaphore hand-over (a turn of the loop) between two requests.
+            while todo:
+                await one(*todo.pop())
+
+        async def all_() -> None:
+            await asyncio.gather(*(worker() for _ in range(min(limit, len(keys)))))
+
+        done = asyncio.run_coroutine_threadsafe(all_(), _get_loop())
+        error: BaseException | None = None
+        try:
+            for _ in range(len(keys)):
+                i, data, exc = answers.get()
+                if exc is not None:
+                    error = error or exc
+                elif error is None:
+                    yield i, data
+        finally:
+            done.result()  # every request has ended: none is left running on the loop
+        if error is not None:
+            raise error
 
     def _read_indexes(
         self, lay: ChunkLayout, keys: list[str]

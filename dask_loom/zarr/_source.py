@@ -250,6 +250,11 @@ class ZarrSource:
             self._reader = ZarrChunkReader(objects_for_store(self.store), arr.path, lay, arr.metadata.encode_chunk_key)
         return self._reader
 
+    @property
+    def streams_chunks(self) -> bool:
+        """Whether a block's chunks are requested at once and decoded as they arrive (no sub-block read-ahead)."""
+        return bool(self._direct) and bool(self.reader().streams)
+
     def array(self) -> Any:
         return build_array(self.store, self.path, self.metadata)
 

@@ -85,7 +85,8 @@ def to_zarr(
     with one atomic directory exchange (under the store's writer lock), so a
     crash leaves the old array or the new one, never a mixture.  On object
     stores the array's metadata document is written last: an interrupted
-    write leaves no array.
+    write leaves no array.  A root whose consolidated metadata dask_loom keeps
+    (a ``.loom.zarr``) is brought up to date after the write.
 
     Examples
     --------
@@ -126,4 +127,9 @@ def to_zarr(
         overwrite=overwrite,
     )
     store_blocks(array, target, scheduler=scheduler, client=client, progress=progress)
+    if target.path:
+        # Into a hierarchy whose root dask_loom consolidates (a .loom.zarr layer): kept current.
+        from dask_loom.zarr._consolidated import refresh_consolidated
+
+        refresh_consolidated(store)
     return ZarrArray(store, target.path, target.metadata)
