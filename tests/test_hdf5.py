@@ -206,28 +206,3 @@ def test_deflate_without_isal_is_zlib(monkeypatch):
     data = np.arange(5000, dtype="f4").tobytes()
     monkeypatch.setattr(_encode, "_ISAL", False)
     assert _encode.deflate(data, 2) == zlib.compress(data, 2)
-
-
-def test_local_chunk_index_read_from_the_btree_equals_h5py(tmp_path):
-    """Local files: the chunk index is read from the B-tree pages (no per-chunk callback), as h5py lists it."""
-    from dask_loom.hdf5._files import cached_entry, open_h5_read
-    from dask_loom.hdf5._source import build_index, dataset_layout, full_index
-
-    rng = np.random.default_rng(3)
-    ref = rng.random((301, 517)).astype("f4")
-    fn = tmp_path / "b.h5"
-    with h5py.File(fn, "w") as f:
-        ds = f.create_dataset("x", shape=ref.shape, dtype="f4", chunks=(16, 16), compression="gzip")
-        ds[:200, :] = ref[:200, :]  # rows 200.. never written: no chunks there
-        ds[250:, 100:300] = ref[250:, 100:300]
-    spec = FileSpec.from_path(str(fn))
-    lay = dataset_layout(spec, "x")
-    entry = cached_entry(spec)
-    ours = build_index(spec, lay, entry)
-    assert entry.cache.get(("btree", lay.path)) is not None  # the B-tree route was taken
-    with open_h5_read(spec) as f:
-        theirs = full_index(f["x"], lay)
-    coords = np.array(list(np.ndindex(*lay.grid)))
-    for a, b in zip(ours.lookup(coords), theirs.lookup(coords)):
-        np.testing.assert_array_equal(a, b)
-    assert (ours.lookup(coords)[0] < 0).sum() > 0  # unwritten chunks are absent, not invented

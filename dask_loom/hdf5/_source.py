@@ -11,7 +11,6 @@ Datasets whose filters or dtype we cannot decode fall back to h5py reads.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from typing import Any
@@ -148,16 +147,6 @@ def build_index(spec: FileSpec, layout: DatasetLayout, entry: Any = None) -> Chu
         index = _remote_btree_index(spec, layout, entry)
         if index is not None:
             return index
-    elif wants_full_index(layout):
-        # h5py's chunk_iter calls back into Python once per chunk: 0.7-0.8 s for the
-        # 244,766 chunks of the 20,000 x 50,000 benchmark layer, where reading the
-        # B-tree pages with pread takes 0.15 s (and every cold map pays it).
-        try:
-            index = _remote_btree_index(spec, layout, entry)
-        except Exception:
-            index = None  # h5py decides what is wrong with the file, as before
-        if index is not None:
-            return index
     with open_h5_read(spec) as f:
         return full_index(f[layout.path], layout)
 
@@ -180,15 +169,12 @@ def _remote_btree_index(
                 fobj = entry.fobj
 
                 def read(offset: int, n: int) -> bytes:
-                    if fobj is None:
-                        return _pread(entry, offset, n)
                     # The object header was just read by h5py: these bytes come from its block cache.
                     fobj.seek(offset)
                     return fobj.read(n)
 
                 info = chunk_btree(read, addr, sizeof_offsets=int(so), sizeof_lengths=int(sl), base=base, name=spec.name)
-            if not spec.is_local:
-                object_size(spec, entry)
+            object_size(spec, entry)
         if info is not None and (info.chunk_dims != layout.chunks or info.element_size != np.dtype(layout.dtype).itemsize):
             info = None  # a layout we do not model: h5py builds the index
         entry.cache[("btree", layout.path)] = info
@@ -200,29 +186,9 @@ def _remote_btree_index(
         # B-tree pages lie between chunks: read through holes, but never most of a large file.
         return read_ranges(spec, starts, sizes, entry=entry, max_waste=waste)
 
-    size = entry.size if not spec.is_local else _local_size(entry)
     return read_chunk_index(
-        fetch, info, shape=layout.shape, file_size=size, name=f"{spec.name}:{layout.path}", span=span
+        fetch, info, shape=layout.shape, file_size=entry.size, name=f"{spec.name}:{layout.path}", span=span
     )
-
-
-def _pread(entry: Any, offset: int, n: int) -> bytes:
-    """Bytes of the entry's local file (fewer at its end), through a private duplicate descriptor."""
-    from dask_loom.hdf5._files import _fd
-
-    with entry.lock:
-        fd = os.dup(_fd(entry))
-    try:
-        return os.pread(fd, n, offset)
-    finally:
-        os.close(fd)
-
-
-def _local_size(entry: Any) -> int:
-    from dask_loom.hdf5._files import _fd
-
-    with entry.lock:
-        return int(os.fstat(_fd(entry)).st_size)
 
 
 def _header_address(f: Any, path: str) -> int | None:
