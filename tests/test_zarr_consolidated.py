@@ -318,3 +318,18 @@ def test_local_store_reads_every_document(loom_zarr):
     shutil.rmtree(fn / "layers" / "spliced")
     with dask_loom.connect(fn, "r") as ds:
         assert "spliced" not in ds.layers.keys()
+
+
+def test_oversized_foreign_document_is_not_read_whole_and_drops_consolidation(loom_zarr):
+    """A node document over dask_loom.max-metadata-bytes (written by another tool) is refused, not read whole."""
+    import dask
+
+    fn, _, ref = loom_zarr
+    bad = fn / "row_attrs" / "Huge"
+    bad.mkdir()
+    (bad / "zarr.json").write_bytes(b'{"zarr_format": 3, "node_type": "array", "pad": "' + b"x" * 300_000 + b'"}')
+    with dask.config.set({"dask_loom.max-metadata-bytes": 100_000}):
+        dask_loom.to_zarr(np.ones(ref[""].shape, "f4"), str(fn), "layers/ext", scheduler="sync")
+    root = json.loads((fn / "zarr.json").read_bytes())
+    assert "consolidated_metadata" not in root  # readers meet the foreign document where it is
+    assert zarr.open_array(str(fn / "layers" / "ext"), mode="r")[:].sum() == ref[""].size

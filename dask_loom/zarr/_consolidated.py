@@ -29,7 +29,7 @@ import hashlib
 import json
 from typing import Any
 
-from dask_loom.errors import MissingKeyError
+from dask_loom.errors import TooLargeError
 
 __all__ = ["canonical", "load_consolidated", "refresh_consolidated", "write_consolidated"]
 
@@ -70,6 +70,20 @@ def _listing(store: Any) -> dict[str, str | None] | None:
         return None  # listing refused or failing: the documents are read one by one (which say why)
 
 
+def _read_key(store: Any, key: str) -> bytes | None:
+    """A node document read with the metadata cap; one over the cap reads as damaged (``b""``).
+
+    A damaged document leaves the root without consolidated metadata: readers
+    then meet the document where it is, and refuse it there with its name.
+    """
+    from dask_loom.zarr._docs import _read_key as read_capped
+
+    try:
+        return read_capped(store, key)
+    except TooLargeError:
+        return b""
+
+
 def _walk_docs(store: Any) -> dict[str, bytes] | None:
     """Every node document, by listing directories (not descending into arrays: their chunks)."""
     out: dict[str, bytes] = {}
@@ -81,12 +95,15 @@ def _walk_docs(store: Any) -> dict[str, bytes] | None:
             return None  # Zarr v2 nodes: not a hierarchy dask_loom consolidates
         doc_key = f"{p}/zarr.json" if p else "zarr.json"
         if p and doc_key in entries:
-            try:
-                raw = store.get(doc_key)
-            except MissingKeyError:
-                continue
+            raw = _read_key(store, doc_key)
+            if raw is None:
+                continue  # removed since the listing
             out[p] = raw
-            if b'"array"' in raw and json.loads(raw).get("node_type") == "array":
+            try:
+                is_array = b'"array"' in raw and json.loads(raw).get("node_type") == "array"
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                continue  # damaged: write_consolidated leaves the root without consolidation
+            if is_array:
                 continue
         for e in entries:
             if e.endswith("/"):
@@ -129,10 +146,8 @@ def write_consolidated(
                 docs[node] = raw
 
         def read(item: tuple[str, str]) -> bytes | None:
-            try:
-                return store.get(item[1])  # type: ignore[no-any-return]
-            except MissingKeyError:
-                return None  # removed since the listing
+            # Capped as every metadata read is (dask_loom.max-metadata-bytes); None: removed since the listing.
+            return _read_key(store, item[1])
 
         from dask_loom._threads import map_threads
 
