@@ -143,6 +143,7 @@ class FaultProxy:
         self._queue: collections.deque[str] = collections.deque()
         self._always: str | None = None
         self._link_free = 0.0  # when the shared link has sent everything reserved so far
+        self.paced = 0.0  # seconds answers were held back by the bandwidth cap, all told
         self.counts: collections.Counter[str] = collections.Counter()
         self.methods: collections.Counter[str] = collections.Counter()
         self.requests: collections.Counter[str] = self.methods  # the same counts, by their plainer name
@@ -230,6 +231,8 @@ class FaultProxy:
             until = self._link_free
         delay = until - time.monotonic()
         if delay > 0:
+            with self._lock:
+                self.paced += delay
             time.sleep(delay)
 
     def close(self) -> None:
