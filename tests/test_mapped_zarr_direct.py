@@ -36,7 +36,10 @@ def _adata(seed: int) -> ad.AnnData:
     dense[16:48] = 0  # all-fill chunks: absent objects / absent inner chunks / an absent shard
     a = ad.AnnData(
         x,
-        obs=pd.DataFrame({"cell_type": pd.Categorical(rng.choice(["B", "T", "NK"], N_OBS))}, index=[f"c{seed}_{i}" for i in range(N_OBS)]),
+        obs=pd.DataFrame(
+            {"cell_type": pd.Categorical(rng.choice(["B", "T", "NK"], N_OBS))},
+            index=[f"c{seed}_{i}" for i in range(N_OBS)],
+        ),
         var=pd.DataFrame(index=[f"g{i}" for i in range(N_VARS)]),
     )
     a.layers["dense"] = dense
@@ -48,9 +51,20 @@ def _custom_sharded(group: zarr.Group, name: str, values: np.ndarray) -> None:
     """A 1-D array in shards with the index at the start, no crc32c, big-endian blosc inner chunks."""
     del group[name]
     arr = zarr.create(
-        shape=values.shape, chunks=(40,), dtype=values.dtype, store=group.store, path=f"{group.path}/{name}", zarr_format=3,
-        codecs=[ShardingCodec(chunk_shape=(8,), codecs=[BytesCodec(endian="big"), BloscCodec(cname="lz4")],
-                              index_codecs=[BytesCodec()], index_location="start")],
+        shape=values.shape,
+        chunks=(40,),
+        dtype=values.dtype,
+        store=group.store,
+        path=f"{group.path}/{name}",
+        zarr_format=3,
+        codecs=[
+            ShardingCodec(
+                chunk_shape=(8,),
+                codecs=[BytesCodec(endian="big"), BloscCodec(cname="lz4")],
+                index_codecs=[BytesCodec()],
+                index_location="start",
+            )
+        ],
     )
     arr[:] = values
 
@@ -58,7 +72,11 @@ def _custom_sharded(group: zarr.Group, name: str, values: np.ndarray) -> None:
 def _rechunk(path: str, a: ad.AnnData) -> None:
     """Several chunks per array (anndata writes these small arrays as one chunk)."""
     g = zarr.open_group(path, mode="r+", use_consolidated=False)
-    for key, value, chunks in [("X", a.X, (40,)), ("layers/dense", a.layers["dense"], (16, 5)), ("obsm/emb", a.obsm["emb"], (32, 2))]:
+    for key, value, chunks in [
+        ("X", a.X, (40,)),
+        ("layers/dense", a.layers["dense"], (16, 5)),
+        ("obsm/emb", a.obsm["emb"], (32, 2)),
+    ]:
         del g[key]
         ad.io.write_elem(g, key, value, dataset_kwargs={"chunks": chunks})
     zarr.consolidate_metadata(path)
@@ -88,7 +106,9 @@ def _write_variants(tmp) -> dict[str, str]:
         del g["X"]
         ad.io.write_elem(g, "X", a.X, dataset_kwargs={"chunks": (16,), "shards": (64,)})
         del g["layers/dense"]
-        ad.io.write_elem(g, "layers/dense", a.layers["dense"], dataset_kwargs={"chunks": (8, 3), "shards": (16, 6)})
+        ad.io.write_elem(
+            g, "layers/dense", a.layers["dense"], dataset_kwargs={"chunks": (8, 3), "shards": (16, 6)}
+        )
         zarr.consolidate_metadata(out["v3_sharded"])
     # zarr v3, hand-built codecs: index at the start, no checksum, big-endian, blosc; gzip indptr
     out["v3_custom"] = str(tmp / "v3c.zarr")
@@ -291,7 +311,9 @@ def test_s3_direct_reads(variants, s3_server):
         else:
             fs.put(paths[n], target)
         urls.append(f"s3://{target}")
-    mc = MappedCollection(urls, layers_keys=["X", "dense"], obsm_keys="emb", storage_options=s3_server["storage_options"])
+    mc = MappedCollection(
+        urls, layers_keys=["X", "dense"], obsm_keys="emb", storage_options=s3_server["storage_options"]
+    )
     before = _zchunks.STATS["direct_reads"]
     s3_server["stats"].reset()
     idx = np.random.default_rng(2).permutation(mc.n_obs)[:150]
@@ -302,3 +324,29 @@ def test_s3_direct_reads(variants, s3_server):
         sel = [j for j, i in enumerate(idx) if mc.storage_idx[i] == k]
         _check_items([items[j] for j in sel], refs[n], [int(idx[j]) - k * N_OBS for j in sel])
     mc.close()
+
+
+@pytest.mark.s3
+def test_s3_open_requests(variants, s3_server, s3_proxy):
+    """Opening a remote consolidated v3 store reads its root document once and probes no v2 document."""
+    s3fs = pytest.importorskip("s3fs")
+    paths, refs = variants
+    proxy = s3_proxy()
+    fs = s3fs.S3FileSystem(**proxy.storage_options)
+    bucket = s3_server["bucket"]
+    for name in ("v2", "v3_sharded"):
+        target = f"{bucket}/zopen/{os.path.basename(paths[name])}"
+        fs.put(paths[name], target, recursive=True)
+        proxy.reset_counts()
+        with MappedCollection(
+            [f"s3://{target}"], obs_keys="cell_type", storage_options=proxy.storage_options
+        ) as mc:
+            got = [r.path.rsplit("/", 1)[-1] for r in proxy.log]
+            items = mc.__getitems__(list(range(5)))
+        np.testing.assert_array_equal(np.stack([i["X"] for i in items]), refs[name].X[:5].toarray())
+        if name == "v3_sharded":
+            assert got.count("zarr.json") == 2, got  # the existence check (HEAD) and the one GET
+            assert not {".zgroup", ".zattrs", ".zmetadata"} & set(got), got
+            # HEAD + one-key listing (a directory), zarr.json HEAD + GET, and a HEAD + GET
+            # (s3fs sizes a whole-object read first) for each of 3 obs/var arrays read at open.
+            assert len(got) <= 10, got

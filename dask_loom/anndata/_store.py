@@ -69,9 +69,15 @@ def forget_root(store: AnnStore) -> None:
 
 def _remote_head(spec: FileSpec) -> tuple[bool, bytes]:
     fs, path = spec.fs()
-    if not fs.exists(path):
-        raise FileNotFoundError(errno.ENOENT, f"AnnData file or store '{spec.name}' not found", spec.name)
-    if fs.isdir(path):
+    # One ``info`` answers both questions (exists, directory): on S3 a HEAD and,
+    # for a prefix, one listing of a key, where exists + isdir cost three requests.
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            errno.ENOENT, f"AnnData file or store '{spec.name}' not found", spec.name
+        ) from None
+    if info.get("type") == "directory":
         return True, b""
     with fs.open(path, "rb") as fh:
         return False, fh.read(8)
@@ -128,6 +134,12 @@ def _open_zarr_root(store: AnnStore) -> Any:
     else:
         zstore = FsspecStore.from_url(spec.url, storage_options=dict(spec.storage_options), read_only=True)
     try:
+        if not spec.is_local and store.kind == "zarr":
+            # Remotely, asking for v3 first spares the concurrent probes of the
+            # v2 documents (.zgroup, .zattrs, .zmetadata: six requests); a v2
+            # store costs one failed GET more.
+            with contextlib.suppress(FileNotFoundError, ValueError, TypeError, KeyError, LookupError):
+                return zarr.open_group(zstore, mode="r", zarr_format=3)
         return zarr.open_group(zstore, mode="r")
     except (ValueError, TypeError, KeyError) as first:
         # Consolidated metadata zarr cannot parse (e.g. a struct dtype in uns):
