@@ -27,10 +27,7 @@ FORMATS = ("loom", "zarr", "anndata", "ome", "hdf5", "storage", "blocks", "ops")
 DOORS = ("dask_loom._xarray", "dask_loom.xarray_backend", "dask_loom.cli", "dask_loom.analysis")
 MAX_LINES = 800
 
-#: Cycles known and left on purpose, each with the reason.  anndata/_zchunks.py takes
-#: ``map_threads`` from anndata/_read.py, which reads zarr chunks through _zchunks; that
-#: file is being rewritten on another branch (one direct Zarr chunk decoder), whose
-#: import of the thread-pool helper ends this cycle.  Remove the entry then.
+#: Cycles known and left on purpose, each with the reason (none today: add one only with its reason).
 KNOWN_CYCLES: list[frozenset[str]] = []
 
 
