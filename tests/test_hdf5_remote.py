@@ -325,6 +325,60 @@ def test_remote_open_index_and_map_request_counts(s3_server, s3_proxy, big_loom)
     assert snap["total_bytes"] < 2**21 and snap["total_requests"] > index_requests, snap
 
 
+@pytest.mark.s3
+@pytest.mark.xdist_group("s3proxy")
+@pytest.mark.slow
+def test_remote_map_fetches_each_stored_byte_once(s3_server, s3_proxy, big_loom):
+    """Open, chunk index and map together fetch the chunks once, plus the metadata and index pages.
+
+    The index's leaf pages lie between the chunks all through a loompy file, so
+    reading them in a few requests reads most chunks too; the map then took
+    them from the store a second time (36.3 MB fetched for a 19.4 MB file).
+    """
+    from dask_loom.hdf5._files import HELD_SPANS, cached_entry
+
+    url = _upload(s3_server, big_loom, "big.loom")
+    proxy = s3_proxy()
+    clear_all()
+    with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
+        got = ds.map([np.mean, np.std], axis=0, scheduler="threads")
+        src = ds._layer_source("")
+        held = cached_entry(src.spec).cache[HELD_SPANS]
+        snap = proxy.snapshot()
+    stored = int(src.index.sizes.sum())
+    metadata = os.path.getsize(big_loom) - stored  # attributes, names, B-tree pages
+    assert snap["total_bytes"] <= 1.1 * stored + metadata, (snap, stored, metadata)
+    # Served from the bytes the index read held, and all of them let go once served.
+    assert held.served >= 0.8 * stored and len(held) == 0, (held.served, stored, len(held))
+    # 2 HEAD, 3 blocks of metadata, 1 + 4 + 4 for the tree's three levels, the chunks outside the leaf pages' reach.
+    assert snap["total_requests"] <= 16, [(r.method, r.range) for r in proxy.log]
+    with h5py.File(big_loom, "r") as f:
+        m = f["matrix"][:]
+    np.testing.assert_allclose(got[0], m.mean(axis=1, dtype=np.float64), rtol=1e-6)
+    np.testing.assert_allclose(got[1], m.std(axis=1, dtype=np.float64), rtol=1e-5)
+
+
+def test_held_spans_serve_whole_chunks_once():
+    from dask_loom.hdf5._spans import HeldSpans
+
+    data = bytes(range(256)) * 4  # a "file" of 1,024 bytes
+    offsets = np.array([10, 100, 200, 300, 600, -1], dtype=np.int64)
+    sizes = np.array([50, 60, 80, 40, 100, 0], dtype=np.int64)
+    held = HeldSpans()
+    # A span holding chunks 10, 100 and 200 (280 is past its end), and one holding no whole chunk.
+    held.hold([(0, data[0:250]), (250, data[250:320]), (590, data[590:650])], offsets, sizes)
+    assert len(held) == 1 and held.nbytes == 250
+    got = held.take([100, 200, 300], [60, 80, 40])
+    assert bytes(got[0]) == data[100:160] and got[1] is None and got[2] is None  # 200..280 is not held whole
+    assert held.served == 60 and len(held) == 1
+    held.hold([(5, data[5:60])], offsets, sizes)  # overlaps the span held: ignored
+    assert held.nbytes == 250
+    (first,) = held.take([10], [50])
+    assert bytes(first) == data[10:60] and held.served == 110
+    assert len(held) == 0  # chunks 10 and 100 were all it held whole: let go
+    assert held.take([10], [50]) == [None]
+
+
 def test_gap_within_merges_smallest_holes_first():
     from dask_loom.hdf5._files import gap_within
 
