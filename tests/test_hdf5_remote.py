@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 import dask_loom
 from dask_loom.errors import FormatError, LoomFormatError, StoreError
 from dask_loom.hdf5._btree import chunk_btree, read_chunk_index
-from dask_loom.hdf5._files import clear_all, coalesce_plan
+from dask_loom.hdf5._files import HELD_SPANS, cached_entry, clear_all, coalesce_plan
 from dask_loom.hdf5._layout import ChunkIndex
 from tests.conftest import make_matrix
 
@@ -335,8 +335,6 @@ def test_remote_map_fetches_each_stored_byte_once(s3_server, s3_proxy, big_loom)
     reading them in a few requests reads most chunks too; the map then took
     them from the store a second time (36.3 MB fetched for a 19.4 MB file).
     """
-    from dask_loom.hdf5._files import HELD_SPANS, cached_entry
-
     url = _upload(s3_server, big_loom, "big.loom")
     proxy = s3_proxy()
     clear_all()
@@ -350,12 +348,39 @@ def test_remote_map_fetches_each_stored_byte_once(s3_server, s3_proxy, big_loom)
     assert snap["total_bytes"] <= 1.1 * stored + metadata, (snap, stored, metadata)
     # Served from the bytes the index read held, and all of them let go once served.
     assert held.served >= 0.8 * stored and len(held) == 0, (held.served, stored, len(held))
-    # 2 HEAD, 3 blocks of metadata, 1 + 4 + 4 for the tree's three levels, the chunks outside the leaf pages' reach.
-    assert snap["total_requests"] <= 16, [(r.method, r.range) for r in proxy.log]
+    # 1 HEAD (the size), the metadata blocks at both ends in 2 GETs at once (they hold the tree's
+    # root), 4 + 4 for its two other levels, 2 for chunks straddling the ends of what was held.
+    assert snap["total_requests"] <= 13, [(r.method, r.range) for r in proxy.log]
+    assert snap["requests"].get("HEAD", 0) == 1, snap
     with h5py.File(big_loom, "r") as f:
         m = f["matrix"][:]
     np.testing.assert_allclose(got[0], m.mean(axis=1, dtype=np.float64), rtol=1e-6)
     np.testing.assert_allclose(got[1], m.std(axis=1, dtype=np.float64), rtol=1e-5)
+
+
+@pytest.mark.s3
+@pytest.mark.xdist_group("s3proxy")
+def test_missing_remote_loom_is_file_not_found(s3_server, s3_proxy):
+    import errno
+
+    proxy = s3_proxy()
+    url = f"s3://{s3_server['bucket']}/hdf5-remote-{uuid.uuid4().hex[:8]}/absent.loom"
+    clear_all()
+    with pytest.raises(FileNotFoundError) as info:
+        dask_loom.connect(url, "r", storage_options=proxy.storage_options)
+    assert info.value.errno == errno.ENOENT and url in str(info.value)
+    # The HEAD opening asks the size with (s3fs then lists the key's prefix: is it a directory?).
+    assert proxy.snapshot()["total_requests"] <= 2, [(r.method, r.path) for r in proxy.log]
+
+
+def test_metadata_blocks_fetched_on_opening():
+    from dask_loom.hdf5._metablocks import seed_ranges
+
+    mib = 2**20
+    assert seed_ranges(10 * mib + 5, mib) == [(0, mib), (9 * mib, 10 * mib + 5)]  # first block, last two
+    assert seed_ranges(3 * mib, mib) == [(0, 3 * mib)]  # adjacent blocks: one range
+    assert seed_ranges(2 * mib, mib) == [(0, 2 * mib)]
+    assert seed_ranges(100, mib) == [(0, 100)]
 
 
 def test_held_spans_serve_whole_chunks_once():
@@ -472,7 +497,11 @@ def test_short_answers_are_retried_or_refused(s3_server, s3_proxy, small_loom):
     clear_all()
     with dask.config.set({"dask_loom.retries": 2, "dask_loom.retry-backoff": 0.01}):
         with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
-            ds._layer_source("").chunk_index()  # built while the answers are whole
+            src = ds._layer_source("")
+            src.chunk_index()  # built while the answers are whole
+            # This small file was fetched whole by opening and indexing it: drop what is held,
+            # so the chunks come from the store.
+            cached_entry(src.spec).cache.pop(HELD_SPANS)
             proxy.reset_counts()
             proxy.inject("short", 2)
             np.testing.assert_array_equal(ds[:, :], m)

@@ -21,6 +21,7 @@ import h5py
 from dask_loom._config import get_config
 from dask_loom._handles import HandleCache
 from dask_loom.errors import FileBeingWrittenError, LoomFormatError, WriteConflictError
+from dask_loom.hdf5._spans import HeldSpans
 from dask_loom.storage import FileSpec
 from dask_loom.storage._locks import exclusive, lock_path
 
@@ -184,13 +185,21 @@ def _open_for_read(spec: FileSpec, entry: _Entry) -> h5py.File:
     try:
         if spec.is_local:
             return _open_local_for_read(spec)
+        from dask_loom.hdf5._metablocks import open_metadata_file
+
         fs, path = spec.fs()
         entry.fs, entry.fs_path = fs, path
         # h5py reads only metadata here (object headers, attributes, names): chunk
         # indexes are read by _btree.py and chunks by read_ranges.  A Loom file keeps
         # it at the start and after the matrix: 1 MiB cached blocks open a 4,096 x
-        # 16,384 loompy file in 3 GETs (64 KiB blocks took 6, one round trip each).
-        entry.fobj = fs.open(path, "rb", block_size=2**20, cache_type="blockcache")
+        # 16,384 loompy file in 3 GETs (64 KiB blocks took 6), fetched together
+        # after the size is known (a HEAD, which also tells a missing object).
+        size = object_size(spec, entry)
+        # The blocks stay held for read_ranges too: index pages and chunks lie in them.
+        held = entry.cache.setdefault(HELD_SPANS, HeldSpans())
+        entry.fobj = open_metadata_file(
+            fs, path, size, lambda st, sz: _read_remote(spec, entry, st, sz), block_size=2**20, pin=held.pin
+        )
         return h5py.File(entry.fobj, "r")
     except (FileNotFoundError, FileBeingWrittenError):
         raise

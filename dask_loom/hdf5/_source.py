@@ -32,6 +32,7 @@ from dask_loom.hdf5._layout import (
     region_index,
     wants_full_index,
 )
+from dask_loom.hdf5._spans import HeldSpans
 from dask_loom.storage import FileSpec
 
 __all__ = ["HDF5Source", "build_index", "dataset_layout", "full_chunk_index", "hdf5_to_dask", "remote_index"]
@@ -193,8 +194,6 @@ def _remote_btree_index(
     if pieces:
         # The whole index is built for whole-array work, which reads the chunks the
         # holes held: they are served from memory, so each byte is fetched once.
-        from dask_loom.hdf5._spans import HeldSpans
-
         held = entry.cache.setdefault(HELD_SPANS, HeldSpans())
         held.hold(pieces, index.offsets, index.sizes)
     return index

@@ -10,6 +10,10 @@ memory, once.  A span is dropped when every chunk inside it has been served,
 and all are dropped when the file's cached entry is closed (a connection
 closed, the file invalidated), so a process holds at most what one index read
 fetched (``index-read-waste`` per tree level).
+
+The blocks of metadata fetched when the file was opened are pinned here too
+(they are h5py's block cache already: no second copy), so index pages and
+chunks inside them cost no request either.
 """
 
 from __future__ import annotations
@@ -43,14 +47,27 @@ class HeldSpans:
         self._lock = threading.Lock()
         self._starts: list[int] = []
         self._spans: list[_Span] = []
+        # Few (the blocks fetched on opening): searched in turn.
+        self._pinned: list[tuple[int, memoryview]] = []
         self.served = 0  # bytes served from memory (for tests and measurements)
+
+    def pin(self, start: int, blob: Any) -> None:
+        """Hold *blob* (the file's bytes from *start*) for as long as this object lives."""
+        with self._lock:
+            self._pinned.append((start, memoryview(blob).cast("B")))
+
+    def _from_pinned(self, s: int, n: int) -> memoryview | None:
+        for start, view in self._pinned:
+            if start <= s and s + n <= start + len(view):
+                return view[s - start : s - start + n]
+        return None
 
     def __len__(self) -> int:
         return len(self._spans)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held."""
+        """Bytes held for the chunk reads to come (pinned blocks aside)."""
         with self._lock:
             return sum(s.end - s.start for s in self._spans)
 
@@ -72,6 +89,12 @@ class HeldSpans:
                 while hi > lo and ends[hi - 1] > end:
                     hi -= 1
                 owed = int(csum[hi] - csum[lo])
+                for p0, pv in self._pinned:
+                    # Chunks a pinned block holds whole are served from it, never from here.
+                    a = int(np.searchsorted(offs, max(start, p0), side="left"))
+                    b = int(np.searchsorted(ends, min(end, p0 + len(pv)), side="right"))
+                    if b > a:
+                        owed -= int(csum[b] - csum[a])
                 if owed <= 0:
                     continue
                 i = bisect.bisect_left(self._starts, start)
@@ -86,9 +109,14 @@ class HeldSpans:
         """Each range's bytes if a held span covers it whole, else ``None`` (read it from the store)."""
         out: list[memoryview | None] = [None] * len(starts)
         with self._lock:
-            if not self._spans:
+            if not self._spans and not self._pinned:
                 return out
             for k, (s, n) in enumerate(zip(starts, sizes)):
+                pinned = self._from_pinned(s, n) if self._pinned else None
+                if pinned is not None:
+                    out[k] = pinned
+                    self.served += n
+                    continue
                 i = bisect.bisect_right(self._starts, s) - 1
                 if i < 0:
                     continue
