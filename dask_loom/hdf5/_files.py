@@ -192,8 +192,8 @@ def _open_for_read(spec: FileSpec, entry: _Entry) -> h5py.File:
         # h5py reads only metadata here (object headers, attributes, names): chunk
         # indexes are read by _btree.py and chunks by read_ranges.  A Loom file keeps
         # it at the start and after the matrix: 1 MiB cached blocks open a 4,096 x
-        # 16,384 loompy file in 3 GETs (64 KiB blocks took 6), fetched together
-        # after the size is known (a HEAD, which also tells a missing object).
+        # 16,384 loompy file in 3 blocks (64 KiB blocks took 6), all fetched in one
+        # round trip once the size is known (a HEAD, which also tells a missing object).
         size = object_size(spec, entry)
         # The blocks stay held for read_ranges too: index pages and chunks lie in them.
         held = entry.cache.setdefault(HELD_SPANS, HeldSpans())
