@@ -186,7 +186,9 @@ def _remote_btree_index(
 
     def fetch(starts: list[int], sizes: list[int]) -> list[Any]:
         # B-tree pages lie between chunks: read through holes, but never most of a large file.
-        return read_ranges(spec, starts, sizes, entry=entry, max_waste=waste, keep=pieces if span is None else None)
+        return read_ranges(
+            spec, starts, sizes, entry=entry, max_waste=waste, keep=pieces if span is None else None
+        )
 
     index = read_chunk_index(
         fetch, info, shape=layout.shape, file_size=entry.size, name=f"{spec.name}:{layout.path}", span=span
