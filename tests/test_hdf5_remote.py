@@ -358,6 +358,25 @@ def test_remote_map_fetches_each_stored_byte_once(s3_server, s3_proxy, big_loom)
     np.testing.assert_allclose(got[1], m.std(axis=1, dtype=np.float64), rtol=1e-5)
 
 
+def test_pinned_blocks_serve_ranges_and_are_not_owed_by_spans():
+    from dask_loom.hdf5._spans import HeldSpans
+
+    data = bytes(range(256)) * 4
+    offsets = np.array([10, 100, 200, 300], dtype=np.int64)
+    sizes = np.array([50, 60, 80, 40], dtype=np.int64)
+    held = HeldSpans()
+    held.pin(0, data[0:128])  # a metadata block fetched on opening: chunks 10 and part of 100
+    held.hold([(0, data[0:350])], offsets, sizes)  # chunk 10 is the pinned block's, never this span's
+    (a,) = held.take([20], [30])  # any range inside the pinned block
+    assert bytes(a) == data[20:50]
+    got = held.take([10, 100, 200], [50, 60, 80])
+    assert [bytes(g) for g in got] == [data[10:60], data[100:160], data[200:280]]
+    assert len(held) == 1  # chunk 300 not served yet
+    (last,) = held.take([300], [40])
+    assert bytes(last) == data[300:340] and len(held) == 0
+    assert bytes(held.take([10], [50])[0]) == data[10:60]  # pinned blocks stay
+
+
 @pytest.mark.s3
 @pytest.mark.xdist_group("s3proxy")
 def test_missing_remote_loom_is_file_not_found(s3_server, s3_proxy):
