@@ -62,6 +62,8 @@ DEFAULTS: dict[str, Any] = {
     # chunks, so reading through the holes between them (the smallest first, each at most
     # coalesce-gap) may add at most this many bytes per level: a small file is fetched in a few
     # large requests, a large one costs more requests but never a download of most of the file.
+    # The chunks read through are held for the chunk reads that follow (hdf5/_spans.py), each
+    # served once, so this also bounds the memory they take until then.
     "index-read-waste": "64MiB",
     # A remote HDF5 dataset's chunk index (built once, in few requests, when a source is made)
     # travels inside the graph when encoded it is at most this big, so workers need not

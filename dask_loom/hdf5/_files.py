@@ -21,10 +21,12 @@ import h5py
 from dask_loom._config import get_config
 from dask_loom._handles import HandleCache
 from dask_loom.errors import FileBeingWrittenError, LoomFormatError, WriteConflictError
+from dask_loom.hdf5._spans import HeldSpans
 from dask_loom.storage import FileSpec
 from dask_loom.storage._locks import exclusive, lock_path
 
 __all__ = [
+    "HELD_SPANS",
     "cached_entry",
     "file_identity",
     "reading_values",
@@ -34,6 +36,9 @@ __all__ = [
     "open_h5_write",
     "read_ranges",
 ]
+
+# The key of an entry's cache under which a chunk-index read leaves chunk bytes it fetched (_spans.py).
+HELD_SPANS = "held-spans"
 
 _lock = threading.RLock()
 # h5py 3.16 on HDF5 2.0 is reported to crash when threads read variable-length
@@ -180,13 +185,21 @@ def _open_for_read(spec: FileSpec, entry: _Entry) -> h5py.File:
     try:
         if spec.is_local:
             return _open_local_for_read(spec)
+        from dask_loom.hdf5._metablocks import open_metadata_file
+
         fs, path = spec.fs()
         entry.fs, entry.fs_path = fs, path
         # h5py reads only metadata here (object headers, attributes, names): chunk
         # indexes are read by _btree.py and chunks by read_ranges.  A Loom file keeps
         # it at the start and after the matrix: 1 MiB cached blocks open a 4,096 x
-        # 16,384 loompy file in 3 GETs (64 KiB blocks took 6, one round trip each).
-        entry.fobj = fs.open(path, "rb", block_size=2**20, cache_type="blockcache")
+        # 16,384 loompy file in 3 blocks (64 KiB blocks took 6), all fetched in one
+        # round trip once the size is known (a HEAD, which also tells a missing object).
+        size = object_size(spec, entry)
+        # The blocks stay held for read_ranges too: index pages and chunks lie in them.
+        held = entry.cache.setdefault(HELD_SPANS, HeldSpans())
+        entry.fobj = open_metadata_file(
+            fs, path, size, lambda st, sz: _read_remote(spec, entry, st, sz), block_size=2**20, pin=held.pin
+        )
         return h5py.File(entry.fobj, "r")
     except (FileNotFoundError, FileBeingWrittenError):
         raise
@@ -250,7 +263,13 @@ def _coalesce(starts: list[int], sizes: list[int], gap: int) -> list[tuple[int, 
 
 
 def read_ranges(
-    spec: FileSpec, starts: list[int], sizes: list[int], *, entry: _Entry | None = None, max_waste: int | None = None
+    spec: FileSpec,
+    starts: list[int],
+    sizes: list[int],
+    *,
+    entry: _Entry | None = None,
+    max_waste: int | None = None,
+    keep: list[tuple[int, Any]] | None = None,
 ) -> list[bytes | memoryview]:
     """Read byte ranges of a file: ``pread`` locally, concurrent range requests remotely.
 
@@ -259,7 +278,10 @@ def read_ranges(
     the cached file the ranges were looked up in.  Remotely, requests are
     sized by ``dask_loom.coalesce-bytes`` and ``dask_loom.coalesce-gap`` and
     sent at once (:func:`coalesce_plan`); *max_waste* caps the bytes of
-    holes read through (the smallest holes are merged first).
+    holes read through (the smallest holes are merged first), and *keep*
+    (a list) receives every request's ``(start, bytes)``.  Ranges inside
+    the spans a chunk-index read left held (:mod:`dask_loom.hdf5._spans`)
+    are served from them, with no request.
     """
     if not starts:
         return []
@@ -285,7 +307,18 @@ def read_ranges(
         finally:
             os.close(fd)
         return out
-    return _read_remote(spec, entry, list(starts), list(sizes), max_waste=max_waste)
+    held = entry.cache.get(HELD_SPANS)
+    if held is None:
+        return _read_remote(spec, entry, list(starts), list(sizes), max_waste=max_waste, keep=keep)
+    got: list[Any] = held.take(starts, sizes)
+    rest = [i for i, v in enumerate(got) if v is None]
+    if rest:
+        fetched = _read_remote(
+            spec, entry, [starts[i] for i in rest], [sizes[i] for i in rest], max_waste=max_waste, keep=keep
+        )
+        for i, v in zip(rest, fetched):
+            got[i] = v
+    return got
 
 
 def coalesce_plan(starts: list[int], sizes: list[int], *, gap: int, target: int) -> list[tuple[int, int, list[int]]]:
@@ -392,7 +425,13 @@ def gap_within(starts: list[int], sizes: list[int], *, gap: int, max_waste: int)
 
 
 def _read_remote(
-    spec: FileSpec, entry: _Entry, starts: list[int], sizes: list[int], *, max_waste: int | None = None
+    spec: FileSpec,
+    entry: _Entry,
+    starts: list[int],
+    sizes: list[int],
+    *,
+    max_waste: int | None = None,
+    keep: list[tuple[int, Any]] | None = None,
 ) -> list[Any]:
     """Ranged requests of about ``dask_loom.coalesce-bytes``, issued at once, each answer checked for length.
 
@@ -410,6 +449,13 @@ def _read_remote(
     if max_waste is not None:
         gap = gap_within(starts, sizes, gap=gap, max_waste=max_waste)
     plan = coalesce_plan(starts, sizes, gap=gap, target=target)
+    if keep is not None:
+        # The caller keeps the bytes (chunks between index pages): a run cut into pieces
+        # is read whole, each piece up to the next, so no hole is left for another request.
+        plan = [
+            (r0, nxt[0] if nxt is not None and 0 < nxt[0] - r1 <= gap else r1, m)
+            for (r0, r1, m), nxt in zip(plan, [*plan[1:], None])
+        ]
     if entry.size is not None:
         for r0, r1, _m in plan:
             if r1 > entry.size:
@@ -449,6 +495,8 @@ def _read_remote(
         if short_note and short_note not in str(exc):
             raise StoreError(f"{exc} [{short_note}]") from exc.__cause__
         raise
+    if keep is not None:
+        keep.extend((r0, blob) for (r0, _r1, _m), blob in zip(plan, blobs))
     out: list[Any] = [None] * len(starts)
     for (r0, _r1, members), blob in zip(plan, blobs):
         mv = memoryview(blob)

@@ -21,7 +21,7 @@ from dask_loom._config import get_config
 from dask_loom.blocks import from_source
 from dask_loom.errors import CorruptChunkError, FileBeingWrittenError
 from dask_loom.hdf5._decode import decode_chunk
-from dask_loom.hdf5._files import cached_entry, open_h5_read, read_ranges
+from dask_loom.hdf5._files import HELD_SPANS, cached_entry, open_h5_read, read_ranges
 from dask_loom.hdf5._inflate import BATCHED, inflate_into, inflate_place
 from dask_loom.hdf5._layout import (
     DEFLATE,
@@ -32,6 +32,7 @@ from dask_loom.hdf5._layout import (
     region_index,
     wants_full_index,
 )
+from dask_loom.hdf5._spans import HeldSpans
 from dask_loom.storage import FileSpec
 
 __all__ = ["HDF5Source", "build_index", "dataset_layout", "full_chunk_index", "hdf5_to_dask", "remote_index"]
@@ -181,14 +182,23 @@ def _remote_btree_index(
     if info is None:
         return None  # another index type: h5py builds it
     waste = _nbytes(get_config("index-read-waste"))
+    pieces: list[tuple[int, Any]] = []
 
     def fetch(starts: list[int], sizes: list[int]) -> list[Any]:
         # B-tree pages lie between chunks: read through holes, but never most of a large file.
-        return read_ranges(spec, starts, sizes, entry=entry, max_waste=waste)
+        return read_ranges(
+            spec, starts, sizes, entry=entry, max_waste=waste, keep=pieces if span is None else None
+        )
 
-    return read_chunk_index(
+    index = read_chunk_index(
         fetch, info, shape=layout.shape, file_size=entry.size, name=f"{spec.name}:{layout.path}", span=span
     )
+    if pieces:
+        # The whole index is built for whole-array work, which reads the chunks the
+        # holes held: they are served from memory, so each byte is fetched once.
+        held = entry.cache.setdefault(HELD_SPANS, HeldSpans())
+        held.hold(pieces, index.offsets, index.sizes)
+    return index
 
 
 def _header_address(f: Any, path: str) -> int | None:

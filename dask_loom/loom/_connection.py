@@ -88,9 +88,10 @@ class LoomConnection(_Deprecated):
         self._spec = spec
         self.filename = os.fspath(filename) if not spec.is_local else spec.url
         # A remote .loom.zarr is known to exist by its root document (the tree's first
-        # read): asking first would cost two more requests on an object store.
+        # read), a remote HDF5 file by the size its opening asks for: asking first would
+        # cost more requests on an object store.
         remote_zarr = not spec.is_local and spec.url.rstrip("/").endswith(".zarr")
-        if not remote_zarr and not spec.exists():
+        if spec.is_local and not spec.exists():
             raise FileNotFoundError(errno.ENOENT, f"File '{filename}' not found", os.fspath(filename))
         try:
             self._tree = open_tree(spec, mode=mode)

@@ -1,0 +1,133 @@
+"""Chunk bytes that a remote chunk-index read fetched through holes, held for the chunk reads that follow.
+
+The leaf pages of a dataset's chunk B-tree lie between its chunks, all through
+the file.  Reading them in a few large requests (through the holes, see
+``dask_loom.index-read-waste``) is far quicker over an object store than a
+request per page, but it fetches most of the chunks too.  The whole index is
+built for whole-array work (a ``map``, a scan), which then reads those very
+chunks: the bytes are kept here and each chunk inside them is served from
+memory, once.  A span is dropped when every chunk inside it has been served,
+and all are dropped when the file's cached entry is closed (a connection
+closed, the file invalidated), so a process holds at most what one index read
+fetched (``index-read-waste`` per tree level).
+
+The blocks of metadata fetched when the file was opened are pinned here too
+(they are h5py's block cache already: no second copy), so index pages and
+chunks inside them cost no request either.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from typing import Any
+
+import numpy as np
+
+__all__ = ["HeldSpans"]
+
+
+class _Span:
+    __slots__ = ("end", "owed", "start", "view")
+
+    def __init__(self, start: int, view: memoryview, owed: int) -> None:
+        self.start = start
+        self.end = start + len(view)
+        self.view = view
+        self.owed = owed  # bytes of the chunks inside not yet served
+
+
+class HeldSpans:
+    """Byte spans of one remote file, each serving the chunk ranges that lie wholly inside it.
+
+    Spans never overlap (they come from one coalesced read).  Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._starts: list[int] = []
+        self._spans: list[_Span] = []
+        # Few (the blocks fetched on opening): searched in turn.
+        self._pinned: list[tuple[int, memoryview]] = []
+        self.served = 0  # bytes served from memory (for tests and measurements)
+
+    def pin(self, start: int, blob: Any) -> None:
+        """Hold *blob* (the file's bytes from *start*) for as long as this object lives."""
+        with self._lock:
+            self._pinned.append((start, memoryview(blob).cast("B")))
+
+    def _from_pinned(self, s: int, n: int) -> memoryview | None:
+        for start, view in self._pinned:
+            if start <= s and s + n <= start + len(view):
+                return view[s - start : s - start + n]
+        return None
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for the chunk reads to come (pinned blocks aside)."""
+        with self._lock:
+            return sum(s.end - s.start for s in self._spans)
+
+    def hold(self, pieces: list[tuple[int, Any]], offsets: np.ndarray, sizes: np.ndarray) -> None:
+        """Keep the *pieces* ``(start, bytes)`` that hold whole chunks of the index ``(offsets, sizes)``."""
+        stored = offsets >= 0
+        offs = offsets[stored]
+        order = np.argsort(offs, kind="stable")
+        offs = offs[order]
+        ends = offs + sizes[stored][order]
+        csum = np.concatenate([[0], np.cumsum(ends - offs)])
+        with self._lock:
+            for start, blob in pieces:
+                view = memoryview(blob).cast("B")
+                end = start + len(view)
+                # Chunks wholly inside [start, end): those starting in it whose end is in it too.
+                lo = int(np.searchsorted(offs, start, side="left"))
+                hi = int(np.searchsorted(offs, end, side="left"))
+                while hi > lo and ends[hi - 1] > end:
+                    hi -= 1
+                owed = int(csum[hi] - csum[lo])
+                for p0, pv in self._pinned:
+                    # Chunks a pinned block holds whole are served from it, never from here.
+                    a = int(np.searchsorted(offs, max(start, p0), side="left"))
+                    b = int(np.searchsorted(ends, min(end, p0 + len(pv)), side="right"))
+                    if b > a:
+                        owed -= int(csum[b] - csum[a])
+                if owed <= 0:
+                    continue
+                i = bisect.bisect_left(self._starts, start)
+                if (i < len(self._spans) and self._spans[i].start < end) or (
+                    i and self._spans[i - 1].end > start
+                ):
+                    continue  # overlaps a span already held (a second read of the index): keep the first
+                self._starts.insert(i, start)
+                self._spans.insert(i, _Span(start, view, owed))
+
+    def take(self, starts: list[int], sizes: list[int]) -> list[memoryview | None]:
+        """Each range's bytes if a held span covers it whole, else ``None`` (read it from the store)."""
+        out: list[memoryview | None] = [None] * len(starts)
+        with self._lock:
+            if not self._spans and not self._pinned:
+                return out
+            for k, (s, n) in enumerate(zip(starts, sizes)):
+                pinned = self._from_pinned(s, n) if self._pinned else None
+                if pinned is not None:
+                    out[k] = pinned
+                    self.served += n
+                    continue
+                i = bisect.bisect_right(self._starts, s) - 1
+                if i < 0:
+                    continue
+                span = self._spans[i]
+                if s + n > span.end:
+                    continue
+                out[k] = span.view[s - span.start : s - span.start + n]
+                self.served += n
+                span.owed -= n
+                if span.owed <= 0:
+                    # Every chunk inside was served: a whole-array pass reads each once.
+                    del self._starts[i]
+                    del self._spans[i]
+        return out
