@@ -9,15 +9,18 @@ import cycle.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
+from dask_loom._lazy import isna
 from dask_loom.anndata._elems import Column, MatrixMeta
 from dask_loom.anndata._read import read_matrix_rows
 from dask_loom.anndata._store import AnnStore
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["FILL_VALUES", "MISSING_CODE", "CollectionLike"]
 
@@ -38,7 +41,7 @@ def _as_list(keys: str | Sequence[str] | None) -> list[str] | None:
 
 def _is_missing(v: Any) -> bool:
     try:
-        return bool(pd.isna(v))
+        return bool(isna(v))
     except (TypeError, ValueError):
         return False
 

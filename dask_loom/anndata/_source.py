@@ -145,7 +145,7 @@ def label_codes(mc: CollectionLike, key: str) -> tuple[np.ndarray, np.ndarray]:
     other columns are matched by value.  A file without the column gives
     ``-1`` for its rows.
     """
-    import pandas as pd
+    from dask_loom.anndata._elems import map_labels
 
     cats = mc.get_merged_categories(key)
     encoder = {c: i for i, c in enumerate(cats)}
@@ -163,8 +163,7 @@ def label_codes(mc: CollectionLike, key: str) -> tuple[np.ndarray, np.ndarray]:
             codes = np.asarray(col.codes)[rows]
             parts.append(lut[np.where(codes < 0, len(lut) - 1, codes)])
         else:
-            labels = pd.Series(col.labels()[rows], dtype=object)
-            parts.append(labels.map(encoder).fillna(-1).to_numpy(dtype=np.int64))
+            parts.append(map_labels(col.labels()[rows], encoder, -1))
     codes = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
     return codes, (np.asarray(cats) if cats else np.empty(0, dtype=object))
 
