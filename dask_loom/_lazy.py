@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["isna", "issparse"]
+__all__ = ["isna", "isna_numpy", "issparse"]
 
 
 def issparse(x: Any) -> bool:
@@ -51,11 +51,15 @@ def isna(x: Any) -> Any:
     >>> isna(float("nan")), isna("x")
     (True, False)
     """
+    if "pandas" in sys.modules:
+        return sys.modules["pandas"].isna(x)
+    return isna_numpy(x)
+
+
+def isna_numpy(x: Any) -> Any:
+    """:func:`isna` for values that hold no pandas objects (what ``pandas.isna`` gives for them)."""
     import numpy as np
 
-    if "pandas" in sys.modules:
-        out = sys.modules["pandas"].isna(x)
-        return bool(out) if np.ndim(out) == 0 else np.asarray(out, dtype=bool)
     if not isinstance(x, np.ndarray):
         return _missing_scalar(x)
     if x.dtype.kind in "fc":

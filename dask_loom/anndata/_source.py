@@ -127,6 +127,18 @@ class AnnDataSource:
         m = self.layer_plan.read(self._local(rows), sparse=True)
         return m if (cols.start, cols.stop) == (0, self.shape[1]) else m[:, cols].tocsr()
 
+    def read_csr_parts(self, region: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A full-width region of a CSR file as ``(data, indices, indptr)``, for kernels that add entries up.
+
+        Indices may be unsorted within a row (a join); ``None`` where the
+        region is not full width or the file is not CSR (then read
+        :meth:`read_sparse`).
+        """
+        rows, cols = region
+        if (cols.start, cols.stop) != (0, self.shape[1]):
+            return None
+        return self.layer_plan.read_parts(self._local(rows))
+
     def read_block(self, region: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
         """A region as a dense array."""
         rows, cols = region
