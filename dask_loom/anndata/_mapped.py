@@ -466,7 +466,7 @@ class MappedCollection:
 
         for s in self.storages:
             if s.kind == "h5ad":
-                invalidate(s.spec)
+                invalidate(s.spec, keep_indexes=True)  # a reopening of the unchanged file reuses them
             else:
                 forget_root(s)
             forget(s)
