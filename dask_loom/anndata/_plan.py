@@ -116,9 +116,10 @@ class _LayerPlan:
         entries up (no scipy import).  ``None`` for any other file (dense,
         CSC, or lacking the layer) and for float16, which scipy has not.
         """
-        if self.meta is None or self.meta.fmt != "csr" or (self.dtype.kind == "f" and self.dtype.itemsize == 2):
+        meta = self.meta
+        if meta is None or meta.fmt != "csr" or (self.dtype.kind == "f" and self.dtype.itemsize == 2):
             return None
-        data, indices, indptr = self._joined(*read_csr_parts(self.store, self.meta, rows), width=self.meta.shape[1])
+        data, indices, indptr = self._joined(*read_csr_parts(self.store, meta, rows), width=meta.shape[1])
         return data.astype(self.dtype, copy=False), indices, indptr
 
     def _joined(
@@ -147,7 +148,8 @@ class _LayerPlan:
         if issparse(block):
             import scipy.sparse as sp
 
-            data, indices, indptr = self._joined(block.data, block.indices, block.indptr, width=block.shape[1])
+            width = block.shape[1]
+            data, indices, indptr = self._joined(block.data, block.indices, block.indptr, width=width)
             if not sparse and dtype.kind == "f" and dtype.itemsize == 2:
                 # scipy.sparse has no float16: scatter the entries straight into the dense rows
                 dense = np.zeros((n, self.n_out), dtype=dtype)

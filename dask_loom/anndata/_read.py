@@ -14,7 +14,7 @@ cached.
 
 from __future__ import annotations
 
-import asyncio
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,15 @@ if TYPE_CHECKING:
 
     from dask_loom.zarr._chunks import ZarrChunkReader
 
-__all__ = ["coalesce", "map_threads", "read_csr_parts", "read_csr_rows", "read_dense_rows", "read_matrix_rows", "read_vector"]
+__all__ = [
+    "coalesce",
+    "map_threads",
+    "read_csr_parts",
+    "read_csr_rows",
+    "read_dense_rows",
+    "read_matrix_rows",
+    "read_vector",
+]
 
 # indptr vectors, zarr arrays and CSC-as-CSR matrices, made once per process and file.
 _derived: HandleCache[Any] = HandleCache("anndata arrays")
@@ -60,11 +68,12 @@ def coalesce(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def forget(store: AnnStore) -> None:
     """Drop what this process cached about *store* (indptr, zarr arrays, shard indexes)."""
-    from dask_loom.zarr import _chunks
-
     url = store.spec.url
     _derived.forget(lambda k: len(k) > 1 and k[1] == url)
-    _chunks.forget(url)
+    # Shard indexes exist only once the zarr reader is loaded: closing an h5ad collection must not import zarr.
+    chunks = sys.modules.get("dask_loom.zarr._chunks")
+    if chunks is not None:
+        chunks.forget(url)
 
 
 def _cached(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
@@ -133,6 +142,8 @@ def _h5_ranges(store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarray
 
 
 async def _gather(coros: list[Any]) -> list[Any]:
+    import asyncio  # zarr reads only: an h5ad collection never pays for it (with ssl, 30 ms)
+
     return list(await asyncio.gather(*coros))
 
 
@@ -280,7 +291,9 @@ def read_csr_rows(store: AnnStore, meta: MatrixMeta, rows: np.ndarray) -> sp.csr
     return sp.csr_matrix(read_csr_parts(store, meta, rows), shape=(len(rows), meta.shape[1]))
 
 
-def read_csr_parts(store: AnnStore, meta: MatrixMeta, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_csr_parts(
+    store: AnnStore, meta: MatrixMeta, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows (sorted, unique) of a CSR matrix as its ``(data, indices, indptr)`` (no scipy import).
 
     The indices are checked against the width, so a matrix built from them

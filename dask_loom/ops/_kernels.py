@@ -458,7 +458,8 @@ def csr_row_group_partials(
     acc = {k: np.zeros(size) for k in needs if k != "n"}
     row_cell = idx * n_cols  # first cell of each row's group
     firsts = np.arange(0, int(indptr[-1]), piece_entries or _PIECE_ENTRIES)  # an entry opening each piece ...
-    starts = np.unique(np.searchsorted(indptr, firsts, side="right") - 1)  # ... and the row holding it
+    rows = np.searchsorted(indptr, firsts, side="right") - 1  # ... and the row holding it (non-decreasing)
+    starts = rows[np.concatenate(([True], rows[1:] != rows[:-1]))] if len(rows) else rows
     bounds = [*starts.tolist(), len(idx)]
     for r0, r1 in itertools.pairwise(bounds):
         e0, e1 = int(indptr[r0]), int(indptr[r1])
