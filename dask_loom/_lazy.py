@@ -22,9 +22,17 @@ def issparse(x: Any) -> bool:
     >>> issparse(np.eye(2))
     False
     """
-    if "scipy.sparse" not in sys.modules:
+    mod = sys.modules.get("scipy.sparse")
+    if mod is None:
         return False
-    return sys.modules["scipy.sparse"].issparse(x)
+    check = getattr(mod, "issparse", None)
+    if check is None:
+        # Another thread is importing scipy.sparse right now (the module is in
+        # sys.modules half made): the import statement waits for it to finish.
+        import scipy.sparse
+
+        check = scipy.sparse.issparse
+    return check(x)
 
 
 def _missing_scalar(x: Any) -> bool:
@@ -51,9 +59,15 @@ def isna(x: Any) -> Any:
     >>> isna(float("nan")), isna("x")
     (True, False)
     """
-    if "pandas" in sys.modules:
-        return sys.modules["pandas"].isna(x)
-    return isna_numpy(x)
+    mod = sys.modules.get("pandas")
+    if mod is None:
+        return isna_numpy(x)
+    check = getattr(mod, "isna", None)
+    if check is None:  # another thread is importing pandas: wait for it (as in issparse)
+        import pandas
+
+        check = pandas.isna
+    return check(x)
 
 
 def isna_numpy(x: Any) -> Any:

@@ -10,6 +10,8 @@ imports neither is checked in ``test_first_call``.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -178,3 +180,14 @@ def test_var_names_are_read_without_pandas_and_offered_as_indexes(joined_files):
         assert mc.check_vars_non_aligned(list(adatas[0].var_names)) == []
     with dask_loom.MappedCollection(paths, join=None) as mc:
         assert mc.var_joint is None and mc.var_list is None
+
+
+def test_issparse_while_another_thread_imports_scipy(monkeypatch):
+    """scipy.sparse is imported lazily now: a thread asking while another imports it (a half-made module) waits."""
+    import types
+
+    from dask_loom._lazy import issparse
+
+    monkeypatch.setitem(sys.modules, "scipy.sparse", types.ModuleType("scipy.sparse"))  # no attributes yet
+    assert issparse(sp.csr_matrix(np.eye(2)))
+    assert not issparse(np.eye(2))
