@@ -71,9 +71,9 @@ def forget(store: AnnStore) -> None:
     url = store.spec.url
     _derived.forget(lambda k: len(k) > 1 and k[1] == url)
     # Shard indexes exist only once the zarr reader is loaded: closing an h5ad collection must not import zarr.
-    chunks = sys.modules.get("dask_loom.zarr._chunks")
-    if chunks is not None:
-        chunks.forget(url)
+    forget_shards = getattr(sys.modules.get("dask_loom.zarr._chunks"), "forget", None)
+    if forget_shards is not None:
+        forget_shards(url)
 
 
 def _cached(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
