@@ -237,6 +237,47 @@ def test_info_imports_only_what_it_needs(data_dir):
     assert r.stdout.strip().splitlines()[-1] == "[] 0"
 
 
+def test_pseudobulk_of_a_collection_imports_neither_pandas_nor_scipy(tmp_path):
+    # Opening a MappedCollection of CSR files and aggregating by an obs key (categorical in one
+    # file, plain strings in the other) runs on numpy: pandas and scipy.sparse cost 0.5 s to import.
+    import json
+
+    import anndata as ad
+    import h5py
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(8)
+    xs, labels, paths = [], [], []
+    for i in range(2):
+        x = (rng.integers(0, 9, (40, 25)) * (rng.random((40, 25)) < 0.3)).astype("f4")
+        ct = rng.choice(["B", "T", "NK"], 40).astype(object)
+        obs = pd.DataFrame({"ct": pd.Categorical(ct)}, index=[f"f{i}c{j}" for j in range(40)])
+        paths.append(str(tmp_path / f"p{i}.h5ad"))
+        var = pd.DataFrame(index=[f"g{k}" for k in range(25)])
+        ad.AnnData(sp.csr_matrix(x), obs=obs, var=var).write_h5ad(paths[-1])
+        xs.append(x)
+        labels.append(ct)
+    with h5py.File(paths[1], "r+") as f:  # plain strings (anndata writes categoricals)
+        del f["obs/ct"]
+        ds = f["obs"].create_dataset("ct", data=labels[1], dtype=h5py.string_dtype())
+        ds.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+    heavy = ["pandas", "scipy", "dask.array", "anndata", "pyarrow", "zarr"]
+    code = (
+        "import json, sys, dask_loom\n"
+        f"with dask_loom.MappedCollection({paths!r}, obs_keys='ct') as mc:\n"
+        "    s, cats = dask_loom.aggregate(mc, 'ct', axis=0, func='sum', return_labels=True)\n"
+        f"print(json.dumps([[m for m in {heavy!r} if m in sys.modules], list(map(str, cats)), s.tolist()]))"
+    )
+    r = _run(["-c", code], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    loaded, cats, s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert loaded == []
+    x, lab = np.concatenate(xs).astype(np.float64), np.concatenate(labels)
+    assert cats == ["B", "NK", "T"]
+    np.testing.assert_allclose(s, [x[lab == c].sum(axis=0) for c in cats], rtol=1e-12)
+
+
 def test_compiled_batch_inflater_is_built():
     # `pip install -e .` builds dask_loom/hdf5/_cinflate.c; without it the ctypes path serves (slower on threads).
     from dask_loom.hdf5._inflate import BATCHED

@@ -16,17 +16,21 @@ what older writers left instead) to its reader, the way anndata's own
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
-import pandas as pd
 
+from dask_loom._lazy import isna
 from dask_loom.anndata._store import AnnStore, attr, child, is_group, keys_of, to_str_array
 from dask_loom.errors import AnnDataFormatError
 from dask_loom.hdf5._files import reading_values
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "Column",
@@ -35,9 +39,11 @@ __all__ = [
     "element",
     "encoding_of",
     "file_n_obs",
+    "map_labels",
     "obs_columns",
     "read_column",
     "read_index",
+    "read_names",
     "record_field",
 ]
 
@@ -144,7 +150,7 @@ class Column:
         if v.dtype.kind == "f":  # type: ignore[union-attr]
             return np.isnan(v)  # type: ignore[arg-type]
         if v.dtype == object:  # type: ignore[union-attr]
-            return pd.isna(v)
+            return isna(v)
         return np.zeros(len(v), dtype=bool)  # type: ignore[arg-type]
 
     def item(self, i: int) -> Any:
@@ -184,7 +190,18 @@ class Column:
         if self.kind == "categorical":
             return list(self.categories)  # type: ignore[arg-type]
         vals = self.values[~self.missing()]  # type: ignore[index]
-        return list(pd.unique(vals))
+        if vals.dtype == object:  # first appearance, as pandas.unique (no pandas import for labels)
+            return list(dict.fromkeys(vals))
+        return list(np.unique(vals))
+
+
+def map_labels(labels: np.ndarray, encoder: dict[Any, int], default: int) -> np.ndarray:
+    """``encoder[label]`` per label as int64, *default* for labels it lacks (missing ones too).
+
+    What ``pd.Series(labels).map(encoder).fillna(default)`` gives, in one
+    pass of dictionary look-ups (no pandas import for string labels).
+    """
+    return np.fromiter(map(encoder.get, labels, itertools.repeat(default)), dtype=np.int64, count=len(labels))
 
 
 ColumnReader = Callable[[Any, Any, str, str, AnnStore], Column]
@@ -306,6 +323,13 @@ def read_column(store: AnnStore, key: str) -> Column:
 
 def read_index(store: AnnStore, elem: str) -> pd.Index:
     """The index (obs or var names) of dataframe *elem*, as strings."""
+    import pandas as pd
+
+    return pd.Index(read_names(store, elem))
+
+
+def read_names(store: AnnStore, elem: str) -> np.ndarray:
+    """The index (obs or var names) of dataframe *elem*, as an object array of ``str`` (no pandas)."""
     with store.locked() as root:
         node = child(root, elem)
         if node is None:
@@ -322,7 +346,9 @@ def read_index(store: AnnStore, elem: str) -> pd.Index:
             if field is None:
                 raise AnnDataFormatError(f"{store.name}: {elem} is a record array without an 'index' field")
             values = to_str_array(record_field(store, node, field, f"{elem}/{field}"))
-    return pd.Index(np.asarray([str(v) for v in values], dtype=object) if values.dtype != object else values.astype(str).astype(object))
+    if values.dtype == object:
+        return values.astype(str).astype(object)
+    return np.asarray([str(v) for v in values], dtype=object)
 
 
 def df_length(store: AnnStore, elem: str) -> int | None:

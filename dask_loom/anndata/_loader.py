@@ -23,13 +23,15 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from dask_loom._config import get_config
+from dask_loom._lazy import issparse
 from dask_loom._threads import read_ahead
 from dask_loom.anndata._plan import MISSING_CODE
 
 if TYPE_CHECKING:
+    import scipy.sparse as sp
+
     from dask_loom.anndata._plan import CollectionLike
 
 __all__ = ["MappedIterableDataset", "iter_batches", "plan_epoch"]
@@ -89,14 +91,18 @@ def _rows(v: Any, order: np.ndarray) -> Any:
 
 
 def _stack(parts: list[Any]) -> Any:
-    if any(sp.issparse(p) for p in parts):
-        parts = [p if sp.issparse(p) else sp.csr_matrix(p) for p in parts]
+    if any(issparse(p) for p in parts):
+        import scipy.sparse as sp
+
+        parts = [p if issparse(p) else sp.csr_matrix(p) for p in parts]
         return _vstack_csr(parts)
     return np.concatenate(parts)
 
 
 def _vstack_csr(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
     """Row-stack CSR matrices by concatenating their buffers (scipy's vstack re-validates)."""
+    import scipy.sparse as sp
+
     dtype = np.result_type(*[p.dtype for p in parts])
     nnz = np.cumsum([0, *[p.nnz for p in parts]])
     indptr = np.concatenate([[0], *[p.indptr[1:].astype(np.int64) + off for p, off in zip(parts, nnz[:-1])]])
@@ -152,8 +158,10 @@ def _emit(batch: _Fetch, sparse: bool, dense_keys: list[str]) -> dict[str, Any]:
     for k, v in batch.arrays.items():
         if k in dense_keys:
             if k.startswith("obsm_") or not sparse:
-                v = v.toarray() if sp.issparse(v) else v
-            elif not sp.issparse(v):
+                v = v.toarray() if issparse(v) else v
+            elif not issparse(v):
+                import scipy.sparse as sp
+
                 v = sp.csr_matrix(v)
         out[k] = v
     return out
@@ -420,7 +428,7 @@ def _to_torch(batch: dict[str, Any]) -> dict[str, Any]:
 def _tensors(batch: dict[str, Any], torch: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in batch.items():
-        if sp.issparse(v):
+        if issparse(v):
             v = v.tocsr()
             out[k] = torch.sparse_csr_tensor(
                 torch.from_numpy(v.indptr.astype(np.int64)),

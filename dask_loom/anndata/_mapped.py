@@ -22,10 +22,9 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from functools import reduce
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
 
 from dask_loom._threads import map_threads
 from dask_loom.anndata._elems import (
@@ -35,14 +34,18 @@ from dask_loom.anndata._elems import (
     df_length,
     file_n_obs,
     layer_path,
+    map_labels,
     obs_columns,
     obsm_meta,
     read_column,
-    read_index,
+    read_names,
 )
 from dask_loom.anndata._plan import FILL_VALUES, MISSING_CODE, _as_list, _is_missing, _LayerPlan
 from dask_loom.anndata._store import AnnStore, open_store
 from dask_loom.errors import CollectionError, CollectionIndexError, ElementNotFoundError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["FILL_VALUES", "MappedCollection"]
 
@@ -213,13 +216,16 @@ class MappedCollection:
 
         self.join_vars: Literal["inner", "outer"] | None = join
         self.var_indices: list[np.ndarray] | None = None
-        self.var_joint: pd.Index | None = None
+        # Var names stay object arrays until var_joint / var_list are asked for: an
+        # aligned collection (the common case) is opened without importing pandas.
+        self._var_joint: Any = None
         self.n_vars_list: list[int] | None = None
-        self.var_list: list[pd.Index] | None = None
+        self._var_names: list[np.ndarray] | None = None
+        self._var_index: list[pd.Index] | None = None
         self.n_vars: int | None = None
         if self.join_vars is not None:
             self._make_join_vars()
-            self.n_vars = len(self.var_joint)  # type: ignore[arg-type]
+            self.n_vars = len(self._var_joint)
         self._codes = {key: self._encoded_codes(key) for key in self.encoders}
         # Encoded keys with a missing label somewhere in the collection: their
         # batch arrays are float64 with NaN there (equal to the items' np.nan).
@@ -317,18 +323,41 @@ class MappedCollection:
         return mask
 
     def _read_vars(self) -> None:
-        self.var_list = map_threads(lambda s: read_index(s, "var"), self.storages)
-        self.n_vars_list = [len(v) for v in self.var_list]
+        self._var_names = map_threads(lambda s: read_names(s, "var"), self.storages)
+        self._var_index = None
+        self.n_vars_list = [len(v) for v in self._var_names]
+
+    @property
+    def var_list(self) -> list[pd.Index] | None:
+        """The var names of each file (``None`` until a join or a ``check_vars_*`` call read them)."""
+        if self._var_index is None and self._var_names is not None:
+            import pandas as pd
+
+            self._var_index = [pd.Index(v) for v in self._var_names]
+        return self._var_index
+
+    @property
+    def var_joint(self) -> pd.Index | None:
+        """The joined var names (``None`` without a join)."""
+        if isinstance(self._var_joint, np.ndarray):
+            import pandas as pd
+
+            self._var_joint = pd.Index(self._var_joint)
+        return self._var_joint
 
     def _make_join_vars(self) -> None:
-        if self.var_list is None:
+        if self._var_names is None:
             self._read_vars()
+        names = self._var_names
+        assert names is not None
+        if all(np.array_equal(names[0], v) for v in names[1:]):
+            self.join_vars = None
+            self._var_joint = names[0]
+            return
+        import pandas as pd  # a real join: pandas' index set operations
+
         var_list = self.var_list
         assert var_list is not None
-        if all(var_list[0].equals(v) for v in var_list[1:]):
-            self.join_vars = None
-            self.var_joint = var_list[0]
-            return
         for store, v in zip(self.storages, var_list):
             if not v.is_unique:
                 dup = v[v.duplicated()][:5].tolist()
@@ -336,16 +365,16 @@ class MappedCollection:
                     f"{store.name}: var names are not unique (e.g. {dup}); a {self.join_vars} join needs unique names"
                 )
         if self.join_vars == "inner":
-            self.var_joint = reduce(pd.Index.intersection, var_list)
-            if len(self.var_joint) == 0:
+            self._var_joint = reduce(pd.Index.intersection, var_list)
+            if len(self._var_joint) == 0:
                 raise CollectionError(
                     "The provided AnnData objects don't have shared variables "
                     f"(files {[s.name for s in self.storages]}, key 'var').\nUse join='outer'."
                 )
-            self.var_indices = [v.get_indexer(self.var_joint) for v in var_list]
+            self.var_indices = [v.get_indexer(self._var_joint) for v in var_list]
         else:
-            self.var_joint = reduce(pd.Index.union, var_list)
-            self.var_indices = [self.var_joint.get_indexer(v) for v in var_list]
+            self._var_joint = reduce(pd.Index.union, var_list)
+            self.var_indices = [self._var_joint.get_indexer(v) for v in var_list]
 
     def _file_n_vars(self, i: int) -> int:
         if self.n_vars_list is not None:
@@ -405,8 +434,7 @@ class MappedCollection:
                 codes = col.codes
                 out.append(np.where(codes < 0, MISSING_CODE, lut[np.maximum(codes, 0)] if len(lut) else MISSING_CODE))  # type: ignore[operator]
             else:
-                mapped = pd.Series(col.labels(), dtype=object).map(encoder)
-                out.append(mapped.fillna(MISSING_CODE).to_numpy(dtype=np.int64))
+                out.append(map_labels(col.labels(), encoder, MISSING_CODE))
         return out
 
     # -- lamindb API ----------------------------------------------------------------
@@ -438,7 +466,7 @@ class MappedCollection:
 
         for s in self.storages:
             if s.kind == "h5ad":
-                invalidate(s.spec)
+                invalidate(s.spec, keep_indexes=True)  # a reopening of the unchanged file reuses them
             else:
                 forget_root(s)
             forget(s)
@@ -475,14 +503,16 @@ class MappedCollection:
 
     def check_vars_sorted(self, ascending: bool = True) -> bool:
         """``True`` if the var names of every file are sorted."""
-        if self.var_list is None:
+        if self._var_names is None:
             self._read_vars()
         attr_name = "is_monotonic_increasing" if ascending else "is_monotonic_decreasing"
         return all(getattr(v, attr_name) for v in self.var_list)  # type: ignore[union-attr]
 
     def check_vars_non_aligned(self, vars: pd.Index | list[str]) -> list[int]:
         """Indices of files whose var names differ from *vars*."""
-        if self.var_list is None:
+        import pandas as pd
+
+        if self._var_names is None:
             self._read_vars()
         target = pd.Index(vars)
         return [i for i, v in enumerate(self.var_list) if not v.equals(target)]  # type: ignore[arg-type]

@@ -9,15 +9,18 @@ import cycle.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 
+from dask_loom._lazy import isna, issparse
 from dask_loom.anndata._elems import Column, MatrixMeta
-from dask_loom.anndata._read import read_matrix_rows
+from dask_loom.anndata._read import read_csr_parts, read_matrix_rows
 from dask_loom.anndata._store import AnnStore
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import scipy.sparse as sp
 
 __all__ = ["FILL_VALUES", "MISSING_CODE", "CollectionLike"]
 
@@ -38,7 +41,7 @@ def _as_list(keys: str | Sequence[str] | None) -> list[str] | None:
 
 def _is_missing(v: Any) -> bool:
     try:
-        return bool(pd.isna(v))
+        return bool(isna(v))
     except (TypeError, ValueError):
         return False
 
@@ -101,29 +104,52 @@ class _LayerPlan:
         n = len(rows)
         if self.meta is None:
             out = np.full((n, self.n_out), self.fill, dtype=self.dtype)
-            return sp.csr_matrix(out) if sparse else out
+            return _csr(out) if sparse else out
         block = read_matrix_rows(self.store, self.meta, rows)
         return self.to_joint(block, sparse=sparse, dtype=dtype)
+
+    def read_parts(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Sorted unique local *rows* of a CSR file as ``(data, indices, indptr)`` in joined var space.
+
+        Values in the collection's dtype, as :meth:`read` gives them; a join
+        leaves the indices of a row unsorted: for kernels that only add
+        entries up (no scipy import).  ``None`` for any other file (dense,
+        CSC, or lacking the layer) and for float16, which scipy has not.
+        """
+        meta = self.meta
+        if meta is None or meta.fmt != "csr" or (self.dtype.kind == "f" and self.dtype.itemsize == 2):
+            return None
+        data, indices, indptr = self._joined(*read_csr_parts(self.store, meta, rows), width=meta.shape[1])
+        return data.astype(self.dtype, copy=False), indices, indptr
+
+    def _joined(
+        self, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, *, width: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The entries of a file's CSR rows moved to joined var space (columns an inner join drops go)."""
+        if self.join == "inner":
+            lut = np.full(width, -1, dtype=np.int64)
+            lut[self.var_idx] = np.arange(len(self.var_idx))  # type: ignore[arg-type]
+            new = lut[indices]
+            keep = new >= 0
+            if not keep.all():
+                kept = np.concatenate(([0], np.cumsum(keep)))
+                indptr = kept[indptr]
+                data, new = data[keep], new[keep]
+            indices = new
+        elif self.join == "outer":
+            indices = self.var_idx[indices]  # type: ignore[index]
+        return data, indices, indptr
 
     def to_joint(
         self, block: np.ndarray | sp.csr_matrix, *, sparse: bool | None, dtype: np.dtype | None = None
     ) -> np.ndarray | sp.csr_matrix:
         dtype = self.dtype if dtype is None else dtype
         n = block.shape[0]
-        if sp.issparse(block):
-            data, indices, indptr = block.data, block.indices, block.indptr
-            if self.join == "inner":
-                lut = np.full(block.shape[1], -1, dtype=np.int64)
-                lut[self.var_idx] = np.arange(len(self.var_idx))  # type: ignore[arg-type]
-                new = lut[indices]
-                keep = new >= 0
-                if not keep.all():
-                    kept = np.concatenate(([0], np.cumsum(keep)))
-                    indptr = kept[indptr]
-                    data, new = data[keep], new[keep]
-                indices = new
-            elif self.join == "outer":
-                indices = self.var_idx[indices]  # type: ignore[index]
+        if issparse(block):
+            import scipy.sparse as sp
+
+            width = block.shape[1]
+            data, indices, indptr = self._joined(block.data, block.indices, block.indptr, width=width)
             if not sparse and dtype.kind == "f" and dtype.itemsize == 2:
                 # scipy.sparse has no float16: scatter the entries straight into the dense rows
                 dense = np.zeros((n, self.n_out), dtype=dtype)
@@ -145,7 +171,13 @@ class _LayerPlan:
             out[:, self.var_idx] = block
         else:
             out = block.astype(dtype, copy=False)
-        return sp.csr_matrix(out) if sparse else out
+        return _csr(out) if sparse else out
+
+
+def _csr(dense: np.ndarray) -> sp.csr_matrix:
+    import scipy.sparse as sp
+
+    return sp.csr_matrix(dense)
 
 
 class CollectionLike(Protocol):

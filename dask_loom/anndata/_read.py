@@ -14,12 +14,11 @@ cached.
 
 from __future__ import annotations
 
-import asyncio
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from dask_loom._handles import HandleCache
 from dask_loom._threads import map_threads
@@ -32,9 +31,19 @@ from dask_loom.hdf5._files import read_ranges, read_ranges_into
 from dask_loom.hdf5._source import HDF5Source, _chunk_offsets, dataset_layout
 
 if TYPE_CHECKING:
+    import scipy.sparse as sp
+
     from dask_loom.zarr._chunks import ZarrChunkReader
 
-__all__ = ["coalesce", "map_threads", "read_csr_rows", "read_dense_rows", "read_matrix_rows", "read_vector"]
+__all__ = [
+    "coalesce",
+    "map_threads",
+    "read_csr_parts",
+    "read_csr_rows",
+    "read_dense_rows",
+    "read_matrix_rows",
+    "read_vector",
+]
 
 # indptr vectors, zarr arrays and CSC-as-CSR matrices, made once per process and file.
 _derived: HandleCache[Any] = HandleCache("anndata arrays")
@@ -59,11 +68,12 @@ def coalesce(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def forget(store: AnnStore) -> None:
     """Drop what this process cached about *store* (indptr, zarr arrays, shard indexes)."""
-    from dask_loom.zarr import _chunks
-
     url = store.spec.url
     _derived.forget(lambda k: len(k) > 1 and k[1] == url)
-    _chunks.forget(url)
+    # Shard indexes exist only once the zarr reader is loaded: closing an h5ad collection must not import zarr.
+    forget_shards = getattr(sys.modules.get("dask_loom.zarr._chunks"), "forget", None)
+    if forget_shards is not None:
+        forget_shards(url)
 
 
 def _cached(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
@@ -132,6 +142,8 @@ def _h5_ranges(store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarray
 
 
 async def _gather(coros: list[Any]) -> list[Any]:
+    import asyncio  # zarr reads only: an h5ad collection never pays for it (with ssl, 30 ms)
+
     return list(await asyncio.gather(*coros))
 
 
@@ -274,6 +286,20 @@ def read_csr_rows(store: AnnStore, meta: MatrixMeta, rows: np.ndarray) -> sp.csr
     rows = np.asarray(rows, dtype=np.int64)
     if meta.fmt == "csc":
         return _csc_as_csr(store, meta)[rows]
+    import scipy.sparse as sp
+
+    return sp.csr_matrix(read_csr_parts(store, meta, rows), shape=(len(rows), meta.shape[1]))
+
+
+def read_csr_parts(
+    store: AnnStore, meta: MatrixMeta, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows (sorted, unique) of a CSR matrix as its ``(data, indices, indptr)`` (no scipy import).
+
+    The indices are checked against the width, so a matrix built from them
+    (scipy trusts indices) never reads out of bounds.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
     indptr = indptr_of(store, meta)
     starts, stops = coalesce(rows)
     e0, e1 = indptr[starts], indptr[stops]
@@ -294,13 +320,15 @@ def read_csr_rows(store: AnnStore, meta: MatrixMeta, rows: np.ndarray) -> sp.csr
     if len(indices) and (int(indices.max()) >= meta.shape[1] or int(indices.min()) < 0):
         # scipy trusts indices: out-of-range ones would crash the process later.
         raise CorruptChunkError(f"{store.name}: {meta.path}/indices holds column numbers outside 0..{meta.shape[1] - 1}")
-    return sp.csr_matrix((data, indices, new_ptr), shape=(len(rows), meta.shape[1]))
+    return data, indices, new_ptr
 
 
 def _csc_as_csr(store: AnnStore, meta: MatrixMeta) -> sp.csr_matrix:
     # CSC stores columns: every row touches every column's entries, so the
     # matrix is read once per process and kept as CSR for row access.
     def make() -> sp.csr_matrix:
+        import scipy.sparse as sp
+
         indptr = read_whole(store, f"{meta.path}/indptr").astype(np.int64)
         data = read_whole(store, f"{meta.path}/data")
         indices = read_whole(store, f"{meta.path}/indices")

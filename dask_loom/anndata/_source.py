@@ -127,6 +127,18 @@ class AnnDataSource:
         m = self.layer_plan.read(self._local(rows), sparse=True)
         return m if (cols.start, cols.stop) == (0, self.shape[1]) else m[:, cols].tocsr()
 
+    def read_csr_parts(self, region: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A full-width region of a CSR file as ``(data, indices, indptr)``, for kernels that add entries up.
+
+        Indices may be unsorted within a row (a join); ``None`` where the
+        region is not full width or the file is not CSR (then read
+        :meth:`read_sparse`).
+        """
+        rows, cols = region
+        if (cols.start, cols.stop) != (0, self.shape[1]):
+            return None
+        return self.layer_plan.read_parts(self._local(rows))
+
     def read_block(self, region: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
         """A region as a dense array."""
         rows, cols = region
@@ -145,7 +157,7 @@ def label_codes(mc: CollectionLike, key: str) -> tuple[np.ndarray, np.ndarray]:
     other columns are matched by value.  A file without the column gives
     ``-1`` for its rows.
     """
-    import pandas as pd
+    from dask_loom.anndata._elems import map_labels
 
     cats = mc.get_merged_categories(key)
     encoder = {c: i for i, c in enumerate(cats)}
@@ -163,8 +175,7 @@ def label_codes(mc: CollectionLike, key: str) -> tuple[np.ndarray, np.ndarray]:
             codes = np.asarray(col.codes)[rows]
             parts.append(lut[np.where(codes < 0, len(lut) - 1, codes)])
         else:
-            labels = pd.Series(col.labels()[rows], dtype=object)
-            parts.append(labels.map(encoder).fillna(-1).to_numpy(dtype=np.int64))
+            parts.append(map_labels(col.labels()[rows], encoder, -1))
     codes = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
     return codes, (np.asarray(cats) if cats else np.empty(0, dtype=object))
 

@@ -7,6 +7,7 @@ the file's identity (inode, size, mtime) changes, e.g. after a write.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import itertools
@@ -90,14 +91,23 @@ class _Entry:
 _entries: HandleCache[_Entry] = HandleCache("hdf5 files", close=_Entry.close)
 _inherited: list[Any] = []
 
+# Chunk indexes outlive a reader's handles: closing a connection keeps them, with the
+# identity of the file they describe, so reopening the unchanged file in this process
+# skips the walk of its chunk B-tree (about a second for 245,000 chunks); a write in
+# this process drops them, a change by anyone else changes the identity.  A few files.
+_kept_indexes: collections.OrderedDict[str, tuple[Any, dict[Any, Any]]] = collections.OrderedDict()
+_kept_lock = threading.Lock()
+_KEPT_FILES = 8
+
 
 def _forget_after_fork() -> None:
     # The write state is no cache but is per process too.  The parent's writers
     # stay referenced, unclosed: closing them could block on locks that the
     # parent's other threads held at the moment of the fork.
-    global _lock, _value_lock, _write_locks, _open_writers, _transactions
+    global _lock, _value_lock, _write_locks, _open_writers, _transactions, _kept_lock
     _inherited.append((_open_writers, _transactions))
     _lock = threading.RLock()
+    _kept_lock = threading.Lock()
     _value_lock = threading.Lock()
     _write_locks = {}
     _open_writers = {}
@@ -130,17 +140,43 @@ def file_identity(spec: FileSpec) -> Any:
 def cached_entry(spec: FileSpec) -> _Entry:
     """The process-wide entry for *spec*, reopened if the file changed."""
     ident = file_identity(spec)
-    return _entries.get(spec.url, lambda: _Entry(spec, ident), valid=lambda e: e.identity == ident)
+    return _entries.get(spec.url, lambda: _new_entry(spec, ident), valid=lambda e: e.identity == ident)
 
 
-def invalidate(spec: FileSpec | str) -> None:
-    """Close and forget everything cached for a file in this process."""
+def _new_entry(spec: FileSpec, ident: Any) -> _Entry:
+    entry = _Entry(spec, ident)
+    with _kept_lock:
+        kept = _kept_indexes.get(spec.url)
+        if kept is not None and kept[0] == ident:
+            entry.cache.update(kept[1])
+    return entry
+
+
+def invalidate(spec: FileSpec | str, *, keep_indexes: bool = False) -> None:
+    """Close and forget everything cached for a file in this process.
+
+    With *keep_indexes* (a reader closing) the file's chunk indexes are kept
+    for a later reopening of the same, unchanged file; without it (a write)
+    they are dropped too.
+    """
     url = spec.url if isinstance(spec, FileSpec) else FileSpec.from_path(spec).url
+    entry = _entries.peek(url) if keep_indexes else None
+    indexes = {k: v for k, v in list(entry.cache.items()) if k[:1] == ("index",)} if entry is not None else {}
+    with _kept_lock:
+        if indexes:
+            _kept_indexes[url] = (entry.identity, indexes)  # type: ignore[union-attr]
+            _kept_indexes.move_to_end(url)
+            while len(_kept_indexes) > _KEPT_FILES:
+                _kept_indexes.popitem(last=False)
+        elif not keep_indexes:
+            _kept_indexes.pop(url, None)
     _entries.discard(url)
 
 
 def clear_all() -> None:
     """Close every cached file of this process (used by tests and shutdown)."""
+    with _kept_lock:
+        _kept_indexes.clear()
     _entries.forget(lambda _url: True)
 
 
@@ -262,6 +298,10 @@ def _coalesce(starts: list[int], sizes: list[int], gap: int) -> list[tuple[int, 
     return runs
 
 
+# Ranges up to this size are handed out as bytes copies, larger ones as views of the read.
+_COPY_BELOW = 1 << 16
+
+
 def read_ranges(
     spec: FileSpec,
     starts: list[int],
@@ -301,9 +341,18 @@ def read_ranges(
                     raise LoomFormatError(
                         f"{spec.name}: file is truncated (needed bytes {r0}..{r1}, got {len(buf)})"
                     )
-                mv = memoryview(buf)
+                mv = memoryview(buf) if len(members) > 1 else None
                 for i in members:
-                    out[i] = mv[starts[i] - r0 : starts[i] - r0 + sizes[i]]
+                    a = starts[i] - r0
+                    if mv is None and a == 0 and sizes[i] == len(buf):
+                        out[i] = buf
+                    elif sizes[i] <= _COPY_BELOW:
+                        # A small range as its own bytes: memoryviews are tracked by the cyclic
+                        # garbage collector, and one per chunk (thousands per block) made it run
+                        # full collections while holding the GIL; bytes are never tracked.
+                        out[i] = buf[a : a + sizes[i]]
+                    else:
+                        out[i] = (mv if mv is not None else memoryview(buf))[a : a + sizes[i]]
         finally:
             os.close(fd)
         return out

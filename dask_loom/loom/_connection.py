@@ -227,7 +227,7 @@ class LoomConnection(_Deprecated):
         from dask_loom.hdf5 import invalidate
 
         with contextlib.suppress(Exception):
-            invalidate(self._spec)
+            invalidate(self._spec, keep_indexes=True)  # a reopening of the unchanged file reuses them
 
     def __enter__(self) -> LoomConnection:
         return self

@@ -169,7 +169,8 @@ def _group_labels(info: SourceInfo, labels: Any, n: int, axis: int, what: str) -
             raise OperationError(f"{what}: obs key {labels!r} labels the rows (cells) of {info.label}: use axis=0, not {axis}")
         codes, cats = info.labels(labels)
         codes = np.asarray(codes, dtype=np.int64)
-        present = np.unique(codes[codes >= 0])  # categories no selected row has are no group
+        # categories no selected row has are no group (a count, not np.unique: no sort, no numpy.ma import)
+        present = np.flatnonzero(np.bincount(codes[codes >= 0], minlength=len(cats)))
         lut = np.full(len(cats), -1, dtype=np.int64)
         lut[present] = np.arange(len(present))
         return np.where(codes >= 0, lut[np.maximum(codes, 0)], -1), np.asarray(cats)[present]

@@ -29,9 +29,11 @@ from dask_loom.blocks import block_regions, plan_blocks
 from dask_loom.cluster import compute
 from dask_loom.ops._kernels import (
     GROUP_FUNCS,
+    ROW_GROUP_NEEDS,
     Reduction,
     apply_vectors,
     combine_partials,
+    csr_row_group_partials,
     finish,
     group_finish,
     group_partials,
@@ -287,6 +289,11 @@ def _vector_block(block: Any, axis: int, funcs: list[Any]) -> list[np.ndarray]:
 
 
 def _group_read(source: Any, region: tuple[slice, ...], axis: int, idx: np.ndarray, n_groups: int, needs: tuple[str, ...]) -> dict[str, np.ndarray]:
+    if axis == 0 and ROW_GROUP_NEEDS.issuperset(needs) and hasattr(source, "read_csr_parts"):
+        # Sums of CSR rows by group (pseudobulk) straight from the stored arrays: no scipy matrix.
+        parts = source.read_csr_parts(region)
+        if parts is not None and parts[0].dtype.kind in "biuf":
+            return csr_row_group_partials(*parts, source.shape[1], idx, n_groups, needs)
     return group_partials(read_part(source, region, sparse=True), axis, idx, n_groups, needs)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -423,6 +424,67 @@ def csr_group_partials(x: Any, axis: int, idx: np.ndarray, n_groups: int, needs:
     return out
 
 
+#: The partials :func:`csr_row_group_partials` computes.
+ROW_GROUP_NEEDS = frozenset({"n", "s1", "s2", "nnz"})
+
+
+def csr_row_group_partials(
+    data: np.ndarray,
+    indices: np.ndarray,
+    indptr: np.ndarray,
+    n_cols: int,
+    idx: np.ndarray,
+    n_groups: int,
+    needs: Iterable[str],
+    *,
+    piece_entries: int | None = None,
+) -> dict[str, np.ndarray]:
+    """:func:`csr_group_partials` of the rows (``axis=0``) of CSR arrays, for sums and counts only.
+
+    Each stored entry is added into its ``(group of its row, column)`` cell
+    with ``bincount`` in float64; no scipy matrix is built (nor scipy
+    imported).  The rows go in pieces of about ``2**16`` entries, so the
+    per-entry temporaries (cell numbers, float64 values) stay in cache and a
+    task holds about a megabyte of them, not a copy of its block
+    (*piece_entries* sets another size).  *needs* must be within
+    :data:`ROW_GROUP_NEEDS`; indices may be unsorted within a row.
+    """
+    needs = set(needs)
+    if not needs <= ROW_GROUP_NEEDS:
+        raise ValueError(f"csr_row_group_partials computes {sorted(ROW_GROUP_NEEDS)}, not {sorted(needs)}")
+    idx = np.asarray(idx, dtype=np.int64)
+    indptr = np.asarray(indptr, dtype=np.int64)
+    size = n_groups * n_cols
+    acc = {k: np.zeros(size) for k in needs if k != "n"}
+    row_cell = idx * n_cols  # first cell of each row's group
+    firsts = np.arange(0, int(indptr[-1]), piece_entries or _PIECE_ENTRIES)  # an entry opening each piece ...
+    rows = np.searchsorted(indptr, firsts, side="right") - 1  # ... and the row holding it (non-decreasing)
+    starts = rows[np.concatenate(([True], rows[1:] != rows[:-1]))] if len(rows) else rows
+    bounds = [*starts.tolist(), len(idx)]
+    for r0, r1 in itertools.pairwise(bounds):
+        e0, e1 = int(indptr[r0]), int(indptr[r1])
+        if e0 == e1:
+            continue
+        cell = np.repeat(row_cell[r0:r1], np.diff(indptr[r0 : r1 + 1]))
+        cell += indices[e0:e1]
+        vals = data[e0:e1]
+        if "s1" in acc:
+            acc["s1"] += np.bincount(cell, weights=vals, minlength=size)
+        if "s2" in acc:
+            v = vals.astype(np.float64)
+            acc["s2"] += np.bincount(cell, weights=v * v, minlength=size)
+        if "nnz" in acc:
+            acc["nnz"] += np.bincount(cell[vals != 0], minlength=size)
+    out = {k: v.reshape(n_groups, n_cols) for k, v in acc.items()}
+    if "n" in needs:
+        members = np.bincount(idx, minlength=n_groups).astype(np.float64)
+        out["n"] = np.repeat(members[:, None], n_cols, axis=1)
+    return out
+
+
+_PIECE_ENTRIES = 1 << 16
+
+
 def csr_map_partials(x: Any, axis: int, needs: Iterable[str]) -> dict[str, np.ndarray]:
     """:func:`block_partials` of a CSR block: one value per row (``axis=0``) or column (``axis=1``)."""
     other = 1 - axis
@@ -556,8 +618,10 @@ def group_finish(parts: dict[str, np.ndarray], funcs: list[str]) -> list[np.ndar
 
 __all__ += [
     "GROUP_FUNCS",
+    "ROW_GROUP_NEEDS",
     "combine_group_partials",
     "csr_group_partials",
+    "csr_row_group_partials",
     "csr_map_partials",
     "dense_group_partials",
     "group_finish",
