@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from dask_loom.blocks._target import BlockTarget
-from dask_loom.hdf5._encode import ChunkEncoder
+from dask_loom.hdf5._direct import write_chunks
+from dask_loom.hdf5._encode import ChunkEncoder, EncodedChunks
 from dask_loom.storage import FileSpec
 
 __all__ = ["HDF5Target"]
@@ -191,6 +192,10 @@ class HDF5Target(BlockTarget):
         ds = self._file[self.path]
         if isinstance(payload, _Raw):
             ds[payload.region] = payload.block
+            return
+        if isinstance(payload, EncodedChunks):
+            # One call per block, outside the GIL where the compiled loop is built.
+            write_chunks(ds.id, payload.offsets, payload.raws)
             return
         dsid = ds.id
         for offset, data in payload:
