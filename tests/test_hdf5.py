@@ -328,7 +328,7 @@ def test_chunk_store_routes_write_the_same_bytes(tmp_path):
 
 
 def test_compiled_chunk_store_is_built_and_falls_back(tmp_path, monkeypatch):
-    # `pip install -e .` builds dask_loom/hdf5/_cwrite.c; without it h5py stores the chunks one by one.
+    # `pip install -e .` builds dask_loom/hdf5/_chunkcalls.c; without it h5py stores the chunks one by one.
     from dask_loom.hdf5 import _direct
 
     assert _direct.DIRECT
@@ -386,3 +386,47 @@ def test_compiled_chunk_store_releases_the_gil(tmp_path):
             t.join()
         assert ds.id.get_num_chunks() == n
     assert during > 1000
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_chunk_index_lists_what_h5py_lists(tmp_path, compiled, monkeypatch):
+    """The compiled listing (H5Dchunk_iter, no Python per chunk) equals h5py's chunk_iter, holes and masks included."""
+    import zlib
+
+    from dask_loom.hdf5 import _direct
+    from dask_loom.hdf5._layout import describe, full_index
+
+    if not compiled:
+        monkeypatch.setattr(_direct, "_MOD", None)
+    rng = np.random.default_rng(2)
+    fn = tmp_path / "i.h5"
+    with h5py.File(fn, "w") as f:
+        two = f.create_dataset("two", shape=(300, 170), dtype="f4", chunks=(64, 64), compression="gzip")
+        two[:128, :] = rng.random((128, 170))
+        two[256:, 64:128] = 1.0  # rows 128-255 and most of the last band stay unwritten
+        # one chunk stored unfiltered (filter mask bit 0 set: deflate skipped)
+        two.id.write_direct_chunk((192, 128), np.full((64, 64), 3, "f4").tobytes(), 1)
+        three = f.create_dataset("three", shape=(5, 7, 9), dtype="i2", chunks=(2, 3, 4), compression="gzip")
+        three[...] = rng.integers(0, 100, (5, 7, 9))
+    with h5py.File(fn, "r") as f:
+        for name in ("two", "three"):
+            ds = f[name]
+            lay = describe(ds)
+            index = full_index(ds, lay)
+            listed = []
+            ds.id.chunk_iter(listed.append)
+            want = {s.chunk_offset: (s.byte_offset, s.size, s.filter_mask) for s in listed}
+            chunks = np.asarray(ds.chunks)
+            got = {}
+            for flat in np.flatnonzero(index.offsets >= 0):
+                pos = tuple(int(c) for c in np.array(np.unravel_index(flat, index.grid)) * chunks)
+                got[pos] = (int(index.offsets[flat]), int(index.sizes[flat]), int(index.masks[flat]))
+            assert got == want
+        assert f["two"].id.get_chunk_info_by_coord((192, 128)).filter_mask == 1
+        np.testing.assert_array_equal(f["two"][192:256, 128:170], 3)
+        raw = f["two"].id.read_direct_chunk((0, 0))[1]
+        np.testing.assert_array_equal(
+            np.frombuffer(zlib.decompress(raw), "f4").reshape(64, 64), f["two"][:64, :64]
+        )
+    if compiled:
+        assert _direct.DIRECT
