@@ -3,8 +3,9 @@
 HDF5 has one writer at a time, and through h5py its filters run under the
 global lock.  Tasks therefore compress whole chunks themselves (zlib, the
 library HDF5's own deflate filter uses, at the dataset's level; shuffle;
-Fletcher-32) and the single writer only stores the bytes with
-``write_direct_chunk``.
+Fletcher-32) and the single writer only stores the bytes
+(:mod:`dask_loom.hdf5._direct`).  A block is cut into its chunks by one
+vectorised copy (:func:`cut_chunks`), not chunk by chunk in Python.
 
 Deflate runs through ISA-L (``isal``) where it is installed: on the Loom
 benchmark file's 64 x 64 float32 chunks (93 % zeros) it takes 19 us a chunk

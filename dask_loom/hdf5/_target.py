@@ -4,10 +4,11 @@ h5py cannot write one file from several processes or threads, so the two
 halves of the target protocol split there: :meth:`HDF5Target.encode_block`
 (in any task, any process) checks, casts and compresses whole chunks outside
 h5py (:mod:`dask_loom.hdf5._encode`), and :meth:`HDF5Target.store_payload`
-(in the caller, the single writer) stores the bytes with
-``write_direct_chunk``.  Datasets whose filters cannot be encoded outside
-h5py (LZF, szip, plugins) or that are not chunked are written through h5py
-by the writer instead, from the raw blocks.
+(in the caller, the single writer) stores a block's bytes in one call
+(``H5Dwrite_chunk`` with the GIL released, :mod:`dask_loom.hdf5._direct`;
+h5py's ``write_direct_chunk`` without the compiled module).  Datasets whose
+filters cannot be encoded outside h5py (LZF, szip, plugins) or that are not
+chunked are written through h5py by the writer instead, from the raw blocks.
 """
 
 from __future__ import annotations
