@@ -430,3 +430,52 @@ def test_chunk_index_lists_what_h5py_lists(tmp_path, compiled, monkeypatch):
         )
     if compiled:
         assert _direct.DIRECT
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("dtype", ["f4", "f8", "i2", "u1"])
+@pytest.mark.parametrize(
+    ("shape", "chunks"), [((130, 70), (64, 32)), ((64, 64), (64, 64)), ((3, 100), (8, 8))]
+)
+def test_gathered_encoding_equals_encoding_a_numpy_take(compiled, dtype, shape, chunks, monkeypatch):
+    """Gathering columns while cutting chunks (permute's write) gives the chunks of ``np.take``, byte for byte."""
+    from dask_loom.hdf5 import _encode
+    from dask_loom.hdf5._layout import DEFLATE
+
+    if compiled:
+        assert _encode._CUT is not None  # built by `pip install -e .`
+    else:
+        monkeypatch.setattr(_encode, "_CUT", None)
+    rng = np.random.default_rng(7)
+    band = (rng.random(shape) * 50).astype(dtype)
+    index = rng.permutation(shape[1])
+    enc = _encode.ChunkEncoder(shape, chunks, dtype, ((DEFLATE, 0, (2,)),), fillvalue=3)
+    region = (slice(0, shape[0]), slice(0, shape[1]))
+    got = enc.encode_gathered(region, band, index, 1)
+    want = enc(region, np.take(band, index, axis=1))
+    assert [o for o, _ in got] == [o for o, _ in want]
+    assert got.raws == want.raws
+    c0, c1 = chunks
+    last = np.frombuffer(zlib_inflate(got.raws[-1]), dtype).reshape(chunks)
+    r, c = (shape[0] - 1) // c0 * c0, (shape[1] - 1) // c1 * c1
+    np.testing.assert_array_equal(last[: shape[0] - r, : shape[1] - c], band[r:, index[c:]])
+    assert (last[shape[0] - r :, :] == 3).all() and (last[:, shape[1] - c :] == 3).all()
+
+
+def zlib_inflate(raw: bytes) -> bytes:
+    import zlib
+
+    return zlib.decompress(raw)
+
+
+def test_compiled_gather_refuses_columns_outside_the_band():
+    from dask_loom.hdf5 import _encode
+
+    if _encode._CUT is None:
+        pytest.skip("the compiled module is not built")
+    band = np.zeros((4, 5), "f4")
+    out = np.empty(64, "f4")
+    with pytest.raises(IndexError, match="outside"):
+        _encode._CUT.gather_cut(band, 4, 5, 4, np.array([0, 1, 5], np.int64), 4, 4, b"\0" * 4, out[:16])
+    with pytest.raises(ValueError, match="sizes"):
+        _encode._CUT.gather_cut(band, 4, 5, 4, np.array([0, 1, 2], np.int64), 4, 4, b"\0" * 4, out)

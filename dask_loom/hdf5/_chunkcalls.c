@@ -1,8 +1,9 @@
 /*
- * HDF5 chunk calls over a whole dataset or block, with the GIL released.
+ * HDF5 chunk work over a whole dataset or block, with the GIL released.
  *
  * write_chunks stores a batch of already-encoded chunks; chunk_table lists a
- * dataset's chunks (position, file address, size, filter mask).
+ * dataset's chunks (position, file address, size, filter mask); gather_cut
+ * cuts a row band into chunks while gathering its columns (permute).
  *
  * Why this exists (docs/performance.md): h5py's write_direct_chunk holds the
  * GIL for the whole library call, about 11 us of HDF5 work a chunk (B-tree
@@ -21,6 +22,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
 
 /* herr_t H5Dwrite_chunk(hid_t dset, hid_t dxpl, uint32_t filters, const hsize_t *offset, size_t size, const void *buf) */
 typedef int (*write_fn)(int64_t, int64_t, uint32_t, const uint64_t *, size_t, const void *);
@@ -160,7 +162,96 @@ out:
     return result;
 }
 
+/* gather_cut(src, rows, cols, itemsize, index, c0, c1, fill, out)
+ * src: a C-contiguous rows x cols array of itemsize-byte elements; index: int64 source columns of the
+ * output's columns; out: ceil(rows / c0) x ceil(len(index) / c1) chunks of c0 x c1 elements, C order,
+ * chunk (i, j) element (r, c) = src[i * c0 + r, index[j * c1 + c]], past the edges = fill.
+ * One pass: each source row is read (randomly) while it sits in cache, and written once, where
+ * numpy's take and a second, cutting copy would write and read the band twice. */
+static PyObject *
+gather_cut(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *o_src, *o_idx, *o_fill, *o_out;
+    Py_ssize_t rows, cols, isz, c0, c1;
+    if (!PyArg_ParseTuple(args, "OnnnOnnOO", &o_src, &rows, &cols, &isz, &o_idx, &c0, &c1, &o_fill, &o_out))
+        return NULL;
+    if (rows < 0 || cols < 0 || isz <= 0 || c0 <= 0 || c1 <= 0) {
+        PyErr_SetString(PyExc_ValueError, "sizes must be positive");
+        return NULL;
+    }
+    Py_buffer sv, iv, fv, ov;
+    int n = 0;
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(o_src, &sv, PyBUF_SIMPLE) < 0)
+        return NULL;
+    n = 1;
+    if (PyObject_GetBuffer(o_idx, &iv, PyBUF_SIMPLE) < 0)
+        goto out;
+    n = 2;
+    if (PyObject_GetBuffer(o_fill, &fv, PyBUF_SIMPLE) < 0)
+        goto out;
+    n = 3;
+    if (PyObject_GetBuffer(o_out, &ov, PyBUF_SIMPLE | PyBUF_WRITABLE) < 0)
+        goto out;
+    n = 4;
+    Py_ssize_t m = iv.len / (Py_ssize_t)sizeof(int64_t);
+    Py_ssize_t g0 = (rows + c0 - 1) / c0, g1 = (m + c1 - 1) / c1;
+    if (sv.len != rows * cols * isz || iv.len != m * (Py_ssize_t)sizeof(int64_t) || fv.len != isz ||
+        ov.len != g0 * g1 * c0 * c1 * isz) {
+        PyErr_SetString(PyExc_ValueError, "buffer sizes do not match the shapes");
+        goto out;
+    }
+    const int64_t *idx = (const int64_t *)iv.buf;
+    for (Py_ssize_t k = 0; k < m; k++) {
+        if (idx[k] < 0 || idx[k] >= cols) {
+            PyErr_Format(PyExc_IndexError, "column %lld is outside 0..%zd", (long long)idx[k], cols - 1);
+            goto out;
+        }
+    }
+    const char *src = (const char *)sv.buf, *fill = (const char *)fv.buf;
+    char *dst = (char *)ov.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < g0; i++) {
+        for (Py_ssize_t r = 0; r < c0; r++) {
+            Py_ssize_t row = i * c0 + r;
+            const char *srow = row < rows ? src + row * cols * isz : NULL;
+            for (Py_ssize_t j = 0; j < g1; j++) {
+                char *t = dst + (((i * g1 + j) * c0 + r) * c1) * isz;
+                Py_ssize_t c = 0, w = m - j * c1 < c1 ? m - j * c1 : c1;
+                const int64_t *ix = idx + j * c1;
+                if (srow != NULL) {
+                    if (isz == 4)
+                        for (; c < w; c++)
+                            ((uint32_t *)t)[c] = ((const uint32_t *)srow)[ix[c]];
+                    else if (isz == 8)
+                        for (; c < w; c++)
+                            ((uint64_t *)t)[c] = ((const uint64_t *)srow)[ix[c]];
+                    else
+                        for (; c < w; c++)
+                            memcpy(t + c * isz, srow + ix[c] * isz, (size_t)isz);
+                }
+                for (; c < c1; c++)
+                    memcpy(t + c * isz, fill, (size_t)isz);
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+out:
+    if (n >= 4)
+        PyBuffer_Release(&ov);
+    if (n >= 3)
+        PyBuffer_Release(&fv);
+    if (n >= 2)
+        PyBuffer_Release(&iv);
+    PyBuffer_Release(&sv);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"gather_cut", gather_cut, METH_VARARGS,
+     "gather_cut(src, rows, cols, itemsize, index, c0, c1, fill, out): cut a row band into chunks, gathering columns"},
     {"write_chunks", write_chunks, METH_VARARGS, "write_chunks(dset, dxpl, offsets, rank, raws, fn) -> chunks stored"},
     {"chunk_table", chunk_table, METH_VARARGS,
      "chunk_table(dset, dxpl, rank, coords, addr, size, mask, fn) -> chunks listed, or -1 when HDF5 failed"},

@@ -146,6 +146,17 @@ def cut_chunks(
 _local = threading.local()
 
 
+def _load_cut() -> Any:
+    try:  # the optional compiled module (dask_loom/hdf5/_chunkcalls.c)
+        from dask_loom.hdf5 import _chunkcalls
+    except ImportError:
+        return None
+    return _chunkcalls
+
+
+_CUT = _load_cut()
+
+
 def _scratch(nbytes: int) -> np.ndarray:
     # This thread's buffer for cut chunks: fresh 64 MiB per block cost more in
     # page faults than the copy itself.  Nothing returned refers to it.
@@ -201,18 +212,48 @@ class ChunkEncoder:
     def __call__(self, region: tuple[slice, ...], block: np.ndarray) -> EncodedChunks:
         """The block's chunks, encoded, in C order of their positions."""
         block = np.asarray(block, dtype=self.dtype)
+        self._check(region, tuple(block.shape))
+        padded = math.prod(-(-n // c) * c for n, c in zip(block.shape, self.chunks)) * self.dtype.itemsize
+        return self._encode_tiles(
+            region, cut_chunks(block, self.chunks, self.fillvalue, scratch=_scratch(padded))
+        )
+
+    def encode_gathered(
+        self, region: tuple[slice, ...], band: np.ndarray, index: np.ndarray, axis: int
+    ) -> EncodedChunks:
+        """``self(region, np.take(band, index, axis=axis))``, for a 2-D column gather in one pass.
+
+        *band* holds the rows of *region* and every column that *index* names
+        (permute: the whole axis, in the old order).
+        """
+        band = np.asarray(band, dtype=self.dtype)
+        index = np.asarray(index, dtype=np.int64)
+        if axis != 1 or band.ndim != 2 or len(self.chunks) != 2 or _CUT is None or self.dtype.hasobject:
+            return self(region, np.take(band, index, axis=axis))
+        self._check(region, (band.shape[0], len(index)))
+        c0, c1 = self.chunks
+        grid = (-(-band.shape[0] // c0), -(-len(index) // c1))
+        nb = grid[0] * grid[1] * c0 * c1 * self.dtype.itemsize
+        tiles = _scratch(nb)[:nb].view(self.dtype).reshape(*grid, c0, c1)
+        fill = np.array(self.fillvalue, dtype=self.dtype).tobytes()
+        band = np.ascontiguousarray(band)
+        _CUT.gather_cut(band, band.shape[0], band.shape[1], self.dtype.itemsize, index, c0, c1, fill, tiles)
+        return self._encode_tiles(region, tiles)
+
+    def _check(self, region: tuple[slice, ...], shape: tuple[int, ...]) -> None:
         expect = tuple(r.stop - r.start for r in region)
-        if block.shape != expect:
-            raise ValueError(f"block of shape {block.shape} does not fit region {region}")
+        if shape != expect:
+            raise ValueError(f"block of shape {shape} does not fit region {region}")
         for r, c in zip(region, self.chunks):
             if r.start % c:
                 raise ValueError(f"block region {region} does not start on a chunk boundary {self.chunks}")
-        padded = math.prod(-(-n // c) * c for n, c in zip(block.shape, self.chunks)) * self.dtype.itemsize
-        tiles = cut_chunks(block, self.chunks, self.fillvalue, scratch=_scratch(padded))
-        grid = tiles.shape[: block.ndim]
+
+    def _encode_tiles(self, region: tuple[slice, ...], tiles: np.ndarray) -> EncodedChunks:
+        ndim = len(region)
+        grid = tiles.shape[:ndim]
         origin = np.array([r.start for r in region], dtype=np.int64)
         step = np.array(self.chunks, dtype=np.int64)
-        offsets = np.indices(grid, dtype=np.int64).reshape(block.ndim, -1).T * step + origin
+        offsets = np.indices(grid, dtype=np.int64).reshape(ndim, -1).T * step + origin
         filters, itemsize, nbytes = self.filters, self.dtype.itemsize, self.chunk_nbytes
         if filters and filters[0][0] == SHUFFLE and itemsize > 1:
             # The leading shuffle, for all chunks at once (byte k of every element, then k + 1, ...).

@@ -186,6 +186,13 @@ class HDF5Target(BlockTarget):
             return _Raw(region, block)
         return self._encoder(region, block)
 
+    def encode_gathered(self, region: tuple[slice, ...], data: Any, index: np.ndarray, axis: int) -> Any:
+        """:meth:`encode_block` of ``np.take(data, index, axis=axis)``, gathered while the chunks are cut."""
+        if self._encoder is None or not isinstance(data, np.ndarray):
+            return self.encode_block(region, np.take(np.asarray(data), index, axis=axis))
+        self.check_region(region)
+        return self._encoder.encode_gathered(region, data, index, axis)
+
     def store_payload(self, payload: Any) -> None:
         """Store one encoded block (in the writer, in order)."""
         if self._file is None:
