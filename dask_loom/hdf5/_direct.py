@@ -28,7 +28,7 @@ __all__ = ["DIRECT", "chunk_table", "write_chunks"]
 _H5P_DEFAULT = 0
 
 
-def _load() -> tuple[Any, int, int] | None:
+def _load() -> tuple[Any, int | None, int | None] | None:
     try:
         from h5py import h5d
         from h5py._objects import phil  # noqa: F401 - the lock this module relies on
@@ -37,15 +37,20 @@ def _load() -> tuple[Any, int, int] | None:
 
         # dlsym on h5py's extension module finds the HDF5 it was linked with (a wheel's or the system's).
         lib = ctypes.CDLL(h5d.__file__)
-        write, iterate = lib.H5Dwrite_chunk, lib.H5Dchunk_iter
-    except (ImportError, OSError, AttributeError):
+    except (ImportError, OSError):
         return None
-    return _chunkcalls, ctypes.cast(write, ctypes.c_void_p).value, ctypes.cast(iterate, ctypes.c_void_p).value
+
+    def address(name: str) -> int | None:
+        # H5Dchunk_iter is HDF5 1.14's (h5py may be built against an older one): each call stands alone.
+        fn = getattr(lib, name, None)
+        return None if fn is None else ctypes.cast(fn, ctypes.c_void_p).value
+
+    return _chunkcalls, address("H5Dwrite_chunk"), address("H5Dchunk_iter")
 
 
 _MOD = _load()
 #: True when chunks are stored by the compiled loop with the GIL released.
-DIRECT = _MOD is not None
+DIRECT = _MOD is not None and _MOD[1] is not None
 
 
 def write_chunks(dsid: Any, offsets: np.ndarray, raws: Sequence[Any], *, direct: bool | None = None) -> None:
@@ -65,7 +70,7 @@ def write_chunks(dsid: Any, offsets: np.ndarray, raws: Sequence[Any], *, direct:
     """
     offs = np.ascontiguousarray(offsets, dtype=np.uint64).reshape(len(raws), -1)
     start = 0
-    if (DIRECT if direct is None else direct) and _MOD is not None and len(raws):
+    if (DIRECT if direct is None else direct) and _MOD is not None and _MOD[1] is not None and len(raws):
         from h5py._objects import phil
 
         mod, fn, _ = _MOD
@@ -86,7 +91,7 @@ def chunk_table(
     when the compiled loop is not available or HDF5 could not list them (the
     caller asks h5py).
     """
-    if _MOD is None:
+    if _MOD is None or _MOD[2] is None:
         return None
     from h5py._objects import phil
 
