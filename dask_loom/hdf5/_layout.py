@@ -54,7 +54,17 @@ class DatasetLayout:
 
     @property
     def filter_names(self) -> list[str]:
-        names = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit", 6: "scaleoffset", 32000: "lzf", 32001: "blosc", 32015: "zstd"}
+        names = {
+            1: "gzip",
+            2: "shuffle",
+            3: "fletcher32",
+            4: "szip",
+            5: "nbit",
+            6: "scaleoffset",
+            32000: "lzf",
+            32001: "blosc",
+            32015: "zstd",
+        }
         return [names.get(f[0], f"filter {f[0]}") for f in self.filters]
 
     @property
@@ -75,7 +85,11 @@ def describe(ds: h5py.Dataset) -> DatasetLayout:
     """Read the storage layout of an open dataset."""
     plist = ds.id.get_create_plist()
     kind = plist.get_layout()
-    layout = {h5py.h5d.CHUNKED: "chunked", h5py.h5d.CONTIGUOUS: "contiguous", h5py.h5d.COMPACT: "compact"}.get(kind, "virtual")
+    layout = {
+        h5py.h5d.CHUNKED: "chunked",
+        h5py.h5d.CONTIGUOUS: "contiguous",
+        h5py.h5d.COMPACT: "compact",
+    }.get(kind, "virtual")
     if layout == "contiguous" and plist.get_external_count() > 0:
         layout = "external"
     filters = []
@@ -135,7 +149,9 @@ class ChunkIndex:
         """
         import zlib
 
-        head = _INDEX_MAGIC + struct.pack("<B", len(self.grid)) + struct.pack(f"<{len(self.grid)}q", *self.grid)
+        head = (
+            _INDEX_MAGIC + struct.pack("<B", len(self.grid)) + struct.pack(f"<{len(self.grid)}q", *self.grid)
+        )
         body = b"".join(
             (
                 np.diff(self.offsets.astype("<i8"), prepend=np.int64(0)).astype("<i8").tobytes(),
@@ -188,6 +204,14 @@ def full_index(ds: h5py.Dataset, layout: DatasetLayout) -> ChunkIndex:
         add((info.chunk_offset, info.byte_offset, info.size, info.filter_mask))
 
     if n:
+        from dask_loom.hdf5._direct import chunk_table
+
+        table = chunk_table(ds.id, tuple(grid))
+        if table is not None:  # listed without a Python call per chunk
+            where, off, siz, msk = table
+            p = (where.astype(np.int64) // chunks) @ strides
+            offsets[p], sizes[p], masks[p] = off, siz, msk
+            return ChunkIndex(grid, offsets, sizes, masks)
         ds.id.chunk_iter(visit)
     if entries:
         where, off, siz, msk = zip(*entries)

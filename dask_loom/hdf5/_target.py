@@ -4,10 +4,11 @@ h5py cannot write one file from several processes or threads, so the two
 halves of the target protocol split there: :meth:`HDF5Target.encode_block`
 (in any task, any process) checks, casts and compresses whole chunks outside
 h5py (:mod:`dask_loom.hdf5._encode`), and :meth:`HDF5Target.store_payload`
-(in the caller, the single writer) stores the bytes with
-``write_direct_chunk``.  Datasets whose filters cannot be encoded outside
-h5py (LZF, szip, plugins) or that are not chunked are written through h5py
-by the writer instead, from the raw blocks.
+(in the caller, the single writer) stores a block's bytes in one call
+(``H5Dwrite_chunk`` with the GIL released, :mod:`dask_loom.hdf5._direct`;
+h5py's ``write_direct_chunk`` without the compiled module).  Datasets whose
+filters cannot be encoded outside h5py (LZF, szip, plugins) or that are not
+chunked are written through h5py by the writer instead, from the raw blocks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from dask_loom.blocks._target import BlockTarget
-from dask_loom.hdf5._encode import ChunkEncoder
+from dask_loom.hdf5._direct import write_chunks
+from dask_loom.hdf5._encode import ChunkEncoder, EncodedChunks
 from dask_loom.storage import FileSpec
 
 __all__ = ["HDF5Target"]
@@ -184,6 +186,13 @@ class HDF5Target(BlockTarget):
             return _Raw(region, block)
         return self._encoder(region, block)
 
+    def encode_gathered(self, region: tuple[slice, ...], data: Any, index: np.ndarray, axis: int) -> Any:
+        """:meth:`encode_block` of ``np.take(data, index, axis=axis)``, gathered while the chunks are cut."""
+        if self._encoder is None or not isinstance(data, np.ndarray):
+            return self.encode_block(region, np.take(np.asarray(data), index, axis=axis))
+        self.check_region(region)
+        return self._encoder.encode_gathered(region, data, index, axis)
+
     def store_payload(self, payload: Any) -> None:
         """Store one encoded block (in the writer, in order)."""
         if self._file is None:
@@ -191,6 +200,10 @@ class HDF5Target(BlockTarget):
         ds = self._file[self.path]
         if isinstance(payload, _Raw):
             ds[payload.region] = payload.block
+            return
+        if isinstance(payload, EncodedChunks):
+            # One call per block, outside the GIL where the compiled loop is built.
+            write_chunks(ds.id, payload.offsets, payload.raws)
             return
         dsid = ds.id
         for offset, data in payload:

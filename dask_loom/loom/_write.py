@@ -174,8 +174,15 @@ class LayerTarget(BlockTarget):
     def __dask_tokenize__(self) -> Any:
         from dask.base import tokenize
 
-        return ("LayerTarget", self.where, self.shape, self.dtype.str, self.chunk_shape, self.prefix,
-                tokenize(self._inner) if self._inner is not None else None)
+        return (
+            "LayerTarget",
+            self.where,
+            self.shape,
+            self.dtype.str,
+            self.chunk_shape,
+            self.prefix,
+            tokenize(self._inner) if self._inner is not None else None,
+        )
 
     def __reduce__(self) -> Any:
         # Tasks carry the container's target (which drops its open handles) and the check.
@@ -187,6 +194,13 @@ class LayerTarget(BlockTarget):
         """Refuse NaN/Inf, then the container's encoding (compressed chunks, or chunks written)."""
         check_values(data, self.where)
         return self._inner.encode_block(region, data)
+
+    def encode_gathered(self, region: tuple[slice, ...], data: Any, index: np.ndarray, axis: int) -> Any:
+        """:meth:`encode_block` of ``np.take(data, index, axis=axis)`` (the gather done while encoding, where it can be)."""
+        check_values(data, self.where)  # the same values, in another order
+        if hasattr(self._inner, "encode_gathered"):
+            return self._inner.encode_gathered(region, data, index, axis)
+        return self._inner.encode_block(region, np.take(np.asarray(data), index, axis=axis))
 
     def store_payload(self, payload: Any) -> None:
         self._inner.store_payload(payload)
@@ -255,7 +269,14 @@ def _prepare(ds: LoomConnectionLike, name: str, value: Any) -> tuple[Any, tuple[
 
 
 def create_layer_array(
-    w: Any, path: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], *, fill: bool = False, shards: Any = "auto"
+    w: Any,
+    path: str,
+    shape: tuple[int, ...],
+    dtype: Any,
+    chunks: tuple[int, ...],
+    *,
+    fill: bool = False,
+    shards: Any = "auto",
 ) -> None:
     """Create a layer dataset with loompy's settings (gzip 2, columns resizable).
 
@@ -295,7 +316,9 @@ def write_layer(ds: LoomConnectionLike, name: str, value: Any, *, chunks: Any = 
     ds._check_writable()
     check_name("Layer", name, ds.filename, allow_empty=True)
     value, shape, dt = _prepare(ds, name, value)
-    target = LayerTarget(ds, name, dtype=dt, chunks=default_chunks(shape, chunks, zarr=is_zarr_connection(ds)), shape=shape)
+    target = LayerTarget(
+        ds, name, dtype=dt, chunks=default_chunks(shape, chunks, zarr=is_zarr_connection(ds)), shape=shape
+    )
     if value is None:
         with target.transaction():
             pass  # a layer of zeros (the fill value): nothing to write
