@@ -1,9 +1,14 @@
 """Blockwise passes of the streaming recipe as dask graphs.
 
-Each pass is one ``blockwise`` layer over the AnnData matrix (so dask fuses it
-with the reads and the lazy normalise/log1p tasks before it: one task per
+Each pass is one ``blockwise`` layer over the AnnData matrix (one task per
 stored block) followed by a tree sum of small partials.  Nothing but the
 partials and the result is ever held whole.
+
+The lazy steps (``normalize_total``'s scaling, ``log1p``, Seurat's
+``expm1``) are dask arrays like any other, and also record what they owe
+(:func:`chained`): a pass over such an array reads the untransformed source
+and its kernel transforms each value as it reads it, instead of one
+transformed copy of every block per step (which cost more than the pass).
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import numpy as np
 
 from dask_loom.pp import _kernels as K
 
-__all__ = ["column_stats", "compute", "gram", "is_dask", "project", "row_sums_of", "transform"]
+__all__ = ["chained", "column_stats", "compute", "gram", "is_dask", "project", "row_sums_of", "transform"]
+
+_PENDING = "_dask_loom_pending"
+_ORDER = {"scale": 0, "log1p": 1, "expm1": 2}
 
 
 def is_dask(x: Any) -> bool:
@@ -28,6 +36,54 @@ def compute(*arrays: Any) -> tuple[Any, ...]:
     return _compute(*arrays)
 
 
+def _last_step(p: K.Pending) -> int:
+    return 2 if p.expm1 else 1 if p.log1p else 0 if p.scale else -1
+
+
+def chained(
+    out: Any, x: Any, step: str, *, base: float | None = None, factors: np.ndarray | None = None
+) -> Any:
+    """Record on *out* (the lazy result of *step* on *x*) the source and transforms a pass can fuse.
+
+    *step* is ``"scale"`` (rows divided by *factors*), ``"log1p"`` (*base*) or
+    ``"expm1"`` (after multiplying by *base*).  Steps in that order extend the
+    record of *x*; any other order starts a new one from *x*.
+    """
+    from dataclasses import replace
+
+    prev = getattr(x, _PENDING, None)
+    if prev is not None and _last_step(prev[1]) < _ORDER[step]:
+        source, p, f = prev
+    else:
+        source, p, f = x, K.Pending(), None
+    if step == "scale":
+        p, f = replace(p, scale=True), np.asarray(factors)
+    elif step == "log1p":
+        p = replace(p, log1p=True, log_base=base)
+    else:
+        p = replace(p, expm1=True, expm1_scale=base)
+    setattr(out, _PENDING, (source, p, f))
+    return out
+
+
+def _unfold(x: Any) -> tuple[Any, K.Pending | None, Any]:
+    """The source a pass reads, the transforms it owes and its row factors (a dask array, or None)."""
+    import dask.array as da
+
+    rec = getattr(x, _PENDING, None)
+    if rec is None:
+        return x, None, None
+    source, p, f = rec
+    if source.chunks[0] != x.chunks[0]:
+        return x, None, None
+    fd = None if f is None else da.from_array(f, chunks=(source.chunks[0],), name=False)
+    return source, p, fd
+
+
+def _row_args(f: Any) -> list[Any]:
+    return [] if f is None else [f, "i"]
+
+
 def _groups_array(groups: np.ndarray | None, x: Any) -> Any:
     import dask.array as da
 
@@ -36,19 +92,33 @@ def _groups_array(groups: np.ndarray | None, x: Any) -> Any:
     return da.from_array(np.asarray(groups, dtype=np.int64), chunks=(x.chunks[0],), name=False)
 
 
-def _stats_task(block: Any, groups: np.ndarray, col0: np.ndarray, *, n_groups: int, clip: np.ndarray | None) -> np.ndarray:
+def _stats_task(
+    block: Any,
+    groups: np.ndarray,
+    col0: np.ndarray,
+    factors: Any = None,
+    *,
+    n_groups: int,
+    clip: np.ndarray | None,
+    pending: Any,
+) -> np.ndarray:
     c = None
     if clip is not None:
         # col0 carries this block's first column (a one-element block of a helper array).
         lo = int(col0[0])
         c = clip[:, lo : lo + block.shape[1]]
-    return K.block_stats(block, groups=groups, n_groups=n_groups, clip=c)[None]
+    return K.block_stats(block, groups=groups, n_groups=n_groups, clip=c, pending=pending, factors=factors)[
+        None
+    ]
 
 
-def column_stats(x: Any, *, groups: np.ndarray | None = None, n_groups: int = 1, clip: np.ndarray | None = None) -> Any:
+def column_stats(
+    x: Any, *, groups: np.ndarray | None = None, n_groups: int = 1, clip: np.ndarray | None = None
+) -> Any:
     """Lazy ``(3, n_groups, n_cols)``: per group and column the sum, sum of squares and non-zero count."""
     import dask.array as da
 
+    x, pending, f = _unfold(x)
     g = _groups_array(groups, x)
     starts = np.concatenate(([0], np.cumsum(x.chunks[1])[:-1])).astype(np.int64)
     col0 = da.from_array(starts, chunks=1, name=False)
@@ -61,13 +131,15 @@ def column_stats(x: Any, *, groups: np.ndarray | None = None, n_groups: int = 1,
         "i",
         col0,
         "j",
+        *_row_args(f),
         n_groups=int(n_groups),
         clip=clip,
+        pending=pending,
         new_axes={"a": 3, "b": int(n_groups)},
         adjust_chunks={"i": 1},
         dtype=np.float64,
         meta=np.empty((0, 0, 0, 0), dtype=np.float64),
-        name="pp-stats-" + _token(x, groups, n_groups, clip),
+        name="pp-stats-" + _token(x, groups, n_groups, clip, pending, f),
         concatenate=False,
         align_arrays=False,
     )
@@ -105,7 +177,9 @@ def transform(x: Any, fn: Any, *args: Any, name: str, dtype: Any = None, **kwarg
     """``fn(block, *args)`` on every block, lazily, keeping chunks and meta (sparse stays sparse)."""
     out_dtype = x.dtype if dtype is None else np.dtype(dtype)
     meta = x._meta.astype(out_dtype) if hasattr(x._meta, "astype") else x._meta
-    return x.map_blocks(fn, *args, dtype=out_dtype, meta=meta, name=f"{name}-{_token(x, fn, args, kwargs)}", **kwargs)
+    return x.map_blocks(
+        fn, *args, dtype=out_dtype, meta=meta, name=f"{name}-{_token(x, fn, args, kwargs)}", **kwargs
+    )
 
 
 def _selected(x: Any, lut: np.ndarray) -> Any:
@@ -116,41 +190,99 @@ def _selected(x: Any, lut: np.ndarray) -> Any:
     return x, lut
 
 
-def _gram_task(block: Any, lut: np.ndarray, n_sel: int) -> np.ndarray:
-    return K.gram_block(block, lut, n_sel)
+def _gram_task(block: Any, factors: Any = None, *, lut: np.ndarray, n_sel: int, pending: Any) -> np.ndarray:
+    return K.gram_block(block, lut, n_sel, pending=pending, factors=factors)
 
 
 def gram(x: Any, lut: np.ndarray) -> Any:
     """Lazy ``(n_sel + 1, n_sel)``: Gram matrix of the selected columns (``lut[col]`` = position or -1), then column sums."""
     import dask.array as da
 
+    # Pending transforms act value by value, so selecting columns first gives the same values.
+    x, pending, f = _unfold(x)
     x, lut = _selected(x, lut)
     n_sel = int((lut >= 0).sum())
     parts = da.blockwise(
         _gram_task,
-        "iab",
+        "ia",
         x,
         "ij",
+        *_row_args(f),
         lut=lut,
         n_sel=n_sel,
-        new_axes={"a": n_sel + 1, "b": n_sel},
+        pending=pending,
+        new_axes={"a": n_sel * (n_sel + 1) // 2 + n_sel},
         adjust_chunks={"i": 1},
         concatenate=True,
         dtype=np.float64,
-        meta=np.empty((0, 0, 0), dtype=np.float64),
-        name="pp-gram-" + _token(x, lut),
+        meta=np.empty((0, 0), dtype=np.float64),
+        name="pp-gram-" + _token(x, lut, pending, f),
     )
-    return parts.sum(axis=0, split_every=8)
+    # Blocks add packed upper triangles (half the bytes to sum); the matrix is made once, after the sum.
+    total = _tree_sum(parts, name="pp-gram-sum-" + _token(parts.name))
+    return total.map_blocks(K.unpack, n_sel, chunks=((n_sel + 1,), (n_sel,)), new_axis=1, dtype=np.float64)
 
 
-def _project_task(block: Any, lut: np.ndarray, components: np.ndarray, offset: np.ndarray, out_dtype: Any) -> np.ndarray:
-    return K.project_block(block, lut, components, offset, out_dtype)
+def _flat(parts: Any) -> list[np.ndarray]:
+    if isinstance(parts, (list, tuple)):
+        return [a for p in parts for a in _flat(p)]
+    return [parts]
+
+
+def _add_into_first(parts: Any, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    arrays = _flat(parts)
+    # In place: every partial is an intermediate of this tree alone.
+    acc = arrays[0]
+    for a in arrays[1:]:
+        acc += a
+    return acc if keepdims else acc.reshape(acc.shape[1:])
+
+
+def _as_is(block: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    return block
+
+
+def _tree_sum(parts: Any, *, name: str) -> Any:
+    """Sum over axis 0 of per-block partials, eight at a time, adding in place.
+
+    ``Array.sum`` copies every partial (its chunk step, then concatenating
+    eight before summing them): for partials of 16 MB, as a Gram pass's, that
+    was most of the pass after its kernels.
+    """
+    import dask.array as da
+
+    return da.reduction(
+        parts,
+        chunk=_as_is,
+        combine=_add_into_first,
+        aggregate=_add_into_first,
+        axis=0,
+        concatenate=False,
+        split_every=8,
+        dtype=parts.dtype,
+        meta=np.empty((0,) * (parts.ndim - 1), dtype=parts.dtype),
+        name=name,
+    )
+
+
+def _project_task(
+    block: Any,
+    factors: Any = None,
+    *,
+    lut: np.ndarray,
+    components: np.ndarray,
+    offset: np.ndarray,
+    out_dtype: Any,
+    pending: Any,
+) -> np.ndarray:
+    return K.project_block(block, lut, components, offset, out_dtype, pending=pending, factors=factors)
 
 
 def project(x: Any, lut: np.ndarray, components: np.ndarray, offset: np.ndarray, dtype: Any) -> Any:
     """Lazy ``x[:, selected] @ components.T - offset`` (cells x components), blockwise."""
     import dask.array as da
 
+    x, pending, f = _unfold(x)
     x, lut = _selected(x, lut)
     k = components.shape[0]
     return da.blockwise(
@@ -158,7 +290,9 @@ def project(x: Any, lut: np.ndarray, components: np.ndarray, offset: np.ndarray,
         "ik",
         x,
         "ij",
+        *_row_args(f),
         lut=lut,
+        pending=pending,
         components=components,
         offset=offset,
         out_dtype=np.dtype(dtype),
@@ -166,5 +300,5 @@ def project(x: Any, lut: np.ndarray, components: np.ndarray, offset: np.ndarray,
         new_axes={"k": k},
         concatenate=True,
         meta=np.empty((0, 0), dtype=np.dtype(dtype)),
-        name="pp-project-" + _token(x, lut, components, offset),
+        name="pp-project-" + _token(x, lut, components, offset, pending, f),
     )

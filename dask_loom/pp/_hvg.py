@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from dask_loom.pp._graph import column_stats, compute, is_dask, transform
+from dask_loom.pp import _kernels as K
+from dask_loom.pp._graph import chained, column_stats, compute, is_dask, transform
 from dask_loom.pp._normalize import get_rep, scanpy_pp
 
 __all__ = ["batch_codes", "highly_variable_genes", "mean_var"]
@@ -48,19 +49,6 @@ def mean_var(stats: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         var = stats[1] / n - mean**2
         var = np.where(n != 1, var * n / (n - 1), var)
     return mean, var
-
-
-def _expm1_block(block: Any, scale: float | None) -> Any:
-    from dask_loom.pp import _kernels as K
-
-    block = K.as_csr(block)
-    if getattr(block, "format", None) == "csr":
-        import scipy.sparse as sp
-
-        data = block.data * scale if scale is not None else block.data
-        return sp.csr_matrix((np.expm1(data), block.indices, block.indptr), shape=block.shape)
-    b = np.asarray(block)
-    return np.expm1(b * scale if scale is not None else b)
 
 
 def _dispersion_frame(mean: np.ndarray, var: np.ndarray, flavor: str, n_bins: int) -> Any:
@@ -135,7 +123,9 @@ def _dispersion_flavours(
 
     if flavor == "seurat":
         base = adata.uns.get("log1p", {}).get("base")
-        x = transform(x, _expm1_block, None if base is None else float(np.log(base)), name="pp-expm1", dtype=np.result_type(x.dtype, np.float32))
+        scale = None if base is None else float(np.log(base))
+        lazy = transform(x, K.expm1_block, scale, name="pp-expm1", dtype=np.result_type(x.dtype, np.float32))
+        x = chained(lazy, x, "expm1", base=scale)
     codes, batches = batch_codes(adata, batch_key)
     (stats,) = compute(column_stats(x, groups=codes, n_groups=len(batches)))
     n = np.bincount(codes[codes >= 0], minlength=len(batches))
@@ -172,8 +162,6 @@ def _dispersion_flavours(
 
 
 def _integer_check_task(block: Any) -> np.ndarray:
-    from dask_loom.pp import _kernels as K
-
     block = K.as_csr(block)
     v = block.data if getattr(block, "format", None) == "csr" else np.asarray(block)
     ok = bool(np.all(v >= 0) and np.all(np.mod(v, 1) == 0)) if v.size else True

@@ -10,13 +10,25 @@ scanpy brings) the loops are compiled and release the GIL; with
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from dask_loom._csr import use_numba
 
-__all__ = ["block_stats", "gram_block", "project_block", "row_sums", "scale_rows", "as_csr"]
+__all__ = [
+    "Pending",
+    "as_csr",
+    "block_stats",
+    "expm1_block",
+    "gram_block",
+    "log1p_block",
+    "project_block",
+    "row_sums",
+    "scale_rows",
+    "unpack",
+]
 
 
 def as_csr(block: Any) -> Any:
@@ -32,50 +44,123 @@ def _is_csr(block: Any) -> bool:
     return getattr(block, "format", None) == "csr"
 
 
+# Value transforms the fused kernels apply to every stored value on the way in (bit flags).
+SCALE, LOG1P, LOG_DIV, EXPM1, EXP_MUL = 1, 2, 4, 8, 16
+
+
 @functools.cache
 def _numba() -> Any:
-    import numba
+    from dask_loom.pp import _compiled
 
-    @numba.njit(nogil=True, cache=True)
-    def stats(data, indices, indptr, groups, n_groups, n_cols, clip, has_clip):  # pragma: no cover - compiled
-        out = np.zeros((3, n_groups, n_cols), np.float64)
-        for r in range(len(indptr) - 1):
-            g = groups[r]
-            if g < 0:
-                continue
-            for p in range(indptr[r], indptr[r + 1]):
-                j = indices[p]
-                v = np.float64(data[p])
-                if has_clip:
-                    c = clip[g, j]
-                    if v > c:
-                        v = c
-                out[0, g, j] += v
-                out[1, g, j] += v * v
-                out[2, g, j] += data[p] != 0
-        return out
+    return _compiled
 
-    @numba.njit(nogil=True, cache=True)
-    def scatter(data, indices, indptr, lut, n_sel, dense, sums):  # pragma: no cover - compiled
-        for r in range(len(indptr) - 1):
-            for p in range(indptr[r], indptr[r + 1]):
-                k = lut[indices[p]]
-                if k >= 0:
-                    v = data[p]
-                    dense[r, k] = v
-                    sums[k] += v
 
-    return stats, scatter
+@dataclass(frozen=True)
+class Pending:
+    """Value transforms still owed to a block: what ``normalize_total``, ``log1p`` and Seurat's ``expm1`` left lazy.
+
+    In order: divide every row by its factor (``scale``), ``log1p`` (then
+    divide by ``log(log_base)``), ``expm1`` (after multiplying by
+    ``expm1_scale``).  The fused kernels apply them to each stored value as
+    they read it, instead of building a transformed copy of the block per step.
+    """
+
+    scale: bool = False
+    log1p: bool = False
+    log_base: float | None = None
+    expm1: bool = False
+    expm1_scale: float | None = None
+
+    def mode(self) -> tuple[int, float, float]:
+        """Flags and constants for the compiled kernels."""
+        log_div = float(np.log(self.log_base)) if self.log_base is not None else 1.0
+        exp_mul = float(self.expm1_scale) if self.expm1_scale is not None else 1.0
+        log1p, expm1 = self.log1p, self.expm1
+        if log1p and expm1 and (self.log_base is None) == (self.expm1_scale is None) and log_div == exp_mul:
+            # expm1(log1p(v)) is v again (to the float32 rounding of the round trip): skip both.
+            log1p = expm1 = False
+        mode = (SCALE if self.scale else 0) | (LOG1P if log1p else 0) | (EXPM1 if expm1 else 0)
+        mode |= (LOG_DIV if log1p and self.log_base is not None else 0) | (
+            EXP_MUL if expm1 and self.expm1_scale is not None else 0
+        )
+        return mode, log_div, exp_mul
+
+    def apply(self, block: Any, factors: np.ndarray | None) -> Any:
+        """The transformed block (any format), step by step as the lazy graph would."""
+        if self.scale:
+            block = scale_rows(block, factors)
+        if self.log1p:
+            block = log1p_block(block, self.log_base)
+        if self.expm1:
+            block = expm1_block(block, self.expm1_scale)
+        return block
+
+
+def _fused(block: Any, pending: Pending | None) -> bool:
+    """Whether a compiled kernel can read *block* raw and apply *pending* itself."""
+    if not (_is_csr(block) and use_numba()):
+        return False
+    return pending is None or block.dtype in (np.float32, np.float64)
+
+
+def _params(block: Any, pending: Pending | None, factors: np.ndarray | None) -> tuple[Any, ...]:
+    if pending is None:
+        return np.ones(1), 0, False, 1.0, 1.0
+    mode, log_div, exp_mul = pending.mode()
+    fac = (
+        np.ones(1)
+        if factors is None
+        else _adjusted(factors).astype(block.dtype, copy=False).astype(np.float64)
+    )
+    return fac, mode, block.dtype == np.float32, log_div, exp_mul
+
+
+def _adjusted(factors: np.ndarray) -> np.ndarray:
+    # A zero factor leaves its row as is (scanpy's rule).
+    f = np.asarray(factors).reshape(-1)
+    return f + (f == 0)
+
+
+def log1p_block(block: Any, base: float | None) -> Any:
+    """``log1p`` of every value (divided by ``log(base)``), sparse blocks staying sparse."""
+    block = as_csr(block)
+    if _is_csr(block):
+        import scipy.sparse as sp
+
+        data = np.log1p(block.data)
+        if base is not None:
+            data /= np.log(base)
+        return sp.csr_matrix((data, block.indices, block.indptr), shape=block.shape)
+    out = np.log1p(block)
+    if base is not None:
+        out /= np.log(base)
+    return out
+
+
+def expm1_block(block: Any, scale: float | None) -> Any:
+    """``expm1`` of every value (multiplied by *scale* first), sparse blocks staying sparse."""
+    block = as_csr(block)
+    if _is_csr(block):
+        import scipy.sparse as sp
+
+        data = block.data * scale if scale is not None else block.data
+        return sp.csr_matrix((np.expm1(data), block.indices, block.indptr), shape=block.shape)
+    b = np.asarray(block)
+    return np.expm1(b * scale if scale is not None else b)
 
 
 def row_sums(block: Any) -> np.ndarray:
     """Sum of every row (float64), as scanpy's counts per cell."""
     block = as_csr(block)
     if _is_csr(block):
+        if use_numba():
+            return _numba().row_sums(block.data, block.indptr)
         out = np.zeros(block.shape[0], dtype=np.float64)
         if block.nnz:
             rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-            out = np.bincount(rows, weights=block.data.astype(np.float64, copy=False), minlength=block.shape[0])
+            out = np.bincount(
+                rows, weights=block.data.astype(np.float64, copy=False), minlength=block.shape[0]
+            )
         return out
     return np.asarray(block, dtype=np.float64).sum(axis=1)
 
@@ -87,8 +172,7 @@ def scale_rows(block: Any, factors: np.ndarray) -> Any:
     first, so float32 data are divided in float32.
     """
     block = as_csr(block)
-    f = np.asarray(factors).reshape(-1)
-    f = f + (f == 0)
+    f = _adjusted(factors)
     if _is_csr(block):
         import scipy.sparse as sp
 
@@ -103,6 +187,8 @@ def block_stats(
     groups: np.ndarray | None = None,
     n_groups: int = 1,
     clip: np.ndarray | None = None,
+    pending: Pending | None = None,
+    factors: np.ndarray | None = None,
 ) -> np.ndarray:
     """``(3, n_groups, n_cols)`` float64: per group and column, the sum, sum of squares and non-zero count.
 
@@ -113,16 +199,30 @@ def block_stats(
     clip
         ``(n_groups, n_cols)`` upper bounds applied to values before summing
         (Seurat v3's clipped variance); counts are of the stored non-zeros.
+    pending, factors
+        Transforms to apply to the values first (and the row factors they divide by).
     """
     block = as_csr(block)
     n_rows, n_cols = block.shape
     if groups is None:
         groups = np.zeros(n_rows, dtype=np.int64)
     groups = np.asarray(groups, dtype=np.int64)
-    if _is_csr(block) and use_numba():
-        stats, _ = _numba()
+    if _fused(block, pending):
         c = np.zeros((1, 1)) if clip is None else np.ascontiguousarray(clip, dtype=np.float64)
-        return stats(block.data, block.indices, block.indptr, groups, int(n_groups), int(n_cols), c, clip is not None)
+        out = _numba().stats(
+            block.data,
+            block.indices,
+            block.indptr,
+            groups,
+            int(n_groups),
+            int(n_cols),
+            c,
+            clip is not None,
+            *_params(block, pending, factors),
+        )
+        return np.ascontiguousarray(out.transpose(2, 0, 1))
+    if pending is not None:
+        block = as_csr(pending.apply(block, factors))
     out = np.zeros((3, n_groups, n_cols), dtype=np.float64)
     if _is_csr(block):
         rows = np.repeat(groups, np.diff(block.indptr))
@@ -159,8 +259,7 @@ def _dense_selection(block: Any, lut: np.ndarray, n_sel: int) -> tuple[np.ndarra
         dense = np.zeros((block.shape[0], n_sel), dtype=dtype)
         sums = np.zeros(n_sel, dtype=np.float64)
         if use_numba():
-            _, scatter = _numba()
-            scatter(block.data, block.indices, block.indptr, lut, n_sel, dense, sums)
+            _numba().scatter(block.data, block.indices, block.indptr, lut, n_sel, dense, sums)
             return dense, sums
         rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
         k = lut[block.indices]
@@ -173,29 +272,96 @@ def _dense_selection(block: Any, lut: np.ndarray, n_sel: int) -> tuple[np.ndarra
     return dense, dense.sum(axis=0, dtype=np.float64)
 
 
-def gram_block(block: Any, lut: np.ndarray, n_sel: int) -> np.ndarray:
-    """``(1, n_sel + 1, n_sel)`` float64: the Gram matrix ``B.T @ B`` of the selected columns, then their sums.
+#: Columns stored in at least this fraction of a block's rows go into the dense BLAS product.
+DENSE_FRACTION = 0.1
 
-    The selected columns are scattered into a dense ``rows x n_sel`` buffer
-    (the selection is small: 2,000 variable genes) and multiplied with one
-    BLAS call; the product is summed in float64 across blocks.
+
+def gram_block(
+    block: Any,
+    lut: np.ndarray,
+    n_sel: int,
+    *,
+    pending: Pending | None = None,
+    factors: np.ndarray | None = None,
+) -> np.ndarray:
+    """``(1, n_sel * (n_sel + 1) / 2 + n_sel)`` float64: the Gram matrix ``B.T @ B`` of the selected columns, packed, then their sums.
+
+    The packed part is the upper triangle row by row (:func:`unpack` makes
+    the matrix of the sum of all blocks).  Sparse blocks: the columns stored in
+    at least :data:`DENSE_FRACTION` of the rows are scattered into a dense
+    buffer and multiplied with one BLAS call (a symmetric rank-k update); the
+    products that involve a sparser column, most columns but a small part of
+    the work, are summed over the stored values only.
     """
+    block = as_csr(block)
+    n_packed = n_sel * (n_sel + 1) // 2
+    out = np.zeros((1, n_packed + n_sel), dtype=np.float64)
+    if _fused(block, pending):
+        nb = _numba()
+        rp, ck, cv, cnt = nb.select(
+            block.data, block.indices, block.indptr, np.asarray(lut, dtype=np.int32), n_sel,
+            *_params(block, pending, factors),
+        )  # fmt: skip
+        hcols = np.flatnonzero(cnt >= max(1.0, DENSE_FRACTION * block.shape[0]))
+        hpos = np.full(n_sel, -1, dtype=np.int64)
+        hpos[hcols] = np.arange(len(hcols))
+        dense = np.zeros((block.shape[0], len(hcols)), dtype=np.result_type(block.dtype, np.float32))
+        packed, sums = out[0, :n_packed], out[0, n_packed:]
+        nb.gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, packed, sums)
+        if len(hcols):
+            # np.dot of a matrix with its own transpose is BLAS's symmetric rank-k update.
+            nb.merge_dense(packed, np.dot(dense.T, dense), hcols, n_sel)
+        return out
+    if pending is not None:
+        block = pending.apply(block, factors)
     dense, sums = _dense_selection(block, lut, n_sel)
-    out = np.empty((1, n_sel + 1, n_sel), dtype=np.float64)
-    out[0, :n_sel] = dense.T @ dense
-    out[0, n_sel] = sums
+    out[0, :n_packed] = np.dot(dense.T, dense)[np.triu_indices(n_sel)]
+    out[0, n_packed:] = sums
     return out
 
 
-def project_block(block: Any, lut: np.ndarray, components: np.ndarray, offset: np.ndarray, dtype: Any) -> np.ndarray:
+def unpack(summed: np.ndarray, n_sel: int) -> np.ndarray:
+    """``(n_sel + 1, n_sel)``: the Gram matrix from summed :func:`gram_block` output, then the column sums."""
+    flat = np.asarray(summed).reshape(-1)
+    n_packed = n_sel * (n_sel + 1) // 2
+    out = np.empty((n_sel + 1, n_sel), dtype=np.float64)
+    g = out[:n_sel]
+    g[np.triu_indices(n_sel)] = flat[:n_packed]
+    lower = np.tril_indices(n_sel, -1)
+    g[lower] = g.T[lower]
+    out[n_sel] = flat[n_packed:]
+    return out
+
+
+def project_block(
+    block: Any,
+    lut: np.ndarray,
+    components: np.ndarray,
+    offset: np.ndarray,
+    dtype: Any,
+    *,
+    pending: Pending | None = None,
+    factors: np.ndarray | None = None,
+) -> np.ndarray:
     """``(B[:, selected] @ components.T) - offset`` for one block, as *dtype*."""
     n_sel = components.shape[1]
     block = as_csr(block)
-    if _is_csr(block) and block.shape[0]:
-        sel = block[:, np.flatnonzero(lut >= 0)[np.argsort(lut[lut >= 0])]]
-        out = np.asarray(sel @ components.T, dtype=np.float64)
+    if _fused(block, pending):
+        nb = _numba()
+        comps_t = np.ascontiguousarray(np.asarray(components, dtype=np.float64).T)
+        rp, ck, cv, _ = nb.select(
+            block.data, block.indices, block.indptr, np.asarray(lut, dtype=np.int32), n_sel,
+            *_params(block, pending, factors),
+        )  # fmt: skip
+        out = nb.project(rp, ck, cv, comps_t)
     else:
-        dense, _ = _dense_selection(block, lut, n_sel)
-        out = dense.astype(np.float64) @ components.T
+        if pending is not None:
+            block = as_csr(pending.apply(block, factors))
+        if _is_csr(block) and block.shape[0]:
+            sel = block[:, np.flatnonzero(lut >= 0)[np.argsort(lut[lut >= 0])]]
+            out = np.asarray(sel @ components.T, dtype=np.float64)
+        else:
+            dense, _ = _dense_selection(block, lut, n_sel)
+            out = dense.astype(np.float64) @ components.T
     out -= offset[None, :]
     return out.astype(dtype, copy=False)

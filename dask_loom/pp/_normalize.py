@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from dask_loom.pp import _kernels as K
-from dask_loom.pp._graph import compute, is_dask, row_sums_of, transform
+from dask_loom.pp._graph import chained, compute, is_dask, row_sums_of, transform
 
 __all__ = ["log1p", "normalize_total"]
 
@@ -157,6 +157,7 @@ def normalize_total(
         K.scale_rows, "ij", x, "ij", f, "i", dtype=x.dtype, meta=x._meta,
         name="pp-normalize-" + _tok(x, factors),
     )
+    chained(out, x, "scale", factors=factors)
     if inplace:
         if key_added is not None:
             adata.obs[key_added] = factors
@@ -169,21 +170,6 @@ def _tok(*args: Any) -> str:
     from dask.base import tokenize
 
     return tokenize(*args)
-
-
-def _log1p_block(block: Any, base: float | None) -> Any:
-    block = K.as_csr(block)
-    if getattr(block, "format", None) == "csr":
-        import scipy.sparse as sp
-
-        data = np.log1p(block.data)
-        if base is not None:
-            data /= np.log(base)
-        return sp.csr_matrix((data, block.indices, block.indptr), shape=block.shape)
-    out = np.log1p(block)
-    if base is not None:
-        out /= np.log(base)
-    return out
 
 
 def log1p(
@@ -202,7 +188,7 @@ def log1p(
     if not isinstance(data, ad.AnnData):
         if is_dask(data):
             x = data if np.issubdtype(data.dtype, np.floating) else data.astype(np.float32)
-            return transform(x, _log1p_block, base, name="pp-log1p")
+            return chained(transform(x, K.log1p_block, base, name="pp-log1p"), x, "log1p", base=base)
         return scanpy_pp().log1p(data, base=base, copy=copy, chunked=chunked, chunk_size=chunk_size, layer=layer, obsm=obsm)
     x = data.obsm[obsm] if obsm is not None else get_rep(data, layer)
     if not is_dask(x):
@@ -211,7 +197,7 @@ def log1p(
     if "log1p" in adata.uns:
         warnings.warn("adata.X seems to be already log-transformed.", UserWarning, stacklevel=2)
     x = x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32)
-    out = transform(x, _log1p_block, base, name="pp-log1p")
+    out = chained(transform(x, K.log1p_block, base, name="pp-log1p"), x, "log1p", base=base)
     if obsm is not None:
         adata.obsm[obsm] = out
     else:

@@ -67,6 +67,8 @@ def fit_pca(x: Any, mask: np.ndarray | None, n_comps: int, zero_center: bool) ->
     """One Gram pass over the selected columns of *x*; the PCA (or uncentred SVD) of it."""
     import scipy.linalg
 
+    from dask_loom.cluster import _one_blas_thread
+
     n_vars = x.shape[1]
     sel = np.arange(n_vars) if mask is None else np.flatnonzero(mask)
     lut = np.full(n_vars, -1, dtype=np.int64)
@@ -77,7 +79,10 @@ def fit_pca(x: Any, mask: np.ndarray | None, n_comps: int, zero_center: bool) ->
     gram_m, sums = g[:k] / n, g[k]
     mean = sums / n
     cov = gram_m - np.outer(mean, mean) if zero_center else gram_m
-    evals, evecs = scipy.linalg.eigh(cov)
+    # Only the leading eigenpairs are wanted; one BLAS thread, since idle OpenBLAS
+    # threads spin and a loaded 2-core machine took 10x longer with two.
+    with _one_blas_thread():
+        evals, evecs = scipy.linalg.eigh(cov, subset_by_index=[k - n_comps, k - 1])
     evals, evecs = evals[::-1], evecs[:, ::-1]
     components = _flip(evecs[:, :n_comps].T)
     if zero_center:

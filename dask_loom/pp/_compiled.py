@@ -1,0 +1,215 @@
+"""The compiled per-block loops of :mod:`dask_loom.pp._kernels` (imported only when numba is used).
+
+Module-level functions, so numba's on-disk cache finds them again in every
+process (functions made inside a function get a new identity each time and
+were compiled anew, seconds per process).  They release the GIL.
+"""
+
+import math
+
+import numba
+import numpy as np
+
+__all__ = ["gram_sparse", "merge_dense", "project", "row_sums", "scatter", "select", "stats", "tv"]
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def tv(x, f, mode, is32, log_div, exp_mul):  # pragma: no cover - compiled
+    # The transforms of scale_rows, log1p and expm1 on one value, rounded to
+    # float32 after every step when the data are float32 (as numpy does).
+    # mode: the flags of _kernels (1 scale, 2 log1p, 4 / log_div, 8 expm1, 16 * exp_mul).
+    w = np.float64(x)
+    if mode & 1:
+        w = w / f
+        if is32:
+            w = np.float64(np.float32(w))
+    if mode & 2:
+        w = math.log1p(w)
+        if is32:
+            w = np.float64(np.float32(w))
+        if mode & 4:
+            w = w / log_div
+            if is32:
+                w = np.float64(np.float32(w))
+    if mode & 8:
+        if mode & 16:
+            w = w * exp_mul
+            if is32:
+                w = np.float64(np.float32(w))
+        w = math.expm1(w)
+        if is32:
+            w = np.float64(np.float32(w))
+    return w
+
+
+@numba.njit(nogil=True, cache=True)
+def stats(
+    data, indices, indptr, groups, n_groups, n_cols, clip, has_clip, fac, mode, is32, log_div, exp_mul
+):  # pragma: no cover - compiled
+    # (group, column, statistic): the three sums of one value share a cache line.
+    out = np.zeros((n_groups, n_cols, 3), np.float64)
+    for r in range(len(indptr) - 1):
+        g = groups[r]
+        if g < 0:
+            continue
+        f = fac[r] if mode & 1 else 1.0
+        for p in range(indptr[r], indptr[r + 1]):
+            j = indices[p]
+            v = tv(data[p], f, mode, is32, log_div, exp_mul)
+            nz = v != 0
+            if has_clip:
+                c = clip[g, j]
+                if v > c:
+                    v = c
+            out[g, j, 0] += v
+            out[g, j, 1] += v * v
+            out[g, j, 2] += nz
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def scatter(data, indices, indptr, lut, n_sel, dense, sums):  # pragma: no cover - compiled
+    for r in range(len(indptr) - 1):
+        for p in range(indptr[r], indptr[r + 1]):
+            k = lut[indices[p]]
+            if k >= 0:
+                v = data[p]
+                dense[r, k] = v
+                sums[k] += v
+
+
+@numba.njit(nogil=True, cache=True)
+def row_sums(data, indptr):  # pragma: no cover - compiled
+    n = len(indptr) - 1
+    out = np.zeros(n, np.float64)
+    for r in range(n):
+        s = 0.0
+        for p in range(indptr[r], indptr[r + 1]):
+            s += data[p]
+        out[r] = s
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def select(
+    data, indices, indptr, lut, n_sel, fac, mode, is32, log_div, exp_mul
+):  # pragma: no cover - compiled
+    # The selected values of a block, transformed, as a compact CSR (row pointers,
+    # positions, values), and how many rows store each selected column.  One
+    # branch-free scan of the column indices (most are not selected); the
+    # buffers are sized for every stored value but only the selected part is touched.
+    n_rows = len(indptr) - 1
+    rp = np.zeros(n_rows + 1, np.int64)
+    nnz = indptr[n_rows] - indptr[0]
+    pos = np.empty(nnz, np.int64)
+    q = 0
+    for r in range(n_rows):
+        for p in range(indptr[r], indptr[r + 1]):
+            pos[q] = p
+            q += lut[indices[p]] >= 0
+        rp[r + 1] = q
+    cnt = np.zeros(n_sel, np.int64)
+    ck = np.empty(q, np.int64)
+    cv = np.empty(q, np.float64)
+    for r in range(n_rows):
+        f = fac[r] if mode & 1 else 1.0
+        for t in range(rp[r], rp[r + 1]):
+            p = pos[t]
+            k = lut[indices[p]]
+            cnt[k] += 1
+            ck[t] = k
+            cv[t] = tv(data[p], f, mode, is32, log_div, exp_mul)
+    return rp, ck, cv, cnt
+
+
+@numba.njit(nogil=True, cache=True)
+def gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, packed, sums):  # pragma: no cover - compiled
+    # Values of the dense columns go to `dense` (one BLAS product later).  The
+    # other products are summed column by column (Gustavson's order): for each
+    # sparse column i, every row r storing it adds v_ri times the rest of row r
+    # (the columns from i on, so each pair once) into a small accumulator that
+    # stays in cache, then one contiguous row of the packed upper triangle.
+    n_rows = len(rp) - 1
+    n_sel = len(sums)
+    h = len(hcols)
+    col_ptr = np.zeros(n_sel + 1, np.int64)
+    for k in range(n_sel):
+        col_ptr[k + 1] = col_ptr[k] + (cnt[k] if hpos[k] < 0 else 0)
+    n_l = col_ptr[n_sel]
+    crow = np.empty(n_l, np.int64)
+    cval = np.empty(n_l, np.float64)
+    fill = col_ptr[:n_sel].copy()
+    row_n = np.zeros(n_rows + 1, np.int64)
+    for r in range(n_rows):
+        for q in range(rp[r], rp[r + 1]):
+            k = ck[q]
+            v = cv[q]
+            sums[k] += v
+            t = hpos[k]
+            if t >= 0:
+                dense[r, t] = v
+            else:
+                crow[fill[k]] = r
+                cval[fill[k]] = v
+                fill[k] += 1
+                row_n[r + 1] += 1
+    # The same entries row by row, columns ascending within each row.
+    srp = np.cumsum(row_n)
+    sk = np.empty(n_l, np.int64)
+    sv = np.empty(n_l, np.float64)
+    nxt = srp[:n_rows].copy()
+    for k in range(n_sel):
+        for q in range(col_ptr[k], col_ptr[k + 1]):
+            r = crow[q]
+            sk[nxt[r]] = k
+            sv[nxt[r]] = cval[q]
+            nxt[r] += 1
+    ptr = srp[:n_rows].copy()
+    acc = np.zeros(n_sel, np.float64)
+    acch = np.zeros(h, np.float64)
+    for i in range(n_sel):
+        if col_ptr[i] == col_ptr[i + 1]:
+            continue
+        for q in range(col_ptr[i], col_ptr[i + 1]):
+            r = crow[q]
+            vi = cval[q]
+            p0 = ptr[r]  # row r's entry of column i: the columns before i are done
+            ptr[r] = p0 + 1
+            for p in range(p0, srp[r + 1]):
+                acc[sk[p]] += vi * sv[p]
+            for t in range(h):
+                acch[t] += vi * dense[r, t]
+        base = i * n_sel - (i * (i - 1)) // 2 - i
+        for j in range(i, n_sel):
+            packed[base + j] += acc[j]
+            acc[j] = 0.0
+        for t in range(h):
+            kh = hcols[t]
+            if kh < i:
+                packed[kh * n_sel - (kh * (kh - 1)) // 2 - kh + i] += acch[t]
+            else:
+                packed[base + kh] += acch[t]
+            acch[t] = 0.0
+
+
+@numba.njit(nogil=True, cache=True)
+def merge_dense(packed, hh, hcols, n_sel):  # pragma: no cover - compiled
+    for a in range(len(hcols)):
+        i = hcols[a]
+        base = i * n_sel - (i * (i - 1)) // 2 - i
+        for b in range(a, len(hcols)):
+            packed[base + hcols[b]] += hh[a, b]
+
+
+@numba.njit(nogil=True, cache=True)
+def project(rp, ck, cv, comps_t):  # pragma: no cover - compiled
+    n_rows = len(rp) - 1
+    n_c = comps_t.shape[1]
+    out = np.zeros((n_rows, n_c), np.float64)
+    for r in range(n_rows):
+        for q in range(rp[r], rp[r + 1]):
+            w = cv[q]
+            k = ck[q]
+            for c in range(n_c):
+                out[r, c] += w * comps_t[k, c]
+    return out
