@@ -123,12 +123,12 @@ def select(
 
 
 @numba.njit(nogil=True, cache=True)
-def gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, packed, sums):  # pragma: no cover - compiled
+def gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, upper, sums):  # pragma: no cover - compiled
     # Values of the dense columns go to `dense` (one BLAS product later).  The
     # other products are summed column by column (Gustavson's order): for each
     # sparse column i, every row r storing it adds v_ri times the rest of row r
     # (the columns from i on, so each pair once) into a small accumulator that
-    # stays in cache, then one contiguous row of the packed upper triangle.
+    # stays in cache, then one contiguous row of `upper`.
     n_rows = len(rp) - 1
     n_sel = len(sums)
     h = len(hcols)
@@ -179,26 +179,22 @@ def gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, packed, sums):  # pragma: n
                 acc[sk[p]] += vi * sv[p]
             for t in range(h):
                 acch[t] += vi * dense[r, t]
-        base = i * n_sel - (i * (i - 1)) // 2 - i
         for j in range(i, n_sel):
-            packed[base + j] += acc[j]
+            upper[i, j] += acc[j]
             acc[j] = 0.0
+        # Products with the dense columns go to row i too (either triangle): each
+        # pair is stored once, and the writes stay in one row.
         for t in range(h):
-            kh = hcols[t]
-            if kh < i:
-                packed[kh * n_sel - (kh * (kh - 1)) // 2 - kh + i] += acch[t]
-            else:
-                packed[base + kh] += acch[t]
+            upper[i, hcols[t]] += acch[t]
             acch[t] = 0.0
 
 
 @numba.njit(nogil=True, cache=True)
-def merge_dense(packed, hh, hcols, n_sel):  # pragma: no cover - compiled
+def merge_dense(upper, hh, hcols):  # pragma: no cover - compiled
     for a in range(len(hcols)):
         i = hcols[a]
-        base = i * n_sel - (i * (i - 1)) // 2 - i
         for b in range(a, len(hcols)):
-            packed[base + hcols[b]] += hh[a, b]
+            upper[i, hcols[b]] += hh[a, b]
 
 
 @numba.njit(nogil=True, cache=True)

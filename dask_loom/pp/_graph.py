@@ -204,23 +204,23 @@ def gram(x: Any, lut: np.ndarray) -> Any:
     n_sel = int((lut >= 0).sum())
     parts = da.blockwise(
         _gram_task,
-        "ia",
+        "iab",
         x,
         "ij",
         *_row_args(f),
         lut=lut,
         n_sel=n_sel,
         pending=pending,
-        new_axes={"a": n_sel * (n_sel + 1) // 2 + n_sel},
+        new_axes={"a": n_sel + 1, "b": n_sel},
         adjust_chunks={"i": 1},
         concatenate=True,
         dtype=np.float64,
-        meta=np.empty((0, 0), dtype=np.float64),
+        meta=np.empty((0, 0, 0), dtype=np.float64),
         name="pp-gram-" + _token(x, lut, pending, f),
     )
-    # Blocks add packed upper triangles (half the bytes to sum); the matrix is made once, after the sum.
+    # Blocks store each pair once; the symmetric matrix is made once, after the sum.
     total = _tree_sum(parts, name="pp-gram-sum-" + _token(parts.name))
-    return total.map_blocks(K.unpack, n_sel, chunks=((n_sel + 1,), (n_sel,)), new_axis=1, dtype=np.float64)
+    return total.map_blocks(K.symmetric, dtype=np.float64)
 
 
 def _flat(parts: Any) -> list[np.ndarray]:

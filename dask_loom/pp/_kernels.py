@@ -27,7 +27,7 @@ __all__ = [
     "project_block",
     "row_sums",
     "scale_rows",
-    "unpack",
+    "symmetric",
 ]
 
 
@@ -284,18 +284,18 @@ def gram_block(
     pending: Pending | None = None,
     factors: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``(1, n_sel * (n_sel + 1) / 2 + n_sel)`` float64: the Gram matrix ``B.T @ B`` of the selected columns, packed, then their sums.
+    """``(1, n_sel + 1, n_sel)`` float64: the Gram matrix ``B.T @ B`` of the selected columns, each pair once, then their sums.
 
-    The packed part is the upper triangle row by row (:func:`unpack` makes
-    the matrix of the sum of all blocks).  Sparse blocks: the columns stored in
-    at least :data:`DENSE_FRACTION` of the rows are scattered into a dense
-    buffer and multiplied with one BLAS call (a symmetric rank-k update); the
-    products that involve a sparser column, most columns but a small part of
-    the work, are summed over the stored values only.
+    Each product of two different columns is in one of its two places (the
+    other is zero): :func:`symmetric` makes the matrix of the sum of all
+    blocks.  Sparse blocks: the columns stored in at least
+    :data:`DENSE_FRACTION` of the rows are scattered into a dense buffer and
+    multiplied with one BLAS call (a symmetric rank-k update); the products
+    that involve a sparser column, most columns but a small part of the
+    work, are summed over the stored values only.
     """
     block = as_csr(block)
-    n_packed = n_sel * (n_sel + 1) // 2
-    out = np.zeros((1, n_packed + n_sel), dtype=np.float64)
+    out = np.zeros((1, n_sel + 1, n_sel), dtype=np.float64)
     if _fused(block, pending):
         nb = _numba()
         rp, ck, cv, cnt = nb.select(
@@ -306,30 +306,27 @@ def gram_block(
         hpos = np.full(n_sel, -1, dtype=np.int64)
         hpos[hcols] = np.arange(len(hcols))
         dense = np.zeros((block.shape[0], len(hcols)), dtype=np.result_type(block.dtype, np.float32))
-        packed, sums = out[0, :n_packed], out[0, n_packed:]
-        nb.gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, packed, sums)
+        nb.gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, out[0, :n_sel], out[0, n_sel])
         if len(hcols):
             # np.dot of a matrix with its own transpose is BLAS's symmetric rank-k update.
-            nb.merge_dense(packed, np.dot(dense.T, dense), hcols, n_sel)
+            nb.merge_dense(out[0, :n_sel], np.dot(dense.T, dense), hcols)
         return out
     if pending is not None:
         block = pending.apply(block, factors)
     dense, sums = _dense_selection(block, lut, n_sel)
-    out[0, :n_packed] = np.dot(dense.T, dense)[np.triu_indices(n_sel)]
-    out[0, n_packed:] = sums
+    out[0, :n_sel] = np.triu(np.dot(dense.T, dense))
+    out[0, n_sel] = sums
     return out
 
 
-def unpack(summed: np.ndarray, n_sel: int) -> np.ndarray:
-    """``(n_sel + 1, n_sel)``: the Gram matrix from summed :func:`gram_block` output, then the column sums."""
-    flat = np.asarray(summed).reshape(-1)
-    n_packed = n_sel * (n_sel + 1) // 2
-    out = np.empty((n_sel + 1, n_sel), dtype=np.float64)
-    g = out[:n_sel]
-    g[np.triu_indices(n_sel)] = flat[:n_packed]
-    lower = np.tril_indices(n_sel, -1)
-    g[lower] = g.T[lower]
-    out[n_sel] = flat[n_packed:]
+def symmetric(summed: np.ndarray) -> np.ndarray:
+    """The summed :func:`gram_block` output (each pair in one place) as the symmetric Gram matrix, then the sums."""
+    out = np.array(summed, dtype=np.float64).reshape(summed.shape[-2:])
+    n = out.shape[1]
+    g = out[:n]
+    diag = g.diagonal().copy()
+    g += g.T.copy()
+    g[np.diag_indices(n)] = diag
     return out
 
 
