@@ -481,6 +481,41 @@ def test_recipe_batches_and_real_file(recipe_loom, data_dir):
         _assert_same_pca(g, w)
 
 
+@pytest.mark.parametrize("blocks", ["csr-numba", "csr-numpy", "dense"])
+def test_recipe_fused_passes_equal_scanpy_in_memory(recipe_loom, blocks, monkeypatch):
+    """normalize_total -> log1p(base 2) -> seurat variable genes per batch -> PCA, on each kind of block.
+
+    On CSR blocks with the compiled (numba) kernels every pass reads the counts and
+    transforms each value itself: no block is ever transformed step by step.
+    The Gram pass splits the columns into dense ones (one BLAS product) and
+    sparse ones (stored values only): the data have both kinds in every block.
+    """
+    from dask_loom.pp import _kernels
+
+    want = _peer_read(sc.read_loom, recipe_loom, X_name="")
+    want.X = sp.csr_matrix(want.X)
+    with dask.config.set({"dask_loom.block-size": "64KiB", "dask_loom.kernels": blocks.removeprefix("csr-").replace("dense", "auto")}):
+        got = dask_loom.read_loom(recipe_loom, X_name="", sparse=blocks != "dense")
+        assert len(got.X.chunks[0]) > 1
+        block = dense(got.X.blocks[0])
+        detected = (block != 0).mean(axis=0)
+        assert (detected >= _kernels.DENSE_FRACTION).any() and ((detected > 0) & (detected < _kernels.DENSE_FRACTION)).any()
+        if blocks == "csr-numba":
+
+            def refuse(*args, **kwargs):
+                raise AssertionError("a pass transformed a block step by step")
+
+            monkeypatch.setattr(_kernels.Pending, "apply", refuse)
+        for lib, a in ((sc.pp, want), (dask_loom.pp, got)):
+            lib.normalize_total(a, target_sum=1e4)
+            lib.log1p(a, base=2)
+            lib.highly_variable_genes(a, flavor="seurat", n_top_genes=80, batch_key="batch")
+            lib.pca(a, n_comps=20)
+    np.testing.assert_array_equal(got.var["highly_variable_nbatches"], want.var["highly_variable_nbatches"])
+    _assert_same_hvg(got, want, "seurat")
+    _assert_same_pca(got, want)
+
+
 # -- bad input ---------------------------------------------------------------------------------
 
 
