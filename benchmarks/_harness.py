@@ -153,7 +153,14 @@ def _compile_package() -> None:
     _compiled = True
 
 
-def run_process(code: str, *, env: dict[str, str] | None = None, timeout: float = 3600) -> dict[str, Any]:
+def run_process(
+    code: str,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 3600,
+    max_rss: int | None = None,
+    stop_ok: bool = False,
+) -> dict[str, Any]:
     """Run ``python -c code`` in a fresh interpreter: whole-process wall time and peak RSS.
 
     The wall time runs from just before the process is started to its exit,
@@ -161,7 +168,9 @@ def run_process(code: str, *, env: dict[str, str] | None = None, timeout: float 
     shutting down whatever it started are all in it — what a user running a
     script pays.  Peak RSS is of the whole process tree (dask workers
     included), sampled every 20 ms.  The code's last line of standard output,
-    if it is JSON, is returned under ``"result"``.
+    if it is JSON, is returned under ``"result"``.  With ``stop_ok`` a run
+    that passes *timeout* or *max_rss* (bytes) is killed and returned with
+    ``"stopped"`` saying why (a peer that cannot finish is a result too).
 
     The process runs dask_loom as an installed package does, from compiled
     bytecode (pip compiles it at install; the peers' packages are installed
@@ -173,6 +182,8 @@ def run_process(code: str, *, env: dict[str, str] | None = None, timeout: float 
 
     _compile_package()
     full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    if stop_ok:
+        return _run_stoppable(code, full_env, timeout, max_rss)
     t0 = time.perf_counter()
     p = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, text=True
@@ -195,6 +206,55 @@ def run_process(code: str, *, env: dict[str, str] | None = None, timeout: float 
         stop.set()
         th.join()
     wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"benchmark process failed ({p.returncode}):\n{err[-4000:]}")
+    result: Any = None
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    if lines:
+        with contextlib.suppress(ValueError):
+            result = json.loads(lines[-1])
+    return {"wall": wall, "peak_rss": peak, "result": result}
+
+
+def _run_stoppable(
+    code: str, full_env: dict[str, str], timeout: float, max_rss: int | None
+) -> dict[str, Any]:
+    """:func:`run_process` for a peer that may not finish: stopped after *timeout* s or over *max_rss* bytes."""
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, text=True
+    )
+    proc = psutil.Process(p.pid)
+    peak = 0
+    stopped: list[str] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_rss(proc))
+            if max_rss is not None and peak > max_rss and not stopped:
+                stopped.append(f"stopped over {max_rss / 2**30:.1f} GiB")
+                p.kill()
+            time.sleep(0.02)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stopped.append(f"stopped after {timeout:.0f} s")
+        p.kill()
+        out, err = p.communicate()
+    finally:
+        done.set()
+        th.join()
+    wall = time.perf_counter() - t0
+    if stopped:
+        return {"wall": wall, "peak_rss": peak, "result": None, "stopped": stopped[0]}
     if p.returncode != 0:
         raise RuntimeError(f"benchmark process failed ({p.returncode}):\n{err[-4000:]}")
     result: Any = None

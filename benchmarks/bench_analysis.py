@@ -16,6 +16,12 @@ genes (``seurat``) -> PCA(50), ``X_pca`` computed:
 * ``scanpy-dask``: anndata's lazy reader as its dask tutorial shows
   (``read_elem_lazy`` of ``X`` in 100,000-row sparse chunks) and scanpy's
   functions, dask's threaded scheduler;
+
+  a peer run is stopped after ``--peer-timeout`` seconds or over
+  ``--peer-max-gib`` (default half the machine's memory) and recorded as
+  stopped, with its time and memory until then; a stopped scanpy-dask run is
+  repeated, with dask_loom, at ``--peer-fallback-cells`` (50,000) cells, and
+  the ratios say which size they are from;
 * ``dask_loom``: ``MappedCollection(path).to_anndata()`` and ``dask_loom.pp``.
 
 Also: per-gene mean and variance alone (M non-zeros/s per core), and Loom ->
@@ -71,15 +77,20 @@ PRELUDE = """
 import json, time, warnings
 warnings.simplefilter("ignore")
 T = {{}}
+C = {{}}  # CPU seconds of the process (all threads) per step: readable on a loaded machine
 _t = time.perf_counter()
+_c = time.process_time()
 def step(name):
-    global _t
-    now = time.perf_counter()
+    global _t, _c
+    now, c = time.perf_counter(), time.process_time()
     T[name] = round(now - _t, 3)
-    _t = now
+    C[name] = round(c - _c, 2)
+    _t, _c = now, c
 """
 
-SCANPY_MEMORY = PRELUDE + """
+SCANPY_MEMORY = (
+    PRELUDE
+    + """
 import anndata as ad, scanpy as sc, numpy as np
 a = ad.read_h5ad({path!r}); step("read")
 sc.pp.normalize_total(a); step("normalize_total")
@@ -87,10 +98,13 @@ sc.pp.log1p(a); step("log1p")
 sc.pp.highly_variable_genes(a, n_top_genes=2000, flavor="seurat"); step("highly_variable_genes")
 sc.pp.pca(a, n_comps=50); step("pca")
 xp = np.asarray(a.obsm["X_pca"]); step("X_pca")
-print(json.dumps({{"steps": T, "hvg": int(a.var.highly_variable.sum()), "ratio": a.uns["pca"]["variance_ratio"][:5].tolist(), "xpca_abs_sum": float(np.abs(xp).sum())}}))
+print(json.dumps({{"steps": T, "cpu": C, "hvg": int(a.var.highly_variable.sum()), "ratio": a.uns["pca"]["variance_ratio"][:5].tolist(), "xpca_abs_sum": float(np.abs(xp).sum())}}))
 """
+)
 
-SCANPY_DASK = PRELUDE + """
+SCANPY_DASK = (
+    PRELUDE
+    + """
 import anndata as ad, scanpy as sc, numpy as np, h5py, zarr
 path = {path!r}
 if path.endswith(".h5ad"):
@@ -109,10 +123,13 @@ sc.pp.log1p(a); step("log1p")
 sc.pp.highly_variable_genes(a, n_top_genes=2000, flavor="seurat"); step("highly_variable_genes")
 sc.pp.pca(a, n_comps=50); step("pca")
 xp = a.obsm["X_pca"].compute(); step("X_pca")
-print(json.dumps({{"steps": T, "hvg": int(a.var.highly_variable.sum()), "ratio": a.uns["pca"]["variance_ratio"][:5].tolist(), "xpca_abs_sum": float(np.abs(xp).sum())}}))
+print(json.dumps({{"steps": T, "cpu": C, "hvg": int(a.var.highly_variable.sum()), "ratio": a.uns["pca"]["variance_ratio"][:5].tolist(), "xpca_abs_sum": float(np.abs(xp).sum())}}))
 """
+)
 
-DASK_LOOM = PRELUDE + """
+DASK_LOOM = (
+    PRELUDE
+    + """
 import numpy as np, dask_loom
 mc = dask_loom.MappedCollection([{path!r}])
 a = mc.to_anndata(); step("read")
@@ -121,27 +138,33 @@ dask_loom.pp.log1p(a); step("log1p")
 dask_loom.pp.highly_variable_genes(a, n_top_genes=2000, flavor="seurat"); step("highly_variable_genes")
 dask_loom.pp.pca(a, n_comps=50); step("pca")
 xp = a.obsm["X_pca"].compute(); step("X_pca")
-print(json.dumps({{"steps": T, "hvg": int(a.var.highly_variable.sum()), "ratio": a.uns["pca"]["variance_ratio"][:5].tolist(), "xpca_abs_sum": float(np.abs(xp).sum())}}))
+print(json.dumps({{"steps": T, "cpu": C, "hvg": int(a.var.highly_variable.sum()), "ratio": a.uns["pca"]["variance_ratio"][:5].tolist(), "xpca_abs_sum": float(np.abs(xp).sum())}}))
 """
+)
 
-MEAN_VAR = PRELUDE + """
+MEAN_VAR = (
+    PRELUDE
+    + """
 import numpy as np, dask_loom
 from dask_loom.pp._graph import column_stats, compute
 mc = dask_loom.MappedCollection([{path!r}])
 x = mc.to_dask(sparse=True)
 compute(column_stats(x[:{warm}]))  # compile the kernels, open the file
-_t = time.perf_counter()
+_t, _c = time.perf_counter(), time.process_time()
 (s,) = compute(column_stats(x)); step("mean_var")
 n = x.shape[0]
 mean = s[0, 0] / n
 nnz = float(s[2, 0].sum())
 print(json.dumps({{"steps": T, "nnz": nnz, "mean_sum": float(mean.sum())}}))
 """
+)
 
 
-def run_recipe(kind: str, code: str) -> dict:
-    r = run_process(code, timeout=6 * 3600)
-    print(f"  {kind:<28} {r['wall']:8.1f} s  {r['peak_rss'] / 2**30:6.2f} GiB  {r['result']['steps'] if r['result'] else ''}", flush=True)
+def run_recipe(kind: str, code: str, *, timeout: float = 6 * 3600, max_rss: int | None = None) -> dict:
+    peer = max_rss is not None
+    r = run_process(code, timeout=timeout, max_rss=max_rss, stop_ok=peer)
+    what = r.get("stopped") or (r["result"]["steps"] if r["result"] else "")
+    print(f"  {kind:<28} {r['wall']:8.1f} s  {r['peak_rss'] / 2**30:6.2f} GiB  {what}", flush=True)
     return r
 
 
@@ -149,18 +172,50 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="1,306,127 cells")
     ap.add_argument("--cells", type=int, default=None)
-    ap.add_argument("--only", default=None, help="comma-separated runs: scanpy-memory, scanpy-dask, dask_loom, mean_var, convert")
-    ap.add_argument("--dask-chunk", type=int, default=100_000, help="rows per chunk of the scanpy-dask run (its tutorial: 100,000)")
-    ap.add_argument("--formats", default="h5ad,zarr")
     ap.add_argument(
-        "--convert-small", action="store_true", help="convert the 4,000 x 10,000 Loom file instead of the 20,000 x 50,000 one"
+        "--only",
+        default=None,
+        help="comma-separated runs: scanpy-memory, scanpy-dask, dask_loom, mean_var, convert",
     )
     ap.add_argument(
-        "--convert-ours-only", action="store_true", help="convert with dask-loom only (scanpy reads the whole file into memory)"
+        "--dask-chunk",
+        type=int,
+        default=100_000,
+        help="rows per chunk of the scanpy-dask run (its tutorial: 100,000)",
+    )
+    ap.add_argument("--formats", default="h5ad,zarr")
+    ap.add_argument(
+        "--peer-timeout", type=float, default=900, help="seconds a peer run may take before it is stopped"
+    )
+    ap.add_argument(
+        "--peer-max-gib",
+        type=float,
+        default=None,
+        help="memory a peer run may take before it is stopped (default: half the machine)",
+    )
+    ap.add_argument(
+        "--peer-fallback-cells",
+        type=int,
+        default=50_000,
+        help="when scanpy-dask is stopped, run it (and dask_loom) again at this many cells for a ratio",
+    )
+    ap.add_argument(
+        "--convert-small",
+        action="store_true",
+        help="convert the 4,000 x 10,000 Loom file instead of the 20,000 x 50,000 one",
+    )
+    ap.add_argument(
+        "--convert-ours-only",
+        action="store_true",
+        help="convert with dask-loom only (scanpy reads the whole file into memory)",
     )
     args = ap.parse_args()
     n_cells = args.cells or (FULL if args.full else DEFAULT)
-    only = set(args.only.split(",")) if args.only else {"scanpy-memory", "scanpy-dask", "dask_loom", "mean_var", "convert"}
+    only = (
+        set(args.only.split(","))
+        if args.only
+        else {"scanpy-memory", "scanpy-dask", "dask_loom", "mean_var", "convert"}
+    )
     formats = args.formats.split(",")
     import psutil
 
@@ -169,20 +224,30 @@ def main() -> None:
     nnz_est = int(n_cells * N_GENES * DENSITY)
     results: dict = {"n_cells": n_cells, "n_genes": N_GENES, "density": DENSITY, "nnz": nnz_est, "runs": {}}
     if paths:
-        print(f"{n_cells} cells x {N_GENES} genes, ~{nnz_est / 1e6:.0f} M non-zeros; inputs {[relative(p) for p in paths.values()]}")
+        print(
+            f"{n_cells} cells x {N_GENES} genes, ~{nnz_est / 1e6:.0f} M non-zeros; inputs {[relative(p) for p in paths.values()]}"
+        )
     else:
         formats = []
     runs = results["runs"]
+    cap = int((args.peer_max_gib * 2**30) if args.peer_max_gib else psutil.virtual_memory().total / 2)
+    peer = {"timeout": args.peer_timeout, "max_rss": cap}
+    results["peer_limits"] = {"timeout_s": args.peer_timeout, "max_rss_gib": cap / 2**30}
     if "scanpy-memory" in only:
         need = nnz_est * 8 * 3  # X, its normalised copy, working space
-        if need < psutil.virtual_memory().total / 2:
-            runs["scanpy-memory h5ad"] = run_recipe("scanpy-memory h5ad", SCANPY_MEMORY.format(path=paths["h5ad"]))
+        if need < cap:
+            runs["scanpy-memory h5ad"] = run_recipe(
+                "scanpy-memory h5ad", SCANPY_MEMORY.format(path=paths["h5ad"]), **peer
+            )
         else:
             print(f"  scanpy-memory skipped: needs about {need / 2**30:.0f} GiB")
+    stopped_fmts = []
     for fmt in formats:
         if "scanpy-dask" in only:
             code = SCANPY_DASK.format(path=paths[fmt], chunk=args.dask_chunk, n_genes=N_GENES)
-            runs[f"scanpy-dask {fmt}"] = run_recipe(f"scanpy-dask {fmt}", code)
+            runs[f"scanpy-dask {fmt}"] = r = run_recipe(f"scanpy-dask {fmt}", code, **peer)
+            if r.get("stopped"):
+                stopped_fmts.append(fmt)
         if "dask_loom" in only:
             runs[f"dask_loom {fmt}"] = run_recipe(f"dask_loom {fmt}", DASK_LOOM.format(path=paths[fmt]))
         if "mean_var" in only:
@@ -191,18 +256,47 @@ def main() -> None:
             nnz = r["result"]["nnz"]
             r["mnnz_per_s_per_core"] = nnz / sec / CORES / 1e6
             runs[f"mean_var {fmt}"] = r
-            print(f"  mean_var {fmt:<19} {sec:8.2f} s  {r['mnnz_per_s_per_core']:.0f} M nnz/s per core ({nnz / 1e6:.0f} M nnz, {CORES} cores)")
+            print(
+                f"  mean_var {fmt:<19} {sec:8.2f} s  {r['mnnz_per_s_per_core']:.0f} M nnz/s per core ({nnz / 1e6:.0f} M nnz, {CORES} cores)"
+            )
+    small = args.peer_fallback_cells
+    if stopped_fmts and small < n_cells:
+        # The peer did not finish at this size: both sides again at a size it finishes, for a ratio.
+        small_paths = inputs(small)
+        for fmt in stopped_fmts:
+            code = SCANPY_DASK.format(path=small_paths[fmt], chunk=args.dask_chunk, n_genes=N_GENES)
+            runs[f"scanpy-dask {fmt} @{small}"] = run_recipe(f"scanpy-dask {fmt} @{small}", code, **peer)
+            runs[f"dask_loom {fmt} @{small}"] = run_recipe(
+                f"dask_loom {fmt} @{small}", DASK_LOOM.format(path=small_paths[fmt])
+            )
     ratios = {}
     for fmt in formats:
         ours, theirs = runs.get(f"dask_loom {fmt}"), runs.get(f"scanpy-dask {fmt}")
-        if ours and theirs:
+        if ours and theirs and not theirs.get("stopped"):
             ratios[fmt] = {
                 "speedup_vs_scanpy_dask": theirs["wall"] / ours["wall"],
                 "memory_fraction_of_scanpy_dask": ours["peak_rss"] / theirs["peak_rss"],
             }
+        elif ours and theirs:
+            ratios[fmt] = {
+                "scanpy_dask_stopped": theirs["stopped"],
+                "speedup_vs_scanpy_dask_at_least": theirs["wall"] / ours["wall"],
+                "memory_fraction_of_scanpy_dask_at_most": ours["peak_rss"] / theirs["peak_rss"],
+            }
+            o, t = runs.get(f"dask_loom {fmt} @{small}"), runs.get(f"scanpy-dask {fmt} @{small}")
+            if o and t and not t.get("stopped"):
+                ratios[fmt][f"at_{small}_cells"] = {
+                    "speedup_vs_scanpy_dask": t["wall"] / o["wall"],
+                    "memory_fraction_of_scanpy_dask": o["peak_rss"] / t["peak_rss"],
+                }
     mem = runs.get("scanpy-memory h5ad")
-    if mem and runs.get("dask_loom h5ad"):
-        ratios["h5ad"]["speedup_vs_scanpy_memory"] = mem["wall"] / runs["dask_loom h5ad"]["wall"]
+    if mem and not mem.get("stopped") and runs.get("dask_loom h5ad"):
+        ratios.setdefault("h5ad", {})["speedup_vs_scanpy_memory"] = (
+            mem["wall"] / runs["dask_loom h5ad"]["wall"]
+        )
+        ratios["h5ad"]["memory_fraction_of_scanpy_memory"] = (
+            runs["dask_loom h5ad"]["peak_rss"] / mem["peak_rss"]
+        )
     results["ratios"] = ratios
     if "convert" in only:
         results["convert"] = run_convert(small=args.convert_small, peers=not args.convert_ours_only)
@@ -213,22 +307,32 @@ def main() -> None:
         name = "analysis_convert_small" if args.convert_small else "analysis_convert"
         name += "_ours" if args.convert_ours_only else ""
     else:
-        name = "analysis_full" if n_cells == FULL else ("analysis" if n_cells == DEFAULT else f"analysis_{n_cells}")
+        name = (
+            "analysis_full"
+            if n_cells == FULL
+            else ("analysis" if n_cells == DEFAULT else f"analysis_{n_cells}")
+        )
     print("saved", save(name, results))
 
 
-CONVERT_SCANPY = PRELUDE + """
+CONVERT_SCANPY = (
+    PRELUDE
+    + """
 import scanpy as sc
 a = sc.read_loom({src!r}, validate=False); step("read_loom")
 a.write_zarr({dst!r}); step("write_zarr")
 print(json.dumps({{"steps": T}}))
 """
+)
 
-CONVERT_OURS = PRELUDE + """
+CONVERT_OURS = (
+    PRELUDE
+    + """
 from dask_loom.cli import main
 main(["convert", {src!r}, {dst!r}, "--overwrite"]); step("convert")
 print(json.dumps({{"steps": T}}))
 """
+)
 
 
 def run_convert(*, small: bool = False, peers: bool = True) -> dict:
@@ -248,7 +352,9 @@ def run_convert(*, small: bool = False, peers: bool = True) -> dict:
         return out
     a, b = out["scanpy read_loom + write_zarr"], out["dask-loom convert"]
     out["speedup"] = a["wall"] / b["wall"]
-    print(f"  convert: {out['speedup']:.2f}x faster, peak {b['peak_rss'] / 2**30:.2f} GiB vs {a['peak_rss'] / 2**30:.2f} GiB")
+    print(
+        f"  convert: {out['speedup']:.2f}x faster, peak {b['peak_rss'] / 2**30:.2f} GiB vs {a['peak_rss'] / 2**30:.2f} GiB"
+    )
     return out
 
 
