@@ -10,7 +10,16 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["gram_sparse", "merge_dense", "project", "row_sums", "scatter", "select", "stats", "tv"]
+__all__ = [
+    "gram_sparse",
+    "merge_dense",
+    "project",
+    "row_sums",
+    "scatter",
+    "select",
+    "stats",
+    "tv",
+]
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -46,24 +55,28 @@ def tv(x, f, mode, is32, log_div, exp_mul):  # pragma: no cover - compiled
 def stats(
     data, indices, indptr, groups, n_groups, n_cols, clip, has_clip, fac, mode, is32, log_div, exp_mul
 ):  # pragma: no cover - compiled
-    # (group, column, statistic): the three sums of one value share a cache line.
-    out = np.zeros((n_groups, n_cols, 3), np.float64)
+    out = np.zeros((3, n_groups, n_cols), np.float64)
     for r in range(len(indptr) - 1):
         g = groups[r]
         if g < 0:
             continue
         f = fac[r] if mode & 1 else 1.0
+        # The transform is written out in the loop: a call per value (numba does
+        # not inline across cached functions) cost three times the loop itself.
         for p in range(indptr[r], indptr[r + 1]):
             j = indices[p]
-            v = tv(data[p], f, mode, is32, log_div, exp_mul)
+            if mode == 0:
+                v = np.float64(data[p])
+            elif mode == 1 and is32:
+                v = np.float64(np.float32(data[p] / f))
+            else:
+                v = tv(data[p], f, mode, is32, log_div, exp_mul)
             nz = v != 0
-            if has_clip:
-                c = clip[g, j]
-                if v > c:
-                    v = c
-            out[g, j, 0] += v
-            out[g, j, 1] += v * v
-            out[g, j, 2] += nz
+            if has_clip and v > clip[g, j]:
+                v = clip[g, j]
+            out[0, g, j] += v
+            out[1, g, j] += v * v
+            out[2, g, j] += nz
     return out
 
 
@@ -118,7 +131,10 @@ def select(
             k = lut[indices[p]]
             cnt[k] += 1
             ck[t] = k
-            cv[t] = tv(data[p], f, mode, is32, log_div, exp_mul)
+            if mode == 3 and is32:  # normalize_total then log1p (PCA's input), written out
+                cv[t] = np.float32(math.log1p(np.float32(data[p] / f)))
+            else:
+                cv[t] = tv(data[p], f, mode, is32, log_div, exp_mul)
     return rp, ck, cv, cnt
 
 

@@ -220,7 +220,7 @@ def block_stats(
             clip is not None,
             *_params(block, pending, factors),
         )
-        return np.ascontiguousarray(out.transpose(2, 0, 1))
+        return out
     if pending is not None:
         block = as_csr(pending.apply(block, factors))
     out = np.zeros((3, n_groups, n_cols), dtype=np.float64)
