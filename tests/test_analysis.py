@@ -494,12 +494,19 @@ def test_recipe_fused_passes_equal_scanpy_in_memory(recipe_loom, blocks, monkeyp
 
     want = _peer_read(sc.read_loom, recipe_loom, X_name="")
     want.X = sp.csr_matrix(want.X)
-    with dask.config.set({"dask_loom.block-size": "64KiB", "dask_loom.kernels": blocks.removeprefix("csr-").replace("dense", "auto")}):
+    with dask.config.set(
+        {
+            "dask_loom.block-size": "64KiB",
+            "dask_loom.kernels": blocks.removeprefix("csr-").replace("dense", "auto"),
+        }
+    ):
         got = dask_loom.read_loom(recipe_loom, X_name="", sparse=blocks != "dense")
         assert len(got.X.chunks[0]) > 1
         block = dense(got.X.blocks[0])
         detected = (block != 0).mean(axis=0)
-        assert (detected >= _kernels.DENSE_FRACTION).any() and ((detected > 0) & (detected < _kernels.DENSE_FRACTION)).any()
+        assert (detected >= _kernels.DENSE_FRACTION).any() and (
+            (detected > 0) & (detected < _kernels.DENSE_FRACTION)
+        ).any()
         if blocks == "csr-numba":
 
             def refuse(*args, **kwargs):

@@ -90,11 +90,16 @@ def _dispersion_frame(mean: np.ndarray, var: np.ndarray, flavor: str, n_bins: in
     return df, mean
 
 
-def _select(mean: np.ndarray, dispersion_norm: np.ndarray, n_top: int | None, cutoffs: dict[str, float]) -> np.ndarray:
+def _select(
+    mean: np.ndarray, dispersion_norm: np.ndarray, n_top: int | None, cutoffs: dict[str, float]
+) -> np.ndarray:
     if n_top is None:
         dn = np.nan_to_num(dispersion_norm)
         return (
-            (mean > cutoffs["min_mean"]) & (mean < cutoffs["max_mean"]) & (dn > cutoffs["min_disp"]) & (dn < cutoffs["max_disp"])
+            (mean > cutoffs["min_mean"])
+            & (mean < cutoffs["max_mean"])
+            & (dn > cutoffs["min_disp"])
+            & (dn < cutoffs["max_disp"])
         )
     n_top = min(n_top, len(dispersion_norm))
     finite = dispersion_norm[~np.isnan(dispersion_norm)]
@@ -109,7 +114,15 @@ def _select(mean: np.ndarray, dispersion_norm: np.ndarray, n_top: int | None, cu
     return np.nan_to_num(dispersion_norm, nan=-np.inf) >= threshold
 
 
-def _one_batch(mean: np.ndarray, var: np.ndarray, flavor: str, n_bins: int, n_top: int | None, cutoffs: dict[str, float], names: Any) -> Any:
+def _one_batch(
+    mean: np.ndarray,
+    var: np.ndarray,
+    flavor: str,
+    n_bins: int,
+    n_top: int | None,
+    cutoffs: dict[str, float],
+    names: Any,
+) -> Any:
     df, mean_used = _dispersion_frame(mean, var, flavor, n_bins)
     df["highly_variable"] = _select(mean_used, df["dispersions_norm"].to_numpy(), n_top, cutoffs)
     df.index = names
@@ -117,7 +130,14 @@ def _one_batch(mean: np.ndarray, var: np.ndarray, flavor: str, n_bins: int, n_to
 
 
 def _dispersion_flavours(
-    adata: Any, x: Any, *, flavor: str, n_bins: int, n_top: int | None, cutoffs: dict[str, float], batch_key: str | None
+    adata: Any,
+    x: Any,
+    *,
+    flavor: str,
+    n_bins: int,
+    n_top: int | None,
+    cutoffs: dict[str, float],
+    batch_key: str | None,
 ) -> Any:
     import pandas as pd
 
@@ -136,9 +156,13 @@ def _dispersion_flavours(
     frames = []
     for b in range(len(batches)):
         expressed = stats[2, b] > 0  # scanpy filters genes no cell of the batch expresses
-        df = _one_batch(mean[b, expressed], var[b, expressed], flavor, n_bins, n_top, cutoffs, names[expressed])
+        df = _one_batch(
+            mean[b, expressed], var[b, expressed], flavor, n_bins, n_top, cutoffs, names[expressed]
+        )
         if (~expressed).any():
-            missing = pd.DataFrame(np.zeros(((~expressed).sum(), len(df.columns))), columns=df.columns, index=names[~expressed])
+            missing = pd.DataFrame(
+                np.zeros(((~expressed).sum(), len(df.columns))), columns=df.columns, index=names[~expressed]
+            )
             missing["highly_variable"] = missing["highly_variable"].astype(bool)
             df = pd.concat([df, missing]).loc[names]
         frames.append(df)
@@ -151,13 +175,20 @@ def _dispersion_flavours(
     df["highly_variable_intersection"] = df["highly_variable_nbatches"] == len(batches)
     if n_top is not None:
         order = names.copy()
-        df = df.sort_values(["highly_variable_nbatches", "dispersions_norm"], ascending=False, na_position="last")
+        df = df.sort_values(
+            ["highly_variable_nbatches", "dispersions_norm"], ascending=False, na_position="last"
+        )
         df["highly_variable"] = np.arange(df.shape[0]) < n_top
         df = df.loc[order]
     else:
         df["dispersions_norm"] = df["dispersions_norm"].fillna(0)
         m, d = df["means"].to_numpy(), df["dispersions_norm"].to_numpy()
-        df["highly_variable"] = (m > cutoffs["min_mean"]) & (m < cutoffs["max_mean"]) & (d > cutoffs["min_disp"]) & (d < cutoffs["max_disp"])
+        df["highly_variable"] = (
+            (m > cutoffs["min_mean"])
+            & (m < cutoffs["max_mean"])
+            & (d > cutoffs["min_disp"])
+            & (d < cutoffs["max_disp"])
+        )
     return df
 
 
@@ -179,15 +210,28 @@ def _seurat_v3(
     except ImportError:
         from dask_loom.errors import MissingDependencyError
 
-        raise MissingDependencyError("flavor='seurat_v3' needs scikit-misc: pip install 'dask_loom[analysis]'") from None
+        raise MissingDependencyError(
+            "flavor='seurat_v3' needs scikit-misc: pip install 'dask_loom[analysis]'"
+        ) from None
     codes, batches = batch_codes(adata, batch_key)
     stats_g = column_stats(x, groups=codes, n_groups=len(batches))
     if check_values:
-        ok = da.blockwise(_integer_check_task, "ij", x, "ij", adjust_chunks={"i": 1, "j": 1}, dtype=bool,
-                          meta=np.empty((0, 0), dtype=bool))
+        ok = da.blockwise(
+            _integer_check_task,
+            "ij",
+            x,
+            "ij",
+            adjust_chunks={"i": 1, "j": 1},
+            dtype=bool,
+            meta=np.empty((0, 0), dtype=bool),
+        )
         stats, integral = compute(stats_g, ok.all())
         if not bool(integral):
-            warnings.warn(f"`{flavor=!r}` expects raw count data, but non-integers were found.", UserWarning, stacklevel=4)
+            warnings.warn(
+                f"`{flavor=!r}` expects raw count data, but non-integers were found.",
+                UserWarning,
+                stacklevel=4,
+            )
     else:
         (stats,) = compute(stats_g)
     n = np.bincount(codes[codes >= 0], minlength=len(batches))
@@ -208,7 +252,9 @@ def _seurat_v3(
     (clipped,) = compute(column_stats(x, groups=codes, n_groups=len(batches), clip=clip))
     nb = n[:, None].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        norm = (1 / ((nb - 1) * np.square(reg_std))) * (nb * np.square(mean) + clipped[1] - 2 * clipped[0] * mean)
+        norm = (1 / ((nb - 1) * np.square(reg_std))) * (
+            nb * np.square(mean) + clipped[1] - 2 * clipped[0] * mean
+        )
     ranked = np.argsort(np.argsort(-norm, axis=1), axis=1).astype(np.float32)
     n_high = np.sum((ranked < n_top).astype(int), axis=0)
     ranked[ranked >= n_top] = np.nan
@@ -261,14 +307,27 @@ def highly_variable_genes(
         )
     x = get_rep(adata, layer)
     kwargs = {
-        "layer": layer, "n_top_genes": n_top_genes, "min_disp": min_disp, "max_disp": max_disp, "min_mean": min_mean, "max_mean": max_mean,
-        "span": span, "n_bins": n_bins, "flavor": flavor, "subset": subset, "inplace": inplace, "batch_key": batch_key, "check_values": check_values,
+        "layer": layer,
+        "n_top_genes": n_top_genes,
+        "min_disp": min_disp,
+        "max_disp": max_disp,
+        "min_mean": min_mean,
+        "max_mean": max_mean,
+        "span": span,
+        "n_bins": n_bins,
+        "flavor": flavor,
+        "subset": subset,
+        "inplace": inplace,
+        "batch_key": batch_key,
+        "check_values": check_values,
     }
     if not is_dask(x):
         return scanpy_pp().highly_variable_genes(adata, **kwargs)
     if flavor in ("seurat_v3", "seurat_v3_paper"):
         n_top = 2000 if n_top_genes is None else int(n_top_genes)
-        df = _seurat_v3(adata, x, flavor=flavor, n_top=n_top, batch_key=batch_key, check_values=check_values, span=span)
+        df = _seurat_v3(
+            adata, x, flavor=flavor, n_top=n_top, batch_key=batch_key, check_values=check_values, span=span
+        )
         if inplace:
             adata.uns["hvg"] = {"flavor": flavor}
             adata.var["highly_variable"] = df["highly_variable"].to_numpy()

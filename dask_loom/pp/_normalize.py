@@ -26,7 +26,9 @@ def scanpy_pp() -> Any:
     except ImportError:  # pragma: no cover - scanpy is in the test extra
         from dask_loom.errors import MissingDependencyError
 
-        raise MissingDependencyError("in-memory matrices are handed to scanpy: pip install 'dask_loom[analysis]'") from None
+        raise MissingDependencyError(
+            "in-memory matrices are handed to scanpy: pip install 'dask_loom[analysis]'"
+        ) from None
     return sc.pp
 
 
@@ -69,7 +71,14 @@ def _highly_expressed(x: Any, counts: np.ndarray, max_fraction: float) -> np.nda
 
     limits = da.from_array((max_fraction * counts.astype(np.float64)), chunks=(x.chunks[0],), name=False)
     parts = da.blockwise(
-        _exceeding_task, "ij", x, "ij", limits, "i", adjust_chunks={"i": 1}, dtype=np.int64,
+        _exceeding_task,
+        "ij",
+        x,
+        "ij",
+        limits,
+        "i",
+        adjust_chunks={"i": 1},
+        dtype=np.int64,
         meta=np.empty((0, 0), dtype=np.int64),
     )
     (n_over,) = compute(parts.sum(axis=0))
@@ -130,16 +139,34 @@ def normalize_total(
 
         flagged = _highly_expressed(x, counts, max_fraction)
         gene_subset = ~flagged
-        keep = da.blockwise(
-            _masked_row_sums_task, "ij", x, "ij", keep=gene_subset, adjust_chunks={"j": 1}, dtype=np.float64,
-            meta=np.empty((0, 0), dtype=np.float64),
-        ) if x.numblocks[1] == 1 else None
+        keep = (
+            da.blockwise(
+                _masked_row_sums_task,
+                "ij",
+                x,
+                "ij",
+                keep=gene_subset,
+                adjust_chunks={"j": 1},
+                dtype=np.float64,
+                meta=np.empty((0, 0), dtype=np.float64),
+            )
+            if x.numblocks[1] == 1
+            else None
+        )
         if keep is None:
             # Several column blocks: sum the kept columns of each, then across blocks.
             starts = np.concatenate(([0], np.cumsum(x.chunks[1])))
             pieces = [
-                da.blockwise(_masked_row_sums_task, "ij", x.blocks[:, j], "ij", keep=gene_subset[starts[j] : starts[j + 1]],
-                             adjust_chunks={"j": 1}, dtype=np.float64, meta=np.empty((0, 0), dtype=np.float64))
+                da.blockwise(
+                    _masked_row_sums_task,
+                    "ij",
+                    x.blocks[:, j],
+                    "ij",
+                    keep=gene_subset[starts[j] : starts[j + 1]],
+                    adjust_chunks={"j": 1},
+                    dtype=np.float64,
+                    meta=np.empty((0, 0), dtype=np.float64),
+                )
                 for j in range(x.numblocks[1])
             ]
             keep = da.concatenate(pieces, axis=1)
@@ -154,7 +181,14 @@ def normalize_total(
 
     f = da.from_array(np.asarray(factors), chunks=(x.chunks[0],), name=False)
     out = da.blockwise(
-        K.scale_rows, "ij", x, "ij", f, "i", dtype=x.dtype, meta=x._meta,
+        K.scale_rows,
+        "ij",
+        x,
+        "ij",
+        f,
+        "i",
+        dtype=x.dtype,
+        meta=x._meta,
         name="pp-normalize-" + _tok(x, factors),
     )
     chained(out, x, "scale", factors=factors)
@@ -189,10 +223,14 @@ def log1p(
         if is_dask(data):
             x = data if np.issubdtype(data.dtype, np.floating) else data.astype(np.float32)
             return chained(transform(x, K.log1p_block, base, name="pp-log1p"), x, "log1p", base=base)
-        return scanpy_pp().log1p(data, base=base, copy=copy, chunked=chunked, chunk_size=chunk_size, layer=layer, obsm=obsm)
+        return scanpy_pp().log1p(
+            data, base=base, copy=copy, chunked=chunked, chunk_size=chunk_size, layer=layer, obsm=obsm
+        )
     x = data.obsm[obsm] if obsm is not None else get_rep(data, layer)
     if not is_dask(x):
-        return scanpy_pp().log1p(data, base=base, copy=copy, chunked=chunked, chunk_size=chunk_size, layer=layer, obsm=obsm)
+        return scanpy_pp().log1p(
+            data, base=base, copy=copy, chunked=chunked, chunk_size=chunk_size, layer=layer, obsm=obsm
+        )
     adata = data.copy() if copy else data
     if "log1p" in adata.uns:
         warnings.warn("adata.X seems to be already log-transformed.", UserWarning, stacklevel=2)

@@ -35,10 +35,16 @@ def _mask_var(adata: Any, mask_var: Any, use_highly_variable: bool | None) -> tu
         "Use_highly_variable=False can be called through mask_var=None"
     )
     if use_highly_variable is not None:
-        warnings.warn(f"Argument `use_highly_variable` is deprecated, consider using the mask argument. {hint}", FutureWarning, stacklevel=3)
+        warnings.warn(
+            f"Argument `use_highly_variable` is deprecated, consider using the mask argument. {hint}",
+            FutureWarning,
+            stacklevel=3,
+        )
         if mask_var is not _empty:
             raise ValueError(f"These arguments are incompatible. {hint}")
-    if use_highly_variable or (use_highly_variable is None and mask_var is _empty and "highly_variable" in adata.var.columns):
+    if use_highly_variable or (
+        use_highly_variable is None and mask_var is _empty and "highly_variable" in adata.var.columns
+    ):
         mask_var = "highly_variable"
     if mask_var is _empty or mask_var is None:
         return None, None
@@ -97,7 +103,14 @@ def fit_pca(x: Any, mask: np.ndarray | None, n_comps: int, zero_center: bool) ->
         variance = proj_var
         ratio = proj_var / feat_var if feat_var else np.zeros(n_comps)
         offset = np.zeros(n_comps)
-    return {"lut": lut, "components": components, "variance": variance, "variance_ratio": ratio, "offset": offset, "mean": mean}
+    return {
+        "lut": lut,
+        "components": components,
+        "variance": variance,
+        "variance_ratio": ratio,
+        "offset": offset,
+        "mean": mean,
+    }
 
 
 def pca(
@@ -135,10 +148,20 @@ def pca(
     x = get_rep(data, layer) if is_adata else data
     if not is_dask(x):
         return scanpy_pp().pca(
-            data, n_comps, layer=layer, zero_center=zero_center, svd_solver=svd_solver, chunked=chunked,
-            chunk_size=chunk_size, random_state=random_state, return_info=return_info,
-            **({} if mask_var is _empty else {"mask_var": mask_var}), use_highly_variable=use_highly_variable,
-            dtype=dtype, key_added=key_added, copy=copy,
+            data,
+            n_comps,
+            layer=layer,
+            zero_center=zero_center,
+            svd_solver=svd_solver,
+            chunked=chunked,
+            chunk_size=chunk_size,
+            random_state=random_state,
+            return_info=return_info,
+            **({} if mask_var is _empty else {"mask_var": mask_var}),
+            use_highly_variable=use_highly_variable,
+            dtype=dtype,
+            key_added=key_added,
+            copy=copy,
         )
     if is_adata:
         adata = data.copy() if copy else data
@@ -175,5 +198,9 @@ def pca(
     }
     if layer is not None:
         params["layer"] = layer
-    adata.uns[key_uns] = {"params": params, "variance": fit["variance"], "variance_ratio": fit["variance_ratio"]}
+    adata.uns[key_uns] = {
+        "params": params,
+        "variance": fit["variance"],
+        "variance_ratio": fit["variance_ratio"],
+    }
     return adata if copy else None
