@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 import dask_loom
 from dask_loom.errors import FormatError, LoomFormatError, StoreError
 from dask_loom.hdf5._btree import chunk_btree, read_chunk_index
-from dask_loom.hdf5._files import HELD_SPANS, cached_entry, clear_all, coalesce_plan
+from dask_loom.hdf5._coalesce import coalesce_plan
+from dask_loom.hdf5._files import HELD_SPANS, cached_entry, clear_all
 from dask_loom.hdf5._layout import ChunkIndex
 from tests.conftest import make_matrix
 
@@ -424,7 +425,7 @@ def test_held_spans_serve_whole_chunks_once():
 
 
 def test_gap_within_merges_smallest_holes_first():
-    from dask_loom.hdf5._files import gap_within
+    from dask_loom.hdf5._coalesce import gap_within
 
     # Holes of 10, 50, 20, 1000 bytes between five ranges of 5 bytes.
     starts, sizes = [0, 15, 70, 95, 1100], [5] * 5

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import itertools
 import os
 import threading
 import time
@@ -22,6 +21,7 @@ import h5py
 from dask_loom._config import get_config
 from dask_loom._handles import HandleCache
 from dask_loom.errors import FileBeingWrittenError, LoomFormatError, WriteConflictError
+from dask_loom.hdf5._coalesce import coalesce, coalesce_plan, gap_within, parse_nbytes
 from dask_loom.hdf5._spans import HeldSpans
 from dask_loom.storage import FileSpec
 from dask_loom.storage._locks import exclusive, lock_path
@@ -278,26 +278,6 @@ def _fd(entry: _Entry) -> int:
         return entry.fd
 
 
-def _coalesce(starts: list[int], sizes: list[int], gap: int) -> list[tuple[int, int, list[int]]]:
-    """Group byte ranges (sorted by start) into runs no further apart than *gap*."""
-    order = sorted(range(len(starts)), key=starts.__getitem__)
-    runs: list[tuple[int, int, list[int]]] = []
-    r0 = r1 = -1
-    members: list[int] = []
-    for i in order:
-        s, n = starts[i], sizes[i]
-        if members and s - r1 <= gap:
-            r1 = max(r1, s + n)
-            members.append(i)
-        else:
-            if members:
-                runs.append((r0, r1, members))
-            r0, r1, members = s, s + n, [i]
-    if members:
-        runs.append((r0, r1, members))
-    return runs
-
-
 # Ranges up to this size are handed out as bytes copies, larger ones as views of the read.
 _COPY_BELOW = 1 << 16
 
@@ -327,7 +307,7 @@ def read_ranges(
         return []
     entry = entry if entry is not None else cached_entry(spec)
     if spec.is_local:
-        runs = _coalesce(list(starts), list(sizes), 1 << 16)
+        runs = coalesce(list(starts), list(sizes), 1 << 16)
         out: list[Any] = [None] * len(starts)
         # A private duplicate: another thread may close the entry (the file
         # was replaced, a connection closed) while this one reads, and the
@@ -368,41 +348,6 @@ def read_ranges(
         for i, v in zip(rest, fetched):
             got[i] = v
     return got
-
-
-def coalesce_plan(starts: list[int], sizes: list[int], *, gap: int, target: int) -> list[tuple[int, int, list[int]]]:
-    """Group byte ranges into requests: ``(start, end, member indices)``.
-
-    Ranges no further apart than *gap* are merged (the hole between them is
-    read and dropped: cheaper than another request); a merged run longer than
-    *target* is cut, between ranges, into pieces of about *target* bytes
-    (``round(run / target)`` pieces, so no small tail request: a piece is at
-    most about 1.5 x *target*, or one range larger than that).
-    """
-    out: list[tuple[int, int, list[int]]] = []
-    for r0, r1, members in _coalesce(starts, sizes, gap):
-        pieces = max(1, round((r1 - r0) / target)) if target > 0 else 1
-        if pieces == 1 or len(members) == 1:
-            out.append((r0, r1, members))
-            continue
-        # Cut where the running length passes each multiple of the piece size.
-        step = (r1 - r0) / pieces
-        cur: list[int] = []
-        c0 = c1 = -1
-        k = 1
-        for i in members:
-            s, e = starts[i], starts[i] + sizes[i]
-            if cur and s - r0 >= k * step:
-                out.append((c0, c1, cur))
-                cur = []
-                while s - r0 >= k * step:
-                    k += 1
-            if not cur:
-                c0, c1 = s, e
-            c1 = max(c1, e)
-            cur.append(i)
-        out.append((c0, c1, cur))
-    return out
 
 
 def object_size(spec: FileSpec, entry: _Entry) -> int:
@@ -449,30 +394,6 @@ class _ShortAnswer(OSError):
     """A ranged answer with fewer bytes than asked for (transient: retried)."""
 
 
-def gap_within(starts: list[int], sizes: list[int], *, gap: int, max_waste: int) -> int:
-    """The largest hole size up to *gap* whose holes, all read through, add at most *max_waste* bytes.
-
-    Merging the smallest holes first saves the most requests for the bytes
-    spent: reading the pages of a chunk index spread through a large file
-    then costs a bounded number of extra bytes, not the whole file.
-    """
-    order = sorted(range(len(starts)), key=starts.__getitem__)
-    holes = sorted(
-        h
-        for a, b in itertools.pairwise(order)
-        if 0 < (h := starts[b] - (starts[a] + sizes[a])) <= gap
-    )
-    total = 0
-    best = 0
-    for i, h in enumerate(holes):
-        total += h
-        if total > max_waste:
-            break
-        if i + 1 == len(holes) or holes[i + 1] != h:
-            best = h  # every hole of this size fits: a threshold no tie can overshoot
-    return best
-
-
 def _read_remote(
     spec: FileSpec,
     entry: _Entry,
@@ -493,8 +414,8 @@ def _read_remote(
     """
     from dask_loom.errors import StoreError
 
-    gap = _nbytes(get_config("coalesce-gap"))
-    target = _nbytes(get_config("coalesce-bytes"))
+    gap = parse_nbytes(get_config("coalesce-gap"))
+    target = parse_nbytes(get_config("coalesce-bytes"))
     if max_waste is not None:
         gap = gap_within(starts, sizes, gap=gap, max_waste=max_waste)
     plan = coalesce_plan(starts, sizes, gap=gap, target=target)
@@ -552,15 +473,6 @@ def _read_remote(
         for i in members:
             out[i] = mv[starts[i] - r0 : starts[i] - r0 + sizes[i]]
     return out
-
-
-def _nbytes(value: Any) -> int:
-    from dask.utils import parse_bytes
-
-    n = parse_bytes(value) if isinstance(value, str) else int(value)
-    if n < 0:
-        raise ValueError(f"a byte count must not be negative, got {value!r}")
-    return n
 
 
 def read_ranges_into(spec: FileSpec, starts: list[int], sizes: list[int], out: Any, *, entry: _Entry | None = None) -> None:

@@ -156,7 +156,8 @@ def _remote_btree_index(
     spec: FileSpec, layout: DatasetLayout, entry: Any, *, span: tuple[int, int] | None = None
 ) -> ChunkIndex | None:
     from dask_loom.hdf5._btree import chunk_btree, read_chunk_index
-    from dask_loom.hdf5._files import _nbytes, object_size
+    from dask_loom.hdf5._coalesce import parse_nbytes
+    from dask_loom.hdf5._files import object_size
 
     info = entry.cache.get(("btree", layout.path), False)
     if info is False:
@@ -181,7 +182,7 @@ def _remote_btree_index(
         entry.cache[("btree", layout.path)] = info
     if info is None:
         return None  # another index type: h5py builds it
-    waste = _nbytes(get_config("index-read-waste"))
+    waste = parse_nbytes(get_config("index-read-waste"))
     pieces: list[tuple[int, Any]] = []
 
     def fetch(starts: list[int], sizes: list[int]) -> list[Any]:
@@ -286,13 +287,13 @@ class HDF5Source:
         return (HDF5Source, (self.spec, self.layout), state)
 
     def _encoded_index(self) -> bytes | None:
-        from dask_loom.hdf5._files import _nbytes
+        from dask_loom.hdf5._coalesce import parse_nbytes
 
         cached = getattr(self, "_index_bytes", None)
         if cached is None:
             cached = self.index.encode() if self.index is not None else b""
             self._index_bytes = cached
-        limit = _nbytes(get_config("index-ship-bytes"))
+        limit = parse_nbytes(get_config("index-ship-bytes"))
         return cached if cached and len(cached) <= limit else None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
