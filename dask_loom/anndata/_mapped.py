@@ -336,6 +336,16 @@ class MappedCollection:
             self._var_index = [pd.Index(v) for v in self._var_names]
         return self._var_index
 
+    @var_list.setter
+    def var_list(self, value: list[Any] | None) -> None:
+        # As lamindb's attribute: ``None`` makes the next check_vars_* call read the names again.
+        if value is None:
+            self._var_names = self._var_index = None
+        else:
+            self._var_names = [np.asarray(v, dtype=object) for v in value]
+            self._var_index = None
+            self.n_vars_list = [len(v) for v in self._var_names]
+
     @property
     def var_joint(self) -> pd.Index | None:
         """The joined var names (``None`` without a join)."""
@@ -344,6 +354,10 @@ class MappedCollection:
 
             self._var_joint = pd.Index(self._var_joint)
         return self._var_joint
+
+    @var_joint.setter
+    def var_joint(self, value: Any) -> None:
+        self._var_joint = value
 
     def _make_join_vars(self) -> None:
         if self._var_names is None:
