@@ -245,7 +245,20 @@ class RssSampler:
 
 
 def stream_stats(data: list[dict[str, Any]], t_start: float, t_end: float, lanes: int) -> dict[str, Any]:
-    """Task-stream numbers of one run: time in tasks vs the lanes' (worker threads') wall time."""
+    """Task-stream numbers of one run: time in tasks vs the lanes' (worker threads') wall time.
+
+    ``scheduler_share`` is the part of the worker threads' time (``lanes x wall``,
+    wall from the call to its result in the client) not spent computing a task:
+    ``1 - task compute / (lanes x wall)``.  It is split in three, which sum to it:
+
+    * ``idle_before_share``: from the call until each thread's first task starts
+      (graph build and submission, scheduling the first tasks, per-process set-up);
+    * ``idle_between_share``: gaps between two tasks on the same thread (the
+      scheduler's round trip per task, fetching inputs from the other worker);
+    * ``idle_after_share``: from each thread's last task to the result in the
+      client (the other thread still busy, i.e. imbalance, plus the result's
+      return).
+    """
     compute = transfer = 0.0
     by_lane: dict[Any, list[tuple[float, float]]] = {}
     for t in data:
@@ -256,14 +269,18 @@ def stream_stats(data: list[dict[str, Any]], t_start: float, t_end: float, lanes
         for a, b in spans:
             compute += b - a
             by_lane.setdefault((t.get("worker"), t.get("thread")), []).append((a, b))
-    gaps = 0.0
+    gaps = before = after = 0.0
     n_gaps = 0
     for spans in by_lane.values():
         spans.sort()
+        before += max(0.0, spans[0][0] - t_start)
+        after += max(0.0, t_end - spans[-1][1])
         for (_, b), (a2, _) in itertools.pairwise(spans):
             gaps += max(0.0, a2 - b)
             n_gaps += 1
+    idle_lanes = max(0, lanes - len(by_lane))  # a thread that ran nothing idled throughout
     wall = t_end - t_start
+    total = lanes * wall
     first = min((a for spans in by_lane.values() for a, _ in spans), default=t_start)
     last = max((b for spans in by_lane.values() for _, b in spans), default=t_end)
     return {
@@ -271,7 +288,11 @@ def stream_stats(data: list[dict[str, Any]], t_start: float, t_end: float, lanes
         "task_compute_s": compute,
         "transfer_s": transfer,
         # Worker-thread time not in a task: scheduling, messages, serialisation, waiting at the ends.
-        "scheduler_share": max(0.0, 1.0 - compute / (lanes * wall)),
+        "scheduler_share": max(0.0, 1.0 - compute / total),
+        "idle_before_share": before / total,
+        "idle_between_share": gaps / total,
+        "idle_after_share": (after + idle_lanes * wall) / total,
+        "tasks_per_lane": sorted(len(v) for v in by_lane.values()),
         # Between two tasks on the same thread: the per-task price of the scheduler round trip.
         "gap_between_tasks_s": gaps,
         "overhead_per_task_ms": 1000.0 * gaps / max(1, n_gaps),
@@ -284,7 +305,7 @@ def _noop(i: int) -> int:
     return i
 
 
-def noop_rate(client: Any, sched: Any, n: int = 4000) -> dict[str, Any]:
+def noop_rate(client: Any, sched: Any, n: int = 2000) -> dict[str, Any]:
     """The scheduler's own price per task: *n* independent no-op tasks, wall and scheduler CPU per task."""
     client.gather(client.map(_noop, range(200), pure=False))  # warm
     cpu0 = sum(sched.cpu_times()[:2])
@@ -303,8 +324,73 @@ def _cpu_seconds() -> float:
     return float(t.user + t.system)
 
 
+def cpu_by_process(procs: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each named process, and by the whole machine.
+
+    ``machine`` is every core's non-idle time (all processes, ours or not);
+    ``machine_niced`` the part of it spent in niced processes.
+    """
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, p in procs.items():
+        try:
+            t = p.cpu_times()
+            out[name] = float(t.user + t.system)
+        except psutil.Error:
+            out[name] = float("nan")
+    m = psutil.cpu_times()
+    out["machine"] = float(sum(m) - m.idle - getattr(m, "iowait", 0.0))
+    out["machine_niced"] = float(getattr(m, "nice", 0.0))
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, Any]:
+    """Per-process CPU seconds of one run, its share of one core, and what the rest of the machine used."""
+    sec = {k: after[k] - before[k] for k in before}
+    ours = sum(v for k, v in sec.items() if not k.startswith("machine"))
+    sec["ours"] = ours
+    sec["others"] = max(0.0, sec["machine"] - ours)  # other work on the machine (other sessions)
+    return {
+        "cpu_s": sec,
+        "cores_busy": {k: v / wall for k, v in sec.items()},
+    }
+
+
+_WARM_MODULES = (
+    "dask_loom.loom", "dask_loom.ops._map", "dask_loom.ops._aggregate", "dask_loom.ops._kernels",
+    "dask_loom.zarr._source", "dask_loom.zarr._chunks", "zarr", "numcodecs.blosc", "s3fs",
+)  # fmt: skip
+
+
+def _warm(url: str, options: dict[str, Any]) -> float:
+    """In a worker: import what the tasks need and open the layer's store (one small read).
+
+    What a long-lived worker has done before: the first task otherwise pays
+    the imports and the object-store client's set-up (seconds on a loaded
+    2-core machine), a fixed cost a 1-to-2-worker ratio would count as
+    scheduler time.  Returns the seconds it took (the cold start, recorded).
+    """
+    import importlib
+
+    t0 = time.perf_counter()
+    for m in _WARM_MODULES:
+        importlib.import_module(m)
+    import dask_loom
+
+    with dask_loom.connect(url, "r", storage_options=options) as ds:
+        ds.layers[""]._source().read_block((slice(0, 1), slice(0, 1)))
+    return time.perf_counter() - t0
+
+
 def run_cluster(
-    n_workers: int, url: str, options: dict[str, Any], proxy: Any, n_groups: int, log_dir: str
+    n_workers: int,
+    url: str,
+    options: dict[str, Any],
+    proxy: Any,
+    n_groups: int,
+    log_dir: str,
+    testbed: dict[str, int],
 ) -> dict[str, Any]:
     import psutil
     from _processes import free_port, start_scheduler, stop
@@ -335,10 +421,17 @@ def run_cluster(
         with Client(addr, timeout=60) as client:
             client.wait_for_workers(n_workers, timeout=120)
             # Imports and the first connection out of the timed part (the cluster is warm, as a long-lived one is).
-            client.run(lambda: __import__("dask_loom.loom") and __import__("s3fs") and None)
+            warm = client.run(_warm, url, options)
             sched = psutil.Process(procs[0].pid)
+            roles = {"client": psutil.Process(), "scheduler": sched}
+            roles.update({f"worker-{i}": psutil.Process(p.pid) for i, p in enumerate(procs[1:])})
+            roles.update({k: psutil.Process(v) for k, v in testbed.items()})
             sampler = RssSampler([p.pid for p in procs[1:]])
-            out: dict[str, Any] = {"workers": n_workers, "threads_per_worker": 1}
+            out: dict[str, Any] = {
+                "workers": n_workers,
+                "threads_per_worker": 1,
+                "cold_start_s": sorted(warm.values()),  # per worker: imports and the store's first open
+            }
             try:
                 out["noop_tasks"] = noop_rate(client, sched)
                 proxy.reset_counts()
@@ -348,10 +441,18 @@ def run_cluster(
                 out["connect_requests"] = proxy.snapshot()["total_requests"]
                 labels = ds.ca["Group"]
                 shape = ds.shape
+                # One small map through the whole path (client and workers) before the timed calls: a
+                # long-lived cluster has run such work before; its cold first call is recorded here.
+                few = np.zeros(shape[0], dtype=bool)
+                few[: min(shape[0], 256)] = True
+                t0 = time.perf_counter()
+                ds.map([np.mean, np.std], axis=0, selection=few, client=client)
+                out["warmup_map_s"] = time.perf_counter() - t0
                 for op in ("map", "aggregate"):
                     proxy.reset_counts()
                     cpu0 = sum(sched.cpu_times()[:2])
                     wcpu0 = client.run(_cpu_seconds)
+                    pcpu0 = cpu_by_process(roles)
                     with get_task_stream(client=client) as ts:
                         w0 = time.time()
                         t0 = time.perf_counter()
@@ -362,6 +463,7 @@ def run_cluster(
                         wall = time.perf_counter() - t0
                         w1 = time.time()
                     cpu1 = sum(sched.cpu_times()[:2])
+                    pcpu1 = cpu_by_process(roles)
                     wcpu = sum(client.run(_cpu_seconds).values()) - sum(wcpu0.values())
                     snap = proxy.snapshot()
                     decoded = shape[0] * shape[1] * 2
@@ -381,6 +483,8 @@ def run_cluster(
                         "scheduler_cpu_s": cpu1 - cpu0,
                         "scheduler_cpu_share": (cpu1 - cpu0) / wall,
                         **stream_stats(ts.data, w0, w1, n_workers),
+                        "processes": cpu_delta(pcpu0, pcpu1, wall),
+                        "proxy_peak_in_flight": snap.get("peak_in_flight"),
                     }
                     out[op]["results"] = res
                 ds.close()
@@ -427,8 +531,8 @@ def main() -> None:
 
     import tempfile
 
-    from _faultproxy import FaultProxy, options_via
-    from _s3server import S3Server
+    from _faultproxy import options_via
+    from _testbed import start_proxy, start_server
 
     from dask_loom._config import get_config
 
@@ -449,10 +553,13 @@ def main() -> None:
     import zarr
 
     results["zarr_async_concurrency"] = zarr.config.get("async.concurrency")
-    server = S3Server(bucket="atlas")
-    info = server.start()
-    proxy = FaultProxy(info["endpoint_url"], latency=args.latency)
-    via = options_via(info["storage_options"], proxy.url)
+    # The S3 server and the proxy each in their own process: their CPU is measured apart, and
+    # they do not share a GIL with the client (or with each other).
+    server = start_server("atlas")
+    info = server.info
+    proxy = start_proxy(info["endpoint_url"], args.latency)
+    via = options_via(info["storage_options"], proxy.info["url"])
+    testbed = {"s3_server": server.pid, "proxy": proxy.pid}
     url = f"s3://{info['bucket']}/atlas-{uuid.uuid4().hex[:6]}.loom.zarr"
     try:
         print(
@@ -475,7 +582,7 @@ def main() -> None:
         print(f"graph of map over {g['shape']}: {g['tasks']} tasks built in {g['build_s']:.3f} s", flush=True)
         with tempfile.TemporaryDirectory() as logs:
             for n in (int(w) for w in args.workers.split(",")):
-                r = run_cluster(n, url, via, proxy, args.groups, logs)
+                r = run_cluster(n, url, via, proxy, args.groups, logs, testbed)
                 for op in ("map", "aggregate"):
                     o = r[op]
                     print(
@@ -484,6 +591,14 @@ def main() -> None:
                         f"{o['overhead_per_task_ms']:.1f} ms/task gap, scheduler CPU {o['scheduler_cpu_share']:.3f}",
                         flush=True,
                     )
+                    print(
+                        f"    idle of worker threads: before first task {o['idle_before_share']:.3f}, between tasks "
+                        f"{o['idle_between_share']:.3f}, after last {o['idle_after_share']:.3f}; tasks per thread {o['tasks_per_lane']}",
+                        flush=True,
+                    )
+                    busy = o["processes"]["cores_busy"]
+                    print("    cores busy: " + ", ".join(f"{k} {v:.2f}" for k, v in busy.items()), flush=True)
+                print(f"  cold start per worker (warmed before timing): {r['cold_start_s']}", flush=True)
                 nt = r["noop_tasks"]
                 print(
                     f"  peak worker RSS {r['peak_worker_rss'] / 2**20:.0f} MiB; no-op tasks: {nt['tasks_per_s']:.0f}/s, "
@@ -508,7 +623,7 @@ def main() -> None:
             print(f"scaling T1/(2 T2): {results['scaling']}", flush=True)
     finally:
         proxy.close()
-        server.stop()
+        server.close()
     results["load_average_end"] = list(os.getloadavg())
     name = args.name or ("atlas" if n_cells == 8192 else f"atlas_{n_cells}")
     print("results:", save(name, results))

@@ -104,8 +104,42 @@ def _sum(b: np.ndarray, red: int) -> np.ndarray:
 
 def _sumsq(b: np.ndarray, red: int) -> np.ndarray:
     if b.dtype not in (np.float32, np.float64):
-        b = b.astype(np.float64)
+        return _tiled_sums(b, red, square=True)[1]
     return np.einsum("ij,ij->i" if red == 1 else "ij,ij->j", b, b).astype(np.float64)
+
+
+#: Bytes of float64 a non-float block is converted to at a time (fits in cache, bounds the copy).
+TILE_BYTES = 4 << 20
+
+
+def _tile_rows(b: np.ndarray) -> int:
+    return max(1, TILE_BYTES // max(1, 8 * b.shape[1]))
+
+
+def _tiled_sums(b: np.ndarray, red: int, *, square: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sums (and sums of squares) of a non-float 2-D block along *red*, converted to float64 a tile of rows at a time.
+
+    Converting a whole uint16 block to float64 makes a copy 4x its size and is
+    slower than converting cache-sized tiles and reducing each at once.
+    Integer sums are exact in float64 below 2**53, as with ``sum(dtype=float64)``.
+    """
+    n_rows, n_cols = b.shape
+    step = _tile_rows(b)
+    keep = n_rows if red == 1 else n_cols
+    s1 = np.zeros(keep)
+    s2 = np.zeros(keep) if square else None
+    for i in range(0, n_rows, step):
+        f = b[i : i + step].astype(np.float64)
+        # Not BLAS: on tiles this small a threaded BLAS spends more time waking its threads than adding.
+        if red == 1:
+            s1[i : i + step] = np.einsum("ij->i", f)
+            if s2 is not None:
+                s2[i : i + step] = np.einsum("ij,ij->i", f, f)
+        else:
+            s1 += np.einsum("ij->j", f)
+            if s2 is not None:
+                s2 += np.einsum("ij,ij->j", f, f)
+    return s1, s2
 
 
 def block_partials(block: np.ndarray, red: int, needs: Iterable[str]) -> dict[str, np.ndarray]:
@@ -115,10 +149,17 @@ def block_partials(block: np.ndarray, red: int, needs: Iterable[str]) -> dict[st
     keep = block.shape[1 - red]
     if "n" in needs:
         out["n"] = np.full(keep, block.shape[red], dtype=np.float64)
-    if "s1" in needs:
-        out["s1"] = _sum(block, red)
-    if "s2" in needs:
-        out["s2"] = _sumsq(block, red)
+    if block.dtype in (np.float32, np.float64) or not needs & {"s1", "s2"}:
+        if "s1" in needs:
+            out["s1"] = _sum(block, red)
+        if "s2" in needs:
+            out["s2"] = _sumsq(block, red)
+    else:  # one conversion of each tile for both sums
+        s1, s2 = _tiled_sums(block, red, square="s2" in needs)
+        if "s1" in needs:
+            out["s1"] = s1
+        if s2 is not None:
+            out["s2"] = s2
     empty = block.shape[red] == 0
     if "min" in needs:
         out["min"] = np.full(keep, np.nan) if empty else block.min(axis=red).astype(np.float64)
