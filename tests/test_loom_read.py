@@ -63,7 +63,9 @@ def test_attribute_slicing_and_errors(pair):
     mask = ref["ca"]["Clusters"] == 3
     np.testing.assert_array_equal(ds.ca[mask].Total, lp.ca[mask].Total)
     # Deliberate fix: numpy ints and int lists select positions (loompy treats them as names).
-    assert ds.ca[np.int64(2)].CellID == ref["ca"]["CellID"][2]  # an integer drops the axis, as numpy and loompy
+    assert (
+        ds.ca[np.int64(2)].CellID == ref["ca"]["CellID"][2]
+    )  # an integer drops the axis, as numpy and loompy
     np.testing.assert_array_equal(ds.ca[[5, 1]].CellID, ref["ca"]["CellID"][[5, 1]])
     with pytest.raises(AttributeError):
         ds.ca.NoSuchAttribute
@@ -123,7 +125,15 @@ def test_indexing_matches_numpy_outer(pair, data):
 
 def test_loompy_style_reads(pair):
     lp, ds, _ = pair
-    for key in [(slice(None), slice(None)), (slice(0, 10), slice(5, 9)), (slice(-5, None), slice(None)), (0, slice(None)), (-1, slice(None)), (slice(None), -1), ([0, 2, 5], slice(None))]:
+    for key in [
+        (slice(None), slice(None)),
+        (slice(0, 10), slice(5, 9)),
+        (slice(-5, None), slice(None)),
+        (0, slice(None)),
+        (-1, slice(None)),
+        (slice(None), -1),
+        ([0, 2, 5], slice(None)),
+    ]:
         np.testing.assert_array_equal(ds[key], lp[key])
     assert ds[0, 0] == lp[0, 0]
     np.testing.assert_array_equal(ds["spliced"][10:20, :], lp["spliced"][10:20, :])
@@ -356,7 +366,10 @@ def test_wrong_attribute_length_named(tmp_path, loompy_file):
         f["col_attrs/Short"] = np.arange(5)
     with pytest.raises(ValueError, match="Short"):
         dask_loom.connect(path, "r")  # the validator names it
-    with dask_loom.connect(path, "r", validate=False) as ds, pytest.raises(LoomFormatError, match="col_attrs/Short.*5 values"):
+    with (
+        dask_loom.connect(path, "r", validate=False) as ds,
+        pytest.raises(LoomFormatError, match="col_attrs/Short.*5 values"),
+    ):
         ds.ca.Short
 
 
