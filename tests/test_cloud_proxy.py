@@ -63,7 +63,6 @@ def test_latency_is_paid_per_request_and_overlaps(s3_proxy, objects):
     fs = _fs(proxy)
     _a, b = objects
     fs.cat_file(b)  # connection set-up out of the way
-    assert proxy.snapshot()["peak_in_flight"] == 1
     n = 4
     t0 = time.perf_counter()
     for _ in range(n):
