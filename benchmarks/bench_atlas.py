@@ -11,7 +11,8 @@ flight wait at the same time, each in its own thread).  The server and the
 proxy run in processes of their own (``benchmarks/_testbed.py``), so their CPU
 is measured apart and they share no GIL with the client.  On a real ``dask
 scheduler`` with 1, then 2 ``dask worker`` processes (one thread each, no
-nanny; warmed first: imports, the store opened, one small read, the cold
+nanny but the environment a nanny sets: one BLAS thread; warmed first: imports,
+the store opened, one small read, the cold
 start recorded) it runs
 
 * ``ds.map([np.mean, np.std], axis=0)``   (per gene), and
@@ -411,6 +412,11 @@ def run_cluster(
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO, *filter(None, [env.get("PYTHONPATH")])])
+    # What a nanny sets in the processes it starts (distributed.nanny.pre-spawn-environ): one BLAS
+    # thread per worker thread, so 2 workers on 2 cores do not run 4 BLAS threads.
+    import dask
+
+    wenv = {**env, **{k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()}}
     port = free_port()
     addr = f"tcp://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
@@ -426,7 +432,7 @@ def run_cluster(
                 subprocess.Popen(
                     [sys.executable, "-m", "distributed.cli.dask_worker", addr, "--name", f"w{i}", "--nthreads", "1",
                      "--nworkers", "1", "--no-nanny", "--memory-limit", "6GiB", "--host", "127.0.0.1"],
-                    stdout=wlog, stderr=subprocess.STDOUT, env=env,
+                    stdout=wlog, stderr=subprocess.STDOUT, env=wenv,
                 )
             )  # fmt: skip
         with Client(addr, timeout=60) as client:
@@ -443,6 +449,9 @@ def run_cluster(
             out: dict[str, Any] = {
                 "workers": n_workers,
                 "threads_per_worker": 1,
+                "worker_environ": {
+                    k: wenv[k] for k in sorted(wenv) if k.endswith(("_NUM_THREADS", "TRIM_THRESHOLD_"))
+                },
                 "cold_start_s": sorted(warm.values()),  # per worker: imports and the store's first open
             }
             try:
