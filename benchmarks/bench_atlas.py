@@ -263,7 +263,8 @@ def stream_stats(data: list[dict[str, Any]], t_start: float, t_end: float, lanes
 
     ``scheduler_share`` is the part of the worker threads' time (``lanes x wall``,
     wall from the call to its result in the client) not spent computing a task:
-    ``1 - task compute / (lanes x wall)``.  It is split in three, which sum to it:
+    ``1 - task compute / (lanes x wall)``.  It is split in three, which add up to it (within the
+    offsets of the processes' clocks):
 
     * ``idle_before_share``: from the call until each thread's first task starts
       (graph build and submission, scheduling the first tasks, per-process set-up);
