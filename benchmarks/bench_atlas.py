@@ -355,7 +355,10 @@ def cpu_by_process(procs: dict[str, Any]) -> dict[str, float]:
         except psutil.Error:
             out[name] = float("nan")
     m = psutil.cpu_times()
-    out["machine"] = float(sum(m) - m.idle - getattr(m, "iowait", 0.0))
+    # Not idle, not waiting (steal, time the host gave to other machines, counts as taken); guest
+    # time is already counted in user time (Linux), so left out.
+    skip = m.idle + sum(getattr(m, k, 0.0) for k in ("iowait", "guest", "guest_nice"))
+    out["machine"] = float(sum(m) - skip)
     out["machine_niced"] = float(getattr(m, "nice", 0.0))
     return out
 
