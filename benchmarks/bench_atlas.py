@@ -6,21 +6,34 @@ benchmark writes a slice of it (all genes, ``--cells N`` cells; the default
 fits a 2-core machine in a few minutes) as a ``.loom.zarr`` with
 ``dask_loom.create`` to the local S3 server (moto on 127.0.0.1), and reads it
 back through the request-counting proxy that waits ``--latency`` seconds
-(20 ms) before answering each request (``tests/_faultproxy.py``).  On a real
-``dask scheduler`` with 1, then 2 ``dask worker`` processes (one thread each,
-no nanny) it runs
+(20 ms) before answering each request (``tests/_faultproxy.py``; requests in
+flight wait at the same time, each in its own thread).  The server and the
+proxy run in processes of their own (``benchmarks/_testbed.py``), so their CPU
+is measured apart and they share no GIL with the client.  On a real ``dask
+scheduler`` with 1, then 2 ``dask worker`` processes (one thread each, no
+nanny but the environment a nanny sets: one BLAS thread; warmed first: imports,
+the store opened, one small read, the cold
+start recorded) it runs
 
 * ``ds.map([np.mean, np.std], axis=0)``   (per gene), and
 * ``ds.aggregate(group_by=labels)``       (the mean of each gene in each of 50 cell groups),
 
-and records per run: wall time; requests and bytes per GiB decoded (the
-proxy's counters); peak RSS of a worker process; the share of worker-thread
-time not spent running tasks (the scheduler's and the task protocol's
-share, from the task stream) and the per-task overhead it implies; the
-scheduler process's CPU time; and the scaling ``T1 / (2 * T2)``.  It also
-measures the decode rate of one core on the stored chunks (no network), and
-the client's time to build the graph of ``map`` for the full 58,000 x
-3,300,000 shape with the same stored chunks (nothing computed).
+and records per run: wall time; requests and bytes per GiB decoded and the
+most requests in flight at once (the proxy's counters); peak RSS of a worker
+process; the CPU seconds of every process (client, scheduler, each worker, S3
+server, proxy) and of the whole machine, so the share other work took is
+known (``processes``); the scheduler share (below); the scheduler process's
+CPU share, busy and idle; and the scaling ``T1 / (2 * T2)`` with the evidence
+of what limits it (worker CPU seconds 2 vs 1 worker, cores used by ours and by
+others).  It also measures the decode rate of one core on the stored chunks
+(no network), and the client's time to build the graph of ``map`` for the
+full 58,000 x 3,300,000 shape with the same stored chunks (nothing computed).
+
+The scheduler share is the part of the worker threads' time (threads x wall,
+wall from the call to its result in the client) not spent computing a task,
+``1 - task compute / (threads x wall)``, from the task stream; it is split into
+idle before each thread's first task, between tasks, and after its last task
+(``stream_stats``).
 
 Counts are synthetic but count-like: about 8 % non-zero, gene detection
 rates spread over 0.2 % - 30 %, geometric values; each stored chunk is
@@ -35,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import inspect
 import itertools
 import os
@@ -245,7 +259,21 @@ class RssSampler:
 
 
 def stream_stats(data: list[dict[str, Any]], t_start: float, t_end: float, lanes: int) -> dict[str, Any]:
-    """Task-stream numbers of one run: time in tasks vs the lanes' (worker threads') wall time."""
+    """Task-stream numbers of one run: time in tasks vs the lanes' (worker threads') wall time.
+
+    ``scheduler_share`` is the part of the worker threads' time (``lanes x wall``,
+    wall from the call to its result in the client) not spent computing a task:
+    ``1 - task compute / (lanes x wall)``.  It is split in three, which add up to it (within the
+    offsets of the processes' clocks):
+
+    * ``idle_before_share``: from the call until each thread's first task starts
+      (graph build and submission, scheduling the first tasks, per-process set-up);
+    * ``idle_between_share``: gaps between two tasks on the same thread (the
+      scheduler's round trip per task, fetching inputs from the other worker);
+    * ``idle_after_share``: from each thread's last task to the result in the
+      client (the other thread still busy, i.e. imbalance, plus the result's
+      return).
+    """
     compute = transfer = 0.0
     by_lane: dict[Any, list[tuple[float, float]]] = {}
     for t in data:
@@ -256,14 +284,18 @@ def stream_stats(data: list[dict[str, Any]], t_start: float, t_end: float, lanes
         for a, b in spans:
             compute += b - a
             by_lane.setdefault((t.get("worker"), t.get("thread")), []).append((a, b))
-    gaps = 0.0
+    gaps = before = after = 0.0
     n_gaps = 0
     for spans in by_lane.values():
         spans.sort()
+        before += max(0.0, spans[0][0] - t_start)
+        after += max(0.0, t_end - spans[-1][1])
         for (_, b), (a2, _) in itertools.pairwise(spans):
             gaps += max(0.0, a2 - b)
             n_gaps += 1
+    idle_lanes = max(0, lanes - len(by_lane))  # a thread that ran nothing idled throughout
     wall = t_end - t_start
+    total = lanes * wall
     first = min((a for spans in by_lane.values() for a, _ in spans), default=t_start)
     last = max((b for spans in by_lane.values() for _, b in spans), default=t_end)
     return {
@@ -271,7 +303,11 @@ def stream_stats(data: list[dict[str, Any]], t_start: float, t_end: float, lanes
         "task_compute_s": compute,
         "transfer_s": transfer,
         # Worker-thread time not in a task: scheduling, messages, serialisation, waiting at the ends.
-        "scheduler_share": max(0.0, 1.0 - compute / (lanes * wall)),
+        "scheduler_share": max(0.0, 1.0 - compute / total),
+        "idle_before_share": before / total,
+        "idle_between_share": gaps / total,
+        "idle_after_share": (after + idle_lanes * wall) / total,
+        "tasks_per_lane": sorted(len(v) for v in by_lane.values()),
         # Between two tasks on the same thread: the per-task price of the scheduler round trip.
         "gap_between_tasks_s": gaps,
         "overhead_per_task_ms": 1000.0 * gaps / max(1, n_gaps),
@@ -284,7 +320,7 @@ def _noop(i: int) -> int:
     return i
 
 
-def noop_rate(client: Any, sched: Any, n: int = 4000) -> dict[str, Any]:
+def noop_rate(client: Any, sched: Any, n: int = 2000) -> dict[str, Any]:
     """The scheduler's own price per task: *n* independent no-op tasks, wall and scheduler CPU per task."""
     client.gather(client.map(_noop, range(200), pure=False))  # warm
     cpu0 = sum(sched.cpu_times()[:2])
@@ -303,8 +339,74 @@ def _cpu_seconds() -> float:
     return float(t.user + t.system)
 
 
+def cpu_by_process(procs: dict[str, Any]) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each named process, and by the whole machine.
+
+    ``machine`` is every core's non-idle time (all processes, ours or not);
+    ``machine_niced`` the part of it spent in niced processes.
+    """
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, p in procs.items():
+        try:
+            t = p.cpu_times()
+            out[name] = float(t.user + t.system)
+        except psutil.Error:
+            out[name] = float("nan")
+    m = psutil.cpu_times()
+    # Not idle, not waiting (steal, time the host gave to other machines, counts as taken); guest
+    # time is already counted in user time (Linux), so left out.
+    skip = m.idle + sum(getattr(m, k, 0.0) for k in ("iowait", "guest", "guest_nice"))
+    out["machine"] = float(sum(m) - skip)
+    out["machine_niced"] = float(getattr(m, "nice", 0.0))
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, Any]:
+    """Per-process CPU seconds of one run, its share of one core, and what the rest of the machine used."""
+    sec = {k: after[k] - before[k] for k in before}
+    ours = sum(v for k, v in sec.items() if not k.startswith("machine"))
+    sec["ours"] = ours
+    sec["others"] = max(0.0, sec["machine"] - ours)  # other work on the machine (other sessions)
+    return {
+        "cpu_s": sec,
+        "cores_busy": {k: v / wall for k, v in sec.items()},
+    }
+
+
+_WARM_MODULES = (
+    "dask_loom.loom", "dask_loom.ops._map", "dask_loom.ops._aggregate", "dask_loom.ops._kernels",
+    "dask_loom.zarr._source", "dask_loom.zarr._chunks", "zarr", "numcodecs.blosc", "s3fs",
+)  # fmt: skip
+
+
+def _warm(url: str, options: dict[str, Any]) -> float:
+    """In a worker: import what the tasks need and open the layer's store (one small read).
+
+    What a long-lived worker has done before: the first task otherwise pays
+    the imports and the object-store client's set-up (seconds on a loaded
+    2-core machine), a fixed cost a 1-to-2-worker ratio would count as
+    scheduler time.  Returns the seconds it took (the cold start, recorded).
+    """
+    t0 = time.perf_counter()
+    for m in _WARM_MODULES:
+        importlib.import_module(m)
+    import dask_loom
+
+    with dask_loom.connect(url, "r", storage_options=options) as ds:
+        ds.layers[""]._source().read_block((slice(0, 1), slice(0, 1)))
+    return time.perf_counter() - t0
+
+
 def run_cluster(
-    n_workers: int, url: str, options: dict[str, Any], proxy: Any, n_groups: int, log_dir: str
+    n_workers: int,
+    url: str,
+    options: dict[str, Any],
+    proxy: Any,
+    n_groups: int,
+    log_dir: str,
+    testbed: dict[str, int],
 ) -> dict[str, Any]:
     import psutil
     from _processes import free_port, start_scheduler, stop
@@ -314,6 +416,11 @@ def run_cluster(
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO, *filter(None, [env.get("PYTHONPATH")])])
+    # What a nanny sets in the processes it starts (distributed.nanny.pre-spawn-environ): one BLAS
+    # thread per worker thread, so 2 workers on 2 cores do not run 4 BLAS threads.
+    import dask
+
+    wenv = {**env, **{k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()}}
     port = free_port()
     addr = f"tcp://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
@@ -329,17 +436,36 @@ def run_cluster(
                 subprocess.Popen(
                     [sys.executable, "-m", "distributed.cli.dask_worker", addr, "--name", f"w{i}", "--nthreads", "1",
                      "--nworkers", "1", "--no-nanny", "--memory-limit", "6GiB", "--host", "127.0.0.1"],
-                    stdout=wlog, stderr=subprocess.STDOUT, env=env,
+                    stdout=wlog, stderr=subprocess.STDOUT, env=wenv,
                 )
             )  # fmt: skip
         with Client(addr, timeout=60) as client:
             client.wait_for_workers(n_workers, timeout=120)
             # Imports and the first connection out of the timed part (the cluster is warm, as a long-lived one is).
-            client.run(lambda: __import__("dask_loom.loom") and __import__("s3fs") and None)
+            warm = client.run(_warm, url, options)
+            for m in _WARM_MODULES:  # the client's first map otherwise imports the graph builders
+                importlib.import_module(m)
             sched = psutil.Process(procs[0].pid)
+            roles = {"client": psutil.Process(), "scheduler": sched}
+            roles.update({f"worker-{i}": psutil.Process(p.pid) for i, p in enumerate(procs[1:])})
+            roles.update({k: psutil.Process(v) for k, v in testbed.items()})
             sampler = RssSampler([p.pid for p in procs[1:]])
-            out: dict[str, Any] = {"workers": n_workers, "threads_per_worker": 1}
+            out: dict[str, Any] = {
+                "workers": n_workers,
+                "threads_per_worker": 1,
+                "worker_environ": {
+                    k: wenv[k] for k in sorted(wenv) if k.endswith(("_NUM_THREADS", "TRIM_THRESHOLD_"))
+                },
+                "cold_start_s": sorted(warm.values()),  # per worker: imports and the store's first open
+            }
             try:
+                # The scheduler's CPU with nothing to schedule (heartbeats, the dashboard's periodic work):
+                # the floor under scheduler_cpu_share, whatever the graph.
+                c0, t0 = sum(sched.cpu_times()[:2]), time.perf_counter()
+                time.sleep(3.0)
+                out["scheduler_idle_cpu_share"] = (sum(sched.cpu_times()[:2]) - c0) / (
+                    time.perf_counter() - t0
+                )
                 out["noop_tasks"] = noop_rate(client, sched)
                 proxy.reset_counts()
                 t0 = time.perf_counter()
@@ -348,10 +474,17 @@ def run_cluster(
                 out["connect_requests"] = proxy.snapshot()["total_requests"]
                 labels = ds.ca["Group"]
                 shape = ds.shape
+                # One small read through the whole path (client graph, workers' reads) before the timed
+                # calls, as a long-lived cluster has done before; the cold first call is recorded here.
+                t0 = time.perf_counter()
+                x = ds.layers[""].dask[: min(shape[0], 256)]
+                client.compute(x.astype(np.float64).mean(axis=1)).result()
+                out["warmup_read_s"] = time.perf_counter() - t0
                 for op in ("map", "aggregate"):
                     proxy.reset_counts()
                     cpu0 = sum(sched.cpu_times()[:2])
                     wcpu0 = client.run(_cpu_seconds)
+                    pcpu0 = cpu_by_process(roles)
                     with get_task_stream(client=client) as ts:
                         w0 = time.time()
                         t0 = time.perf_counter()
@@ -362,6 +495,7 @@ def run_cluster(
                         wall = time.perf_counter() - t0
                         w1 = time.time()
                     cpu1 = sum(sched.cpu_times()[:2])
+                    pcpu1 = cpu_by_process(roles)
                     wcpu = sum(client.run(_cpu_seconds).values()) - sum(wcpu0.values())
                     snap = proxy.snapshot()
                     decoded = shape[0] * shape[1] * 2
@@ -381,6 +515,8 @@ def run_cluster(
                         "scheduler_cpu_s": cpu1 - cpu0,
                         "scheduler_cpu_share": (cpu1 - cpu0) / wall,
                         **stream_stats(ts.data, w0, w1, n_workers),
+                        "processes": cpu_delta(pcpu0, pcpu1, wall),
+                        "proxy_peak_in_flight": snap.get("peak_in_flight"),
                     }
                     out[op]["results"] = res
                 ds.close()
@@ -427,8 +563,8 @@ def main() -> None:
 
     import tempfile
 
-    from _faultproxy import FaultProxy, options_via
-    from _s3server import S3Server
+    from _faultproxy import options_via
+    from _testbed import start_proxy, start_server
 
     from dask_loom._config import get_config
 
@@ -449,10 +585,13 @@ def main() -> None:
     import zarr
 
     results["zarr_async_concurrency"] = zarr.config.get("async.concurrency")
-    server = S3Server(bucket="atlas")
-    info = server.start()
-    proxy = FaultProxy(info["endpoint_url"], latency=args.latency)
-    via = options_via(info["storage_options"], proxy.url)
+    # The S3 server and the proxy each in their own process: their CPU is measured apart, and
+    # they do not share a GIL with the client (or with each other).
+    server = start_server("atlas")
+    info = server.info
+    proxy = start_proxy(info["endpoint_url"], args.latency)
+    via = options_via(info["storage_options"], proxy.info["url"])
+    testbed = {"s3_server": server.pid, "proxy": proxy.pid}
     url = f"s3://{info['bucket']}/atlas-{uuid.uuid4().hex[:6]}.loom.zarr"
     try:
         print(
@@ -475,7 +614,7 @@ def main() -> None:
         print(f"graph of map over {g['shape']}: {g['tasks']} tasks built in {g['build_s']:.3f} s", flush=True)
         with tempfile.TemporaryDirectory() as logs:
             for n in (int(w) for w in args.workers.split(",")):
-                r = run_cluster(n, url, via, proxy, args.groups, logs)
+                r = run_cluster(n, url, via, proxy, args.groups, logs, testbed)
                 for op in ("map", "aggregate"):
                     o = r[op]
                     print(
@@ -484,6 +623,14 @@ def main() -> None:
                         f"{o['overhead_per_task_ms']:.1f} ms/task gap, scheduler CPU {o['scheduler_cpu_share']:.3f}",
                         flush=True,
                     )
+                    print(
+                        f"    idle of worker threads: before first task {o['idle_before_share']:.3f}, between tasks "
+                        f"{o['idle_between_share']:.3f}, after last {o['idle_after_share']:.3f}; tasks per thread {o['tasks_per_lane']}",
+                        flush=True,
+                    )
+                    busy = o["processes"]["cores_busy"]
+                    print("    cores busy: " + ", ".join(f"{k} {v:.2f}" for k, v in busy.items()), flush=True)
+                print(f"  cold start per worker (warmed before timing): {r['cold_start_s']}", flush=True)
                 nt = r["noop_tasks"]
                 print(
                     f"  peak worker RSS {r['peak_worker_rss'] / 2**20:.0f} MiB; no-op tasks: {nt['tasks_per_s']:.0f}/s, "
@@ -506,9 +653,24 @@ def main() -> None:
                 op: runs["1"][op]["wall_s"] / (2 * runs["2"][op]["wall_s"]) for op in ("map", "aggregate")
             }
             print(f"scaling T1/(2 T2): {results['scaling']}", flush=True)
+            # What limits it: the workers' CPU seconds for the same work (1.0: nothing is wasted by running
+            # on two), and the cores our processes had (2 - others) against those they used.
+            results["scaling_evidence"] = {
+                op: {
+                    "worker_cpu_2_over_1": runs["2"][op]["worker_cpu_s"] / runs["1"][op]["worker_cpu_s"],
+                    "cores_used_by_ours": [
+                        runs[n][op]["processes"]["cores_busy"]["ours"] for n in ("1", "2")
+                    ],
+                    "cores_used_by_others": [
+                        runs[n][op]["processes"]["cores_busy"]["others"] for n in ("1", "2")
+                    ],
+                }
+                for op in ("map", "aggregate")
+            }
+            print(f"scaling evidence: {results['scaling_evidence']}", flush=True)
     finally:
         proxy.close()
-        server.stop()
+        server.close()
     results["load_average_end"] = list(os.getloadavg())
     name = args.name or ("atlas" if n_cells == 8192 else f"atlas_{n_cells}")
     print("results:", save(name, results))

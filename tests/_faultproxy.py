@@ -49,8 +49,16 @@ from typing import Any
 __all__ = ["FaultProxy", "Request", "options_via"]
 
 _BODIES = {
-    "500": (500, "Internal Server Error", b"<Error><Code>InternalError</Code><Message>We encountered an internal error. Please try again.</Message></Error>"),
-    "503": (503, "Slow Down", b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"),
+    "500": (
+        500,
+        "Internal Server Error",
+        b"<Error><Code>InternalError</Code><Message>We encountered an internal error. Please try again.</Message></Error>",
+    ),
+    "503": (
+        503,
+        "Slow Down",
+        b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
+    ),
 }
 
 
@@ -132,7 +140,12 @@ class FaultProxy:
     """
 
     def __init__(
-        self, upstream: str, *, stall_seconds: float = 5.0, latency: float = 0.0, bandwidth: float | None = None
+        self,
+        upstream: str,
+        *,
+        stall_seconds: float = 5.0,
+        latency: float = 0.0,
+        bandwidth: float | None = None,
     ) -> None:
         host, _, port = upstream.split("://", 1)[1].partition(":")
         self.upstream = (host, int(port))
@@ -150,6 +163,8 @@ class FaultProxy:
         self.bytes: collections.Counter[str] = collections.Counter()
         self.ranged = 0
         self.log: list[Request] = []
+        self.in_flight = 0  # requests being answered now (latency included)
+        self.peak_in_flight = 0  # the most at once since the last reset_counts()
         self._srv = socket.socket()
         self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._srv.bind(("127.0.0.1", 0))
@@ -181,6 +196,7 @@ class FaultProxy:
             self.bytes.clear()
             self.ranged = 0
             self.log = []
+            self.peak_in_flight = self.in_flight
 
     def snapshot(self) -> dict[str, Any]:
         """Counts so far: requests and body bytes by method, ranged GETs, and their totals."""
@@ -192,6 +208,7 @@ class FaultProxy:
                 "total_requests": sum(self.methods.values()),
                 "total_bytes": sum(self.bytes.values()),
                 "faults": {k: v for k, v in self.counts.items() if k != "pass"},
+                "peak_in_flight": self.peak_in_flight,
             }
 
     @property
@@ -267,16 +284,31 @@ class FaultProxy:
                 client.close()
                 return
             head, rest = got
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            self._answer(client, head, rest)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _answer(self, client: socket.socket, head: bytes, rest: bytes) -> None:
+        try:
             fault, req = self._next(head)
             method = req.method
             if self.latency > 0:
-                time.sleep(self.latency)
+                time.sleep(self.latency)  # in this request's own thread: requests in flight wait together
             if fault in _BODIES:
                 self._drain_body(client, head, rest)
                 status, reason, body = _BODIES[fault]
                 client.sendall(
                     f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
-                    "Connection: close\r\n\r\n".encode() + (b"" if method == "HEAD" else body)
+                    "Connection: close\r\n\r\n".encode()
+                    + (b"" if method == "HEAD" else body)
                 )
                 client.close()
             elif fault == "drop":
@@ -353,7 +385,9 @@ class FaultProxy:
                         # A well-formed answer with half the body: Content-Length rewritten to match.
                         keep = n // 2
                         h = b"\r\n".join(
-                            (b"Content-Length: %d" % keep) if ln.lower().startswith(b"content-length:") else ln
+                            (b"Content-Length: %d" % keep)
+                            if ln.lower().startswith(b"content-length:")
+                            else ln
                             for ln in h.split(b"\r\n")
                         )
                         got = body

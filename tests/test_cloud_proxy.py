@@ -75,6 +75,14 @@ def test_latency_is_paid_per_request_and_overlaps(s3_proxy, objects):
     overlapped = time.perf_counter() - t0
     assert got == [objects[b][:10]] * n
     assert overlapped < serial / 2, (overlapped, serial)
+    # All of them were in the proxy at once (each waits in its own thread), none left behind.
+    assert proxy.snapshot()["peak_in_flight"] >= n  # (a handler still closing the last sockets may add one)
+    deadline = time.monotonic() + 5  # a handler closes its sockets just after the client has its answer
+    while proxy.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proxy.in_flight == 0
+    proxy.reset_counts()
+    assert proxy.snapshot()["peak_in_flight"] == 0
 
 
 def test_bandwidth_cap_bounds_the_rate(s3_proxy, objects):
@@ -117,17 +125,38 @@ def test_fast_reads_answer_as_moto(s3_server, objects):
     info = slow.start()
     try:
         clients = [
-            boto3.client("s3", endpoint_url=e, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
+            boto3.client(
+                "s3",
+                endpoint_url=e,
+                aws_access_key_id="testing",
+                aws_secret_access_key="testing",
+                region_name="us-east-1",
+            )
             for e in (s3_server["endpoint_url"], info["endpoint_url"])
         ]
         a, b = objects
         bucket, key = a.split("/", 1)
-        skip = {"access-control-allow-origin", "date", "server", "x-amzn-requestid", "x-amz-request-id", "x-amz-id-2", "connection"}
-        for kw in ({}, {"Range": "bytes=10-99"}, {"Range": "bytes=1000-"}, {"Range": "bytes=-5"}, {"Range": "bytes=0-99999999"}):
+        skip = {
+            "access-control-allow-origin",
+            "date",
+            "server",
+            "x-amzn-requestid",
+            "x-amz-request-id",
+            "x-amz-id-2",
+            "connection",
+        }
+        for kw in (
+            {},
+            {"Range": "bytes=10-99"},
+            {"Range": "bytes=1000-"},
+            {"Range": "bytes=-5"},
+            {"Range": "bytes=0-99999999"},
+        ):
             fast, moto = (c.get_object(Bucket=bucket, Key=key, **kw) for c in clients)
             assert fast["Body"].read() == moto["Body"].read()
             hf, hm = (
-                {k: v for k, v in r["ResponseMetadata"]["HTTPHeaders"].items() if k not in skip} for r in (fast, moto)
+                {k: v for k, v in r["ResponseMetadata"]["HTTPHeaders"].items() if k not in skip}
+                for r in (fast, moto)
             )
             assert hf == hm, kw
             assert fast["ResponseMetadata"]["HTTPStatusCode"] == moto["ResponseMetadata"]["HTTPStatusCode"]

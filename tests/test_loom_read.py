@@ -63,7 +63,9 @@ def test_attribute_slicing_and_errors(pair):
     mask = ref["ca"]["Clusters"] == 3
     np.testing.assert_array_equal(ds.ca[mask].Total, lp.ca[mask].Total)
     # Deliberate fix: numpy ints and int lists select positions (loompy treats them as names).
-    assert ds.ca[np.int64(2)].CellID == ref["ca"]["CellID"][2]  # an integer drops the axis, as numpy and loompy
+    assert (
+        ds.ca[np.int64(2)].CellID == ref["ca"]["CellID"][2]
+    )  # an integer drops the axis, as numpy and loompy
     np.testing.assert_array_equal(ds.ca[[5, 1]].CellID, ref["ca"]["CellID"][[5, 1]])
     with pytest.raises(AttributeError):
         ds.ca.NoSuchAttribute
@@ -123,7 +125,15 @@ def test_indexing_matches_numpy_outer(pair, data):
 
 def test_loompy_style_reads(pair):
     lp, ds, _ = pair
-    for key in [(slice(None), slice(None)), (slice(0, 10), slice(5, 9)), (slice(-5, None), slice(None)), (0, slice(None)), (-1, slice(None)), (slice(None), -1), ([0, 2, 5], slice(None))]:
+    for key in [
+        (slice(None), slice(None)),
+        (slice(0, 10), slice(5, 9)),
+        (slice(-5, None), slice(None)),
+        (0, slice(None)),
+        (-1, slice(None)),
+        (slice(None), -1),
+        ([0, 2, 5], slice(None)),
+    ]:
         np.testing.assert_array_equal(ds[key], lp[key])
     assert ds[0, 0] == lp[0, 0]
     np.testing.assert_array_equal(ds["spliced"][10:20, :], lp["spliced"][10:20, :])
@@ -205,6 +215,39 @@ def test_nan_reductions():
     parts = combine_partials([block_partials(a[:, :20], 1, needs), block_partials(a[:, 20:], 1, needs)])
     for r, v in zip(reds, finish(parts, reds)):
         np.testing.assert_allclose(v, getattr(np, r.name)(a, axis=1), rtol=1e-10, err_msg=r.name)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint8, np.int64, np.bool_])
+@pytest.mark.parametrize("red", [0, 1])
+def test_integer_block_sums_exact_in_tiles(dtype, red, monkeypatch):
+    """Integer blocks are summed a tile of rows at a time: exactly what numpy's float64 sums give, at any tile size."""
+    from dask_loom.ops import _kernels
+    from dask_loom.ops._kernels import block_partials
+
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype) if dtype is not np.bool_ else None
+    lo, hi = (0, 2) if info is None else (info.min, info.max)
+    lo, hi = max(lo, -(2**20)), min(hi, 2**20)  # int64: values whose float64 sums are exact
+    a = rng.integers(lo, hi, size=(37, 23), endpoint=True).astype(dtype)
+    if info is not None and info.bits <= 16:
+        a[0, :3] = [info.max, info.min, info.max]  # extremes: squares of 65535 overflow 32-bit sums
+    f = a.astype(np.float64)
+    needs = ["n", "s1", "s2", "nnz"]
+    for tile_rows in (1, 5, 37, 1000):  # tiles smaller than, equal to and larger than the block
+        monkeypatch.setattr(_kernels, "TILE_BYTES", 8 * a.shape[1] * tile_rows)
+        for wanted in (needs, ["s2"], ["s1"]):
+            got = block_partials(a, red, wanted)
+            if "s1" in wanted:
+                np.testing.assert_array_equal(got["s1"], f.sum(axis=red))
+                assert got["s1"].dtype == np.float64
+            if "s2" in wanted:
+                np.testing.assert_array_equal(got["s2"], (f * f).sum(axis=red))
+            if "nnz" in wanted:
+                np.testing.assert_array_equal(got["nnz"], np.count_nonzero(a, axis=red))
+    for empty in (a[:0], a[:, :0]):
+        got = block_partials(empty, red, needs)
+        np.testing.assert_array_equal(got["s1"], empty.astype(np.float64).sum(axis=red))
+        np.testing.assert_array_equal(got["s2"], np.zeros(empty.shape[1 - red]))
 
 
 def test_sparse_equals_loompy(pair):
@@ -323,7 +366,10 @@ def test_wrong_attribute_length_named(tmp_path, loompy_file):
         f["col_attrs/Short"] = np.arange(5)
     with pytest.raises(ValueError, match="Short"):
         dask_loom.connect(path, "r")  # the validator names it
-    with dask_loom.connect(path, "r", validate=False) as ds, pytest.raises(LoomFormatError, match="col_attrs/Short.*5 values"):
+    with (
+        dask_loom.connect(path, "r", validate=False) as ds,
+        pytest.raises(LoomFormatError, match="col_attrs/Short.*5 values"),
+    ):
         ds.ca.Short
 
 

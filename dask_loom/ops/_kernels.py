@@ -104,8 +104,42 @@ def _sum(b: np.ndarray, red: int) -> np.ndarray:
 
 def _sumsq(b: np.ndarray, red: int) -> np.ndarray:
     if b.dtype not in (np.float32, np.float64):
-        b = b.astype(np.float64)
+        return _tiled_sums(b, red, square=True)[1]
     return np.einsum("ij,ij->i" if red == 1 else "ij,ij->j", b, b).astype(np.float64)
+
+
+#: Bytes of float64 a non-float block is converted to at a time (fits in cache, bounds the copy).
+TILE_BYTES = 4 << 20
+
+
+def _tile_rows(b: np.ndarray) -> int:
+    return max(1, TILE_BYTES // max(1, 8 * b.shape[1]))
+
+
+def _tiled_sums(b: np.ndarray, red: int, *, square: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Sums (and sums of squares) of a non-float 2-D block along *red*, converted to float64 a tile of rows at a time.
+
+    Converting a whole uint16 block to float64 makes a copy 4x its size and is
+    slower than converting cache-sized tiles and reducing each at once.
+    Integer sums are exact in float64 below 2**53, as with ``sum(dtype=float64)``.
+    """
+    n_rows, n_cols = b.shape
+    step = _tile_rows(b)
+    keep = n_rows if red == 1 else n_cols
+    s1 = np.zeros(keep)
+    s2 = np.zeros(keep) if square else None
+    for i in range(0, n_rows, step):
+        f = b[i : i + step].astype(np.float64)
+        # Not BLAS: on tiles this small a threaded BLAS spends more time waking its threads than adding.
+        if red == 1:
+            s1[i : i + step] = np.einsum("ij->i", f)
+            if s2 is not None:
+                s2[i : i + step] = np.einsum("ij,ij->i", f, f)
+        else:
+            s1 += np.einsum("ij->j", f)
+            if s2 is not None:
+                s2 += np.einsum("ij,ij->j", f, f)
+    return s1, s2
 
 
 def block_partials(block: np.ndarray, red: int, needs: Iterable[str]) -> dict[str, np.ndarray]:
@@ -115,10 +149,17 @@ def block_partials(block: np.ndarray, red: int, needs: Iterable[str]) -> dict[st
     keep = block.shape[1 - red]
     if "n" in needs:
         out["n"] = np.full(keep, block.shape[red], dtype=np.float64)
-    if "s1" in needs:
-        out["s1"] = _sum(block, red)
-    if "s2" in needs:
-        out["s2"] = _sumsq(block, red)
+    if block.dtype in (np.float32, np.float64) or not needs & {"s1", "s2"}:
+        if "s1" in needs:
+            out["s1"] = _sum(block, red)
+        if "s2" in needs:
+            out["s2"] = _sumsq(block, red)
+    else:  # one conversion of each tile for both sums
+        s1, s2 = _tiled_sums(block, red, square="s2" in needs)
+        if "s1" in needs:
+            out["s1"] = s1
+        if s2 is not None:
+            out["s2"] = s2
     empty = block.shape[red] == 0
     if "min" in needs:
         out["min"] = np.full(keep, np.nan) if empty else block.min(axis=red).astype(np.float64)
@@ -142,9 +183,17 @@ def block_partials(block: np.ndarray, red: int, needs: Iterable[str]) -> dict[st
         if "nmin" in needs or "nmax" in needs:
             with np.errstate(invalid="ignore"):
                 if "nmin" in needs:
-                    out["nmin"] = np.where(valid, block, np.inf).min(axis=red, initial=np.inf).astype(np.float64) if not empty else np.full(keep, np.inf)
+                    out["nmin"] = (
+                        np.where(valid, block, np.inf).min(axis=red, initial=np.inf).astype(np.float64)
+                        if not empty
+                        else np.full(keep, np.inf)
+                    )
                 if "nmax" in needs:
-                    out["nmax"] = np.where(valid, block, -np.inf).max(axis=red, initial=-np.inf).astype(np.float64) if not empty else np.full(keep, -np.inf)
+                    out["nmax"] = (
+                        np.where(valid, block, -np.inf).max(axis=red, initial=-np.inf).astype(np.float64)
+                        if not empty
+                        else np.full(keep, -np.inf)
+                    )
     return out
 
 
@@ -193,7 +242,15 @@ def finish(parts: dict[str, np.ndarray], reductions: list[Reduction]) -> list[np
     for r in reductions:
         v = np.asarray(r.finish(parts), dtype=np.float64)
         if r.name in ("nanmin", "nanmax"):
-            v = np.where(np.isinf(v) & (parts["nmin" if r.name == "nanmin" else "nmax"] == (np.inf if r.name == "nanmin" else -np.inf)), np.nan, v)
+            v = np.where(
+                np.isinf(v)
+                & (
+                    parts["nmin" if r.name == "nanmin" else "nmax"]
+                    == (np.inf if r.name == "nanmin" else -np.inf)
+                ),
+                np.nan,
+                v,
+            )
         res.append(v)
     return res
 
@@ -214,11 +271,56 @@ __all__ += ["apply_vectors", "finish", "staged_partials"]
 
 # --- group-by reductions along the columns of a band ------------------------------------
 
-_MATMUL = {"sum", "mean", "len", "nansum", "nanmean", "nanlen", "sumofsquares", "var", "std", "nanvar", "nanstd"}
-_REDUCEAT = {"max": np.maximum, "min": np.minimum, "prod": np.multiply, "any": np.logical_or, "all": np.logical_and}
-_NPG_ALIASES = {"count": "len", "add": "sum", "plus": "sum", "amax": "max", "maximum": "max", "amin": "min", "minimum": "min", "average": "mean"}
+_MATMUL = {
+    "sum",
+    "mean",
+    "len",
+    "nansum",
+    "nanmean",
+    "nanlen",
+    "sumofsquares",
+    "var",
+    "std",
+    "nanvar",
+    "nanstd",
+}
+_REDUCEAT = {
+    "max": np.maximum,
+    "min": np.minimum,
+    "prod": np.multiply,
+    "any": np.logical_or,
+    "all": np.logical_and,
+}
+_NPG_ALIASES = {
+    "count": "len",
+    "add": "sum",
+    "plus": "sum",
+    "amax": "max",
+    "maximum": "max",
+    "amin": "min",
+    "minimum": "min",
+    "average": "mean",
+}
 #: Functions whose result is not one number per group (not valid for ``aggregate``).
-NOT_REDUCING = {"cumsum", "cumprod", "cummax", "cummin", "sort", "array", "nancumsum", "nancumprod", "nancummax", "nancummin", "sorted", "rsorted", "asort", "dsort", "asorted", "split", "splice"}
+NOT_REDUCING = {
+    "cumsum",
+    "cumprod",
+    "cummax",
+    "cummin",
+    "sort",
+    "array",
+    "nancumsum",
+    "nancumprod",
+    "nancummax",
+    "nancummin",
+    "sorted",
+    "rsorted",
+    "asort",
+    "dsort",
+    "asorted",
+    "split",
+    "splice",
+}
 
 
 class GroupPlan:
@@ -250,10 +352,14 @@ class GroupPlan:
 def check_group_func(func: str) -> str:
     """Canonical name of a numpy-groupies reduction; ``ValueError`` for unknown or non-reducing names."""
     if not isinstance(func, str):
-        raise TypeError(f"aggregation function must be a numpy-groupies function name, not {type(func).__name__}")
+        raise TypeError(
+            f"aggregation function must be a numpy-groupies function name, not {type(func).__name__}"
+        )
     name = _NPG_ALIASES.get(func, func)
     if name in NOT_REDUCING:
-        raise ValueError(f"'{func}' does not reduce each group to one value; use a reducing numpy-groupies function")
+        raise ValueError(
+            f"'{func}' does not reduce each group to one value; use a reducing numpy-groupies function"
+        )
     if name in _MATMUL or name in _REDUCEAT or name in ("first", "last"):
         return name  # computed here without numpy-groupies: no need to import it (and numba) to check
     from numpy_groupies import aggregate_np
@@ -319,7 +425,9 @@ def _npg_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
     # package imports numba where it is installed (0.4-0.9 s).
     from numpy_groupies import aggregate_np
 
-    return np.asarray(aggregate_np(plan.idx, band, func=func, axis=1, size=plan.n_groups, fill_value=0), dtype=np.float64)
+    return np.asarray(
+        aggregate_np(plan.idx, band, func=func, axis=1, size=plan.n_groups, fill_value=0), dtype=np.float64
+    )
 
 
 __all__ += ["GroupPlan", "NOT_REDUCING", "check_group_func", "group_reduce"]
@@ -359,7 +467,9 @@ def _with_data(x: Any, data: np.ndarray) -> Any:
     return sp.csr_matrix((data, x.indices, x.indptr), shape=x.shape, copy=False)
 
 
-def csr_group_partials(x: Any, axis: int, idx: np.ndarray, n_groups: int, needs: Iterable[str]) -> dict[str, np.ndarray]:
+def csr_group_partials(
+    x: Any, axis: int, idx: np.ndarray, n_groups: int, needs: Iterable[str]
+) -> dict[str, np.ndarray]:
     """Partial statistics of a CSR block grouped along *axis* (0: rows, 1: columns).
 
     Every entry of the result has the block's shape with *axis* replaced by
@@ -501,7 +611,9 @@ def map_partials(block: Any, axis: int, needs: Iterable[str]) -> dict[str, np.nd
     return nd_partials(np.asarray(block), axis, needs)
 
 
-def dense_group_partials(block: np.ndarray, axis: int, idx: np.ndarray, n_groups: int, needs: Iterable[str]) -> dict[str, np.ndarray]:
+def dense_group_partials(
+    block: np.ndarray, axis: int, idx: np.ndarray, n_groups: int, needs: Iterable[str]
+) -> dict[str, np.ndarray]:
     """Partial statistics of an n-d block grouped along *axis* (the block's shape with *axis* -> ``n_groups``).
 
     Sums are matrix products with the one-hot group matrix (BLAS, in the
@@ -535,7 +647,9 @@ def dense_group_partials(block: np.ndarray, axis: int, idx: np.ndarray, n_groups
     out: dict[str, np.ndarray] = {}
     counts = np.bincount(idx, minlength=n_groups).astype(np.float64)
     if "n" in needs:
-        out["n"] = np.broadcast_to(counts.reshape([n_groups if i == axis else 1 for i in range(len(shape))]), out_shape).copy()
+        out["n"] = np.broadcast_to(
+            counts.reshape([n_groups if i == axis else 1 for i in range(len(shape))]), out_shape
+        ).copy()
     if "s1" in needs:
         out["s1"] = grouped(x3)
     if "s2" in needs:
@@ -569,7 +683,9 @@ def _reduceat_sum(v3: np.ndarray, idx: np.ndarray, n_groups: int) -> np.ndarray:
     return out
 
 
-def group_partials(block: Any, axis: int, idx: np.ndarray, n_groups: int, needs: Iterable[str]) -> dict[str, np.ndarray]:
+def group_partials(
+    block: Any, axis: int, idx: np.ndarray, n_groups: int, needs: Iterable[str]
+) -> dict[str, np.ndarray]:
     """Group partials of any block (numpy n-d, or scipy.sparse 2-D)."""
     from dask_loom._lazy import issparse
 
