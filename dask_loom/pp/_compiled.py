@@ -93,6 +93,17 @@ def stats(
                 out[1, g, j] += v * v
                 out[2, g, j] += nz
             continue
+        if mode == 1 and is32:  # normalize_total alone (Seurat's expm1 of log1p): a division is cheaper than a lookup
+            for p in range(indptr[r], indptr[r + 1]):
+                j = indices[p]
+                v = np.float64(np.float32(data[p] / f))
+                nz = v != 0
+                if has_clip and v > clip[g, j]:
+                    v = clip[g, j]
+                out[0, g, j] += v
+                out[1, g, j] += v * v
+                out[2, g, j] += nz
+            continue
         for p in range(indptr[r], indptr[r + 1]):
             j = indices[p]
             x = data[p]
