@@ -93,7 +93,8 @@ def stats(
                 out[1, g, j] += v * v
                 out[2, g, j] += nz
             continue
-        if mode == 1 and is32:  # normalize_total alone (Seurat's expm1 of log1p): a division is cheaper than a lookup
+        # normalize_total alone (Seurat's expm1 of log1p): a division is cheaper than a lookup.
+        if mode == 1 and is32:
             for p in range(indptr[r], indptr[r + 1]):
                 j = indices[p]
                 v = np.float64(np.float32(data[p] / f))
