@@ -123,3 +123,29 @@ def test_pca_projects_the_kept_selection_without_reading_again(counts_h5ad, monk
     g, w = np.asarray(xk.compute(), dtype=float), np.asarray(want.obsm["X_pca"], dtype=float)
     signs = np.sign(np.sum(g * w, axis=0))
     np.testing.assert_allclose(g * signs, w, rtol=1e-3, atol=1e-3 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("bad", [-1, 400, 2**31 - 1])
+def test_csr_indices_out_of_range_are_refused(counts_h5ad, tmp_path, bad):
+    """Indices are checked in one pass (as unsigned, a negative one is huge): before any kernel trusts them."""
+    import shutil
+
+    import h5py
+
+    from dask_loom.errors import CorruptChunkError
+
+    path = tmp_path / "bad.h5ad"
+    shutil.copy(counts_h5ad, path)
+    with h5py.File(path, "r+") as f:
+        idx = f["X/indices"]
+        idx[idx.shape[0] // 2] = bad
+    x = dask_loom.MappedCollection([str(path)]).to_dask(sparse=True)
+    with pytest.raises(CorruptChunkError, match="outside 0..399"):
+        x.compute(scheduler="sync")
+    # The same file with the index put back is read.
+    with h5py.File(path, "r+") as f:
+        f["X/indices"][f["X/indices"].shape[0] // 2] = 0
+    assert dask_loom.MappedCollection([str(path)]).to_dask(sparse=True).compute(scheduler="sync").shape == (
+        600,
+        400,
+    )

@@ -317,10 +317,17 @@ def read_csr_parts(
         raise CorruptChunkError(
             f"{store.name}: {meta.path} data/indices hold fewer entries than indptr promises"
         )
-    if len(indices) and (int(indices.max()) >= meta.shape[1] or int(indices.min()) < 0):
+    if len(indices) and _out_of_range(indices, meta.shape[1]):
         # scipy trusts indices: out-of-range ones would crash the process later.
         raise CorruptChunkError(f"{store.name}: {meta.path}/indices holds column numbers outside 0..{meta.shape[1] - 1}")
     return data, indices, new_ptr
+
+
+def _out_of_range(indices: np.ndarray, width: int) -> bool:
+    """Whether any index is negative or at least *width*: one pass (a negative one is huge as unsigned)."""
+    if indices.dtype.kind == "i":
+        return int(indices.view(indices.dtype.str.replace("i", "u")).max()) >= width
+    return int(indices.max()) >= width or int(indices.min()) < 0
 
 
 def _csc_as_csr(store: AnnStore, meta: MatrixMeta) -> sp.csr_matrix:
