@@ -123,9 +123,13 @@ def _h5_ranges(store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarray
     where = f"{spec.name}:{path}"
     decoded: dict[int, np.ndarray] = {}
     for k, raw in zip(present.tolist(), raws):
-        data = decode_chunk(raw, lay.filters, int(u_mask[k]), nbytes, isz, where=where) if lay.filters else raw
+        data = (
+            decode_chunk(raw, lay.filters, int(u_mask[k]), nbytes, isz, where=where) if lay.filters else raw
+        )
         if len(data) != nbytes:
-            raise CorruptChunkError(f"{where}: chunk {int(uniq[k])} holds {len(data)} bytes, expected {nbytes}")
+            raise CorruptChunkError(
+                f"{where}: chunk {int(uniq[k])} holds {len(data)} bytes, expected {nbytes}"
+            )
         decoded[k] = np.frombuffer(data, dtype=dt)
     pos = 0
     for j in range(len(cid)):
@@ -252,7 +256,11 @@ def read_dense_rows(store: AnnStore, meta: MatrixMeta, rows: np.ndarray) -> np.n
             one_d = len(lay.shape) == 1
 
             def one(j: int) -> None:
-                region = (slice(int(starts[j]), int(stops[j])),) if one_d else (slice(int(starts[j]), int(stops[j])), slice(None))
+                region = (
+                    (slice(int(starts[j]), int(stops[j])),)
+                    if one_d
+                    else (slice(int(starts[j]), int(stops[j])), slice(None))
+                )
                 view = out[bounds[j] : bounds[j + 1]]
                 src.read_block(region, out=view.reshape(-1) if one_d else view)
 
@@ -274,7 +282,12 @@ def read_dense_rows(store: AnnStore, meta: MatrixMeta, rows: np.ndarray) -> np.n
         block = np.asarray(arr[int(starts[0]) : int(stops[0])])
     elif len(starts) <= 4 or (stops - starts).mean() >= 64:
         aa = arr._async_array
-        block = np.concatenate([np.asarray(p) for p in _zarr_sync([aa.getitem(slice(int(a), int(b))) for a, b in zip(starts, stops)])])
+        block = np.concatenate(
+            [
+                np.asarray(p)
+                for p in _zarr_sync([aa.getitem(slice(int(a), int(b))) for a, b in zip(starts, stops)])
+            ]
+        )
     else:
         sel = (rows,) if arr.ndim == 1 else (rows, slice(None))
         block = np.asarray(arr.get_orthogonal_selection(sel))
@@ -317,10 +330,19 @@ def read_csr_parts(
         raise CorruptChunkError(
             f"{store.name}: {meta.path} data/indices hold fewer entries than indptr promises"
         )
-    if len(indices) and (int(indices.max()) >= meta.shape[1] or int(indices.min()) < 0):
+    if len(indices) and _out_of_range(indices, meta.shape[1]):
         # scipy trusts indices: out-of-range ones would crash the process later.
-        raise CorruptChunkError(f"{store.name}: {meta.path}/indices holds column numbers outside 0..{meta.shape[1] - 1}")
+        raise CorruptChunkError(
+            f"{store.name}: {meta.path}/indices holds column numbers outside 0..{meta.shape[1] - 1}"
+        )
     return data, indices, new_ptr
+
+
+def _out_of_range(indices: np.ndarray, width: int) -> bool:
+    """Whether any index is negative or at least *width*: one pass (a negative one is huge as unsigned)."""
+    if indices.dtype.kind == "i":
+        return int(indices.view(indices.dtype.str.replace("i", "u")).max()) >= width
+    return int(indices.max()) >= width or int(indices.min()) < 0
 
 
 def _csc_as_csr(store: AnnStore, meta: MatrixMeta) -> sp.csr_matrix:
@@ -341,4 +363,3 @@ def read_matrix_rows(store: AnnStore, meta: MatrixMeta, rows: np.ndarray) -> np.
     if meta.fmt in ("csr", "csc"):
         return read_csr_rows(store, meta, rows)
     return read_dense_rows(store, meta, rows)
-

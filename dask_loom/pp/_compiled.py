@@ -18,8 +18,12 @@ __all__ = [
     "scatter",
     "select",
     "stats",
+    "small",
     "tv",
 ]
+
+#: Stored values below this that are whole numbers (counts) are transformed once per row.
+SMALL = 64
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -51,26 +55,67 @@ def tv(x, f, mode, is32, log_div, exp_mul):  # pragma: no cover - compiled
     return w
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def small(x):  # pragma: no cover - compiled
+    # Counts are mostly small whole numbers and a row has one factor: the
+    # kernels transform each such number once per row (stamp[k] == r says that
+    # tab[k] holds it), the same arithmetic, so the same value, for a lookup
+    # instead of a division and a log1p per stored value.  -1: not one of them.
+    if x >= 1 and x < SMALL:
+        k = int(x)
+        if k == x:
+            return k
+    return -1
+
+
 @numba.njit(nogil=True, cache=True)
 def stats(
     data, indices, indptr, groups, n_groups, n_cols, clip, has_clip, fac, mode, is32, log_div, exp_mul
 ):  # pragma: no cover - compiled
     out = np.zeros((3, n_groups, n_cols), np.float64)
+    tab = np.zeros(SMALL, np.float64)
+    stamp = np.full(SMALL, -1, np.int64)
     for r in range(len(indptr) - 1):
         g = groups[r]
         if g < 0:
             continue
         f = fac[r] if mode & 1 else 1.0
-        # The transform is written out in the loop: a call per value (numba does
-        # not inline across cached functions) cost three times the loop itself.
+        # The loops are written out per mode: a call per value (numba does not
+        # inline across cached functions) cost three times the loop itself.
+        if mode == 0:
+            for p in range(indptr[r], indptr[r + 1]):
+                j = indices[p]
+                v = np.float64(data[p])
+                nz = v != 0
+                if has_clip and v > clip[g, j]:
+                    v = clip[g, j]
+                out[0, g, j] += v
+                out[1, g, j] += v * v
+                out[2, g, j] += nz
+            continue
+        # normalize_total alone (Seurat's expm1 of log1p): a division is cheaper than a lookup.
+        if mode == 1 and is32:
+            for p in range(indptr[r], indptr[r + 1]):
+                j = indices[p]
+                v = np.float64(np.float32(data[p] / f))
+                nz = v != 0
+                if has_clip and v > clip[g, j]:
+                    v = clip[g, j]
+                out[0, g, j] += v
+                out[1, g, j] += v * v
+                out[2, g, j] += nz
+            continue
         for p in range(indptr[r], indptr[r + 1]):
             j = indices[p]
-            if mode == 0:
-                v = np.float64(data[p])
-            elif mode == 1 and is32:
-                v = np.float64(np.float32(data[p] / f))
+            x = data[p]
+            k = small(x)
+            if k >= 0 and stamp[k] == r:
+                v = tab[k]
             else:
-                v = tv(data[p], f, mode, is32, log_div, exp_mul)
+                v = tv(x, f, mode, is32, log_div, exp_mul)
+                if k >= 0:
+                    tab[k] = v
+                    stamp[k] = r
             nz = v != 0
             if has_clip and v > clip[g, j]:
                 v = clip[g, j]
@@ -124,6 +169,8 @@ def select(
     cnt = np.zeros(n_sel, np.int64)
     ck = np.empty(q, np.int64)
     cv = np.empty(q, np.float64)
+    tab = np.zeros(SMALL, np.float64)
+    stamp = np.full(SMALL, -1, np.int64)
     for r in range(n_rows):
         f = fac[r] if mode & 1 else 1.0
         for t in range(rp[r], rp[r + 1]):
@@ -131,10 +178,22 @@ def select(
             k = lut[indices[p]]
             cnt[k] += 1
             ck[t] = k
+            x = data[p]
+            if mode == 0:
+                cv[t] = x
+                continue
+            kk = small(x)
+            if kk >= 0 and stamp[kk] == r:
+                cv[t] = tab[kk]
+                continue
             if mode == 3 and is32:  # normalize_total then log1p (PCA's input), written out
-                cv[t] = np.float32(math.log1p(np.float32(data[p] / f)))
+                w = np.float64(np.float32(math.log1p(np.float32(x / f))))
             else:
-                cv[t] = tv(data[p], f, mode, is32, log_div, exp_mul)
+                w = tv(x, f, mode, is32, log_div, exp_mul)
+            cv[t] = w
+            if kk >= 0:
+                tab[kk] = w
+                stamp[kk] = r
     return rp, ck, cv, cnt
 
 

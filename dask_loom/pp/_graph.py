@@ -19,7 +19,18 @@ import numpy as np
 
 from dask_loom.pp import _kernels as K
 
-__all__ = ["chained", "column_stats", "compute", "gram", "is_dask", "project", "row_sums_of", "transform"]
+__all__ = [
+    "chained",
+    "column_stats",
+    "compute",
+    "gram",
+    "gram_keeping",
+    "is_dask",
+    "project",
+    "project_kept",
+    "row_sums_of",
+    "transform",
+]
 
 _PENDING = "_dask_loom_pending"
 _ORDER = {"scale": 0, "log1p": 1, "expm1": 2}
@@ -29,11 +40,11 @@ def is_dask(x: Any) -> bool:
     return type(x).__module__.startswith("dask.array") and hasattr(x, "dask")
 
 
-def compute(*arrays: Any) -> tuple[Any, ...]:
+def compute(*arrays: Any, **kwargs: Any) -> tuple[Any, ...]:
     """Compute on the scheduler dask_loom picks (a Client, the configured address, or the embedded pool)."""
     from dask_loom.cluster import compute as _compute
 
-    return _compute(*arrays)
+    return _compute(*arrays, **kwargs)
 
 
 def _last_step(p: K.Pending) -> int:
@@ -221,6 +232,78 @@ def gram(x: Any, lut: np.ndarray) -> Any:
     # Blocks store each pair once; the symmetric matrix is made once, after the sum.
     total = _tree_sum(parts, name="pp-gram-sum-" + _token(parts.name))
     return total.map_blocks(K.symmetric, dtype=np.float64)
+
+
+def _select_task(block: Any, factors: Any = None, *, lut: np.ndarray, n_sel: int, pending: Any) -> K.Selected:
+    return K.select_block(block, lut, n_sel, pending=pending, factors=factors)
+
+
+def _gram_selected_task(sel: K.Selected) -> np.ndarray:
+    return K.gram_selected(sel)
+
+
+def gram_keeping(x: Any, lut: np.ndarray) -> tuple[Any, list[Any]] | None:
+    """:func:`gram`, and the :class:`~dask_loom.pp._kernels.Selected` values of every block as delayed objects.
+
+    Computed together (``optimize_graph=False``, so each block is read and
+    selected once), they give the Gram matrix and what :func:`project_kept`
+    projects without reading the matrix again.  ``None`` where the compiled
+    kernels do not read *x* (not CSR blocks, no numba).
+    """
+    import dask.array as da
+
+    x, pending, f = _unfold(x)
+    if not K._fused(x._meta, pending):
+        return None
+    x, lut = _selected(x, lut)
+    n_sel = int((lut >= 0).sum())
+    tok = _token(x, lut, pending, f)
+    sel = da.blockwise(
+        _select_task,
+        "i",
+        x,
+        "ij",
+        *_row_args(f),
+        lut=lut,
+        n_sel=n_sel,
+        pending=pending,
+        concatenate=True,
+        dtype=object,
+        meta=np.empty((0,), dtype=object),
+        name="pp-select-" + tok,
+    )
+    parts = da.blockwise(
+        _gram_selected_task,
+        "iab",
+        sel,
+        "i",
+        new_axes={"a": n_sel + 1, "b": n_sel},
+        adjust_chunks={"i": 1},
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0), dtype=np.float64),
+        name="pp-gram-" + tok,
+    )
+    total = _tree_sum(parts, name="pp-gram-sum-" + _token(parts.name))
+    return total.map_blocks(K.symmetric, dtype=np.float64), list(sel.to_delayed(optimize_graph=False).ravel())
+
+
+def _project_kept_task(sel: K.Selected, components: np.ndarray, offset: np.ndarray, dtype: Any) -> np.ndarray:
+    return K.project_selected(sel, components, offset, dtype)
+
+
+def project_kept(
+    kept: list[K.Selected], components: np.ndarray, offset: np.ndarray, dtype: Any, *, token: str
+) -> Any:
+    """Lazy ``x[:, selected] @ components.T - offset`` from the blocks :func:`gram_keeping` kept (in memory)."""
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph
+
+    dtype = np.dtype(dtype)
+    name = "pp-project-" + _token(token, components, offset, dtype.str)
+    dsk = {(name, i, 0): (_project_kept_task, s, components, offset, dtype) for i, s in enumerate(kept)}
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
+    chunks = (tuple(s.n_rows for s in kept), (components.shape[0],))
+    return da.Array(graph, name, chunks, meta=np.empty((0, 0), dtype=dtype))
 
 
 def _flat(parts: Any) -> list[np.ndarray]:

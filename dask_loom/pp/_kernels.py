@@ -19,14 +19,18 @@ from dask_loom._csr import use_numba
 
 __all__ = [
     "Pending",
+    "Selected",
     "as_csr",
     "block_stats",
     "expm1_block",
     "gram_block",
+    "gram_selected",
     "log1p_block",
     "project_block",
+    "project_selected",
     "row_sums",
     "scale_rows",
+    "select_block",
     "symmetric",
 ]
 
@@ -295,22 +299,9 @@ def gram_block(
     work, are summed over the stored values only.
     """
     block = as_csr(block)
-    out = np.zeros((1, n_sel + 1, n_sel), dtype=np.float64)
     if _fused(block, pending):
-        nb = _numba()
-        rp, ck, cv, cnt = nb.select(
-            block.data, block.indices, block.indptr, np.asarray(lut, dtype=np.int32), n_sel,
-            *_params(block, pending, factors),
-        )  # fmt: skip
-        hcols = np.flatnonzero(cnt >= max(1.0, DENSE_FRACTION * block.shape[0]))
-        hpos = np.full(n_sel, -1, dtype=np.int64)
-        hpos[hcols] = np.arange(len(hcols))
-        dense = np.zeros((block.shape[0], len(hcols)), dtype=np.result_type(block.dtype, np.float32))
-        nb.gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, out[0, :n_sel], out[0, n_sel])
-        if len(hcols):
-            # np.dot of a matrix with its own transpose is BLAS's symmetric rank-k update.
-            nb.merge_dense(out[0, :n_sel], np.dot(dense.T, dense), hcols)
-        return out
+        return gram_selected(select_block(block, lut, n_sel, pending=pending, factors=factors))
+    out = np.zeros((1, n_sel + 1, n_sel), dtype=np.float64)
     if pending is not None:
         block = pending.apply(block, factors)
     dense, sums = _dense_selection(block, lut, n_sel)
@@ -344,21 +335,85 @@ def project_block(
     n_sel = components.shape[1]
     block = as_csr(block)
     if _fused(block, pending):
-        nb = _numba()
-        comps_t = np.ascontiguousarray(np.asarray(components, dtype=np.float64).T)
-        rp, ck, cv, _ = nb.select(
-            block.data, block.indices, block.indptr, np.asarray(lut, dtype=np.int32), n_sel,
-            *_params(block, pending, factors),
-        )  # fmt: skip
-        out = nb.project(rp, ck, cv, comps_t)
+        return project_selected(
+            select_block(block, lut, n_sel, pending=pending, factors=factors), components, offset, dtype
+        )
+    if pending is not None:
+        block = as_csr(pending.apply(block, factors))
+    if _is_csr(block) and block.shape[0]:
+        sel = block[:, np.flatnonzero(lut >= 0)[np.argsort(lut[lut >= 0])]]
+        out = np.asarray(sel @ components.T, dtype=np.float64)
     else:
-        if pending is not None:
-            block = as_csr(pending.apply(block, factors))
-        if _is_csr(block) and block.shape[0]:
-            sel = block[:, np.flatnonzero(lut >= 0)[np.argsort(lut[lut >= 0])]]
-            out = np.asarray(sel @ components.T, dtype=np.float64)
-        else:
-            dense, _ = _dense_selection(block, lut, n_sel)
-            out = dense.astype(np.float64) @ components.T
+        dense, _ = _dense_selection(block, lut, n_sel)
+        out = dense.astype(np.float64) @ components.T
+    out -= offset[None, :]
+    return out.astype(dtype, copy=False)
+
+
+@dataclass(frozen=True)
+class Selected:
+    """The selected columns of one block, transformed, as a compact CSR: what a Gram pass and a projection read.
+
+    ``rp`` row pointers, ``ck`` positions among the selected columns (int16
+    when they fit), ``cv`` values (float32 when the block is float32: the
+    transforms round every value to it), ``cnt`` rows storing each selected
+    column.  A tenth of the block or less for a few thousand variable genes,
+    so :func:`dask_loom.pp.pca` can keep it from the Gram pass for the projection.
+    """
+
+    rp: np.ndarray
+    ck: np.ndarray
+    cv: np.ndarray
+    cnt: np.ndarray
+    n_sel: int
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rp) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.rp.nbytes + self.ck.nbytes + self.cv.nbytes + self.cnt.nbytes
+
+
+def select_block(
+    block: Any,
+    lut: np.ndarray,
+    n_sel: int,
+    *,
+    pending: Pending | None = None,
+    factors: np.ndarray | None = None,
+) -> Selected:
+    """The selected columns (``lut[col]`` = position or -1) of a CSR block, *pending* applied (compiled kernels only)."""
+    block = as_csr(block)
+    rp, ck, cv, cnt = _numba().select(
+        block.data, block.indices, block.indptr, np.asarray(lut, dtype=np.int32), n_sel,
+        *_params(block, pending, factors),
+    )  # fmt: skip
+    vt = np.float32 if block.dtype == np.float32 else np.float64
+    kt = np.int16 if n_sel <= np.iinfo(np.int16).max else np.int32
+    return Selected(rp, ck.astype(kt), cv.astype(vt), cnt, int(n_sel))
+
+
+def gram_selected(sel: Selected) -> np.ndarray:
+    """:func:`gram_block` of a block's :class:`Selected` values."""
+    nb = _numba()
+    n_sel = sel.n_sel
+    out = np.zeros((1, n_sel + 1, n_sel), dtype=np.float64)
+    hcols = np.flatnonzero(sel.cnt >= max(1.0, DENSE_FRACTION * sel.n_rows))
+    hpos = np.full(n_sel, -1, dtype=np.int64)
+    hpos[hcols] = np.arange(len(hcols))
+    dense = np.zeros((sel.n_rows, len(hcols)), dtype=np.result_type(sel.cv.dtype, np.float32))
+    nb.gram_sparse(sel.rp, sel.ck, sel.cv, sel.cnt, hpos, hcols, dense, out[0, :n_sel], out[0, n_sel])
+    if len(hcols):
+        # np.dot of a matrix with its own transpose is BLAS's symmetric rank-k update.
+        nb.merge_dense(out[0, :n_sel], np.dot(dense.T, dense), hcols)
+    return out
+
+
+def project_selected(sel: Selected, components: np.ndarray, offset: np.ndarray, dtype: Any) -> np.ndarray:
+    """:func:`project_block` of a block's :class:`Selected` values."""
+    comps_t = np.ascontiguousarray(np.asarray(components, dtype=np.float64).T)
+    out = _numba().project(sel.rp, sel.ck, sel.cv, comps_t)
     out -= offset[None, :]
     return out.astype(dtype, copy=False)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from dask_loom.pp._graph import compute, gram, is_dask, project
+from dask_loom.pp._graph import compute, gram, gram_keeping, is_dask, project, project_kept
 from dask_loom.pp._normalize import get_rep, scanpy_pp
 
 __all__ = ["pca"]
@@ -69,6 +69,26 @@ def _flip(components: np.ndarray) -> np.ndarray:
     return components * signs[:, None]
 
 
+#: The selected values of every block are kept from the Gram pass for ``X_pca``
+#: (no second read of the matrix) when they take at most this part of the memory.
+KEEP_MEMORY_FRACTION = 0.125
+
+
+def _keep_fits(blocks: list[Any], n_rows: int) -> bool:
+    """Whether the kept selection would fit :data:`KEEP_MEMORY_FRACTION`, from its first block; never on a cluster."""
+    import psutil
+
+    from dask_loom.cluster import get_client
+
+    if not blocks or get_client() is not None:
+        return False
+    (first,) = compute(blocks[0])
+    if not first.n_rows:
+        return True
+    need = first.nbytes * n_rows / first.n_rows
+    return need <= KEEP_MEMORY_FRACTION * psutil.virtual_memory().total
+
+
 def fit_pca(x: Any, mask: np.ndarray | None, n_comps: int, zero_center: bool) -> dict[str, Any]:
     """One Gram pass over the selected columns of *x*; the PCA (or uncentred SVD) of it."""
     import scipy.linalg
@@ -79,7 +99,12 @@ def fit_pca(x: Any, mask: np.ndarray | None, n_comps: int, zero_center: bool) ->
     sel = np.arange(n_vars) if mask is None else np.flatnonzero(mask)
     lut = np.full(n_vars, -1, dtype=np.int64)
     lut[sel] = np.arange(len(sel))
-    (g,) = compute(gram(x, lut))
+    kept = None
+    plan = gram_keeping(x, lut)
+    if plan is not None and _keep_fits(plan[1], x.shape[0]):
+        g, *kept = compute(plan[0], *plan[1], optimize_graph=False)
+    else:
+        (g,) = compute(gram(x, lut))
     n = x.shape[0]
     k = len(sel)
     gram_m, sums = g[:k] / n, g[k]
@@ -110,6 +135,7 @@ def fit_pca(x: Any, mask: np.ndarray | None, n_comps: int, zero_center: bool) ->
         "variance_ratio": ratio,
         "offset": offset,
         "mean": mean,
+        "kept": kept,
     }
 
 
@@ -178,7 +204,10 @@ def pca(
     if not 0 < n_comps <= n_sel:
         raise ValueError(f"n_comps={n_comps} must be between 1 and the {n_sel} selected variables")
     fit = fit_pca(x, mask, n_comps, zero_center)
-    x_pca = project(x, fit["lut"], fit["components"], fit["offset"], dtype)
+    if fit["kept"] is not None:
+        x_pca = project_kept(fit["kept"], fit["components"], fit["offset"], dtype, token=x.name)
+    else:
+        x_pca = project(x, fit["lut"], fit["components"], fit["offset"], dtype)
     if not is_adata:
         if return_info:
             return x_pca, fit["components"], fit["variance_ratio"], fit["variance"]
