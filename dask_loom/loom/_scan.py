@@ -119,7 +119,8 @@ def scan(
         raise ValueError("Axis must be given (0 = rows, 1 = cols)")
     if axis not in (0, 1):
         raise ValueError("axis must be 0 or 1")
-    ds._check_open()
+    host = ds.__dask_loom_layer_host__()  # all the scan uses of the connection besides its public API
+    host.check_open()
     if layers is None:
         names = ds.layers.keys()
     elif isinstance(layers, str):
@@ -159,7 +160,7 @@ def scan(
     # Shared by every batch: the other axis's attributes and graphs, sliced once.
     other_attrs = (ds.ra if axis == 1 else ds.ca)[other_index]
     other_graphs = (ds.row_graphs if axis == 1 else ds.col_graphs)[other_index]
-    sources = [ds._layer_source(n) for n in names]
+    sources = [host.source(n) for n in names]
     bands: list[tuple[int, int, np.ndarray | None]] = []
     for ix in range(0, size, batch_size):
         stop = min(size, ix + batch_size)
@@ -179,7 +180,7 @@ def scan(
                 sources, names, axis, ix, stop, other, ordering, sel, pool=pool
             )
 
-    kw = ds._compute_kwargs()
+    kw = host.compute_kwargs()
     if scheduler is not None or client is not None:
         kw = {"scheduler": scheduler, "client": client}
     # Bands go to this process anyway: threads (no transfer between processes)
