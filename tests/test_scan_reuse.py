@@ -112,3 +112,22 @@ def test_pool_pickles_empty_and_tokenizes_stably():
     assert copy.size == 3 and not copy._bufs
     assert tokenize(pool) == tokenize(BandPool(3))
     assert held.shape == (10,)
+
+
+def test_kept_blocks_of_a_loom_zarr(loompy_file, tmp_path):
+    """The same on a ``.loom.zarr`` (another chunk source, its own chunk shape)."""
+    path, ref = loompy_file
+    twin = tmp_path / "twin.loom.zarr"
+    dask_loom.convert(path, twin, scheduler="sync")
+    kept, dropped = [], 0
+    with dask_loom.connect(twin, "r") as ds:
+        for ix, _, view in ds.scan(axis=1, batch_size=32, layers=["", "spliced"], prefetch=1):
+            np.testing.assert_array_equal(view.layers["spliced"][:, :], ref["spliced"][:, ix : ix + 32])
+            if ix % 64 == 0:
+                kept.append((ix, view[""][:, :]))  # every other band kept, the rest dropped
+            else:
+                dropped += 1
+            del view
+    assert len(kept) > 4 and dropped > 4
+    for ix, band in kept:
+        np.testing.assert_array_equal(band, ref[""][:, ix : ix + 32])
