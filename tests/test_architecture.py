@@ -308,3 +308,40 @@ def test_no_module_patches_another():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         bad += [f"{mod} line {n}" for n in _patches(tree, _module_aliases(mod, tree, mods))]
     assert not bad, "modules writing into other modules:\n  " + "\n  ".join(bad)
+
+
+#: Operations that reach the connection only through its public API and its LayerHost.
+HOST_ONLY = (
+    "dask_loom.loom._write",
+    "dask_loom.loom._modify",
+    "dask_loom.loom._scan",
+    "dask_loom.zarr._reshard",
+)
+#: The names these modules give a connection.
+CONNECTION_NAMES = {"ds", "other", "conn"}
+
+
+def _private_uses(tree: ast.AST) -> list[tuple[int, str]]:
+    return [
+        (node.lineno, f"{node.value.id}.{node.attr}")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in CONNECTION_NAMES
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+    ]
+
+
+def test_operations_use_the_layer_host_not_connection_internals():
+    assert _private_uses(ast.parse("def f(ds):\n    ds._writing()\n    ds.__dask_loom_layer_host__()\n")) == [
+        (2, "ds._writing")
+    ]
+    mods = _modules()
+    bad = []
+    for mod in HOST_ONLY:
+        bad += [
+            f"{mod} line {n}: {what}"
+            for n, what in _private_uses(ast.parse(mods[mod].read_text(encoding="utf-8")))
+        ]
+    assert not bad, "operations reaching into the connection's private members:\n  " + "\n  ".join(bad)

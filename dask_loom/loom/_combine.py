@@ -100,7 +100,7 @@ def combine_faster(
         layer_dtypes: dict[str, Any] = {}
         for c in conns:
             for ln in c.layers.keys():
-                dt = c._layer_dtype(ln)
+                dt = c.__dask_loom_layer_host__().dtype(ln)
                 if ln in layer_dtypes and np.dtype(layer_dtypes[ln]) != np.dtype(dt):
                     raise ValueError(
                         f"{c.filename}: layer '{ln}' has dtype {dt}, another file {layer_dtypes[ln]}"

@@ -125,6 +125,10 @@ class LoomConnection(_Deprecated):
             delete_layer=self._delete_layer,
             permute=self._permute_in_place if writable else None,
             read_only=why,
+            check_writable=self._check_writable,
+            writing=self._writing,
+            refresh=self._refresh_shape,
+            reopen=self._open_managers,
         )
         # One handle for the dozens of small reads of opening and validating (17 ms -> 5 ms).
         with self._tree.session():
@@ -607,6 +611,10 @@ class LoomConnection(_Deprecated):
             permute(self, ordering, axis)
         finally:
             self._scheduler, self._client = saved
+
+    def __dask_loom_layer_host__(self) -> LayerHost:
+        """What the Loom operations use of this connection besides its public API (:class:`LayerHost`)."""
+        return self._layer_host
 
     def __dask_loom_source__(self, layer: str | None = None) -> Any:
         """A layer (default the main matrix) as the operations (``dask_loom.map`` ...) read it."""

@@ -48,17 +48,6 @@ def _as_attrs(attrs: Any) -> dict[str, Any]:
     return dict(attrs)
 
 
-class _Compute:
-    """Where a graph writing a new file runs (``create`` has no connection yet)."""
-
-    def __init__(self, scheduler: Any, client: Any, filename: str) -> None:
-        self.filename = filename
-        self._kw = {"scheduler": scheduler, "client": client}
-
-    def _compute_kwargs(self) -> dict[str, Any]:
-        return self._kw
-
-
 def create(
     filename: str | os.PathLike[str],
     layers: Any,
@@ -114,26 +103,30 @@ def create(
     for k, v in lay.items():
         check_name("Layer", k, str(filename), allow_empty=True)
         if tuple(v.shape) != shape:
-            raise ValueError(f"Layer '{k}' has shape {tuple(v.shape)}, but all layers must have shape {shape}")
+            raise ValueError(
+                f"Layer '{k}' has shape {tuple(v.shape)}, but all layers must have shape {shape}"
+            )
         check_dtype(v.dtype, f"{filename}: layer '{k}'")
     for axis, attrs in ((0, ra), (1, ca)):
         for k, v in attrs.items():
             n = 1 if np.isscalar(v) else len(np.ravel(v.toarray()) if issparse(v) else v)
             if n != shape[axis]:
                 kind = "Row" if axis == 0 else "Column"
-                raise ValueError(f"{kind} attribute '{k}' must have exactly {shape[axis]} values but {n} were given")
+                raise ValueError(
+                    f"{kind} attribute '{k}' must have exactly {shape[axis]} values but {n} were given"
+                )
     spec = _spec(filename, storage_options)
     from dask_loom.loom._tree import is_zarr_spec
 
     chunks = default_chunks(shape, chunks, zarr=is_zarr_spec(spec))
-    ctx = _Compute(scheduler, client, os.fspath(filename))
+    kw = {"scheduler": scheduler, "client": client}  # create has no connection yet
     with creating(spec) as w:
         init_layout(w, file_attrs)
         for k in ["", *[k for k in lay if k != ""]]:
             v = lay[k]
             path = "matrix" if k == "" else f"layers/{k}"
             create_layer_array(w, path, shape, v.dtype, chunks)
-            fill_layer(ctx, w, path, v, where=f"{filename}: layer '{k}'")
+            fill_layer(kw, w, path, v, where=f"{filename}: layer '{k}'")
         for axis, attrs in ((0, ra), (1, ca)):
             for k, v in attrs.items():
                 put_attr(w, axis, k, v.toarray().ravel() if issparse(v) else v, n=shape[axis])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,12 @@ def node_timestamp(tree: Tree, path: str) -> str:
 
 
 class LayerHost:
-    """The layers' side of a Loom connection: what ``ds.layers`` and each ``LoomLayer`` may use of it.
+    """The layers' side of a Loom connection: what ``ds.layers``, each ``LoomLayer`` and the operations may use of it.
+
+    The operations that read or write layers (``scan``, layer writes,
+    ``permute``, ``add_columns``, ``add_loom``, ``export``) take it from
+    ``ds.__dask_loom_layer_host__()`` and use the connection's public API
+    (shape, attributes, graphs) for the rest.
 
     The connection builds one host when it opens and hands it to its layer
     manager and every layer it makes, so they hold the host, never the
@@ -68,6 +74,17 @@ class LayerHost:
     read_only
         Why the connection cannot write, for the error an operation that
         writes raises.
+    check_writable
+        Raises once the connection is closed, or if it cannot write.
+    writing
+        ``writing(atomic=False, fresh=False)``: the connection's write, a
+        context manager yielding the tree writer (a transaction when atomic).
+    refresh
+        After a write that may change the file's shape: the connection reads
+        it anew (and forgets the layers' cached metadata).
+    reopen
+        After a whole-file rewrite (``permute``, appended columns): the
+        connection remakes its managers.
     """
 
     def __init__(
@@ -82,6 +99,10 @@ class LayerHost:
         delete_layer: Callable[[str], None],
         permute: Callable[..., None] | None,
         read_only: str,
+        check_writable: Callable[[], None],
+        writing: Callable[..., contextlib.AbstractContextManager[Any]],
+        refresh: Callable[[], None],
+        reopen: Callable[[], None],
     ) -> None:
         self.tree = tree
         self.filename = filename
@@ -92,6 +113,10 @@ class LayerHost:
         self.delete_layer = delete_layer
         self.permute = permute
         self.read_only = read_only
+        self.check_writable = check_writable
+        self.writing = writing
+        self.refresh = refresh
+        self.reopen = reopen
         self._cache: dict[tuple[str, str], Any] = {}
         self.generation = 0
 

@@ -45,7 +45,7 @@ class LoomLayer:
         self.name = name
         self.ds = ds
         # Everything below goes through the host, which stays valid when a write replaces the file.
-        self._host = host if host is not None else ds._layer_host
+        self._host = host if host is not None else ds.__dask_loom_layer_host__()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -217,10 +217,12 @@ class LayerManager(NamedMapping):
     an in-memory one (``ds=None``, in views and scans) holds *values*.
     """
 
-    def __init__(self, ds: LoomConnectionLike | None, values: dict[str, MemoryLoomLayer] | None = None) -> None:
+    def __init__(
+        self, ds: LoomConnectionLike | None, values: dict[str, MemoryLoomLayer] | None = None
+    ) -> None:
         object.__setattr__(self, "ds", ds)
         object.__setattr__(self, "_layers", dict(values or {}))
-        host = ds._layer_host if ds is not None else None
+        host = ds.__dask_loom_layer_host__() if ds is not None else None
         object.__setattr__(self, "_host", host)
         object.__setattr__(self, "_names", host.names() if host is not None else list(values or {}))
 
@@ -238,7 +240,9 @@ class LayerManager(NamedMapping):
                 return LayerManager(None, {k: MemoryLoomLayer(k, v[thing]) for k, v in self._layers.items()})
             arrays = host.read(self.keys(), thing)
             return LayerManager(None, {k: MemoryLoomLayer(k, v) for k, v in arrays.items()})
-        raise TypeError(f"cannot index layers with {type(thing).__name__}; use a name or a (rows, cols) tuple")
+        raise TypeError(
+            f"cannot index layers with {type(thing).__name__}; use a name or a (rows, cols) tuple"
+        )
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
@@ -305,4 +309,3 @@ def as_layer_dict(layers: Any) -> dict[str, Any]:
             v = np.asarray(v)
         out[k] = v
     return out
-

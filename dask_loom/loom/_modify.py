@@ -22,6 +22,7 @@ from dask_loom._lazy import issparse
 from dask_loom.blocks import from_source, plan_blocks, store
 from dask_loom.blocks._readahead import read_ahead
 from dask_loom.loom._common import AXIS_ATTRS, AXIS_GRAPHS
+from dask_loom.loom._layerhost import LayerHost, layer_path
 from dask_loom.loom._layers import as_layer_dict
 from dask_loom.loom._store import init_layout, put_attr, put_graph, touch
 from dask_loom.loom._write import (
@@ -39,6 +40,11 @@ if TYPE_CHECKING:
     from dask_loom.loom._protocol import LoomConnectionLike
 
 __all__ = ["add_columns", "add_loom", "export", "permute"]
+
+
+def _host(ds: LoomConnectionLike) -> LayerHost:
+    # All these operations use of the connection besides its public API.
+    return ds.__dask_loom_layer_host__()
 
 
 # --- permute ---------------------------------------------------------------------------------
@@ -118,8 +124,8 @@ class _PermutingTarget:
 def _copy_layer_permuted(
     ds: Any, w: Any, name: str, path: str, ordering: np.ndarray | None, axis: int
 ) -> None:
-    src = ds._layer_source(name)
-    info = ds._layer_info(name)
+    src = _host(ds).source(name)
+    info = _host(ds).info(name)
     shape = tuple(info.shape)
     chunks = info.inner_chunks or (tuple(info.chunks) if info.chunks else default_chunks(shape))
     create_layer_array(w, path, shape, info.dtype, chunks)
@@ -133,7 +139,7 @@ def _copy_layer_permuted(
     # Bands whose blocks span the permuted axis whole are gathered in the write task.
     whole = len(plan[axis]) == 1
     x = from_source(_PermutedSource(src, ordering, axis, gather=not whole), chunks=plan)
-    store(x, _PermutingTarget(target, ordering, axis) if whole else target, **ds._compute_kwargs())
+    store(x, _PermutingTarget(target, ordering, axis) if whole else target, **_host(ds).compute_kwargs())
 
 
 def _global_items(ds: Any) -> dict[str, Any]:
@@ -157,7 +163,7 @@ def permute(ds: LoomConnectionLike, ordering: Any, axis: int) -> None:
     process killed at any moment leaves a valid file in either the old or the
     new order.  *ordering* must be a permutation of ``range(shape[axis])``.
     """
-    ds._check_writable()
+    _host(ds).check_writable()
     if axis not in (0, 1):
         raise ValueError(f"axis must be 0 or 1, not {axis!r}")
     n = ds.shape[axis]
@@ -175,18 +181,18 @@ def permute(ds: LoomConnectionLike, ordering: Any, axis: int) -> None:
     ]
     from dask_loom.loom._graphs import slice_graph
 
-    with ds._writing(atomic=True, fresh=True) as w:
+    with _host(ds).writing(atomic=True, fresh=True) as w:
         init_layout(w, globals_)
         for name in ds.layers.keys():
-            _copy_layer_permuted(ds, w, name, ds._layer_path(name), order, axis)
+            _copy_layer_permuted(ds, w, name, layer_path(name), order, axis)
         for ax in (0, 1):
             for k, v in attrs[ax].items():
                 _put_attr_any(w, ax, k, v[order] if ax == axis else v, n=ds.shape[ax])
             for k, g in graphs[ax].items():
                 put_graph(w, ax, k, slice_graph(g, order, n) if ax == axis else g, stamp=False)
         touch(w, AXIS_ATTRS[axis], AXIS_GRAPHS[axis])
-    ds._refresh_shape()
-    ds._open_managers()
+    _host(ds).refresh()
+    _host(ds).reopen()
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -210,8 +216,8 @@ def export(
 
     if format != "tab":
         raise ValueError(f"export format {format!r} is not supported; only 'tab' is")
-    ds._check_open()
-    src = ds._layer_source("" if layer is None else layer)
+    _host(ds).check_open()
+    src = _host(ds).source("" if layer is None else layer)
     ra_keys, ca_keys = ds.ra.keys(), ds.ca.keys()
     ra = [ds.ra[k] for k in ra_keys]
     n, m = ds.shape
@@ -231,7 +237,7 @@ def export(
                 f.write("\t" * len(ra_keys) + k + "\t" + "".join(str(v) + "\t" for v in ds.ca[k]) + "\n")
             f.write("".join(k + "\t" for k in ra_keys) + "\t" + "\t" * m + "\n")
             jobs = (lambda a=int(a), b=int(b): job(a, b) for a, b in itertools.pairwise(bounds) if b > a)
-            for text in prefetched(jobs, depth=2, nbytes=nbytes_of(src), **ds._compute_kwargs()):
+            for text in prefetched(jobs, depth=2, nbytes=nbytes_of(src), **_host(ds).compute_kwargs()):
                 f.write(text)
         os.replace(tmp, out_file)
     finally:
@@ -278,7 +284,7 @@ def _append_columns(ds: Any, w: Any, path: str, start: int, x: Any, where: str) 
         if _is_dask(first):
             from dask_loom.cluster import compute
 
-            first = compute(first, **ds._compute_kwargs())[0]
+            first = compute(first, **_host(ds).compute_kwargs())[0]
         first = first.toarray() if issparse(first) else np.asarray(first)
         head = np.asarray(w.read(path, (slice(None), slice(c0, start))))
         block = np.concatenate(
@@ -291,7 +297,7 @@ def _append_columns(ds: Any, w: Any, path: str, start: int, x: Any, where: str) 
         if _is_dask(x):
             # Full-height column bands of whole chunks (from here on, start is a chunk boundary).
             x = x.rechunk(plan_blocks(tuple(x.shape), target.chunk_shape, target.dtype.itemsize, band_axis=1))
-        store(x, target, at=(0, start), **ds._compute_kwargs())
+        store(x, target, at=(0, start), **_host(ds).compute_kwargs())
 
 
 def _fill_for(values: np.ndarray, n: int, fill: Any) -> np.ndarray:
@@ -361,9 +367,9 @@ def _append(
     old_m = ds.shape[1]
     empty = ds.shape == (0, 0)
     where = ds.filename
-    with ds._writing(atomic=True) as w:
+    with _host(ds).writing(atomic=True) as w:
         for name, value in layer_values.items():
-            path = ds._layer_path(name)
+            path = layer_path(name)
             if tuple(value.shape) != (n_rows, n_new):
                 raise ValueError(
                     f"{where}: layer '{name}' brings shape {tuple(value.shape)}, expected {(n_rows, n_new)}"
@@ -398,9 +404,9 @@ def _append(
                 w.delete(f"attrs/{k}")
             else:
                 w.del_attr("/", k)
-        touch(w, "col_attrs", *(ds._layer_path(n) for n in layer_values))
-    ds._refresh_shape()
-    ds._open_managers()
+        touch(w, "col_attrs", *(layer_path(n) for n in layer_values))
+    _host(ds).refresh()
+    _host(ds).reopen()
 
 
 def add_columns(
@@ -412,7 +418,7 @@ def add_columns(
     fill_values: Any = None,
 ) -> None:
     """Append columns (all layers at once) and their attributes, all-or-nothing."""
-    ds._check_writable()
+    _host(ds).check_writable()
     # numpy and sparse columns are in memory, as in loompy; dask columns stay lazy
     # (their NaN/Inf check runs in the write's tasks).
     lay = {k: _as_input(v) for k, v in as_layer_dict(layers).items()}
@@ -469,7 +475,7 @@ def add_loom(
     """
     import scipy.sparse as sp
 
-    ds._check_writable()
+    _host(ds).check_writable()
     where = f"{ds.filename} + {other.filename}"
     if ds.shape != (0, 0) and other.shape[0] != ds.shape[0]:
         raise ValueError(f"{where}: the files have {ds.shape[0]} and {other.shape[0]} rows")
@@ -524,7 +530,7 @@ def add_loom(
 
     def columns(layer: str) -> Any:
         # The other file's layer, lazily, in full-height column bands of whole chunks (rows reordered per band).
-        x = from_source(other._layer_source(layer), band_axis=1)
+        x = from_source(_host(other).source(layer), band_axis=1)
         if row_order is not None:
             x = x.map_blocks(functools.partial(_take_rows, order=row_order), dtype=x.dtype)
         return x
@@ -535,7 +541,7 @@ def add_loom(
     _append(
         ds,
         {n: columns(n) for n in names},
-        {n: other._layer_dtype(n) for n in names},
+        {n: _host(other).dtype(n) for n in names},
         other.shape[0],
         m2,
         merged,

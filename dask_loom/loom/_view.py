@@ -42,9 +42,19 @@ class LoomView:
         self.row_graphs = row_graphs
         self.col_graphs = col_graphs
         self.attrs = file_attrs
-        self.view = ViewManager(self)
         first = next(iter(layers.keys()), None)
         self.shape = layers[first].shape if first is not None else (0, 0)
+
+    @property
+    def view(self) -> ViewManager:
+        """``view.view[rows, cols]``: a view of the view.
+
+        Made on access rather than held: a held manager referring back to the
+        view would make a reference cycle, and a scan's band (tens of MB)
+        would then wait for the cyclic garbage collector instead of being
+        freed, or reused, as soon as the caller drops the view.
+        """
+        return ViewManager(self)
 
     def __getitem__(self, thing: Any) -> Any:
         if isinstance(thing, str):
@@ -80,7 +90,9 @@ class ViewManager:
         rows, cols = key
         ds = self.ds
         if isinstance(ds, LoomView):
-            layers = LayerManager(None, {k: MemoryLoomLayer(k, ds.layers[k][rows, cols]) for k in ds.layers.keys()})
+            layers = LayerManager(
+                None, {k: MemoryLoomLayer(k, ds.layers[k][rows, cols]) for k in ds.layers.keys()}
+            )
         else:
             arrays = ds._read_layers(ds.layers.keys(), (rows, cols))
             layers = LayerManager(None, {k: MemoryLoomLayer(k, v) for k, v in arrays.items()})

@@ -24,6 +24,8 @@ from dask_loom._lazy import issparse
 from dask_loom.blocks import selection_bands, store
 from dask_loom.blocks._target import BlockTarget
 from dask_loom.loom._common import check_name
+from dask_loom.loom._layerhost import LayerHost, layer_path
+from dask_loom.loom._store import touch
 
 if TYPE_CHECKING:
     from dask_loom.loom._protocol import LoomConnectionLike
@@ -133,27 +135,28 @@ class LayerTarget(BlockTarget):
         shape: tuple[int, int] | None = None,
         prefix: str = "loom-write",
     ) -> None:
-        ds._check_writable()
+        host = ds.__dask_loom_layer_host__()
+        host.check_writable()
         check_name("Layer", name, ds.filename, allow_empty=True)
         self.where = f"{ds.filename}: layer '{name}'"
         existing = name in ds.layers.keys()
         if dtype is None:
             if not existing:
                 raise ValueError(f"{self.where}: give the dtype of a new layer")
-            dtype = ds._layer_dtype(name)
+            dtype = host.dtype(name)
         if chunks is None and existing:
-            info = ds._layer_info(name)
+            info = host.info(name)
             chunks = info.inner_chunks or (tuple(info.chunks) if info.chunks else None)
         self.shape = tuple(int(s) for s in (shape if shape is not None else ds.shape))
         self.dtype = check_dtype(dtype, self.where)
-        zarr = is_zarr_connection(ds)
+        zarr = is_zarr_host(host)
         self._chunks = default_chunks(self.shape, chunks, zarr=zarr)
         # A .loom.zarr layer is sharded: the shard is the write unit the blocks are planned in.
         self._shards = layer_shards(self.shape, self.dtype, self._chunks) if zarr else None
         self.chunk_shape = self._shards or self._chunks
         self.prefix = prefix
         self.label = self.where
-        self._ds: Any = ds
+        self._host: LayerHost | None = host
         self._name = name
         self._inner: Any = None
 
@@ -162,7 +165,7 @@ class LayerTarget(BlockTarget):
         """The layer array at *path* of the open tree writer *w*, inside the write *w* belongs to."""
         self = cls.__new__(cls)
         self._inner = w.target(path, prefix=prefix, label=where)
-        self._ds = None
+        self._host = None
         self._name = None
         self.where = self.label = where
         self.shape = tuple(self._inner.shape)
@@ -207,15 +210,15 @@ class LayerTarget(BlockTarget):
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        if self._ds is None:
+        host, name = self._host, self._name
+        if host is None:
             yield  # joined: the write the tree writer belongs to decides
             return
-        ds, name = self._ds, self._name
-        path = ds._layer_path(name)
+        path = layer_path(name)
         head, _, tail = path.rpartition("/")
         tmp = f"{head}/.tmp-{tail}" if head else f".tmp-{tail}"
         try:
-            with ds._writing(atomic=True) as w:
+            with host.writing(atomic=True) as w:
                 if head:
                     w.create_group(head)
                 w.delete(tmp)
@@ -223,16 +226,16 @@ class LayerTarget(BlockTarget):
                 self._inner = w.target(tmp, prefix=self.prefix, label=self.where)
                 yield
                 w.move(tmp, path)
-                ds._touch(w)
+                touch(w)
         finally:
             self._inner = None
-            ds._refresh_shape()
+            host.refresh()
 
 
 def _rebuild_layer_target(inner: Any, where: str, prefix: str) -> LayerTarget:
     self = LayerTarget.__new__(LayerTarget)
     self._inner = inner
-    self._ds = None
+    self._host = None
     self._name = None
     self.where = self.label = where
     self.shape = tuple(inner.shape)
@@ -299,31 +302,37 @@ def create_layer_array(
     )
 
 
-def is_zarr_connection(ds: Any) -> bool:
-    """True when connection *ds* is a ``.loom.zarr``."""
+def is_zarr_host(host: LayerHost) -> bool:
+    """True when the connection behind *host* is a ``.loom.zarr``."""
     from dask_loom.loom._zarrtree import ZarrTree
 
-    return isinstance(getattr(ds, "_tree", None), ZarrTree)
+    return isinstance(host.tree, ZarrTree)
 
 
-def fill_layer(ds: Any, w: Any, path: str, value: Any, *, where: str, prefix: str = "loom-write") -> None:
-    """Write *value* (numpy, sparse or dask) into the layer array *path* of the open write *w*."""
-    store(value, LayerTarget.on(w, path, where, prefix=prefix), **ds._compute_kwargs())
+def fill_layer(
+    compute_kwargs: dict[str, Any], w: Any, path: str, value: Any, *, where: str, prefix: str = "loom-write"
+) -> None:
+    """Write *value* (numpy, sparse or dask) into the layer array *path* of the open write *w*.
+
+    *compute_kwargs* (``scheduler``, ``client``) say where the graph runs.
+    """
+    store(value, LayerTarget.on(w, path, where, prefix=prefix), **compute_kwargs)
 
 
 def write_layer(ds: LoomConnectionLike, name: str, value: Any, *, chunks: Any = None) -> None:
     """Create or replace a whole layer (``ds.layers[name] = value``), as one transaction."""
-    ds._check_writable()
+    host = ds.__dask_loom_layer_host__()
+    host.check_writable()
     check_name("Layer", name, ds.filename, allow_empty=True)
     value, shape, dt = _prepare(ds, name, value)
     target = LayerTarget(
-        ds, name, dtype=dt, chunks=default_chunks(shape, chunks, zarr=is_zarr_connection(ds)), shape=shape
+        ds, name, dtype=dt, chunks=default_chunks(shape, chunks, zarr=is_zarr_host(host)), shape=shape
     )
     if value is None:
         with target.transaction():
             pass  # a layer of zeros (the fill value): nothing to write
         return
-    store(value, target, **ds._compute_kwargs())
+    store(value, target, **host.compute_kwargs())
 
 
 def write_layer_region(ds: LoomConnectionLike, name: str, key: Any, value: Any) -> None:
@@ -334,10 +343,11 @@ def write_layer_region(ds: LoomConnectionLike, name: str, key: Any, value: Any) 
     (:meth:`LayerTarget.on`), in the connection's write (a transaction unless
     ``dask_loom.atomic-writes`` is off).
     """
-    ds._check_writable()
+    host = ds.__dask_loom_layer_host__()
+    host.check_writable()
     where = f"{ds.filename}: layer '{name}'"
-    layer_shape = ds._layer_shape(name)
-    dt = np.dtype(ds._layer_dtype(name))
+    layer_shape = host.shape(name)
+    dt = np.dtype(host.dtype(name))
     sels = normalize_key(key, layer_shape, where=where)
     target_shape = tuple(s.count for s in sels if s.kind != "int")
     values = np.broadcast_to(np.asarray(value), target_shape)
@@ -350,8 +360,8 @@ def write_layer_region(ds: LoomConnectionLike, name: str, key: Any, value: Any) 
             last = np.zeros(len(s.unique), dtype=np.int64)
             last[s.inverse] = np.arange(len(s.inverse))
             uniq_vals = np.take(uniq_vals, last, axis=ax)
-    path = ds._layer_path(name)
-    with ds._writing() as w:
+    path = layer_path(name)
+    with host.writing() as w:
         # The layer's own target: the bands below are whole chunks, encoded as store() would.
         target = LayerTarget.on(w, path, where)
         per_axis = []
@@ -370,4 +380,4 @@ def write_layer_region(ds: LoomConnectionLike, name: str, key: Any, value: Any) 
                 block = np.array(w.read(path, region), dtype=dt)
                 block[np.ix_(rows[ri] - b0r, cols[ci] - b0c)] = uniq_vals[np.ix_(ri, ci)]
                 target.write_block(region, block)
-        ds._touch(w, path)
+        touch(w, path)

@@ -20,27 +20,49 @@ from dask.delayed import Delayed, delayed
 from dask_loom._config import get_config
 from dask_loom._indexing import AxisSel
 from dask_loom._lazy import issparse
-from dask_loom.ops._engine import read_part
+from dask_loom.ops._bandpool import BandPool
+from dask_loom.ops._engine import _takes_out, read_part
 from dask_loom.ops._prefetch import prefetched
-from dask_loom.ops._select import selection_tasks
+from dask_loom.ops._select import _read_part, selection_tasks
 from dask_loom.ops._sources import SourceInfo
 
 __all__ = ["band_reads", "scan_info"]
 
 
+def _read_pooled(
+    source: Any, region: tuple[slice, ...], local: tuple[Any, ...], pool: BandPool
+) -> np.ndarray:
+    """Read the selected part of *region* into a buffer of *pool* (exactly the part: no copy after)."""
+    if not (_takes_out(source) and all(isinstance(x, slice) for x in local)):
+        return _read_part(source, region, local)
+    exact = []
+    for r, x in zip(region, local):
+        lo, hi, _ = x.indices(r.stop - r.start)
+        exact.append(slice(r.start + lo, r.start + hi))
+    shape = tuple(s.stop - s.start for s in exact)
+    return source.read_block(tuple(exact), out=pool.take(shape, source.dtype))
+
+
 def band_reads(
-    sources: list[Any], axis: int, start: int, stop: int, *, prefix: str
+    sources: list[Any], axis: int, start: int, stop: int, *, prefix: str, pool: BandPool | None = None
 ) -> tuple[list[Delayed], list[tuple[int, ...]], list[np.dtype], list[list[tuple[slice, ...]]]]:
     """Tasks reading ``[start, stop)`` along *axis* (everything else whole) of each source.
 
     Returns the tasks (all sources, in order), and per source the band's
-    shape, dtype and where each task's result goes in it.
+    shape, dtype and where each task's result goes in it.  With *pool*, the
+    tasks decode into its buffers (see :class:`~dask_loom.ops._bandpool.BandPool`).
     """
     tasks: list[Delayed] = []
     shapes, dtypes, places = [], [], []
     for src in sources:
-        sels = [AxisSel("range", start, stop) if d == axis else AxisSel("range", 0, int(n)) for d, n in enumerate(src.shape)]
-        t, pl, shape = selection_tasks(src, sels, prefix=prefix)
+        sels = [
+            AxisSel("range", start, stop) if d == axis else AxisSel("range", 0, int(n))
+            for d, n in enumerate(src.shape)
+        ]
+        if pool is None:
+            t, pl, shape = selection_tasks(src, sels, prefix=prefix)
+        else:
+            t, pl, shape = selection_tasks(src, sels, prefix=prefix, func=_read_pooled, extra=(pool,))
         tasks.extend(t)
         shapes.append(shape)
         dtypes.append(np.dtype(src.dtype))
@@ -48,11 +70,17 @@ def band_reads(
     return tasks, shapes, dtypes, places
 
 
-def fill_band(shape: tuple[int, ...], dtype: np.dtype, places: list[tuple[slice, ...]], parts: list[np.ndarray]) -> np.ndarray:
+def fill_band(
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    places: list[tuple[slice, ...]],
+    parts: list[np.ndarray],
+    pool: BandPool | None = None,
+) -> np.ndarray:
     """One source's band from its tasks' results (no copy when one task read it all)."""
     if len(places) == 1:
         return parts[0]
-    out = np.empty(shape, dtype=dtype)
+    out = np.empty(shape, dtype=dtype) if pool is None else pool.take(shape, dtype)
     for place, p in zip(places, parts):
         out[place] = p
     return out
@@ -103,14 +131,22 @@ def _band_job(info: SourceInfo, axis: int, start: int, stop: int, sparse: bool, 
             lo, hi = max(start, off), min(stop, off + n0)
             if hi <= lo:
                 continue
-            region = tuple(slice(lo - off, hi - off) if d == 0 else slice(0, int(s)) for d, s in enumerate(src.shape))
+            region = tuple(
+                slice(lo - off, hi - off) if d == 0 else slice(0, int(s)) for d, s in enumerate(src.shape)
+            )
         else:
             if not n0:
                 continue
-            region = tuple(slice(start, stop) if d == axis else slice(0, int(s)) for d, s in enumerate(src.shape))
+            region = tuple(
+                slice(start, stop) if d == axis else slice(0, int(s)) for d, s in enumerate(src.shape)
+            )
         if getattr(src, "sparse", False) or not math.prod(src.shape):
             # A CSR file's rows come out of one read (its own reader splits it by byte range).
-            args.append(delayed(_read_piece, pure=True)(src, region, sparse, dask_key_name=f"{prefix}-{tokenize(src, region, sparse)}"))
+            args.append(
+                delayed(_read_piece, pure=True)(
+                    src, region, sparse, dask_key_name=f"{prefix}-{tokenize(src, region, sparse)}"
+                )
+            )
             layout.append(("one",))
         else:
             sels = [AxisSel("range", r.start, r.stop) for r in region]
@@ -141,5 +177,7 @@ def scan_info(
             yield lambda s=s, e=e: _band_job(info, axis, s, e, sparse, prefix)
 
     nbytes = int(np.prod(info.source_shape, dtype=np.float64)) * info.dtype.itemsize
-    for (s, _), block in zip(bands, prefetched(jobs(), depth=depth, scheduler=scheduler, client=client, nbytes=nbytes)):
+    for (s, _), block in zip(
+        bands, prefetched(jobs(), depth=depth, scheduler=scheduler, client=client, nbytes=nbytes)
+    ):
         yield s, block

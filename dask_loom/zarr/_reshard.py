@@ -198,20 +198,23 @@ def _reshard_loom(
     """Every unsharded layer of a ``.loom.zarr``, rewritten in one write of the container."""
     from dask_loom.blocks import plan_blocks, store
     from dask_loom.loom._connection import connect
+    from dask_loom.loom._layerhost import layer_path
+    from dask_loom.loom._store import touch
     from dask_loom.loom._write import LayerTarget, create_layer_array
 
     done: list[str] = []
     progress = kw.pop("progress")
     with connect(url, "r+", validate=False, storage_options=storage_options) as ds:
-        todo = [n for n in ds.layers.keys() if ds._layer_info(n).inner_chunks is None]
+        host = ds.__dask_loom_layer_host__()
+        todo = [n for n in ds.layers.keys() if host.info(n).inner_chunks is None]
         if not todo:
             return done
-        kw = {k: v for k, v in kw.items() if v is not None} or ds._compute_kwargs()
-        with ds._writing(atomic=True) as w:
+        kw = {k: v for k, v in kw.items() if v is not None} or host.compute_kwargs()
+        with host.writing(atomic=True) as w:
             for name in todo:
-                info = ds._layer_info(name)
-                src = ds._layer_source(name)
-                path = ds._layer_path(name)
+                info = host.info(name)
+                src = host.source(name)
+                path = layer_path(name)
                 head, _, tail = path.rpartition("/")
                 tmp = f"{head}/.tmp-{tail}" if head else f".tmp-{tail}"
                 shape = tuple(int(s) for s in info.shape)
@@ -224,5 +227,5 @@ def _reshard_loom(
                 store(x, target, progress=progress, **kw)
                 w.move(tmp, path)
                 done.append(path)
-            ds._touch(w)
+            touch(w)
     return done
