@@ -240,7 +240,8 @@ def build_dataset(
 
     if row_dim == col_dim:
         raise ValueError(f"row_dim and col_dim must differ, both are {row_dim!r}")
-    conn._check_open()
+    host = conn.__dask_loom_layer_host__()
+    host.check_open()
     drop = {drop_variables} if isinstance(drop_variables, str) else set(drop_variables or ())
     names = conn.layers.keys()
     if layers is not None:
@@ -256,7 +257,7 @@ def build_dataset(
         if vname in drop:
             continue
         vname = _unique(vname, taken, "layer")
-        source = conn._layer_source(layer)
+        source = host.source(layer)
         unit = tuple(max(1, min(int(c), int(s))) if s else 1 for c, s in zip(source.chunk_shape, source.shape))
         encoding = {"preferred_chunks": {row_dim: unit[0], col_dim: unit[1]}}
         if lazy == "dask":

@@ -26,7 +26,7 @@ from dask_loom.loom._values import materialize, normalize_for_write
 if TYPE_CHECKING:
     from dask_loom.loom._protocol import LoomConnectionLike
 
-__all__ = ["AttributeManager", "GlobalAttributeManager"]
+__all__ = ["AttributeManager", "GlobalAttributeManager", "hold_in_memory"]
 
 _INTERNAL = ("ds", "axis", "_names", "_cache", "_parent", "_index", "_length")
 
@@ -210,6 +210,18 @@ class AttributeManager(NamedMapping):
         for name in self.keys():
             self._cache[name] = self[name][ordering]
         object.__setattr__(self, "_parent", None)
+
+
+def hold_in_memory(attrs: AttributeManager, name: str, values: np.ndarray) -> None:
+    """Give *attrs* an attribute *name* with *values* in memory only, without writing it to the file.
+
+    ``add_loom`` uses it to show the file's differing global attributes as
+    columns before it merges.  A function rather than a method: a method name
+    would hide an attribute of that name from ``ds.ca.<name>``.
+    """
+    attrs._cache[name] = values
+    if name not in attrs._names:
+        attrs._names.append(name)
 
 
 class GlobalAttributeManager(NamedMapping):
