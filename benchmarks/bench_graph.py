@@ -43,7 +43,7 @@ def main() -> None:
         out["dask_array_tasks"] = x.npartitions
         from dask_loom.ops._map import map_graph
 
-        src = ds._layer_source("")
+        src = ds.__dask_loom_layer_host__().source("")
         for axis in (0, 1):
             t0 = time.perf_counter()
             dsk, _, _ = map_graph(src, [np.mean, np.std], axis=axis)

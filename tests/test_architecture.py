@@ -337,7 +337,7 @@ def _connection_privates() -> set[str]:
 
 def _private_uses(tree: ast.AST) -> list[tuple[int, str]]:
     # ds._x, and ds.ca._x: the private members of the connection's managers are its internals too;
-    # a private method of the connection by any name (c._layer_source) or through getattr.
+    # a private method of the connection by any name (c._writing) or through getattr.
     methods = _connection_privates()
     found = []
     for node in ast.walk(tree):
@@ -366,12 +366,12 @@ def _private_uses(tree: ast.AST) -> list[tuple[int, str]]:
 def test_operations_use_the_layer_host_not_connection_internals():
     src = (
         "def f(ds, c):\n    ds._writing()\n    ds.__dask_loom_layer_host__()\n    ds.ca._cache['k'] = 1\n"
-        "    ds.ca.keys()\n    c._layer_source('')\n    getattr(c, '_compute_kwargs', dict)()\n    c._x\n"
+        "    ds.ca.keys()\n    c._writing()\n    getattr(c, '_compute_kwargs', dict)()\n    c._x\n"
     )
     assert _private_uses(ast.parse(src)) == [
         (2, "ds._writing"),
         (4, "ds.ca._cache"),
-        (6, "c._layer_source"),
+        (6, "c._writing"),
         (7, "getattr(..., '_compute_kwargs')"),
     ]
     mods = _modules()

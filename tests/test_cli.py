@@ -211,7 +211,7 @@ def test_convert_round_trip(capsys, ref, tmp_path):
     assert run(capsys, "convert", z, back)[0] == 0
     with dask_loom.connect(z, "r") as ds:
         # Sharded: --chunks is the inner chunk shape, the shard (the read unit) whole inner chunks.
-        assert ds._layer_info("spliced").inner_chunks == (16, 32)
+        assert ds.__dask_loom_layer_host__().info("spliced").inner_chunks == (16, 32)
         shard = ds.layers["spliced"]._source().chunk_shape
         assert shard[0] % 16 == 0 and shard[1] % 32 == 0
         np.testing.assert_array_equal(ds.layers["spliced"][:, :], ref["spliced"])
@@ -225,12 +225,12 @@ def test_convert_reshard(capsys, ref, tmp_path):
     with dask.config.set({"dask_loom.block-size": 1}):  # one object per chunk, as before sharding
         assert run(capsys, "convert", ref["path"], z, "--chunks", "16,16")[0] == 0
     with dask_loom.connect(z, "r") as ds:
-        assert ds._layer_info("").inner_chunks is None
+        assert ds.__dask_loom_layer_host__().info("").inner_chunks is None
     with dask.config.set({"dask_loom.block-size": 16 * 16 * 4 * 4}):
         rc, _, err = run(capsys, "convert", "--reshard", z, "--no-progress")
     assert rc == 0 and "resharded" in err and "matrix" in err
     with dask_loom.connect(z, "r") as ds:
-        assert ds._layer_info("").inner_chunks == (16, 16)
+        assert ds.__dask_loom_layer_host__().info("").inner_chunks == (16, 16)
         assert ds.layers[""]._source().chunk_shape == (32, 32)
         np.testing.assert_array_equal(ds[:, :], ref["m"])
         np.testing.assert_array_equal(ds.layers["spliced"][:, :], ref["spliced"])

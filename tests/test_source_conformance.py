@@ -197,7 +197,7 @@ class TestLoomLayerSource(SourceTests):
 
         def make():
             with dask_loom.connect(tmp_path / "a.loom", "r") as ds:
-                return ds._layer_source(""), data, (64, 64)
+                return ds.__dask_loom_layer_host__().source(""), data, (64, 64)
 
         return make
 
@@ -282,7 +282,7 @@ class TestLoomZarrLayerSource(SourceTests):
 
         def make():
             with dask_loom.connect(tmp_path / "a.loom.zarr", "r") as ds:
-                return ds._layer_source(""), data, (32, 32)
+                return ds.__dask_loom_layer_host__().source(""), data, (32, 32)
 
         return make
 
