@@ -29,7 +29,15 @@ def main() -> None:
     folder = tempfile.mkdtemp()
     path = os.path.join(folder, "huge.loom")
     with h5py.File(path, "w") as f:
-        f.create_dataset("matrix", shape=(n, m), dtype="f4", chunks=(64, 64), compression="gzip", compression_opts=2, maxshape=(n, None))
+        f.create_dataset(
+            "matrix",
+            shape=(n, m),
+            dtype="f4",
+            chunks=(64, 64),
+            compression="gzip",
+            compression_opts=2,
+            maxshape=(n, None),
+        )
         for g in ("layers", "row_attrs", "col_attrs", "row_graphs", "col_graphs", "attrs"):
             f.create_group(g)
         f["row_attrs/Gene"] = np.arange(n)

@@ -276,14 +276,26 @@ def read_loom(
     from dask_loom.loom._connection import connect
 
     if obsm_names is not None:
-        warnings.warn("Argument obsm_names has been deprecated in favour of `obsm_mapping`.", FutureWarning, stacklevel=2)
+        warnings.warn(
+            "Argument obsm_names has been deprecated in favour of `obsm_mapping`.",
+            FutureWarning,
+            stacklevel=2,
+        )
         if obsm_mapping:
-            raise ValueError("Received values for both `obsm_names` and `obsm_mapping`; pass only `obsm_mapping`.")
+            raise ValueError(
+                "Received values for both `obsm_names` and `obsm_mapping`; pass only `obsm_mapping`."
+            )
         obsm_mapping = obsm_names
     if varm_names is not None:
-        warnings.warn("Argument varm_names has been deprecated in favour of `varm_mapping`.", FutureWarning, stacklevel=2)
+        warnings.warn(
+            "Argument varm_names has been deprecated in favour of `varm_mapping`.",
+            FutureWarning,
+            stacklevel=2,
+        )
         if varm_mapping:
-            raise ValueError("Received values for both `varm_names` and `varm_mapping`; pass only `varm_mapping`.")
+            raise ValueError(
+                "Received values for both `varm_names` and `varm_mapping`; pass only `varm_mapping`."
+            )
         varm_mapping = varm_names
     kwargs.setdefault("validate", False)
     kwargs.pop("mode", None)

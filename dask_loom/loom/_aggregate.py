@@ -111,7 +111,9 @@ def aggregate(
         v = np.asarray(ds.ca[key])[cols]
         if how == "tally":
             for val in np.unique(v):
-                ca[_tally_name(key, val)] = aggregate_np(idx, (v == val).astype(np.int64), func="sum", size=n_groups, fill_value=0)
+                ca[_tally_name(key, val)] = aggregate_np(
+                    idx, (v == val).astype(np.int64), func="sum", size=n_groups, fill_value=0
+                )
         elif how == "mode":
             ca[key] = _mode(v, idx, n_groups)
         elif how in ("first", "last"):
