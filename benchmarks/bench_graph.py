@@ -29,7 +29,15 @@ def main() -> None:
     folder = tempfile.mkdtemp()
     path = os.path.join(folder, "huge.loom")
     with h5py.File(path, "w") as f:
-        f.create_dataset("matrix", shape=(n, m), dtype="f4", chunks=(64, 64), compression="gzip", compression_opts=2, maxshape=(n, None))
+        f.create_dataset(
+            "matrix",
+            shape=(n, m),
+            dtype="f4",
+            chunks=(64, 64),
+            compression="gzip",
+            compression_opts=2,
+            maxshape=(n, None),
+        )
         for g in ("layers", "row_attrs", "col_attrs", "row_graphs", "col_graphs", "attrs"):
             f.create_group(g)
         f["row_attrs/Gene"] = np.arange(n)
@@ -43,7 +51,7 @@ def main() -> None:
         out["dask_array_tasks"] = x.npartitions
         from dask_loom.ops._map import map_graph
 
-        src = ds._layer_source("")
+        src = ds.__dask_loom_layer_host__().source("")
         for axis in (0, 1):
             t0 = time.perf_counter()
             dsk, _, _ = map_graph(src, [np.mean, np.std], axis=axis)

@@ -37,7 +37,6 @@ from xarray.core import indexing
 from dask_loom._doors import provides
 
 if TYPE_CHECKING:
-
     from dask_loom.loom._connection import LoomConnection
 
 __all__ = [
@@ -107,7 +106,9 @@ class LoomBackendArray(BackendArray):
         self.dtype = np.dtype(source.dtype)
 
     def __getitem__(self, key: Any) -> Any:
-        return indexing.explicit_indexing_adapter(key, self.shape, indexing.IndexingSupport.OUTER, self._raw_getitem)
+        return indexing.explicit_indexing_adapter(
+            key, self.shape, indexing.IndexingSupport.OUTER, self._raw_getitem
+        )
 
     def _raw_getitem(self, key: tuple[Any, ...]) -> np.ndarray:
         return read_outer(self.source, key)
@@ -121,7 +122,9 @@ class LoomBackendArray(BackendArray):
         return ("LoomBackendArray", tokenize(self.source))
 
     def __repr__(self) -> str:
-        return f"LoomBackendArray({getattr(self.source, 'label', '?')}, shape={self.shape}, dtype={self.dtype})"
+        return (
+            f"LoomBackendArray({getattr(self.source, 'label', '?')}, shape={self.shape}, dtype={self.dtype})"
+        )
 
 
 def read_outer(source: Any, key: tuple[Any, ...]) -> np.ndarray:
@@ -139,7 +142,9 @@ def read_outer(source: Any, key: tuple[Any, ...]) -> np.ndarray:
 
     shape = tuple(int(s) for s in source.shape)
     dtype = np.dtype(source.dtype)
-    plain = all(isinstance(k, (int, np.integer)) or (isinstance(k, slice) and k.step in (None, 1)) for k in key)
+    plain = all(
+        isinstance(k, (int, np.integer)) or (isinstance(k, slice) and k.step in (None, 1)) for k in key
+    )
     if plain:
         region = []
         for k, n in zip(key, shape):
@@ -240,7 +245,8 @@ def build_dataset(
 
     if row_dim == col_dim:
         raise ValueError(f"row_dim and col_dim must differ, both are {row_dim!r}")
-    conn._check_open()
+    host = conn.__dask_loom_layer_host__()
+    host.check_open()
     drop = {drop_variables} if isinstance(drop_variables, str) else set(drop_variables or ())
     names = conn.layers.keys()
     if layers is not None:
@@ -256,8 +262,10 @@ def build_dataset(
         if vname in drop:
             continue
         vname = _unique(vname, taken, "layer")
-        source = conn._layer_source(layer)
-        unit = tuple(max(1, min(int(c), int(s))) if s else 1 for c, s in zip(source.chunk_shape, source.shape))
+        source = host.source(layer)
+        unit = tuple(
+            max(1, min(int(c), int(s))) if s else 1 for c, s in zip(source.chunk_shape, source.shape)
+        )
         encoding = {"preferred_chunks": {row_dim: unit[0], col_dim: unit[1]}}
         if lazy == "dask":
             data: Any = conn.layers[layer].to_dask(chunks=chunks)
@@ -293,14 +301,18 @@ def open_loom_dataset(
     from dask_loom.loom._connection import LoomConnection, connect
 
     if isinstance(filename_or_obj, LoomConnection):
-        return build_dataset(filename_or_obj, row_dim=row_dim, col_dim=col_dim, layers=layers, drop_variables=drop_variables)
+        return build_dataset(
+            filename_or_obj, row_dim=row_dim, col_dim=col_dim, layers=layers, drop_variables=drop_variables
+        )
     if not isinstance(filename_or_obj, (str, os.PathLike)):
         raise TypeError(
             f"engine='loom' opens a path or URL of a .loom / .loom.zarr (or a LoomConnection), not {type(filename_or_obj).__name__}"
         )
     conn = connect(filename_or_obj, "r", validate=validate, storage_options=storage_options)
     try:
-        ds = build_dataset(conn, row_dim=row_dim, col_dim=col_dim, layers=layers, drop_variables=drop_variables)
+        ds = build_dataset(
+            conn, row_dim=row_dim, col_dim=col_dim, layers=layers, drop_variables=drop_variables
+        )
     except BaseException:
         conn.close(True)
         raise
@@ -369,7 +381,10 @@ def tensor_to_xarray(view: Any, *, chunks: Any = None, name: str | None = None) 
     zsize = phys.get("physical_size_z")
     if zsize is not None:
         unit = phys.get("physical_size_z_unit")
-        per_axis["Z"] = (np.asarray(sel.z, dtype=np.int64) * float(zsize), {"units": str(unit) if unit else "", "physical_size": float(zsize)})
+        per_axis["Z"] = (
+            np.asarray(sel.z, dtype=np.int64) * float(zsize),
+            {"units": str(unit) if unit else "", "physical_size": float(zsize)},
+        )
     layout = view.layout
     dims = tuple(_DIM_NAMES[d] for d in layout)
     coords: dict[str, Any] = {}

@@ -316,26 +316,63 @@ HOST_ONLY = (
     "dask_loom.loom._modify",
     "dask_loom.loom._scan",
     "dask_loom.zarr._reshard",
+    "dask_loom.loom._aggregate",
+    "dask_loom.loom._inspect",
+    "dask_loom.loom._convert",
+    "dask_loom.loom._view",
+    "dask_loom._xarray",
+    "dask_loom.analysis._loom",
+    "dask_loom.analysis._write",
+    "dask_loom.loom._combine",
 )
 #: The names these modules give a connection.
 CONNECTION_NAMES = {"ds", "other", "conn"}
 
 
+def _connection_privates() -> set[str]:
+    from dask_loom.loom._connection import LoomConnection
+
+    return {n for n in vars(LoomConnection) if n.startswith("_") and not n.startswith("__")}
+
+
 def _private_uses(tree: ast.AST) -> list[tuple[int, str]]:
-    return [
-        (node.lineno, f"{node.value.id}.{node.attr}")
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute)
-        and isinstance(node.value, ast.Name)
-        and node.value.id in CONNECTION_NAMES
-        and node.attr.startswith("_")
-        and not node.attr.startswith("__")
-    ]
+    # ds._x, and ds.ca._x: the private members of the connection's managers are its internals too;
+    # a private method of the connection by any name (c._writing) or through getattr.
+    methods = _connection_privates()
+    found = []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "getattr"
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and node.args[1].value in methods
+        ):
+            found.append((node.lineno, f"getattr(..., {node.args[1].value!r})"))
+        if isinstance(node, ast.Attribute) and node.attr in methods:
+            found.append((node.lineno, ast.unparse(node)))
+            continue
+        if not isinstance(node, ast.Attribute) or not node.attr.startswith("_") or node.attr.startswith("__"):
+            continue
+        owner = node.value
+        if isinstance(owner, ast.Attribute):
+            owner = owner.value
+        if isinstance(owner, ast.Name) and owner.id in CONNECTION_NAMES:
+            found.append((node.lineno, ast.unparse(node)))
+    return sorted(found)
 
 
 def test_operations_use_the_layer_host_not_connection_internals():
-    assert _private_uses(ast.parse("def f(ds):\n    ds._writing()\n    ds.__dask_loom_layer_host__()\n")) == [
-        (2, "ds._writing")
+    src = (
+        "def f(ds, c):\n    ds._writing()\n    ds.__dask_loom_layer_host__()\n    ds.ca._cache['k'] = 1\n"
+        "    ds.ca.keys()\n    c._writing()\n    getattr(c, '_compute_kwargs', dict)()\n    c._x\n"
+    )
+    assert _private_uses(ast.parse(src)) == [
+        (2, "ds._writing"),
+        (4, "ds.ca._cache"),
+        (6, "c._writing"),
+        (7, "getattr(..., '_compute_kwargs')"),
     ]
     mods = _modules()
     bad = []

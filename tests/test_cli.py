@@ -149,7 +149,18 @@ def test_stats_summary_on_a_layer(capsys, ref):
 
 def test_aggregate(capsys, ref, tmp_path):
     out_file = tmp_path / "agg.loom"
-    rc, _, err = run(capsys, "aggregate", ref["path"], out_file, "--group-by", "Clusters", "--aggr-by", "sum", "--ca", "CellID=first")
+    rc, _, err = run(
+        capsys,
+        "aggregate",
+        ref["path"],
+        out_file,
+        "--group-by",
+        "Clusters",
+        "--aggr-by",
+        "sum",
+        "--ca",
+        "CellID=first",
+    )
     assert rc == 0
     labels = np.unique(ref["ca"]["Clusters"])
     assert f"{N_ROWS} rows x {len(labels)} groups" in err
@@ -211,7 +222,7 @@ def test_convert_round_trip(capsys, ref, tmp_path):
     assert run(capsys, "convert", z, back)[0] == 0
     with dask_loom.connect(z, "r") as ds:
         # Sharded: --chunks is the inner chunk shape, the shard (the read unit) whole inner chunks.
-        assert ds._layer_info("spliced").inner_chunks == (16, 32)
+        assert ds.__dask_loom_layer_host__().info("spliced").inner_chunks == (16, 32)
         shard = ds.layers["spliced"]._source().chunk_shape
         assert shard[0] % 16 == 0 and shard[1] % 32 == 0
         np.testing.assert_array_equal(ds.layers["spliced"][:, :], ref["spliced"])
@@ -225,12 +236,12 @@ def test_convert_reshard(capsys, ref, tmp_path):
     with dask.config.set({"dask_loom.block-size": 1}):  # one object per chunk, as before sharding
         assert run(capsys, "convert", ref["path"], z, "--chunks", "16,16")[0] == 0
     with dask_loom.connect(z, "r") as ds:
-        assert ds._layer_info("").inner_chunks is None
+        assert ds.__dask_loom_layer_host__().info("").inner_chunks is None
     with dask.config.set({"dask_loom.block-size": 16 * 16 * 4 * 4}):
         rc, _, err = run(capsys, "convert", "--reshard", z, "--no-progress")
     assert rc == 0 and "resharded" in err and "matrix" in err
     with dask_loom.connect(z, "r") as ds:
-        assert ds._layer_info("").inner_chunks == (16, 16)
+        assert ds.__dask_loom_layer_host__().info("").inner_chunks == (16, 16)
         assert ds.layers[""]._source().chunk_shape == (32, 32)
         np.testing.assert_array_equal(ds[:, :], ref["m"])
         np.testing.assert_array_equal(ds.layers["spliced"][:, :], ref["spliced"])
@@ -248,7 +259,9 @@ def test_demo(capsys, tmp_path):
     with dask_loom.connect(tmp_path / "demo.loom", "r") as ds:
         assert ds.shape == (60, 300)
         expected = ds[:, :].mean(axis=1)
-    table = np.genfromtxt(tmp_path / "gene_stats.tsv", delimiter="\t", names=True, dtype=None, encoding="utf-8")
+    table = np.genfromtxt(
+        tmp_path / "gene_stats.tsv", delimiter="\t", names=True, dtype=None, encoding="utf-8"
+    )
     np.testing.assert_allclose(table["mean"], expected, rtol=1e-5)
 
 
@@ -276,11 +289,18 @@ def test_usage_errors_exit_2(capsys, ref, argv):
     assert "Traceback" not in out + err
 
 
-@pytest.mark.parametrize("name", ["info", "validate", "stats", "export", "scan", "aggregate", "convert", "permute"])
+@pytest.mark.parametrize(
+    "name", ["info", "validate", "stats", "export", "scan", "aggregate", "convert", "permute"]
+)
 def test_missing_file_exit_1(capsys, tmp_path, name):
     missing = tmp_path / "absent.loom"
-    extra = {"export": [tmp_path / "o.tsv"], "aggregate": [tmp_path / "o.loom"], "convert": [tmp_path / "o.loom.zarr"],
-             "scan": ["--out", tmp_path / "b"], "permute": ["--axis", "0", "--random", "1"]}.get(name, [])
+    extra = {
+        "export": [tmp_path / "o.tsv"],
+        "aggregate": [tmp_path / "o.loom"],
+        "convert": [tmp_path / "o.loom.zarr"],
+        "scan": ["--out", tmp_path / "b"],
+        "permute": ["--axis", "0", "--random", "1"],
+    }.get(name, [])
     rc, _out, err = run(capsys, name, missing, *extra)
     assert rc == 1
     assert err.count("\n") == 1  # one line
@@ -330,7 +350,10 @@ def test_unreachable_scheduler(capsys, ref):
     port = closed_port()
     rc, _out, err = run(capsys, "stats", ref["path"], "--scheduler", f"tcp://127.0.0.1:{port}")
     assert rc == 1
-    assert err == f"dask-loom stats: error: cannot reach the dask scheduler at 'tcp://127.0.0.1:{port}': Connection refused\n"
+    assert (
+        err
+        == f"dask-loom stats: error: cannot reach the dask scheduler at 'tcp://127.0.0.1:{port}': Connection refused\n"
+    )
     # a configured default address is checked the same way
     with dask.config.set({"dask_loom.scheduler": f"127.0.0.1:{port}"}):
         rc, _, err = run(capsys, "export", ref["path"], "x.tsv")
@@ -365,7 +388,9 @@ def test_on_a_cluster_with_progress(capsys, ref, tmp_path, local_cluster):
     assert run(capsys, "aggregate", ref["path"], agg, "--scheduler", address, "--no-progress")[0] == 0
     with dask_loom.connect(agg, "r") as ds:
         labels = np.unique(ref["ca"]["Clusters"])
-        np.testing.assert_allclose(ds[:, 0], ref["m"][:, ref["ca"]["Clusters"] == labels[0]].mean(axis=1), rtol=1e-6)
+        np.testing.assert_allclose(
+            ds[:, 0], ref["m"][:, ref["ca"]["Clusters"] == labels[0]].mean(axis=1), rtol=1e-6
+        )
 
 
 # -- the installed executable ------------------------------------------------------------------
@@ -374,7 +399,13 @@ def test_on_a_cluster_with_progress(capsys, ref, tmp_path, local_cluster):
 def _exe(*argv, env=None):
     exe = shutil.which("dask-loom") or ""
     cmd = [exe] if exe else [sys.executable, "-m", "dask_loom.cli"]
-    return subprocess.run([*cmd, *map(str, argv)], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*cmd, *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.slow  # each run imports dask_loom afresh (seconds on a loaded 2-core machine)
@@ -394,7 +425,16 @@ def test_executable_exit_codes(ref, tmp_path):
 
 @pytest.mark.slow
 def test_executable_stats_with_progress(ref, tmp_path):
-    p = _exe("stats", ref["path"], "--axis", "1", "-o", tmp_path / "c.tsv", "--progress", env={"DASK_LOOM_PROGRESS_MINIMUM": "0"})
+    p = _exe(
+        "stats",
+        ref["path"],
+        "--axis",
+        "1",
+        "-o",
+        tmp_path / "c.tsv",
+        "--progress",
+        env={"DASK_LOOM_PROGRESS_MINIMUM": "0"},
+    )
     assert p.returncode == 0, p.stderr
     assert "100% Completed" in p.stderr
     table = np.genfromtxt(tmp_path / "c.tsv", delimiter="\t", names=True, dtype=None, encoding="utf-8")

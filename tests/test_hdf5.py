@@ -83,7 +83,7 @@ def test_gzip_loom_layer_uses_fast_path(loompy_file):
 
     before = dict(STATS)
     with dask_loom.connect(path, "r") as ds:
-        layout = ds._layer_source("").layout
+        layout = ds.__dask_loom_layer_host__().source("").layout
         assert layout.filter_names == ["gzip"] and layout.fast
         np.testing.assert_array_equal(ds[:, :], ref[""])
         np.testing.assert_array_equal(ds["spliced"][:, :], ref["spliced"])

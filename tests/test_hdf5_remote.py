@@ -294,7 +294,7 @@ def test_remote_open_index_and_map_request_counts(s3_server, s3_proxy, big_loom)
     with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
         opened = proxy.snapshot()["total_requests"]
         proxy.reset_counts()
-        src = ds._layer_source("")
+        src = ds.__dask_loom_layer_host__().source("")
         assert src.index is None  # small reads search the tree; whole-array graphs build the index
         src.chunk_index()
         index_requests = proxy.snapshot()["total_requests"]
@@ -319,7 +319,7 @@ def test_remote_open_index_and_map_request_counts(s3_server, s3_proxy, big_loom)
     with dask.config.set({"dask_loom.index-read-waste": 0}):
         with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
             proxy.reset_counts()
-            lean = ds._layer_source("")
+            lean = ds.__dask_loom_layer_host__().source("")
             lean.chunk_index()
             snap = proxy.snapshot()
     np.testing.assert_array_equal(lean.index.offsets, src.index.offsets)
@@ -341,7 +341,7 @@ def test_remote_map_fetches_each_stored_byte_once(s3_server, s3_proxy, big_loom)
     clear_all()
     with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
         got = ds.map([np.mean, np.std], axis=0, scheduler="threads")
-        src = ds._layer_source("")
+        src = ds.__dask_loom_layer_host__().source("")
         held = cached_entry(src.spec).cache[HELD_SPANS]
         snap = proxy.snapshot()
     stored = int(src.index.sizes.sum())
@@ -453,7 +453,7 @@ def test_remote_source_ships_its_index(s3_server, s3_proxy, small_loom):
     proxy = s3_proxy()
     clear_all()
     with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
-        src = ds._layer_source("")
+        src = ds.__dask_loom_layer_host__().source("")
     blob = pickle.dumps(src)
     clear_all()  # a worker: no open file, no cached index
     proxy.reset_counts()
@@ -517,7 +517,7 @@ def test_short_answers_are_retried_or_refused(s3_server, s3_proxy, small_loom):
     clear_all()
     with dask.config.set({"dask_loom.retries": 2, "dask_loom.retry-backoff": 0.01}):
         with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
-            src = ds._layer_source("")
+            src = ds.__dask_loom_layer_host__().source("")
             src.chunk_index()  # built while the answers are whole
             # This small file was fetched whole by opening and indexing it: drop what is held,
             # so the chunks come from the store.

@@ -50,7 +50,9 @@ class SourceTests:
         raise AssertionError("subclasses provide the make fixture")
 
     @pytest.fixture
-    def make_empty(self) -> Callable[[], tuple[Any, np.ndarray, tuple[int, ...]]]:  # pragma: no cover - overridden
+    def make_empty(
+        self,
+    ) -> Callable[[], tuple[Any, np.ndarray, tuple[int, ...]]]:  # pragma: no cover - overridden
         raise AssertionError("subclasses provide the make_empty fixture")
 
     # -- the protocol ---------------------------------------------------------------------------
@@ -92,7 +94,9 @@ class SourceTests:
         assert partial, "the fixture's shape should not be a multiple of its chunks"
         region = tuple(slice((n - 1) // u * u, n) for n, u in zip(ref.shape, unit))  # the last, partial chunk
         np.testing.assert_array_equal(src.read_block(region), ref[region])
-        region = tuple(slice(max(0, (n - 1) // u * u - u), n) for n, u in zip(ref.shape, unit))  # with its neighbour
+        region = tuple(
+            slice(max(0, (n - 1) // u * u - u), n) for n, u in zip(ref.shape, unit)
+        )  # with its neighbour
         np.testing.assert_array_equal(src.read_block(region), ref[region])
 
     def test_deterministic_token(self, make):
@@ -197,7 +201,7 @@ class TestLoomLayerSource(SourceTests):
 
         def make():
             with dask_loom.connect(tmp_path / "a.loom", "r") as ds:
-                return ds._layer_source(""), data, (64, 64)
+                return ds.__dask_loom_layer_host__().source(""), data, (64, 64)
 
         return make
 
@@ -213,7 +217,9 @@ def _zarr_factory(path, data: np.ndarray, node: str = "", **kw: Any) -> Callable
     import zarr
 
     if node:
-        zarr.open_group(str(path), mode="w").create_array(node, shape=data.shape, dtype=data.dtype, **kw)[...] = data
+        zarr.open_group(str(path), mode="w").create_array(node, shape=data.shape, dtype=data.dtype, **kw)[
+            ...
+        ] = data
     else:
         zarr.create_array(str(path), shape=data.shape, dtype=data.dtype, **kw)[...] = data
 
@@ -282,7 +288,7 @@ class TestLoomZarrLayerSource(SourceTests):
 
         def make():
             with dask_loom.connect(tmp_path / "a.loom.zarr", "r") as ds:
-                return ds._layer_source(""), data, (32, 32)
+                return ds.__dask_loom_layer_host__().source(""), data, (32, 32)
 
         return make
 
@@ -370,7 +376,6 @@ class _AnnDataSparseTests(_AnnDataTests, SparseSourceTests):
             mc = dask_loom.MappedCollection([src.layer_plan.store.spec.url])
             assert mc.to_dask(target_bytes=SMALL).chunks[0] == plan[0]
 
-
     def test_edge_chunks(self, make):
         """CSR rows are cut anywhere (unit 1): the edges are the last row band and column ranges inside the width."""
         src, ref, _ = make()
@@ -419,4 +424,6 @@ class TestOMEChunkSource(SourceTests):
 
     @pytest.fixture
     def make_empty(self):
-        pytest.skip("an OME-Arrow image has at least one pixel on every axis (the schema requires sizes >= 1)")
+        pytest.skip(
+            "an OME-Arrow image has at least one pixel on every axis (the schema requires sizes >= 1)"
+        )

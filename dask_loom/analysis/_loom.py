@@ -40,7 +40,7 @@ def layer_cells_by_genes(ds: LoomConnection, name: str, *, sparse: bool = True, 
     """
     from dask_loom.blocks import from_source
 
-    source = ds._layer_source(name)
+    source = ds.__dask_loom_layer_host__().source(name)
     if sparse:
         from dask_loom._csr import CSRView
 
@@ -68,7 +68,7 @@ def _attr_values(ds: LoomConnection, axis: int, name: str) -> Any:
     from dask_loom.loom._common import AXIS_ATTRS
 
     values = (ds.ra if axis == 0 else ds.ca)[name]
-    info = ds._tree.info(f"{AXIS_ATTRS[axis]}/{name}")
+    info = ds.__dask_loom_layer_host__().tree.info(f"{AXIS_ATTRS[axis]}/{name}")
     if info.kind == "enum" and info.enum:
         cats = [info.enum[k] for k in sorted(info.enum)]
         return pd.Categorical(np.asarray(values, dtype=object), categories=list(dict.fromkeys(cats)))
@@ -155,7 +155,8 @@ def loom_to_anndata(
     import anndata as ad
     import pandas as pd
 
-    ds._check_open()
+    host = ds.__dask_loom_layer_host__()
+    host.check_open()
     available = ds.layers.keys()
     if X_name not in available:
         raise ElementNotFoundError(f"{ds.filename}: layer '{X_name}' does not exist (layers: {available})")
@@ -189,7 +190,7 @@ def loom_to_anndata(
         from dask_loom.cluster import compute
 
         keys = list(arrays)
-        done = compute(x, *[arrays[k] for k in keys], **ds._compute_kwargs())
+        done = compute(x, *[arrays[k] for k in keys], **host.compute_kwargs())
         x, arrays = done[0], dict(zip(keys, done[1:]))
     with warnings.catch_warnings():
         # Non-unique or non-string names: anndata warns and converts, as it does in read_loom.
@@ -275,14 +276,26 @@ def read_loom(
     from dask_loom.loom._connection import connect
 
     if obsm_names is not None:
-        warnings.warn("Argument obsm_names has been deprecated in favour of `obsm_mapping`.", FutureWarning, stacklevel=2)
+        warnings.warn(
+            "Argument obsm_names has been deprecated in favour of `obsm_mapping`.",
+            FutureWarning,
+            stacklevel=2,
+        )
         if obsm_mapping:
-            raise ValueError("Received values for both `obsm_names` and `obsm_mapping`; pass only `obsm_mapping`.")
+            raise ValueError(
+                "Received values for both `obsm_names` and `obsm_mapping`; pass only `obsm_mapping`."
+            )
         obsm_mapping = obsm_names
     if varm_names is not None:
-        warnings.warn("Argument varm_names has been deprecated in favour of `varm_mapping`.", FutureWarning, stacklevel=2)
+        warnings.warn(
+            "Argument varm_names has been deprecated in favour of `varm_mapping`.",
+            FutureWarning,
+            stacklevel=2,
+        )
         if varm_mapping:
-            raise ValueError("Received values for both `varm_names` and `varm_mapping`; pass only `varm_mapping`.")
+            raise ValueError(
+                "Received values for both `varm_names` and `varm_mapping`; pass only `varm_mapping`."
+            )
         varm_mapping = varm_names
     kwargs.setdefault("validate", False)
     kwargs.pop("mode", None)

@@ -288,8 +288,9 @@ def write_anndata(
                 f"{out}: layers {missing} are not in the AnnData (it has {list(a.layers)})"
             )
     kw = {"scheduler": scheduler, "client": client, "progress": progress}
-    if opened is None and scheduler is None and client is None:
-        kw.update(getattr(source, "_compute_kwargs", dict)())
+    host = getattr(source, "__dask_loom_layer_host__", None)  # a LoomConnection: run where it runs
+    if opened is None and scheduler is None and client is None and host is not None:
+        kw.update(host().compute_kwargs())
     try:
         if kind == "h5ad":
             from dask_loom.hdf5._files import open_h5_write

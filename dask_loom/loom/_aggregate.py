@@ -62,7 +62,8 @@ def aggregate(
     attribute's dtype; any reducing numpy-groupies function works for
     attributes too; ``tally`` columns come in sorted value order.
     """
-    ds._check_open()
+    host = ds.__dask_loom_layer_host__()
+    host.check_open()
     func = check_group_func(aggr_by)
     n_cols = ds.shape[1]
     sel = None
@@ -110,7 +111,9 @@ def aggregate(
         v = np.asarray(ds.ca[key])[cols]
         if how == "tally":
             for val in np.unique(v):
-                ca[_tally_name(key, val)] = aggregate_np(idx, (v == val).astype(np.int64), func="sum", size=n_groups, fill_value=0)
+                ca[_tally_name(key, val)] = aggregate_np(
+                    idx, (v == val).astype(np.int64), func="sum", size=n_groups, fill_value=0
+                )
         elif how == "mode":
             ca[key] = _mode(v, idx, n_groups)
         elif how in ("first", "last"):
@@ -121,10 +124,10 @@ def aggregate(
             if v.dtype.kind not in "biuf":
                 raise ValueError(f"aggr_ca_by['{key}'] = '{how}' needs numbers, but '{key}' holds {v.dtype}")
             ca[key] = aggregate_np(idx, v, func=name, size=n_groups, fill_value=0)
-    kw = ds._compute_kwargs()
+    kw = host.compute_kwargs()
     if scheduler is not None or client is not None:
         kw = {"scheduler": scheduler, "client": client}
-    m = aggregate_columns(ds._layer_source(layer), idx, n_groups, func, select=sel, progress=progress, **kw)
+    m = aggregate_columns(host.source(layer), idx, n_groups, func, select=sel, progress=progress, **kw)
     if out_file is not None:
         from dask_loom.loom._create import create
 

@@ -26,7 +26,7 @@ from dask_loom.loom._values import materialize, normalize_for_write
 if TYPE_CHECKING:
     from dask_loom.loom._protocol import LoomConnectionLike
 
-__all__ = ["AttributeManager", "GlobalAttributeManager"]
+__all__ = ["AttributeManager", "GlobalAttributeManager", "hold_in_memory"]
 
 _INTERNAL = ("ds", "axis", "_names", "_cache", "_parent", "_index", "_length")
 
@@ -37,7 +37,11 @@ def _is_index(thing: Any) -> bool:
         return True
     if isinstance(thing, np.ndarray):
         return thing.dtype.kind in "biu"
-    return isinstance(thing, list) and bool(thing) and all(isinstance(x, (int, np.integer, bool, np.bool_)) for x in thing)
+    return (
+        isinstance(thing, list)
+        and bool(thing)
+        and all(isinstance(x, (int, np.integer, bool, np.bool_)) for x in thing)
+    )
 
 
 def _take(values: np.ndarray, index: Any) -> Any:
@@ -62,7 +66,9 @@ class AttributeManager(NamedMapping):
     (or list), a new in-memory manager with every attribute sliced.
     """
 
-    def __init__(self, ds: LoomConnectionLike | None, *, axis: int, values: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(
+        self, ds: LoomConnectionLike | None, *, axis: int, values: dict[str, np.ndarray] | None = None
+    ) -> None:
         object.__setattr__(self, "ds", ds)
         object.__setattr__(self, "axis", axis)
         object.__setattr__(self, "_cache", dict(values or {}))
@@ -87,12 +93,6 @@ class AttributeManager(NamedMapping):
         return m
 
     # -- mapping protocol -----------------------------------------------------------
-
-
-
-
-
-
 
     def get(self, name: str, default: np.ndarray) -> Any:
         """The attribute *name*, or *default* when there is none.
@@ -127,7 +127,9 @@ class AttributeManager(NamedMapping):
     def __getitem__(self, thing: Any) -> Any:
         if isinstance(thing, str):
             if thing not in self._names:
-                raise AttributeError(f"'{thing}' is not a {AXIS_ATTRS[self.axis][:3]} attribute{self._where()}")
+                raise AttributeError(
+                    f"'{thing}' is not a {AXIS_ATTRS[self.axis][:3]} attribute{self._where()}"
+                )
             return self._load(thing)
         if isinstance(thing, (tuple, list)) and all(isinstance(x, str) for x in thing) and thing:
             found = [self._load(x) for x in thing if x in self._names]
@@ -137,14 +139,18 @@ class AttributeManager(NamedMapping):
                 return found[0]
             dtypes = {f.dtype for f in found}
             if len(dtypes) > 1:
-                raise AttributeError(f"Attributes {thing} must all have the same dtype to be stacked (got {sorted(map(str, dtypes))})")
+                raise AttributeError(
+                    f"Attributes {thing} must all have the same dtype to be stacked (got {sorted(map(str, dtypes))})"
+                )
             return np.column_stack(found)
         if _is_index(thing):
             return self._sliced(np.asarray(thing) if isinstance(thing, list) else thing)
         raise TypeError(f"cannot index attributes with {type(thing).__name__}")
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in _INTERNAL:  # internals not set yet (a failed __init__): no recursion
+        if (
+            name.startswith("__") or name in _INTERNAL
+        ):  # internals not set yet (a failed __init__): no recursion
             raise AttributeError(name)
         try:
             return self[name]
@@ -164,7 +170,9 @@ class AttributeManager(NamedMapping):
             arr, _ = normalize_for_write(value, name)
             n = self._n()
             if n is not None and arr.shape[0] != n:
-                raise ValueError(f"Attribute '{name}' must have exactly {n} values but {arr.shape[0]} were given")
+                raise ValueError(
+                    f"Attribute '{name}' must have exactly {n} values but {arr.shape[0]} were given"
+                )
             self._cache[name] = arr
             if name not in self._names:
                 self._names.append(name)
@@ -212,6 +220,18 @@ class AttributeManager(NamedMapping):
         object.__setattr__(self, "_parent", None)
 
 
+def hold_in_memory(attrs: AttributeManager, name: str, values: np.ndarray) -> None:
+    """Give *attrs* an attribute *name* with *values* in memory only, without writing it to the file.
+
+    ``add_loom`` uses it to show the file's differing global attributes as
+    columns before it merges.  A function rather than a method: a method name
+    would hide an attribute of that name from ``ds.ca.<name>``.
+    """
+    attrs._cache[name] = values
+    if name not in attrs._names:
+        attrs._names.append(name)
+
+
 class GlobalAttributeManager(NamedMapping):
     """``ds.attrs``: file-wide attributes (``/attrs`` datasets in spec 3, root HDF5 attributes before).
 
@@ -220,18 +240,15 @@ class GlobalAttributeManager(NamedMapping):
     writes go to that file).
     """
 
-    def __init__(self, ds: LoomConnectionLike | h5py.Group | None, values: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, ds: LoomConnectionLike | h5py.Group | None, values: dict[str, Any] | None = None
+    ) -> None:
         if isinstance(ds, h5py.Group):  # loompy's constructor takes the open h5py file
             ds = _H5Globals(ds)
         object.__setattr__(self, "ds", ds)
         object.__setattr__(self, "_cache", dict(values or {}))
         names = list(values or {}) if ds is None else ds._global_names()
         object.__setattr__(self, "_names", names)
-
-
-
-
-
 
     def get(self, name: str, default: Any = None) -> Any:
         return self[name] if name in self else default  # noqa: SIM401 - this is get()
@@ -253,7 +270,11 @@ class GlobalAttributeManager(NamedMapping):
         check_name("Global attribute", name, self.ds.filename if self.ds is not None else None)
         if self.ds is not None:
             self.ds._write_global(name, value)
-        self._cache[name] = scalar_text(value) if not isinstance(value, (list, tuple, np.ndarray)) or np.ndim(value) == 0 else np.asarray(value)
+        self._cache[name] = (
+            scalar_text(value)
+            if not isinstance(value, (list, tuple, np.ndarray)) or np.ndim(value) == 0
+            else np.asarray(value)
+        )
         if self.ds is not None:
             self._cache.pop(name, None)
         if name not in self._names:
@@ -289,7 +310,9 @@ class _H5Backed:
 
     def _h5(self) -> h5py.Group:
         if not isinstance(self._f, h5py.Group):
-            raise TypeError(f"cannot write through a {type(self._f).__name__}; loompy-style managers write to an h5py.File")
+            raise TypeError(
+                f"cannot write through a {type(self._f).__name__}; loompy-style managers write to an h5py.File"
+            )
         return self._f
 
     def _spec(self) -> str:
@@ -313,7 +336,9 @@ class _LoompyOwner(_H5Backed):
 
     def __init__(self, owner: Any) -> None:
         if not hasattr(owner, "_file") or not hasattr(owner, "shape"):
-            raise TypeError(f"AttributeManager needs a Loom connection (an object with '_file' and 'shape'), not {type(owner).__name__}")
+            raise TypeError(
+                f"AttributeManager needs a Loom connection (an object with '_file' and 'shape'), not {type(owner).__name__}"
+            )
         super().__init__(owner._file)
         self._owner = owner
         self.filename = self.filename or str(getattr(owner, "filename", "") or "")

@@ -164,11 +164,11 @@ def _combined_columns(
     import dask.array as da
 
     parts = []
-    for c, s, o in zip(conns, sels, orders):
-        if layer not in c.layers:
+    for conn, s, o in zip(conns, sels, orders):
+        if layer not in conn.layers:
             parts.append(da.zeros((n, len(s)), dtype=dtype, chunks=(n, max(1, min(len(s), 4096)))))
             continue
-        x = from_source(c._layer_source(layer), band_axis=1)
+        x = from_source(conn.__dask_loom_layer_host__().source(layer), band_axis=1)
         if not (len(s) == x.shape[1] and np.array_equal(s, np.arange(x.shape[1]))):
             x = x[:, s]
         if o is not None:

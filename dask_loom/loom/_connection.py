@@ -284,26 +284,11 @@ class LoomConnection(_Deprecated):
 
     # -- layer internals ----------------------------------------------------------------
 
-    # The layers' facts live in the LayerHost; these are the operations' way to them.
+    # The layers' facts live in the LayerHost: the operations take them from ds.__dask_loom_layer_host__().
 
     @staticmethod
     def _layer_path(name: str) -> str:
         return layer_path(name)
-
-    def _layer_info(self, name: str) -> Any:
-        return self._layer_host.info(name)
-
-    def _layer_shape(self, name: str) -> tuple[int, int]:
-        return self._layer_host.shape(name)
-
-    def _layer_dtype(self, name: str) -> np.dtype:
-        return self._layer_host.dtype(name)
-
-    def _layer_source(self, name: str) -> Any:
-        return self._layer_host.source(name)
-
-    def _read_layers(self, names: list[str], key: Any) -> dict[str, np.ndarray]:
-        return self._layer_host.read(names, key)
 
     def dask(self, layer: str = "", *, chunks: Any = None, band_axis: int | None = None, sparse: bool = False) -> Any:
         """A layer as a lazy dask array whose blocks are whole stored chunks (CSR blocks with ``sparse=True``)."""

@@ -76,6 +76,7 @@ def convert(
     from dask_loom.blocks import plan_blocks, store
     from dask_loom.loom._connection import connect
     from dask_loom.loom._create import creating
+    from dask_loom.loom._layerhost import layer_path
     from dask_loom.loom._store import init_layout, put_attr, put_global, put_graph
     from dask_loom.loom._write import LayerTarget, create_layer_array
 
@@ -85,7 +86,8 @@ def convert(
         if 0 in shape:
             raise ValueError(f"{ds.filename}: the main matrix is empty; nothing to convert")
         layer_names = ds.layers.keys()
-        sources = {name: ds._layer_source(name) for name in layer_names}
+        host = ds.__dask_loom_layer_host__()
+        sources = {name: host.source(name) for name in layer_names}
         names = {m: list(getattr(ds, m).keys()) for m in ("attrs", "ra", "ca", "row_graphs", "col_graphs")}
         globals_ = {k: ds.attrs[k] for k in names["attrs"] if k != "LOOM_SPEC_VERSION"}
         attrs = [{k: ds.ra[k] for k in names["ra"]}, {k: ds.ca[k] for k in names["ca"]}]
@@ -105,7 +107,7 @@ def convert(
             for name in layer_names:
                 src_layer = sources[name]
                 dt = np.dtype(src_layer.dtype)
-                path = "matrix" if name == "" else f"layers/{name}"
+                path = layer_path(name)
                 layer_chunks = tuple(int(c) for c in (chunks or default_chunks))
                 layer_chunks = tuple(max(1, min(c, n)) for c, n in zip(layer_chunks, shape))
                 create_layer_array(w, path, shape, dt, layer_chunks)  # sharded in a .loom.zarr

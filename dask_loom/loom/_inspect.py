@@ -11,7 +11,8 @@ __all__ = ["describe", "quirks"]
 
 def quirks(ds: Any) -> list[str]:
     """Deviations from what loompy 3 writes, each named with its path."""
-    t = ds._tree
+    host = ds.__dask_loom_layer_host__()
+    t = host.tree
     out = []
     v = ds.spec_version
     if v == "0.0.0":
@@ -22,12 +23,16 @@ def quirks(ds: Any) -> list[str]:
         out.append("LOOM_SPEC_VERSION stored as a 1-element array (R writers)")
     for g in LEGACY_GRAPHS:
         if t.is_group(g):
-            out.append(f"legacy graph group /{g} (read as {g.replace('edges', 'graphs')}, file left unchanged)")
+            out.append(
+                f"legacy graph group /{g} (read as {g.replace('edges', 'graphs')}, file left unchanged)"
+            )
     for axis, group in enumerate(AXIS_ATTRS):
         for child in t.children(group):
             path = f"{group}/{child}"
             if t.is_group(path):
-                out.append(f"nested group /{path} (flattened where per-{('row', 'column')[axis]}, else skipped)")
+                out.append(
+                    f"nested group /{path} (flattened where per-{('row', 'column')[axis]}, else skipped)"
+                )
                 continue
             info = t.info(path)
             if info.kind == "compound":
@@ -41,28 +46,38 @@ def quirks(ds: Any) -> list[str]:
             if t.exists(f"{group}/{g}/a") and t.info(f"{group}/{g}/a").dtype.kind == "f":
                 out.append(f"float graph indices /{group}/{g}/a (spec requires integers)")
     for name in ds.layers.keys():
-        info = ds._layer_info(name)
-        src = ds._layer_source(name)
+        info = host.info(name)
+        src = host.source(name)
         layout = getattr(src, "layout", None)
         if layout is not None and not layout.fast:
             out.append(f"layer {name!r}: {layout.why_slow} (read through h5py, without parallel decoding)")
         if info.chunks and tuple(info.chunks) != tuple(min(64, s) for s in info.shape):
-            out.append(f"layer {name!r}: chunks {tuple(info.chunks)} (loompy writes {tuple(min(64, s) for s in info.shape)})")
+            out.append(
+                f"layer {name!r}: chunks {tuple(info.chunks)} (loompy writes {tuple(min(64, s) for s in info.shape)})"
+            )
     return out
 
 
 def describe(ds: Any, notes: list[str] | None = None) -> str:
     """The text ``dask-loom info`` prints."""
-    lines = [f"{ds.filename}", f"  Loom spec {ds.spec_version}, shape {ds.shape[0]} rows x {ds.shape[1]} columns"]
+    lines = [
+        f"{ds.filename}",
+        f"  Loom spec {ds.spec_version}, shape {ds.shape[0]} rows x {ds.shape[1]} columns",
+    ]
     lines.append("  layers:")
+    host = ds.__dask_loom_layer_host__()
     for name in ds.layers.keys():
-        info = ds._layer_info(name)
-        comp = f"{info.compression}" + (f" {info.compression_opts}" if info.compression_opts is not None else "") if info.compression else "uncompressed"
+        info = host.info(name)
+        comp = (
+            f"{info.compression}" + (f" {info.compression_opts}" if info.compression_opts is not None else "")
+            if info.compression
+            else "uncompressed"
+        )
         lines.append(f"    {name!r:<16} {info.dtype!s:<8} chunks {info.chunks} {comp}")
     for label, mgr in (("row attributes", ds.ra), ("column attributes", ds.ca)):
         lines.append(f"  {label} ({len(mgr)}):")
         for k in mgr.keys():
-            info = ds._tree.info(f"{AXIS_ATTRS[0 if mgr is ds.ra else 1]}/{k}")
+            info = host.tree.info(f"{AXIS_ATTRS[0 if mgr is ds.ra else 1]}/{k}")
             shape = "" if len(info.shape) == 1 else f" {info.shape}"
             lines.append(f"    {k:<24} {info.kind if info.kind != 'plain' else str(info.dtype)}{shape}")
     for label, gm in (("row graphs", ds.row_graphs), ("column graphs", ds.col_graphs)):

@@ -21,6 +21,7 @@ import numpy as np
 from dask_loom._lazy import issparse
 from dask_loom.blocks import from_source, plan_blocks, store
 from dask_loom.blocks._readahead import read_ahead
+from dask_loom.loom._attrs import hold_in_memory
 from dask_loom.loom._common import AXIS_ATTRS, AXIS_GRAPHS
 from dask_loom.loom._layerhost import LayerHost, layer_path
 from dask_loom.loom._layers import as_layer_dict
@@ -513,9 +514,7 @@ def add_loom(
                     if a is not None
                     else np.array([""] * ds.shape[1], dtype=object)
                 )
-                ds.ca._cache[k] = mine_vals
-                if k not in ds.ca._names:
-                    ds.ca._names.append(k)
+                hold_in_memory(ds.ca, k, mine_vals)
                 if k in ds.attrs:
                     globals_del.append(k)
     merged = _merge_col_attrs(ds, incoming, m2, fill_values)

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
 
     from dask_loom.loom._layerhost import LayerHost
-    from dask_loom.loom._tree import Tree
 
 __all__ = ["LoomConnectionLike"]
 
@@ -38,27 +37,18 @@ class LoomConnectionLike(Protocol):
     row_graphs: Any
     col_graphs: Any
     view: Any
-    _tree: Tree
 
     @property
     def shape(self) -> tuple[int, int]: ...
 
-    # All that ds.layers, each LoomLayer and the operations that read and write layers
-    # (scan, layer writes, permute, add_columns, add_loom, export) use of the connection
-    # besides its public API.
+    # All that ds.layers, each LoomLayer and the operations (scan, aggregate, layer writes,
+    # permute, add_columns, add_loom, export, combine, convert, views, to_xarray,
+    # to_anndata, info) use of the connection besides its public API; the private
+    # members below are for the attribute and graph managers only.
     def __dask_loom_layer_host__(self) -> LayerHost: ...
 
     @property
     def mode(self) -> str: ...
-
-    # -- state and where graphs run
-    def _check_open(self) -> None: ...
-    def _compute_kwargs(self) -> dict[str, Any]: ...
-
-    # -- layers
-    def _layer_info(self, name: str) -> Any: ...
-    def _layer_source(self, name: str) -> Any: ...
-    def _read_layers(self, names: list[str], key: Any) -> dict[str, np.ndarray]: ...
 
     # -- attributes, global attributes, graphs
     def _attr_names(self, axis: int) -> list[str]: ...

@@ -94,7 +94,7 @@ class ViewManager:
                 None, {k: MemoryLoomLayer(k, ds.layers[k][rows, cols]) for k in ds.layers.keys()}
             )
         else:
-            arrays = ds._read_layers(ds.layers.keys(), (rows, cols))
+            arrays = ds.__dask_loom_layer_host__().read(ds.layers.keys(), (rows, cols))
             layers = LayerManager(None, {k: MemoryLoomLayer(k, v) for k, v in arrays.items()})
         r = _as_index(rows)
         c = _as_index(cols)
