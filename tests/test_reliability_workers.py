@@ -33,15 +33,23 @@ KILLS = int(os.environ.get("DASK_LOOM_WORKER_KILLS", "2"))
 
 @pytest.fixture(scope="module")
 def cluster():
+    import dask
     from distributed import Client, LocalCluster
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lc = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50)
-        client = Client(lc, set_as_default=False)
-    yield client
-    client.close()
-    lc.close()
+    # A LocalCluster closes a worker's nanny for good when no worker of that name has come back
+    # `lost-worker-timeout` after a removal; the timer of one kill can fire while the nanny is
+    # restarting after the next kill, and the test then waits for a worker that never comes.
+    # Here the nannies must keep restarting their workers, so that timer is put out of reach.
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lc = LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50
+            )
+            client = Client(lc, set_as_default=False)
+        yield client
+        client.close()
+        lc.close()
 
 
 @pytest.fixture(scope="module")
