@@ -409,7 +409,7 @@ def run_cluster(
     testbed: dict[str, int],
 ) -> dict[str, Any]:
     import psutil
-    from _processes import free_port, start_scheduler, stop
+    from _processes import start_scheduler, stop
     from distributed import Client, get_task_stream
 
     import dask_loom
@@ -421,14 +421,13 @@ def run_cluster(
     import dask
 
     wenv = {**env, **{k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()}}
-    port = free_port()
-    addr = f"tcp://127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
     logs = []
     try:
         log = open(os.path.join(log_dir, f"scheduler-{n_workers}.log"), "w")  # noqa: SIM115
         logs.append(log)
-        procs.append(start_scheduler(port, log, env=env))
+        scheduler, addr = start_scheduler(log, env=env)
+        procs.append(scheduler)
         for i in range(n_workers):
             wlog = open(os.path.join(log_dir, f"worker-{n_workers}-{i}.log"), "w")  # noqa: SIM115
             logs.append(wlog)

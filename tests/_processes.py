@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,26 +21,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_scheduler(port: int, log: IO[str], *, env: Mapping[str, str] | None = None, timeout: float = 60) -> subprocess.Popen:
-    """Start ``dask scheduler`` on *port* and return once a client can connect to it."""
+def start_scheduler(log: IO[str], *, env: Mapping[str, str] | None = None, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """Start ``dask scheduler`` on a port it picks itself; return it and its address once a client can connect.
+
+    The scheduler binds port 0 and reports its address through ``--scheduler-file``: a port chosen
+    here beforehand could be taken by another process (another test worker's cluster) before the
+    scheduler binds it, and the scheduler would then exit at once.
+    """
+    import json
+    import tempfile
+
     from distributed import Client
 
+    folder = tempfile.mkdtemp(prefix="dask-loom-scheduler-")
+    info = os.path.join(folder, "scheduler.json")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--dashboard-address", "127.0.0.1:0", "--scheduler-file", info],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=None if env is None else dict(env),
-    )
+    )  # fmt: skip
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            Client(f"tcp://127.0.0.1:{port}", timeout=2).close()
-            return proc
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                stop([proc])
-                raise
-            time.sleep(0.3)
+    try:
+        while True:
+            try:
+                with open(info) as f:
+                    address = json.load(f)["address"]
+                Client(address, timeout=2).close()
+                return proc, address
+            except (OSError, ValueError, KeyError):
+                # Not written yet (or half written), or not answering yet.
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    stop([proc])
+                    raise
+                time.sleep(0.3)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def start_worker(address: str, name: str, log: IO[str], *, args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> subprocess.Popen:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -185,12 +184,6 @@ class _Counting:
                 close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class S3Server:
     """moto's S3 app served by werkzeug in a thread on 127.0.0.1."""
 
@@ -212,8 +205,9 @@ class S3Server:
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
         app = _Counting(DomainDispatcherApplication(create_backend_app), self.stats, fast_reads=self.fast_reads)
-        port = _free_port()
-        self._server = make_server("127.0.0.1", port, app, threaded=True)
+        # Port 0: the system picks a free port as it binds (a port picked beforehand could be taken).
+        self._server = make_server("127.0.0.1", 0, app, threaded=True)
+        port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="moto-s3")
         self._thread.start()
         endpoint = f"http://127.0.0.1:{port}"

@@ -30,7 +30,7 @@ import yaml
 import dask_loom
 from dask_loom import worker_setup
 from dask_loom.errors import ConfigError
-from tests._processes import free_port, start_scheduler, start_worker, stop
+from tests._processes import start_scheduler, start_worker, stop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -675,13 +675,12 @@ def topology(tmp_path_factory):
     """
     from distributed import Client
 
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
     logs = tmp_path_factory.mktemp("topology-logs")
     files = [open(logs / name, "w") for name in ("scheduler.log", "worker-1.log", "worker-2.log")]
     env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_LOOM_")}
     env["DASK_LOOM_BLOCK_SIZE"] = "1MiB"
-    procs = [start_scheduler(port, files[0], env=env)]
+    scheduler, address = start_scheduler(files[0], env=env)
+    procs = [scheduler]
     try:
         for i, extra in enumerate([[], ["--dask-loom-config", "scan-prefetch=3"]], start=1):
             procs.append(start_worker(address, f"worker-{i}", files[i], args=[*PRELOAD, *extra], env=env))

@@ -17,11 +17,10 @@ pytestmark = pytest.mark.cluster
 
 @pytest.fixture(scope="module")
 def scheduler_address(tmp_path_factory):
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
     logs = tmp_path_factory.mktemp("dask-logs")
     files = [open(logs / name, "w") for name in ("scheduler.log", "worker0.log", "worker1.log")]
-    procs = [start_scheduler(port, files[0])]
+    scheduler, address = start_scheduler(files[0])
+    procs = [scheduler]
     try:
         from distributed import Client
 
