@@ -54,7 +54,10 @@ def start_scheduler(log: IO[str], *, env: Mapping[str, str] | None = None, timeo
                 # Not written yet (or half written), or not answering yet.
                 if time.monotonic() > deadline or proc.poll() is not None:
                     stop([proc])
-                    raise
+                    log.flush()
+                    with open(log.name) as f:
+                        said = f.read()[-4000:]
+                    raise OSError(f"dask scheduler did not come up (exit code {proc.returncode}); its log:\n{said}") from None
                 time.sleep(0.3)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
