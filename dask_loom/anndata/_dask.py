@@ -26,7 +26,11 @@ from dask_loom.errors import CollectionError, ElementNotFoundError
 if TYPE_CHECKING:
     from dask_loom.anndata._plan import CollectionLike, _LayerPlan
 
-__all__ = ["layer_to_dask", "obs_to_dask", "to_xarray"]
+__all__ = ["ROW_VALUES", "layer_to_dask", "obs_to_dask", "to_xarray"]
+
+#: Attribute of a :func:`layer_to_dask` array: per block, the ``(plan, rows)`` it reads;
+#: ``plan.read_row_values(rows)`` gives the block's values and row pointers alone.
+ROW_VALUES = "_dask_loom_row_values"
 
 
 def _read_band(plan: _LayerPlan, rows: np.ndarray, sparse: bool) -> Any:
@@ -72,7 +76,12 @@ def layer_to_dask(mc: CollectionLike, layer: str = "X", *, sparse: bool = False,
         dsk[(name, 0, 0)] = (np.empty, (0, n_out), dtype)
     meta = sp.csr_matrix((0, n_out), dtype=dtype) if sparse else np.empty((0, 0), dtype=dtype)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
-    return da.Array(graph, name, (tuple(sizes), (n_out,)), meta=meta)
+    out = da.Array(graph, name, (tuple(sizes), (n_out,)), meta=meta)
+    # What a pass needing only each row's values reads instead of whole blocks
+    # (dask_loom.pp's counts per cell): the attribute goes with this array only,
+    # not with anything computed from it.
+    setattr(out, ROW_VALUES, [(task[1], task[2]) for task in dsk.values() if task[0] is _read_band])
+    return out
 
 
 # -- obs ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 
 from dask_loom._lazy import isna, issparse
 from dask_loom.anndata._elems import Column, MatrixMeta
-from dask_loom.anndata._read import read_csr_parts, read_matrix_rows
+from dask_loom.anndata._read import read_csr_parts, read_csr_values, read_matrix_rows
 from dask_loom.anndata._store import AnnStore
 
 if TYPE_CHECKING:
@@ -121,6 +121,22 @@ class _LayerPlan:
             return None
         data, indices, indptr = self._joined(*read_csr_parts(self.store, meta, rows), width=meta.shape[1])
         return data.astype(self.dtype, copy=False), indices, indptr
+
+    def read_row_values(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Sorted unique local *rows* of a CSR file as their values and row pointers, ``(data, indptr)``.
+
+        Each row's values are those it has in joined var space, so a row's sum
+        is its sum in the joined matrix; the column indices are not read.
+        ``None`` where that needs them (an inner join that drops columns) and
+        wherever :meth:`read_parts` gives ``None``.
+        """
+        meta = self.meta
+        if meta is None or meta.fmt != "csr" or (self.dtype.kind == "f" and self.dtype.itemsize == 2):
+            return None
+        if self.join == "inner" and len(np.unique(self.var_idx)) < meta.shape[1]:  # type: ignore[arg-type]
+            return None
+        data, indptr = read_csr_values(self.store, meta, rows)
+        return data.astype(self.dtype, copy=False), indptr
 
     def _joined(
         self, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, *, width: int

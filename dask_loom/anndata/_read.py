@@ -313,19 +313,14 @@ def read_csr_parts(
     (scipy trusts indices) never reads out of bounds.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    indptr = indptr_of(store, meta)
-    starts, stops = coalesce(rows)
-    e0, e1 = indptr[starts], indptr[stops]
-    if len(starts) > 1:
+    e0, e1, new_ptr = _entry_ranges(store, meta, rows)
+    if len(e0) > 1:
         data, indices = map_threads(
             lambda name: read_vector(store, f"{meta.path}/{name}", e0, e1), ["data", "indices"]
         )
     else:
         data = read_vector(store, f"{meta.path}/data", e0, e1)
         indices = read_vector(store, f"{meta.path}/indices", e0, e1)
-    counts = indptr[rows + 1] - indptr[rows]
-    new_ptr = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(counts, out=new_ptr[1:])
     if len(data) != new_ptr[-1] or len(indices) != new_ptr[-1]:
         raise CorruptChunkError(
             f"{store.name}: {meta.path} data/indices hold fewer entries than indptr promises"
@@ -336,6 +331,32 @@ def read_csr_parts(
             f"{store.name}: {meta.path}/indices holds column numbers outside 0..{meta.shape[1] - 1}"
         )
     return data, indices, new_ptr
+
+
+def read_csr_values(store: AnnStore, meta: MatrixMeta, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (sorted, unique) of a CSR matrix as their stored values and row pointers: ``(data, indptr)``.
+
+    The column indices are not read: half the bytes of :func:`read_csr_parts`,
+    for what needs only each row's values (the counts per cell).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    e0, e1, new_ptr = _entry_ranges(store, meta, rows)
+    data = read_vector(store, f"{meta.path}/data", e0, e1)
+    if len(data) != new_ptr[-1]:
+        raise CorruptChunkError(f"{store.name}: {meta.path}/data holds fewer entries than indptr promises")
+    return data, new_ptr
+
+
+def _entry_ranges(
+    store: AnnStore, meta: MatrixMeta, rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where *rows*' entries lie in ``data``/``indices`` (runs of adjacent rows joined) and their new row pointers."""
+    indptr = indptr_of(store, meta)
+    starts, stops = coalesce(rows)
+    counts = indptr[rows + 1] - indptr[rows]
+    new_ptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(counts, out=new_ptr[1:])
+    return indptr[starts], indptr[stops], new_ptr
 
 
 def _out_of_range(indices: np.ndarray, width: int) -> bool:

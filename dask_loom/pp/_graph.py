@@ -167,10 +167,34 @@ def _row_sums_task(block: Any) -> np.ndarray:
     return K.row_sums(block)[:, None]
 
 
-def row_sums_of(x: Any) -> Any:
-    """Lazy float64 sum of every row."""
+def _row_values_sums_task(plan: Any, rows: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    read = plan.read_row_values(rows)
+    if read is None:
+        # A file whose rows need their columns (an inner join): the whole block.
+        return K.row_sums(plan.read(rows, sparse=True, dtype=dtype))
+    data, indptr = read
+    return K.csr_row_sums(data.astype(dtype, copy=False), indptr)
+
+
+def row_sums_of(x: Any, *, dtype: Any = None) -> Any:
+    """Lazy float64 sum of every row (of its values cast to *dtype* first, if given).
+
+    On a collection's matrix (:func:`dask_loom.anndata._dask.layer_to_dask`)
+    the tasks read each block's values and row pointers only, not its column
+    indices: half the bytes of a CSR matrix.
+    """
     import dask.array as da
 
+    from dask_loom.anndata._dask import ROW_VALUES
+
+    dtype = x.dtype if dtype is None else np.dtype(dtype)
+    reads = getattr(x, ROW_VALUES, None)
+    if reads is not None and len(reads) == x.numblocks[0] and x.numblocks[1] == 1:
+        name = "pp-rowsums-" + _token(x, dtype)
+        dsk = {(name, i): (_row_values_sums_task, plan, rows, dtype) for i, (plan, rows) in enumerate(reads)}
+        return da.Array(dsk, name, (x.chunks[0],), dtype=np.float64, meta=np.empty((0,), dtype=np.float64))
+    if dtype != x.dtype:
+        x = x.astype(dtype)
     parts = da.blockwise(
         _row_sums_task,
         "ij",

@@ -22,6 +22,7 @@ __all__ = [
     "Selected",
     "as_csr",
     "block_stats",
+    "csr_row_sums",
     "expm1_block",
     "gram_block",
     "gram_selected",
@@ -157,16 +158,19 @@ def row_sums(block: Any) -> np.ndarray:
     """Sum of every row (float64), as scanpy's counts per cell."""
     block = as_csr(block)
     if _is_csr(block):
-        if use_numba():
-            return _numba().row_sums(block.data, block.indptr)
-        out = np.zeros(block.shape[0], dtype=np.float64)
-        if block.nnz:
-            rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-            out = np.bincount(
-                rows, weights=block.data.astype(np.float64, copy=False), minlength=block.shape[0]
-            )
-        return out
+        return csr_row_sums(block.data, block.indptr)
     return np.asarray(block, dtype=np.float64).sum(axis=1)
+
+
+def csr_row_sums(data: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """Sum of every row (float64) of a CSR matrix given by its values and row pointers alone."""
+    if use_numba():
+        return _numba().row_sums(data, indptr)
+    out = np.zeros(len(indptr) - 1, dtype=np.float64)
+    if len(data):
+        rows = np.repeat(np.arange(len(out)), np.diff(indptr))
+        out = np.bincount(rows, weights=data.astype(np.float64, copy=False), minlength=len(out))
+    return out
 
 
 def scale_rows(block: Any, factors: np.ndarray) -> Any:

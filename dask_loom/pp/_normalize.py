@@ -129,8 +129,10 @@ def normalize_total(
     if max_fraction < 0 or max_fraction > 1:
         raise ValueError("Choose max_fraction between 0 and 1.")
     if np.issubdtype(x.dtype, np.integer):
+        (sums,) = compute(row_sums_of(x, dtype=np.float32))
         x = x.astype(np.float32)
-    (sums,) = compute(row_sums_of(x))
+    else:
+        (sums,) = compute(row_sums_of(x))
     # scanpy keeps the counts in the data's dtype (summed in float64 first).
     counts = np.asarray(sums).astype(x.dtype if x.dtype.kind == "f" else np.float64)
     gene_subset = None
