@@ -66,7 +66,6 @@ __all__ = [
 ]
 
 
-
 _NO_READER = object()
 
 _lock = threading.Lock()
