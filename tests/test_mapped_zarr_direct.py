@@ -238,6 +238,55 @@ def test_read_vector_ranges_equal_numpy(sharded_vector, runs):
     assert got.dtype == values.dtype
 
 
+@pytest.fixture(scope="module")
+def blosc_vector(tmp_path_factory):
+    # As anndata writes CSR vectors to Zarr v2: blosc, unsharded (whole chunks decode into the result).
+    path = str(tmp_path_factory.mktemp("zvec2") / "v.zarr")
+    g = zarr.open_group(path, mode="w", zarr_format=2)
+    values = np.random.default_rng(7).integers(0, 50, 1000).astype(np.float32)
+    values[320:400] = 0  # absent chunks (the fill)
+    from numcodecs import Blosc
+
+    a = g.create_array(
+        "v", shape=(1000,), chunks=(16,), dtype="f4", compressors=Blosc("lz4", 5, Blosc.SHUFFLE)
+    )
+    a[:] = values
+    return path, values
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 1000), st.integers(0, 200)), min_size=1, max_size=12))
+def test_read_vector_ranges_of_a_blosc_vector_equal_numpy(blosc_vector, runs):
+    path, values = blosc_vector
+    assert not os.path.exists(os.path.join(path, "v", "21"))  # an absent chunk in range
+    starts = np.array([a for a, _ in runs], dtype=np.int64)
+    stops = np.minimum(starts + np.array([n for _, n in runs]), 1000)
+    got = read_vector(open_store(path), "v", starts, stops)
+    want = np.concatenate([values[a:b] for a, b in zip(starts, stops)])
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == values.dtype
+
+
+@pytest.mark.parametrize("how", ["size", "truncated", "header"])
+def test_corrupt_blosc_chunk_read_whole_raises_naming_it(blosc_vector, tmp_path, how):
+    src, _ = blosc_vector
+    path = str(tmp_path / "bad.zarr")
+    shutil.copytree(src, path)
+    fn = os.path.join(path, "v", "2")
+    with open(fn, "rb") as fh:
+        raw = bytearray(fh.read())
+    if how == "size":
+        raw[4:8] = (8 * 16).to_bytes(4, "little")  # claims twice the chunk's bytes
+    elif how == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw = raw[:10]
+    with open(fn, "wb") as fh:
+        fh.write(bytes(raw))
+    with pytest.raises(CorruptChunkError, match=r"chunk 'v/2'"):
+        read_vector(open_store(path), "v", np.array([0]), np.array([100]))
+
+
 def test_rewritten_shard_is_read_again(variants, tmp_path):
     paths, _ = variants
     path = str(tmp_path / "copy.zarr")

@@ -71,6 +71,60 @@ def test_fused_stats_and_selection_equal_the_step_by_step_values(pending):
     assert sel.cv.dtype == np.float32 and sel.ck.dtype == np.int16
 
 
+def _long_and_short_rows(dtype) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Rows of ~600 stored values (the table filled up front) and of ~60 (filled as met), every kind of value."""
+    rng = np.random.default_rng(11)
+    x = rng.negative_binomial(1, 0.15, size=(30, 1200)).astype(dtype)
+    keep = rng.random(x.shape) < np.where(np.arange(30) < 15, 0.5, 0.05)[:, None]
+    x[~keep] = 0
+    x[::4, ::9] = rng.integers(64, 900, size=x[::4, ::9].shape)  # past the table
+    x[1::6, 5::17] = rng.random(x[1::6, 5::17].shape) * 7  # not whole
+    m = sp.csr_matrix(x)
+    m.data[::53] = 0  # stored zeros: stored, not non-zero
+    assert np.diff(m.indptr)[:15].min() >= 256 > np.diff(m.indptr)[15:].max()
+    factors = rng.uniform(0.3, 4.0, size=x.shape[0])
+    factors[20] = 0
+    return m, factors
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("clipped", [False, True], ids=["", "clip"])
+@pytest.mark.parametrize(
+    "pending",
+    [
+        None,
+        K.Pending(scale=True),
+        K.Pending(scale=True, log1p=True, expm1=True),  # Seurat's round trip: the scaling alone
+        K.Pending(scale=True, log1p=True),
+        K.Pending(log1p=True, log_base=2.0),
+        K.Pending(scale=True, log1p=True, expm1=True, expm1_scale=0.5),
+    ],
+    ids=["none", "scale", "seurat", "scale-log1p", "log2", "scale-log1p-expm1"],
+)
+def test_block_stats_every_loop_equals_numpy(pending, clipped, dtype):
+    m, factors = _long_and_short_rows(dtype)
+    groups = np.arange(m.shape[0]) % 4 - 1  # group -1: left out
+    clip = np.random.default_rng(2).uniform(0.5, 6.0, size=(3, m.shape[1])) if clipped else None
+    got = K.block_stats(
+        m, groups=groups, n_groups=3, clip=clip, pending=pending, factors=factors if pending else None
+    )
+    with dask.config.set({"dask_loom.kernels": "numpy"}):
+        ref = K.block_stats(
+            m, groups=groups, n_groups=3, clip=clip, pending=pending, factors=factors if pending else None
+        )
+    v = (m if pending is None else pending.apply(m, factors)).toarray().astype(np.float64)
+    for g in range(3):
+        rows = v[groups == g]
+        nz = rows != 0
+        if clipped:
+            rows = np.minimum(rows, clip[g][None, :])
+        np.testing.assert_allclose(got[0, g], rows.sum(axis=0), rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(got[1, g], (rows * rows).sum(axis=0), rtol=2e-6, atol=1e-6)
+        np.testing.assert_array_equal(got[2, g], nz.sum(axis=0))
+    np.testing.assert_allclose(got, ref, rtol=2e-6, atol=1e-6)  # the numpy kernels, step by step
+    assert got[2].sum() < m.nnz  # stored zeros and the left-out group are not counted
+
+
 def _counts(n_cells: int, n_genes: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     mu = rng.gamma(0.4, 3.0, size=n_genes)[None, :]

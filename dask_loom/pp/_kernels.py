@@ -216,18 +216,26 @@ def block_stats(
         groups = np.zeros(n_rows, dtype=np.int64)
     groups = np.asarray(groups, dtype=np.int64)
     if _fused(block, pending):
-        c = np.zeros((1, 1)) if clip is None else np.ascontiguousarray(clip, dtype=np.float64)
-        out = _numba().stats(
+        size = int(n_groups) * int(n_cols)
+        c = np.zeros(1) if clip is None else np.ascontiguousarray(clip, dtype=np.float64).reshape(size)
+        ss = np.zeros((size, 2), dtype=np.float64)
+        # A count is at most the block's rows.
+        cnt = np.zeros(size, dtype=np.int32 if n_rows < 2**31 else np.int64)
+        _numba().stats(
             block.data,
             block.indices,
             block.indptr,
             groups,
-            int(n_groups),
             int(n_cols),
             c,
             clip is not None,
             *_params(block, pending, factors),
+            ss,
+            cnt,
         )
+        out = np.empty((3, n_groups, n_cols), dtype=np.float64)
+        out[:2] = ss.T.reshape(2, n_groups, n_cols)
+        out[2] = cnt.reshape(n_groups, n_cols)
         return out
     if pending is not None:
         block = as_csr(pending.apply(block, factors))
