@@ -235,18 +235,26 @@ def gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, upper, sums):  # pragma: no
     # other products are summed column by column (Gustavson's order): for each
     # sparse column i, every row r storing it adds v_ri times the rest of row r
     # (the columns from i on, so each pair once) into a small accumulator that
-    # stays in cache, then one contiguous row of `upper`.
+    # stays in cache, then one contiguous row of `upper`.  Sums within the
+    # block are in `dense`'s dtype (float32 for float32 data, as the BLAS part);
+    # blocks add up in float64.
     n_rows = len(rp) - 1
     n_sel = len(sums)
     h = len(hcols)
+    vt = dense.dtype
     col_ptr = np.zeros(n_sel + 1, np.int64)
     for k in range(n_sel):
         col_ptr[k + 1] = col_ptr[k] + (cnt[k] if hpos[k] < 0 else 0)
     n_l = col_ptr[n_sel]
-    crow = np.empty(n_l, np.int64)
-    cval = np.empty(n_l, np.float64)
+    # The sparse entries column by column (crow, cval) and row by row (sk, sv):
+    # one pass, since the selected positions ascend within a row.
+    crow = np.empty(n_l, np.int32)
+    cval = np.empty(n_l, vt)
+    sk = np.empty(n_l, np.int32)
+    sv = np.empty(n_l, vt)
+    srp = np.zeros(n_rows + 1, np.int64)
     fill = col_ptr[:n_sel].copy()
-    row_n = np.zeros(n_rows + 1, np.int64)
+    m = 0
     for r in range(n_rows):
         for q in range(rp[r], rp[r + 1]):
             k = ck[q]
@@ -256,36 +264,32 @@ def gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, upper, sums):  # pragma: no
             if t >= 0:
                 dense[r, t] = v
             else:
-                crow[fill[k]] = r
-                cval[fill[k]] = v
-                fill[k] += 1
-                row_n[r + 1] += 1
-    # The same entries row by row, columns ascending within each row.
-    srp = np.cumsum(row_n)
-    sk = np.empty(n_l, np.int64)
-    sv = np.empty(n_l, np.float64)
-    nxt = srp[:n_rows].copy()
-    for k in range(n_sel):
-        for q in range(col_ptr[k], col_ptr[k + 1]):
-            r = crow[q]
-            sk[nxt[r]] = k
-            sv[nxt[r]] = cval[q]
-            nxt[r] += 1
+                f = fill[k]
+                crow[f] = r
+                cval[f] = v
+                fill[k] = f + 1
+                sk[m] = k
+                sv[m] = v
+                m += 1
+        srp[r + 1] = m
     ptr = srp[:n_rows].copy()
-    acc = np.zeros(n_sel, np.float64)
-    acch = np.zeros(h, np.float64)
+    acc = np.zeros(n_sel, vt)
+    acch = np.zeros(h, vt)
     for i in range(n_sel):
-        if col_ptr[i] == col_ptr[i + 1]:
+        q0 = col_ptr[i]
+        q1 = col_ptr[i + 1]
+        if q0 == q1:
             continue
-        for q in range(col_ptr[i], col_ptr[i + 1]):
+        for q in range(q0, q1):
             r = crow[q]
             vi = cval[q]
             p0 = ptr[r]  # row r's entry of column i: the columns before i are done
             ptr[r] = p0 + 1
             for p in range(p0, srp[r + 1]):
                 acc[sk[p]] += vi * sv[p]
+            d = dense[r]  # a row view: the loop below is vectorised
             for t in range(h):
-                acch[t] += vi * dense[r, t]
+                acch[t] += vi * d[t]
         for j in range(i, n_sel):
             upper[i, j] += acc[j]
             acc[j] = 0.0

@@ -411,11 +411,14 @@ def gram_selected(sel: Selected) -> np.ndarray:
     """:func:`gram_block` of a block's :class:`Selected` values."""
     nb = _numba()
     n_sel = sel.n_sel
-    out = np.zeros((1, n_sel + 1, n_sel), dtype=np.float64)
+    # float32 values: float32 sums within the block (a few thousand rows), as
+    # BLAS's product of the dense part; the blocks add up in float64.
+    vt = np.result_type(sel.cv.dtype, np.float32)
+    out = np.zeros((1, n_sel + 1, n_sel), dtype=vt)
     hcols = np.flatnonzero(sel.cnt >= max(1.0, DENSE_FRACTION * sel.n_rows))
     hpos = np.full(n_sel, -1, dtype=np.int64)
     hpos[hcols] = np.arange(len(hcols))
-    dense = np.zeros((sel.n_rows, len(hcols)), dtype=np.result_type(sel.cv.dtype, np.float32))
+    dense = np.zeros((sel.n_rows, len(hcols)), dtype=vt)
     nb.gram_sparse(sel.rp, sel.ck, sel.cv, sel.cnt, hpos, hcols, dense, out[0, :n_sel], out[0, n_sel])
     if len(hcols):
         # np.dot of a matrix with its own transpose is BLAS's symmetric rank-k update.
