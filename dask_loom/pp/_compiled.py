@@ -16,7 +16,8 @@ __all__ = [
     "project",
     "row_sums",
     "scatter",
-    "select",
+    "select_fill",
+    "select_scan",
     "stats",
     "small",
     "tv",
@@ -181,32 +182,40 @@ def row_sums(data, indptr):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def select(
-    data, indices, indptr, lut, n_sel, fac, mode, is32, log_div, exp_mul
-):  # pragma: no cover - compiled
-    # The selected values of a block, transformed, as a compact CSR (row pointers,
-    # positions, values), and how many rows store each selected column.  One
-    # branch-free scan of the column indices (most are not selected); the
-    # buffers are sized for every stored value but only the selected part is touched.
-    n_rows = len(indptr) - 1
-    rp = np.zeros(n_rows + 1, np.int64)
-    nnz = indptr[n_rows] - indptr[0]
-    pos = np.empty(nnz, np.int64)
+def select_scan(indices, mask, base, pos):  # pragma: no cover - compiled
+    # Where the selected values of a block are (their offsets from `base`), in
+    # `pos`; how many.  One branch-free scan of every stored column index (most
+    # are not selected): unsigned indices and a byte mask that stays in L1 make
+    # it a third of a scan of signed indices through the int lookup table.
     q = 0
+    for p in range(len(pos)):
+        pos[q] = p
+        q += mask[indices[base + p]]
+    return q
+
+
+@numba.njit(nogil=True, cache=True)
+def select_fill(
+    data, indices, indptr, pos, lut, fac, mode, is32, log_div, exp_mul, rp, ck, cv, cnt
+):  # pragma: no cover - compiled
+    # The selected values found by select_scan, transformed, as a compact CSR
+    # (row pointers `rp`, positions `ck`, values `cv`, in the dtypes the caller
+    # gave), and how many rows store each selected column (`cnt`).
+    n_rows = len(indptr) - 1
+    q = len(ck)
+    base = indptr[0]
+    t = 0
     for r in range(n_rows):
-        for p in range(indptr[r], indptr[r + 1]):
-            pos[q] = p
-            q += lut[indices[p]] >= 0
-        rp[r + 1] = q
-    cnt = np.zeros(n_sel, np.int64)
-    ck = np.empty(q, np.int64)
-    cv = np.empty(q, np.float64)
+        end = indptr[r + 1] - base
+        while t < q and pos[t] < end:
+            t += 1
+        rp[r + 1] = t
     tab = np.zeros(SMALL, np.float64)
     stamp = np.full(SMALL, -1, np.int64)
     for r in range(n_rows):
         f = fac[r] if mode & 1 else 1.0
         for t in range(rp[r], rp[r + 1]):
-            p = pos[t]
+            p = base + pos[t]
             k = lut[indices[p]]
             cnt[k] += 1
             ck[t] = k
@@ -226,7 +235,6 @@ def select(
             if kk >= 0:
                 tab[kk] = w
                 stamp[kk] = r
-    return rp, ck, cv, cnt
 
 
 @numba.njit(nogil=True, cache=True)
