@@ -318,13 +318,19 @@ def merge_dense(upper, hh, hcols):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def project(rp, ck, cv, comps_t):  # pragma: no cover - compiled
+    # Each row is summed in a small accumulator (in L1 while the row's values
+    # are read), then stored once: the same additions in the same order.
     n_rows = len(rp) - 1
     n_c = comps_t.shape[1]
     out = np.zeros((n_rows, n_c), np.float64)
+    acc = np.zeros(n_c, np.float64)
     for r in range(n_rows):
         for q in range(rp[r], rp[r + 1]):
             w = cv[q]
-            k = ck[q]
-            for c in range(n_c):
-                out[r, c] += w * comps_t[k, c]
+            c = comps_t[ck[q]]
+            for j in range(n_c):
+                acc[j] += w * c[j]
+        for j in range(n_c):
+            out[r, j] = acc[j]
+            acc[j] = 0.0
     return out
