@@ -243,9 +243,8 @@ def gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, upper, sums):  # pragma: no
     # other products are summed column by column (Gustavson's order): for each
     # sparse column i, every row r storing it adds v_ri times the rest of row r
     # (the columns from i on, so each pair once) into a small accumulator that
-    # stays in cache, then one contiguous row of `upper`.  Sums within the
-    # block are in `dense`'s dtype (float32 for float32 data, as the BLAS part);
-    # blocks add up in float64.
+    # stays in cache, then one contiguous row of `upper`.  The accumulators are
+    # in `dense`'s dtype (float32 for float32 data, as the BLAS part).
     n_rows = len(rp) - 1
     n_sel = len(sums)
     h = len(hcols)

@@ -357,9 +357,8 @@ def _flat(parts: Any) -> list[np.ndarray]:
 
 def _add_into_first(parts: Any, axis: Any = None, keepdims: bool = True) -> np.ndarray:
     arrays = _flat(parts)
-    # In place: every partial is an intermediate of this tree alone.  Blocks may
-    # give float32 partials (the Gram pass of float32 data); they add up in float64.
-    acc = arrays[0] if arrays[0].dtype == np.float64 else arrays[0].astype(np.float64)
+    # In place: every partial is an intermediate of this tree alone.
+    acc = arrays[0]
     for a in arrays[1:]:
         acc += a
     return acc if keepdims else acc.reshape(acc.shape[1:])

@@ -421,9 +421,10 @@ def gram_selected(sel: Selected) -> np.ndarray:
     nb = _numba()
     n_sel = sel.n_sel
     # float32 values: float32 sums within the block (a few thousand rows), as
-    # BLAS's product of the dense part; the blocks add up in float64.
+    # BLAS's product of the dense part; the partials are float64 (a float32
+    # one saved its zeroing but cost more where the tree turned it into float64).
     vt = np.result_type(sel.cv.dtype, np.float32)
-    out = np.zeros((1, n_sel + 1, n_sel), dtype=vt)
+    out = np.zeros((1, n_sel + 1, n_sel), dtype=np.float64)
     hcols = np.flatnonzero(sel.cnt >= max(1.0, DENSE_FRACTION * sel.n_rows))
     hpos = np.full(n_sel, -1, dtype=np.int64)
     hpos[hcols] = np.arange(len(hcols))
