@@ -203,3 +203,66 @@ def test_csr_indices_out_of_range_are_refused(counts_h5ad, tmp_path, bad):
         600,
         400,
     )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gram_of_the_selected_values_is_numpy_s(dtype):
+    """The Gram kernel (dense columns by BLAS, the rest by stored values) against numpy in float64.
+
+    Two blocks, each with columns on both sides of the dense threshold (float32
+    data are summed in float32 within a block), added as the pass's tree does.
+    """
+    from dask_loom.pp import _graph
+
+    pending = K.Pending(scale=True, log1p=True)
+    rng = np.random.default_rng(7)
+    blocks, want, sums = [], 0.0, 0.0
+    for seed in (1, 2):
+        m, factors = _block(seed)
+        m = m.astype(dtype)
+        x = m.toarray()
+        x[:, 5:60:3] = 0
+        x[:, 100:][rng.random((x.shape[0], x.shape[1] - 100)) < 0.85] = (
+            0  # columns in few rows: the sparse side
+        )
+        x[:, 200:] *= rng.random((x.shape[0], 1)) < 0.08
+        m = sp.csr_matrix(x)
+        cols = np.arange(2, m.shape[1], 3)
+        lut = np.full(m.shape[1], -1, dtype=np.int64)
+        lut[cols] = np.arange(len(cols))
+        detected = (x[:, cols] != 0).mean(axis=0)
+        assert (detected >= K.DENSE_FRACTION).any() and ((detected > 0) & (detected < K.DENSE_FRACTION)).any()
+        part = K.gram_block(m, lut, len(cols), pending=pending, factors=factors)
+        assert part.dtype == np.float64
+        blocks.append(part)
+        v = pending.apply(m, factors).toarray().astype(np.float64)[:, cols]
+        want, sums = want + v.T @ v, sums + v.sum(axis=0)
+    got = K.symmetric(_graph._add_into_first(blocks))
+    n = len(cols)
+    rtol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got[:n], want, rtol=rtol, atol=rtol * np.abs(want).max())
+    np.testing.assert_allclose(got[n], sums, rtol=rtol)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_pca_of_a_matrix_in_column_blocks_is_scanpy_s(sparse):
+    """Blocks split along the columns too: each task joins its row of blocks (sparse or dense) itself."""
+    x = _counts(300, 120, 5)
+    x = np.log1p(x)
+    mask = np.zeros(x.shape[1], dtype=bool)
+    mask[::2] = True
+    src = sp.csr_matrix(x) if sparse else x
+    lazy = da.from_array(src, chunks=(70, 45), asarray=False)
+    assert lazy.numblocks[1] > 1
+    got = anndata.AnnData(lazy)
+    got.var["highly_variable"] = mask
+    want = anndata.AnnData(sp.csr_matrix(x))
+    want.var["highly_variable"] = mask
+    dask_loom.pp.pca(got, n_comps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.pp.pca(want, n_comps=10)
+    np.testing.assert_allclose(got.uns["pca"]["variance_ratio"], want.uns["pca"]["variance_ratio"], atol=1e-5)
+    g, w = np.asarray(got.obsm["X_pca"].compute(), dtype=float), np.asarray(want.obsm["X_pca"], dtype=float)
+    signs = np.sign(np.sum(g * w, axis=0))
+    np.testing.assert_allclose(g * signs, w, rtol=1e-3, atol=1e-3 * np.abs(w).max())

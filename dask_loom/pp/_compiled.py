@@ -16,7 +16,8 @@ __all__ = [
     "project",
     "row_sums",
     "scatter",
-    "select",
+    "select_fill",
+    "select_scan",
     "stats",
     "small",
     "tv",
@@ -181,32 +182,40 @@ def row_sums(data, indptr):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def select(
-    data, indices, indptr, lut, n_sel, fac, mode, is32, log_div, exp_mul
-):  # pragma: no cover - compiled
-    # The selected values of a block, transformed, as a compact CSR (row pointers,
-    # positions, values), and how many rows store each selected column.  One
-    # branch-free scan of the column indices (most are not selected); the
-    # buffers are sized for every stored value but only the selected part is touched.
-    n_rows = len(indptr) - 1
-    rp = np.zeros(n_rows + 1, np.int64)
-    nnz = indptr[n_rows] - indptr[0]
-    pos = np.empty(nnz, np.int64)
+def select_scan(indices, mask, base, pos):  # pragma: no cover - compiled
+    # Where the selected values of a block are (their offsets from `base`), in
+    # `pos`; how many.  One branch-free scan of every stored column index (most
+    # are not selected): unsigned indices and a byte mask that stays in L1 make
+    # it a third of a scan of signed indices through the int lookup table.
     q = 0
+    for p in range(len(pos)):
+        pos[q] = p
+        q += mask[indices[base + p]]
+    return q
+
+
+@numba.njit(nogil=True, cache=True)
+def select_fill(
+    data, indices, indptr, pos, lut, fac, mode, is32, log_div, exp_mul, rp, ck, cv, cnt
+):  # pragma: no cover - compiled
+    # The selected values found by select_scan, transformed, as a compact CSR
+    # (row pointers `rp`, positions `ck`, values `cv`, in the dtypes the caller
+    # gave), and how many rows store each selected column (`cnt`).
+    n_rows = len(indptr) - 1
+    q = len(ck)
+    base = indptr[0]
+    t = 0
     for r in range(n_rows):
-        for p in range(indptr[r], indptr[r + 1]):
-            pos[q] = p
-            q += lut[indices[p]] >= 0
-        rp[r + 1] = q
-    cnt = np.zeros(n_sel, np.int64)
-    ck = np.empty(q, np.int64)
-    cv = np.empty(q, np.float64)
+        end = indptr[r + 1] - base
+        while t < q and pos[t] < end:
+            t += 1
+        rp[r + 1] = t
     tab = np.zeros(SMALL, np.float64)
     stamp = np.full(SMALL, -1, np.int64)
     for r in range(n_rows):
         f = fac[r] if mode & 1 else 1.0
         for t in range(rp[r], rp[r + 1]):
-            p = pos[t]
+            p = base + pos[t]
             k = lut[indices[p]]
             cnt[k] += 1
             ck[t] = k
@@ -226,7 +235,6 @@ def select(
             if kk >= 0:
                 tab[kk] = w
                 stamp[kk] = r
-    return rp, ck, cv, cnt
 
 
 @numba.njit(nogil=True, cache=True)
@@ -235,18 +243,25 @@ def gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, upper, sums):  # pragma: no
     # other products are summed column by column (Gustavson's order): for each
     # sparse column i, every row r storing it adds v_ri times the rest of row r
     # (the columns from i on, so each pair once) into a small accumulator that
-    # stays in cache, then one contiguous row of `upper`.
+    # stays in cache, then one contiguous row of `upper`.  The accumulators are
+    # in `dense`'s dtype (float32 for float32 data, as the BLAS part).
     n_rows = len(rp) - 1
     n_sel = len(sums)
     h = len(hcols)
+    vt = dense.dtype
     col_ptr = np.zeros(n_sel + 1, np.int64)
     for k in range(n_sel):
         col_ptr[k + 1] = col_ptr[k] + (cnt[k] if hpos[k] < 0 else 0)
     n_l = col_ptr[n_sel]
-    crow = np.empty(n_l, np.int64)
-    cval = np.empty(n_l, np.float64)
+    # The sparse entries column by column (crow, cval) and row by row (sk, sv):
+    # one pass, since the selected positions ascend within a row.
+    crow = np.empty(n_l, np.int32)
+    cval = np.empty(n_l, vt)
+    sk = np.empty(n_l, np.int32)
+    sv = np.empty(n_l, vt)
+    srp = np.zeros(n_rows + 1, np.int64)
     fill = col_ptr[:n_sel].copy()
-    row_n = np.zeros(n_rows + 1, np.int64)
+    m = 0
     for r in range(n_rows):
         for q in range(rp[r], rp[r + 1]):
             k = ck[q]
@@ -256,36 +271,32 @@ def gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, upper, sums):  # pragma: no
             if t >= 0:
                 dense[r, t] = v
             else:
-                crow[fill[k]] = r
-                cval[fill[k]] = v
-                fill[k] += 1
-                row_n[r + 1] += 1
-    # The same entries row by row, columns ascending within each row.
-    srp = np.cumsum(row_n)
-    sk = np.empty(n_l, np.int64)
-    sv = np.empty(n_l, np.float64)
-    nxt = srp[:n_rows].copy()
-    for k in range(n_sel):
-        for q in range(col_ptr[k], col_ptr[k + 1]):
-            r = crow[q]
-            sk[nxt[r]] = k
-            sv[nxt[r]] = cval[q]
-            nxt[r] += 1
+                f = fill[k]
+                crow[f] = r
+                cval[f] = v
+                fill[k] = f + 1
+                sk[m] = k
+                sv[m] = v
+                m += 1
+        srp[r + 1] = m
     ptr = srp[:n_rows].copy()
-    acc = np.zeros(n_sel, np.float64)
-    acch = np.zeros(h, np.float64)
+    acc = np.zeros(n_sel, vt)
+    acch = np.zeros(h, vt)
     for i in range(n_sel):
-        if col_ptr[i] == col_ptr[i + 1]:
+        q0 = col_ptr[i]
+        q1 = col_ptr[i + 1]
+        if q0 == q1:
             continue
-        for q in range(col_ptr[i], col_ptr[i + 1]):
+        for q in range(q0, q1):
             r = crow[q]
             vi = cval[q]
             p0 = ptr[r]  # row r's entry of column i: the columns before i are done
             ptr[r] = p0 + 1
             for p in range(p0, srp[r + 1]):
                 acc[sk[p]] += vi * sv[p]
+            d = dense[r]  # a row view: the loop below is vectorised
             for t in range(h):
-                acch[t] += vi * dense[r, t]
+                acch[t] += vi * d[t]
         for j in range(i, n_sel):
             upper[i, j] += acc[j]
             acc[j] = 0.0
@@ -306,13 +317,19 @@ def merge_dense(upper, hh, hcols):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def project(rp, ck, cv, comps_t):  # pragma: no cover - compiled
+    # Each row is summed in a small accumulator (in L1 while the row's values
+    # are read), then stored once: the same additions in the same order.
     n_rows = len(rp) - 1
     n_c = comps_t.shape[1]
     out = np.zeros((n_rows, n_c), np.float64)
+    acc = np.zeros(n_c, np.float64)
     for r in range(n_rows):
         for q in range(rp[r], rp[r + 1]):
             w = cv[q]
-            k = ck[q]
-            for c in range(n_c):
-                out[r, c] += w * comps_t[k, c]
+            c = comps_t[ck[q]]
+            for j in range(n_c):
+                acc[j] += w * c[j]
+        for j in range(n_c):
+            out[r, j] = acc[j]
+            acc[j] = 0.0
     return out

@@ -225,8 +225,27 @@ def _selected(x: Any, lut: np.ndarray) -> Any:
     return x, lut
 
 
+def _joined(blocks: Any) -> Any:
+    """The column blocks of one row of blocks (``concatenate=False``: a list), as one block.
+
+    dask's own concatenation (``concatenate=True``) copies even a lone block,
+    twice for a sparse one (``hstack``, then ``vstack``): for a matrix stored in
+    one column block, as AnnData's, that copy was a quarter of a Gram pass.
+    """
+    if not isinstance(blocks, (list, tuple)):
+        return blocks
+    if len(blocks) == 1:
+        return _joined(blocks[0])
+    import scipy.sparse as sp
+
+    parts = [_joined(b) for b in blocks]
+    if all(sp.issparse(b) for b in parts):
+        return sp.hstack(parts, format="csr")
+    return np.concatenate([b.toarray() if sp.issparse(b) else np.asarray(b) for b in parts], axis=1)
+
+
 def _gram_task(block: Any, factors: Any = None, *, lut: np.ndarray, n_sel: int, pending: Any) -> np.ndarray:
-    return K.gram_block(block, lut, n_sel, pending=pending, factors=factors)
+    return K.gram_block(_joined(block), lut, n_sel, pending=pending, factors=factors)
 
 
 def gram(x: Any, lut: np.ndarray) -> Any:
@@ -248,7 +267,7 @@ def gram(x: Any, lut: np.ndarray) -> Any:
         pending=pending,
         new_axes={"a": n_sel + 1, "b": n_sel},
         adjust_chunks={"i": 1},
-        concatenate=True,
+        concatenate=False,
         dtype=np.float64,
         meta=np.empty((0, 0, 0), dtype=np.float64),
         name="pp-gram-" + _token(x, lut, pending, f),
@@ -259,7 +278,7 @@ def gram(x: Any, lut: np.ndarray) -> Any:
 
 
 def _select_task(block: Any, factors: Any = None, *, lut: np.ndarray, n_sel: int, pending: Any) -> K.Selected:
-    return K.select_block(block, lut, n_sel, pending=pending, factors=factors)
+    return K.select_block(_joined(block), lut, n_sel, pending=pending, factors=factors)
 
 
 def _gram_selected_task(sel: K.Selected) -> np.ndarray:
@@ -291,7 +310,7 @@ def gram_keeping(x: Any, lut: np.ndarray) -> tuple[Any, list[Any]] | None:
         lut=lut,
         n_sel=n_sel,
         pending=pending,
-        concatenate=True,
+        concatenate=False,
         dtype=object,
         meta=np.empty((0,), dtype=object),
         name="pp-select-" + tok,
@@ -382,7 +401,9 @@ def _project_task(
     out_dtype: Any,
     pending: Any,
 ) -> np.ndarray:
-    return K.project_block(block, lut, components, offset, out_dtype, pending=pending, factors=factors)
+    return K.project_block(
+        _joined(block), lut, components, offset, out_dtype, pending=pending, factors=factors
+    )
 
 
 def project(x: Any, lut: np.ndarray, components: np.ndarray, offset: np.ndarray, dtype: Any) -> Any:
@@ -405,7 +426,7 @@ def project(x: Any, lut: np.ndarray, components: np.ndarray, offset: np.ndarray,
         out_dtype=np.dtype(dtype),
         dtype=np.dtype(dtype),
         new_axes={"k": k},
-        concatenate=True,
+        concatenate=False,
         meta=np.empty((0, 0), dtype=np.dtype(dtype)),
         name="pp-project-" + _token(x, lut, components, offset, pending, f),
     )

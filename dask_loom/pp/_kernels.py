@@ -398,24 +398,37 @@ def select_block(
 ) -> Selected:
     """The selected columns (``lut[col]`` = position or -1) of a CSR block, *pending* applied (compiled kernels only)."""
     block = as_csr(block)
-    rp, ck, cv, cnt = _numba().select(
-        block.data, block.indices, block.indptr, np.asarray(lut, dtype=np.int32), n_sel,
-        *_params(block, pending, factors),
-    )  # fmt: skip
+    nb = _numba()
+    indptr = block.indptr
+    base, nnz = int(indptr[0]), int(indptr[-1] - indptr[0])
+    mask = (np.asarray(lut) >= 0).view(np.uint8)
+    pos = np.empty(nnz, dtype=np.int32 if nnz <= np.iinfo(np.int32).max else np.int64)
+    unsigned = block.indices.view(np.uint32 if block.indices.dtype.itemsize == 4 else np.uint64)
+    q = nb.select_scan(unsigned, mask, base, pos)
     vt = np.float32 if block.dtype == np.float32 else np.float64
     kt = np.int16 if n_sel <= np.iinfo(np.int16).max else np.int32
-    return Selected(rp, ck.astype(kt), cv.astype(vt), cnt, int(n_sel))
+    rp = np.zeros(block.shape[0] + 1, dtype=np.int64)
+    ck, cv, cnt = np.empty(q, dtype=kt), np.empty(q, dtype=vt), np.zeros(n_sel, dtype=np.int64)
+    nb.select_fill(
+        block.data, block.indices, indptr, pos, np.asarray(lut, dtype=np.int32),
+        *_params(block, pending, factors), rp, ck, cv, cnt,
+    )  # fmt: skip
+    return Selected(rp, ck, cv, cnt, int(n_sel))
 
 
 def gram_selected(sel: Selected) -> np.ndarray:
     """:func:`gram_block` of a block's :class:`Selected` values."""
     nb = _numba()
     n_sel = sel.n_sel
+    # float32 values: float32 sums within the block (a few thousand rows), as
+    # BLAS's product of the dense part; the partials are float64 (a float32
+    # one saved its zeroing but cost more where the tree turned it into float64).
+    vt = np.result_type(sel.cv.dtype, np.float32)
     out = np.zeros((1, n_sel + 1, n_sel), dtype=np.float64)
     hcols = np.flatnonzero(sel.cnt >= max(1.0, DENSE_FRACTION * sel.n_rows))
     hpos = np.full(n_sel, -1, dtype=np.int64)
     hpos[hcols] = np.arange(len(hcols))
-    dense = np.zeros((sel.n_rows, len(hcols)), dtype=np.result_type(sel.cv.dtype, np.float32))
+    dense = np.zeros((sel.n_rows, len(hcols)), dtype=vt)
     nb.gram_sparse(sel.rp, sel.ck, sel.cv, sel.cnt, hpos, hcols, dense, out[0, :n_sel], out[0, n_sel])
     if len(hcols):
         # np.dot of a matrix with its own transpose is BLAS's symmetric rank-k update.
