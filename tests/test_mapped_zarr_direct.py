@@ -287,6 +287,18 @@ def test_corrupt_blosc_chunk_read_whole_raises_naming_it(blosc_vector, tmp_path,
         read_vector(open_store(path), "v", np.array([0]), np.array([100]))
 
 
+def test_blosc_chunk_with_trailing_bytes_is_read(blosc_vector, tmp_path):
+    """Bytes after the length a blosc header gives are ignored, as numcodecs ignores them (z5py pads its chunks)."""
+    src, values = blosc_vector
+    path = str(tmp_path / "padded.zarr")
+    shutil.copytree(src, path)
+    fn = os.path.join(path, "v", "2")
+    with open(fn, "ab") as fh:
+        fh.write(b"\0" * 16)
+    np.testing.assert_array_equal(read_vector(open_store(path), "v", np.array([0]), np.array([100])), values[:100])
+    np.testing.assert_array_equal(read_vector(open_store(path), "v", np.array([35]), np.array([40])), values[35:40])
+
+
 def test_rewritten_shard_is_read_again(variants, tmp_path):
     paths, _ = variants
     path = str(tmp_path / "copy.zarr")
