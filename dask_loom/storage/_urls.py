@@ -116,16 +116,21 @@ class FileSpec:
         return redact_url(self.url)
 
     def fs(self) -> Any:
-        """The fsspec filesystem and path for a remote spec."""
+        """The fsspec filesystem and path for a remote spec (writers and rare paths; readers use :meth:`remote`)."""
         import fsspec.core
 
         return fsspec.core.url_to_fs(self.url, **self.storage_options)
 
+    def remote(self) -> Any:
+        """The :class:`~dask_loom.storage._rangefile.RemoteFile` of a remote spec (obstore, or fsspec for ``memory://``)."""
+        from dask_loom.storage._rangefile import RemoteFile
+
+        return RemoteFile(self.url, self.storage_options)
+
     def exists(self) -> bool:
         if self.is_local:
             return os.path.exists(self.url)
-        fs, path = self.fs()
-        return bool(fs.exists(path))
+        return bool(self.remote().exists())
 
     def __dask_tokenize__(self) -> Any:
         return ("FileSpec", self.url, tokenize(sorted((k, repr(v)) for k, v in self.storage_options.items())))
