@@ -26,17 +26,19 @@ Fetch = Callable[[list[int], list[int]], list[Any]]
 
 
 class RemoteFile:
-    """One remote object at *url* (with *options*), read in byte ranges.
+    """One remote object at *url* (with *options*), read in byte ranges; *name* is what it shows (no credentials).
 
     Errors are the clients' own (``FileNotFoundError`` for a missing object,
     obstore's or fsspec's exceptions otherwise): callers retry and classify
     them (:func:`dask_loom.storage._objectstore._classify`).
     """
 
-    def __init__(self, url: str, options: dict[str, Any]) -> None:
+    def __init__(self, url: str, options: dict[str, Any], *, name: str = "<remote object>") -> None:
         self.url = url
+        self.name = name
         self.options = dict(options)
         self._held: tuple[int, Any, str] | None = None
+        self._size: int | None = None
 
     def _client(self) -> tuple[Any, str]:
         held = self._held
@@ -55,13 +57,39 @@ class RemoteFile:
         return is_native(self.url)
 
     def size(self) -> int:
-        """The object's size in bytes (a HEAD request)."""
+        """The object's size in bytes (a HEAD request, unless :meth:`kind` made it)."""
+        if self._size is not None:
+            return self._size
         client, path = self._client()
         if self.native:
             import obstore
 
             return int(obstore.head(client, path)["size"])
         return int(client.size(path))
+
+    def stat(self) -> tuple[int, str]:
+        """The object's size and a tag that changes when it is rewritten (ETag or modification time)."""
+        client, path = self._client()
+        if self.native:
+            import obstore
+
+            meta = obstore.head(client, path)
+            return int(meta["size"]), str(meta.get("e_tag") or meta.get("last_modified") or "")
+        info = client.info(path)
+        return int(info.get("size") or 0), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")
+
+    def is_file(self) -> bool:
+        """True when the object exists (one HEAD request); a prefix is no file."""
+        client, path = self._client()
+        if not self.native:
+            return bool(client.isfile(path))
+        import obstore
+
+        try:
+            obstore.head(client, path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def kind(self) -> str:
         """``"file"`` or ``"directory"`` (a prefix holding objects); ``FileNotFoundError`` when neither."""
@@ -71,7 +99,7 @@ class RemoteFile:
         import obstore
 
         try:
-            obstore.head(client, path)
+            self._size = int(obstore.head(client, path)["size"])
             return "file"
         except FileNotFoundError:
             pass
@@ -120,10 +148,8 @@ class RemoteFile:
         """A seekable read-only file object over the object."""
         return RangeFile(self.size(), self.read_ranges, block_size=block_size)
 
-    def __repr__(self) -> str:  # options may hold credentials: never print them
-        from dask_loom.storage._urls import redact_url
-
-        return f"RemoteFile({redact_url(self.url)!r})"
+    def __repr__(self) -> str:  # options (and a URL's user:password@) may hold credentials: never print them
+        return f"RemoteFile({self.name!r})"
 
 
 class RangeFile(io.RawIOBase):

@@ -125,7 +125,7 @@ class FileSpec:
         """The :class:`~dask_loom.storage._rangefile.RemoteFile` of a remote spec (obstore, or fsspec for ``memory://``)."""
         from dask_loom.storage._rangefile import RemoteFile
 
-        return RemoteFile(self.url, self.storage_options)
+        return RemoteFile(self.url, self.storage_options, name=self.name)
 
     def exists(self) -> bool:
         if self.is_local:
