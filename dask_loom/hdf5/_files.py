@@ -20,7 +20,7 @@ import h5py
 
 from dask_loom._config import get_config
 from dask_loom._handles import HandleCache
-from dask_loom.errors import FileBeingWrittenError, LoomFormatError, WriteConflictError
+from dask_loom.errors import FileBeingWrittenError, LoomFormatError, StoreError, WriteConflictError
 from dask_loom.hdf5._coalesce import coalesce, coalesce_plan, gap_within, parse_nbytes
 from dask_loom.hdf5._spans import HeldSpans
 from dask_loom.storage import FileSpec
@@ -234,8 +234,8 @@ def _open_for_read(spec: FileSpec, entry: _Entry) -> h5py.File:
             size, lambda st, sz: _read_remote(spec, entry, st, sz), block_size=2**20, pin=held.pin
         )
         return h5py.File(entry.fobj, "r")
-    except (FileNotFoundError, FileBeingWrittenError):
-        raise
+    except (FileNotFoundError, FileBeingWrittenError, StoreError):
+        raise  # refused credentials, an unreachable store: no format error
     except OSError as exc:
         if spec.is_local and not os.path.exists(spec.url):
             raise FileNotFoundError(errno.ENOENT, f"File '{spec.url}' not found", spec.url) from None
@@ -366,7 +366,6 @@ def _remote(spec: FileSpec, entry: _Entry) -> Any:
 
 def _remote_call(spec: FileSpec, fn: Any, *, what: str) -> Any:
     """Run one object-store call with the stores' retry policy and typed errors."""
-    from dask_loom.errors import StoreError
     from dask_loom.storage._obstore import message
 
     retries = int(get_config("retries"))
@@ -382,7 +381,9 @@ def _remote_call(spec: FileSpec, fn: Any, *, what: str) -> Any:
             if kind == "missing":
                 raise FileNotFoundError(errno.ENOENT, f"File '{spec.name}' not found", spec.name) from exc
             if kind == "denied":
-                raise CredentialsError(f"{spec.name}: access refused: {type(exc).__name__}: {message(exc)}") from exc
+                raise CredentialsError(
+                    f"{spec.name}: access refused: {type(exc).__name__}: {message(exc)}"
+                ) from exc
             if kind != "transient":
                 raise StoreError(f"{spec.name}: {what} failed: {type(exc).__name__}: {message(exc)}") from exc
             if attempt == retries:
@@ -415,7 +416,6 @@ def _read_remote(
     transient fault and never returned short: after the retries a
     :class:`~dask_loom.errors.StoreError` names the object and the range.
     """
-    from dask_loom.errors import StoreError
 
     gap = parse_nbytes(get_config("coalesce-gap"))
     target = parse_nbytes(get_config("coalesce-bytes"))
@@ -476,7 +476,9 @@ def _read_remote(
     return out
 
 
-def read_ranges_into(spec: FileSpec, starts: list[int], sizes: list[int], out: Any, *, entry: _Entry | None = None) -> None:
+def read_ranges_into(
+    spec: FileSpec, starts: list[int], sizes: list[int], out: Any, *, entry: _Entry | None = None
+) -> None:
     """Read byte ranges one after the other into *out* (a writable buffer of ``sum(sizes)`` bytes).
 
     Locally, ranges that follow each other in the file are read with one

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +24,18 @@ from typing import Any
 
 from dask_loom._config import get_config
 from dask_loom.errors import MissingKeyError, StoreError
-from dask_loom.storage._obstore import is_native, message, native_store
+from dask_loom.storage._obstore import (
+    classify_obstore,
+    fsspec_options,
+    is_native,
+    message,
+    native_store,
+    nexists,
+    nexists_async,
+    nget,
+    nget_async,
+    nlist,
+)
 from dask_loom.storage._stores import (
     BaseStore,
     LocalStore,
@@ -42,8 +52,6 @@ __all__ = ["ObjectStore", "open_store"]
 class CredentialsError(StoreError, PermissionError):
     """The object store refused the credentials (or access to the key)."""
 
-
-_OBSTORE_STATUS = re.compile(r"status code: (\d{3})")
 
 _TRANSIENT_ERRNOS = {
     errno.EBUSY,  # s3fs's translation of 503 SlowDown
@@ -78,34 +86,6 @@ def _status(exc: BaseException) -> int | None:
     return None
 
 
-def _classify_obstore(exc: BaseException) -> str | None:
-    # obstore raises FileNotFoundError for a 404, its own classes otherwise; a 5xx, a
-    # timeout or a cut body is a GenericError whose text carries the HTTP status or cause.
-    kind = type(exc).__name__
-    if kind in ("PermissionDeniedError", "UnauthenticatedError"):
-        return "denied"
-    if kind == "NotFoundError":
-        return "missing"
-    if kind not in ("GenericError", "BaseError", "JoinError"):
-        return None
-    text = message(exc)
-    m = _OBSTORE_STATUS.search(text)
-    if m is not None:
-        status = int(m.group(1))
-        if status == 404:
-            return "missing"
-        if status in (401, 403):
-            return "denied"
-        if status >= 500 or status in (408, 429):
-            return "transient"
-        return "fatal"
-    low = text.lower()
-    if any(w in low for w in ("timed out", "timeout", "connect", "error sending request", "decod", "body",
-                              "incomplete", "reset", "broken pipe", "closed")):  # fmt: skip
-        return "transient"
-    return None
-
-
 def _classify(exc: BaseException) -> str:
     """``"missing"``, ``"denied"``, ``"transient"`` or ``"fatal"``."""
     if isinstance(exc, (FileNotFoundError, MissingKeyError)):
@@ -113,7 +93,7 @@ def _classify(exc: BaseException) -> str:
     if isinstance(exc, PermissionError):
         return "denied"
     if type(exc).__module__.startswith("obstore"):
-        kind = _classify_obstore(exc)
+        kind = classify_obstore(exc)
         if kind is not None:
             return kind
     if any(w in type(exc).__name__ for w in ("ChecksumError", "PayloadError", "IncompleteRead")):
@@ -133,8 +113,20 @@ def _classify(exc: BaseException) -> str:
     name = type(exc).__name__
     # A body that fails its checksum (botocore's FlexibleChecksumError) or ends early came back
     # damaged on the way (a proxy, a cache): asked again, as any transient fault.
-    if any(w in name for w in ("Timeout", "Connect", "Connection", "EndpointConnection", "ServerDisconnected", "ClientOSError",
-                               "ChecksumError", "PayloadError", "IncompleteRead")):
+    if any(
+        w in name
+        for w in (
+            "Timeout",
+            "Connect",
+            "Connection",
+            "EndpointConnection",
+            "ServerDisconnected",
+            "ClientOSError",
+            "ChecksumError",
+            "PayloadError",
+            "IncompleteRead",
+        )
+    ):
         return "transient"
     if isinstance(exc, OSError):
         if exc.errno in _TRANSIENT_ERRNOS:
@@ -142,9 +134,26 @@ def _classify(exc: BaseException) -> str:
         if exc.errno in (errno.EACCES, errno.EPERM):
             return "denied"
         text = str(exc).lower()
-        if any(w in text for w in ("503", "500", "502", "504", "slow down", "unavailable", "internal error", "timed out", "timeout", "connection")):
+        if any(
+            w in text
+            for w in (
+                "503",
+                "500",
+                "502",
+                "504",
+                "slow down",
+                "unavailable",
+                "internal error",
+                "timed out",
+                "timeout",
+                "connection",
+            )
+        ):
             return "transient"
-        if any(w in text for w in ("access denied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch", "403")):
+        if any(
+            w in text
+            for w in ("access denied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch", "403")
+        ):
             return "denied"
     return "fatal"
 
@@ -241,7 +250,7 @@ class ObjectStore(_Base3):
     # -- clients ---------------------------------------------------------------------------
     def _native(self) -> tuple[Any, str] | None:
         """This process's obstore store and the root path below it, or ``None`` for an fsspec URL."""
-        if not self._is_native:
+        if not self._is_native or not is_native(self.url):  # a forked child may have to fall back to fsspec
             return None
         held = self._nat
         if held is None or held[0] != os.getpid():  # a forked child builds its own client
@@ -257,7 +266,7 @@ class ObjectStore(_Base3):
         if fs is None:
             import fsspec.core
 
-            fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            fs, root = fsspec.core.url_to_fs(self.url, **fsspec_options(self.url, self.storage_options))
             self._root = root.rstrip("/")
             self._local.fs = fs
         return fs
@@ -278,9 +287,13 @@ class ObjectStore(_Base3):
             if not getattr(sync_fs, "async_impl", False):
                 fs = False  # no async implementation: run the sync calls in threads
             else:
-                fs = fsspec.filesystem(sync_fs.protocol if isinstance(sync_fs.protocol, str) else sync_fs.protocol[0],
-                                       asynchronous=True, loop=loop, skip_instance_cache=True,
-                                       **self.storage_options)
+                fs = fsspec.filesystem(
+                    sync_fs.protocol if isinstance(sync_fs.protocol, str) else sync_fs.protocol[0],
+                    asynchronous=True,
+                    loop=loop,
+                    skip_instance_cache=True,
+                    **fsspec_options(self.url, self.storage_options),
+                )
                 if hasattr(fs, "set_session"):
                     await fs.set_session()
             self._afs_by_loop = {k: v for k, v in self._afs_by_loop.items() if not v[0].is_closed()}
@@ -339,7 +352,7 @@ class ObjectStore(_Base3):
     def _get(self, key: str, req: Req = None) -> bytes:
         nat = self._native()
         if nat is not None:
-            return self._retry("get", key, lambda: _nget(nat[0], self._npath(nat[1], key), req))
+            return self._retry("get", key, lambda: nget(nat[0], self._npath(nat[1], key), req))
         path = self._path(key)
         fs = self._fs()
 
@@ -365,7 +378,7 @@ class ObjectStore(_Base3):
     def _exists(self, key: str) -> bool:
         nat = self._native()
         if nat is not None:
-            return bool(self._retry("exists", key, lambda: _nexists(nat[0], self._npath(nat[1], key))))
+            return bool(self._retry("exists", key, lambda: nexists(nat[0], self._npath(nat[1], key))))
         fs = self._fs()
         path = self._path(key)
         return bool(self._retry("exists", key, lambda: fs.isfile(path)))
@@ -375,7 +388,9 @@ class ObjectStore(_Base3):
         if nat is not None:
             import obstore
 
-            return int(self._retry("size", key, lambda: obstore.head(nat[0], self._npath(nat[1], key))["size"]))
+            return int(
+                self._retry("size", key, lambda: obstore.head(nat[0], self._npath(nat[1], key))["size"])
+            )
         fs = self._fs()
         path = self._path(key)
         return int(self._retry("size", key, lambda: fs.size(path)))
@@ -418,7 +433,7 @@ class ObjectStore(_Base3):
         nat = self._native()
         if nat is not None:
             root = nat[1]
-            found = self._retry("list", prefix, lambda: _nlist(nat[0], self._npath(root, prefix.rstrip("/"))))
+            found = self._retry("list", prefix, lambda: nlist(nat[0], self._npath(root, prefix.rstrip("/"))))
             rels = [p[len(root) + 1 :] if root else p for p in (m["path"] for m in found)]
             return sorted(k for k in rels if k.startswith(prefix))
         fs = self._fs()
@@ -449,7 +464,9 @@ class ObjectStore(_Base3):
 
             root = nat[1]
             got = self._retry(
-                "list", prefix, lambda: obstore.list_with_delimiter(nat[0], self._npath(root, prefix.rstrip("/")) or None)
+                "list",
+                prefix,
+                lambda: obstore.list_with_delimiter(nat[0], self._npath(root, prefix.rstrip("/")) or None),
             )
             names = [(p, True) for p in got["common_prefixes"]] + [(m["path"], False) for m in got["objects"]]
             found = set()
@@ -492,7 +509,7 @@ class ObjectStore(_Base3):
         nat = self._native()
         if nat is not None:
             root = nat[1]
-            infos = self._retry("list", "", lambda: _nlist(nat[0], root, limit=limit))
+            infos = self._retry("list", "", lambda: nlist(nat[0], root, limit=limit))
             if infos is None:
                 return None
             head = f"{root}/" if root else ""
@@ -532,7 +549,7 @@ class ObjectStore(_Base3):
     async def _aget(self, key: str, req: Req = None) -> bytes:
         nat = self._native()
         if nat is not None:
-            return await self._aretry("get", key, lambda: _naget(nat[0], self._npath(nat[1], key), req))
+            return await self._aretry("get", key, lambda: nget_async(nat[0], self._npath(nat[1], key), req))
         fs = await self._afs()
         if fs is False:
             return await asyncio.to_thread(self._get, key, req)
@@ -629,7 +646,9 @@ class ObjectStore(_Base3):
     async def _aexists(self, key: str) -> bool:
         nat = self._native()
         if nat is not None:
-            return bool(await self._aretry("exists", key, lambda: _naexists(nat[0], self._npath(nat[1], key))))
+            return bool(
+                await self._aretry("exists", key, lambda: nexists_async(nat[0], self._npath(nat[1], key)))
+            )
         fs = await self._afs()
         if fs is False:
             return await asyncio.to_thread(self._exists, key)
@@ -639,99 +658,6 @@ class ObjectStore(_Base3):
     async def _akeys(self, prefix: str) -> list[str]:
         # Listing is rare (opening groups); the sync path in a thread keeps it simple.
         return await asyncio.to_thread(self._keys, prefix)
-
-
-# -- obstore calls ---------------------------------------------------------------------------
-def _nget(store: Any, path: str, req: Req) -> bytes:
-    import obstore
-
-    try:
-        return _nget_range(store, path, req)
-    except Exception as exc:
-        if req is None or type(exc).__name__ != "NotSupportedError":
-            raise
-    # A web server that ignores Range headers (python's http.server): the whole object, cut here.
-    return _slice(bytes(obstore.get(store, path).bytes()), req)
-
-
-def _nget_range(store: Any, path: str, req: Req) -> bytes:
-    import obstore
-
-    if req is None:
-        return bytes(obstore.get(store, path).bytes())
-    if req[0] == "suffix":
-        n = int(req[1])
-        if not n:
-            obstore.head(store, path)
-            return b""
-        return bytes(obstore.get(store, path, options={"range": {"suffix": n}}).bytes())
-    start, length = int(req[0]), req[1]
-    if length == 0:
-        obstore.head(store, path)
-        return b""
-    if length is None:
-        return bytes(obstore.get(store, path, options={"range": {"offset": start}}).bytes())
-    return bytes(obstore.get_range(store, path, start=start, length=int(length)))
-
-
-async def _naget(store: Any, path: str, req: Req) -> bytes:
-    import obstore
-
-    try:
-        return await _naget_range(store, path, req)
-    except Exception as exc:
-        if req is None or type(exc).__name__ != "NotSupportedError":
-            raise
-    return _slice(bytes(await (await obstore.get_async(store, path)).bytes_async()), req)
-
-
-async def _naget_range(store: Any, path: str, req: Req) -> bytes:
-    import obstore
-
-    if req is None:
-        got = await obstore.get_async(store, path)
-    elif req[0] == "suffix" and int(req[1]):
-        got = await obstore.get_async(store, path, options={"range": {"suffix": int(req[1])}})
-    elif req[0] == "suffix" or req[1] == 0:
-        await obstore.head_async(store, path)
-        return b""
-    elif req[1] is None:
-        got = await obstore.get_async(store, path, options={"range": {"offset": int(req[0])}})
-    else:
-        return bytes(await obstore.get_range_async(store, path, start=int(req[0]), length=int(req[1])))
-    return bytes(await got.bytes_async())
-
-
-def _nexists(store: Any, path: str) -> bool:
-    import obstore
-
-    try:
-        obstore.head(store, path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-async def _naexists(store: Any, path: str) -> bool:
-    import obstore
-
-    try:
-        await obstore.head_async(store, path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _nlist(store: Any, prefix: str, *, limit: int | None = None) -> list[dict[str, Any]] | None:
-    """Every object below *prefix* (a request per thousand keys); ``None`` past *limit* objects."""
-    import obstore
-
-    out: list[dict[str, Any]] = []
-    for batch in obstore.list(store, prefix or None, chunk_size=1000):
-        out.extend(batch)
-        if limit is not None and len(out) > limit:
-            return None
-    return out
 
 
 def _object_from_state(url: str, options: dict[str, Any], read_only: bool) -> ObjectStore:

@@ -8,8 +8,9 @@ storage options are accepted in the s3fs/gcsfs/adlfs spelling they pass today
 translated to obstore's configuration; obstore's own keys pass through.
 Stores are built with obstore's retries off: retries are dask_loom's
 (``dask_loom.retries``, ``dask_loom.retry-backoff``), counted and classified
-the same for every backend.  One store per process, bucket and options;
-a forked child builds its own.
+the same for every backend.  One store per process, bucket and options.
+obstore cannot be used in a child forked after its parent used it
+(:func:`is_native`): such a child falls back to fsspec.
 """
 
 from __future__ import annotations
@@ -22,11 +23,21 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+# A key request: the whole object (None), (start, length or None), ("suffix", n).
+Req = tuple[Any, Any] | None
+
 __all__ = [
     "NATIVE_SCHEMES",
+    "classify_obstore",
+    "fsspec_options",
     "is_native",
     "message",
     "native_store",
+    "nexists",
+    "nexists_async",
+    "nget",
+    "nget_async",
+    "nlist",
     "run_sync",
     "translate_options",
 ]
@@ -63,8 +74,39 @@ _RENAMES = {
 
 
 def is_native(url: str) -> bool:
-    """True when *url* is served by obstore (one scheme, no ``::`` chain)."""
-    return url.split("://", 1)[0].lower() in NATIVE_SCHEMES if "://" in url else False
+    """True when *url* is served by obstore in this process (one scheme, no ``::`` chain).
+
+    obstore's runtime does not survive ``fork``: a child forked after its
+    parent used obstore (a torch DataLoader worker, a fork pool) would hang on
+    its first request, so such a child reads through fsspec instead
+    (:func:`fsspec_options`); spawned processes and forks made before any
+    object-store use keep obstore.
+    """
+    if _forked_after_use or "://" not in url:
+        return False
+    return url.split("://", 1)[0].lower() in NATIVE_SCHEMES
+
+
+# obstore's configuration keys back to s3fs's, for a forked child's fsspec fallback.
+_TO_S3FS = {"aws_access_key_id": "key", "access_key_id": "key", "aws_secret_access_key": "secret",
+            "secret_access_key": "secret", "aws_session_token": "token", "session_token": "token",
+            "aws_endpoint": "endpoint_url", "endpoint": "endpoint_url", "aws_skip_signature": "anon",
+            "skip_signature": "anon"}  # fmt: skip
+
+
+def fsspec_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """*options* for fsspec's filesystem of *url*: s3fs spellings kept, obstore's common S3 keys translated back."""
+    if "://" not in url or url.split("://", 1)[0].lower() not in NATIVE_SCHEMES:
+        return dict(options)
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if k in ("client_options", "retry_config"):
+            continue
+        if k in ("aws_region", "region") and _KIND[url.split("://", 1)[0].lower()] == "s3":
+            out.setdefault("client_kwargs", {})["region_name"] = v
+        else:
+            out[_TO_S3FS.get(k, k)] = v
+    return out
 
 
 def _timeout(v: Any) -> datetime.timedelta:
@@ -118,7 +160,9 @@ def translate_options(scheme: str, options: dict[str, Any]) -> tuple[dict[str, A
                 config[renames[k]] = v
         elif k in _IGNORED:
             continue
-        elif kind != "http" and (k.startswith(_PREFIX[kind]) or not k.startswith(("aws_", "google_", "azure_"))):
+        elif kind != "http" and (
+            k.startswith(_PREFIX[kind]) or not k.startswith(("aws_", "google_", "azure_"))
+        ):
             # obstore's own keys ("aws_region", "region", "skip_signature" …): it refuses unknown ones by name.
             config[k] = v
         else:
@@ -139,9 +183,13 @@ _stores: dict[Any, Any] = {}
 _stores_lock = threading.Lock()
 
 
+_used_in: int | None = None  # the process that built an obstore store (its runtime is then running)
+_forked_after_use = False
+
+
 def _forget_after_fork() -> None:
-    global _stores_lock, _loop, _loop_lock
-    # A child builds its own clients (connection pools are per process).
+    global _stores_lock, _loop, _loop_lock, _forked_after_use
+    _forked_after_use = _forked_after_use or _used_in is not None
     _stores.clear()
     _stores_lock = threading.Lock()
     _loop = None
@@ -161,6 +209,8 @@ def _split(url: str) -> tuple[str, str, str]:
 
 def native_store(url: str, options: dict[str, Any]) -> tuple[Any, str]:
     """The process's obstore store for *url*'s bucket (or host) and *options*, and the object path below it."""
+    global _used_in
+    _used_in = os.getpid()
     scheme, root, path = _split(url)
     key = (_KIND[scheme], root, sorted((k, repr(v)) for k, v in options.items()))
     store = _stores.get(repr(key))
@@ -185,7 +235,9 @@ def _build(scheme: str, root: str, options: dict[str, Any]) -> Any:
         return GCSStore(root, config=config, client_options=client, retry_config=retry)
     if kind == "azure":
         if "@" in root:  # abfs://container@account.dfs.core.windows.net/...
-            return AzureStore.from_url(f"{scheme}://{root}", config=config, client_options=client, retry_config=retry)
+            return AzureStore.from_url(
+                f"{scheme}://{root}", config=config, client_options=client, retry_config=retry
+            )
         return AzureStore(root, config=config, client_options=client, retry_config=retry)
     return HTTPStore.from_url(root, client_options=client, retry_config=retry)
 
@@ -200,6 +252,139 @@ def message(exc: BaseException) -> str:
     head, _, debug = text.partition("\n\nDebug source")
     cause = [f"{k.lower()} error" for k in _HTTP_KIND.findall(debug)[:1]] + _OS_MESSAGE.findall(debug)[-1:]
     return head.strip() + (f" ({': '.join(cause)})" if cause else "")
+
+
+_STATUS = re.compile(r"status code: (\d{3})")
+
+
+def classify_obstore(exc: BaseException) -> str | None:
+    """``"missing"``, ``"denied"``, ``"transient"``, ``"fatal"`` for an obstore exception; ``None`` when unsure."""
+    # obstore raises FileNotFoundError for a 404, its own classes otherwise; a 5xx, a
+    # timeout or a cut body is a GenericError whose text carries the HTTP status or cause.
+    kind = type(exc).__name__
+    if kind in ("PermissionDeniedError", "UnauthenticatedError"):
+        return "denied"
+    if kind == "NotFoundError":
+        return "missing"
+    if kind not in ("GenericError", "BaseError", "JoinError"):
+        return None
+    text = message(exc)
+    m = _STATUS.search(text)
+    if m is not None:
+        status = int(m.group(1))
+        if status == 404:
+            return "missing"
+        if status in (401, 403):
+            return "denied"
+        if status >= 500 or status in (408, 429):
+            return "transient"
+        return "fatal"
+    low = text.lower()
+    if any(w in low for w in ("timed out", "timeout", "connect", "error sending request", "decod", "body",
+                              "incomplete", "reset", "broken pipe", "closed")):  # fmt: skip
+        return "transient"
+    return None
+
+
+# -- calls with dask_loom's request shapes (Req: None, (start, length), ("suffix", n)) -----------
+def nget(store: Any, path: str, req: Req) -> bytes:
+    import obstore
+
+    try:
+        return _nget_range(store, path, req)
+    except Exception as exc:
+        if req is None or type(exc).__name__ != "NotSupportedError":
+            raise
+    # A web server that ignores Range headers (python's http.server): the whole object, cut here.
+    return _cut(bytes(obstore.get(store, path).bytes()), req)
+
+
+def _nget_range(store: Any, path: str, req: Req) -> bytes:
+    import obstore
+
+    if req is None:
+        return bytes(obstore.get(store, path).bytes())
+    if req[0] == "suffix":
+        n = int(req[1])
+        if not n:
+            obstore.head(store, path)
+            return b""
+        return bytes(obstore.get(store, path, options={"range": {"suffix": n}}).bytes())
+    start, length = int(req[0]), req[1]
+    if length == 0:
+        obstore.head(store, path)
+        return b""
+    if length is None:
+        return bytes(obstore.get(store, path, options={"range": {"offset": start}}).bytes())
+    return bytes(obstore.get_range(store, path, start=start, length=int(length)))
+
+
+async def nget_async(store: Any, path: str, req: Req) -> bytes:
+    import obstore
+
+    try:
+        return await _nget_range_async(store, path, req)
+    except Exception as exc:
+        if req is None or type(exc).__name__ != "NotSupportedError":
+            raise
+    return _cut(bytes(await (await obstore.get_async(store, path)).bytes_async()), req)
+
+
+async def _nget_range_async(store: Any, path: str, req: Req) -> bytes:
+    import obstore
+
+    if req is None:
+        got = await obstore.get_async(store, path)
+    elif req[0] == "suffix" and int(req[1]):
+        got = await obstore.get_async(store, path, options={"range": {"suffix": int(req[1])}})
+    elif req[0] == "suffix" or req[1] == 0:
+        await obstore.head_async(store, path)
+        return b""
+    elif req[1] is None:
+        got = await obstore.get_async(store, path, options={"range": {"offset": int(req[0])}})
+    else:
+        return bytes(await obstore.get_range_async(store, path, start=int(req[0]), length=int(req[1])))
+    return bytes(await got.bytes_async())
+
+
+def nexists(store: Any, path: str) -> bool:
+    import obstore
+
+    try:
+        obstore.head(store, path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+async def nexists_async(store: Any, path: str) -> bool:
+    import obstore
+
+    try:
+        await obstore.head_async(store, path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def nlist(store: Any, prefix: str, *, limit: int | None = None) -> list[dict[str, Any]] | None:
+    """Every object below *prefix* (a request per thousand keys); ``None`` past *limit* objects."""
+    import obstore
+
+    out: list[dict[str, Any]] = []
+    for batch in obstore.list(store, prefix or None, chunk_size=1000):
+        out.extend(batch)
+        if limit is not None and len(out) > limit:
+            return None
+    return out
+
+
+def _cut(data: bytes, req: Any) -> bytes:
+    if req[0] == "suffix":
+        n = int(req[1])
+        return data[len(data) - n :] if n else b""
+    start, length = req
+    return data[start:] if length is None else data[start : start + length]
 
 
 # -- a private event loop for the synchronous callers' concurrent requests ---------------------

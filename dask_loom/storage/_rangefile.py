@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from dask_loom.storage._obstore import is_native, native_store, run_sync
+from dask_loom.storage._obstore import fsspec_options, is_native, native_store, run_sync
 
 __all__ = ["RangeFile", "RemoteFile"]
 
@@ -39,22 +39,25 @@ class RemoteFile:
         self.options = dict(options)
         self._held: tuple[int, Any, str] | None = None
         self._size: int | None = None
+        self._native = False
 
     def _client(self) -> tuple[Any, str]:
         held = self._held
         if held is None or held[0] != os.getpid():  # a forked child builds its own client
-            if is_native(self.url):
+            self._native = is_native(self.url)
+            if self._native:
                 store, path = native_store(self.url, self.options)
             else:
                 import fsspec.core
 
-                store, path = fsspec.core.url_to_fs(self.url, **self.options)
+                store, path = fsspec.core.url_to_fs(self.url, **fsspec_options(self.url, self.options))
             held = self._held = (os.getpid(), store, path)
         return held[1], held[2]
 
     @property
     def native(self) -> bool:
-        return is_native(self.url)
+        self._client()
+        return self._native
 
     def size(self) -> int:
         """The object's size in bytes (a HEAD request, unless :meth:`kind` made it)."""
@@ -76,7 +79,9 @@ class RemoteFile:
             meta = obstore.head(client, path)
             return int(meta["size"]), str(meta.get("e_tag") or meta.get("last_modified") or "")
         info = client.info(path)
-        return int(info.get("size") or 0), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")
+        return int(info.get("size") or 0), str(
+            info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+        )
 
     def is_file(self) -> bool:
         """True when the object exists (one HEAD request); a prefix is no file."""

@@ -76,7 +76,9 @@ def check_scheme(url: str | os.PathLike[str]) -> str:
         scheme = "::".join(parts)
         if all(p in ALLOWED_SCHEMES for p in parts):
             # Allowed, but without "://" nothing would handle it as a URL: say so.
-            raise UnsupportedSchemeError(f"{redact_url(text)!r}: a URL needs '://' after its scheme {scheme!r}")
+            raise UnsupportedSchemeError(
+                f"{redact_url(text)!r}: a URL needs '://' after its scheme {scheme!r}"
+            )
     for part in parts:
         if part not in ALLOWED_SCHEMES:
             raise UnsupportedSchemeError(
@@ -97,7 +99,9 @@ class FileSpec:
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> FileSpec:
+    def from_path(
+        cls, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+    ) -> FileSpec:
         path = os.fspath(path)
         scheme = check_scheme(path)
         if is_url(path):
