@@ -188,8 +188,9 @@ class ObjectStore(_Base3):
     url
         Root URL of the store.
     storage_options
-        fsspec options (credentials, ``endpoint_url``/``client_kwargs`` …);
-        never printed.
+        Credentials and endpoint, s3fs-style (``key``, ``secret``,
+        ``endpoint_url``/``client_kwargs`` …) or obstore's own keys
+        (:func:`~dask_loom.storage._obstore.translate_options`); never printed.
     read_only
         Refuse writes (always true for ``http(s)://``).
 
