@@ -211,12 +211,13 @@ def read_vector(
 
 
 def raw_vector_dtype(store: AnnStore, path: str) -> np.dtype | None:
-    """The dtype of 1-D array *path* where any range of it costs only its own bytes (uncompressed HDF5), else None.
+    """The dtype of 1-D array *path* where any range of it costs only its own bytes (local uncompressed HDF5), else None.
 
     Elsewhere a range decodes the whole chunks it touches, so a pass that
-    splits a block into pieces would decode the chunks at the cuts twice.
+    splits a block into pieces would decode the chunks at the cuts twice; on
+    an object store each piece would wait for its own round trip.
     """
-    if store.kind != "h5ad":
+    if store.kind != "h5ad" or not store.spec.is_local:
         return None
     lay = dataset_layout(store.spec, path)
     if not (lay.fast and len(lay.shape) == 1 and not lay.filters):
