@@ -69,7 +69,9 @@ def _collection(tmp_path, fmt, dtype, join, *, compression=None):
 
 
 @pytest.mark.parametrize(
-    ("fmt", "compression"), [("h5ad", None), ("h5ad", "gzip"), ("zarr", None)], ids=["h5ad", "h5ad-gzip", "zarr"]
+    ("fmt", "compression"),
+    [("h5ad", None), ("h5ad", "gzip"), ("zarr", None)],
+    ids=["h5ad", "h5ad-gzip", "zarr"],
 )
 @pytest.mark.parametrize("dtype", ["float32", "int32"])
 @pytest.mark.parametrize("join", [None, "outer", "inner"])
@@ -96,7 +98,10 @@ def test_pieces_join_up_to_the_block(tmp_path, piece_bytes, join):
     plans = getattr(x, dask_loom.anndata._dask.ROW_VALUES)
     for (plan, rows), n in zip(plans, x.chunks[0]):
         whole = plan.read(rows, sparse=True)
-        got = [(lo, hi, d.copy(), i.copy(), p.copy()) for lo, hi, d, i, p in plan.iter_parts(rows, piece_bytes=piece_bytes)]
+        got = [
+            (lo, hi, d.copy(), i.copy(), p.copy())
+            for lo, hi, d, i, p in plan.iter_parts(rows, piece_bytes=piece_bytes)
+        ]
         assert got[0][0] == 0 and got[-1][1] == n
         assert all(a[1] == b[0] for a, b in itertools.pairwise(got))
         if piece_bytes == 1:
@@ -123,7 +128,9 @@ def test_not_streamed_where_the_record_does_not_hold(tmp_path):
     assert G._streamed_stats(x[3:], None, 1, None, None, None) is None  # a derived array
     assert G._streamed_stats(x.rechunk((x.chunks[0], 30)), None, 1, None, None, None) is None
     (got,) = G.compute(G.column_stats(x[3:]), scheduler="sync")
-    np.testing.assert_allclose(got, _numpy_stats(x[3:].compute().toarray(), np.zeros(x.shape[0] - 3), 1), rtol=1e-12)
+    np.testing.assert_allclose(
+        got, _numpy_stats(x[3:].compute().toarray(), np.zeros(x.shape[0] - 3), 1), rtol=1e-12
+    )
 
 
 def test_fused_transforms_streamed_equal_the_block_pass(tmp_path, monkeypatch):
@@ -139,7 +146,9 @@ def test_fused_transforms_streamed_equal_the_block_pass(tmp_path, monkeypatch):
     block = x.compute()
     want = K.block_stats(block, pending=pending, factors=factors)
     np.testing.assert_allclose(got, want, rtol=1e-6)
-    ref = np.log1p(block.toarray().astype(np.float32) / np.where(factors == 0, 1, factors)[:, None].astype(np.float32))
+    ref = np.log1p(
+        block.toarray().astype(np.float32) / np.where(factors == 0, 1, factors)[:, None].astype(np.float32)
+    )
     np.testing.assert_allclose(got[0, 0], ref.astype(np.float64).sum(axis=0), rtol=1e-5)
 
 

@@ -171,7 +171,9 @@ class _LayerPlan:
             done = int(ends[lo - 1]) if lo else 0
             # Whole rows, at least one, up to `per` entries.
             cuts.append(max(lo + 1, int(np.searchsorted(ends, done + per, side="right"))))
-        most = max(int(ends[hi - 1]) - (int(ends[lo - 1]) if lo else 0) for lo, hi in itertools.pairwise(cuts))
+        most = max(
+            int(ends[hi - 1]) - (int(ends[lo - 1]) if lo else 0) for lo, hi in itertools.pairwise(cuts)
+        )
         bufs = (np.empty(most, dtype=d_dt), np.empty(most, dtype=i_dt))
         for lo, hi in itertools.pairwise(cuts):
             data, indices, indptr = self._joined(

@@ -189,7 +189,12 @@ def _streamed_stats(
     from dask_loom.anndata._dask import ROW_VALUES
 
     reads = getattr(x, ROW_VALUES, None)
-    if reads is None or len(reads) != x.numblocks[0] or x.numblocks[1] != 1 or not K.stream_stats(x.dtype, pending):
+    if (
+        reads is None
+        or len(reads) != x.numblocks[0]
+        or x.numblocks[1] != 1
+        or not K.stream_stats(x.dtype, pending)
+    ):
         return None
     if pending is not None and pending.scale and factors is None:
         return None
@@ -225,7 +230,9 @@ def _streamed_stats_task(
     if parts is None:
         # Not a CSR file (dense, CSC, absent from this file): its whole block.
         block = plan.read(rows, sparse=True)
-        out = K.block_stats(block, groups=groups, n_groups=n_groups, clip=clip, pending=pending, factors=factors)
+        out = K.block_stats(
+            block, groups=groups, n_groups=n_groups, clip=clip, pending=pending, factors=factors
+        )
     else:
         out = K.parts_stats(
             parts, n_rows=len(rows), n_cols=n_cols, groups=groups, n_groups=n_groups,

@@ -258,7 +258,9 @@ class _StatsSums:
     def __init__(self, n_groups: int, n_cols: int, n_rows: int, clip: np.ndarray | None) -> None:
         self.shape = (int(n_groups), int(n_cols))
         size = self.shape[0] * self.shape[1]
-        self.clip = np.zeros(1) if clip is None else np.ascontiguousarray(clip, dtype=np.float64).reshape(size)
+        self.clip = (
+            np.zeros(1) if clip is None else np.ascontiguousarray(clip, dtype=np.float64).reshape(size)
+        )
         self.has_clip = clip is not None
         self.ss = np.zeros((size, 2), dtype=np.float64)
         # A count is at most the block's rows.
@@ -274,7 +276,9 @@ class _StatsSums:
         factors: np.ndarray | None,
     ) -> None:
         fac, *mode = _params(data, pending, factors)
-        _numba().stats(data, indices, indptr, groups, self.shape[1], self.clip, self.has_clip, fac, *mode, self.ss, self.cnt)
+        _numba().stats(
+            data, indices, indptr, groups, self.shape[1], self.clip, self.has_clip, fac, *mode, self.ss, self.cnt
+        )  # fmt: skip
 
     def result(self) -> np.ndarray:
         out = np.empty((3, *self.shape), dtype=np.float64)
