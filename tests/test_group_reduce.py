@@ -35,7 +35,7 @@ def test_integer_bands_equal_numpy_groupies(rows, cols, n_groups, dtype, cast, s
     plan = K.GroupPlan(idx, n_groups)
     for func in FUNCS:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(K, "_CAST_ELEMENTS", cast)  # slices of cast // rows columns
+            mp.setattr(K, "TILE_BYTES", 8 * cast)  # slices of cast // rows columns
             got = K.group_reduce(band, plan, func)
         assert got.shape == (rows, n_groups) and got.dtype == np.float64
         if rows == 0:
@@ -61,7 +61,7 @@ def test_a_large_uint16_band_is_cast_in_slices():
     finally:
         tracemalloc.stop()
     oh_bytes = 65536 * 50 * 8
-    assert peak < oh_bytes + 4 * K._CAST_ELEMENTS * 8 + (4 << 20), peak  # a whole-band cast: 128 MiB, twice
+    assert peak < oh_bytes + 4 * K.TILE_BYTES + (4 << 20), peak  # a whole-band cast: 128 MiB, twice
     x = band.astype(np.float64)
     want = npg.aggregate(plan.idx, x, func="var", axis=1, size=50, fill_value=0)
     np.testing.assert_allclose(got, want, rtol=1e-9)

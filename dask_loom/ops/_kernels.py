@@ -423,17 +423,14 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
     return _npg_reduce(band, plan, func)
 
 
-#: Elements of an integer band cast to float64 at a time by :func:`_onehot_sums` (8 MiB as float64).
-_CAST_ELEMENTS = 1 << 20
-
-
 def _onehot_sums(x: np.ndarray, oh: np.ndarray, *, squares: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """``x @ oh`` and (with *squares*) ``(x * x) @ oh`` as float64.
 
     A float band is multiplied as it is.  Any other (the uint16 counts of an
-    atlas) is cast to float64 a few columns at a time, each slice multiplied
-    with its rows of *oh* while it is in cache: a whole-band cast held four
-    times the band (a 64 MiB uint16 band, 256 MiB) and its square as much again.
+    atlas) is cast to float64 :data:`TILE_BYTES` at a time, a slice of
+    columns multiplied with its rows of *oh* while it is in cache (as
+    :func:`_tiled_sums` does for ``map``): a whole-band cast held four times
+    the band (a 64 MiB uint16 band, 256 MiB) and its square as much again.
     """
     if x.dtype.kind == "f":
         s1 = (x @ oh).astype(np.float64)
@@ -441,7 +438,7 @@ def _onehot_sums(x: np.ndarray, oh: np.ndarray, *, squares: bool) -> tuple[np.nd
     rows, cols = x.shape
     s1 = np.zeros((rows, oh.shape[1]))
     s2 = np.zeros((rows, oh.shape[1])) if squares else None
-    step = max(1, _CAST_ELEMENTS // max(rows, 1))
+    step = max(1, TILE_BYTES // (8 * max(rows, 1)))
     for j in range(0, cols, step):
         f = x[:, j : j + step].astype(np.float64)
         part = oh[j : j + step]
