@@ -215,13 +215,14 @@ def block_stats(
     """
     block = as_csr(block)
     n_rows, n_cols = block.shape
+    if _fused(block, pending):
+        return parts_stats(
+            [(0, n_rows, block.data, block.indices, block.indptr)], n_rows=n_rows, n_cols=n_cols,
+            groups=groups, n_groups=n_groups, clip=clip, pending=pending, factors=factors,
+        )  # fmt: skip
     if groups is None:
         groups = np.zeros(n_rows, dtype=np.int64)
     groups = np.asarray(groups, dtype=np.int64)
-    if _fused(block, pending):
-        acc = _StatsSums(n_groups, n_cols, n_rows, clip)
-        acc.add(block.data, block.indices, block.indptr, groups, pending, factors)
-        return acc.result()
     if pending is not None:
         block = as_csr(pending.apply(block, factors))
     out = np.zeros((3, n_groups, n_cols), dtype=np.float64)
