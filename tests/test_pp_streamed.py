@@ -195,3 +195,37 @@ def test_remote_h5ad_is_one_piece_per_block(tmp_path, s3_server):
     (got,) = G.compute(G.column_stats(x), scheduler="threads")
     dense = anndata.read_h5ad(path).X.toarray()
     np.testing.assert_allclose(got, _numpy_stats(dense, np.zeros(len(dense), dtype=int), 1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "contiguous"])
+def test_read_ahead_hint_names_the_blocks_bytes(tmp_path, monkeypatch, chunked):
+    """The ranges the pass asks the OS to read ahead are exactly its rows' values and column indices."""
+    import os
+
+    import h5py
+
+    from dask_loom.anndata import _read
+
+    (path,) = _files(tmp_path, "h5ad", "float32")[:1]
+    if not chunked:
+        with h5py.File(path, "r+") as f:
+            for name in ("data", "indices"):
+                v = f[f"X/{name}"][:]
+                del f[f"X/{name}"]
+                f.create_dataset(f"X/{name}", data=v)  # contiguous
+    advised = []
+    monkeypatch.setattr(
+        os, "posix_fadvise", lambda fd, off, n, how: advised.append((off, n, how)), raising=False
+    )
+    with dask.config.set({"dask_loom.block-size": "16KiB"}):
+        x = dask_loom.MappedCollection([path]).to_dask(sparse=True)
+    plan, rows = getattr(x, dask_loom.anndata._dask.ROW_VALUES)[1]
+    _read.will_need_csr(plan.store, plan.meta, rows)
+    assert advised and all(how == os.POSIX_FADV_WILLNEED for *_, how in advised)
+    raw = open(path, "rb").read()
+    got = b"".join(raw[off : off + n] for off, n, _ in advised)
+    with h5py.File(path, "r") as f:
+        ip = f["X/indptr"][:]
+        e0, e1 = ip[rows[0]], ip[rows[-1] + 1]
+        want = f["X/data"][e0:e1].tobytes() + f["X/indices"][e0:e1].tobytes()
+    assert got == want

@@ -22,6 +22,7 @@ from dask_loom.anndata._read import (
     read_csr_parts,
     read_csr_values,
     read_matrix_rows,
+    will_need_csr,
 )
 from dask_loom.anndata._store import AnnStore
 
@@ -175,6 +176,8 @@ class _LayerPlan:
             int(ends[hi - 1]) - (int(ends[lo - 1]) if lo else 0) for lo, hi in itertools.pairwise(cuts)
         )
         bufs = (np.empty(most, dtype=d_dt), np.empty(most, dtype=i_dt))
+        # Small reads one after the other would wait on the disk each time: it reads the block ahead.
+        will_need_csr(self.store, meta, rows)
         for lo, hi in itertools.pairwise(cuts):
             data, indices, indptr = self._joined(
                 *read_csr_parts(self.store, meta, rows[lo:hi], bufs=bufs), width=meta.shape[1]

@@ -27,7 +27,7 @@ from dask_loom.anndata._store import AnnStore
 from dask_loom.blocks import split_by_chunk
 from dask_loom.errors import AnnDataFormatError, CorruptChunkError
 from dask_loom.hdf5._decode import decode_chunk
-from dask_loom.hdf5._files import read_ranges, read_ranges_into
+from dask_loom.hdf5._files import advise_ranges, read_ranges, read_ranges_into
 from dask_loom.hdf5._source import HDF5Source, _chunk_offsets, dataset_layout
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ __all__ = [
     "read_matrix_rows",
     "raw_vector_dtype",
     "read_vector",
+    "will_need_csr",
 ]
 
 # indptr vectors, zarr arrays and CSC-as-CSR matrices, made once per process and file.
@@ -84,6 +85,39 @@ def _cached(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
 # -- 1-D vectors ------------------------------------------------------------------
 
 
+def _raw_ranges(
+    spec: Any, lay: Any, starts: np.ndarray, stops: np.ndarray
+) -> tuple[list[int], list[int]] | None:
+    """File byte ranges (starts, sizes) of elements ``[starts[i], stops[i])`` where they are stored raw, else None."""
+    isz = np.dtype(lay.dtype).itemsize
+    if lay.layout == "contiguous":
+        return (
+            None
+            if lay.offset is None
+            else ((lay.offset + starts * isz).tolist(), ((stops - starts) * isz).tolist())
+        )
+    if lay.filters:
+        return None
+    c = int(lay.chunks[0])
+    cid, lo, hi = split_by_chunk(starts, stops, c)
+    offsets, _, _ = _chunk_offsets(spec, lay, cid[:, None])
+    if not (offsets >= 0).all():
+        return None  # a chunk never written: its fill value, not bytes of the file
+    return (offsets + (lo - cid * c) * isz).tolist(), ((hi - lo) * isz).tolist()
+
+
+def will_need_csr(store: AnnStore, meta: MatrixMeta, rows: np.ndarray) -> None:
+    """Have the OS start reading *rows*' entries of a local uncompressed h5ad CSR matrix (see :func:`advise_ranges`)."""
+    if store.kind != "h5ad" or not store.spec.is_local:
+        return
+    e0, e1, _ = _entry_ranges(store, meta, np.asarray(rows, dtype=np.int64))
+    for name in ("data", "indices"):
+        lay = dataset_layout(store.spec, f"{meta.path}/{name}")
+        raw = _raw_ranges(store.spec, lay, e0, e1) if lay.fast and len(lay.shape) == 1 else None
+        if raw is not None:
+            advise_ranges(store.spec, *raw)
+
+
 def _h5_ranges(
     store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarray, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -100,23 +134,20 @@ def _h5_ranges(
     total = int(lens.sum())
     if total == 0:
         return np.empty(0, dtype=dt)
-    # The caller's buffer where it fits (a pass reusing one buffer pays no page faults per read).
-    buf = out[:total] if out is not None and out.dtype == dt and len(out) >= total else None
-    if lay.layout == "contiguous":
-        if lay.offset is None:
-            return np.full(total, lay.fillvalue, dtype=dt)
+    if lay.layout == "contiguous" and lay.offset is None:
+        return np.full(total, lay.fillvalue, dtype=dt)
+    raw = _raw_ranges(spec, lay, starts, stops)
+    if raw is not None:
+        # Raw bytes (contiguous, or unfiltered chunks): exactly the elements needed, straight
+        # into the result (a join of pieces would copy again, holding the GIL), or into the
+        # caller's buffer where it fits (a pass reusing one buffer pays no page faults per read).
+        buf = out[:total] if out is not None and out.dtype == dt and len(out) >= total else None
         out = np.empty(total, dtype=dt) if buf is None else buf
-        # Straight into the result: a join of the pieces would copy again, holding the GIL.
-        read_ranges_into(spec, (lay.offset + starts * isz).tolist(), (lens * isz).tolist(), out)
+        read_ranges_into(spec, raw[0], raw[1], out)
         return out
     c = int(lay.chunks[0])  # type: ignore[index]
     cid, lo, hi = split_by_chunk(starts, stops, c)
     offsets, sizes, masks = _chunk_offsets(spec, lay, cid[:, None])
-    if not lay.filters and (offsets >= 0).all():
-        # Unfiltered chunks hold raw bytes: read exactly the elements needed, into the result.
-        out = np.empty(total, dtype=dt) if buf is None else buf
-        read_ranges_into(spec, (offsets + (lo - cid * c) * isz).tolist(), ((hi - lo) * isz).tolist(), out)
-        return out
     out = np.empty(total, dtype=dt)
     uniq, inv = np.unique(cid, return_inverse=True)
     first_of = np.zeros(len(uniq), dtype=np.int64)
