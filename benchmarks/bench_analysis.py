@@ -209,6 +209,7 @@ def main() -> None:
         action="store_true",
         help="convert with dask-loom only (scanpy reads the whole file into memory)",
     )
+    ap.add_argument("--out", default=None, help="name of the results file (default: from the cell count)")
     args = ap.parse_args()
     n_cells = args.cells or (FULL if args.full else DEFAULT)
     only = (
@@ -316,7 +317,7 @@ def main() -> None:
             if n_cells == FULL
             else ("analysis" if n_cells == DEFAULT else f"analysis_{n_cells}")
         )
-    print("saved", save(name, results))
+    print("saved", save(args.out or name, results))
 
 
 CONVERT_SCANPY = (

@@ -28,8 +28,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ROW_VALUES", "layer_to_dask", "obs_to_dask", "to_xarray"]
 
-#: Attribute of a :func:`layer_to_dask` array: per block, the ``(plan, rows)`` it reads;
-#: ``plan.read_row_values(rows)`` gives the block's values and row pointers alone.
+#: Attribute of a :func:`layer_to_dask` array: per block, the ``(plan, rows)`` it reads.
+#: Passes that need less than the whole block read through the plan themselves:
+#: ``plan.read_row_values(rows)`` gives its values and row pointers alone (the counts
+#: per cell), ``plan.iter_parts(rows, ...)`` its rows in pieces (per-gene statistics).
 ROW_VALUES = "_dask_loom_row_values"
 
 

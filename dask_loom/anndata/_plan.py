@@ -8,14 +8,22 @@ import cycle.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from dask_loom._lazy import isna, issparse
 from dask_loom.anndata._elems import Column, MatrixMeta
-from dask_loom.anndata._read import read_csr_parts, read_csr_values, read_matrix_rows
+from dask_loom.anndata._read import (
+    indptr_of,
+    raw_vector_dtype,
+    read_csr_parts,
+    read_csr_values,
+    read_matrix_rows,
+    will_need_csr,
+)
 from dask_loom.anndata._store import AnnStore
 
 if TYPE_CHECKING:
@@ -44,6 +52,10 @@ def _is_missing(v: Any) -> bool:
         return bool(isna(v))
     except (TypeError, ValueError):
         return False
+
+
+#: A piece of a block's CSR rows: ``(lo, hi, data, indices, indptr)`` for ``rows[lo:hi]``.
+Part = tuple[int, int, np.ndarray, np.ndarray, np.ndarray]
 
 
 class _LayerPlan:
@@ -121,6 +133,56 @@ class _LayerPlan:
             return None
         data, indices, indptr = self._joined(*read_csr_parts(self.store, meta, rows), width=meta.shape[1])
         return data.astype(self.dtype, copy=False), indices, indptr
+
+    def iter_parts(self, rows: np.ndarray, *, piece_bytes: int) -> Iterator[Part] | None:
+        """:meth:`read_parts` of *rows* in pieces of about *piece_bytes* of stored entries.
+
+        Yields ``(lo, hi, data, indices, indptr)`` for ``rows[lo:hi]``.  Where
+        a range of the file's vectors costs only its own bytes (uncompressed
+        HDF5), every piece is read into the same two buffers: a pass over a
+        block then works on a few MiB that stay in cache, where a block-sized
+        read is a copy the kernel reads back from memory, into pages faulted
+        in anew for every block.  Elsewhere (compressed chunks, whose cuts
+        would be decoded twice) the block is one piece.  A piece's arrays
+        are valid until the next one is read.  ``None`` where
+        :meth:`read_parts` gives ``None``.
+        """
+        meta = self.meta
+        if meta is None or meta.fmt != "csr" or (self.dtype.kind == "f" and self.dtype.itemsize == 2):
+            return None
+        rows = np.asarray(rows, dtype=np.int64)
+        dts = [raw_vector_dtype(self.store, f"{meta.path}/{name}") for name in ("data", "indices")]
+        if dts[0] is None or dts[1] is None or not len(rows):
+            return self._whole(rows)
+        return self._pieces(rows, dts[0], dts[1], max(1, piece_bytes // (dts[0].itemsize + dts[1].itemsize)))
+
+    def _whole(self, rows: np.ndarray) -> Iterator[Part]:
+        parts = self.read_parts(rows)
+        assert parts is not None  # iter_parts checked what read_parts needs
+        yield (0, len(rows), *parts)
+
+    def _pieces(self, rows: np.ndarray, d_dt: np.dtype, i_dt: np.dtype, per: int) -> Iterator[Part]:
+        meta = self.meta
+        assert meta is not None
+        ip = indptr_of(self.store, meta)
+        ends = np.cumsum(ip[rows + 1] - ip[rows])
+        cuts = [0]
+        while cuts[-1] < len(rows):
+            lo = cuts[-1]
+            done = int(ends[lo - 1]) if lo else 0
+            # Whole rows, at least one, up to `per` entries.
+            cuts.append(max(lo + 1, int(np.searchsorted(ends, done + per, side="right"))))
+        most = max(
+            int(ends[hi - 1]) - (int(ends[lo - 1]) if lo else 0) for lo, hi in itertools.pairwise(cuts)
+        )
+        bufs = (np.empty(most, dtype=d_dt), np.empty(most, dtype=i_dt))
+        # Small reads one after the other would wait on the disk each time: it reads the block ahead.
+        will_need_csr(self.store, meta, rows)
+        for lo, hi in itertools.pairwise(cuts):
+            data, indices, indptr = self._joined(
+                *read_csr_parts(self.store, meta, rows[lo:hi], bufs=bufs), width=meta.shape[1]
+            )
+            yield lo, hi, data.astype(self.dtype, copy=False), indices, indptr
 
     def read_row_values(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """Sorted unique local *rows* of a CSR file as their values and row pointers, ``(data, indptr)``.

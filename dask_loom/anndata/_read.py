@@ -27,7 +27,7 @@ from dask_loom.anndata._store import AnnStore
 from dask_loom.blocks import split_by_chunk
 from dask_loom.errors import AnnDataFormatError, CorruptChunkError
 from dask_loom.hdf5._decode import decode_chunk
-from dask_loom.hdf5._files import read_ranges, read_ranges_into
+from dask_loom.hdf5._files import advise_ranges, read_ranges, read_ranges_into
 from dask_loom.hdf5._source import HDF5Source, _chunk_offsets, dataset_layout
 
 if TYPE_CHECKING:
@@ -42,7 +42,9 @@ __all__ = [
     "read_csr_rows",
     "read_dense_rows",
     "read_matrix_rows",
+    "raw_vector_dtype",
     "read_vector",
+    "will_need_csr",
 ]
 
 # indptr vectors, zarr arrays and CSC-as-CSR matrices, made once per process and file.
@@ -83,7 +85,42 @@ def _cached(key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
 # -- 1-D vectors ------------------------------------------------------------------
 
 
-def _h5_ranges(store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+def _raw_ranges(
+    spec: Any, lay: Any, starts: np.ndarray, stops: np.ndarray
+) -> tuple[list[int], list[int]] | None:
+    """File byte ranges (starts, sizes) of elements ``[starts[i], stops[i])`` where they are stored raw, else None."""
+    isz = np.dtype(lay.dtype).itemsize
+    if lay.layout == "contiguous":
+        return (
+            None
+            if lay.offset is None
+            else ((lay.offset + starts * isz).tolist(), ((stops - starts) * isz).tolist())
+        )
+    if lay.filters:
+        return None
+    c = int(lay.chunks[0])
+    cid, lo, hi = split_by_chunk(starts, stops, c)
+    offsets, _, _ = _chunk_offsets(spec, lay, cid[:, None])
+    if not (offsets >= 0).all():
+        return None  # a chunk never written: its fill value, not bytes of the file
+    return (offsets + (lo - cid * c) * isz).tolist(), ((hi - lo) * isz).tolist()
+
+
+def will_need_csr(store: AnnStore, meta: MatrixMeta, rows: np.ndarray) -> None:
+    """Have the OS start reading *rows*' entries of a local uncompressed h5ad CSR matrix (see :func:`advise_ranges`)."""
+    if store.kind != "h5ad" or not store.spec.is_local:
+        return
+    e0, e1, _ = _entry_ranges(store, meta, np.asarray(rows, dtype=np.int64))
+    for name in ("data", "indices"):
+        lay = dataset_layout(store.spec, f"{meta.path}/{name}")
+        raw = _raw_ranges(store.spec, lay, e0, e1) if lay.fast and len(lay.shape) == 1 else None
+        if raw is not None:
+            advise_ranges(store.spec, *raw)
+
+
+def _h5_ranges(
+    store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
     spec = store.spec
     lay = dataset_layout(spec, path)
     if not lay.fast or len(lay.shape) != 1:
@@ -97,21 +134,20 @@ def _h5_ranges(store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarray
     total = int(lens.sum())
     if total == 0:
         return np.empty(0, dtype=dt)
-    if lay.layout == "contiguous":
-        if lay.offset is None:
-            return np.full(total, lay.fillvalue, dtype=dt)
-        out = np.empty(total, dtype=dt)
-        # Straight into the result: a join of the pieces would copy again, holding the GIL.
-        read_ranges_into(spec, (lay.offset + starts * isz).tolist(), (lens * isz).tolist(), out)
+    if lay.layout == "contiguous" and lay.offset is None:
+        return np.full(total, lay.fillvalue, dtype=dt)
+    raw = _raw_ranges(spec, lay, starts, stops)
+    if raw is not None:
+        # Raw bytes (contiguous, or unfiltered chunks): exactly the elements needed, straight
+        # into the result (a join of pieces would copy again, holding the GIL), or into the
+        # caller's buffer where it fits (a pass reusing one buffer pays no page faults per read).
+        buf = out[:total] if out is not None and out.dtype == dt and len(out) >= total else None
+        out = np.empty(total, dtype=dt) if buf is None else buf
+        read_ranges_into(spec, raw[0], raw[1], out)
         return out
     c = int(lay.chunks[0])  # type: ignore[index]
     cid, lo, hi = split_by_chunk(starts, stops, c)
     offsets, sizes, masks = _chunk_offsets(spec, lay, cid[:, None])
-    if not lay.filters and (offsets >= 0).all():
-        # Unfiltered chunks hold raw bytes: read exactly the elements needed, into the result.
-        out = np.empty(total, dtype=dt)
-        read_ranges_into(spec, (offsets + (lo - cid * c) * isz).tolist(), ((hi - lo) * isz).tolist(), out)
-        return out
     out = np.empty(total, dtype=dt)
     uniq, inv = np.unique(cid, return_inverse=True)
     first_of = np.zeros(len(uniq), dtype=np.int64)
@@ -190,13 +226,34 @@ def _zarr_ranges(store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarr
     return np.concatenate([np.asarray(p) for p in parts])
 
 
-def read_vector(store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-    """Elements ``[starts[i], stops[i])`` of 1-D array *path*, concatenated in order."""
+def read_vector(
+    store: AnnStore, path: str, starts: np.ndarray, stops: np.ndarray, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Elements ``[starts[i], stops[i])`` of 1-D array *path*, concatenated in order.
+
+    *out*, a buffer the result may be read into (then a view of it is
+    returned), where the file's bytes are the values (uncompressed HDF5).
+    """
     starts = np.asarray(starts, dtype=np.int64)
     stops = np.asarray(stops, dtype=np.int64)
     if store.kind == "h5ad":
-        return _h5_ranges(store, path, starts, stops)
+        return _h5_ranges(store, path, starts, stops, out)
     return _zarr_ranges(store, path, starts, stops)
+
+
+def raw_vector_dtype(store: AnnStore, path: str) -> np.dtype | None:
+    """The dtype of 1-D array *path* where any range of it costs only its own bytes (local uncompressed HDF5), else None.
+
+    Elsewhere a range decodes the whole chunks it touches, so a pass that
+    splits a block into pieces would decode the chunks at the cuts twice; on
+    an object store each piece would wait for its own round trip.
+    """
+    if store.kind != "h5ad" or not store.spec.is_local:
+        return None
+    lay = dataset_layout(store.spec, path)
+    if not (lay.fast and len(lay.shape) == 1 and not lay.filters):
+        return None
+    return np.dtype(lay.dtype)
 
 
 def read_whole(store: AnnStore, path: str) -> np.ndarray:
@@ -305,22 +362,29 @@ def read_csr_rows(store: AnnStore, meta: MatrixMeta, rows: np.ndarray) -> sp.csr
 
 
 def read_csr_parts(
-    store: AnnStore, meta: MatrixMeta, rows: np.ndarray
+    store: AnnStore,
+    meta: MatrixMeta,
+    rows: np.ndarray,
+    *,
+    bufs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows (sorted, unique) of a CSR matrix as its ``(data, indices, indptr)`` (no scipy import).
 
     The indices are checked against the width, so a matrix built from them
-    (scipy trusts indices) never reads out of bounds.
+    (scipy trusts indices) never reads out of bounds.  *bufs*: buffers for
+    ``data`` and ``indices`` (see :func:`read_vector`).
     """
     rows = np.asarray(rows, dtype=np.int64)
     e0, e1, new_ptr = _entry_ranges(store, meta, rows)
+    b_data, b_idx = bufs if bufs is not None else (None, None)
     if len(e0) > 1:
         data, indices = map_threads(
-            lambda name: read_vector(store, f"{meta.path}/{name}", e0, e1), ["data", "indices"]
+            lambda nb: read_vector(store, f"{meta.path}/{nb[0]}", e0, e1, out=nb[1]),
+            [("data", b_data), ("indices", b_idx)],
         )
     else:
-        data = read_vector(store, f"{meta.path}/data", e0, e1)
-        indices = read_vector(store, f"{meta.path}/indices", e0, e1)
+        data = read_vector(store, f"{meta.path}/data", e0, e1, out=b_data)
+        indices = read_vector(store, f"{meta.path}/indices", e0, e1, out=b_idx)
     if len(data) != new_ptr[-1] or len(indices) != new_ptr[-1]:
         raise CorruptChunkError(
             f"{store.name}: {meta.path} data/indices hold fewer entries than indptr promises"

@@ -476,6 +476,28 @@ def _read_remote(
     return out
 
 
+def advise_ranges(spec: FileSpec, starts: list[int], sizes: list[int]) -> None:
+    """Ask the OS to start reading byte ranges of a local file now (``posix_fadvise`` ``WILLNEED``).
+
+    For a task that then reads them in small pieces: the disk works ahead of
+    the pieces instead of waiting for each in turn.  Nothing for remote files
+    or where the call is missing; never fails.
+    """
+    if not spec.is_local or not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(spec.url, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        for a, n in zip(starts, sizes):
+            os.posix_fadvise(fd, int(a), int(n), os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def read_ranges_into(
     spec: FileSpec, starts: list[int], sizes: list[int], out: Any, *, entry: _Entry | None = None
 ) -> None:

@@ -383,7 +383,12 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
         return np.zeros((band.shape[0], plan.n_groups))
     work_dtype = band.dtype if band.dtype in (np.float32, np.float64) else np.float64
     if func in _MATMUL:
-        x = band.astype(work_dtype, copy=False)
+        # An integer band is cast a slice at a time in _onehot_sums, not whole here.
+        x = (
+            band
+            if band.dtype.kind != "f" and not func.startswith("nan")
+            else band.astype(work_dtype, copy=False)
+        )
         if func.startswith("nan"):
             valid = ~np.isnan(x) if x.dtype.kind == "f" else np.ones(x.shape, bool)
             x = np.where(valid, x, 0)
@@ -394,7 +399,7 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
         base = func[3:] if func.startswith("nan") else func
         if base == "len":
             return np.asarray(n, dtype=np.float64).copy()
-        s1 = (x @ oh).astype(np.float64)
+        s1, s2 = _onehot_sums(x, oh, squares=base in ("sumofsquares", "var", "std"))
         if not np.isfinite(s1).all():
             # NaN or inf times the 0s of the other groups spread to every group: numpy-groupies adds group by group
             return _npg_reduce(band, plan, func)
@@ -403,7 +408,6 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
         with np.errstate(invalid="ignore", divide="ignore"):
             if base == "mean":
                 return s1 / n
-            s2 = ((x * x) @ oh).astype(np.float64)
             if base == "sumofsquares":
                 return s2
             var = np.maximum(s2 / n - (s1 / n) ** 2, 0.0)
@@ -417,6 +421,32 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
     if func == "last":
         return band[:, plan.last].astype(np.float64)
     return _npg_reduce(band, plan, func)
+
+
+def _onehot_sums(x: np.ndarray, oh: np.ndarray, *, squares: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """``x @ oh`` and (with *squares*) ``(x * x) @ oh`` as float64.
+
+    A float band is multiplied as it is.  Any other (the uint16 counts of an
+    atlas) is cast to float64 :data:`TILE_BYTES` at a time, a slice of
+    columns multiplied with its rows of *oh* while it is in cache (as
+    :func:`_tiled_sums` does for ``map``): a whole-band cast held four times
+    the band (a 64 MiB uint16 band, 256 MiB) and its square as much again.
+    """
+    if x.dtype.kind == "f":
+        s1 = (x @ oh).astype(np.float64)
+        return s1, ((x * x) @ oh).astype(np.float64) if squares else None
+    rows, cols = x.shape
+    s1 = np.zeros((rows, oh.shape[1]))
+    s2 = np.zeros((rows, oh.shape[1])) if squares else None
+    step = max(1, TILE_BYTES // (8 * max(rows, 1)))
+    for j in range(0, cols, step):
+        f = x[:, j : j + step].astype(np.float64)
+        part = oh[j : j + step]
+        s1 += f @ part
+        if s2 is not None:
+            f *= f
+            s2 += f @ part
+    return s1, s2
 
 
 def _npg_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:

@@ -129,7 +129,12 @@ def column_stats(
     """Lazy ``(3, n_groups, n_cols)``: per group and column the sum, sum of squares and non-zero count."""
     import dask.array as da
 
+    rec = getattr(x, _PENDING, None)
     x, pending, f = _unfold(x)
+    factors = None if pending is None or rec is None else rec[2]
+    streamed = _streamed_stats(x, groups, n_groups, clip, pending, factors)
+    if streamed is not None:
+        return streamed.sum(axis=0, split_every=8)
     g = _groups_array(groups, x)
     starts = np.concatenate(([0], np.cumsum(x.chunks[1])[:-1])).astype(np.int64)
     col0 = da.from_array(starts, chunks=1, name=False)
@@ -155,6 +160,85 @@ def column_stats(
         align_arrays=False,
     )
     return parts.sum(axis=0, split_every=8)
+
+
+#: Stored entries (values and column indices) a streamed pass reads at a time: a few MiB
+#: stay in the core's share of the cache while the kernel sums them (measured on a
+#: 45 MB h5ad block of raw counts: 5.1-5.8 ns per value read whole, 3.7 in pieces of 4 MiB).
+PIECE_BYTES = 4 << 20
+
+
+def _streamed_stats(
+    x: Any,
+    groups: np.ndarray | None,
+    n_groups: int,
+    clip: np.ndarray | None,
+    pending: K.Pending | None,
+    factors: np.ndarray | None,
+) -> Any:
+    """:func:`column_stats`' partials read piece by piece from a collection's files, or None.
+
+    For a collection's matrix (:func:`dask_loom.anndata._dask.layer_to_dask`)
+    in one column block: each task reads its rows in pieces of about
+    :data:`PIECE_BYTES` into the same buffers and sums every piece as it
+    arrives (:meth:`~dask_loom.anndata._plan._LayerPlan.iter_parts`).
+    """
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph
+
+    from dask_loom.anndata._dask import ROW_VALUES
+
+    reads = getattr(x, ROW_VALUES, None)
+    if (
+        reads is None
+        or len(reads) != x.numblocks[0]
+        or x.numblocks[1] != 1
+        or not K.stream_stats(x.dtype, pending)
+    ):
+        return None
+    if pending is not None and pending.scale and factors is None:
+        return None
+    n_cols = int(x.shape[1])
+    g = None if groups is None else np.asarray(groups, dtype=np.int64)
+    name = "pp-stats-" + _token(x, groups, n_groups, clip, pending, factors)
+    dsk: dict[Any, Any] = {}
+    lo = 0
+    for i, ((plan, rows), n) in enumerate(zip(reads, x.chunks[0])):
+        hi = lo + n
+        dsk[(name, i, 0, 0, 0)] = (
+            _streamed_stats_task, plan, rows, None if g is None else g[lo:hi],
+            None if factors is None else np.asarray(factors).reshape(-1)[lo:hi],
+            int(n_groups), n_cols, clip, pending,
+        )  # fmt: skip
+        lo = hi
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[])
+    chunks = ((1,) * len(reads), (3,), (int(n_groups),), (n_cols,))
+    return da.Array(graph, name, chunks, dtype=np.float64, meta=np.empty((0, 0, 0, 0), dtype=np.float64))
+
+
+def _streamed_stats_task(
+    plan: Any,
+    rows: np.ndarray,
+    groups: np.ndarray | None,
+    factors: np.ndarray | None,
+    n_groups: int,
+    n_cols: int,
+    clip: np.ndarray | None,
+    pending: K.Pending | None,
+) -> np.ndarray:
+    parts = plan.iter_parts(rows, piece_bytes=PIECE_BYTES)
+    if parts is None:
+        # Not a CSR file (dense, CSC, absent from this file): its whole block.
+        block = plan.read(rows, sparse=True)
+        out = K.block_stats(
+            block, groups=groups, n_groups=n_groups, clip=clip, pending=pending, factors=factors
+        )
+    else:
+        out = K.parts_stats(
+            parts, n_rows=len(rows), n_cols=n_cols, groups=groups, n_groups=n_groups,
+            clip=clip, pending=pending, factors=factors,
+        )  # fmt: skip
+    return out[None]
 
 
 def _token(*args: Any) -> str:

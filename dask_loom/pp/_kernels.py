@@ -27,11 +27,13 @@ __all__ = [
     "gram_block",
     "gram_selected",
     "log1p_block",
+    "parts_stats",
     "project_block",
     "project_selected",
     "row_sums",
     "scale_rows",
     "select_block",
+    "stream_stats",
     "symmetric",
 ]
 
@@ -109,6 +111,7 @@ def _fused(block: Any, pending: Pending | None) -> bool:
 
 
 def _params(block: Any, pending: Pending | None, factors: np.ndarray | None) -> tuple[Any, ...]:
+    # *block*: anything with the values' dtype (a CSR block or its data vector).
     if pending is None:
         return np.ones(1), 0, False, 1.0, 1.0
     mode, log_div, exp_mul = pending.mode()
@@ -212,31 +215,14 @@ def block_stats(
     """
     block = as_csr(block)
     n_rows, n_cols = block.shape
+    if _fused(block, pending):
+        return parts_stats(
+            [(0, n_rows, block.data, block.indices, block.indptr)], n_rows=n_rows, n_cols=n_cols,
+            groups=groups, n_groups=n_groups, clip=clip, pending=pending, factors=factors,
+        )  # fmt: skip
     if groups is None:
         groups = np.zeros(n_rows, dtype=np.int64)
     groups = np.asarray(groups, dtype=np.int64)
-    if _fused(block, pending):
-        size = int(n_groups) * int(n_cols)
-        c = np.zeros(1) if clip is None else np.ascontiguousarray(clip, dtype=np.float64).reshape(size)
-        ss = np.zeros((size, 2), dtype=np.float64)
-        # A count is at most the block's rows.
-        cnt = np.zeros(size, dtype=np.int32 if n_rows < 2**31 else np.int64)
-        _numba().stats(
-            block.data,
-            block.indices,
-            block.indptr,
-            groups,
-            int(n_cols),
-            c,
-            clip is not None,
-            *_params(block, pending, factors),
-            ss,
-            cnt,
-        )
-        out = np.empty((3, n_groups, n_cols), dtype=np.float64)
-        out[:2] = ss.T.reshape(2, n_groups, n_cols)
-        out[2] = cnt.reshape(n_groups, n_cols)
-        return out
     if pending is not None:
         block = as_csr(pending.apply(block, factors))
     out = np.zeros((3, n_groups, n_cols), dtype=np.float64)
@@ -265,6 +251,71 @@ def block_stats(
         out[1, g] = (sel * sel).sum(axis=0)
         out[2, g] = nz.sum(axis=0)
     return out
+
+
+class _StatsSums:
+    """The accumulators of :func:`block_stats`' compiled loop, for a block given whole or in pieces of rows."""
+
+    def __init__(self, n_groups: int, n_cols: int, n_rows: int, clip: np.ndarray | None) -> None:
+        self.shape = (int(n_groups), int(n_cols))
+        size = self.shape[0] * self.shape[1]
+        self.clip = (
+            np.zeros(1) if clip is None else np.ascontiguousarray(clip, dtype=np.float64).reshape(size)
+        )
+        self.has_clip = clip is not None
+        self.ss = np.zeros((size, 2), dtype=np.float64)
+        # A count is at most the block's rows.
+        self.cnt = np.zeros(size, dtype=np.int32 if n_rows < 2**31 else np.int64)
+
+    def add(
+        self,
+        data: np.ndarray,
+        indices: np.ndarray,
+        indptr: np.ndarray,
+        groups: np.ndarray,
+        pending: Pending | None,
+        factors: np.ndarray | None,
+    ) -> None:
+        fac, *mode = _params(data, pending, factors)
+        _numba().stats(
+            data, indices, indptr, groups, self.shape[1], self.clip, self.has_clip, fac, *mode, self.ss, self.cnt
+        )  # fmt: skip
+
+    def result(self) -> np.ndarray:
+        out = np.empty((3, *self.shape), dtype=np.float64)
+        out[:2] = self.ss.T.reshape(2, *self.shape)
+        out[2] = self.cnt.reshape(self.shape)
+        return out
+
+
+def parts_stats(
+    parts: Any,
+    *,
+    n_rows: int,
+    n_cols: int,
+    groups: np.ndarray | None = None,
+    n_groups: int = 1,
+    clip: np.ndarray | None = None,
+    pending: Pending | None = None,
+    factors: np.ndarray | None = None,
+) -> np.ndarray:
+    """:func:`block_stats` of a CSR block of *n_rows* rows given in pieces of rows.
+
+    *parts* yields ``(lo, hi, data, indices, indptr)`` for rows ``lo:hi``
+    (:meth:`~dask_loom.anndata._plan._LayerPlan.iter_parts`); *groups* and
+    *factors* are the whole block's.  Compiled kernels only (:func:`stream_stats`).
+    """
+    groups = np.zeros(n_rows, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    f = None if factors is None else np.asarray(factors).reshape(-1)
+    acc = _StatsSums(n_groups, n_cols, n_rows, clip)
+    for lo, hi, data, indices, indptr in parts:
+        acc.add(data, indices, indptr, groups[lo:hi], pending, None if f is None else f[lo:hi])
+    return acc.result()
+
+
+def stream_stats(dtype: Any, pending: Pending | None) -> bool:
+    """Whether :func:`parts_stats` can sum a CSR block of *dtype* with *pending* owed."""
+    return use_numba() and (pending is None or np.dtype(dtype) in (np.float32, np.float64))
 
 
 def _dense_selection(block: Any, lut: np.ndarray, n_sel: int) -> tuple[np.ndarray, np.ndarray]:
