@@ -209,7 +209,7 @@ def main() -> None:
             "traffic": traffic,
             "ratios": ratios,
             "targets": {"remote / local": "<= 1.5", "h5py-fsspec / remote": ">= 10"},
-            "notes": "cold: a fresh process, connect to result (s3fs/aiobotocore imports and sessions included for the "
+            "notes": "cold: a fresh process, connect to result (the object-store client's imports and sessions included for the "
             "remote runs); warm: a second connect+map in that process (the connection was closed: it opens the file and "
             "builds the chunk index again, with modules and object-store sessions warm)",
         },

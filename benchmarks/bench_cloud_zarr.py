@@ -17,7 +17,7 @@ benchmarks/cache/.  Three parts, ratios in one run:
 (c) The object-store client for the shard reads: every shard of the layer read
     as dask_loom reads it (its last 4 MiB with the index in one suffix request,
     the rest in 4 MiB ranged requests, every request of a shard at once) with
-    fsspec/s3fs (what dask_loom uses) and with obstore, through the same proxy.
+    fsspec/s3fs (dask_loom's client before issue 15) and with obstore (its client now), through the same proxy.
 
 Every map runs in a fresh process (wall time, peak RSS of the process tree).
 

@@ -68,19 +68,18 @@ def forget_root(store: AnnStore) -> None:
 
 
 def _remote_head(spec: FileSpec) -> tuple[bool, bytes]:
-    fs, path = spec.fs()
-    # One ``info`` answers both questions (exists, directory): on S3 a HEAD and,
-    # for a prefix, one listing of a key, where exists + isdir cost three requests.
+    remote = spec.remote()
+    # One HEAD answers for a file; a prefix (a zarr store) costs one listing more.
     try:
-        info = fs.info(path)
+        kind = remote.kind()
     except FileNotFoundError:
         raise FileNotFoundError(
             errno.ENOENT, f"AnnData file or store '{spec.name}' not found", spec.name
         ) from None
-    if info.get("type") == "directory":
+    if kind == "directory":
         return True, b""
-    with fs.open(path, "rb") as fh:
-        return False, fh.read(8)
+    size = remote.size()
+    return False, bytes(remote.read_ranges([0], [min(8, size)])[0]) if size else b""
 
 
 def open_store(path: Any, storage_options: dict[str, Any] | None = None) -> AnnStore:
@@ -126,13 +125,14 @@ def _open_zarr_root(store: AnnStore) -> Any:
             import fsspec
             from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-            fs, path = spec.fs()
-            zfs = fsspec.filesystem("zip", fo=fs.open(path, "rb"))
+            zfs = fsspec.filesystem("zip", fo=spec.remote().open())
             zstore = FsspecStore(AsyncFileSystemWrapper(zfs, asynchronous=True), read_only=True, path="")
     elif spec.is_local:
         zstore = LocalStore(spec.url, read_only=True)
     else:
-        zstore = FsspecStore.from_url(spec.url, storage_options=dict(spec.storage_options), read_only=True)
+        from dask_loom.storage._objectstore import open_store as open_object_store
+
+        zstore = open_object_store(spec.url, read_only=True, **spec.storage_options)
     try:
         if not spec.is_local and store.kind == "zarr":
             # Remotely, asking for v3 first spares the concurrent probes of the

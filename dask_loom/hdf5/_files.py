@@ -20,7 +20,7 @@ import h5py
 
 from dask_loom._config import get_config
 from dask_loom._handles import HandleCache
-from dask_loom.errors import FileBeingWrittenError, LoomFormatError, WriteConflictError
+from dask_loom.errors import FileBeingWrittenError, LoomFormatError, StoreError, WriteConflictError
 from dask_loom.hdf5._coalesce import coalesce, coalesce_plan, gap_within, parse_nbytes
 from dask_loom.hdf5._spans import HeldSpans
 from dask_loom.storage import FileSpec
@@ -61,8 +61,7 @@ class _Entry:
         self.h5: h5py.File | None = None
         self.fd: int | None = None
         self.fobj: Any = None  # remote file object behind h5py
-        self.fs: Any = None
-        self.fs_path: str | None = None
+        self.remote: Any = None  # the RemoteFile a remote object is read through
         self.size: int | None = None  # remote objects: bytes in the object, once known
         self.cache: dict[Any, Any] = {}  # layouts and chunk indexes, keyed by dataset path
         self.lock = threading.RLock()
@@ -223,8 +222,6 @@ def _open_for_read(spec: FileSpec, entry: _Entry) -> h5py.File:
             return _open_local_for_read(spec)
         from dask_loom.hdf5._metablocks import open_metadata_file
 
-        fs, path = spec.fs()
-        entry.fs, entry.fs_path = fs, path
         # h5py reads only metadata here (object headers, attributes, names): chunk
         # indexes are read by _btree.py and chunks by read_ranges.  A Loom file keeps
         # it at the start and after the matrix: 1 MiB cached blocks open a 4,096 x
@@ -234,11 +231,11 @@ def _open_for_read(spec: FileSpec, entry: _Entry) -> h5py.File:
         # The blocks stay held for read_ranges too: index pages and chunks lie in them.
         held = entry.cache.setdefault(HELD_SPANS, HeldSpans())
         entry.fobj = open_metadata_file(
-            fs, path, size, lambda st, sz: _read_remote(spec, entry, st, sz), block_size=2**20, pin=held.pin
+            size, lambda st, sz: _read_remote(spec, entry, st, sz), block_size=2**20, pin=held.pin
         )
         return h5py.File(entry.fobj, "r")
-    except (FileNotFoundError, FileBeingWrittenError):
-        raise
+    except (FileNotFoundError, FileBeingWrittenError, StoreError):
+        raise  # refused credentials, an unreachable store: no format error
     except OSError as exc:
         if spec.is_local and not os.path.exists(spec.url):
             raise FileNotFoundError(errno.ENOENT, f"File '{spec.url}' not found", spec.url) from None
@@ -356,15 +353,20 @@ def object_size(spec: FileSpec, entry: _Entry) -> int:
         if entry.fobj is not None and getattr(entry.fobj, "size", None) is not None:
             entry.size = int(entry.fobj.size)
         else:
-            if entry.fs is None:
-                entry.fs, entry.fs_path = spec.fs()
-            entry.size = int(_remote_call(spec, lambda: entry.fs.size(entry.fs_path), what="size"))
+            remote = _remote(spec, entry)
+            entry.size = int(_remote_call(spec, remote.size, what="size"))
     return entry.size
+
+
+def _remote(spec: FileSpec, entry: _Entry) -> Any:
+    if entry.remote is None:
+        entry.remote = spec.remote()
+    return entry.remote
 
 
 def _remote_call(spec: FileSpec, fn: Any, *, what: str) -> Any:
     """Run one object-store call with the stores' retry policy and typed errors."""
-    from dask_loom.errors import StoreError
+    from dask_loom.storage._obstore import message
 
     retries = int(get_config("retries"))
     backoff = float(get_config("retry-backoff"))
@@ -379,12 +381,14 @@ def _remote_call(spec: FileSpec, fn: Any, *, what: str) -> Any:
             if kind == "missing":
                 raise FileNotFoundError(errno.ENOENT, f"File '{spec.name}' not found", spec.name) from exc
             if kind == "denied":
-                raise CredentialsError(f"{spec.name}: access refused: {type(exc).__name__}: {exc}") from exc
+                raise CredentialsError(
+                    f"{spec.name}: access refused: {type(exc).__name__}: {message(exc)}"
+                ) from exc
             if kind != "transient":
-                raise StoreError(f"{spec.name}: {what} failed: {type(exc).__name__}: {exc}") from exc
+                raise StoreError(f"{spec.name}: {what} failed: {type(exc).__name__}: {message(exc)}") from exc
             if attempt == retries:
                 raise StoreError(
-                    f"{spec.name}: {what} failed after {retries + 1} attempts: {type(exc).__name__}: {exc}"
+                    f"{spec.name}: {what} failed after {retries + 1} attempts: {type(exc).__name__}: {message(exc)}"
                 ) from exc
             time.sleep(backoff * 2**attempt)
     raise AssertionError("unreachable")  # pragma: no cover
@@ -406,13 +410,12 @@ def _read_remote(
     """Ranged requests of about ``dask_loom.coalesce-bytes``, issued at once, each answer checked for length.
 
     Neighbouring ranges (holes up to ``dask_loom.coalesce-gap``) share a
-    request; all requests of the call go out concurrently (fsspec's
-    ``cat_ranges`` on the asynchronous filesystem).  An answer shorter than
+    request; all requests of the call go out concurrently (obstore's
+    asynchronous ranged GETs; fsspec's ``cat_ranges`` for ``memory://``).  An answer shorter than
     asked for (a cut connection, a broken middlebox) is retried like any
     transient fault and never returned short: after the retries a
     :class:`~dask_loom.errors.StoreError` names the object and the range.
     """
-    from dask_loom.errors import StoreError
 
     gap = parse_nbytes(get_config("coalesce-gap"))
     target = parse_nbytes(get_config("coalesce-bytes"))
@@ -433,16 +436,14 @@ def _read_remote(
                     f"{spec.name}: bytes {r0}..{r1} requested, but the object holds only {entry.size} bytes "
                     "(the file's chunk index points past its end)"
                 )
-    if entry.fs is None:
-        entry.fs, entry.fs_path = spec.fs()
-    fs, path = entry.fs, entry.fs_path
+    remote = _remote(spec, entry)
     blobs: list[Any] = [None] * len(plan)
     todo = list(range(len(plan)))
     short_note = ""
 
     def attempt() -> None:
         nonlocal todo, short_note
-        got = fs.cat_ranges([path] * len(todo), [plan[j][0] for j in todo], [plan[j][1] for j in todo])
+        got = remote.cat_ranges([plan[j][0] for j in todo], [plan[j][1] for j in todo])
         failed: list[int] = []
         first: BaseException | None = None
         for j, blob in zip(todo, got):

@@ -5,7 +5,8 @@ through a file object in cached blocks, one request per block, each waiting
 on the one before: a Loom file keeps its metadata at the start and after the
 matrix, so opening one cost a round trip per block (three at 1 MiB blocks).
 The first block and the last two are fetched here together, in one round
-trip, and handed to the block cache; later blocks are fetched on demand.
+trip, and handed to the block cache (:class:`~dask_loom.storage._rangefile.RangeFile`,
+32 blocks, least recently used dropped); later blocks are fetched on demand.
 """
 
 from __future__ import annotations
@@ -13,42 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["open_metadata_file"]
+from dask_loom.storage._rangefile import RangeFile
 
-_NAME = "dask-loom-seeded-blocks"
-_registered = False
-
-
-def _register() -> None:
-    global _registered
-    if _registered:
-        return
-    from fsspec.caching import BlockCache, register_cache
-
-    class SeededBlockCache(BlockCache):
-        """fsspec's LRU block cache, holding some blocks from the start (fetched elsewhere)."""
-
-        name = _NAME
-
-        def __init__(
-            self,
-            blocksize: int,
-            fetcher: Any,
-            size: int,
-            maxblocks: int = 32,
-            seed: dict[int, bytes] | None = None,
-        ) -> None:
-            self._seed = dict(seed or {})
-            super().__init__(blocksize, fetcher, size, maxblocks=maxblocks)
-
-        def _fetch_block(self, block_number: int) -> bytes:
-            # Each seeded block goes into the LRU cache once, like a fetched one.
-            held = self._seed.pop(block_number, None)
-            return held if held is not None else super()._fetch_block(block_number)
-
-    # Registered under a name of ours: the registry is how fsspec files find their cache.
-    register_cache(SeededBlockCache, clobber=True)
-    _registered = True
+__all__ = ["open_metadata_file", "seed_ranges"]
 
 
 def seed_ranges(size: int, block_size: int) -> list[tuple[int, int]]:
@@ -66,19 +34,17 @@ def seed_ranges(size: int, block_size: int) -> list[tuple[int, int]]:
 
 
 def open_metadata_file(
-    fs: Any,
-    path: str,
     size: int,
     fetch: Callable[[list[int], list[int]], list[Any]],
     *,
     block_size: int,
     pin: Callable[[int, bytes], None] | None = None,
-) -> Any:
-    """``fs.open(path)`` for h5py, its first block and last two fetched together by *fetch* ``(starts, sizes)``.
+) -> RangeFile:
+    """A file object of *size* bytes for h5py, its first block and last two fetched together by *fetch* ``(starts, sizes)``.
 
-    *pin* ``(start, bytes)`` is given each block fetched (the very object the cache holds).
+    Later blocks are fetched by *fetch* too.  *pin* ``(start, bytes)`` is
+    given each block fetched up front (the very object the cache holds).
     """
-    _register()
     ranges = seed_ranges(size, block_size)
     blobs = fetch([s for s, _e in ranges], [e - s for s, e in ranges]) if size else []
     seed: dict[int, bytes] = {}
@@ -88,6 +54,4 @@ def open_metadata_file(
             seed[b] = bytes(blob[lo : lo + min(block_size, e - b * block_size)])
             if pin is not None:
                 pin(b * block_size, seed[b])
-    return fs.open(
-        path, "rb", block_size=block_size, cache_type=_NAME, cache_options={"seed": seed}, size=size
-    )
+    return RangeFile(size, fetch, block_size=block_size, seed=seed)

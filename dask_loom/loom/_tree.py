@@ -426,7 +426,8 @@ def is_zarr_spec(spec: FileSpec) -> bool:
     if spec.is_local:
         return os.path.isdir(url) and any(os.path.exists(os.path.join(url, n)) for n in ("zarr.json", ".zgroup"))
     try:
-        fs, path = spec.fs()
-        return any(fs.exists(f"{path}/{n}") for n in ("zarr.json", ".zgroup"))
+        from dask_loom.storage._rangefile import RemoteFile
+
+        return any(RemoteFile(f"{url}/{n}", spec.storage_options).is_file() for n in ("zarr.json", ".zgroup"))
     except Exception:
         return False

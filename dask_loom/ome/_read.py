@@ -198,16 +198,14 @@ def _stat_key(spec: FileSpec) -> Any:
         except FileNotFoundError:
             raise FileNotFoundError(f"{spec.url}: no such file") from None
         return (spec.url, st.st_mtime_ns, st.st_size)
-    fs, path = spec.fs()
-    info = fs.info(path)
-    return (spec.url, info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""))
+    size, tag = spec.remote().stat()
+    return (spec.url, size, tag)
 
 
 def _open_input(spec: FileSpec) -> Any:
     if spec.is_local:
         return spec.url
-    fs, path = spec.fs()
-    return fs.open(path, "rb")
+    return spec.remote().open()
 
 
 def parquet_file(spec: FileSpec, *, label: str | None = None) -> pq.ParquetFile:
@@ -359,8 +357,10 @@ def _join(spec: FileSpec, name: str) -> FileSpec:
 def _isdir(spec: FileSpec) -> bool:
     if spec.is_local:
         return os.path.isdir(spec.url)
-    fs, path = spec.fs()
-    return bool(fs.isdir(path))
+    try:
+        return spec.remote().kind() == "directory"
+    except FileNotFoundError:
+        return False
 
 
 def _exists(spec: FileSpec) -> bool:

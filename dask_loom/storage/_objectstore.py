@@ -1,8 +1,12 @@
-"""Object stores (``s3://``, ``gs://``, ``az://``, ``http(s)://``, ``memory://``) through fsspec.
+"""Object stores (``s3://``, ``gs://``, ``az://``, ``http(s)://``) through obstore; ``memory://`` through fsspec.
 
-Synchronous (simplezarr) calls use fsspec's ordinary filesystem; zarr's async
-calls use an asynchronous instance bound to zarr's event loop, so many chunk
-requests are in flight at once.  Transient failures (5xx, timeouts, dropped
+``s3://``, ``gs://``, ``az://`` and ``http(s)://`` go through obstore
+(:mod:`dask_loom.storage._obstore`: a tenth of s3fs's cold cost), with its
+synchronous calls for simplezarr and its ``_async`` calls for zarr, so many
+chunk requests are in flight at once.  Other fsspec URLs (``memory://``, the
+tests' and doctests' store) keep fsspec: its ordinary filesystem for
+synchronous calls, an asynchronous instance bound to zarr's event loop where
+the filesystem has one.  Transient failures (5xx, timeouts, dropped
 connections) are retried with exponential backoff (``dask_loom.retries``,
 ``dask_loom.retry-backoff``), then raised as :class:`~dask_loom.errors.StoreError`
 naming the store and key; refused credentials fail at once.
@@ -20,6 +24,18 @@ from typing import Any
 
 from dask_loom._config import get_config
 from dask_loom.errors import MissingKeyError, StoreError
+from dask_loom.storage._obstore import (
+    classify_obstore,
+    fsspec_options,
+    is_native,
+    message,
+    native_store,
+    nexists,
+    nexists_async,
+    nget,
+    nget_async,
+    nlist,
+)
 from dask_loom.storage._stores import (
     BaseStore,
     LocalStore,
@@ -76,6 +92,10 @@ def _classify(exc: BaseException) -> str:
         return "missing"
     if isinstance(exc, PermissionError):
         return "denied"
+    if type(exc).__module__.startswith("obstore"):
+        kind = classify_obstore(exc)
+        if kind is not None:
+            return kind
     if any(w in type(exc).__name__ for w in ("ChecksumError", "PayloadError", "IncompleteRead")):
         # A body cut short or damaged on the way (aiohttp reports a cut body with status 400).
         return "transient"
@@ -93,8 +113,20 @@ def _classify(exc: BaseException) -> str:
     name = type(exc).__name__
     # A body that fails its checksum (botocore's FlexibleChecksumError) or ends early came back
     # damaged on the way (a proxy, a cache): asked again, as any transient fault.
-    if any(w in name for w in ("Timeout", "Connect", "Connection", "EndpointConnection", "ServerDisconnected", "ClientOSError",
-                               "ChecksumError", "PayloadError", "IncompleteRead")):
+    if any(
+        w in name
+        for w in (
+            "Timeout",
+            "Connect",
+            "Connection",
+            "EndpointConnection",
+            "ServerDisconnected",
+            "ClientOSError",
+            "ChecksumError",
+            "PayloadError",
+            "IncompleteRead",
+        )
+    ):
         return "transient"
     if isinstance(exc, OSError):
         if exc.errno in _TRANSIENT_ERRNOS:
@@ -102,9 +134,26 @@ def _classify(exc: BaseException) -> str:
         if exc.errno in (errno.EACCES, errno.EPERM):
             return "denied"
         text = str(exc).lower()
-        if any(w in text for w in ("503", "500", "502", "504", "slow down", "unavailable", "internal error", "timed out", "timeout", "connection")):
+        if any(
+            w in text
+            for w in (
+                "503",
+                "500",
+                "502",
+                "504",
+                "slow down",
+                "unavailable",
+                "internal error",
+                "timed out",
+                "timeout",
+                "connection",
+            )
+        ):
             return "transient"
-        if any(w in text for w in ("access denied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch", "403")):
+        if any(
+            w in text
+            for w in ("access denied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch", "403")
+        ):
             return "denied"
     return "fatal"
 
@@ -139,8 +188,9 @@ class ObjectStore(_Base3):
     url
         Root URL of the store.
     storage_options
-        fsspec options (credentials, ``endpoint_url``/``client_kwargs`` …);
-        never printed.
+        Credentials and endpoint, s3fs-style (``key``, ``secret``,
+        ``endpoint_url``/``client_kwargs`` …) or obstore's own keys
+        (:func:`~dask_loom.storage._obstore.translate_options`); never printed.
     read_only
         Refuse writes (always true for ``http(s)://``).
 
@@ -171,6 +221,8 @@ class ObjectStore(_Base3):
         self._local = threading.local()
         self._afs_by_loop: dict[int, Any] = {}
         self._root: str | None = None
+        self._is_native = is_native(self.url)
+        self._nat: tuple[int, Any, str] | None = None
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -196,13 +248,26 @@ class ObjectStore(_Base3):
     def supports_listing(self) -> bool:
         return self.scheme not in ("http", "https")
 
-    # -- filesystems --------------------------------------------------------------------
+    # -- clients ---------------------------------------------------------------------------
+    def _native(self) -> tuple[Any, str] | None:
+        """This process's obstore store and the root path below it, or ``None`` for an fsspec URL."""
+        if not self._is_native or not is_native(self.url):  # a forked child may have to fall back to fsspec
+            return None
+        held = self._nat
+        if held is None or held[0] != os.getpid():  # a forked child builds its own client
+            store, root = native_store(self.url, self.storage_options)
+            held = self._nat = (os.getpid(), store, root)
+        return held[1], held[2]
+
+    def _npath(self, root: str, key: str) -> str:
+        return f"{root}/{key}" if root and key else root or key
+
     def _fs(self) -> Any:
         fs = getattr(self._local, "fs", None)
         if fs is None:
             import fsspec.core
 
-            fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            fs, root = fsspec.core.url_to_fs(self.url, **fsspec_options(self.url, self.storage_options))
             self._root = root.rstrip("/")
             self._local.fs = fs
         return fs
@@ -223,9 +288,13 @@ class ObjectStore(_Base3):
             if not getattr(sync_fs, "async_impl", False):
                 fs = False  # no async implementation: run the sync calls in threads
             else:
-                fs = fsspec.filesystem(sync_fs.protocol if isinstance(sync_fs.protocol, str) else sync_fs.protocol[0],
-                                       asynchronous=True, loop=loop, skip_instance_cache=True,
-                                       **self.storage_options)
+                fs = fsspec.filesystem(
+                    sync_fs.protocol if isinstance(sync_fs.protocol, str) else sync_fs.protocol[0],
+                    asynchronous=True,
+                    loop=loop,
+                    skip_instance_cache=True,
+                    **fsspec_options(self.url, self.storage_options),
+                )
                 if hasattr(fs, "set_session"):
                     await fs.set_session()
             self._afs_by_loop = {k: v for k, v in self._afs_by_loop.items() if not v[0].is_closed()}
@@ -245,10 +314,12 @@ class ObjectStore(_Base3):
         if kind == "missing":
             return self._missing(key)
         if kind == "denied":
-            return CredentialsError(f"{self.name}: access to {key or '/'!r} refused ({op}): {exc}")
+            return CredentialsError(f"{self.name}: access to {key or '/'!r} refused ({op}): {message(exc)}")
         if kind == "transient":
-            return StoreError(f"{self.name}: {op} {key or '/'!r} failed after {attempts} attempts: {type(exc).__name__}: {exc}")
-        return StoreError(f"{self.name}: {op} {key or '/'!r} failed: {type(exc).__name__}: {exc}")
+            return StoreError(
+                f"{self.name}: {op} {key or '/'!r} failed after {attempts} attempts: {type(exc).__name__}: {message(exc)}"
+            )
+        return StoreError(f"{self.name}: {op} {key or '/'!r} failed: {type(exc).__name__}: {message(exc)}")
 
     def _retry(self, op: str, key: str, fn: Callable[[], Any]) -> Any:
         retries = int(get_config("retries"))
@@ -280,6 +351,9 @@ class ObjectStore(_Base3):
 
     # -- sync primitives ---------------------------------------------------------------
     def _get(self, key: str, req: Req = None) -> bytes:
+        nat = self._native()
+        if nat is not None:
+            return self._retry("get", key, lambda: nget(nat[0], self._npath(nat[1], key), req))
         path = self._path(key)
         fs = self._fs()
 
@@ -303,21 +377,49 @@ class ObjectStore(_Base3):
         return self._retry("get", key, go)
 
     def _exists(self, key: str) -> bool:
+        nat = self._native()
+        if nat is not None:
+            return bool(self._retry("exists", key, lambda: nexists(nat[0], self._npath(nat[1], key))))
         fs = self._fs()
         path = self._path(key)
         return bool(self._retry("exists", key, lambda: fs.isfile(path)))
 
     def _size(self, key: str) -> int:
+        nat = self._native()
+        if nat is not None:
+            import obstore
+
+            return int(
+                self._retry("size", key, lambda: obstore.head(nat[0], self._npath(nat[1], key))["size"])
+            )
         fs = self._fs()
         path = self._path(key)
         return int(self._retry("size", key, lambda: fs.size(path)))
 
     def _set(self, key: str, data: bytes) -> None:
+        nat = self._native()
+        if nat is not None:
+            import obstore
+
+            self._retry("set", key, lambda: obstore.put(nat[0], self._npath(nat[1], key), bytes(data)))
+            return
         fs = self._fs()
         path = self._path(key)
         self._retry("set", key, lambda: fs.pipe_file(path, data))
 
     def _erase(self, key: str) -> None:
+        nat = self._native()
+        if nat is not None:
+            import obstore
+
+            path = self._npath(nat[1], key)
+
+            def erase() -> None:
+                obstore.head(nat[0], path)  # a missing key is an error here, as on a file system
+                obstore.delete(nat[0], path)
+
+            self._retry("erase", key, erase)
+            return
         fs = self._fs()
         path = self._path(key)
 
@@ -329,6 +431,12 @@ class ObjectStore(_Base3):
         self._retry("erase", key, go)
 
     def _keys(self, prefix: str) -> list[str]:
+        nat = self._native()
+        if nat is not None:
+            root = nat[1]
+            found = self._retry("list", prefix, lambda: nlist(nat[0], self._npath(root, prefix.rstrip("/"))))
+            rels = [p[len(root) + 1 :] if root else p for p in (m["path"] for m in found)]
+            return sorted(k for k in rels if k.startswith(prefix))
         fs = self._fs()
         base = self._path(prefix.rstrip("/"))
         root = str(self._root)
@@ -351,6 +459,23 @@ class ObjectStore(_Base3):
 
     def _dir(self, prefix: str) -> list[str]:
         # One level (a delimiter listing), not every key below the prefix.
+        nat = self._native()
+        if nat is not None:
+            import obstore
+
+            root = nat[1]
+            got = self._retry(
+                "list",
+                prefix,
+                lambda: obstore.list_with_delimiter(nat[0], self._npath(root, prefix.rstrip("/")) or None),
+            )
+            names = [(p, True) for p in got["common_prefixes"]] + [(m["path"], False) for m in got["objects"]]
+            found = set()
+            for name, is_dir in names:
+                rel = name.rstrip("/")[len(root) + 1 :] if root else name.rstrip("/")
+                if rel.startswith(prefix) and rel != prefix.rstrip("/"):
+                    found.add(rel + "/" if is_dir else rel)
+            return sorted(found)
         fs = self._fs()
         base = self._path(prefix.rstrip("/"))
         root = str(self._root)
@@ -382,6 +507,14 @@ class ObjectStore(_Base3):
         """
         if not self.supports_listing:
             return None
+        nat = self._native()
+        if nat is not None:
+            root = nat[1]
+            infos = self._retry("list", "", lambda: nlist(nat[0], root, limit=limit))
+            if infos is None:
+                return None
+            head = f"{root}/" if root else ""
+            return {m["path"][len(head) :]: _content_md5({"ETag": m.get("e_tag")}) for m in infos}
         fs = self._fs()
         root = str(self._root)
         if hasattr(fs, "_iterdir") and hasattr(fs, "split_path") and getattr(fs, "loop", None) is not None:
@@ -415,6 +548,9 @@ class ObjectStore(_Base3):
 
     # -- async primitives --------------------------------------------------------------
     async def _aget(self, key: str, req: Req = None) -> bytes:
+        nat = self._native()
+        if nat is not None:
+            return await self._aretry("get", key, lambda: nget_async(nat[0], self._npath(nat[1], key), req))
         fs = await self._afs()
         if fs is False:
             return await asyncio.to_thread(self._get, key, req)
@@ -445,6 +581,17 @@ class ObjectStore(_Base3):
         elsewhere it is ``None`` (unknown).  Raises :class:`MissingKeyError`
         when the object does not exist.
         """
+        nat = self._native()
+        if nat is not None and n > 0:
+            import obstore
+
+            path = self._npath(nat[1], key)
+
+            async def tail() -> tuple[bytes, int | None]:
+                got = await obstore.get_async(nat[0], path, options={"range": {"suffix": int(n)}})
+                return bytes(await got.bytes_async()), int(got.meta["size"])
+
+            return await self._aretry("get", key, tail)
         fs = await self._afs()
         if fs is False or self.scheme not in _SUFFIX_RANGES or not hasattr(fs, "_call_s3"):
             return await self._aget(key, ("suffix", n)), None
@@ -463,6 +610,13 @@ class ObjectStore(_Base3):
         return await self._aretry("get", key, go)
 
     async def _aset(self, key: str, data: bytes) -> None:
+        nat = self._native()
+        if nat is not None:
+            import obstore
+
+            path = self._npath(nat[1], key)
+            await self._aretry("set", key, lambda: obstore.put_async(nat[0], path, bytes(data)))
+            return
         fs = await self._afs()
         if fs is False:
             await asyncio.to_thread(self._set, key, data)
@@ -471,6 +625,18 @@ class ObjectStore(_Base3):
         await self._aretry("set", key, lambda: fs._pipe_file(path, data))
 
     async def _aerase(self, key: str) -> None:
+        nat = self._native()
+        if nat is not None:
+            import obstore
+
+            path = self._npath(nat[1], key)
+
+            async def erase() -> None:
+                await obstore.head_async(nat[0], path)
+                await obstore.delete_async(nat[0], path)
+
+            await self._aretry("erase", key, erase)
+            return
         fs = await self._afs()
         if fs is False:
             await asyncio.to_thread(self._erase, key)
@@ -479,6 +645,11 @@ class ObjectStore(_Base3):
         await self._aretry("erase", key, lambda: fs._rm_file(path))
 
     async def _aexists(self, key: str) -> bool:
+        nat = self._native()
+        if nat is not None:
+            return bool(
+                await self._aretry("exists", key, lambda: nexists_async(nat[0], self._npath(nat[1], key)))
+            )
         fs = await self._afs()
         if fs is False:
             return await asyncio.to_thread(self._exists, key)

@@ -76,7 +76,9 @@ def check_scheme(url: str | os.PathLike[str]) -> str:
         scheme = "::".join(parts)
         if all(p in ALLOWED_SCHEMES for p in parts):
             # Allowed, but without "://" nothing would handle it as a URL: say so.
-            raise UnsupportedSchemeError(f"{redact_url(text)!r}: a URL needs '://' after its scheme {scheme!r}")
+            raise UnsupportedSchemeError(
+                f"{redact_url(text)!r}: a URL needs '://' after its scheme {scheme!r}"
+            )
     for part in parts:
         if part not in ALLOWED_SCHEMES:
             raise UnsupportedSchemeError(
@@ -97,7 +99,9 @@ class FileSpec:
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> FileSpec:
+    def from_path(
+        cls, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+    ) -> FileSpec:
         path = os.fspath(path)
         scheme = check_scheme(path)
         if is_url(path):
@@ -116,16 +120,21 @@ class FileSpec:
         return redact_url(self.url)
 
     def fs(self) -> Any:
-        """The fsspec filesystem and path for a remote spec."""
+        """The fsspec filesystem and path for a remote spec (writers and rare paths; readers use :meth:`remote`)."""
         import fsspec.core
 
         return fsspec.core.url_to_fs(self.url, **self.storage_options)
 
+    def remote(self) -> Any:
+        """The :class:`~dask_loom.storage._rangefile.RemoteFile` of a remote spec (obstore, or fsspec for ``memory://``)."""
+        from dask_loom.storage._rangefile import RemoteFile
+
+        return RemoteFile(self.url, self.storage_options, name=self.name)
+
     def exists(self) -> bool:
         if self.is_local:
             return os.path.exists(self.url)
-        fs, path = self.fs()
-        return bool(fs.exists(path))
+        return bool(self.remote().exists())
 
     def __dask_tokenize__(self) -> Any:
         return ("FileSpec", self.url, tokenize(sorted((k, repr(v)) for k, v in self.storage_options.items())))
