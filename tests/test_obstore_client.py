@@ -233,6 +233,36 @@ def test_object_store_pickles_and_works_in_forked_child(s3_server):
     assert got == b"forked" and p.exitcode == 0
 
 
+def _read_without_s3fs(s, q):
+    try:
+        import importlib
+
+        # fsspec's package attribute ``registry`` is the mapping, not the module
+        reg = importlib.import_module("fsspec.registry")
+        reg.known_implementations["s3"] = {"class": "s3fs_missing.S3FileSystem", "err": "Install s3fs"}
+        reg._registry.pop("s3", None)
+        s.get("k")
+        q.put("read")
+    except Exception as exc:  # the child reports what it raised
+        q.put(f"{type(exc).__name__}: {exc}")
+
+
+@pytest.mark.s3
+def test_forked_child_without_the_fallback_gets_a_clear_error(s3_server):
+    """No s3fs in a child forked after obstore use: a typed error saying to spawn, not a hang."""
+    s = open_store(f"s3://{s3_server['bucket']}/p-{uuid.uuid4().hex}", **s3_server["storage_options"])
+    s.set("k", b"x")
+    assert s.get("k") == b"x"
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_read_without_s3fs, args=(s, q))
+    p.start()
+    got = q.get(timeout=60)
+    p.join(60)
+    assert got.startswith("StoreError: s3://") and "forked" in got and "'spawn'" in got, got
+    assert s3_server["storage_options"].get("secret", "no-secret-here") not in got
+
+
 @pytest.mark.s3
 def test_s3_read_path_imports_no_s3fs(s3_server, tmp_path):
     """connect("s3://…loom") + map, a .loom.zarr and the AnnData reader, in a fresh process: no s3fs, no botocore."""

@@ -98,6 +98,8 @@ def fsspec_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
     """*options* for fsspec's filesystem of *url*: s3fs spellings kept, obstore's common S3 keys translated back."""
     if "://" not in url or url.split("://", 1)[0].lower() not in NATIVE_SCHEMES:
         return dict(options)
+    if _forked_after_use:
+        _check_fallback(url)
     out: dict[str, Any] = {}
     for k, v in options.items():
         if k in ("client_options", "retry_config"):
@@ -107,6 +109,25 @@ def fsspec_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
         else:
             out[_TO_S3FS.get(k, k)] = v
     return out
+
+
+def _check_fallback(url: str) -> None:
+    """A forked child's fsspec fallback for *url* is installed, or a clear error saying what to do."""
+    import fsspec
+
+    scheme = url.split("://", 1)[0].lower()
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as exc:
+        from dask_loom.errors import StoreError
+
+        shown = re.sub(r"(://)[^/@]*@", r"\1***@", url)  # no credentials in the message
+        raise StoreError(
+            f"{shown}: this process was forked after its parent read through obstore, which cannot "
+            "run in a forked child; start the workers with 'spawn' or 'forkserver' (torch DataLoader: "
+            f"multiprocessing_context='spawn'), or install fsspec's {scheme}:// filesystem for the fallback "
+            f"({exc})"
+        ) from None
 
 
 def _timeout(v: Any) -> datetime.timedelta:
