@@ -47,12 +47,10 @@ DEFAULTS: dict[str, Any] = {
     # Compressor of arrays in .loom.zarr containers: blosc-zstd, blosc-lz4, zstd, gzip or none.
     "zarr-codec": "blosc-zstd",
     # Inner chunk shape of the sharded layers of a .loom.zarr (shards of about block-size
-    # are made of them): 256 x 256 (256 KiB of float32).  Measured on a quiet machine
-    # (benchmarks/bench_cloud_zarr.py part (a), two runs): map over a layer 0.22 s against 0.27 s
-    # at 128 x 128 on disk, 0.24 against 0.53 s on S3 at 20 ms per request; one cell or one gene
-    # read 40 / 176 ms against 65 / 253 ms (a chunk's decode call costs more than its bytes);
-    # converted in 2.0 s against 3.1 s (zarr-python encodes a shard chunk by chunk).
-    "loom-zarr-chunks": [256, 256],
+    # are made of them): 128 x 128 (64 KiB of float32) measured fastest for map over a layer
+    # against 64 x 64, 256 x 256 and 512 x 512 (benchmarks/bench_cloud_zarr.py), and quicker to
+    # write than 64 x 64 (zarr-python encodes a shard chunk by chunk).
+    "loom-zarr-chunks": [128, 128],
     # Reads of byte ranges on object stores (HDF5 .loom chunks, chunk-index pages): neighbouring
     # ranges are merged into one ranged request of about coalesce-bytes (a run is cut into
     # round(run / coalesce-bytes) pieces, so no small tail request), reading through holes of up
