@@ -31,6 +31,7 @@ import time
 from typing import Any
 
 import numpy as np
+import psutil
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -87,6 +88,11 @@ def _cold_and_warm(fn: Any, *fargs: Any, warm: bool) -> dict:
     return result
 
 
+def _cpu() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
 def run_dask_loom(url: str, storage_options: dict | None, warm: bool) -> dict:
     import dask_loom  # noqa: F401  (the package's own import is not part of the figure)
 
@@ -126,16 +132,24 @@ def main() -> None:
         opts = options_via(info["storage_options"], proxy.url)
         rows: list[tuple[str, dict]] = []
         traffic: dict[str, dict] = {}
+        harness_cpu: dict[str, dict] = {}
 
         def timed(name: str, fn: Any, *fargs: Any) -> None:
             # Cold: fresh processes doing one run each (their traffic is one run's);
             # warm: the second run of a process that already did one.
+            # The S3 server and the proxy are threads of this process: its CPU time during the
+            # runs (less the local run's, which is the harness's own) is what the test bed took
+            # from the two cores the reader runs on.
             proxy.reset_counts()
+            c0 = _cpu()
             colds = [measure(fn, *fargs, False) for _ in range(args.repeat)]
+            c1 = _cpu()
             snap = proxy.snapshot()
             proxy.reset_counts()
             warms = [measure(fn, *fargs, True)["result"] for _ in range(args.repeat)]
+            c2 = _cpu()
             both = proxy.snapshot()
+            harness_cpu[name] = {"cold_run": (c1 - c0) / args.repeat, "cold_and_warm_run": (c2 - c1) / args.repeat}
             cw = sorted(r["wall"] for r in colds)
             ww = sorted(r["warm"] for r in warms)
             r = {
@@ -198,6 +212,12 @@ def main() -> None:
     print(
         f"remote: {remote_req:.0f} requests per cold run (open, chunk index, map) for a {stored / 2**20:.1f} MiB file"
     )
+    base = harness_cpu[rows[0][0]]
+    testbed = {
+        n: {k: max(0.0, v - base[k]) for k, v in c.items()} for n, c in harness_cpu.items() if n != rows[0][0]
+    }
+    for n, c in testbed.items():
+        print(f"test bed (S3 server + proxy) CPU per run, {n}: cold {c['cold_run']:.2f} s", flush=True)
     name = "cloud_loom" if (args.rows, args.cols) == (4096, 16384) else f"cloud_loom_{args.rows}x{args.cols}"
     out = save(
         name,
@@ -207,6 +227,7 @@ def main() -> None:
             "repeat": args.repeat,
             "rows": dict(rows),
             "traffic": traffic,
+            "testbed_cpu_s_per_run": testbed,
             "ratios": ratios,
             "targets": {"remote / local": "<= 1.5", "h5py-fsspec / remote": ">= 10"},
             "notes": "cold: a fresh process, connect to result (the object-store client's imports and sessions included for the "
