@@ -52,7 +52,8 @@ DEFAULTS: dict[str, Any] = {
     # write than 64 x 64 (zarr-python encodes a shard chunk by chunk).  256 x 256 was measured
     # again on a quiet machine and kept out: faster for map over a float32 layer (0.22 against
     # 0.27 s on disk, 0.24 against 0.53 s on S3), but 1.5x / 2x slower for map / aggregate over
-    # the atlas's uint16 layer on a cluster (bench_atlas.py --chunks: 3.6 / 8.0 s against 2.4 / 4.1 s).
+    # the atlas's uint16 layer on a cluster (bench_atlas.py --chunks: 3.6 / 8.0 s against 2.4 / 4.1 s),
+    # where the nanny's MALLOC_TRIM_THRESHOLD_ makes every 128 KiB decoded chunk an mmap (docs/scale.md).
     "loom-zarr-chunks": [128, 128],
     # Reads of byte ranges on object stores (HDF5 .loom chunks, chunk-index pages): neighbouring
     # ranges are merged into one ranged request of about coalesce-bytes (a run is cut into

@@ -225,6 +225,49 @@ def test_shard_index_pointing_outside_is_refused(tmp_path):
         dask_loom.open_zarr(str(fn)).to_dask().compute(scheduler="sync")
 
 
+def _blosc_sharded(fn: pathlib.Path, ref: np.ndarray, inner: tuple[int, int], shards: tuple[int, int]) -> None:
+    z = zarr.create_array(
+        str(fn), shape=ref.shape, chunks=inner, shards=shards, dtype=ref.dtype,
+        compressors=[zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")],
+    )  # fmt: skip
+    z[:] = ref
+
+
+def test_blosc_chunk_whose_header_gives_another_size_is_refused(tmp_path):
+    """A blosc header that gives another decoded size: an error naming the shard and the inner chunk, not garbage."""
+    ref = np.random.default_rng(0).integers(0, 50, (128, 128)).astype("u2")
+    fn = tmp_path / "h.zarr"
+    _blosc_sharded(fn, ref, (32, 32), (128, 128))
+    np.testing.assert_array_equal(dask_loom.open_zarr(str(fn)).to_dask().compute(scheduler="sync"), ref)
+    shard = fn / "c" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    n = 16 * 16 + 4  # 4 x 4 inner chunks, 16 bytes each, and zarr's CRC32C of the index
+    offset = int(np.frombuffer(bytes(raw[-n : -n + 8]), "<u8")[0])  # the first inner chunk
+    raw[offset + 4 : offset + 8] = (32 * 32 * 2 - 64).to_bytes(4, "little")  # blosc's decoded size
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CorruptChunkError, match=r"h\.zarr.*shard 'c/0/0', inner chunk \(0, 0\): .*blosc"):
+        dask_loom.open_zarr(str(fn)).to_dask().compute(scheduler="sync")
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_sharded_blosc_regions_equal_zarr_python(tmp_path, scheduler):
+    """Sharded blosc reads through the direct reader: edges, unwritten chunks (fill) and any dask chunking."""
+    rng = np.random.default_rng(2)
+    ref = (rng.integers(1, 50, (700, 523)) * (rng.random((700, 523)) < 0.08)).astype("u2")
+    ref[:128, 64:192] = 0  # whole inner chunks of zeros: zarr-python does not write them
+    fn = tmp_path / "r.zarr"
+    z = zarr.create_array(
+        str(fn), shape=ref.shape, chunks=(64, 64), shards=(256, 256), dtype=ref.dtype, fill_value=0,
+        compressors=[zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
+    )  # fmt: skip
+    z[:] = ref
+    arr = dask_loom.open_zarr(str(fn))
+    for chunks in (None, "chunks", (300, 200), (77, 523)):
+        x = arr.to_dask() if chunks is None else arr.to_dask(chunks=chunks)
+        np.testing.assert_array_equal(x.compute(scheduler=scheduler), zarr.open_array(str(fn))[:])
+    np.testing.assert_array_equal(arr.to_dask()[5:690:7, 100:400].compute(scheduler=scheduler), ref[5:690:7, 100:400])
+
+
 def test_layer_replaced_with_other_inner_chunks_reads_the_new_layout(tmp_path):
     """An open reader meets a layer replaced (directory exchange) with other inner chunks: new values, never garbage."""
     m = make_matrix((300, 517), seed=1)
