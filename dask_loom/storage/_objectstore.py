@@ -26,6 +26,7 @@ from dask_loom._config import get_config
 from dask_loom.errors import MissingKeyError, StoreError
 from dask_loom.storage._obstore import (
     classify_obstore,
+    classify_status,
     fsspec_options,
     is_native,
     message,
@@ -101,13 +102,7 @@ def _classify(exc: BaseException) -> str:
         return "transient"
     status = _status(exc)
     if status is not None:
-        if status == 404:
-            return "missing"
-        if status in (401, 403):
-            return "denied"
-        if status >= 500 or status in (408, 429):
-            return "transient"
-        return "fatal"
+        return classify_status(status)
     if isinstance(exc, (TimeoutError, ConnectionError, asyncio.TimeoutError)):
         return "transient"
     name = type(exc).__name__

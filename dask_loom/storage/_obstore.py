@@ -29,6 +29,7 @@ Req = tuple[Any, Any] | None
 __all__ = [
     "NATIVE_SCHEMES",
     "classify_obstore",
+    "classify_status",
     "fsspec_options",
     "is_native",
     "message",
@@ -278,6 +279,17 @@ def message(exc: BaseException) -> str:
 _STATUS = re.compile(r"status code: (\d{3})")
 
 
+def classify_status(status: int) -> str:
+    """What an HTTP error *status* means for a retry: missing, denied, transient or fatal."""
+    if status == 404:
+        return "missing"
+    if status in (401, 403):
+        return "denied"
+    if status >= 500 or status in (408, 429):
+        return "transient"
+    return "fatal"
+
+
 def classify_obstore(exc: BaseException) -> str | None:
     """``"missing"``, ``"denied"``, ``"transient"``, ``"fatal"`` for an obstore exception; ``None`` when unsure."""
     # obstore raises FileNotFoundError for a 404, its own classes otherwise; a 5xx, a
@@ -292,14 +304,7 @@ def classify_obstore(exc: BaseException) -> str | None:
     text = message(exc)
     m = _STATUS.search(text)
     if m is not None:
-        status = int(m.group(1))
-        if status == 404:
-            return "missing"
-        if status in (401, 403):
-            return "denied"
-        if status >= 500 or status in (408, 429):
-            return "transient"
-        return "fatal"
+        return classify_status(int(m.group(1)))
     low = text.lower()
     if any(w in low for w in ("timed out", "timeout", "connect", "error sending request", "decod", "body",
                               "incomplete", "reset", "broken pipe", "closed")):  # fmt: skip
