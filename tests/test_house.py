@@ -56,7 +56,9 @@ def test_read_ahead_order_depth_and_errors():
         consumed.append(v)
         time.sleep(0.01)  # the caller's work: the read-ahead fills up meanwhile
     assert consumed == list(range(20))
-    assert max(ahead) == 4  # depth + 1, never more
+    # depth + 1 at most (this one and 3 ahead); at least one read ahead of the caller. How full it
+    # gets depends on the machine's load (3 seen on a busy CI run), so the bound, not the fill.
+    assert 2 <= max(ahead) <= 4, ahead
 
     def boom():
         raise KeyError("third")
