@@ -261,6 +261,8 @@ def test_sharded_blosc_regions_equal_zarr_python(tmp_path, scheduler):
         compressors=[zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
     )  # fmt: skip
     z[:] = ref
+    index = np.frombuffer((fn / "c" / "0" / "0").read_bytes()[-(16 * 16 + 4) : -4], "<u8").reshape(16, 2)
+    assert (index[:, 0] == 2**64 - 1).sum() == 4  # the zeroed inner chunks are absent: read as the fill
     arr = dask_loom.open_zarr(str(fn))
     for chunks in (None, "chunks", (300, 200), (77, 523)):
         x = arr.to_dask() if chunks is None else arr.to_dask(chunks=chunks)

@@ -121,10 +121,10 @@ def _check_fallback(url: str) -> None:
         fsspec.get_filesystem_class(scheme)
     except (ImportError, ValueError) as exc:
         from dask_loom.errors import StoreError
+        from dask_loom.storage._redact import redact_url
 
-        shown = re.sub(r"(://)[^/@]*@", r"\1***@", url)  # no credentials in the message
         raise StoreError(
-            f"{shown}: this process was forked after its parent read through obstore, which cannot "
+            f"{redact_url(url)}: this process was forked after its parent read through obstore, which cannot "
             "run in a forked child; start the workers with 'spawn' or 'forkserver' (torch DataLoader: "
             f"multiprocessing_context='spawn'), or install fsspec's {scheme}:// filesystem for the fallback "
             f"({exc})"

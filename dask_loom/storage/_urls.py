@@ -9,6 +9,8 @@ from typing import Any
 
 from dask.base import tokenize
 
+from dask_loom.storage._redact import redact_url
+
 __all__ = ["ALLOWED_SCHEMES", "FileSpec", "check_scheme", "is_url", "redact_url"]
 
 # URL schemes dask_loom opens; anything else is refused before any I/O.
@@ -19,13 +21,6 @@ ALLOWED_SCHEMES = frozenset(
 
 # "name:" or "name::" at the start of a path that has no "://" (data:, ftp::s3://...).
 _SCHEME_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)(::|:)")
-# URL userinfo (``//user:password@host``): never shown in messages.
-_USERINFO = re.compile(r"(?<=//)[^/@\s]*@")
-
-
-def redact_url(url: str) -> str:
-    """*url* with any ``user:password@`` part replaced by ``***@`` (for messages and reprs)."""
-    return _USERINFO.sub("***@", url)
 
 
 def is_url(path: str | os.PathLike[str]) -> bool:
