@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from dask_loom._config import get_config
+from dask_loom._threads import scratch
 from dask_loom.blocks import from_source
 from dask_loom.errors import CorruptChunkError, FileBeingWrittenError
 from dask_loom.hdf5._decode import decode_chunk
@@ -40,19 +41,6 @@ __all__ = ["HDF5Source", "build_index", "dataset_layout", "full_chunk_index", "h
 # Counters the tests use to prove which path served a read (per process).
 STATS = {"fast_blocks": 0, "h5py_blocks": 0}
 _stats_lock = threading.Lock()
-
-
-_local = threading.local()
-
-
-def _staging(n: int, dtype: np.dtype) -> np.ndarray:
-    """A per-thread scratch array of *n* elements (grown, never shrunk)."""
-    nbytes = n * dtype.itemsize
-    buf = getattr(_local, "staging", None)
-    if buf is None or buf.nbytes < nbytes:
-        buf = np.empty(max(nbytes, 1), dtype=np.uint8)
-        _local.staging = buf
-    return buf[:nbytes].view(dtype)
 
 
 def _place_2d(out: np.ndarray, staged: np.ndarray, chunks: tuple[int, ...]) -> None:
@@ -386,7 +374,7 @@ class HDF5Source:
         # Chunks decode straight into their slots of a reused per-thread
         # buffer: fresh memory costs page faults on every block on this kind
         # of machine, and no per-chunk bytes object or concatenation is made.
-        flat = _staging(len(coords) * n_el, dt)
+        flat = scratch(len(coords) * n_el, dt)
         idx = self._read_consistent(coords, flat, n_el * dt.itemsize, dt.itemsize)
         if len(idx) < len(coords):
             missing = np.ones(len(coords), dtype=bool)

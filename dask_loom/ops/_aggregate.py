@@ -40,9 +40,10 @@ def _staged_sums(source: Any, region: tuple[slice, ...], plan: GroupPlan) -> np.
     staged = read_staged((rows, slice(cols.start, inner)))
     if staged is None:
         return None
-    gi, gj, c0, _ = staged.shape
+    # The staged chunks may be smaller than the storage unit (a shard's inner chunks).
+    gi, gj, c0, cw = staged.shape
     oh = plan.onehot(staged.dtype)
-    pieces = oh[cols.start : inner].reshape(gj, c1, plan.n_groups)
+    pieces = oh[cols.start : inner].reshape(gj, cw, plan.n_groups)
     sums = np.matmul(staged, pieces[None]).sum(axis=1, dtype=np.float64).reshape(gi * c0, plan.n_groups)
     if inner < cols.stop:  # the staged buffer is reused by the next read: done with it above
         edge = read_into_buffer(source, (rows, slice(inner, cols.stop)))

@@ -172,23 +172,7 @@ class ZarrChunkReader:
         coords = np.asarray(coords, dtype=np.int64).reshape(len(coords), len(lay.chunks))
         if not len(coords):
             return []
-        if lay.per_shard is None:
-            raws = self.objects.whole([self.key(c) for c in coords.tolist()])
-        else:
-            per = np.array(lay.per_shard, dtype=np.int64)
-            shards = [tuple(sc) for sc in (coords // per).tolist()]
-            linear = np.ravel_multi_index(tuple((coords % per).T), lay.per_shard).tolist()
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for j, sc in enumerate(shards):
-                groups.setdefault(sc, []).append(j)
-            keys = {sc: self.key(sc) for sc in groups}
-            got = self.objects.shard_chunks(
-                lay, {keys[sc]: [linear[j] for j in js] for sc, js in groups.items()}
-            )
-            raws = [None] * len(coords)
-            for sc, js in groups.items():
-                for j, raw in zip(js, got[keys[sc]]):
-                    raws[j] = raw
+        raws = self._raws(coords)
         present = [j for j, r in enumerate(raws) if r is not None]
         tuples = [tuple(c) for c in coords.tolist()]
         decode = self._decode
@@ -202,6 +186,70 @@ class ZarrChunkReader:
         _count("direct_reads")
         _count("chunks_decoded", len(present))
         return out
+
+    def _raws(self, coords: np.ndarray) -> list[Any]:
+        """The stored bytes of the chunks at grid *coords* (``None``: never written), fetched together."""
+        lay = self.layout
+        if lay.per_shard is None:
+            return self.objects.whole([self.key(c) for c in coords.tolist()])
+        per = np.array(lay.per_shard, dtype=np.int64)
+        shards = [tuple(sc) for sc in (coords // per).tolist()]
+        linear = np.ravel_multi_index(tuple((coords % per).T), lay.per_shard).tolist()
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for j, sc in enumerate(shards):
+            groups.setdefault(sc, []).append(j)
+        keys = {sc: self.key(sc) for sc in groups}
+        got = self.objects.shard_chunks(lay, {keys[sc]: [linear[j] for j in js] for sc, js in groups.items()})
+        raws: list[Any] = [None] * len(coords)
+        for sc, js in groups.items():
+            for j, raw in zip(js, got[keys[sc]]):
+                raws[j] = raw
+        return raws
+
+    def read_staged(self, region: tuple[slice, ...]) -> np.ndarray | None:
+        """The decoded chunks of *region* in grid layout ``(*grid, *chunks)``, in a per-thread buffer.
+
+        For a region of whole (inner) chunks inside the array, else ``None``.
+        Reductions run on the chunks as they are (no copy into row-major
+        order), and a blosc chunk stored in the array's dtype is decompressed
+        straight into its slot (no decoded copy, no fresh buffer per chunk).
+        The array is valid until the thread's next staged read (HDF5 or Zarr).
+        """
+        from dask_loom._threads import scratch
+
+        lay = self.layout
+        cs = lay.chunks
+        if len(region) != len(cs):
+            return None
+        for r, c, n in zip(region, cs, lay.shape):
+            if r.start % c or r.stop % c or r.stop > n or r.stop <= r.start:
+                return None
+        axes = [np.arange(r.start // c, r.stop // c) for r, c in zip(region, cs)]
+        grid = [len(a) for a in axes]
+        coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(cs))
+        flat = scratch(len(coords) * int(np.prod(cs)), lay.dtype)
+        slots = flat.reshape(len(coords), -1)
+        raws = self._raws(coords)
+        into = lay.disk_dtype == lay.dtype and self._is_blosc()
+        if into:
+            from numcodecs import blosc
+        decoded = 0
+        for j, raw in enumerate(raws):
+            if raw is None:
+                slots[j] = lay.fill
+                continue
+            decoded += 1
+            at = tuple(int(c) for c in coords[j])
+            if into and _blosc_sizes(raw) == (lay.chunk_nbytes, len(raw)):
+                try:
+                    blosc.decompress(raw, slots[j])
+                except Exception as exc:
+                    raise CorruptChunkError(f"{self.label}, {self._name(at)}: {_problem(exc)}") from None
+            else:
+                slots[j] = self._decode(raw, at).reshape(-1)  # refused there when damaged, naming the chunk
+        _count("direct_reads")
+        _count("chunks_decoded", decoded)
+        return flat.reshape(*grid, *cs)
 
     @property
     def streams(self) -> bool:

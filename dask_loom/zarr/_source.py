@@ -330,8 +330,31 @@ class ZarrSource:
         and after the read (a ``stat`` each): a read that overlapped the
         array's replacement is repeated with the new layout.
         """
+        return self._consistent(lambda: self._read_block(region, out))
+
+    def read_staged(self, region: tuple[slice, ...]) -> np.ndarray | None:
+        """The region's decoded chunks in grid layout ``(*grid, *chunks)``, without assembling them.
+
+        Only where the direct reader serves the array and the region is made
+        of whole (inner) chunks inside it (``None`` otherwise): reductions
+        then run on the decoded chunks (see
+        :meth:`~dask_loom.zarr._chunks.ZarrChunkReader.read_staged`).  The
+        array is a view of a per-thread buffer, valid until the thread's next
+        staged read.
+        """
+        region = tuple(slice(*r.indices(n)[:2]) for r, n in zip(region, self.shape))
+        return self._consistent(lambda: self._staged(region))
+
+    def _staged(self, region: tuple[slice, ...]) -> np.ndarray | None:
+        if not self._direct:
+            return None
+        reader = self.reader()
+        return reader.read_staged(region) if reader.layout.dtype == self.dtype else None
+
+    def _consistent(self, read: Any) -> Any:
+        """``read()``, repeated if a local array's metadata document changed while it ran."""
         if self._doc_path is None:
-            return self._read_block(region, out)
+            return read()
         from dask_loom.errors import FileBeingWrittenError
 
         attempts = 20
@@ -340,7 +363,7 @@ class ZarrSource:
             if seen != self._doc_seen:
                 self._adopt(seen)
             try:
-                data = self._read_block(region, out)
+                data = read()
             except Exception:
                 if self._doc_identity() == seen:
                     raise
