@@ -349,10 +349,12 @@ def test_remote_map_fetches_each_stored_byte_once(s3_server, s3_proxy, big_loom)
     assert snap["total_bytes"] <= 1.1 * stored + metadata, (snap, stored, metadata)
     # Served from the bytes the index read held, and all of them let go once served.
     assert held.served >= 0.8 * stored and len(held) == 0, (held.served, stored, len(held))
-    # 1 HEAD (the size), the metadata blocks at both ends in 2 GETs at once (they hold the tree's
-    # root), 4 + 4 for its two other levels, 2 for chunks straddling the ends of what was held.
-    assert snap["total_requests"] <= 13, [(r.method, r.range) for r in proxy.log]
-    assert snap["requests"].get("HEAD", 0) == 1, snap
+    # The metadata blocks at both ends in 2 GETs at once, the second a suffix range whose answer
+    # gives the size (no HEAD); they hold the tree's root; 4 + 4 for its two other levels, 2 for
+    # chunks straddling the ends of what was held.
+    assert snap["total_requests"] <= 12, [(r.method, r.range) for r in proxy.log]
+    assert snap["requests"].get("HEAD", 0) == 0, snap
+    assert [r.range for r in proxy.log[:2]] in (["bytes=0-1048575", "bytes=-2097152"], ["bytes=-2097152", "bytes=0-1048575"])
     with h5py.File(big_loom, "r") as f:
         m = f["matrix"][:]
     np.testing.assert_allclose(got[0], m.mean(axis=1, dtype=np.float64), rtol=1e-6)
@@ -389,7 +391,7 @@ def test_missing_remote_loom_is_file_not_found(s3_server, s3_proxy):
     with pytest.raises(FileNotFoundError) as info:
         dask_loom.connect(url, "r", storage_options=proxy.storage_options)
     assert info.value.errno == errno.ENOENT and url in str(info.value)
-    # The HEAD opening asks the size with (s3fs then lists the key's prefix: is it a directory?).
+    # Opening asks for both ends of the object at once: two 404s, nothing else.
     assert proxy.snapshot()["total_requests"] <= 2, [(r.method, r.path) for r in proxy.log]
 
 
@@ -401,6 +403,59 @@ def test_metadata_blocks_fetched_on_opening():
     assert seed_ranges(3 * mib, mib) == [(0, 3 * mib)]  # adjacent blocks: one range
     assert seed_ranges(2 * mib, mib) == [(0, 2 * mib)]
     assert seed_ranges(100, mib) == [(0, 100)]
+
+
+@pytest.mark.parametrize("size", [100, 2**20, 2**20 + 5, 3 * 2**20 - 1, 10 * 2**20 + 5])
+def test_metadata_file_seeded_from_the_object_ends(size):
+    """Blocks cut from the two ends fetched on opening: the first block and the last two, nothing fetched again."""
+    from dask_loom.hdf5._metablocks import open_metadata_file
+
+    mib = 2**20
+    data = (np.arange(size, dtype=np.int64) * 2654435761 % 251).astype(np.uint8).tobytes()
+    fetched: list[tuple[int, int]] = []
+
+    def fetch(starts, sizes):
+        fetched.extend(zip(starts, sizes))
+        return [data[s : s + n] for s, n in zip(starts, sizes)]
+
+    tail = data[max(0, size - 2 * mib) :]
+    pinned: list[int] = []
+    f = open_metadata_file(
+        size, fetch, block_size=mib, pin=lambda s, _b: pinned.append(s), pieces=[(0, data[:mib]), (size - len(tail), tail)]
+    )
+    nblocks = -(-size // mib)
+    assert sorted(pinned) == [b * mib for b in sorted({0, max(0, nblocks - 2), nblocks - 1})]
+    f.seek(0)
+    assert f.read(64) == data[:64]
+    f.seek(size - 70)
+    assert f.read() == data[size - 70 :]
+    if nblocks > 1:
+        f.seek(nblocks // 2 * mib - 3)  # across a block boundary
+        assert f.read(10) == data[nblocks // 2 * mib - 3 : nblocks // 2 * mib + 7]
+    assert all(s // mib not in {0, nblocks - 2, nblocks - 1} for s, _n in fetched), fetched
+
+
+@pytest.mark.s3
+@pytest.mark.xdist_group("s3proxy")
+def test_short_answer_on_opening_is_retried_or_refused(s3_server, s3_proxy, small_loom):
+    path, m = small_loom
+    url = _upload(s3_server, path, "ends.loom")
+    proxy = s3_proxy()
+    clear_all()
+    with dask.config.set({"dask_loom.retries": 2, "dask_loom.retry-backoff": 0.01}):
+        proxy.inject("short", 1)
+        with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
+            np.testing.assert_array_equal(ds[:, :], m)
+        assert proxy.counts["short"] == 1
+        clear_all()
+        proxy.always("short")
+        try:
+            with pytest.raises(StoreError) as info:
+                dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False)
+        finally:
+            proxy.clear()
+    msg = str(info.value)
+    assert url in msg and "attempts" in msg and "opening" in msg and "short answer" in msg, msg
 
 
 def test_held_spans_serve_whole_chunks_once():

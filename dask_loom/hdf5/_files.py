@@ -226,12 +226,15 @@ def _open_for_read(spec: FileSpec, entry: _Entry) -> h5py.File:
         # indexes are read by _btree.py and chunks by read_ranges.  A Loom file keeps
         # it at the start and after the matrix: 1 MiB cached blocks open a 4,096 x
         # 16,384 loompy file in 3 blocks (64 KiB blocks took 6), all fetched in one
-        # round trip once the size is known (a HEAD, which also tells a missing object).
-        size = object_size(spec, entry)
+        # round trip that also gives the size (a missing object is told by it too).
+        block = 2**20
+        pieces = None
+        if entry.size is None:
+            entry.size, pieces = _remote_ends(spec, entry, block, 2 * block)
         # The blocks stay held for read_ranges too: index pages and chunks lie in them.
         held = entry.cache.setdefault(HELD_SPANS, HeldSpans())
         entry.fobj = open_metadata_file(
-            size, lambda st, sz: _read_remote(spec, entry, st, sz), block_size=2**20, pin=held.pin
+            entry.size, lambda st, sz: _read_remote(spec, entry, st, sz), block_size=block, pin=held.pin, pieces=pieces
         )
         return h5py.File(entry.fobj, "r")
     except (FileNotFoundError, FileBeingWrittenError, StoreError):
@@ -396,6 +399,22 @@ def _remote_call(spec: FileSpec, fn: Any, *, what: str) -> Any:
 
 class _ShortAnswer(OSError):
     """A ranged answer with fewer bytes than asked for (transient: retried)."""
+
+
+def _remote_ends(spec: FileSpec, entry: _Entry, head: int, tail: int) -> tuple[int, list[tuple[int, Any]]]:
+    """The object's size and its first *head* and last *tail* bytes as ``(start, bytes)``, in one round trip."""
+    remote = _remote(spec, entry)
+
+    def ends() -> tuple[int, list[tuple[int, Any]]]:
+        size, first, last = remote.ends(head, tail)
+        if len(first) != min(head, size) or len(last) != min(tail, size):
+            raise _ShortAnswer(
+                errno.EAGAIN,
+                f"short answer (the object's ends: {len(first)} and {len(last)} bytes of a {size}-byte object)",
+            )
+        return size, [(0, first), (size - len(last), last)]
+
+    return _remote_call(spec, ends, what="opening (its first and last bytes)")
 
 
 def _read_remote(

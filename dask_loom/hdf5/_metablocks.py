@@ -4,8 +4,9 @@ h5py reads a file's metadata (superblock, object headers, attributes, names)
 through a file object in cached blocks, one request per block, each waiting
 on the one before: a Loom file keeps its metadata at the start and after the
 matrix, so opening one cost a round trip per block (three at 1 MiB blocks).
-The first block and the last two are fetched here together, in one round
-trip, and handed to the block cache (:class:`~dask_loom.storage._rangefile.RangeFile`,
+The first block and the last two are fetched together, in one round
+trip (with the object's size, when it is not known yet: a ranged GET and a
+suffix GET sent at once, no HEAD first), and handed to the block cache (:class:`~dask_loom.storage._rangefile.RangeFile`,
 32 blocks, least recently used dropped); later blocks are fetched on demand.
 """
 
@@ -39,19 +40,29 @@ def open_metadata_file(
     *,
     block_size: int,
     pin: Callable[[int, bytes], None] | None = None,
+    pieces: list[tuple[int, Any]] | None = None,
 ) -> RangeFile:
     """A file object of *size* bytes for h5py, its first block and last two fetched together by *fetch* ``(starts, sizes)``.
 
-    Later blocks are fetched by *fetch* too.  *pin* ``(start, bytes)`` is
-    given each block fetched up front (the very object the cache holds).
+    *pieces* ``(start, bytes)`` already fetched (the object's ends, read
+    with its size in one round trip) are used instead of fetching; every
+    whole block inside them is seeded.  Later blocks are fetched by *fetch*.
+    *pin* ``(start, bytes)`` is given each block seeded (the very object the
+    cache holds).
     """
-    ranges = seed_ranges(size, block_size)
-    blobs = fetch([s for s, _e in ranges], [e - s for s, e in ranges]) if size else []
+    if pieces is None:
+        ranges = seed_ranges(size, block_size)
+        blobs = fetch([s for s, _e in ranges], [e - s for s, e in ranges]) if size else []
+        pieces = [(s, blob) for (s, _e), blob in zip(ranges, blobs)]
     seed: dict[int, bytes] = {}
-    for (s, e), blob in zip(ranges, blobs):
-        for b in range(s // block_size, -(-e // block_size)):
-            lo = b * block_size - s
-            seed[b] = bytes(blob[lo : lo + min(block_size, e - b * block_size)])
-            if pin is not None:
-                pin(b * block_size, seed[b])
+    for start, blob in pieces:
+        end = start + len(blob)
+        b = -(-start // block_size)
+        while b * block_size < end and min(size, (b + 1) * block_size) <= end:
+            if b not in seed:
+                lo = b * block_size - start
+                seed[b] = bytes(blob[lo : lo + min(block_size, size - b * block_size)])
+                if pin is not None:
+                    pin(b * block_size, seed[b])
+            b += 1
     return RangeFile(size, fetch, block_size=block_size, seed=seed)

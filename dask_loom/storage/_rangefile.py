@@ -141,6 +141,31 @@ class RemoteFile:
             got = [whole[s:e] for s, e in zip(starts, ends)]
         return got
 
+    def ends(self, head: int, tail: int) -> tuple[int, Any, Any]:
+        """The object's size, its first *head* bytes and its last *tail* bytes, in one round trip.
+
+        Both are ranged GETs sent at once (the tail as a suffix range, whose
+        answer gives the size): no HEAD request first.  Short objects come
+        back whole in either.  Through fsspec: the size, then both ranges.
+        """
+        client, path = self._client()
+        if not self.native:
+            size = self.size()
+            h, t = self.read_ranges([0, max(0, size - tail)], [min(head, size), min(tail, size)])
+            return size, h, t
+        import obstore
+
+        async def suffix() -> tuple[int, Any]:
+            got = await obstore.get_async(client, path, options={"range": {"suffix": tail}})
+            return int(got.meta["size"]), await got.bytes_async()
+
+        async def both() -> tuple[Any, tuple[int, Any]]:
+            return await asyncio.gather(obstore.get_range_async(client, path, start=0, end=head), suffix())
+
+        first, (size, last) = run_sync(both)
+        self._size = size
+        return size, first, last
+
     def read_ranges(self, starts: list[int], sizes: list[int]) -> list[Any]:
         """:meth:`cat_ranges` by ``(start, size)``, raising the first failure."""
         got = self.cat_ranges(list(starts), [s + n for s, n in zip(starts, sizes)])
