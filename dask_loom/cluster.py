@@ -223,24 +223,32 @@ def _in_worker() -> bool:
     return True
 
 
-_pool: ThreadPoolExecutor | None = None
+_pools: dict[int, ThreadPoolExecutor] = {}
 _pool_pid: int | None = None
 
 
-def thread_pool() -> ThreadPoolExecutor:
+def thread_pool(*, waits: bool = False) -> ThreadPoolExecutor:
     """This process's pool for the threaded scheduler (one thread per core).
+
+    With *waits* (a graph whose reads wait on an object store), the pool of
+    ``dask_loom.remote-threads`` threads (default two per core), so a core
+    decodes while another task's request is in flight.
 
     dask's own default pool survives a ``fork`` as an object whose threads
     are gone, so a forked child (a torch DataLoader worker) that computes
-    would wait forever; this pool is remade in each process.
+    would wait forever; these pools are remade in each process.
     """
-    global _pool, _pool_pid
+    global _pool_pid
+    cores = os.cpu_count() or 1
+    n = int((get_config("remote-threads") or 2 * cores) if waits else (get_config("threads") or cores))
     with _lock:
-        if _pool is None or _pool_pid != os.getpid():
-            n = get_config("threads") or os.cpu_count() or 1
-            _pool = ThreadPoolExecutor(max_workers=int(n), thread_name_prefix="dask-loom")
+        if _pool_pid != os.getpid():
+            _pools.clear()  # a forked child's copies have no threads
             _pool_pid = os.getpid()
-        return _pool
+        pool = _pools.get(n)
+        if pool is None:
+            pool = _pools[n] = ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="dask-loom")
+        return pool
 
 
 def _in_pool() -> bool:
@@ -341,6 +349,7 @@ def compute(
     client: Any = None,
     progress: bool = False,
     nbytes: int | None = None,
+    waits: bool = False,
     **kwargs: Any,
 ) -> tuple[Any, ...]:
     """``dask.compute`` on the scheduler :func:`resolve_scheduler` picks.
@@ -348,7 +357,9 @@ def compute(
     With ``progress=True`` (or ``dask_loom.progress`` set in the config) a
     progress bar is shown: dask's text bar on local schedulers (on stderr,
     after ``dask_loom.progress-minimum`` seconds), distributed's bar on a
-    cluster (text on stderr in a terminal, a widget in Jupyter).
+    cluster (text on stderr in a terminal, a widget in Jupyter).  *waits*
+    says the graph's reads wait on an object store: the threaded scheduler
+    then runs it on more threads than cores (:func:`thread_pool`).
     """
     progress = bool(progress or get_config("progress"))
     target = resolve_scheduler(scheduler, client, nbytes=nbytes)
@@ -363,7 +374,7 @@ def compute(
             # for threads that are all busy waiting: run it in this thread.
             target = "sync"
         else:
-            kwargs["pool"] = thread_pool()
+            kwargs["pool"] = thread_pool(waits=waits)
             with _one_blas_thread(), _progress(progress, target):
                 return dask.compute(*collections, scheduler=_scheduler_function(target), **kwargs)
     with _progress(progress, target):

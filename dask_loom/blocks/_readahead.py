@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["latency_bound", "read_ahead", "store_waits", "sub_blocks"]
+__all__ = ["latency_bound", "read_ahead", "reads_wait", "store_waits", "sub_blocks"]
 
 
 def _concurrency() -> int:
@@ -59,6 +59,18 @@ def store_waits(store: Any) -> bool:
     from dask_loom.storage._stores import BaseStore, LocalStore, MemoryStore
 
     return isinstance(store, BaseStore) and type(store) not in (LocalStore, MemoryStore)
+
+
+def reads_wait(source: Any) -> bool:
+    """Whether reading *source* waits on an object store (a remote file, or a dask_loom store that is neither local nor in memory).
+
+    Graphs over such sources run on more threads than cores (see
+    :func:`dask_loom.cluster.thread_pool`).
+    """
+    spec = getattr(source, "spec", None)
+    if spec is not None and isinstance(getattr(spec, "is_local", None), bool):
+        return not spec.is_local and not str(getattr(spec, "url", "")).startswith("memory://")
+    return store_waits(getattr(source, "store", None))
 
 
 def latency_bound(source: Any) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from dask_loom.blocks import block_regions, plan_blocks
+from dask_loom.blocks._readahead import reads_wait
 from dask_loom.cluster import compute
 from dask_loom.ops._graph import task_name, tasks
 from dask_loom.ops._kernels import GroupPlan, check_group_func, group_reduce
@@ -98,7 +99,7 @@ def aggregate_columns(
     regions = [r for _, r in block_regions(bands)]
     name = task_name(prefix, source, func, plan, None if select is None else select.tobytes())
     delayed = tasks(name, _band, [(source, r, plan, func, select) for r in regions])
-    parts = compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes_of(source)) if delayed else []
+    parts = compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes_of(source), waits=reads_wait(source)) if delayed else []
     if not parts:
         return np.zeros((shape[0], n_groups))
     return np.concatenate(parts, axis=0)

@@ -17,7 +17,7 @@ import numpy as np
 
 from dask_loom._config import block_size_bytes
 from dask_loom.blocks import block_regions, plan_blocks
-from dask_loom.blocks._readahead import read_ahead
+from dask_loom.blocks._readahead import read_ahead, reads_wait
 from dask_loom.cluster import compute
 from dask_loom.ops._graph import task_name
 from dask_loom.ops._kernels import (
@@ -274,7 +274,7 @@ def map_source(
 ) -> list[np.ndarray]:
     """Apply functions along *axis* of a 2-D chunk source (see ``LoomConnection.map``)."""
     dsk, outs, assemble = map_graph(source, f_list, axis=axis, chunksize=chunksize, selection=selection, prefix=prefix, split_every=split_every)
-    results = _run(dsk, outs, scheduler, client, progress, nbytes=nbytes_of(source)) if outs else []
+    results = _run(dsk, outs, scheduler, client, progress, nbytes=nbytes_of(source), waits=reads_wait(source)) if outs else []
     return assemble(results)
 
 
@@ -283,10 +283,12 @@ def nbytes_of(source: Any) -> int:
     return int(np.prod(source.shape, dtype=np.float64)) * np.dtype(source.dtype).itemsize
 
 
-def _run(dsk: dict[Any, Any], keys: list[Any], scheduler: Any, client: Any, progress: bool, *, nbytes: int | None = None) -> list[Any]:
+def _run(
+    dsk: dict[Any, Any], keys: list[Any], scheduler: Any, client: Any, progress: bool, *, nbytes: int | None = None, waits: bool = False
+) -> list[Any]:
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
 
     hlg = HighLevelGraph.from_collections("map", dsk, dependencies=())
     delayed = [Delayed(k, hlg, layer="map") for k in keys]
-    return list(compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes))
+    return list(compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes, waits=waits))

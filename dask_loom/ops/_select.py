@@ -10,6 +10,7 @@ import numpy as np
 
 from dask_loom._indexing import AxisSel
 from dask_loom.blocks import selection_bands, units_per_block
+from dask_loom.blocks._readahead import reads_wait
 from dask_loom.cluster import compute
 from dask_loom.ops._graph import task_name, tasks
 
@@ -116,7 +117,8 @@ def read_selections(
             results = [flat[0].compute(scheduler="sync")]
         else:
             nbytes = sum(int(np.prod(shape, dtype=np.float64)) * np.dtype(src.dtype).itemsize for src, (_, _, shape) in zip(sources, jobs))
-            results = list(compute(*flat, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes))
+            waits = any(reads_wait(src) for src in sources)
+            results = list(compute(*flat, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes, waits=waits))
         it = iter(results)
         for out, (_delayed, places, shape) in zip(outs, jobs):
             if not math.prod(shape):

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dask_loom._indexing import normalize_key
+from dask_loom.blocks._readahead import reads_wait
 from dask_loom.cluster import compute
 from dask_loom.ops._map import interior_split, nbytes_of, read_into_buffer
 from dask_loom.ops._select import selection_tasks
@@ -92,7 +93,7 @@ def sparse(
     itype = np.int32 if max(out_shape, default=0) < 2**31 else np.int64
     results = []
     if delayed and math.prod(out_shape):
-        results = list(compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes_of(source)))
+        results = list(compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes_of(source), waits=reads_wait(source)))
     nnz = sum(len(r[2]) for r in results)
     rows_out = np.empty(nnz, dtype=itype)
     cols_out = np.empty(nnz, dtype=itype)

@@ -1,0 +1,118 @@
+"""Graphs whose reads wait on an object store run on more threads than cores.
+
+On two cores, two tasks each waiting for its shard leave both cores idle for
+the request's round trip; with ``dask_loom.remote-threads`` (default two per
+core) another task decodes meanwhile.  What is checked: which pool a graph
+gets (:func:`dask_loom.cluster.thread_pool`), which sources count as waiting
+(:func:`dask_loom.blocks._readahead.reads_wait`), and, through the counting
+proxy, that a map over a sharded ``.loom.zarr`` on the S3 server keeps more
+requests in flight than the pool of cores would, with values equal to numpy.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import dask
+import numpy as np
+import pytest
+
+import dask_loom
+from dask_loom.blocks._readahead import reads_wait
+from dask_loom.cluster import thread_pool
+
+CORES = os.cpu_count() or 1
+
+
+def test_pool_sizes_follow_the_settings():
+    assert thread_pool()._max_workers == CORES
+    assert thread_pool(waits=True)._max_workers == 2 * CORES
+    assert thread_pool(waits=True) is thread_pool(waits=True)
+    with dask.config.set({"dask_loom.remote-threads": 3, "dask_loom.threads": 1}):
+        assert thread_pool(waits=True)._max_workers == 3
+        assert thread_pool()._max_workers == 1
+
+
+def test_which_sources_wait(tmp_path, s3_server):
+    import s3fs
+
+    m = np.arange(64 * 96, dtype="f4").reshape(64, 96)
+    loom, zarr_dir = tmp_path / "a.loom", tmp_path / "a.loom.zarr"
+    for fn in (loom, zarr_dir):
+        dask_loom.create(str(fn), m, {"g": np.arange(64)}, {"c": np.arange(96)}, scheduler="sync")
+    fs = s3fs.S3FileSystem(**s3_server["storage_options"], skip_instance_cache=True)
+    prefix = f"{s3_server['bucket']}/{uuid.uuid4().hex}"
+    fs.put(str(loom), f"{prefix}/a.loom")
+    fs.put(str(zarr_dir), f"{prefix}/a.loom.zarr", recursive=True)
+    opts = s3_server["storage_options"]
+    cases = [(str(loom), None, False), (str(zarr_dir), None, False),
+             (f"s3://{prefix}/a.loom", opts, True), (f"s3://{prefix}/a.loom.zarr", opts, True)]  # fmt: skip
+    for url, so, waits in cases:
+        with dask_loom.connect(url, "r", storage_options=so, validate=False) as ds:
+            assert reads_wait(ds.__dask_loom_layer_host__().source("")) is waits, url
+            np.testing.assert_array_equal(ds.map([np.sum], axis=0)[0], m.sum(axis=1, dtype=np.float64))
+
+
+@pytest.mark.s3
+@pytest.mark.xdist_group("s3proxy")
+@pytest.mark.parametrize("remote_threads", [2, 4])
+def test_map_on_s3_keeps_requests_in_flight_past_the_cores(
+    tmp_path, s3_server, s3_proxy, remote_threads, monkeypatch
+):
+    import threading
+
+    import s3fs
+
+    from dask_loom.zarr._chunks import ZarrChunkReader
+
+    lock, now, most = threading.Lock(), [0], [0]
+    fetch = ZarrChunkReader._raws
+
+    def counted(self, coords):  # the shard requests of one task, counted while they wait
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        try:
+            return fetch(self, coords)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(ZarrChunkReader, "_raws", counted)
+
+    rng = np.random.default_rng(3)
+    m = (rng.random((512, 2048)) * 100).astype("f4")  # incompressible: shards of about 512 KiB
+    fn = tmp_path / "w.loom.zarr"
+    small = {"dask_loom.block-size": "512KiB"}
+    with dask.config.set(small):
+        dask_loom.create(str(fn), m, {"g": np.arange(512)}, {"c": np.arange(2048)}, scheduler="sync")
+    shards = [p for p in (fn / "matrix" / "c").rglob("*") if p.is_file()]
+    assert len(shards) >= 6
+    key = f"{s3_server['bucket']}/{uuid.uuid4().hex}/w.loom.zarr"
+    s3fs.S3FileSystem(**s3_server["storage_options"], skip_instance_cache=True).put(
+        str(fn), key, recursive=True
+    )
+    proxy = s3_proxy(latency=0.1)
+    groups = np.arange(2048) % 7
+    cfg = {**small, "dask_loom.threads": 2, "dask_loom.remote-threads": remote_threads}
+    with (
+        dask.config.set(cfg),
+        dask_loom.connect(f"s3://{key}", "r", storage_options=proxy.storage_options) as ds,
+    ):
+        proxy.reset_counts()
+        most[0] = 0
+        mean, sd = ds.map([np.mean, np.std], axis=0, scheduler="threads")
+        snap = proxy.snapshot()
+        sums = ds.aggregate(group_by=groups, aggr_by="sum", scheduler="threads")
+    np.testing.assert_allclose(mean, m.mean(axis=1, dtype=np.float64), rtol=1e-6)
+    np.testing.assert_allclose(sd, m.std(axis=1, dtype=np.float64), rtol=1e-5)
+    want = np.stack([m[:, groups == g].sum(axis=1, dtype=np.float64) for g in range(7)], axis=1)
+    np.testing.assert_allclose(sums, want, rtol=1e-5)
+    # One request per shard (its index with it), no more for the extra threads.
+    assert snap["total_requests"] == len(shards), snap
+    # Each waiting 0.1 s: as many tasks waiting at once as the pool has threads.
+    if remote_threads == 2:
+        assert most[0] <= 2, most
+    else:
+        assert most[0] >= 3, most
