@@ -333,3 +333,43 @@ def test_oversized_foreign_document_is_not_read_whole_and_drops_consolidation(lo
     root = json.loads((fn / "zarr.json").read_bytes())
     assert "consolidated_metadata" not in root  # readers meet the foreign document where it is
     assert zarr.open_array(str(fn / "layers" / "ext"), mode="r")[:].sum() == ref[""].size
+
+
+@pytest.mark.s3
+def test_opening_sends_the_listing_with_the_root_read(loom_zarr, s3_server, s3_proxy, monkeypatch):
+    """The listing that checks the consolidated documents is in flight while the root is read: one round trip."""
+    import threading
+    import time
+
+    from dask_loom.loom import _zarrtree
+    from dask_loom.zarr import _consolidated
+
+    fn, _, _ = loom_zarr
+    with dask_loom.connect(fn, "r") as ds:
+        local = _snapshot(ds)
+    url = _upload(s3_server, fn)
+    proxy = s3_proxy(latency=0.2)
+    seen: dict[str, float] = {}
+    lock = threading.Lock()
+    listing, meta = _consolidated.store_listing, _zarrtree.ZarrTree._meta
+
+    def timed_listing(store):
+        with lock:
+            seen.setdefault("listing sent", time.perf_counter())
+        return listing(store)
+
+    def timed_meta(self, path):
+        out = meta(self, path)
+        if path == "":
+            with lock:
+                seen.setdefault("root read", time.perf_counter())
+        return out
+
+    monkeypatch.setattr(_consolidated, "store_listing", timed_listing)
+    monkeypatch.setattr(_zarrtree.ZarrTree, "_meta", timed_meta)
+    proxy.reset_counts()
+    with dask_loom.connect(url, "r", storage_options=proxy.storage_options) as ds:
+        opened = proxy.snapshot()["total_requests"]
+        _assert_same(_snapshot(ds), local)
+    assert opened <= 3, opened  # the root, the listing, LOOM_SPEC_VERSION
+    assert seen["listing sent"] < seen["root read"], seen  # sent before the root's answer came back

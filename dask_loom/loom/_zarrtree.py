@@ -283,6 +283,14 @@ class ZarrTree(_ZarrReads, Tree):
         self._meta_cache: dict[str, Any] = {}
         self._nodes: Any = _UNKNOWN
         self._scalars: dict[str, Any] = {}
+        self._listing: Any = None
+        if not isinstance(self.store, LocalStore):
+            # The listing that checks the root's consolidated documents goes out with the
+            # root's read (one round trip, not two): a dask_loom-written .loom.zarr has them.
+            from dask_loom._threads import io_pool
+            from dask_loom.zarr._consolidated import store_listing
+
+            self._listing = io_pool().submit(store_listing, self.store)
         if self._meta("") is None:
             raise LoomFormatError(f"{spec.name}: not a Zarr group (no zarr.json or .zgroup at its root)")
 
@@ -293,6 +301,7 @@ class ZarrTree(_ZarrReads, Tree):
         self._meta_cache.clear()
         self._scalars.clear()
         self._nodes = _UNKNOWN
+        self._listing = None  # taken before what made the tree forget: a fresh one is taken
 
     def read(self, path: str, sel: Any = ()) -> Any:
         # A scalar (a file attribute: LOOM_SPEC_VERSION is read by the opening and
@@ -312,9 +321,15 @@ class ZarrTree(_ZarrReads, Tree):
         # (dask_loom.zarr._consolidated), replaces a request per node.
         if self._nodes is _UNKNOWN:
             self._nodes = None
-            root = None if isinstance(self.store, LocalStore) else self._meta("")
+            if isinstance(self.store, LocalStore):
+                return None
+            # The listing taken when the tree was opened, once; after that (the tree
+            # forgot what it knew: a write, an identity check) a fresh one.
+            pending, self._listing = self._listing, None
+            root = self._meta("")
             if root is not None and root[0] == "group":
-                self._nodes = load_consolidated(self.store, root[1])
+                kw = {"listing": pending.result()} if pending is not None else {}
+                self._nodes = load_consolidated(self.store, root[1], **kw)
         return self._nodes  # type: ignore[no-any-return]
 
     def source(self, path: str, *, prefix: str | None = None) -> ZarrSource:
