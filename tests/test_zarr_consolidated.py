@@ -273,7 +273,11 @@ def test_writes_by_another_tool_are_never_hidden_by_stale_consolidated_metadata(
     with dask_loom.connect(url, "r+", storage_options=s3_server["storage_options"]) as ds:
         ds.attrs["Again"] = "yes"
     snap, count = opened()
-    assert count <= 3 and snap["attrs"]["Again"] == "yes"
+    # Believed again: the root is the one document read.  (A scalar attribute may be read twice
+    # here: this process still holds arrays of the earlier connections' stores, which do not
+    # take what the new opening requested early.)
+    docs = [r.path for r in proxy.log if r.path.endswith("zarr.json")]
+    assert count <= 4 and len(docs) == 1 and snap["attrs"]["Again"] == "yes", (count, docs)
 
 
 @pytest.mark.s3
@@ -336,40 +340,29 @@ def test_oversized_foreign_document_is_not_read_whole_and_drops_consolidation(lo
 
 
 @pytest.mark.s3
-def test_opening_sends_the_listing_with_the_root_read(loom_zarr, s3_server, s3_proxy, monkeypatch):
-    """The listing that checks the consolidated documents is in flight while the root is read: one round trip."""
-    import threading
+def test_opening_requests_go_out_together_before_zarr_is_needed(loom_zarr, s3_server, s3_proxy):
+    """The root, the spec version and the listing that checks the consolidated documents are in flight at once."""
     import time
-
-    from dask_loom.loom import _zarrtree
-    from dask_loom.zarr import _consolidated
 
     fn, _, _ = loom_zarr
     with dask_loom.connect(fn, "r") as ds:
         local = _snapshot(ds)
     url = _upload(s3_server, fn)
     proxy = s3_proxy(latency=0.2)
-    seen: dict[str, float] = {}
-    lock = threading.Lock()
-    listing, meta = _consolidated.store_listing, _zarrtree.ZarrTree._meta
+    arrived: list[tuple[float, str]] = []
+    real_next = proxy._next
 
-    def timed_listing(store):
-        with lock:
-            seen.setdefault("listing sent", time.perf_counter())
-        return listing(store)
+    def timed(head):
+        fault, req = real_next(head)
+        arrived.append((time.perf_counter(), req.path))
+        return fault, req
 
-    def timed_meta(self, path):
-        out = meta(self, path)
-        if path == "":
-            with lock:
-                seen.setdefault("root read", time.perf_counter())
-        return out
-
-    monkeypatch.setattr(_consolidated, "store_listing", timed_listing)
-    monkeypatch.setattr(_zarrtree.ZarrTree, "_meta", timed_meta)
+    proxy._next = timed
     proxy.reset_counts()
     with dask_loom.connect(url, "r", storage_options=proxy.storage_options) as ds:
-        opened = proxy.snapshot()["total_requests"]
+        opened = list(arrived)
         _assert_same(_snapshot(ds), local)
-    assert opened <= 3, opened  # the root, the listing, LOOM_SPEC_VERSION
-    assert seen["listing sent"] < seen["root read"], seen  # sent before the root's answer came back
+    assert len(opened) <= 3, opened  # the root, the listing, LOOM_SPEC_VERSION
+    # Sent together: each waits 0.2 s at the proxy, so one after another they would be 0.2 s apart.
+    assert opened[-1][0] - opened[0][0] < 0.1, opened
+    assert any("list-type" in p for _, p in opened) and any(p.endswith("/zarr.json") for _, p in opened), opened

@@ -274,17 +274,21 @@ class ZarrTree(_ZarrReads, Tree):
 
     read_prefix = "loom-read"
 
-    def __init__(self, spec: FileSpec, *, mode: str = "r") -> None:
+    def __init__(self, spec: FileSpec, *, mode: str = "r", early: Any = None) -> None:
         self.spec = spec
         self.mode = mode
         self.store = open_store(spec.url, **spec.storage_options)
+        if early is not None and hasattr(self.store, "adopt_early"):
+            # Requests sent before zarr-python was imported (dask_loom.loom._open): the
+            # root document, the spec version and the listing, served once each.
+            self.store.adopt_early(early)
         self.read_only = bool(self.store.read_only)  # http(s) stores cannot be written
         self.label = spec.name
         self._meta_cache: dict[str, Any] = {}
         self._nodes: Any = _UNKNOWN
         self._scalars: dict[str, Any] = {}
         self._listing: Any = None
-        if not isinstance(self.store, LocalStore):
+        if not isinstance(self.store, LocalStore) and getattr(self.store, "_early", None) is None:
             # The listing that checks the root's consolidated documents goes out with the
             # root's read (one round trip, not two): a dask_loom-written .loom.zarr has them.
             from dask_loom._threads import io_pool
@@ -297,11 +301,15 @@ class ZarrTree(_ZarrReads, Tree):
     def _cache(self) -> dict[str, Any]:
         return self._meta_cache
 
-    def _forget(self) -> None:
+    def _forget(self, *, written: bool = True) -> None:
         self._meta_cache.clear()
         self._scalars.clear()
         self._nodes = _UNKNOWN
-        self._listing = None  # taken before what made the tree forget: a fresh one is taken
+        if written:
+            # Taken before this tree wrote: a fresh listing, and no reads sent early, from now on.
+            self._listing = None
+            if hasattr(self.store, "adopt_early"):
+                self.store.adopt_early(None)
 
     def read(self, path: str, sel: Any = ()) -> Any:
         # A scalar (a file attribute: LOOM_SPEC_VERSION is read by the opening and
@@ -328,6 +336,7 @@ class ZarrTree(_ZarrReads, Tree):
             pending, self._listing = self._listing, None
             root = self._meta("")
             if root is not None and root[0] == "group":
+                # A listing sent early is taken by the store's own listing call (once).
                 kw = {"listing": pending.result()} if pending is not None else {}
                 self._nodes = load_consolidated(self.store, root[1], **kw)
         return self._nodes  # type: ignore[no-any-return]
@@ -336,7 +345,8 @@ class ZarrTree(_ZarrReads, Tree):
         return ZarrSource(self.store, _p(path), self._array_meta(path), prefix=prefix or self.read_prefix)
 
     def identity(self) -> Any:
-        self._forget()
+        # What opening sent early still describes the store as it was opened (each is used once).
+        self._forget(written=False)
         m = self._meta("")
         return ("zarr", self.spec.url, hashlib.sha1(json.dumps(m, sort_keys=True, default=str).encode()).hexdigest())
 

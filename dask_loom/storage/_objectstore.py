@@ -27,6 +27,7 @@ from dask_loom.errors import MissingKeyError, StoreError
 from dask_loom.storage._obstore import (
     classify_obstore,
     classify_status,
+    cut,
     fsspec_options,
     is_native,
     message,
@@ -218,6 +219,16 @@ class ObjectStore(_Base3):
         self._root: str | None = None
         self._is_native = is_native(self.url)
         self._nat: tuple[int, Any, str] | None = None
+        self._early: Any = None
+
+    def adopt_early(self, early: Any) -> None:
+        """Serve the first reads (and listing) from *early* (:class:`~dask_loom.storage._obstore.EarlyReads`).
+
+        Only when it read this very store and root; never pickled with the
+        store.  ``None`` drops what is left of them (the store was written to).
+        """
+        nat = self._native() if early is not None else None
+        self._early = early if nat is not None and early.store is nat[0] and early.root == nat[1] else None
 
     # -- identity ---------------------------------------------------------------------
     @property
@@ -228,7 +239,9 @@ class ObjectStore(_Base3):
         return (self.url, sorted((k, repr(v)) for k, v in self.storage_options.items()))
 
     def _copy(self, *, read_only: bool) -> ObjectStore:
-        return ObjectStore(self.url, storage_options=self.storage_options, read_only=read_only)
+        copy = ObjectStore(self.url, storage_options=self.storage_options, read_only=read_only)
+        copy._early = self._early  # the same one-shot reads: whichever asks first takes each
+        return copy
 
     def __reduce__(self) -> Any:
         return (_object_from_state, (self.url, self.storage_options, self.read_only))
@@ -348,6 +361,10 @@ class ObjectStore(_Base3):
     def _get(self, key: str, req: Req = None) -> bytes:
         nat = self._native()
         if nat is not None:
+            early = self._early
+            got = early.take(key) if early is not None else None
+            if got is not None:
+                return got if req is None else cut(got, req)
             return self._retry("get", key, lambda: nget(nat[0], self._npath(nat[1], key), req))
         path = self._path(key)
         fs = self._fs()
@@ -505,7 +522,9 @@ class ObjectStore(_Base3):
         nat = self._native()
         if nat is not None:
             root = nat[1]
-            infos = self._retry("list", "", lambda: nlist(nat[0], root, limit=limit))
+            taken, infos = self._early.take_listing() if self._early is not None else (False, None)
+            if not taken:
+                infos = self._retry("list", "", lambda: nlist(nat[0], root, limit=limit))
             if infos is None:
                 return None
             head = f"{root}/" if root else ""
@@ -545,6 +564,10 @@ class ObjectStore(_Base3):
     async def _aget(self, key: str, req: Req = None) -> bytes:
         nat = self._native()
         if nat is not None:
+            early = self._early
+            got = await early.atake(key) if early is not None else None
+            if got is not None:
+                return got if req is None else cut(got, req)
             return await self._aretry("get", key, lambda: nget_async(nat[0], self._npath(nat[1], key), req))
         fs = await self._afs()
         if fs is False:

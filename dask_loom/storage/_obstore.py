@@ -27,9 +27,12 @@ from typing import Any
 Req = tuple[Any, Any] | None
 
 __all__ = [
+    "LIST_LIMIT",
     "NATIVE_SCHEMES",
+    "EarlyReads",
     "classify_obstore",
     "classify_status",
+    "cut",
     "fsspec_options",
     "is_native",
     "message",
@@ -42,6 +45,10 @@ __all__ = [
     "run_sync",
     "translate_options",
 ]
+
+# Objects listed before a listing gives up (20 pages on S3): the consolidated-metadata check
+# of a store (dask_loom.zarr._consolidated) reads every document past it.
+LIST_LIMIT = 20_000
 
 # Schemes served by obstore; anything else (memory://, zip, chained URLs) stays on fsspec.
 NATIVE_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https"})
@@ -322,7 +329,7 @@ def nget(store: Any, path: str, req: Req) -> bytes:
         if req is None or type(exc).__name__ != "NotSupportedError":
             raise
     # A web server that ignores Range headers (python's http.server): the whole object, cut here.
-    return _cut(bytes(obstore.get(store, path).bytes()), req)
+    return cut(bytes(obstore.get(store, path).bytes()), req)
 
 
 def _nget_range(store: Any, path: str, req: Req) -> bytes:
@@ -353,7 +360,7 @@ async def nget_async(store: Any, path: str, req: Req) -> bytes:
     except Exception as exc:
         if req is None or type(exc).__name__ != "NotSupportedError":
             raise
-    return _cut(bytes(await (await obstore.get_async(store, path)).bytes_async()), req)
+    return cut(bytes(await (await obstore.get_async(store, path)).bytes_async()), req)
 
 
 async def _nget_range_async(store: Any, path: str, req: Req) -> bytes:
@@ -405,7 +412,8 @@ def nlist(store: Any, prefix: str, *, limit: int | None = None) -> list[dict[str
     return out
 
 
-def _cut(data: bytes, req: Any) -> bytes:
+def cut(data: bytes, req: Any) -> bytes:
+    """The part of a whole object's bytes that a key request asks for (as a ranged read answers it)."""
     if req[0] == "suffix":
         n = int(req[1])
         return data[len(data) - n :] if n else b""
@@ -440,6 +448,72 @@ def run_sync(make: Callable[[], Awaitable[Any]]) -> Any:
 
 async def _wrap(make: Callable[[], Awaitable[Any]]) -> Any:
     return await make()
+
+
+class EarlyReads:
+    """Whole objects and a listing of a remote store, requested before the store object exists.
+
+    Opening a remote ``.loom.zarr`` starts with importing zarr-python (about
+    0.25 s, every dask_loom store subclasses its ``Store``) before any
+    request.  The objects opening reads first (the root document, a file
+    attribute) and the listing that checks the root's consolidated metadata
+    are requested here, on obstore's threads, while that import runs; the
+    store takes each once (:meth:`take`, :meth:`take_listing`).  A request
+    that failed here is simply made again by the store, with its retries and
+    typed errors.
+
+    Parameters
+    ----------
+    url
+        The store's URL (a native one: see :func:`is_native`).
+    options
+        Its storage options.
+    keys
+        Object keys below the store's root.
+    listing_limit
+        Also list every object (``None``: past this many objects).
+    """
+
+    def __init__(self, url: str, options: dict[str, Any], keys: list[str], *, listing_limit: int | None = None) -> None:
+        self.store, self.root = native_store(url, options)
+        loop = _background_loop()
+        head = f"{self.root}/" if self.root else ""
+        self._gets = {k: asyncio.run_coroutine_threadsafe(nget_async(self.store, head + k, None), loop) for k in keys}
+        self._listing: Any = None
+        if listing_limit is not None:
+            from dask_loom._threads import io_pool
+
+            self._listing = io_pool().submit(nlist, self.store, self.root, limit=listing_limit)
+
+    def take(self, key: str) -> bytes | None:
+        """The object's bytes if it was requested here and came back (once), else ``None``."""
+        fut = self._gets.pop(key, None)
+        if fut is None:
+            return None
+        try:
+            return fut.result()  # type: ignore[no-any-return]
+        except Exception:
+            return None  # missing or failing: the store asks again and says why
+
+    async def atake(self, key: str) -> bytes | None:
+        """:meth:`take` from a coroutine (waits without blocking its event loop)."""
+        fut = self._gets.pop(key, None)
+        if fut is None:
+            return None
+        try:
+            return await asyncio.wrap_future(fut)  # type: ignore[no-any-return]
+        except Exception:
+            return None
+
+    def take_listing(self) -> tuple[bool, list[dict[str, Any]] | None]:
+        """``(True, objects or None past the limit)`` once if the listing was taken here, else ``(False, None)``."""
+        fut, self._listing = self._listing, None
+        if fut is None:
+            return False, None
+        try:
+            return True, fut.result()
+        except Exception:
+            return False, None
 
 
 if hasattr(os, "register_at_fork"):

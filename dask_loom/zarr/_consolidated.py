@@ -19,7 +19,7 @@ equal to the recorded one: a node added, removed or rewritten by anyone makes
 the reader fall back to reading every document, as without consolidation.
 Stores whose listing tells no content digest (local directories, where reading
 the documents costs microseconds; memory) always read the documents.  The
-listing costs one request per thousand objects; past ``_LIST_LIMIT`` objects
+listing costs one request per thousand objects; past ``LIST_LIMIT`` objects
 (an unsharded store of many chunks) the reader stops paging and falls back.
 """
 
@@ -30,12 +30,12 @@ import json
 from typing import Any
 
 from dask_loom.errors import TooLargeError
+from dask_loom.storage._obstore import LIST_LIMIT
 
 __all__ = ["canonical", "load_consolidated", "refresh_consolidated", "store_listing", "write_consolidated"]
 
 _EXTRA = "dask_loom"  # our key inside consolidated_metadata: {"digests": {node path: md5 hex}}
 _V2_DOCS = (".zarray", ".zgroup", ".zattrs")
-_LIST_LIMIT = 20_000  # objects listed before giving up (20 pages on S3)
 _TMP_MARKS = (".dlpart-",)  # transaction copies and parts: never nodes (as ZarrTree.children)
 
 
@@ -73,7 +73,7 @@ def _listing(store: Any) -> dict[str, str | None] | None:
     if digests is None:
         return None
     try:
-        return digests(limit=_LIST_LIMIT)  # type: ignore[no-any-return]
+        return digests(limit=LIST_LIMIT)  # type: ignore[no-any-return]
     except OSError:
         return None  # listing refused or failing: the documents are read one by one (which say why)
 
