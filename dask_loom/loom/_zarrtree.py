@@ -278,17 +278,16 @@ class ZarrTree(_ZarrReads, Tree):
         self.spec = spec
         self.mode = mode
         self.store = open_store(spec.url, **spec.storage_options)
-        if early is not None and hasattr(self.store, "adopt_early"):
-            # Requests sent before zarr-python was imported (dask_loom.loom._open): the
-            # root document, the spec version and the listing, served once each.
-            self.store.adopt_early(early)
+        # Requests sent before zarr-python was imported (dask_loom.loom._open): the
+        # root document, the spec version and the listing, served once each.
+        adopted = early is not None and hasattr(self.store, "adopt_early") and self.store.adopt_early(early)
         self.read_only = bool(self.store.read_only)  # http(s) stores cannot be written
         self.label = spec.name
         self._meta_cache: dict[str, Any] = {}
         self._nodes: Any = _UNKNOWN
         self._scalars: dict[str, Any] = {}
         self._listing: Any = None
-        if not isinstance(self.store, LocalStore) and getattr(self.store, "_early", None) is None:
+        if not isinstance(self.store, LocalStore) and not adopted:
             # The listing that checks the root's consolidated documents goes out with the
             # root's read (one round trip, not two): a dask_loom-written .loom.zarr has them.
             from dask_loom._threads import io_pool
@@ -331,8 +330,7 @@ class ZarrTree(_ZarrReads, Tree):
             self._nodes = None
             if isinstance(self.store, LocalStore):
                 return None
-            # The listing taken when the tree was opened, once; after that (the tree
-            # forgot what it knew: a write, an identity check) a fresh one.
+            # The listing taken when the tree was opened, once; after a write, a fresh one.
             pending, self._listing = self._listing, None
             root = self._meta("")
             if root is not None and root[0] == "group":

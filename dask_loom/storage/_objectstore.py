@@ -221,14 +221,16 @@ class ObjectStore(_Base3):
         self._nat: tuple[int, Any, str] | None = None
         self._early: Any = None
 
-    def adopt_early(self, early: Any) -> None:
+    def adopt_early(self, early: Any) -> bool:
         """Serve the first reads (and listing) from *early* (:class:`~dask_loom.storage._obstore.EarlyReads`).
 
-        Only when it read this very store and root; never pickled with the
-        store.  ``None`` drops what is left of them (the store was written to).
+        Only when it read this very store and root (returns whether it did);
+        never pickled with the store.  ``None`` drops what is left of them
+        (the store was written to).
         """
         nat = self._native() if early is not None else None
         self._early = early if nat is not None and early.store is nat[0] and early.root == nat[1] else None
+        return self._early is not None
 
     # -- identity ---------------------------------------------------------------------
     @property
