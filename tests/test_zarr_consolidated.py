@@ -366,3 +366,25 @@ def test_opening_requests_go_out_together_before_zarr_is_needed(loom_zarr, s3_se
     # Sent together: each waits 0.2 s at the proxy, so one after another they would be 0.2 s apart.
     assert opened[-1][0] - opened[0][0] < 0.1, opened
     assert any("list-type" in p for _, p in opened) and any(p.endswith("/zarr.json") for _, p in opened), opened
+
+
+@pytest.mark.s3
+def test_opening_requests_refused_early_are_asked_again_or_refused_by_name(loom_zarr, s3_server):
+    """The requests sent before zarr-python is imported fail quietly: the store asks again, with its own errors."""
+    from dask_loom.storage._objectstore import CredentialsError
+
+    fn, _, _ = loom_zarr
+    with dask_loom.connect(fn, "r") as ds:
+        local = _snapshot(ds)
+    url = _upload(s3_server, fn)
+    stats = s3_server["stats"]
+    try:
+        stats.deny_next(3)  # the root, LOOM_SPEC_VERSION and the listing, as sent early
+        with dask_loom.connect(url, "r", storage_options=s3_server["storage_options"]) as ds:
+            _assert_same(_snapshot(ds), local)
+        stats.deny_next(100)
+        with pytest.raises(CredentialsError, match=r"access to 'zarr\.json' refused") as info:
+            dask_loom.connect(url, "r", storage_options=s3_server["storage_options"])
+    finally:
+        stats.clear_failures()
+    assert url.split("/")[-2] in str(info.value)
