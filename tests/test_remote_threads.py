@@ -52,6 +52,25 @@ def test_which_sources_wait(tmp_path, s3_server):
         with dask_loom.connect(url, "r", storage_options=so, validate=False) as ds:
             assert reads_wait(ds.__dask_loom_layer_host__().source("")) is waits, url
             np.testing.assert_array_equal(ds.map([np.sum], axis=0)[0], m.sum(axis=1, dtype=np.float64))
+    # A remote .loom whose chunks the opening and the chunk-index read hold in memory waits for
+    # nothing (more threads would only hold more blocks); one whose index read held none of its
+    # chunks (no bytes to spare for holes, the chunks past the metadata blocks) waits for each.
+    from dask_loom.hdf5._files import clear_all
+
+    big = (np.random.default_rng(1).random((1024, 2048)) * 100).astype("f4")  # 8 MiB, incompressible
+    dask_loom.create(
+        str(tmp_path / "b.loom"), big, {"g": np.arange(1024)}, {"c": np.arange(2048)}, scheduler="sync"
+    )
+    fs.put(str(tmp_path / "b.loom"), f"{prefix}/b.loom")
+    for waste, waits in (("64MiB", False), (0, True)):
+        clear_all()
+        with dask.config.set({"dask_loom.index-read-waste": waste}):
+            with dask_loom.connect(f"s3://{prefix}/b.loom", "r", storage_options=opts, validate=False) as ds:
+                src = ds.__dask_loom_layer_host__().source("")
+                src.chunk_index()
+                assert reads_wait(src) is waits, waste
+                got = ds.map([np.sum], axis=0)[0]
+        np.testing.assert_allclose(got, big.sum(axis=1, dtype=np.float64), rtol=1e-6)
 
 
 @pytest.mark.s3

@@ -67,6 +67,9 @@ def reads_wait(source: Any) -> bool:
     Graphs over such sources run on more threads than cores (see
     :func:`dask_loom.cluster.thread_pool`).
     """
+    waits = getattr(source, "waits", None)
+    if isinstance(waits, bool):  # the source knows (a remote HDF5 file whose chunks are held)
+        return waits
     spec = getattr(source, "spec", None)
     if spec is not None and isinstance(getattr(spec, "is_local", None), bool):
         return not spec.is_local and not str(getattr(spec, "url", "")).startswith("memory://")

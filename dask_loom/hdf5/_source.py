@@ -265,6 +265,24 @@ class HDF5Source:
             self.index = full_chunk_index(self.spec, lay)
         return self.index
 
+    @property
+    def waits(self) -> bool:
+        """Whether reading its blocks waits on an object store.
+
+        A remote file's chunks wait for their requests unless the chunk-index
+        read already holds most of them in memory (a whole-array pass over a
+        file that fits ``dask_loom.index-read-waste``): then more threads than
+        cores would only hold more blocks at once.
+        """
+        if self.spec.is_local or self.spec.url.startswith("memory://"):
+            return False
+        index = self.index
+        if index is None:
+            return True
+        held = cached_entry(self.spec).cache.get(HELD_SPANS)
+        stored = int(index.sizes[index.offsets >= 0].sum())
+        return held is None or held.in_memory(index.offsets, index.sizes) < stored // 2
+
     def __reduce__(self) -> Any:
         state: dict[str, Any] = {"prefix": self.prefix, "dtype": self.dtype}
         # Pickled into a graph for other processes: they get the index with the tasks.

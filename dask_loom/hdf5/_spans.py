@@ -65,6 +65,17 @@ class HeldSpans:
     def __len__(self) -> int:
         return len(self._spans)
 
+    def in_memory(self, offsets: np.ndarray, sizes: np.ndarray) -> int:
+        """Bytes of the chunks ``(offsets, sizes)`` that a pinned block or a held span holds whole."""
+        with self._lock:
+            intervals = [(p0, p0 + len(pv)) for p0, pv in self._pinned] + [(s.start, s.end) for s in self._spans]
+        stored = offsets >= 0
+        offs, ends = offsets[stored], offsets[stored] + sizes[stored]
+        inside = np.zeros(len(offs), dtype=bool)
+        for a, b in intervals:
+            inside |= (offs >= a) & (ends <= b)
+        return int((ends - offs)[inside].sum())
+
     @property
     def nbytes(self) -> int:
         """Bytes held for the chunk reads to come (pinned blocks aside)."""
