@@ -11,7 +11,8 @@ flight wait at the same time, each in its own thread).  The server and the
 proxy run in processes of their own (``benchmarks/_testbed.py``), so their CPU
 is measured apart and they share no GIL with the client.  On a real ``dask
 scheduler`` with 1, then 2 ``dask worker`` processes (one thread each, no
-nanny but the environment a nanny sets: one BLAS thread; warmed first: imports,
+nanny but the environment a nanny sets: one BLAS thread, ``MALLOC_TRIM_THRESHOLD_``; the
+``dask_loom.worker_setup`` preload every ``deploy/`` file uses; warmed first: imports,
 the store opened, one small read, the cold
 start recorded) it runs
 
@@ -434,7 +435,8 @@ def run_cluster(
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "distributed.cli.dask_worker", addr, "--name", f"w{i}", "--nthreads", "1",
-                     "--nworkers", "1", "--no-nanny", "--memory-limit", "6GiB", "--host", "127.0.0.1"],
+                     "--nworkers", "1", "--no-nanny", "--memory-limit", "6GiB", "--host", "127.0.0.1",
+                     "--preload", "dask_loom.worker_setup"],
                     stdout=wlog, stderr=subprocess.STDOUT, env=wenv,
                 )
             )  # fmt: skip

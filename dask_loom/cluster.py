@@ -131,6 +131,8 @@ def embedded_client(*, n_workers: int | None = None) -> Any:
             threads_per_worker=1,
             processes=True,
             dashboard_address=":0",
+            # As deploy/ starts workers: settings checked, the allocator tuned under the nanny.
+            preload=["dask_loom.worker_setup"],
         )
     client = Client(cluster, set_as_default=False)
     with _lock:

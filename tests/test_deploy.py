@@ -655,6 +655,51 @@ def test_worker_setup_teardown_closes_cached_files(data_dir):
     assert entry.fd is None
 
 
+_MMAPS = r"""
+import ctypes, json, sys
+from dask_loom.worker_setup import tune_allocator
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+
+def mmapped_by_a_1mib_malloc():
+    before = libc.mallinfo2().hblks
+    p = libc.malloc(1 << 20)
+    grew = libc.mallinfo2().hblks - before
+    libc.free(ctypes.c_void_p(p))
+    return grew
+
+first = mmapped_by_a_1mib_malloc()
+tuned = tune_allocator()
+print(json.dumps([first, tuned, mmapped_by_a_1mib_malloc()]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator settings: Linux only")
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        ({"MALLOC_TRIM_THRESHOLD_": "65536"}, [1, True, 0]),  # a nanny's worker: 1 MiB was an mmap, then heap
+        ({}, [1, False, 0]),  # no trim setting: left alone (glibc raised its threshold itself at the free)
+        ({"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": "131072"}, [1, False, 1]),  # chosen: kept
+    ],
+)
+def test_tune_allocator_serves_mid_size_buffers_from_the_heap(env, want):
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt and mallinfo2 are needed")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _MMAPS], env={**clean, **env}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == want
+
+
 def test_dask_setup_is_a_click_command():
     import click
 
