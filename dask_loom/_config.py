@@ -35,9 +35,8 @@ DEFAULTS: dict[str, Any] = {
     # Threads of the embedded pool (None: one per core).
     "threads": None,
     # Threads of the embedded pool for graphs whose reads wait on an object store (None: two
-    # per core): while one task waits for its request, another decodes on the core.  A sharded
-    # .loom.zarr map on S3 at 20 ms per request: 0.21-0.24 s with 4 threads against 0.28-0.30 s
-    # with 2, on 2 cores.
+    # per core): while one task waits for its request, another decodes on the core.  Each extra
+    # thread holds a block in flight; a remote HDF5 file already held in memory keeps one per core.
     "remote-threads": None,
     # Datasets with at most this many chunks get their whole chunk index built
     # once per process; larger ones are indexed block by block inside tasks.
