@@ -369,19 +369,34 @@ def test_opening_requests_go_out_together_before_zarr_is_needed(loom_zarr, s3_se
 
 
 @pytest.mark.s3
-def test_opening_requests_refused_early_are_asked_again_or_refused_by_name(loom_zarr, s3_server):
+def test_opening_requests_refused_early_are_asked_again_or_refused_by_name(loom_zarr, s3_server, monkeypatch):
     """The requests sent before zarr-python is imported fail quietly: the store asks again, with its own errors."""
+    from dask_loom.storage import _obstore
     from dask_loom.storage._objectstore import CredentialsError
 
     fn, _, _ = loom_zarr
     with dask_loom.connect(fn, "r") as ds:
         local = _snapshot(ds)
     url = _upload(s3_server, fn)
-    stats = s3_server["stats"]
-    try:
-        stats.deny_next(3)  # the root, LOOM_SPEC_VERSION and the listing, as sent early
+    refused: list[str] = []
+
+    async def refuse_get(store, path, req):
+        refused.append(path)
+        raise PermissionError(f"{path}: access denied")
+
+    def refuse_list(store, prefix, *, limit=None):
+        refused.append(f"list {prefix}")
+        raise PermissionError(f"{prefix}: access denied")
+
+    # Only the early reads look these up in the module; the store's own reads are not touched.
+    with monkeypatch.context() as m:
+        m.setattr(_obstore, "nget_async", refuse_get)
+        m.setattr(_obstore, "nlist", refuse_list)
         with dask_loom.connect(url, "r", storage_options=s3_server["storage_options"]) as ds:
             _assert_same(_snapshot(ds), local)
+    assert len(refused) == 3, refused  # the root, LOOM_SPEC_VERSION and the listing, all asked again
+    stats = s3_server["stats"]
+    try:
         stats.deny_next(100)
         with pytest.raises(CredentialsError, match=r"access to 'zarr\.json' refused") as info:
             dask_loom.connect(url, "r", storage_options=s3_server["storage_options"])
