@@ -363,8 +363,8 @@ def test_opening_requests_go_out_together_before_zarr_is_needed(loom_zarr, s3_se
         opened = list(arrived)
         _assert_same(_snapshot(ds), local)
     assert len(opened) <= 3, opened  # the root, the listing, LOOM_SPEC_VERSION
-    # Sent together: each waits 0.2 s at the proxy, so one after another they would be 0.2 s apart.
-    assert opened[-1][0] - opened[0][0] < 0.1, opened
+    # Sent together: each waits 0.2 s at the proxy, so one after another they would be 0.2 s or more apart.
+    assert opened[-1][0] - opened[0][0] < 0.15, opened
     assert any("list-type" in p for _, p in opened) and any(p.endswith("/zarr.json") for _, p in opened), opened
 
 
