@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import IO
 
-__all__ = ["free_port", "start_scheduler", "start_worker", "stop"]
+__all__ = ["free_port", "in_forked_child", "start_scheduler", "start_worker", "stop"]
 
 
 def free_port() -> int:
@@ -84,3 +84,16 @@ def stop(procs: Sequence[subprocess.Popen]) -> None:
             p.wait(timeout=20)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+def in_forked_child(target, *args) -> tuple[object, int | None]:
+    """``(what target(*args, queue) put, exit code)`` of a child forked from this process."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    got = q.get(timeout=60)
+    p.join(60)
+    return got, p.exitcode

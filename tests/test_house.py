@@ -11,6 +11,7 @@ import pytest
 
 from dask_loom._handles import HandleCache
 from dask_loom._threads import io_pool, map_threads, read_ahead
+from tests._processes import in_forked_child
 
 
 def test_map_threads_keeps_order_and_runs_concurrently():
@@ -134,12 +135,7 @@ def _child_sees(cache, q):
 def test_handle_cache_is_empty_in_a_forked_child():
     cache: HandleCache[str] = HandleCache("fork", maxsize=4)
     cache.put("k", "parent")
-    ctx = multiprocessing.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child_sees, args=(cache, q))
-    p.start()
-    got = q.get(timeout=60)
-    p.join(60)
+    got, _ = in_forked_child(_child_sees, cache)
     assert got == (0, "child")
     assert cache.peek("k") == "parent"
 

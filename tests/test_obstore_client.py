@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import multiprocessing as mp
 import os
 import pickle
 import subprocess
@@ -20,6 +19,7 @@ from dask_loom.errors import MissingKeyError, StoreError
 from dask_loom.storage._obstore import message, translate_options
 from dask_loom.storage._rangefile import RangeFile
 from dask_loom.stores import CredentialsError, open_store
+from tests._processes import in_forked_child
 
 
 def test_s3fs_style_options_translate_to_obstore_config():
@@ -218,24 +218,13 @@ def _read_in_child(s, q):
     q.put(s.get("k"))
 
 
-def _in_forked_child(target, s):
-    """``(what target(s, queue) put, exit code)`` of a child forked from this process (after its obstore use)."""
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=target, args=(s, q))
-    p.start()
-    got = q.get(timeout=60)
-    p.join(60)
-    return got, p.exitcode
-
-
 @pytest.mark.s3
-def test_object_store_pickles_and_works_in_forked_child(s3_server):
+def test_object_store_pickles_and_worksin_forked_child(s3_server):
     s = open_store(f"s3://{s3_server['bucket']}/p-{uuid.uuid4().hex}", **s3_server["storage_options"])
     s.set("k", b"forked")
     assert s.get("k") == b"forked"  # the parent built its client first
     assert pickle.loads(pickle.dumps(s)).get("k") == b"forked"
-    got, exitcode = _in_forked_child(_read_in_child, s)
+    got, exitcode = in_forked_child(_read_in_child, s)
     assert got == b"forked" and exitcode == 0
 
 
@@ -259,7 +248,7 @@ def test_forked_child_without_the_fallback_gets_a_clear_error(s3_server):
     s = open_store(f"s3://{s3_server['bucket']}/p-{uuid.uuid4().hex}", **s3_server["storage_options"])
     s.set("k", b"x")
     assert s.get("k") == b"x"
-    got, _ = _in_forked_child(_read_without_s3fs, s)
+    got, _ = in_forked_child(_read_without_s3fs, s)
     assert got.startswith("StoreError: s3://") and "forked" in got and "'spawn'" in got, got
     assert s3_server["storage_options"].get("secret", "no-secret-here") not in got
 

@@ -339,15 +339,20 @@ def test_oversized_foreign_document_is_not_read_whole_and_drops_consolidation(lo
     assert zarr.open_array(str(fn / "layers" / "ext"), mode="r")[:].sum() == ref[""].size
 
 
+def _snapshot_and_upload(loom_zarr, s3_server) -> tuple[dict[str, object], str]:
+    """What the local store tells (:func:`_snapshot`), and the URL of its copy on the S3 server."""
+    fn, _, _ = loom_zarr
+    with dask_loom.connect(fn, "r") as ds:
+        local = _snapshot(ds)
+    return local, _upload(s3_server, fn)
+
+
 @pytest.mark.s3
 def test_opening_requests_go_out_together_before_zarr_is_needed(loom_zarr, s3_server, s3_proxy):
     """The root, the spec version and the listing that checks the consolidated documents are in flight at once."""
     import time
 
-    fn, _, _ = loom_zarr
-    with dask_loom.connect(fn, "r") as ds:
-        local = _snapshot(ds)
-    url = _upload(s3_server, fn)
+    local, url = _snapshot_and_upload(loom_zarr, s3_server)
     proxy = s3_proxy(latency=0.2)
     arrived: list[tuple[float, str]] = []
     real_next = proxy._next
@@ -374,10 +379,7 @@ def test_opening_requests_refused_early_are_asked_again_or_refused_by_name(loom_
     from dask_loom.storage import _obstore
     from dask_loom.storage._objectstore import CredentialsError
 
-    fn, _, _ = loom_zarr
-    with dask_loom.connect(fn, "r") as ds:
-        local = _snapshot(ds)
-    url = _upload(s3_server, fn)
+    local, url = _snapshot_and_upload(loom_zarr, s3_server)
     refused: list[str] = []
 
     async def refuse_get(store, path, req):

@@ -280,20 +280,13 @@ class ZarrTree(_ZarrReads, Tree):
         self.store = open_store(spec.url, **spec.storage_options)
         # Requests sent before zarr-python was imported (dask_loom.loom._open): the
         # root document, the spec version and the listing, served once each.
-        adopted = early is not None and hasattr(self.store, "adopt_early") and self.store.adopt_early(early)
+        if early is not None and hasattr(self.store, "adopt_early"):
+            self.store.adopt_early(early)
         self.read_only = bool(self.store.read_only)  # http(s) stores cannot be written
         self.label = spec.name
         self._meta_cache: dict[str, Any] = {}
         self._nodes: Any = _UNKNOWN
         self._scalars: dict[str, Any] = {}
-        self._listing: Any = None
-        if not isinstance(self.store, LocalStore) and not adopted:
-            # The listing that checks the root's consolidated documents goes out with the
-            # root's read (one round trip, not two): a dask_loom-written .loom.zarr has them.
-            from dask_loom._threads import io_pool
-            from dask_loom.zarr._consolidated import store_listing
-
-            self._listing = io_pool().submit(store_listing, self.store)
         if self._meta("") is None:
             raise LoomFormatError(f"{spec.name}: not a Zarr group (no zarr.json or .zgroup at its root)")
 
@@ -304,11 +297,8 @@ class ZarrTree(_ZarrReads, Tree):
         self._meta_cache.clear()
         self._scalars.clear()
         self._nodes = _UNKNOWN
-        if written:
-            # Taken before this tree wrote: a fresh listing, and no reads sent early, from now on.
-            self._listing = None
-            if hasattr(self.store, "adopt_early"):
-                self.store.adopt_early(None)
+        if written and hasattr(self.store, "adopt_early"):
+            self.store.adopt_early(None)  # read before this tree wrote: not used from now on
 
     def read(self, path: str, sel: Any = ()) -> Any:
         # A scalar (a file attribute: LOOM_SPEC_VERSION is read by the opening and
@@ -330,13 +320,9 @@ class ZarrTree(_ZarrReads, Tree):
             self._nodes = None
             if isinstance(self.store, LocalStore):
                 return None
-            # The listing taken when the tree was opened, once; after a write, a fresh one.
-            pending, self._listing = self._listing, None
             root = self._meta("")
             if root is not None and root[0] == "group":
-                # A listing sent early is taken by the store's own listing call (once).
-                kw = {"listing": pending.result()} if pending is not None else {}
-                self._nodes = load_consolidated(self.store, root[1], **kw)
+                self._nodes = load_consolidated(self.store, root[1])
         return self._nodes  # type: ignore[no-any-return]
 
     def source(self, path: str, *, prefix: str | None = None) -> ZarrSource:

@@ -166,6 +166,24 @@ class ZarrChunkReader:
             )
         return buf.view(lay.disk_dtype).reshape(lay.chunks)
 
+    def _decode_into(self, raw: Any, coords: tuple[int, ...], dst: np.ndarray, *, direct: bool) -> None:
+        """Decode the whole chunk *raw* into *dst* (contiguous, the array's dtype).
+
+        With *direct* (blosc, stored in the array's dtype) a chunk whose header
+        gives exactly its size is decompressed in place, with no decoded copy;
+        any other goes through :meth:`_decode`, which refuses a damaged chunk
+        naming it.
+        """
+        if direct and _blosc_sizes(raw) == (self.layout.chunk_nbytes, len(raw)):
+            from numcodecs import blosc
+
+            try:
+                blosc.decompress(raw, dst)
+            except Exception as exc:
+                raise CorruptChunkError(f"{self.label}, {self._name(coords)}: {_problem(exc)}") from None
+            return
+        dst[...] = self._decode(raw, coords).reshape(dst.shape)
+
     def read_chunks(self, coords: np.ndarray) -> list[np.ndarray | None]:
         """Decoded chunks at grid *coords* (``(k, ndim)``; inner chunks when sharded); ``None`` = fill."""
         lay = self.layout
@@ -231,22 +249,13 @@ class ZarrChunkReader:
         slots = flat.reshape(len(coords), -1)
         raws = self._raws(coords)
         into = lay.disk_dtype == lay.dtype and self._is_blosc()
-        if into:
-            from numcodecs import blosc
         decoded = 0
         for j, raw in enumerate(raws):
             if raw is None:
                 slots[j] = lay.fill
                 continue
             decoded += 1
-            at = tuple(int(c) for c in coords[j])
-            if into and _blosc_sizes(raw) == (lay.chunk_nbytes, len(raw)):
-                try:
-                    blosc.decompress(raw, slots[j])
-                except Exception as exc:
-                    raise CorruptChunkError(f"{self.label}, {self._name(at)}: {_problem(exc)}") from None
-            else:
-                slots[j] = self._decode(raw, at).reshape(-1)  # refused there when damaged, naming the chunk
+            self._decode_into(raw, tuple(int(c) for c in coords[j]), slots[j], direct=into)
         _count("direct_reads")
         _count("chunks_decoded", decoded)
         return flat.reshape(*grid, *cs)
@@ -350,8 +359,6 @@ class ZarrChunkReader:
         copy, no join: that copy cost a fifth of the read); the partial chunks
         at the ends go through :meth:`_decode`.
         """
-        from numcodecs import blosc
-
         lay = self.layout
         c = lay.chunks[0]
         raws = self.objects.whole([self.key((u,)) for u in uniq.tolist()])
@@ -375,13 +382,7 @@ class ZarrChunkReader:
                 dst[:] = parts[k][base[j] : base[j] + n]
                 continue
             decoded += 1
-            if _blosc_sizes(raw) != (lay.chunk_nbytes, len(raw)):
-                dst[:] = self._decode(raw, coords)  # refused there, naming the chunk
-                continue
-            try:
-                blosc.decompress(raw, dst)
-            except Exception as exc:
-                raise CorruptChunkError(f"{self.label}, {self._name(coords)}: {_problem(exc)}") from None
+            self._decode_into(raw, coords, dst, direct=True)
         _count("direct_reads")
         _count("chunks_decoded", decoded)
         return out

@@ -32,14 +32,11 @@ from typing import Any
 from dask_loom.errors import TooLargeError
 from dask_loom.storage._obstore import LIST_LIMIT
 
-__all__ = ["canonical", "load_consolidated", "refresh_consolidated", "store_listing", "write_consolidated"]
+__all__ = ["canonical", "load_consolidated", "refresh_consolidated", "write_consolidated"]
 
 _EXTRA = "dask_loom"  # our key inside consolidated_metadata: {"digests": {node path: md5 hex}}
 _V2_DOCS = (".zarray", ".zgroup", ".zattrs")
 _TMP_MARKS = (".dlpart-",)  # transaction copies and parts: never nodes (as ZarrTree.children)
-
-
-_UNLISTED = object()
 
 
 def canonical(doc: dict[str, Any]) -> bytes:
@@ -61,11 +58,6 @@ def _node_of(key: str) -> str | None:
 
 def _is_v2(key: str) -> bool:
     return key.rpartition("/")[2] in _V2_DOCS
-
-
-def store_listing(store: Any) -> dict[str, str | None] | None:
-    """``{key: content digest or None}`` of every object of *store* (``None``: no listing to be had)."""
-    return _listing(store)
 
 
 def _listing(store: Any) -> dict[str, str | None] | None:
@@ -197,16 +189,12 @@ def write_consolidated(
     return raw
 
 
-def load_consolidated(
-    store: Any, root: dict[str, Any], *, listing: Any = _UNLISTED
-) -> dict[str, tuple[str, dict[str, Any]]] | None:
+def load_consolidated(store: Any, root: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]] | None:
     """``{node path: (node type, document)}`` from *root*'s consolidated metadata, or ``None``.
 
     ``None`` (read every document instead) unless the root holds dask_loom's
     digests and one listing of the store shows exactly the recorded
     ``zarr.json`` objects with those content digests (see the module docstring).
-    *listing* is that listing (:func:`store_listing`) when the caller took it
-    already (sent with the root's read); by default it is taken here.
     """
     cm = root.get("consolidated_metadata")
     if not isinstance(cm, dict) or cm.get("kind") != "inline":
@@ -215,8 +203,7 @@ def load_consolidated(
     digests = extra.get("digests") if isinstance(extra, dict) else None
     if not isinstance(metadata, dict) or not isinstance(digests, dict) or set(metadata) != set(digests):
         return None
-    if listing is _UNLISTED:
-        listing = _listing(store)
+    listing = _listing(store)
     if listing is None:
         return None
     seen: dict[str, str | None] = {}
