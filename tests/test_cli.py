@@ -237,7 +237,8 @@ def test_convert_reshard(capsys, ref, tmp_path):
         assert run(capsys, "convert", ref["path"], z, "--chunks", "16,16")[0] == 0
     with dask_loom.connect(z, "r") as ds:
         assert ds.__dask_loom_layer_host__().info("").inner_chunks is None
-    with dask.config.set({"dask_loom.block-size": 16 * 16 * 4 * 4}):
+    # Shards of block-size (coalesce-bytes this small never grows them: test_shard_sizing.py).
+    with dask.config.set({"dask_loom.block-size": 16 * 16 * 4 * 4, "dask_loom.coalesce-bytes": 64}):
         rc, _, err = run(capsys, "convert", "--reshard", z, "--no-progress")
     assert rc == 0 and "resharded" in err and "matrix" in err
     with dask_loom.connect(z, "r") as ds:

@@ -75,8 +75,9 @@ def files(tmp_path_factory):
     m = _data((70, 95), 1)
     loompy.create(str(root / "a.loom"), m, {"Gene": np.arange(70)}, {"Cell": np.arange(95), "Clusters": np.arange(95) % 4})
     # Sharded (the default): shards of 2 x 2 inner chunks under the small block size, so the
-    # layer still has several stored units on this small matrix.
-    with dask.config.set({"dask_loom.block-size": 4 * 32 * 32 * 4}):
+    # layer still has several stored units on this small matrix (a coalesce-bytes this small never
+    # grows them, test_shard_sizing.py).
+    with dask.config.set({"dask_loom.block-size": 4 * 32 * 32 * 4, "dask_loom.coalesce-bytes": 64}):
         dask_loom.convert(root / "a.loom", root / "a.loom.zarr", chunks=(32, 32))
     out["loom"] = (root / "a.loom", m)
     out["loom-zarr"] = (root / "a.loom.zarr", m)

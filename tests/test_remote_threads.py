@@ -104,7 +104,7 @@ def test_map_on_s3_keeps_requests_in_flight_past_the_cores(
     m = (rng.random((512, 2048)) * 100).astype("f4")  # incompressible: shards of about 512 KiB
     fn = tmp_path / "w.loom.zarr"
     small = {"dask_loom.block-size": "512KiB"}
-    with dask.config.set(small):
+    with dask.config.set({**small, "dask_loom.coalesce-bytes": "64KiB"}):  # shards of block-size, not grown
         dask_loom.create(str(fn), m, {"g": np.arange(512)}, {"c": np.arange(2048)}, scheduler="sync")
     shards = [p for p in (fn / "matrix" / "c").rglob("*") if p.is_file()]
     assert len(shards) >= 6

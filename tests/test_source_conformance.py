@@ -283,7 +283,8 @@ class TestLoomZarrLayerSource(SourceTests):
         data = np.random.default_rng(5).random((70, 45)).astype("f4")
         dask_loom.create(str(tmp_path / "a.loom"), data, {"G": np.arange(70)}, {"C": np.arange(45)})
         # Shards of 2 x 2 inner chunks (the default block-size would make one shard of this array).
-        with dask.config.set({"dask_loom.block-size": 4 * 16 * 16 * 4}):
+        # (coalesce-bytes this small never grows them, test_shard_sizing.py).
+        with dask.config.set({"dask_loom.block-size": 4 * 16 * 16 * 4, "dask_loom.coalesce-bytes": 64}):
             dask_loom.convert(tmp_path / "a.loom", tmp_path / "a.loom.zarr", chunks=(16, 16))
 
         def make():

@@ -58,8 +58,9 @@ def test_loom_zarr_layers_are_sharded_and_read_back(tmp_path):
         shards, inner = _sharding(_meta(fn, node))
         assert inner == (64, 64)
         assert all(s % c == 0 for s, c in zip(shards, inner)) and math.prod(shards) > math.prod(inner)
-        # about block-size bytes of whole inner chunks
-        assert math.prod(shards) * arr.dtype.itemsize <= 256 * 1024
+        # about block-size bytes of whole inner chunks, up to 4x that where such a shard
+        # would store less than coalesce-bytes (test_shard_sizing.py)
+        assert math.prod(shards) * arr.dtype.itemsize <= 4 * 256 * 1024
         # zarr-python reads what was written
         np.testing.assert_array_equal(zarr.open_array(str(fn / node), mode="r")[:], arr)
     with dask.config.set(SMALL_BLOCKS), dask_loom.connect(str(fn), "r") as ds:

@@ -23,7 +23,12 @@ from hypothesis import strategies as st
 import dask_loom
 from dask_loom.zarr import _chunks
 
-SMALL_BLOCKS = {"dask_loom.block-size": "256KiB", "dask_loom.loom-zarr-chunks": [64, 64]}
+# Several shards of about block-size (a coalesce-bytes this small never grows them, test_shard_sizing.py).
+SMALL_BLOCKS = {
+    "dask_loom.block-size": "256KiB",
+    "dask_loom.loom-zarr-chunks": [64, 64],
+    "dask_loom.coalesce-bytes": "4KiB",
+}
 
 
 def _write(fn: pathlib.Path, ref: np.ndarray, kind: str) -> None:

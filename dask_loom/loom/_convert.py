@@ -110,7 +110,8 @@ def convert(
                 path = layer_path(name)
                 layer_chunks = tuple(int(c) for c in (chunks or default_chunks))
                 layer_chunks = tuple(max(1, min(c, n)) for c, n in zip(layer_chunks, shape))
-                create_layer_array(w, path, shape, dt, layer_chunks)  # sharded in a .loom.zarr
+                # Sharded in a .loom.zarr, sized by a few chunks read from the source and compressed.
+                create_layer_array(w, path, shape, dt, layer_chunks, sample=ds.layers[name])
                 target = LayerTarget.on(w, path, f"{dst_spec.name}: layer '{name}'", prefix="loom-convert")
                 # Blocks whole in both the source's and the target's chunks: each read once, each written once.
                 unit = tuple(int(np.lcm(a, b)) for a, b in zip(src_layer.chunk_shape, target.chunk_shape))

@@ -125,7 +125,7 @@ def create(
         for k in ["", *[k for k in lay if k != ""]]:
             v = lay[k]
             path = "matrix" if k == "" else f"layers/{k}"
-            create_layer_array(w, path, shape, v.dtype, chunks)
+            create_layer_array(w, path, shape, v.dtype, chunks, sample=v)
             fill_layer(kw, w, path, v, where=f"{filename}: layer '{k}'")
         for axis, attrs in ((0, ra), (1, ca)):
             for k, v in attrs.items():

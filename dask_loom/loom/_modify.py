@@ -129,7 +129,7 @@ def _copy_layer_permuted(
     info = _host(ds).info(name)
     shape = tuple(info.shape)
     chunks = info.inner_chunks or (tuple(info.chunks) if info.chunks else default_chunks(shape))
-    create_layer_array(w, path, shape, info.dtype, chunks)
+    create_layer_array(w, path, shape, info.dtype, chunks, sample=ds.layers[name])
     target = LayerTarget.on(w, path, f"{ds.filename}: layer '{name}'")
     if ordering is None:
         ordering = np.arange(shape[axis])

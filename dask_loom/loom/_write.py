@@ -57,16 +57,29 @@ def is_zarr_writer(w: Any) -> bool:
     return isinstance(w, ZarrWriter)
 
 
-def layer_shards(shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...]) -> tuple[int, ...] | None:
+def layer_shards(
+    shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...], *, sample: Any = None
+) -> tuple[int, ...] | None:
     """The shard shape of a ``.loom.zarr`` layer of inner *chunks* (``None``: unsharded).
 
     A layer without columns yet (``add_columns`` to an empty file) is sharded
-    as if it had one shard's worth of columns, as it will grow.
+    as if it had one shard's worth of columns, as it will grow.  With
+    *sample* (the values to be written, or an array like them), shards of
+    well-compressing values grow to store about ``dask_loom.coalesce-bytes``
+    each (:func:`dask_loom.zarr.default_shards`), estimated by compressing a
+    few chunks of it as the layer will be stored.
     """
-    from dask_loom.zarr._target import default_shards
+    from dask_loom.loom._zarrtree import sample_encoder
+    from dask_loom.zarr._target import chunk_samples, default_shards, stored_ratio
 
     planned = tuple(max(int(n), int(c)) for n, c in zip(shape, chunks))
-    return default_shards(planned, chunks, np.dtype(dtype).itemsize)
+    ratio = None
+    encode = sample_encoder() if sample is not None else None
+    if encode is not None:
+        ratio = stored_ratio(
+            [s.astype(dtype, copy=False) for s in chunk_samples(sample, tuple(chunks))], encode
+        )
+    return default_shards(planned, chunks, np.dtype(dtype).itemsize, stored_ratio=ratio)
 
 
 def check_dtype(dtype: Any, where: str) -> np.dtype:
@@ -105,6 +118,10 @@ class LayerTarget(BlockTarget):
         file without other layers may change it).
     prefix
         Task-name prefix (default ``"loom-write"``).
+    sample
+        The values to be written (or an array like them): in a ``.loom.zarr``
+        shards of well-compressing values are sized by what they store
+        (:func:`layer_shards`).
 
     Notes
     -----
@@ -134,6 +151,7 @@ class LayerTarget(BlockTarget):
         chunks: Any = None,
         shape: tuple[int, int] | None = None,
         prefix: str = "loom-write",
+        sample: Any = None,
     ) -> None:
         host = ds.__dask_loom_layer_host__()
         host.check_writable()
@@ -152,7 +170,7 @@ class LayerTarget(BlockTarget):
         zarr = is_zarr_host(host)
         self._chunks = default_chunks(self.shape, chunks, zarr=zarr)
         # A .loom.zarr layer is sharded: the shard is the write unit the blocks are planned in.
-        self._shards = layer_shards(self.shape, self.dtype, self._chunks) if zarr else None
+        self._shards = layer_shards(self.shape, self.dtype, self._chunks, sample=sample) if zarr else None
         self.chunk_shape = self._shards or self._chunks
         self.prefix = prefix
         self.label = self.where
@@ -280,15 +298,17 @@ def create_layer_array(
     *,
     fill: bool = False,
     shards: Any = "auto",
+    sample: Any = None,
 ) -> None:
     """Create a layer dataset with loompy's settings (gzip 2, columns resizable).
 
     In a ``.loom.zarr`` the layer is sharded: *shards* ``"auto"`` picks
-    :func:`layer_shards` of the inner *chunks*, ``None`` writes it unsharded.
+    :func:`layer_shards` of the inner *chunks* (sized by what they store when
+    a *sample* of the values is given), ``None`` writes it unsharded.
     """
     kw: dict[str, Any] = {}
     if is_zarr_writer(w):
-        kw["shards"] = layer_shards(shape, dtype, chunks) if isinstance(shards, str) else shards
+        kw["shards"] = layer_shards(shape, dtype, chunks, sample=sample) if isinstance(shards, str) else shards
     w.create_array(
         path,
         shape=shape,
@@ -326,7 +346,12 @@ def write_layer(ds: LoomConnectionLike, name: str, value: Any, *, chunks: Any = 
     check_name("Layer", name, ds.filename, allow_empty=True)
     value, shape, dt = _prepare(ds, name, value)
     target = LayerTarget(
-        ds, name, dtype=dt, chunks=default_chunks(shape, chunks, zarr=is_zarr_host(host)), shape=shape
+        ds,
+        name,
+        dtype=dt,
+        chunks=default_chunks(shape, chunks, zarr=is_zarr_host(host)),
+        shape=shape,
+        sample=value,
     )
     if value is None:
         with target.transaction():

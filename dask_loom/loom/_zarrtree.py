@@ -36,7 +36,7 @@ import hashlib
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -79,6 +79,26 @@ def _codecs(compression: str | None) -> Any:
         return [ZstdCodec(level=3)]
     if spec == "gzip":
         return [GzipCodec(level=2)]
+    raise ValueError(f"dask_loom.zarr-codec: unknown codec {spec!r} (blosc-zstd, blosc-lz4, zstd, gzip or none)")
+
+
+def sample_encoder() -> Callable[[np.ndarray], Any] | None:
+    """``encode(chunk) -> bytes`` as :func:`_codecs` stores a layer's chunks (``None``: uncompressed).
+
+    numcodecs with the same settings: for estimating what shards will store
+    (:func:`dask_loom.zarr.stored_ratio`) without going through zarr's codec pipeline.
+    """
+    import numcodecs
+
+    spec = str(get_config("zarr-codec") or "blosc-zstd").lower()
+    if spec in ("none", ""):
+        return None
+    if spec.startswith("blosc"):
+        return numcodecs.Blosc(cname=spec.partition("-")[2] or "zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE).encode
+    if spec == "zstd":
+        return numcodecs.Zstd(level=3).encode
+    if spec == "gzip":
+        return numcodecs.GZip(level=2).encode
     raise ValueError(f"dask_loom.zarr-codec: unknown codec {spec!r} (blosc-zstd, blosc-lz4, zstd, gzip or none)")
 
 

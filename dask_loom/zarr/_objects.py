@@ -518,8 +518,10 @@ class _StoreObjects(_Objects):
 
         On an object store that tells an object's size with a suffix read
         (S3), the index of a shard whose index is at its end is read with the
-        last ``coalesce-bytes`` of the shard in one request: the chunks those
-        bytes hold need no request of their own.  The tails come back as
+        last ``2 * coalesce-bytes`` of the shard in one request: the chunks
+        those bytes hold need no request of their own, and a shard sized by
+        what it stores (at least ``coalesce-bytes``, see
+        :func:`~dask_loom.zarr.default_shards`) usually comes whole.  The tails come back as
         ``{key: (offset of the first byte, bytes)}``.
         """
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
@@ -527,7 +529,7 @@ class _StoreObjects(_Objects):
         n = lay.index_nbytes
         tails: dict[str, tuple[int, bytes]] = {}
         if lay.index_at_end and self.remote and hasattr(self.store, "_aget_tail"):
-            got = self._get_tails(keys, max(n, self.max_bytes))
+            got = self._get_tails(keys, max(n, 2 * self.max_bytes))
             out: dict[str, Any] = {}
             for k, res in zip(keys, got):
                 if res is None:
@@ -620,11 +622,13 @@ class _StoreObjects(_Objects):
                         rest.append((a, b, slot))
                 spans = rest
             for r0, r1, members in _coalesce(spans, self.gap):
-                # A run is fetched in requests of exactly coalesce-bytes (the last one shorter),
-                # cut wherever they fall: the fewest requests of at most that size.
-                pieces = range(r0, r1, self.max_bytes)
+                # Requests of equal size, cut wherever they fall (the answers are joined), each
+                # at least coalesce-bytes and under twice that: no small tail request, and as
+                # many bytes per request as the first read of a shard (its last 2 x coalesce-bytes).
+                step = -(-(r1 - r0) // max(1, (r1 - r0) // self.max_bytes))
+                pieces = range(r0, r1, step)
                 for p0 in pieces:
-                    p1 = min(p0 + self.max_bytes, r1)
+                    p1 = min(p0 + step, r1)
                     reqs.append((key, RangeByteRequest(p0, p1), p1 - p0))
                 where.append((key, r0, r1, members, len(pieces)))
         blobs = self._get_many(reqs)

@@ -220,7 +220,7 @@ def _reshard_loom(
                 shape = tuple(int(s) for s in info.shape)
                 inner = tuple(max(1, min(int(c), n)) for c, n in zip(chunks or info.chunks or shape, shape))
                 w.delete(tmp)
-                create_layer_array(w, tmp, shape, info.dtype, inner)
+                create_layer_array(w, tmp, shape, info.dtype, inner, sample=ds.layers[name])
                 target = LayerTarget.on(w, tmp, f"{ds.filename}: layer '{name}'", prefix="loom-reshard")
                 unit = tuple(int(np.lcm(a, b)) for a, b in zip(src.chunk_shape, target.chunk_shape))
                 x = ds.layers[name].to_dask(chunks=plan_blocks(shape, unit, np.dtype(info.dtype).itemsize))

@@ -20,20 +20,28 @@ commit marker, so an interrupted write leaves no array, never a mixture.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+import numpy as np
 
 from dask_loom.blocks._target import BlockTarget
 from dask_loom.errors import MissingKeyError
 
-__all__ = ["ZarrTarget", "default_shards"]
+__all__ = ["ZarrTarget", "chunk_samples", "default_shards", "stored_ratio"]
 
 _DOCS = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
 
 
 def default_shards(
-    shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int, *, target_bytes: int | str | None = None
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    itemsize: int,
+    *,
+    target_bytes: int | str | None = None,
+    stored_ratio: float | None = None,
 ) -> tuple[int, ...] | None:
     """The shard shape dask_loom writes: whole inner *chunks*, about ``dask_loom.block-size`` bytes decoded.
 
@@ -42,25 +50,117 @@ def default_shards(
     and a few coalesced ranged reads for its chunks).  ``None`` when a shard
     would hold a single chunk (nothing to gain from sharding).
 
+    With *stored_ratio* (stored bytes per decoded byte, estimated by
+    :func:`stored_ratio`), a shard that would store less than
+    ``dask_loom.coalesce-bytes`` grows until it stores about that much (at
+    most four times the decoded target): shards are taken away along the
+    axis cut into the most, and those left share its chunks evenly.  Reading
+    an object store then takes about one request per ``coalesce-bytes``
+    stored, where a shard of compressible counts would take one per few MiB.
+
     Examples
     --------
     >>> default_shards((20_000, 50_000), (64, 64), 4, target_bytes="64MiB")
     (4032, 3904)
     >>> default_shards((60, 50), (64, 64), 4) is None
     True
+
+    Counts at 1/20 of their decoded size: 64 MiB shards would store 3.2 MiB.
+
+    >>> default_shards((4096, 16384), (128, 128), 4, target_bytes="64MiB")
+    (4096, 4096)
+    >>> default_shards((4096, 16384), (128, 128), 4, target_bytes="64MiB", stored_ratio=0.05)
+    (4096, 5504)
     """
+    from dask_loom._config import block_size_bytes, config_bytes
     from dask_loom.blocks._plan import units_per_block
 
     shape = tuple(int(s) for s in shape)
     chunks = tuple(max(1, int(c)) for c in chunks)
     if not shape or 0 in shape:
         return None
-    units = units_per_block(shape, chunks, max(1, int(itemsize)), target_bytes=target_bytes)
+    itemsize = max(1, int(itemsize))
+    grid = tuple(-(-n // c) for n, c in zip(shape, chunks))
+    units = list(units_per_block(shape, chunks, itemsize, target_bytes=target_bytes))
+    if stored_ratio is not None and stored_ratio > 0:
+        floor = config_bytes("coalesce-bytes")
+        cap = 4 * block_size_bytes(target_bytes)
+
+        def nbytes(u: Sequence[int]) -> int:
+            return math.prod(min(k, g) * c for k, g, c in zip(u, grid, chunks)) * itemsize
+
+        # One shard fewer along the axis cut most often, spread evenly, until a shard stores
+        # about coalesce-bytes: every shard grows alike, none is a small remainder.
+        while nbytes(units) * stored_ratio < floor:
+            counts = [-(-g // u) for g, u in zip(grid, units)]
+            ax = max(range(len(counts)), key=lambda i: counts[i])
+            if counts[ax] == 1:
+                break
+            grown = list(units)
+            grown[ax] = -(-grid[ax] // (counts[ax] - 1))
+            if nbytes(grown) > cap:
+                break
+            units = grown
     # Not past the array's edge: the last shard holds the chunks that exist.
-    units = tuple(min(u, -(-n // c)) for u, n, c in zip(units, shape, chunks))
+    units = tuple(min(u, g) for u, g in zip(units, grid))
     if all(u == 1 for u in units):
         return None
     return tuple(u * c for u, c in zip(units, chunks))
+
+
+def stored_ratio(samples: Sequence[Any], encode: Callable[[np.ndarray], Any]) -> float | None:
+    """Stored bytes per decoded byte of *samples* (chunk-shaped arrays) as *encode* compresses them.
+
+    ``None`` without samples.  Used by writers to size shards by what they
+    store (:func:`default_shards`).
+
+    Examples
+    --------
+    >>> import numpy as np, numcodecs
+    >>> stored_ratio([np.zeros((64, 64), "f4")], numcodecs.Zstd().encode) < 0.01
+    True
+    """
+    decoded = stored = 0
+    for s in samples:
+        a = np.ascontiguousarray(s)
+        decoded += a.nbytes
+        stored += len(memoryview(encode(a)).cast("B"))
+    return stored / decoded if decoded else None
+
+
+def chunk_samples(values: Any, chunks: tuple[int, ...], *, k: int = 8) -> list[np.ndarray]:
+    """Up to *k* chunk-shaped pieces of *values*, spread over its chunk grid, as numpy arrays.
+
+    *values* is anything sliceable to an array (numpy, scipy sparse, a Loom
+    layer or Zarr array whose slicing reads only what it needs).  A dask
+    array is sampled inside its first block only: one block is computed,
+    never the whole graph.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> [s.shape for s in chunk_samples(np.ones((5, 300)), (4, 100), k=3)]
+    [(4, 100), (4, 100), (1, 100)]
+    """
+    shape = tuple(int(n) for n in values.shape)
+    if not shape or 0 in shape:
+        return []
+    if getattr(values, "format", None) in ("coo", "dia", "dok", "lil", "bsr"):
+        values = values.tocsr()  # scipy formats that cannot be sliced (or slowly)
+    if hasattr(values, "__dask_graph__"):
+        first = tuple(slice(0, int(c[0])) for c in values.chunks)
+        values = np.asarray(values[first].compute())
+        shape = values.shape
+    grid = tuple(-(-n // c) for n, c in zip(shape, chunks))
+    n = math.prod(grid)
+    picks = sorted({round(float(i)) for i in np.linspace(0, n - 1, min(k, n))})
+    out = []
+    for flat in picks:
+        at = np.unravel_index(flat, grid)
+        region = tuple(slice(int(g) * c, min(n_, (int(g) + 1) * c)) for g, c, n_ in zip(at, chunks, shape))
+        piece = values[region]
+        out.append(np.asarray(piece.toarray() if hasattr(piece, "toarray") else piece))
+    return out
 
 
 def _store_name(store: Any) -> str:
@@ -100,7 +200,7 @@ class ZarrTarget(BlockTarget):
     >>> with t.transaction():
     ...     t.write_block((slice(0, 4), slice(0, 4)), np.ones((4, 4)))
     ...     t.write_block((slice(4, 6), slice(0, 4)), np.zeros((2, 4)))
-    >>> t.chunk_shape, float(dask_loom.open_zarr(s, "a/x")[:, :].sum())
+    >>> t.chunk_shape, float(dask_loom.open_zarr(s, "a/x").to_dask().sum().compute())
     ((4, 4), 16.0)
     """
 
