@@ -408,6 +408,8 @@ def run_cluster(
     n_groups: int,
     log_dir: str,
     testbed: dict[str, int],
+    *,
+    preload: bool = True,
 ) -> dict[str, Any]:
     import psutil
     from _processes import start_scheduler, stop
@@ -436,7 +438,7 @@ def run_cluster(
                 subprocess.Popen(
                     [sys.executable, "-m", "distributed.cli.dask_worker", addr, "--name", f"w{i}", "--nthreads", "1",
                      "--nworkers", "1", "--no-nanny", "--memory-limit", "6GiB", "--host", "127.0.0.1",
-                     "--preload", "dask_loom.worker_setup"],
+                     *(["--preload", "dask_loom.worker_setup"] if preload else [])],
                     stdout=wlog, stderr=subprocess.STDOUT, env=wenv,
                 )
             )  # fmt: skip
@@ -558,6 +560,11 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=50)
     ap.add_argument("--workers", default="1,2", help="worker counts to run, in order")
     ap.add_argument(
+        "--no-preload",
+        action="store_true",
+        help="workers without dask_loom.worker_setup (a plain dask worker: its first block read tunes the allocator)",
+    )
+    ap.add_argument(
         "--name", default=None, help="results name (default: atlas, or atlas_<cells> for other sizes)"
     )
     args = ap.parse_args()
@@ -580,6 +587,8 @@ def main() -> None:
         "chunks": list(chunks),
         "latency_s": args.latency,
         "block_size": get_config("block-size"),
+        "codec": get_config("zarr-codec"),
+        "worker_preload": not args.no_preload,
         "zarr_async_concurrency": None,
         "runs": {},
     }
@@ -615,7 +624,7 @@ def main() -> None:
         print(f"graph of map over {g['shape']}: {g['tasks']} tasks built in {g['build_s']:.3f} s", flush=True)
         with tempfile.TemporaryDirectory() as logs:
             for n in (int(w) for w in args.workers.split(",")):
-                r = run_cluster(n, url, via, proxy, args.groups, logs, testbed)
+                r = run_cluster(n, url, via, proxy, args.groups, logs, testbed, preload=not args.no_preload)
                 for op in ("map", "aggregate"):
                     o = r[op]
                     print(

@@ -2,9 +2,10 @@
 
 The layer: 4,096 genes x 16,384 cells float32 counts (~90 % zeros, the
 issue's shape), written as a ``.loom`` by dask_loom (64 x 64 chunks, gzip 2)
-and converted to sharded ``.loom.zarr`` (blosc-zstd; shards of about
-``dask_loom.block-size`` made of whole inner chunks).  Cached in
-benchmarks/cache/.  Three parts, ratios in one run:
+and converted to sharded ``.loom.zarr`` (``dask_loom.zarr-codec``, blosc-lz4hc;
+shards of about ``dask_loom.block-size`` made of whole inner chunks, grown to
+store about ``dask_loom.coalesce-bytes`` each).  Cached in benchmarks/cache/
+by inner chunk shape and codec.  Three parts, ratios in one run:
 
 (a) Inner chunk shape: ``map([mean, std])`` over the sharded ``.loom.zarr``
     with 64 x 64, 128 x 128, 256 x 256 and 512 x 512 inner chunks, on the local
@@ -15,8 +16,8 @@ benchmarks/cache/.  Three parts, ratios in one run:
     behind the request-counting proxy at 20 ms per request (target: <= 1.5x;
     <= 1 request per 4 MiB stored), with the requests and bytes the proxy saw.
 (c) The object-store client for the shard reads: every shard of the layer read
-    as dask_loom reads it (its last 4 MiB with the index in one suffix request,
-    the rest in 4 MiB ranged requests, every request of a shard at once) with
+    as dask_loom reads it (its last 8 MiB with the index in one suffix request,
+    the rest in ranged requests of 4 to 8 MiB, every request of a shard at once) with
     fsspec/s3fs (dask_loom's client before issue 15) and with obstore (its client now), through the same proxy.
 
 Every map runs in a fresh process (wall time, peak RSS of the process tree).
@@ -59,8 +60,9 @@ def files(small: bool) -> tuple[str, dict[int, str]]:
         write_synthetic_loom(loom + ".partial.loom", n, m)
         os.replace(loom + ".partial.loom", loom)
     out = {}
+    codec = str(dask.config.get("dask_loom.zarr-codec"))
     for c in INNER:
-        z = os.path.join(CACHE, f"cloud_{n}x{m}.c{c}.sharded.loom.zarr")
+        z = os.path.join(CACHE, f"cloud_{n}x{m}.c{c}.{codec}.sharded.loom.zarr")
         if not os.path.exists(z):
             t0 = time.perf_counter()
             with dask.config.set(scheduler="threads"):
@@ -102,9 +104,12 @@ def run_map(path: str, storage_options: dict | None = None) -> dict:
 
 
 def _plan(size: int) -> list[tuple[int, int]]:
-    """The byte ranges dask_loom asks for a whole shard of *size* bytes: the 4 MiB tail, then 4 MiB pieces."""
-    tail = min(size, MIB4)
-    return [(a, min(a + MIB4, size - tail)) for a in range(0, size - tail, MIB4)]
+    """The byte ranges dask_loom asks for a whole shard of *size* bytes after its 8 MiB tail: pieces of 4 to 8 MiB."""
+    rest = size - min(size, 2 * MIB4)
+    if rest <= 0:
+        return []
+    step = -(-rest // max(1, rest // MIB4))
+    return [(a, min(a + step, rest)) for a in range(0, rest, step)]
 
 
 def run_client(client: str, bucket: str, keys: list[str], sizes: list[int], options: dict) -> dict:
@@ -119,7 +124,7 @@ def run_client(client: str, bucket: str, keys: list[str], sizes: list[int], opti
         fs = fsspec.filesystem("s3", asynchronous=False, skip_instance_cache=True, **options)
 
         async def shard(key: str, size: int) -> int:
-            tail = await fs._cat_file(f"{bucket}/{key}", start=-MIB4)
+            tail = await fs._cat_file(f"{bucket}/{key}", start=-2 * MIB4)
             rest = await asyncio.gather(
                 *(fs._cat_file(f"{bucket}/{key}", start=a, end=b) for a, b in _plan(size))
             )
@@ -158,7 +163,7 @@ def run_client(client: str, bucket: str, keys: list[str], sizes: list[int], opti
 
         async def shard(key: str, size: int) -> int:
             tail = await (
-                await obstore.get_async(store, key, options={"range": {"suffix": MIB4}})
+                await obstore.get_async(store, key, options={"range": {"suffix": 2 * MIB4}})
             ).bytes_async()
             rest = await asyncio.gather(
                 *(obstore.get_range_async(store, key, start=a, end=b) for a, b in _plan(size))
@@ -214,6 +219,7 @@ def main() -> None:
         "requests": {},
         "latency_s": LATENCY,
         "default_inner": default_inner,
+        "codec": str(get_config("zarr-codec")),
     }
     try:
         if "a" not in skip:

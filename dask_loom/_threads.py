@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from dask_loom._allocator import tune_allocator_once
 from dask_loom._config import get_config
 
 __all__ = ["io_pool", "map_threads", "read_ahead", "scratch"]
@@ -130,6 +131,7 @@ def scratch(n: int, dtype: Any) -> Any:
     nbytes = n * dt.itemsize
     buf = getattr(_local, "scratch", None)
     if buf is None or buf.nbytes < nbytes:
+        tune_allocator_once()  # before the first decode of the process
         buf = np.empty(max(nbytes, 1), dtype=np.uint8)
         _local.scratch = buf
     return buf[:nbytes].view(dt)

@@ -39,6 +39,7 @@ import click
 import dask
 
 from dask_loom import _config
+from dask_loom._allocator import tune_allocator
 from dask_loom.errors import ConfigError
 
 __all__ = ["dask_setup", "dask_teardown", "parse_settings", "setup", "teardown", "tune_allocator", "worker_info"]
@@ -86,47 +87,6 @@ def parse_settings(settings: Iterable[str]) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[key] = raw
     return out
-
-
-# glibc's mallopt() parameter for the mmap threshold (M_MMAP_THRESHOLD in malloc.h).
-_M_MMAP_THRESHOLD = -3
-
-
-def tune_allocator(threshold: int = 16 << 20) -> bool:
-    """Let glibc serve buffers under *threshold* bytes from its heap again, where a nanny's trim setting stopped it.
-
-    A dask nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so
-    that freed memory goes back to the OS.  Setting it also pins glibc's mmap
-    threshold at 128 KiB: every buffer of 128 KiB or more (a decoded 256 x 256
-    chunk, blosc's per-call buffers) is then an ``mmap``, faulted in page by
-    page and unmapped when freed.  Measured on the 4,096 x 16,384 float32
-    ``.loom.zarr`` with 256 x 256 inner chunks (two threads, medians of 7):
-    ``map`` 0.27 s with the nanny's variable, 0.13 s with this, 0.11 s with
-    neither; ``aggregate`` 0.60 / 0.31 / 0.28 s.  Blocks (tens of MiB) stay
-    mmaps, returned to the OS as soon as they are freed.
-
-    Returns whether it changed anything: only on glibc, in a process started
-    with ``MALLOC_TRIM_THRESHOLD_`` and without ``MALLOC_MMAP_THRESHOLD_`` (a
-    threshold someone chose is kept).
-
-    Examples
-    --------
-    >>> isinstance(tune_allocator(), bool)
-    True
-    """
-    import ctypes
-    import os
-    import platform
-
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):
-        return False
 
 
 def _check() -> None:

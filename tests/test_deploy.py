@@ -700,6 +700,47 @@ def test_tune_allocator_serves_mid_size_buffers_from_the_heap(env, want):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == want
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator settings: Linux only")
+def test_a_worker_without_the_preload_is_tuned_by_its_first_block_read(tmp_path):
+    """A plain process ``LocalCluster`` (its nanny pins the mmap threshold): the first task lifts it."""
+    import platform
+
+    from distributed import Client, LocalCluster
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's mallopt and mallinfo2 are needed")
+
+    def mmaps_by_a_1mib_malloc() -> list:  # local: pickled by value to the worker
+        import ctypes
+        import os
+
+        class Info(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                        "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = Info
+        libc.malloc.restype = ctypes.c_void_p
+        before = libc.mallinfo2().hblks
+        p = libc.malloc(1 << 20)
+        grew = libc.mallinfo2().hblks - before
+        libc.free(ctypes.c_void_p(p))
+        return [os.environ.get("MALLOC_TRIM_THRESHOLD_"), grew]
+
+    m = np.arange(200 * 300, dtype="f4").reshape(200, 300)
+    fn = tmp_path / "t.loom.zarr"
+    dask_loom.create(str(fn), m, {"g": np.arange(200)}, {"c": np.arange(300)}, scheduler="sync")
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        assert list(client.run(mmaps_by_a_1mib_malloc).values()) == [["65536", 1]]  # the nanny's pin
+        with dask_loom.connect(str(fn), "r") as ds:
+            mean = ds.map([np.mean], axis=0, client=client)[0]
+        assert list(client.run(mmaps_by_a_1mib_malloc).values()) == [["65536", 0]]
+    np.testing.assert_allclose(mean, m.mean(axis=1), rtol=1e-6)
+
+
 def test_dask_setup_is_a_click_command():
     import click
 

@@ -199,3 +199,39 @@ def test_map_over_grown_shards_reads_coalesce_bytes_per_request(tmp_path, s3_ser
         assert snap["requests"].get("HEAD", 0) == 0
         # At most one request per 128 KiB stored, and never more than one per shard.
         assert snap["total_requests"] <= min(len(sizes), stored // (128 << 10)), (snap, sizes)
+
+
+# -- the codec the estimate assumes is the codec written -----------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["blosc-lz4hc", "blosc-zstd", "blosc-lz4", "zstd", "gzip", "none"])
+def test_each_codec_is_written_read_back_and_estimated_as_stored(tmp_path, codec):
+    from dask_loom.loom._zarrtree import sample_encoder
+
+    m = _counts((512, 2048), seed=8)
+    fn = tmp_path / "c.loom.zarr"
+    with dask.config.set({**SMALL, "dask_loom.zarr-codec": codec}):
+        dask_loom.create(str(fn), m, {"g": np.arange(512)}, {"c": np.arange(2048)}, scheduler="sync")
+        encode = sample_encoder()
+    arr = zarr.open_array(str(fn / "matrix"), mode="r")
+    np.testing.assert_array_equal(arr[:], m)
+    names = [c.to_dict()["name"] for c in arr.compressors]
+    assert names == {"none": [], "zstd": ["zstd"], "gzip": ["gzip"]}.get(codec, ["blosc"])
+    if codec.startswith("blosc"):
+        assert arr.compressors[0].to_dict()["configuration"]["cname"] == codec.split("-")[1]
+    if encode is None:
+        assert codec == "none"
+        return
+    # What the sampled chunks say a shard stores is what the shards store (index aside), within 15 %.
+    estimate = stored_ratio(chunk_samples(m, (128, 128), k=64), encode) * m.nbytes
+    assert abs(estimate / sum(_shard_sizes(fn)) - 1) < 0.15
+
+
+def test_an_unknown_codec_is_refused_by_name(tmp_path):
+    with (
+        dask.config.set({"dask_loom.zarr-codec": "blosc-snappy"}),
+        pytest.raises(ValueError, match="blosc-snappy"),
+    ):
+        dask_loom.create(
+            str(tmp_path / "x.loom.zarr"), np.ones((4, 4), "f4"), {"g": np.arange(4)}, {"c": np.arange(4)}
+        )

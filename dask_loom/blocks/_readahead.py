@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from dask_loom._allocator import tune_allocator_once
+
 __all__ = ["latency_bound", "read_ahead", "reads_wait", "store_waits", "sub_blocks"]
 
 
@@ -113,8 +115,10 @@ def read_ahead(source: Any, region: tuple[slice, ...], out: np.ndarray | None = 
     """``source.read_block(region, out=out)``, as overlapping sub-block reads where that hides latency.
 
     Blocks of one stored chunk, and sources on local or in-memory stores,
-    are read in one call as before.
+    are read in one call as before.  The first block a process reads lifts
+    a nanny's pin of glibc's mmap threshold (:func:`~dask_loom._allocator.tune_allocator_once`).
     """
+    tune_allocator_once()
     readers = _readers()
     if readers < 2 or not region or not latency_bound(source) or getattr(source, "streams_chunks", False):
         # A source that decodes chunks as they arrive keeps its requests in flight itself.

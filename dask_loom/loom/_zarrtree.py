@@ -9,7 +9,7 @@ group of one array per field (``0``, ``1``, …; fixed-length bytes fields as
 the names, formats, offsets and item size, so the numpy dtype comes back
 exactly and any Zarr reader can read the fields (Zarr v3 has no specified
 struct data type).  Layers are compressed with
-blosc-zstd by default (``dask_loom.zarr-codec``) and sharded: a layer's shards
+blosc-lz4hc by default (``dask_loom.zarr-codec``) and sharded: a layer's shards
 hold about ``dask_loom.block-size`` bytes of whole inner chunks
 (``dask_loom.loom-zarr-chunks``), so a dask block is one object on an object
 store (:func:`dask_loom.zarr.default_shards`); node attributes
@@ -63,23 +63,39 @@ def _p(path: str) -> str:
     return path.strip("/")
 
 
+_BLOSC = ("lz4hc", "lz4", "zstd", "zlib", "blosclz")
+
+
+def _codec_spec() -> tuple[str, Any]:
+    """``dask_loom.zarr-codec`` parsed: ``(kind, setting)``, e.g. ``("blosc", "lz4hc")`` or ``("none", None)``."""
+    spec = str(get_config("zarr-codec") or "blosc-lz4hc").lower()
+    if spec == "none":
+        return "none", None
+    kind, _, cname = spec.partition("-")
+    if kind == "blosc" and cname in _BLOSC:
+        return "blosc", cname
+    if spec in ("zstd", "gzip"):
+        return spec, None
+    raise ValueError(
+        f"dask_loom.zarr-codec: unknown codec {spec!r} (blosc-lz4hc, blosc-lz4, blosc-zstd, blosc-zlib, "
+        "blosc-blosclz, zstd, gzip or none)"
+    )
+
+
 def _codecs(compression: str | None) -> Any:
     """zarr compressors for a tree array (``None``: uncompressed)."""
     if compression is None:
         return None
-    spec = str(get_config("zarr-codec") or "blosc-zstd").lower()
     from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
 
-    if spec in ("none", ""):
-        return None
-    if spec.startswith("blosc"):
-        cname = spec.partition("-")[2] or "zstd"
+    kind, cname = _codec_spec()
+    if kind == "blosc":
         return [BloscCodec(cname=cname, clevel=5, shuffle="shuffle")]
-    if spec == "zstd":
+    if kind == "zstd":
         return [ZstdCodec(level=3)]
-    if spec == "gzip":
+    if kind == "gzip":
         return [GzipCodec(level=2)]
-    raise ValueError(f"dask_loom.zarr-codec: unknown codec {spec!r} (blosc-zstd, blosc-lz4, zstd, gzip or none)")
+    return None
 
 
 def sample_encoder() -> Callable[[np.ndarray], Any] | None:
@@ -90,16 +106,14 @@ def sample_encoder() -> Callable[[np.ndarray], Any] | None:
     """
     import numcodecs
 
-    spec = str(get_config("zarr-codec") or "blosc-zstd").lower()
-    if spec in ("none", ""):
-        return None
-    if spec.startswith("blosc"):
-        return numcodecs.Blosc(cname=spec.partition("-")[2] or "zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE).encode
-    if spec == "zstd":
+    kind, cname = _codec_spec()
+    if kind == "blosc":
+        return numcodecs.Blosc(cname=cname, clevel=5, shuffle=numcodecs.Blosc.SHUFFLE).encode
+    if kind == "zstd":
         return numcodecs.Zstd(level=3).encode
-    if spec == "gzip":
+    if kind == "gzip":
         return numcodecs.GZip(level=2).encode
-    raise ValueError(f"dask_loom.zarr-codec: unknown codec {spec!r} (blosc-zstd, blosc-lz4, zstd, gzip or none)")
+    return None
 
 
 def _jsonable(value: Any) -> Any:
