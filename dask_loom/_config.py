@@ -55,14 +55,14 @@ DEFAULTS: dict[str, Any] = {
     # disk and on an object store alike (docs/zarr.md, "Codec").
     "zarr-codec": "blosc-lz4hc",
     # Inner chunk shape of the sharded layers of a .loom.zarr (shards of about block-size
-    # are made of them): 128 x 128 (64 KiB of float32) measured fastest for map over a layer
-    # against 64 x 64, 256 x 256 and 512 x 512 (benchmarks/bench_cloud_zarr.py), and quicker to
-    # write than 64 x 64 (zarr-python encodes a shard chunk by chunk).  256 x 256 was measured
-    # again on a quiet machine and kept out: faster for map over a float32 layer (0.22 against
-    # 0.27 s on disk, 0.24 against 0.53 s on S3), but 1.5x / 2x slower for map / aggregate over
-    # the atlas's uint16 layer on a cluster (bench_atlas.py --chunks: 3.6 / 8.0 s against 2.4 / 4.1 s),
-    # where the nanny's MALLOC_TRIM_THRESHOLD_ makes every 128 KiB decoded chunk an mmap (docs/scale.md).
-    "loom-zarr-chunks": [128, 128],
+    # are made of them).  256 x 256 with blosc-lz4hc (benchmarks/bench_cloud_zarr.py (a), the
+    # float32 layer): map 0.10 s on disk and 0.17 s on S3, against 0.14 / 0.25 s for 128 x 128 and
+    # 0.27 / 0.47 s for 64 x 64 (512 x 512: 0.09 / 0.24 s); the atlas's uint16 layer on a cluster
+    # (bench_atlas.py --chunks) maps in 1.6 / 0.8 s on 1 / 2 workers against 1.6 / 1.0 s, and is
+    # written 2x faster (zarr-python encodes a shard chunk by chunk).  It was kept out while a
+    # nanny's MALLOC_TRIM_THRESHOLD_ made every decoded chunk of 128 KiB or more an mmap (then 1.5x /
+    # 2x slower); the first block a worker reads now lifts that (dask_loom/_allocator.py).
+    "loom-zarr-chunks": [256, 256],
     # Reads of byte ranges on object stores (HDF5 .loom chunks, chunk-index pages): neighbouring
     # ranges are merged into one ranged request of about coalesce-bytes (a run is cut into
     # round(run / coalesce-bytes) pieces, so no small tail request), reading through holes of up

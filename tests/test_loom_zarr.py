@@ -66,9 +66,9 @@ def test_zarr_layout(zarr_twin, loompy_file):
     g = zarr.open_group(str(zarr_twin), mode="r")
     assert sorted(k for k, _ in g.members()) == ["attrs", "col_attrs", "col_graphs", "layers", "matrix", "row_attrs", "row_graphs"]
     m = g["matrix"]
-    assert m.chunks == (128, 128)  # dask_loom.loom-zarr-chunks: the inner chunks
+    assert m.chunks == (256, 256)  # dask_loom.loom-zarr-chunks: the inner chunks
     # One shard (the small matrix is far below dask_loom.block-size) of whole inner chunks.
-    assert m.shards == (384, 640)
+    assert m.shards == (512, 768)
     assert m.dtype == np.float32
     assert [c.to_dict()["name"] for c in m.compressors] == ["blosc"]
     assert m.compressors[0].to_dict()["configuration"]["cname"] == "lz4hc"  # dask_loom.zarr-codec

@@ -26,7 +26,11 @@ import dask_loom
 from dask_loom.zarr import chunk_samples, default_shards, stored_ratio
 
 # Small enough to run in a second: blocks of 256 KiB, shards grown to store 32 KiB.
-SMALL = {"dask_loom.block-size": "256KiB", "dask_loom.coalesce-bytes": "32KiB"}
+SMALL = {
+    "dask_loom.block-size": "256KiB",
+    "dask_loom.coalesce-bytes": "32KiB",
+    "dask_loom.loom-zarr-chunks": [128, 128],
+}
 
 
 def _counts(shape: tuple[int, int], seed: int, *, zeros: float = 0.9) -> np.ndarray:
@@ -178,7 +182,11 @@ def test_map_over_grown_shards_reads_coalesce_bytes_per_request(tmp_path, s3_ser
 
     m = _counts((1024, 4096), seed=7)
     fn = tmp_path / "counts.loom.zarr"
-    conf = {"dask_loom.block-size": "1MiB", "dask_loom.coalesce-bytes": "128KiB"}
+    conf = {
+        "dask_loom.block-size": "1MiB",
+        "dask_loom.coalesce-bytes": "128KiB",
+        "dask_loom.loom-zarr-chunks": [128, 128],
+    }
     with dask.config.set(conf):
         dask_loom.create(str(fn), m, {"g": np.arange(1024)}, {"c": np.arange(4096)}, scheduler="sync")
     sizes = _shard_sizes(fn)

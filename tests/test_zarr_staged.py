@@ -139,3 +139,46 @@ def test_map_on_staged_chunks_on_a_process_cluster(sharded_loom, local_cluster):
         mean0, std0 = ds.map([np.mean, np.std], axis=0, client=local_cluster)
     np.testing.assert_allclose(mean0, m.astype(np.float64).mean(axis=1), rtol=1e-6)
     np.testing.assert_allclose(std0, m.astype(np.float64).std(axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "inner"),
+    [("u2", 256), ("i2", 256), ("u1", 64), ("i4", 64), ("u2", 512)],  # u2 at 512 wide: summed in float64
+)
+@pytest.mark.parametrize("container", ["loom.zarr", "loom"])
+def test_integer_group_sums_on_staged_chunks_are_exact(tmp_path, monkeypatch, dtype, inner, container):
+    """Integer layers are summed on their staged chunks in float32 where that is exact: equal to numpy's int64 sums."""
+    from dask_loom.ops import _aggregate
+
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(11)
+    # The extremes of the type, densely: any rounding in a float32 partial sum would show.
+    # Whole chunk rows (a band of partial chunks is summed as a band), a partial chunk column.
+    m = rng.integers(info.min, info.max, (4 * inner, 1100), endpoint=True, dtype=np.int64).astype(dtype)
+    m[:, ::3] = info.max
+    groups = rng.integers(0, 7, m.shape[1])
+    fn = tmp_path / f"i.{container}"
+    conf = {"dask_loom.block-size": "1MiB", "dask_loom.coalesce-bytes": 64}
+    with dask.config.set(conf):
+        dask_loom.create(
+            str(fn), m, {"g": np.arange(4 * inner)}, {"c": np.arange(1100)}, chunks=(inner, inner), scheduler="sync"
+        )
+    used = []
+    real = _aggregate._sum_dtype
+
+    def spy(dt, width):
+        out = real(dt, width)
+        used.append((width, out))
+        return out
+
+    monkeypatch.setattr(_aggregate, "_sum_dtype", spy)
+    with dask.config.set(conf), dask_loom.connect(str(fn), "r") as ds:
+        total = ds.aggregate(group_by=groups, aggr_by="sum", scheduler="threads")
+        mean = ds.aggregate(group_by=groups, aggr_by="mean", scheduler="sync")
+    want = np.stack([m[:, groups == g].sum(axis=1, dtype=np.int64) for g in range(7)], axis=1)
+    np.testing.assert_array_equal(total, want.astype(np.float64))
+    np.testing.assert_allclose(mean, want / np.bincount(groups), rtol=1e-12)
+    staged = {out for width, out in used if width > 1}
+    assert staged, "no band was summed on its staged chunks"
+    exact32 = max(abs(info.min), info.max) * inner < 2**24
+    assert staged == {np.dtype(np.float32) if exact32 else np.dtype(np.float64)}

@@ -45,7 +45,7 @@ def convert(
     The kind of *dst* follows its name (``*.zarr`` → Zarr, else HDF5).  Every
     layer, row/column attribute, graph and global attribute is copied; layer
     dtypes are kept.  Layer chunks default to the target kind's:
-    ``dask_loom.loom-zarr-chunks`` (128 x 128 inner chunks, in shards of about
+    ``dask_loom.loom-zarr-chunks`` (256 x 256 inner chunks, in shards of about
     ``dask_loom.block-size``) for Zarr, and ``dask_loom.loom-chunks`` (loompy's 64 x 64) for HDF5.
 
     Parameters

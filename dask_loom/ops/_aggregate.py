@@ -3,7 +3,10 @@
 Each task reads one full-width row band (whole stored chunks, about the
 target block size), reduces its columns group by group (ops._kernels), and
 returns ``(rows, n_groups)`` float64; nothing but the result is ever held
-whole.
+whole.  Where a band one stored unit tall is wider than four blocks (an
+atlas of millions of cells: a row of 7,424 x 4,096 shards across 3.3 M
+cells is 49 GB), sums and means are taken over blocks of about the block
+size instead and added up a row band at a time, in a tree.
 """
 
 from __future__ import annotations
@@ -12,14 +15,32 @@ from typing import Any
 
 import numpy as np
 
+from dask_loom._config import block_size_bytes
 from dask_loom.blocks import block_regions, plan_blocks
 from dask_loom.blocks._readahead import reads_wait
 from dask_loom.cluster import compute
 from dask_loom.ops._graph import task_name, tasks
 from dask_loom.ops._kernels import GroupPlan, check_group_func, group_reduce
-from dask_loom.ops._map import nbytes_of, read_into_buffer
+from dask_loom.ops._map import nbytes_of, read_into_buffer, staged_unit
 
 __all__ = ["aggregate_columns"]
+
+
+def _sum_dtype(dtype: np.dtype, width: int) -> np.dtype | None:
+    """The float type a chunk of *width* columns is summed in exactly, or ``None`` (not staged).
+
+    Floats as they are.  Integers in float32 where every partial sum of a
+    chunk row, at most ``width`` values, stays below 2**24 (uint16 counts in
+    chunks up to 256 wide: BLAS's sgemm, twice dgemm's speed, gives the exact
+    integers); else float64 for up to 32 bits.  64-bit integers are left to
+    the band path.
+    """
+    if dtype in (np.float32, np.float64):
+        return dtype
+    if dtype.kind not in "iu" or dtype.itemsize > 4:
+        return None
+    info = np.iinfo(dtype)
+    return np.dtype(np.float32) if max(abs(info.min), info.max) * width < 2**24 else np.dtype(np.float64)
 
 
 def _staged_sums(source: Any, region: tuple[slice, ...], plan: GroupPlan) -> np.ndarray | None:
@@ -28,13 +49,16 @@ def _staged_sums(source: Any, region: tuple[slice, ...], plan: GroupPlan) -> np.
     The chunks stay in grid layout ``(gi, gj, c0, c1)``; one batched matrix
     product with the one-hot group matrix cut into chunk-wide pieces replaces
     the copy into row-major order (a pass over the whole band) and the
-    product.  Columns past the last whole chunk are read and added apart.
+    product.  Integer chunks are cast a row of chunks at a time (a few MiB,
+    never the band).  Columns past the last whole chunk are read and added
+    apart.
     """
     read_staged = getattr(source, "read_staged", None)
-    if read_staged is None or np.dtype(source.dtype) not in (np.float32, np.float64):
+    dt = np.dtype(source.dtype)
+    if read_staged is None or _sum_dtype(dt, 1) is None:
         return None
     rows, cols = region
-    c1 = source.chunk_shape[1]
+    c1 = staged_unit(source)[1]
     inner = cols.start + (cols.stop - cols.start) // c1 * c1
     if inner == cols.start:
         return None
@@ -43,12 +67,22 @@ def _staged_sums(source: Any, region: tuple[slice, ...], plan: GroupPlan) -> np.
         return None
     # The staged chunks may be smaller than the storage unit (a shard's inner chunks).
     gi, gj, c0, cw = staged.shape
-    oh = plan.onehot(staged.dtype)
-    pieces = oh[cols.start : inner].reshape(gj, cw, plan.n_groups)
-    sums = np.matmul(staged, pieces[None]).sum(axis=1, dtype=np.float64).reshape(gi * c0, plan.n_groups)
+    work = _sum_dtype(dt, cw)
+    if work is None:
+        return None
+    oh = plan.onehot(work)
+    # plan describes the region's columns: its rows of the one-hot matrix count from cols.start.
+    pieces = oh[: inner - cols.start].reshape(gj, cw, plan.n_groups)
+    if work == dt:
+        sums = np.matmul(staged, pieces[None]).sum(axis=1, dtype=np.float64).reshape(gi * c0, plan.n_groups)
+    else:
+        sums = np.empty((gi, c0, plan.n_groups))
+        for i in range(gi):
+            np.matmul(staged[i].astype(work), pieces).sum(axis=0, dtype=np.float64, out=sums[i])
+        sums = sums.reshape(gi * c0, plan.n_groups)
     if inner < cols.stop:  # the staged buffer is reused by the next read: done with it above
         edge = read_into_buffer(source, (rows, slice(inner, cols.stop)))
-        sums += edge.astype(staged.dtype, copy=False) @ oh[inner : cols.stop]
+        sums += edge.astype(np.float64) @ plan.onehot(np.float64)[inner - cols.start :]
     return sums
 
 
@@ -64,6 +98,62 @@ def _band(source: Any, region: tuple[slice, ...], plan: GroupPlan, func: str, se
     if select is not None:
         band = band[:, select]
     return group_reduce(band, plan, func)
+
+
+def _add(*parts: np.ndarray) -> np.ndarray:
+    out = parts[0].copy()
+    for p in parts[1:]:
+        out += p
+    return out
+
+
+def _mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty group's mean is NaN, as in the band path
+        return sums / counts
+
+
+def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: str, cname: str, func: str, split_every: int = 8) -> list[Any]:
+    """Group sums (or means) of each row band from blocks of about the block size: one ``Delayed`` per row band.
+
+    Each block sums its own columns (on its staged chunks where it can) with
+    the groups of those columns alone, so no task holds more than a block
+    and a ``(rows, n_groups)`` partial; a band's partials are added in a tree
+    of *split_every*, and a mean divides the total by the group sizes.
+    """
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
+    shape = tuple(source.shape)
+    group = np.full(shape[1], -1, dtype=np.int64)  # -1: a column not taking part
+    group[np.arange(shape[1]) if select is None else select] = plan.idx
+    dsk: dict[Any, Any] = {}
+    bands: dict[int, list[Any]] = {}
+    height: dict[int, int] = {}
+    for i, ((ri, _), (rows, cols)) in enumerate(block_regions(plan_blocks(shape, source.chunk_shape, np.dtype(source.dtype).itemsize))):
+        local = group[cols]
+        keep = local >= 0
+        bands.setdefault(ri, [])
+        height[ri] = rows.stop - rows.start
+        if keep.any():
+            dsk[(name, i)] = (_band, source, (rows, cols), GroupPlan(local[keep], plan.n_groups), "sum", None if keep.all() else np.flatnonzero(keep))
+            bands[ri].append((name, i))
+    finals = []
+    for ri in sorted(bands):
+        todo = bands[ri]
+        if not todo:  # no column of this band takes part
+            todo = [(cname, ri, "zeros")]
+            dsk[todo[0]] = (np.zeros, (height[ri], plan.n_groups))
+        level = 0
+        while len(todo) > 1:
+            nxt = [(cname, ri, level, j) for j in range(0, len(todo), split_every)]
+            for j, key in enumerate(nxt):
+                dsk[key] = (_add, *todo[j * split_every : (j + 1) * split_every])
+            todo, level = nxt, level + 1
+        final = (f"{cname}-result", ri)
+        dsk[final] = (_mean, todo[0], plan.counts) if func == "mean" else (_add, todo[0])
+        finals.append(final)
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
+    return [Delayed(key, graph, layer=name) for key in finals]
 
 
 def aggregate_columns(
@@ -96,9 +186,12 @@ def aggregate_columns(
         raise ValueError(f"{len(plan.idx)} group labels for {shape[1] if select is None else len(select)} columns")
     itemsize = np.dtype(source.dtype).itemsize
     bands = plan_blocks(shape, source.chunk_shape, itemsize, band_axis=0)
-    regions = [r for _, r in block_regions(bands)]
     name = task_name(prefix, source, func, plan, None if select is None else select.tobytes())
-    delayed = tasks(name, _band, [(source, r, plan, func, select) for r in regions])
+    if func in ("sum", "mean") and len(plan.idx) and max(bands[0]) * shape[1] * itemsize > 4 * block_size_bytes():
+        delayed = _tiled_sums(source, plan, select, name, f"{prefix}-combine-{name.rpartition('-')[2]}", func)
+    else:
+        regions = [r for _, r in block_regions(bands)]
+        delayed = tasks(name, _band, [(source, r, plan, func, select) for r in regions])
     parts = compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes_of(source), waits=reads_wait(source)) if delayed else []
     if not parts:
         return np.zeros((shape[0], n_groups))

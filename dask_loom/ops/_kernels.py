@@ -324,10 +324,12 @@ NOT_REDUCING = {
 
 
 class GroupPlan:
-    """Precomputed column grouping for :func:`group_reduce` (one per aggregate call).
+    """Precomputed column grouping for :func:`group_reduce` (one per aggregate call, or per block).
 
-    ``idx`` maps each column to its group (0..n_groups-1, every group
-    non-empty).
+    ``idx`` maps each column to its group (0..n_groups-1).  A group may be
+    empty in a block's plan (its sums are 0); ``first``/``last``/``starts``
+    of an empty group point at a neighbour and are only used for groups
+    that hold columns.
     """
 
     def __init__(self, idx: np.ndarray, n_groups: int) -> None:
@@ -337,8 +339,10 @@ class GroupPlan:
         counts = np.bincount(self.idx, minlength=self.n_groups)
         self.counts = counts
         self.starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-        self.first = self.order[self.starts]
-        self.last = self.order[self.starts + counts - 1]
+        top = max(len(self.idx) - 1, 0)
+        order = self.order if len(self.idx) else np.zeros(1, dtype=np.int64)
+        self.first = order[np.minimum(self.starts, top)]
+        self.last = order[np.clip(self.starts + counts - 1, 0, top)]
 
     def onehot(self, dtype: Any) -> np.ndarray:
         m = np.zeros((len(self.idx), self.n_groups), dtype=dtype)

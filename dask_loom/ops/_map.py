@@ -64,18 +64,24 @@ def _local_selection(sel: np.ndarray | None, start: int, stop: int) -> np.ndarra
     return local
 
 
+def staged_unit(source: Any) -> tuple[int, ...]:
+    """The chunk shape *source* stages (``staged_chunk_shape``, else its stored chunk)."""
+    return tuple(getattr(source, "staged_chunk_shape", None) or source.chunk_shape)
+
+
 def interior_split(source: Any, region: tuple[slice, ...]) -> list[list[tuple[slice, slice]]] | None:
     """Split a 2-D block into its whole-chunk interior and the partial chunks at the array edge.
 
     Returns ``parts[r][c]`` (row part *r*, column part *c*, at most 2 x 2) or
     ``None`` when the source cannot hand out decoded chunks
     (``read_staged``).  Interior parts can be reduced on the decoded chunks
-    directly; the thin edge parts are read the ordinary way.
+    directly; the thin edge parts are read the ordinary way.  Whole chunks
+    are those the source stages (a sharded array's inner chunks).
     """
     if not hasattr(source, "read_staged") or len(region) != 2:
         return None
     cuts = []
-    for r, c, n in zip(region, source.chunk_shape, source.shape):
+    for r, c, n in zip(region, staged_unit(source), source.shape):
         if r.start % c:
             return None
         inner = min(r.stop, (n // c) * c) if r.stop == n else r.stop

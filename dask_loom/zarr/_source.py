@@ -251,6 +251,18 @@ class ZarrSource:
         return self._reader
 
     @property
+    def staged_chunk_shape(self) -> tuple[int, ...]:
+        """The unit :meth:`read_staged` decodes: the inner chunk of a sharded array (else the stored chunk).
+
+        Reductions stage every whole one of these in a block and read only the
+        partial ones at the array's edge the ordinary way (a shard cut by the
+        edge still holds whole inner chunks).
+        """
+        if self._direct:
+            return tuple(int(c) for c in self.reader().layout.chunks)
+        return tuple(self.chunk_shape)
+
+    @property
     def streams_chunks(self) -> bool:
         """Whether a block's chunks are requested at once and decoded as they arrive (no sub-block read-ahead)."""
         return bool(self._direct) and bool(self.reader().streams)
