@@ -39,7 +39,6 @@ def tune_allocator(threshold: int = 16 << 20) -> bool:
     True
     """
     import ctypes
-    import os
     import platform
 
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ or "MALLOC_MMAP_THRESHOLD_" in os.environ:

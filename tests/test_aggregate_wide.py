@@ -49,18 +49,23 @@ def wide(tmp_path_factory):
     return paths, m, labels
 
 
-@pytest.fixture
-def regions(monkeypatch):
-    """The regions the aggregate's block tasks read."""
+def _spy_regions(monkeypatch, module, name) -> list:
+    """The regions the task function ``module.name(source, region, ...)`` is called with."""
     seen = []
-    real = _aggregate._band
+    real = getattr(module, name)
 
     def spy(source, region, *args):
         seen.append(region)
         return real(source, region, *args)
 
-    monkeypatch.setattr(_aggregate, "_band", spy)
+    monkeypatch.setattr(module, name, spy)
     return seen
+
+
+@pytest.fixture
+def regions(monkeypatch):
+    """The regions the aggregate's block tasks read."""
+    return _spy_regions(monkeypatch, _aggregate, "_band")
 
 
 def _want(m: np.ndarray, labels: np.ndarray, func: str) -> np.ndarray:
@@ -111,14 +116,7 @@ def test_wide_layer_with_a_column_selection_equals_numpy(wide, regions):
 def test_wide_zarr_array_other_functions_combine_over_blocks(wide, monkeypatch):
     """``dask_loom.aggregate`` with functions outside the sums: the generic graph, 2-D blocks combined."""
     paths, m, labels = wide
-    seen = []
-    real = _engine._group_read
-
-    def spy(source, region, *args):
-        seen.append(region)
-        return real(source, region, *args)
-
-    monkeypatch.setattr(_engine, "_group_read", spy)
+    seen = _spy_regions(monkeypatch, _engine, "_group_read")
     with dask.config.set(NARROW):
         arr = dask_loom.open_zarr(str(paths["loom.zarr"]), "matrix")
         (mx, sd), cats = dask_loom.aggregate(

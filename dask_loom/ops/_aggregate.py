@@ -127,22 +127,16 @@ def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: s
     group = np.full(shape[1], -1, dtype=np.int64)  # -1: a column not taking part
     group[np.arange(shape[1]) if select is None else select] = plan.idx
     dsk: dict[Any, Any] = {}
-    bands: dict[int, list[Any]] = {}
-    height: dict[int, int] = {}
+    bands: dict[int, list[Any]] = {}  # every band has blocks: some column takes part (the caller checks)
     for i, ((ri, _), (rows, cols)) in enumerate(block_regions(plan_blocks(shape, source.chunk_shape, np.dtype(source.dtype).itemsize))):
         local = group[cols]
         keep = local >= 0
-        bands.setdefault(ri, [])
-        height[ri] = rows.stop - rows.start
         if keep.any():
             dsk[(name, i)] = (_band, source, (rows, cols), GroupPlan(local[keep], plan.n_groups), "sum", None if keep.all() else np.flatnonzero(keep))
-            bands[ri].append((name, i))
+            bands.setdefault(ri, []).append((name, i))
     finals = []
     for ri in sorted(bands):
         todo = bands[ri]
-        if not todo:  # no column of this band takes part
-            todo = [(cname, ri, "zeros")]
-            dsk[todo[0]] = (np.zeros, (height[ri], plan.n_groups))
         level = 0
         while len(todo) > 1:
             nxt = [(cname, ri, level, j) for j in range(0, len(todo), split_every)]
