@@ -132,7 +132,8 @@ def test_graphs_record_real_task_names(mg, tmp_path):
         means = ds.map([np.mean], axis=0, scheduler="sync")[0]
     np.testing.assert_allclose(means, m.mean(axis=1))
     prefixes = {key_split(k) for k in g}
-    assert prefixes == {"loom-map", "loom-map-combine", "loom-map-result"}
+    # A row's partials (at most 8) are combined in its result task, no combine task of their own.
+    assert prefixes == {"loom-map", "loom-map-result"}
     assert sum(key_split(k) == "loom-map" for k in g) == 3  # 6 chunks, 2 per block
     png = mg.draw_graph(g, "map", tmp_path / "m.png")
     _check_png(png)
@@ -163,3 +164,25 @@ def test_benchmark_results_carry_no_machine_paths():
         text = json.dumps(json.loads(f.read_text()))
         assert not re.search(r'"/(?:work|tmp|home|root|Users)/', text), f.name
         assert str(REPO) not in text, f.name
+
+
+def test_map_combines_rows_of_many_partials_in_a_tree_of_eight(tmp_path):
+    """20 partials per row: 3 combine tasks (8 + 8 + 4), then the result task combines those 3 and finishes."""
+    import dask
+    from dask.base import key_split
+
+    import dask_loom
+    from dask_loom.ops._map import map_graph
+
+    m = np.arange(64 * 1280, dtype="float32").reshape(64, 1280)
+    path = tmp_path / "w.loom"
+    dask_loom.create(str(path), m, {"Gene": np.arange(64)}, {"CellID": np.arange(1280)}, chunks=(64, 64))
+    with dask.config.set({"dask_loom.block-size": 64 * 64 * 4}), dask_loom.connect(path, "r") as ds:
+        dsk, outs, _ = map_graph(ds.__dask_loom_layer_host__().source(""), [np.mean], axis=0)
+        means = ds.map([np.mean], axis=0, scheduler="sync")[0]
+    counts = {}
+    for k in dsk:
+        counts[key_split(k)] = counts.get(key_split(k), 0) + 1
+    assert counts == {"loom-map": 20, "loom-map-combine": 3, "loom-map-result": 1}
+    assert len(outs) == 1
+    np.testing.assert_allclose(means, m.mean(axis=1), rtol=1e-6)

@@ -622,8 +622,9 @@ def test_task_names_per_format(files, kind):
         with dask.config.set(SMALL_BLOCKS):
             ref = c.ref
             seen = _prefixes(lambda: dask_loom.map(c.obj, [np.mean, np.std], axis=ref.ndim - 1))
-            want = {f"{fmt}-map", f"{fmt}-map-combine", f"{fmt}-map-result"}
-            assert want <= seen
+            # A row of more than 8 partials is combined first (-combine), fewer in its result task.
+            want = {f"{fmt}-map", f"{fmt}-map-result"}
+            assert want <= seen <= want | {f"{fmt}-map-combine"} | {p for p in seen if not p.startswith(f"{fmt}-map")}
             seen_agg = _prefixes(lambda: dask_loom.aggregate(c.obj, _labels_for(ref.shape[0], 0), axis=0, func=["sum", "max"]))
             assert f"{fmt}-aggregate" in seen_agg
             seen_scan = _prefixes(lambda: list(dask_loom.scan(c.obj, batch_size=16)))

@@ -122,6 +122,10 @@ def _finish_task(parts: dict[str, np.ndarray], reductions: list[Reduction]) -> l
     return finish(parts, reductions)
 
 
+def _combine_finish_task(reductions: list[Reduction], *parts: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return finish(combine_partials(list(parts)), reductions)
+
+
 def _band_task(
     source: Any,
     region: tuple[slice, ...],
@@ -215,11 +219,13 @@ def map_graph(
             level[idx[axis]].append(key)
         cname = name.replace(prefix, f"{prefix}-combine", 1)
         depth = 0
-        while any(len(v) > 1 for v in level.values()):
+        # Combine until a row's partials fit one task, which also finishes them: no task of its
+        # own for the last combine (a few ms of scheduling each against tasks of tens of ms).
+        while any(len(v) > split_every for v in level.values()):
             nxt: dict[int, list[Any]] = {}
             for i, keys in level.items():
-                nxt[i] = keys if len(keys) <= 1 else []
-                if len(keys) <= 1:
+                nxt[i] = keys if len(keys) <= split_every else []
+                if len(keys) <= split_every:
                     continue
                 for g, k in enumerate(range(0, len(keys), split_every)):
                     key = (cname, depth, i, g)
@@ -231,7 +237,8 @@ def map_graph(
         outs = []
         for i in sorted(level):
             key = (rname, i)
-            dsk[key] = (_finish_task, level[i][0], reductions)
+            keys = level[i]
+            dsk[key] = (_finish_task, keys[0], reductions) if len(keys) == 1 else (_combine_finish_task, reductions, *keys)
             outs.append(key)
         return dsk, outs, lambda results: [np.concatenate([r[k] for r in results]) for k in range(len(funcs))]
 
