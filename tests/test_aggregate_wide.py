@@ -151,8 +151,8 @@ def test_full_atlas_graph_has_block_sized_tasks_and_shallow_trees():
     )
     assert len(finals) == 8  # one result per row band of shards
     graph = dict(finals[0].dask)
-    reads = [v for v in graph.values() if v[0] is _aggregate._band]
+    reads = [v for v in graph.values() if v[0] is _aggregate._tile]
     assert len(reads) == 8 * 806  # one task per shard
     assert max(math.prod(s.stop - s.start for s in v[2]) for v in reads) * 2 <= 64 << 20
     combines = [k for k in graph if isinstance(k, tuple) and k[0] == "atlas-aggregate-combine-x"]
-    assert max(k[2] for k in combines) + 1 == math.ceil(math.log(806, 8))  # levels of the tree of 8
+    assert max(k[1] for k in combines) + 1 == math.ceil(math.log(806, 8))  # levels of the tree of 8

@@ -100,16 +100,15 @@ def _band(source: Any, region: tuple[slice, ...], plan: GroupPlan, func: str, se
     return group_reduce(band, plan, func)
 
 
-def _add(*parts: np.ndarray) -> np.ndarray:
-    out = parts[0].copy()
-    for p in parts[1:]:
-        out += p
-    return out
+def _tile(source: Any, region: tuple[slice, ...], plan: GroupPlan, select: np.ndarray | None) -> dict[str, np.ndarray]:
+    return {"s1": _band(source, region, plan, "sum", select)}
 
 
-def _mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def _tiled_finish(parts: dict[str, np.ndarray], counts: np.ndarray, func: str) -> np.ndarray:
+    if func == "sum":
+        return parts["s1"]
     with np.errstate(invalid="ignore", divide="ignore"):  # an empty group's mean is NaN, as in the band path
-        return sums / counts
+        return parts["s1"] / counts
 
 
 def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: str, cname: str, func: str, split_every: int = 8) -> list[Any]:
@@ -118,10 +117,13 @@ def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: s
     Each block sums its own columns (on its staged chunks where it can) with
     the groups of those columns alone, so no task holds more than a block
     and a ``(rows, n_groups)`` partial; a band's partials are added in a tree
-    of *split_every*, and a mean divides the total by the group sizes.
+    of *split_every* (:func:`~dask_loom.ops._engine.combine_tree`), and a
+    mean divides the total by the group sizes.
     """
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
+
+    from dask_loom.ops._engine import combine_tree
 
     shape = tuple(source.shape)
     group = np.full(shape[1], -1, dtype=np.int64)  # -1: a column not taking part
@@ -132,22 +134,16 @@ def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: s
         local = group[cols]
         keep = local >= 0
         if keep.any():
-            dsk[(name, i)] = (_band, source, (rows, cols), GroupPlan(local[keep], plan.n_groups), "sum", None if keep.all() else np.flatnonzero(keep))
+            dsk[(name, i)] = (_tile, source, (rows, cols), GroupPlan(local[keep], plan.n_groups), None if keep.all() else np.flatnonzero(keep))
             bands.setdefault(ri, []).append((name, i))
-    finals = []
-    for ri in sorted(bands):
-        todo = bands[ri]
-        level = 0
-        while len(todo) > 1:
-            nxt = [(cname, ri, level, j) for j in range(0, len(todo), split_every)]
-            for j, key in enumerate(nxt):
-                dsk[key] = (_add, *todo[j * split_every : (j + 1) * split_every])
-            todo, level = nxt, level + 1
-        final = (f"{cname}-result", ri)
-        dsk[final] = (_mean, todo[0], plan.counts) if func == "mean" else (_add, todo[0])
-        finals.append(final)
+    finals = combine_tree(dsk, bands, cname, split_every)
+    outs = []
+    for ri in sorted(finals):
+        key = (f"{cname}-result", ri)
+        dsk[key] = (_tiled_finish, finals[ri], plan.counts, func)
+        outs.append(key)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
-    return [Delayed(key, graph, layer=name) for key in finals]
+    return [Delayed(key, graph, layer=name) for key in outs]
 
 
 def aggregate_columns(

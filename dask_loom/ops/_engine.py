@@ -42,7 +42,7 @@ from dask_loom.ops._kernels import (
 from dask_loom.ops._map import read_into_buffer
 from dask_loom.ops._sources import SourceInfo
 
-__all__ = ["Block", "blocks_of", "group_graph", "map_graph_nd", "plan_source", "read_part", "run_graph", "vector_graph"]
+__all__ = ["Block", "blocks_of", "combine_tree", "group_graph", "map_graph_nd", "plan_source", "read_part", "run_graph", "vector_graph"]
 
 
 # -- blocks -------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def _combine(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return combine_partials(list(parts))
 
 
-def _tree(dsk: dict[Any, Any], groups: dict[Hashable, list[Any]], cname: str, split_every: int) -> dict[Hashable, Any]:
+def combine_tree(dsk: dict[Any, Any], groups: dict[Hashable, list[Any]], cname: str, split_every: int) -> dict[Hashable, Any]:
     """Combine the keys of each group with a tree of fan-in *split_every*; the group's last key."""
     level = {o: list(keys) for o, keys in groups.items()}
     ordinal = {o: i for i, o in enumerate(sorted(level))}
@@ -194,7 +194,7 @@ def map_graph_nd(
         key = (name, i)
         dsk[key] = (_map_read, b.source, b.local, axis, needs) if b.source is not None else (_map_block, b.key, axis, needs)
         groups[(b.region[axis].start, b.region[axis].stop)].append(key)
-    finals = _tree(dsk, groups, f"{prefix}-combine-{tok}", split_every)
+    finals = combine_tree(dsk, groups, f"{prefix}-combine-{tok}", split_every)
     outs = []
     for j, o in enumerate(sorted(finals)):
         key = (f"{prefix}-result-{tok}", j)
@@ -342,7 +342,7 @@ def group_graph(
         else:
             dsk[key] = (_group_block, b.key, axis, local, n_groups, needs)
         groups[tuple((r.start, r.stop) for d, r in enumerate(b.region) if d != axis)].append(key)
-    finals = _tree(dsk, groups, f"{prefix}-combine-{tok}", split_every)
+    finals = combine_tree(dsk, groups, f"{prefix}-combine-{tok}", split_every)
     order = sorted(finals)
     outs = []
     for j, o in enumerate(order):
