@@ -5,8 +5,9 @@ target block size), reduces its columns group by group (ops._kernels), and
 returns ``(rows, n_groups)`` float64; nothing but the result is ever held
 whole.  Where a band one stored unit tall is wider than four blocks (an
 atlas of millions of cells: a row of 7,424 x 4,096 shards across 3.3 M
-cells is 49 GB), sums and means are taken over blocks of about the block
-size instead and added up a row band at a time, in a tree.
+cells is 49 GB), sums, means, variances and extremes are taken over
+blocks of about the block size instead and combined a row band at a time,
+in a tree; other functions keep full-width bands.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from dask_loom.blocks import block_regions, plan_blocks
 from dask_loom.blocks._readahead import reads_wait
 from dask_loom.cluster import compute
 from dask_loom.ops._graph import task_name, tasks
-from dask_loom.ops._kernels import GroupPlan, check_group_func, group_reduce
+from dask_loom.ops._kernels import (
+    GROUP_FUNCS,
+    GroupPlan,
+    check_group_func,
+    group_finish,
+    group_partials,
+    group_reduce,
+)
 from dask_loom.ops._map import nbytes_of, read_into_buffer, staged_unit
 
 __all__ = ["aggregate_columns"]
@@ -100,25 +108,37 @@ def _band(source: Any, region: tuple[slice, ...], plan: GroupPlan, func: str, se
     return group_reduce(band, plan, func)
 
 
-def _tile(source: Any, region: tuple[slice, ...], plan: GroupPlan, select: np.ndarray | None) -> dict[str, np.ndarray]:
-    return {"s1": _band(source, region, plan, "sum", select)}
+#: Functions a wide layer is grouped by over blocks: their partials combine (sums add, extremes
+#: take the extreme, with groups absent from a block at the neutral value).
+_TILED = ("sum", "mean", "var", "std", "min", "max")
+
+
+def _tile(source: Any, region: tuple[slice, ...], plan: GroupPlan, select: np.ndarray | None, func: str) -> dict[str, np.ndarray]:
+    if func in ("sum", "mean"):
+        return {"s1": _band(source, region, plan, "sum", select)}
+    block = read_into_buffer(source, region)
+    if select is not None:
+        block = block[:, select]
+    return group_partials(block, 1, plan.idx, plan.n_groups, GROUP_FUNCS[func])
 
 
 def _tiled_finish(parts: dict[str, np.ndarray], counts: np.ndarray, func: str) -> np.ndarray:
     if func == "sum":
         return parts["s1"]
-    with np.errstate(invalid="ignore", divide="ignore"):  # an empty group's mean is NaN, as in the band path
-        return parts["s1"] / counts
+    if func == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):  # an empty group's mean is NaN, as in the band path
+            return parts["s1"] / counts
+    return group_finish(parts, [func])[0]
 
 
 def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: str, cname: str, func: str, split_every: int = 8) -> list[Any]:
-    """Group sums (or means) of each row band from blocks of about the block size: one ``Delayed`` per row band.
+    """*func* by group of each row band from blocks of about the block size: one ``Delayed`` per row band.
 
-    Each block sums its own columns (on its staged chunks where it can) with
-    the groups of those columns alone, so no task holds more than a block
-    and a ``(rows, n_groups)`` partial; a band's partials are added in a tree
-    of *split_every* (:func:`~dask_loom.ops._engine.combine_tree`), and a
-    mean divides the total by the group sizes.
+    Each block reduces its own columns (sums on its staged chunks where it
+    can) with the groups of those columns alone, so no task holds more than
+    a block and a few ``(rows, n_groups)`` partials; a band's partials are
+    combined in a tree of *split_every*
+    (:func:`~dask_loom.ops._engine.combine_tree`), then finished.
     """
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
@@ -134,7 +154,7 @@ def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: s
         local = group[cols]
         keep = local >= 0
         if keep.any():
-            dsk[(name, i)] = (_tile, source, (rows, cols), GroupPlan(local[keep], plan.n_groups), None if keep.all() else np.flatnonzero(keep))
+            dsk[(name, i)] = (_tile, source, (rows, cols), GroupPlan(local[keep], plan.n_groups), None if keep.all() else np.flatnonzero(keep), func)
             bands.setdefault(ri, []).append((name, i))
     finals = combine_tree(dsk, bands, cname, split_every)
     outs = []
@@ -177,7 +197,7 @@ def aggregate_columns(
     itemsize = np.dtype(source.dtype).itemsize
     bands = plan_blocks(shape, source.chunk_shape, itemsize, band_axis=0)
     name = task_name(prefix, source, func, plan, None if select is None else select.tobytes())
-    if func in ("sum", "mean") and len(plan.idx) and max(bands[0]) * shape[1] * itemsize > 4 * block_size_bytes():
+    if func in _TILED and len(plan.idx) and max(bands[0]) * shape[1] * itemsize > 4 * block_size_bytes():
         delayed = _tiled_sums(source, plan, select, name, f"{prefix}-combine-{name.rpartition('-')[2]}", func)
     else:
         regions = [r for _, r in block_regions(bands)]
