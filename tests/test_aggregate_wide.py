@@ -154,4 +154,7 @@ def test_full_atlas_graph_has_block_sized_tasks_and_shallow_trees():
     assert len(reads) == 8 * 806  # one task per shard
     assert max(math.prod(s.stop - s.start for s in v[2]) for v in reads) * 2 <= 64 << 20
     combines = [k for k in graph if isinstance(k, tuple) and k[0] == "atlas-aggregate-combine-x"]
-    assert max(k[1] for k in combines) + 1 == math.ceil(math.log(806, 8))  # levels of the tree of 8
+    # 806 -> 101 -> 13 -> 2 partials per band in 3 levels of 8; the result task combines the last 2.
+    assert max(k[1] for k in combines) + 1 == math.ceil(math.log(806, 8)) - 1
+    results = [v for k, v in graph.items() if k in {f.key for f in finals}]
+    assert all(len(v) == 1 + 2 + 2 for v in results)  # (finish, counts, func, *2 partials)

@@ -25,11 +25,12 @@ from dask_loom.ops._kernels import (
     GROUP_FUNCS,
     GroupPlan,
     check_group_func,
+    combine_partials,
     group_finish,
     group_partials,
     group_reduce,
 )
-from dask_loom.ops._map import nbytes_of, read_into_buffer, staged_unit
+from dask_loom.ops._map import combine_tree, nbytes_of, read_into_buffer, staged_unit
 
 __all__ = ["aggregate_columns"]
 
@@ -122,7 +123,8 @@ def _tile(source: Any, region: tuple[slice, ...], plan: GroupPlan, select: np.nd
     return group_partials(block, 1, plan.idx, plan.n_groups, GROUP_FUNCS[func])
 
 
-def _tiled_finish(parts: dict[str, np.ndarray], counts: np.ndarray, func: str) -> np.ndarray:
+def _tiled_finish(counts: np.ndarray, func: str, *partials: dict[str, np.ndarray]) -> np.ndarray:
+    parts = combine_partials(list(partials))
     if func == "sum":
         return parts["s1"]
     if func == "mean":
@@ -138,12 +140,10 @@ def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: s
     can) with the groups of those columns alone, so no task holds more than
     a block and a few ``(rows, n_groups)`` partials; a band's partials are
     combined in a tree of *split_every*
-    (:func:`~dask_loom.ops._engine.combine_tree`), then finished.
+    (:func:`~dask_loom.ops._map.combine_tree`), then finished.
     """
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
-
-    from dask_loom.ops._engine import combine_tree
 
     shape = tuple(source.shape)
     group = np.full(shape[1], -1, dtype=np.int64)  # -1: a column not taking part
@@ -156,11 +156,12 @@ def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: s
         if keep.any():
             dsk[(name, i)] = (_tile, source, (rows, cols), GroupPlan(local[keep], plan.n_groups), None if keep.all() else np.flatnonzero(keep), func)
             bands.setdefault(ri, []).append((name, i))
-    finals = combine_tree(dsk, bands, cname, split_every)
+    # A band's last at most split_every partials are combined by its result task.
+    finals = combine_tree(dsk, bands, cname, split_every, until=split_every)
     outs = []
     for ri in sorted(finals):
         key = (f"{cname}-result", ri)
-        dsk[key] = (_tiled_finish, finals[ri], plan.counts, func)
+        dsk[key] = (_tiled_finish, plan.counts, func, *finals[ri])
         outs.append(key)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
     return [Delayed(key, graph, layer=name) for key in outs]

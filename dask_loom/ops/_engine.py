@@ -32,17 +32,16 @@ from dask_loom.ops._kernels import (
     ROW_GROUP_NEEDS,
     Reduction,
     apply_vectors,
-    combine_partials,
     csr_row_group_partials,
     finish,
     group_finish,
     group_partials,
     map_partials,
 )
-from dask_loom.ops._map import read_into_buffer
+from dask_loom.ops._map import combine_tree, read_into_buffer
 from dask_loom.ops._sources import SourceInfo
 
-__all__ = ["Block", "blocks_of", "combine_tree", "group_graph", "map_graph_nd", "plan_source", "read_part", "run_graph", "vector_graph"]
+__all__ = ["Block", "blocks_of", "group_graph", "map_graph_nd", "plan_source", "read_part", "run_graph", "vector_graph"]
 
 
 # -- blocks -------------------------------------------------------------------------------
@@ -143,29 +142,6 @@ def run_graph(
     return list(compute(*[Delayed(k, hlg, layer=name) for k in keys], scheduler=scheduler, client=client, progress=progress, nbytes=nbytes))
 
 
-def _combine(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return combine_partials(list(parts))
-
-
-def combine_tree(dsk: dict[Any, Any], groups: dict[Hashable, list[Any]], cname: str, split_every: int) -> dict[Hashable, Any]:
-    """Combine the keys of each group with a tree of fan-in *split_every*; the group's last key."""
-    level = {o: list(keys) for o, keys in groups.items()}
-    ordinal = {o: i for i, o in enumerate(sorted(level))}
-    depth = 0
-    while any(len(v) > 1 for v in level.values()):
-        for o, keys in level.items():
-            if len(keys) <= 1:
-                continue
-            merged = []
-            for g, k in enumerate(range(0, len(keys), split_every)):
-                key = (cname, depth, ordinal[o], g)
-                dsk[key] = (_combine, *keys[k : k + split_every])
-                merged.append(key)
-            level[o] = merged
-        depth += 1
-    return {o: keys[0] for o, keys in level.items()}
-
-
 # -- map: recognised reductions -------------------------------------------------------------
 
 
@@ -194,7 +170,7 @@ def map_graph_nd(
         key = (name, i)
         dsk[key] = (_map_read, b.source, b.local, axis, needs) if b.source is not None else (_map_block, b.key, axis, needs)
         groups[(b.region[axis].start, b.region[axis].stop)].append(key)
-    finals = combine_tree(dsk, groups, f"{prefix}-combine-{tok}", split_every)
+    finals = {o: keys[0] for o, keys in combine_tree(dsk, groups, f"{prefix}-combine-{tok}", split_every).items()}
     outs = []
     for j, o in enumerate(sorted(finals)):
         key = (f"{prefix}-result-{tok}", j)
@@ -342,7 +318,7 @@ def group_graph(
         else:
             dsk[key] = (_group_block, b.key, axis, local, n_groups, needs)
         groups[tuple((r.start, r.stop) for d, r in enumerate(b.region) if d != axis)].append(key)
-    finals = combine_tree(dsk, groups, f"{prefix}-combine-{tok}", split_every)
+    finals = {o: keys[0] for o, keys in combine_tree(dsk, groups, f"{prefix}-combine-{tok}", split_every).items()}
     order = sorted(finals)
     outs = []
     for j, o in enumerate(order):

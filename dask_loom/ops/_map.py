@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from dask_loom.ops._kernels import (
     staged_partials,
 )
 
-__all__ = ["map_graph", "map_source", "nbytes_of", "read_into_buffer"]
+__all__ = ["combine_tree", "map_graph", "map_source", "nbytes_of", "read_into_buffer", "staged_unit"]
 
 _local = threading.local()
 
@@ -116,6 +116,31 @@ def _partials_task(source: Any, region: tuple[slice, ...], red: int, needs: tupl
 
 def _combine_task(*parts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return combine_partials(list(parts))
+
+
+def combine_tree(
+    dsk: dict[Any, Any], groups: dict[Hashable, list[Any]], cname: str, split_every: int, *, until: int = 1
+) -> dict[Hashable, list[Any]]:
+    """Combine the partials (``combine_partials``) of each group's keys in a tree of fan-in *split_every*.
+
+    Levels are added to *dsk* as ``(cname, depth, group ordinal, i)`` until a
+    group has at most *until* keys; returns each group's remaining keys.
+    """
+    level = {o: list(keys) for o, keys in groups.items()}
+    ordinal = {o: i for i, o in enumerate(sorted(level))}
+    depth = 0
+    while any(len(v) > until for v in level.values()):
+        for o, keys in level.items():
+            if len(keys) <= until:
+                continue
+            merged = []
+            for g, k in enumerate(range(0, len(keys), split_every)):
+                key = (cname, depth, ordinal[o], g)
+                dsk[key] = (_combine_task, *keys[k : k + split_every])
+                merged.append(key)
+            level[o] = merged
+        depth += 1
+    return level
 
 
 def _finish_task(parts: dict[str, np.ndarray], reductions: list[Reduction]) -> list[np.ndarray]:
@@ -218,21 +243,9 @@ def map_graph(
             dsk[key] = (_partials_task, source, region, red, needs, local)
             level[idx[axis]].append(key)
         cname = name.replace(prefix, f"{prefix}-combine", 1)
-        depth = 0
         # Combine until a row's partials fit one task, which also finishes them: no task of its
         # own for the last combine (a few ms of scheduling each against tasks of tens of ms).
-        while any(len(v) > split_every for v in level.values()):
-            nxt: dict[int, list[Any]] = {}
-            for i, keys in level.items():
-                nxt[i] = keys if len(keys) <= split_every else []
-                if len(keys) <= split_every:
-                    continue
-                for g, k in enumerate(range(0, len(keys), split_every)):
-                    key = (cname, depth, i, g)
-                    dsk[key] = (_combine_task, *keys[k : k + split_every])
-                    nxt[i].append(key)
-            level = nxt
-            depth += 1
+        level = combine_tree(dsk, level, cname, split_every, until=split_every)
         rname = name.replace(prefix, f"{prefix}-result", 1)
         outs = []
         for i in sorted(level):
