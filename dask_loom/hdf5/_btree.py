@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from dask_loom.errors import LoomFormatError
 from dask_loom.hdf5._layout import ChunkIndex
 
-__all__ = ["BTreeInfo", "chunk_btree", "read_chunk_index"]
+__all__ = ["BTreeInfo", "PendingChunkIndex", "chunk_btree", "read_chunk_index"]
 
 # Reads ``(starts, sizes) -> bytes`` of a file, all ranges of one call at once.
 Fetch = Callable[[list[int], list[int]], list[bytes | memoryview]]
@@ -191,6 +193,7 @@ def read_chunk_index(
     name: str,
     istore_k: int = DEFAULT_ISTORE_K,
     span: tuple[int, int] | None = None,
+    stream: Stream | None = None,
 ) -> ChunkIndex:
     """Read every chunk's byte offset, stored size and filter mask from the B-tree, level by level.
 
@@ -202,109 +205,317 @@ def read_chunk_index(
 
     *fetch* reads many byte ranges at once (one round trip); it is called once
     per tree level (twice for a level whose nodes hold more than ``2 *
-    istore_k`` entries).  Every address and size is checked against the
-    dataset's shape and *file_size*: a damaged or hostile index raises
+    istore_k`` entries).  With *stream*, the leaf level (of a tree of two or
+    more levels) is not waited for: *stream* starts fetching its pages and a
+    :class:`PendingChunkIndex` is returned at once, filled in as they arrive.
+    Every address and size is checked against the dataset's shape and
+    *file_size*: a damaged or hostile index raises
     :class:`~dask_loom.errors.LoomFormatError` naming the file and the range.
     """
-    rank = len(shape)
-    chunks = np.asarray(info.chunk_dims, dtype=np.int64)
-    if len(chunks) != rank or (chunks <= 0).any():
-        raise LoomFormatError(
-            f"{name}: chunk shape {info.chunk_dims} does not fit a dataset of shape {shape}"
-        )
-    grid = tuple(max(1, math.ceil(s / c)) if s else 0 for s, c in zip(shape, info.chunk_dims))
-    n = math.prod(grid)
-    offsets = np.full(n, -1, dtype=np.int64)
-    sizes = np.zeros(n, dtype=np.int64)
-    masks = np.zeros(n, dtype=np.uint32)
-    if info.root is None or n == 0:
-        return ChunkIndex(grid, offsets, sizes, masks)
-    so = info.sizeof_offsets
-    addr_t = {4: "<u4", 8: "<u8"}.get(so)
-    if addr_t is None:
-        raise LoomFormatError(f"{name}: unsupported size of file offsets ({so} bytes)")
-    entry_dt = np.dtype([("size", "<u4"), ("mask", "<u4"), ("coords", "<u8", (rank + 1,)), ("child", addr_t)])
-    key_dt = np.dtype([("size", "<u4"), ("mask", "<u4"), ("coords", "<u8", (rank + 1,))])
-    header = 8 + 2 * so
-    full = _node_bytes(rank, so, 2 * istore_k)
-    limit = file_size if file_size is not None else None
+    tree = _Tree(fetch, info, shape=shape, file_size=file_size, name=name, istore_k=istore_k)
+    if info.root is None or tree.n == 0:
+        return tree.index()
+    level_nodes = [info.root]
+    expected: int | None = None
+    for _depth in range(64):
+        nodes = tree.nodes(level_nodes)
+        level = nodes[0][1][5]
+        for a, buf, _count in nodes:
+            if buf[5] != level or (expected is not None and level != expected):
+                raise LoomFormatError(
+                    f"{name}: B-tree node at byte {a} is at level {buf[5]}, expected {level if expected is None else expected}"
+                )
+        if level == 0:
+            for a, buf, count in nodes:
+                tree.fill(a, buf, count)
+            return tree.index()
+        children: list[int] = []
+        firsts: list[np.ndarray] = []
+        for _a, buf, count in nodes:
+            child, flat = tree.children(buf, count)
+            if span is not None and count:
+                # Child i holds the chunks from key i up to (not including) key i + 1.
+                keep = (flat[:-1] <= span[1]) & (flat[1:] > span[0])
+                child, flat = child[keep], np.append(flat[:-1][keep], 0)
+            children.extend(child.tolist())
+            firsts.append(flat[:-1])
+        if level == 1 and stream is not None and span is None and children:
+            return tree.stream(children, np.concatenate(firsts), stream)
+        level_nodes = children
+        expected = level - 1
+        if not level_nodes:
+            return tree.index()
+    raise LoomFormatError(f"{name}: the chunk B-tree is deeper than 64 levels (damaged)")
 
-    def check_range(start: int, length: int, what: str) -> None:
-        if start < 0 or length < 0 or (limit is not None and start + length > limit):
+
+# Starts fetching leaf pages ``(starts, sizes)`` in the background and calls ``deliver(i, got)``
+# once per page, from any thread, with its bytes or the exception that ended its request.
+Stream = Callable[[list[int], list[int], Callable[[int, Any], None]], None]
+
+
+class _Tree:
+    """One dataset's B-tree as it is read: node checks, key positions and the index arrays being filled."""
+
+    def __init__(
+        self,
+        fetch: Fetch,
+        info: BTreeInfo,
+        *,
+        shape: tuple[int, ...],
+        file_size: int | None,
+        name: str,
+        istore_k: int,
+    ) -> None:
+        rank = len(shape)
+        self.chunks = np.asarray(info.chunk_dims, dtype=np.int64)
+        if len(self.chunks) != rank or (self.chunks <= 0).any():
             raise LoomFormatError(
-                f"{name}: the chunk index points outside the file: {what} at bytes {start}..{start + length} "
-                f"(the object holds {limit} bytes)"
+                f"{name}: chunk shape {info.chunk_dims} does not fit a dataset of shape {shape}"
+            )
+        self.grid = tuple(max(1, math.ceil(s / c)) if s else 0 for s, c in zip(shape, info.chunk_dims))
+        self.n = math.prod(self.grid)
+        self.offsets = np.full(self.n, -1, dtype=np.int64)
+        self.sizes = np.zeros(self.n, dtype=np.int64)
+        self.masks = np.zeros(self.n, dtype=np.uint32)
+        self.fetch, self.info, self.name, self.rank = fetch, info, name, rank
+        so = info.sizeof_offsets
+        addr_t = {4: "<u4", 8: "<u8"}.get(so)
+        if addr_t is None:
+            raise LoomFormatError(f"{name}: unsupported size of file offsets ({so} bytes)")
+        self.entry_dt = np.dtype(
+            [("size", "<u4"), ("mask", "<u4"), ("coords", "<u8", (rank + 1,)), ("child", addr_t)]
+        )
+        self.key_dt = np.dtype([("size", "<u4"), ("mask", "<u4"), ("coords", "<u8", (rank + 1,))])
+        self.header = 8 + 2 * so
+        self.full = _node_bytes(rank, so, 2 * istore_k)
+        self.limit = file_size
+        self.strides = np.cumprod((1, *self.grid[::-1]))[:-1][::-1].astype(np.int64)
+        self.found = 0
+
+    def index(self) -> ChunkIndex:
+        if self.found > self.n:
+            raise LoomFormatError(
+                f"{self.name}: the chunk index lists {self.found} chunks, the dataset has {self.n}"
+            )
+        return ChunkIndex(self.grid, self.offsets, self.sizes, self.masks)
+
+    def check_range(self, start: int, length: int, what: str) -> None:
+        if start < 0 or length < 0 or (self.limit is not None and start + length > self.limit):
+            raise LoomFormatError(
+                f"{self.name}: the chunk index points outside the file: {what} at bytes {start}..{start + length} "
+                f"(the object holds {self.limit} bytes)"
             )
 
-    level_nodes = [info.root]
-    expected_level: int | None = None
-    strides = np.cumprod((1, *grid[::-1]))[:-1][::-1].astype(np.int64)
-    found = 0
-    depth = 0
-    while level_nodes:
-        depth += 1
-        if depth > 64:
-            raise LoomFormatError(f"{name}: the chunk B-tree is deeper than 64 levels (damaged)")
-        want = [full if limit is None else max(0, min(full, limit - a)) for a in level_nodes]
-        for a, w in zip(level_nodes, want):
-            check_range(a, min(header, max(w, 1)), "a B-tree node")
-        bufs = list(fetch(list(level_nodes), want))
-        # Nodes holding more entries than the first read covered: fetch their tails together.
+    def want(self, addrs: list[int]) -> list[int]:
+        """Bytes to read at each node address: a full node, or up to the file's end."""
+        out = [self.full if self.limit is None else max(0, min(self.full, self.limit - a)) for a in addrs]
+        for a, w in zip(addrs, out):
+            self.check_range(a, min(self.header, max(w, 1)), "a B-tree node")
+        return out
+
+    def nodes(self, addrs: list[int], bufs: list[Any] | None = None) -> list[tuple[int, Any, int]]:
+        """Nodes ``(address, bytes, entries)``, checked; *bufs* are their first bytes if read already."""
+        if bufs is None:
+            bufs = list(self.fetch(list(addrs), self.want(addrs)))
         counts = []
-        for a, buf in zip(level_nodes, bufs):
-            if len(buf) < header or bytes(buf[:4]) != b"TREE" or buf[4] != 1:
-                raise LoomFormatError(f"{name}: no chunk B-tree node at byte {a} (damaged chunk index)")
+        for a, buf in zip(addrs, bufs):
+            if len(buf) < self.header or bytes(buf[:4]) != b"TREE" or buf[4] != 1:
+                raise LoomFormatError(f"{self.name}: no chunk B-tree node at byte {a} (damaged chunk index)")
             counts.append(_uint(buf, 6, 2))
-        short = [i for i, (buf, c) in enumerate(zip(bufs, counts)) if len(buf) < _node_bytes(rank, so, c)]
+        so = self.info.sizeof_offsets
+        # Nodes holding more entries than the first read covered: fetch their tails together.
+        short = [
+            i for i, (buf, c) in enumerate(zip(bufs, counts)) if len(buf) < _node_bytes(self.rank, so, c)
+        ]
         if short:
             for i in short:
-                check_range(level_nodes[i], _node_bytes(rank, so, counts[i]), "a B-tree node")
-            more = fetch(
-                [level_nodes[i] + len(bufs[i]) for i in short],
-                [_node_bytes(rank, so, counts[i]) - len(bufs[i]) for i in short],
+                self.check_range(addrs[i], _node_bytes(self.rank, so, counts[i]), "a B-tree node")
+            more = self.fetch(
+                [addrs[i] + len(bufs[i]) for i in short],
+                [_node_bytes(self.rank, so, counts[i]) - len(bufs[i]) for i in short],
             )
             for i, tail in zip(short, more):
                 bufs[i] = bytes(bufs[i]) + bytes(tail)
-        children: list[int] = []
-        for a, buf, count in zip(level_nodes, bufs, counts):
-            level = buf[5]
-            if expected_level is not None and level != expected_level:
-                raise LoomFormatError(
-                    f"{name}: B-tree node at byte {a} is at level {level}, expected {expected_level}"
-                )
-            expected_level = level
-            ent = np.frombuffer(buf, dtype=entry_dt, count=count, offset=header)
-            child = ent["child"].astype(np.int64) + info.base
-            if level > 0:
-                if span is not None and count:
-                    # Child i holds the chunks from key i up to (not including) key i + 1.
-                    last = np.frombuffer(buf, dtype=key_dt, count=1, offset=header + count * entry_dt.itemsize)
-                    keys = np.concatenate([ent["coords"][:, :rank], last["coords"][:, :rank]]).astype(np.int64)
-                    flat = (keys // chunks) @ strides
-                    keep = (flat[:-1] <= span[1]) & (flat[1:] > span[0])
-                    child = child[keep]
-                children.extend(child.tolist())
-                continue
-            coords = ent["coords"][:, :rank].astype(np.int64)
-            if (coords % chunks).any() or (coords < 0).any() or (coords >= np.asarray(grid) * chunks).any():
-                raise LoomFormatError(
-                    f"{name}: the chunk index names a chunk outside the dataset (node at byte {a})"
-                )
-            size = ent["size"].astype(np.int64)
-            if limit is not None and count:
-                bad = np.flatnonzero(child + size > limit)
-                if len(bad):
-                    i = int(bad[0])
-                    check_range(int(child[i]), int(size[i]), f"chunk {tuple(int(c) for c in coords[i])}")
-            p = (coords // chunks) @ strides
-            offsets[p] = child
-            sizes[p] = size
-            masks[p] = ent["mask"]
-            found += count
-        expected_level = None if expected_level is None else expected_level - 1
-        if expected_level is not None and expected_level < 0:
-            break
-        level_nodes = children
-    if found > n:
-        raise LoomFormatError(f"{name}: the chunk index lists {found} chunks, the dataset has {n}")
-    return ChunkIndex(grid, offsets, sizes, masks)
+        return list(zip(addrs, bufs, counts))
+
+    def children(self, buf: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """An inner node's child addresses and its ``count + 1`` keys as positions in the grid's C order."""
+        ent = np.frombuffer(buf, dtype=self.entry_dt, count=count, offset=self.header)
+        child = ent["child"].astype(np.int64) + self.info.base
+        last = np.frombuffer(
+            buf, dtype=self.key_dt, count=1, offset=self.header + count * self.entry_dt.itemsize
+        )
+        keys = np.concatenate([ent["coords"][:, : self.rank], last["coords"][:, : self.rank]]).astype(
+            np.int64
+        )
+        return child, (keys // self.chunks) @ self.strides
+
+    def fill(self, a: int, buf: Any, count: int, bounds: tuple[int, int] | None = None) -> int:
+        """Enter a leaf node's chunks into the index; *bounds* ``[lo, hi)`` is where its parent says they lie."""
+        ent = np.frombuffer(buf, dtype=self.entry_dt, count=count, offset=self.header)
+        child = ent["child"].astype(np.int64) + self.info.base
+        coords = ent["coords"][:, : self.rank].astype(np.int64)
+        grid = np.asarray(self.grid)
+        if (coords % self.chunks).any() or (coords < 0).any() or (coords >= grid * self.chunks).any():
+            raise LoomFormatError(
+                f"{self.name}: the chunk index names a chunk outside the dataset (node at byte {a})"
+            )
+        size = ent["size"].astype(np.int64)
+        if self.limit is not None and count:
+            bad = np.flatnonzero(child + size > self.limit)
+            if len(bad):
+                i = int(bad[0])
+                self.check_range(int(child[i]), int(size[i]), f"chunk {tuple(int(c) for c in coords[i])}")
+        p = (coords // self.chunks) @ self.strides
+        if bounds is not None and count and (p.min() < bounds[0] or p.max() >= bounds[1]):
+            # A lookup trusts the parent's keys to know which page to wait for: a page holding
+            # chunks outside them would let it read a chunk as never written.
+            raise LoomFormatError(
+                f"{self.name}: the B-tree leaf at byte {a} holds chunks outside the keys its parent gives it"
+            )
+        self.offsets[p] = child
+        self.sizes[p] = size
+        self.masks[p] = ent["mask"]
+        return count
+
+    def stream(self, pages: list[int], firsts: np.ndarray, stream: Stream) -> PendingChunkIndex:
+        if (np.diff(firsts) < 0).any():
+            raise LoomFormatError(
+                f"{self.name}: the chunk B-tree's keys are out of order (damaged chunk index)"
+            )
+        lo = firsts.astype(np.int64)
+        lo[0] = 0
+        hi = np.append(lo[1:], self.n)
+        index = PendingChunkIndex(self, np.asarray(pages, dtype=np.int64), lo, hi)
+        stream(pages, self.want(pages), index.deliver)
+        return index
+
+
+class PendingChunkIndex(ChunkIndex):
+    """A chunk index whose leaf pages are still arriving: a lookup waits for the pages it needs, no more.
+
+    The levels above the leaves are read first (a round trip each); they tell
+    which leaf page holds which chunks (leaf *i* those at positions ``lo[i]
+    <= p < hi[i]`` of the grid's C order).  The leaves are then fetched in
+    the background, in file order, with the chunks between them; a block
+    whose chunks' pages have come decodes while the rest is on its way.  A
+    page that fails to come or to parse fails every lookup from then on
+    (:attr:`error`); every page is answered one way or the other, so no
+    lookup waits for ever.
+    """
+
+    def __init__(self, tree: _Tree, pages: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+        # Not the dataclass's fields: reading offsets, sizes or masks whole waits for every page.
+        self.grid = tree.grid
+        self._arrays = (tree.offsets, tree.sizes, tree.masks)
+        self.pages = pages  # leaf page addresses, in key order
+        self._tree = tree
+        self._lo, self._hi = lo, hi
+        self._done = np.zeros(len(pages), dtype=bool)
+        self._left = len(pages)
+        self._cond = threading.Condition()
+        self.error: BaseException | None = None
+        self._callbacks: list[Callable[[PendingChunkIndex], None]] = []
+
+    @property
+    def complete(self) -> bool:
+        """Whether every leaf page has been entered."""
+        with self._cond:
+            return self._left == 0 and self.error is None
+
+    def in_c_order(self) -> bool:
+        """Whether the stored chunks lie in C order of the grid, judged once; pages still coming are not waited for.
+
+        While pages are still coming, the first leaf page's chunks stand for
+        all (a block planner's hint: the first block needs that page first
+        anyway).  The answer is kept, so every graph over this index is cut
+        alike.
+        """
+        got = self.__dict__.get("_in_c_order")
+        if got is None:
+            if self.complete:
+                return super().in_c_order()
+            self.wait(0, int(self._hi[0]) - 1)
+            got = self._in_c_order = self._ascending(self._arrays[0][: self._hi[0]])
+        return got
+
+    def when_done(self, fn: Callable[[PendingChunkIndex], None]) -> None:
+        """Call ``fn(self)`` once every page is in or one failed (now, if that is so already)."""
+        with self._cond:
+            if self._left and self.error is None:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def deliver(self, i: int, got: Any) -> None:
+        """Leaf page *i*'s bytes (or the exception that ended its request) have come."""
+        error: BaseException | None = got if isinstance(got, BaseException) else None
+        if error is None:
+            tree = self._tree
+            try:
+                ((a, buf, count),) = tree.nodes([int(self.pages[i])], [got])
+                if buf[5] != 0:
+                    raise LoomFormatError(
+                        f"{tree.name}: B-tree node at byte {a} is at level {buf[5]}, expected 0"
+                    )
+                count = tree.fill(a, buf, count, (int(self._lo[i]), int(self._hi[i])))
+            except BaseException as exc:  # a damaged page fails the lookups; it must not hang them
+                error = exc
+        with self._cond:
+            if self.error is not None or self._done[i]:
+                return
+            if error is None:
+                self._done[i] = True
+                self._left -= 1
+                self._tree.found += count
+                if self._left == 0 and self._tree.found > self._tree.n:
+                    error = LoomFormatError(
+                        f"{self._tree.name}: the chunk index lists {self._tree.found} chunks, the dataset has {self._tree.n}"
+                    )
+            self.error = error
+            finished = self._left == 0 or error is not None
+            callbacks = self._callbacks if finished else []
+            if finished:
+                self._callbacks = []
+            self._cond.notify_all()
+        for fn in callbacks:
+            fn(self)
+
+    @property
+    def offsets(self) -> np.ndarray:  # type: ignore[override]
+        self.wait()
+        return self._arrays[0]
+
+    @property
+    def sizes(self) -> np.ndarray:  # type: ignore[override]
+        self.wait()
+        return self._arrays[1]
+
+    @property
+    def masks(self) -> np.ndarray:  # type: ignore[override]
+        self.wait()
+        return self._arrays[2]
+
+    def wait(self, first: int = 0, last: int | None = None) -> None:
+        """Wait until the pages holding grid positions *first* to *last* (inclusive; all by default) are in."""
+        last = len(self._arrays[0]) - 1 if last is None else last
+        i0 = int(np.searchsorted(self._hi, first, side="right"))
+        i1 = int(np.searchsorted(self._lo, last, side="right"))
+        with self._cond:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if self._done[i0:i1].all():
+                    return
+                self._cond.wait()
+
+    def lookup(self, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        flat = np.ravel_multi_index(tuple(coords.T), self.grid)
+        if len(flat):
+            self.wait(int(flat.min()), int(flat.max()))
+        offsets, sizes, masks = self._arrays
+        return offsets[flat], sizes[flat], masks[flat]
+
+    def encode(self) -> bytes:
+        self.wait()
+        return super().encode()

@@ -75,11 +75,18 @@ def gap_within(starts: list[int], sizes: list[int], *, gap: int, max_waste: int)
     Merging the smallest holes first saves the most requests for the bytes
     spent: reading the pages of a chunk index spread through a large file
     then costs a bounded number of extra bytes, not the whole file.
+
+    When every hole together passes *max_waste* by at most an eighth, all
+    are read: the few largest left out would hold chunks that whole-array
+    work then fetches in requests of their own, one round trip each in the
+    middle of a task, for a sliver of the bytes.
     """
     order = sorted(range(len(starts)), key=starts.__getitem__)
     holes = sorted(
         h for a, b in itertools.pairwise(order) if 0 < (h := starts[b] - (starts[a] + sizes[a])) <= gap
     )
+    if holes and sum(holes) <= max_waste + max_waste // 8:
+        return holes[-1]
     total = 0
     best = 0
     for i, h in enumerate(holes):

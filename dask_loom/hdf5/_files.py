@@ -21,7 +21,8 @@ import h5py
 from dask_loom._config import get_config
 from dask_loom._handles import HandleCache
 from dask_loom.errors import FileBeingWrittenError, LoomFormatError, StoreError, WriteConflictError
-from dask_loom.hdf5._coalesce import coalesce, coalesce_plan, gap_within, parse_nbytes
+from dask_loom.hdf5._coalesce import coalesce
+from dask_loom.hdf5._remote import read_remote, remote_ends
 from dask_loom.hdf5._spans import HeldSpans
 from dask_loom.storage import FileSpec
 from dask_loom.storage._locks import exclusive, lock_path
@@ -230,11 +231,11 @@ def _open_for_read(spec: FileSpec, entry: _Entry) -> h5py.File:
         block = 2**20
         pieces = None
         if entry.size is None:
-            entry.size, pieces = _remote_ends(spec, entry, block, 2 * block)
+            entry.size, pieces = remote_ends(spec, entry, block, 2 * block)
         # The blocks stay held for read_ranges too: index pages and chunks lie in them.
         held = entry.cache.setdefault(HELD_SPANS, HeldSpans())
         entry.fobj = open_metadata_file(
-            entry.size, lambda st, sz: _read_remote(spec, entry, st, sz), block_size=block, pin=held.pin, pieces=pieces
+            entry.size, lambda st, sz: read_remote(spec, entry, st, sz), block_size=block, pin=held.pin, pieces=pieces
         )
         return h5py.File(entry.fobj, "r")
     except (FileNotFoundError, FileBeingWrittenError, StoreError):
@@ -289,7 +290,6 @@ def read_ranges(
     *,
     entry: _Entry | None = None,
     max_waste: int | None = None,
-    keep: list[tuple[int, Any]] | None = None,
 ) -> list[bytes | memoryview]:
     """Read byte ranges of a file: ``pread`` locally, concurrent range requests remotely.
 
@@ -298,8 +298,7 @@ def read_ranges(
     the cached file the ranges were looked up in.  Remotely, requests are
     sized by ``dask_loom.coalesce-bytes`` and ``dask_loom.coalesce-gap`` and
     sent at once (:func:`coalesce_plan`); *max_waste* caps the bytes of
-    holes read through (the smallest holes are merged first), and *keep*
-    (a list) receives every request's ``(start, bytes)``.  Ranges inside
+    holes read through (the smallest holes are merged first).  Ranges inside
     the spans a chunk-index read left held (:mod:`dask_loom.hdf5._spans`)
     are served from them, with no request.
     """
@@ -338,161 +337,16 @@ def read_ranges(
         return out
     held = entry.cache.get(HELD_SPANS)
     if held is None:
-        return _read_remote(spec, entry, list(starts), list(sizes), max_waste=max_waste, keep=keep)
+        return read_remote(spec, entry, list(starts), list(sizes), max_waste=max_waste)
     got: list[Any] = held.take(starts, sizes)
     rest = [i for i, v in enumerate(got) if v is None]
     if rest:
-        fetched = _read_remote(
-            spec, entry, [starts[i] for i in rest], [sizes[i] for i in rest], max_waste=max_waste, keep=keep
+        fetched = read_remote(
+            spec, entry, [starts[i] for i in rest], [sizes[i] for i in rest], max_waste=max_waste
         )
         for i, v in zip(rest, fetched):
             got[i] = v
     return got
-
-
-def object_size(spec: FileSpec, entry: _Entry) -> int:
-    """The remote object's size in bytes (known from opening it, else one HEAD request)."""
-    if entry.size is None:
-        if entry.fobj is not None and getattr(entry.fobj, "size", None) is not None:
-            entry.size = int(entry.fobj.size)
-        else:
-            remote = _remote(spec, entry)
-            entry.size = int(_remote_call(spec, remote.size, what="size"))
-    return entry.size
-
-
-def _remote(spec: FileSpec, entry: _Entry) -> Any:
-    if entry.remote is None:
-        entry.remote = spec.remote()
-    return entry.remote
-
-
-def _remote_call(spec: FileSpec, fn: Any, *, what: str) -> Any:
-    """Run one object-store call with the stores' retry policy and typed errors."""
-    from dask_loom.storage._obstore import message
-
-    retries = int(get_config("retries"))
-    backoff = float(get_config("retry-backoff"))
-    for attempt in range(retries + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            # Imported on failure only: the stores module brings zarr-python (0.6 s cold).
-            from dask_loom.storage._objectstore import CredentialsError, _classify
-
-            kind = _classify(exc)
-            if kind == "missing":
-                raise FileNotFoundError(errno.ENOENT, f"File '{spec.name}' not found", spec.name) from exc
-            if kind == "denied":
-                raise CredentialsError(
-                    f"{spec.name}: access refused: {type(exc).__name__}: {message(exc)}"
-                ) from exc
-            if kind != "transient":
-                raise StoreError(f"{spec.name}: {what} failed: {type(exc).__name__}: {message(exc)}") from exc
-            if attempt == retries:
-                raise StoreError(
-                    f"{spec.name}: {what} failed after {retries + 1} attempts: {type(exc).__name__}: {message(exc)}"
-                ) from exc
-            time.sleep(backoff * 2**attempt)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-class _ShortAnswer(OSError):
-    """A ranged answer with fewer bytes than asked for (transient: retried)."""
-
-
-def _remote_ends(spec: FileSpec, entry: _Entry, head: int, tail: int) -> tuple[int, list[tuple[int, Any]]]:
-    """The object's size and its first *head* and last *tail* bytes as ``(start, bytes)``, in one round trip."""
-    remote = _remote(spec, entry)
-
-    def ends() -> tuple[int, list[tuple[int, Any]]]:
-        size, first, last = remote.ends(head, tail)
-        if len(first) != min(head, size) or len(last) != min(tail, size):
-            raise _ShortAnswer(
-                errno.EAGAIN,
-                f"short answer (the object's ends: {len(first)} and {len(last)} bytes of a {size}-byte object)",
-            )
-        return size, [(0, first), (size - len(last), last)]
-
-    return _remote_call(spec, ends, what="opening (its first and last bytes)")
-
-
-def _read_remote(
-    spec: FileSpec,
-    entry: _Entry,
-    starts: list[int],
-    sizes: list[int],
-    *,
-    max_waste: int | None = None,
-    keep: list[tuple[int, Any]] | None = None,
-) -> list[Any]:
-    """Ranged requests of about ``dask_loom.coalesce-bytes``, issued at once, each answer checked for length.
-
-    Neighbouring ranges (holes up to ``dask_loom.coalesce-gap``) share a
-    request; all requests of the call go out concurrently (obstore's
-    asynchronous ranged GETs; fsspec's ``cat_ranges`` for ``memory://``).  An answer shorter than
-    asked for (a cut connection, a broken middlebox) is retried like any
-    transient fault and never returned short: after the retries a
-    :class:`~dask_loom.errors.StoreError` names the object and the range.
-    """
-
-    gap = parse_nbytes(get_config("coalesce-gap"))
-    target = parse_nbytes(get_config("coalesce-bytes"))
-    if max_waste is not None:
-        gap = gap_within(starts, sizes, gap=gap, max_waste=max_waste)
-    plan = coalesce_plan(starts, sizes, gap=gap, target=target)
-    if keep is not None:
-        # The caller keeps the bytes (chunks between index pages): a run cut into pieces
-        # is read whole, each piece up to the next, so no hole is left for another request.
-        plan = [
-            (r0, nxt[0] if nxt is not None and 0 < nxt[0] - r1 <= gap else r1, m)
-            for (r0, r1, m), nxt in zip(plan, [*plan[1:], None])
-        ]
-    if entry.size is not None:
-        for r0, r1, _m in plan:
-            if r1 > entry.size:
-                raise LoomFormatError(
-                    f"{spec.name}: bytes {r0}..{r1} requested, but the object holds only {entry.size} bytes "
-                    "(the file's chunk index points past its end)"
-                )
-    remote = _remote(spec, entry)
-    blobs: list[Any] = [None] * len(plan)
-    todo = list(range(len(plan)))
-    short_note = ""
-
-    def attempt() -> None:
-        nonlocal todo, short_note
-        got = remote.cat_ranges([plan[j][0] for j in todo], [plan[j][1] for j in todo])
-        failed: list[int] = []
-        first: BaseException | None = None
-        for j, blob in zip(todo, got):
-            if isinstance(blob, BaseException):
-                failed.append(j)
-                first = first or blob
-            elif len(blob) != plan[j][1] - plan[j][0]:
-                failed.append(j)
-                short_note = f"bytes {plan[j][0]}..{plan[j][1]}: {len(blob)} of {plan[j][1] - plan[j][0]} bytes answered"
-                first = first or _ShortAnswer(errno.EAGAIN, f"short answer ({short_note})")
-            else:
-                blobs[j] = blob
-        todo = failed
-        if first is not None:
-            raise first
-
-    try:
-        _remote_call(spec, attempt, what=f"range request ({len(plan)} ranges)")
-    except StoreError as exc:
-        if short_note and short_note not in str(exc):
-            raise StoreError(f"{exc} [{short_note}]") from exc.__cause__
-        raise
-    if keep is not None:
-        keep.extend((r0, blob) for (r0, _r1, _m), blob in zip(plan, blobs))
-    out: list[Any] = [None] * len(starts)
-    for (r0, _r1, members), blob in zip(plan, blobs):
-        mv = memoryview(blob)
-        for i in members:
-            out[i] = mv[starts[i] - r0 : starts[i] - r0 + sizes[i]]
-    return out
 
 
 def advise_ranges(spec: FileSpec, starts: list[int], sizes: list[int]) -> None:

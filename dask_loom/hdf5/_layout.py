@@ -140,6 +140,18 @@ class ChunkIndex:
         flat = np.ravel_multi_index(tuple(coords.T), self.grid)
         return self.offsets[flat], self.sizes[flat], self.masks[flat]
 
+    def in_c_order(self) -> bool:
+        """Whether the stored chunks lie in the file in C order of the grid (judged once)."""
+        got = self.__dict__.get("_in_c_order")
+        if got is None:
+            got = self._in_c_order = self._ascending(self.offsets)
+        return got
+
+    @staticmethod
+    def _ascending(offsets: np.ndarray) -> bool:
+        stored = offsets[offsets >= 0]
+        return len(stored) > 1 and bool((np.diff(stored) > 0).all())
+
     def encode(self) -> bytes:
         """The index as compact bytes (travels inside task graphs; :meth:`decode` reverses it).
 

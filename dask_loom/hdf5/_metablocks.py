@@ -47,8 +47,8 @@ def open_metadata_file(
     *pieces* ``(start, bytes)`` already fetched (the object's ends, read
     with its size in one round trip) are used instead of fetching; every
     whole block inside them is seeded.  Later blocks are fetched by *fetch*.
-    *pin* ``(start, bytes)`` is given each block seeded (the very object the
-    cache holds).
+    *pin* ``(start, bytes)`` is given every piece whole (the bytes around its
+    whole blocks are the file's too: chunks there need no request).
     """
     if pieces is None:
         ranges = seed_ranges(size, block_size)
@@ -56,13 +56,13 @@ def open_metadata_file(
         pieces = [(s, blob) for (s, _e), blob in zip(ranges, blobs)]
     seed: dict[int, bytes] = {}
     for start, blob in pieces:
+        if pin is not None:
+            pin(start, blob)
         end = start + len(blob)
         b = -(-start // block_size)
         while b * block_size < end and min(size, (b + 1) * block_size) <= end:
             if b not in seed:
                 lo = b * block_size - start
                 seed[b] = bytes(blob[lo : lo + min(block_size, size - b * block_size)])
-                if pin is not None:
-                    pin(b * block_size, seed[b])
             b += 1
     return RangeFile(size, fetch, block_size=block_size, seed=seed)

@@ -21,6 +21,7 @@ from dask_loom._config import get_config
 from dask_loom._threads import scratch
 from dask_loom.blocks import from_source
 from dask_loom.errors import CorruptChunkError, FileBeingWrittenError
+from dask_loom.hdf5._btree import PendingChunkIndex
 from dask_loom.hdf5._decode import decode_chunk
 from dask_loom.hdf5._files import HELD_SPANS, cached_entry, open_h5_read, read_ranges
 from dask_loom.hdf5._inflate import BATCHED, inflate_into, inflate_place
@@ -33,6 +34,7 @@ from dask_loom.hdf5._layout import (
     region_index,
     wants_full_index,
 )
+from dask_loom.hdf5._remote import plan_remote, stream_plan
 from dask_loom.hdf5._spans import HeldSpans
 from dask_loom.storage import FileSpec
 
@@ -89,8 +91,8 @@ def _chunk_offsets(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     entry = entry if entry is not None else cached_entry(spec)
     key = ("index", layout.path)
-    index: ChunkIndex | None = entry.cache.get(key)
-    if index is None and shipped is not None:
+    index = _usable(entry.cache.get(key))
+    if index is None and shipped is not None and _usable(shipped) is not None:
         # The index that came with the graph is used as is: a remote object is immutable.
         index = entry.cache[key] = shipped
     if index is not None:
@@ -111,14 +113,19 @@ def _chunk_offsets(
         return region_index(f[layout.path], coords)
 
 
+def _usable(index: ChunkIndex | None) -> ChunkIndex | None:
+    """*index*, unless it is a streamed index whose read failed (then it is read again: the fault may be over)."""
+    return None if getattr(index, "error", None) is not None else index
+
+
 def full_chunk_index(spec: FileSpec, layout: DatasetLayout, entry: Any = None) -> ChunkIndex:
     """The dataset's whole chunk index, built once per process (cached with the open file)."""
     entry = entry if entry is not None else cached_entry(spec)
     key = ("index", layout.path)
-    index = entry.cache.get(key)
+    index = _usable(entry.cache.get(key))
     if index is None:
         with entry.lock:  # threads of one process build it once
-            index = entry.cache.get(key)
+            index = _usable(entry.cache.get(key))
             if index is None:
                 index = entry.cache[key] = build_index(spec, layout, entry)
     return index
@@ -145,7 +152,7 @@ def _remote_btree_index(
 ) -> ChunkIndex | None:
     from dask_loom.hdf5._btree import chunk_btree, read_chunk_index
     from dask_loom.hdf5._coalesce import parse_nbytes
-    from dask_loom.hdf5._files import object_size
+    from dask_loom.hdf5._remote import object_size
 
     info = entry.cache.get(("btree", layout.path), False)
     if info is False:
@@ -171,23 +178,74 @@ def _remote_btree_index(
     if info is None:
         return None  # another index type: h5py builds it
     waste = parse_nbytes(get_config("index-read-waste"))
-    pieces: list[tuple[int, Any]] = []
+    held = entry.cache.setdefault(HELD_SPANS, HeldSpans())
 
     def fetch(starts: list[int], sizes: list[int]) -> list[Any]:
         # B-tree pages lie between chunks: read through holes, but never most of a large file.
-        return read_ranges(
-            spec, starts, sizes, entry=entry, max_waste=waste, keep=pieces if span is None else None
+        return read_ranges(spec, starts, sizes, entry=entry, max_waste=waste)
+
+    def stream(starts: list[int], sizes: list[int], deliver: Any) -> None:
+        # The leaf pages, with the chunks between them: the whole index is built for
+        # whole-array work, which reads those chunks next.  Their spans are announced
+        # before any request goes out, so a chunk read waits for them, never asks twice.
+        pinned = held.take(starts, sizes)
+        rest = [i for i, got in enumerate(pinned) if got is None]
+        lo = hi = None
+        if rest:
+            lo, hi = held.pinned_around(min(starts[i] for i in rest), max(starts[i] + sizes[i] for i in rest))
+            # Reach a chunk's worth into the blocks held since opening: a chunk across
+            # their edge then lies whole in the first or last piece.
+            reach = math.prod(layout.chunks) * np.dtype(layout.dtype).itemsize + 1024
+            lo = None if lo is None else max(0, lo - reach)
+            hi = None if hi is None else min(entry.size or hi, hi + reach)
+        plan = plan_remote(
+            spec,
+            entry,
+            [starts[i] for i in rest],
+            [sizes[i] for i in rest],
+            max_waste=waste,
+            whole=True,
+            cover=(lo, hi),
         )
+        taken = set(held.expect([(r0, r1) for r0, r1, _m in plan]))
+
+        def on_piece(j: int, got: Any) -> None:
+            r0, _r1, members = plan[j]
+            if isinstance(got, BaseException):
+                held.fail(r0)
+                for m in members:
+                    deliver(rest[m], got)
+                return
+            if r0 in taken:
+                held.fill(r0, got)
+            mv = memoryview(got)
+            for m in members:
+                i = rest[m]
+                deliver(i, mv[starts[i] - r0 : starts[i] - r0 + sizes[i]])
+
+        for i, got in enumerate(pinned):
+            if got is not None:
+                deliver(i, got)
+        stream_plan(spec, entry, plan, on_piece)
 
     index = read_chunk_index(
-        fetch, info, shape=layout.shape, file_size=entry.size, name=f"{spec.name}:{layout.path}", span=span
+        fetch,
+        info,
+        shape=layout.shape,
+        file_size=entry.size,
+        name=f"{spec.name}:{layout.path}",
+        span=span,
+        stream=stream if span is None else None,
     )
-    if pieces:
-        # The whole index is built for whole-array work, which reads the chunks the
-        # holes held: they are served from memory, so each byte is fetched once.
-        held = entry.cache.setdefault(HELD_SPANS, HeldSpans())
-        held.hold(pieces, index.offsets, index.sizes)
+    if isinstance(index, PendingChunkIndex):
+        index.when_done(lambda done: _index_done(done, held))
     return index
+
+
+def _index_done(index: PendingChunkIndex, held: HeldSpans) -> None:
+    if index.error is None:
+        # Each span now knows the chunks it owes, and is let go once it has served them.
+        held.settle(index.offsets, index.sizes)
 
 
 def _header_address(f: Any, path: str) -> int | None:
@@ -217,7 +275,7 @@ def remote_index(spec: FileSpec, layout: DatasetLayout) -> ChunkIndex | None:
     """
     if spec.is_local or not (layout.fast and layout.layout == "chunked"):
         return None
-    return cached_entry(spec).cache.get(("index", layout.path))
+    return _usable(cached_entry(spec).cache.get(("index", layout.path)))
 
 
 class HDF5Source:
@@ -261,6 +319,7 @@ class HDF5Source:
         never need it: they search the tree for their chunks only.
         """
         lay = self.layout
+        self.index = _usable(self.index)
         if self.index is None and not self.spec.is_local and lay.fast and lay.layout == "chunked" and wants_full_index(lay):
             self.index = full_chunk_index(self.spec, lay)
         return self.index
@@ -279,7 +338,11 @@ class HDF5Source:
         index = self.index
         if index is None:
             return True
-        held = cached_entry(self.spec).cache.get(HELD_SPANS)
+        entry = cached_entry(self.spec)
+        held = entry.cache.get(HELD_SPANS)
+        if isinstance(index, PendingChunkIndex) and not index.complete:
+            # Its pages are still coming, with the chunks between them: judge by what is on its way.
+            return held is None or entry.size is None or held.nbytes < entry.size // 2
         stored = int(index.sizes[index.offsets >= 0].sum())
         return held is None or held.in_memory(index.offsets, index.sizes) < stored // 2
 
@@ -324,12 +387,7 @@ class HDF5Source:
         """
         if self.ndim < 2 or self.chunk_index() is None:
             return None
-        cached = getattr(self, "_contiguous", False)
-        if cached is False:
-            stored = self.index.offsets[self.index.offsets >= 0]
-            cached = 0 if len(stored) > 1 and bool((np.diff(stored) > 0).all()) else None
-            self._contiguous = cached
-        return cached
+        return 0 if self.index.in_c_order() else None
 
     def read_block(self, region: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
         """Read a region (any region; chunk-aligned ones read each chunk once)."""
