@@ -231,8 +231,9 @@ def main() -> None:
             "ratios": ratios,
             "targets": {"remote / local": "<= 1.5", "h5py-fsspec / remote": ">= 10"},
             "notes": "cold: a fresh process, connect to result (the object-store client's imports and sessions included for the "
-            "remote runs); warm: a second connect+map in that process (the connection was closed: it opens the file and "
-            "builds the chunk index again, with modules and object-store sessions warm)",
+            "remote runs; importing dask_loom excluded on both sides); warm: a second connect+map in that process (the "
+            "connection was closed: it opens the file again and reuses the chunk index the first run kept, but no chunk "
+            "bytes, so its tasks fetch their own; modules and object-store sessions warm)",
         },
     )
     print("results:", relative(out))

@@ -75,7 +75,9 @@ DEFAULTS: dict[str, Any] = {
     # coalesce-gap) may add at most this many bytes per level: a small file is fetched in a few
     # large requests, a large one costs more requests but never a download of most of the file.
     # The chunks read through are held for the chunk reads that follow (hdf5/_spans.py), each
-    # served once, so this also bounds the memory they take until then.
+    # served once, so this also bounds the memory they take until then.  When all the holes
+    # pass it by at most an eighth, all are read (the rest would each cost a task a round trip).
+    # The leaf level streams in: a block's lookup waits for its own pages only (_btree.py).
     "index-read-waste": "64MiB",
     # A remote HDF5 dataset's chunk index (built once, in few requests, when a source is made)
     # travels inside the graph when encoded it is at most this big, so workers need not

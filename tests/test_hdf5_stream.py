@@ -307,3 +307,19 @@ def test_remote_index_fault_fails_the_map_then_a_new_map_reads_it_again(s3_serve
             got = ds.map([np.mean], axis=0, scheduler="threads")
             assert src.chunk_index().complete
     np.testing.assert_allclose(got[0], m.mean(axis=1, dtype=np.float64), rtol=1e-6)
+
+
+def test_an_index_that_will_not_be_completed_here_is_read_again(two_level):
+    """A failed streamed index, or one still coming in a forked child, is not used: it would fail or wait for ever."""
+    from dask_loom.hdf5._source import _usable
+
+    index = two_level.index()
+    assert _usable(index) is index  # still coming, to this process's threads
+    index.pid = -1  # as a forked child sees its parent's index
+    assert _usable(index) is None
+    for i in range(len(two_level.pages)):
+        two_level.send(i)
+    assert _usable(index) is index  # complete: any process may use it
+    failed = two_level.index()
+    two_level.deliver(0, StoreError("s3://b/x.loom: range request failed"))
+    assert _usable(failed) is None

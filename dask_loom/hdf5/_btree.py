@@ -20,6 +20,7 @@ B-trees" (III.A.1), "Data Object Headers" (IV.A.1), "Data Layout Message"
 from __future__ import annotations
 
 import math
+import os
 import struct
 import threading
 from collections.abc import Callable
@@ -409,6 +410,7 @@ class PendingChunkIndex(ChunkIndex):
         self.grid = tree.grid
         self._arrays = (tree.offsets, tree.sizes, tree.masks)
         self.pages = pages  # leaf page addresses, in key order
+        self.pid = os.getpid()  # the process whose threads deliver the pages
         self._tree = tree
         self._lo, self._hi = lo, hi
         self._done = np.zeros(len(pages), dtype=bool)

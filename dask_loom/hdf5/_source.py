@@ -11,6 +11,7 @@ Datasets whose filters or dtype we cannot decode fall back to h5py reads.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from typing import Any
@@ -114,8 +115,16 @@ def _chunk_offsets(
 
 
 def _usable(index: ChunkIndex | None) -> ChunkIndex | None:
-    """*index*, unless it is a streamed index whose read failed (then it is read again: the fault may be over)."""
-    return None if getattr(index, "error", None) is not None else index
+    """*index*, unless it is a streamed index that will not be completed here: then it is read again.
+
+    That is one whose read failed (the fault may be over), or one still
+    coming in a forked child (its pages were coming to the parent's threads).
+    """
+    if isinstance(index, PendingChunkIndex) and (
+        index.error is not None or (index.pid != os.getpid() and not index.complete)
+    ):
+        return None
+    return index
 
 
 def full_chunk_index(spec: FileSpec, layout: DatasetLayout, entry: Any = None) -> ChunkIndex:
