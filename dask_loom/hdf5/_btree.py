@@ -230,17 +230,18 @@ def read_chunk_index(
             for a, buf, count in nodes:
                 tree.fill(a, buf, count)
             return tree.index()
+        streaming = level == 1 and stream is not None and span is None
         children: list[int] = []
-        firsts: list[np.ndarray] = []
+        firsts: list[np.ndarray] = []  # each child's first key (streaming: which chunks its page holds)
         for _a, buf, count in nodes:
-            child, flat = tree.children(buf, count)
+            child, keys = tree.children(buf, count)
             if span is not None and count:
                 # Child i holds the chunks from key i up to (not including) key i + 1.
-                keep = (flat[:-1] <= span[1]) & (flat[1:] > span[0])
-                child, flat = child[keep], np.append(flat[:-1][keep], 0)
+                child = child[(keys[:-1] <= span[1]) & (keys[1:] > span[0])]
             children.extend(child.tolist())
-            firsts.append(flat[:-1])
-        if level == 1 and stream is not None and span is None and children:
+            if streaming:
+                firsts.append(keys[:-1])
+        if streaming and children:
             return tree.stream(children, np.concatenate(firsts), stream)
         level_nodes = children
         expected = level - 1

@@ -22,7 +22,7 @@ from dask_loom._config import get_config
 from dask_loom._threads import scratch
 from dask_loom.blocks import from_source
 from dask_loom.errors import CorruptChunkError, FileBeingWrittenError
-from dask_loom.hdf5._btree import PendingChunkIndex
+from dask_loom.hdf5._btree import PendingChunkIndex, chunk_btree, read_chunk_index
 from dask_loom.hdf5._decode import decode_chunk
 from dask_loom.hdf5._files import HELD_SPANS, cached_entry, open_h5_read, read_ranges
 from dask_loom.hdf5._inflate import BATCHED, inflate_into, inflate_place
@@ -159,7 +159,6 @@ def build_index(spec: FileSpec, layout: DatasetLayout, entry: Any = None) -> Chu
 def _remote_btree_index(
     spec: FileSpec, layout: DatasetLayout, entry: Any, *, span: tuple[int, int] | None = None
 ) -> ChunkIndex | None:
-    from dask_loom.hdf5._btree import chunk_btree, read_chunk_index
     from dask_loom.hdf5._coalesce import parse_nbytes
     from dask_loom.hdf5._remote import object_size
 
@@ -193,10 +192,30 @@ def _remote_btree_index(
         # B-tree pages lie between chunks: read through holes, but never most of a large file.
         return read_ranges(spec, starts, sizes, entry=entry, max_waste=waste)
 
+    index = read_chunk_index(
+        fetch,
+        info,
+        shape=layout.shape,
+        file_size=entry.size,
+        name=f"{spec.name}:{layout.path}",
+        span=span,
+        stream=_leaf_stream(spec, layout, entry, held, waste) if span is None else None,
+    )
+    if isinstance(index, PendingChunkIndex):
+        index.when_done(lambda done: _index_done(done, held))
+    return index
+
+
+def _leaf_stream(spec: FileSpec, layout: DatasetLayout, entry: Any, held: HeldSpans, waste: int) -> Any:
+    """The leaf pages' stream of a remote dataset's chunk index (``read_chunk_index``'s *stream*).
+
+    The pages are read with the chunks between them: the whole index is built
+    for whole-array work, which reads those chunks next.  Their spans are
+    announced before any request goes out, so a chunk read waits for them and
+    never asks twice.
+    """
+
     def stream(starts: list[int], sizes: list[int], deliver: Any) -> None:
-        # The leaf pages, with the chunks between them: the whole index is built for
-        # whole-array work, which reads those chunks next.  Their spans are announced
-        # before any request goes out, so a chunk read waits for them, never asks twice.
         pinned = held.take(starts, sizes)
         rest = [i for i, got in enumerate(pinned) if got is None]
         lo = hi = None
@@ -237,18 +256,7 @@ def _remote_btree_index(
                 deliver(i, got)
         stream_plan(spec, entry, plan, on_piece)
 
-    index = read_chunk_index(
-        fetch,
-        info,
-        shape=layout.shape,
-        file_size=entry.size,
-        name=f"{spec.name}:{layout.path}",
-        span=span,
-        stream=stream if span is None else None,
-    )
-    if isinstance(index, PendingChunkIndex):
-        index.when_done(lambda done: _index_done(done, held))
-    return index
+    return stream
 
 
 def _index_done(index: PendingChunkIndex, held: HeldSpans) -> None:

@@ -182,16 +182,10 @@ class HeldSpans:
                         self._drop(span)
 
     def hold(self, pieces: list[tuple[int, Any]], offsets: np.ndarray, sizes: np.ndarray) -> None:
-        """Keep the *pieces* ``(start, bytes)`` that hold whole chunks of the index ``(offsets, sizes)``."""
-        chunks = self._chunks(offsets, sizes)
-        with self._lock:
-            for start, blob in pieces:
-                view = memoryview(blob).cast("B")
-                owed = self._owed(start, start + len(view), chunks)
-                if owed > 0:
-                    span = self._add(start, start + len(view), view)
-                    if span is not None:
-                        span.owed = owed
+        """Keep the *pieces* ``(start, bytes)``, in hand already, that hold whole chunks of the index ``(offsets, sizes)``."""
+        for start in self.expect([(start, start + len(memoryview(blob).cast("B"))) for start, blob in pieces]):
+            self.fill(start, dict(pieces)[start])
+        self.settle(offsets, sizes)
 
     def take(self, starts: list[int], sizes: list[int]) -> list[memoryview | None]:
         """Each range's bytes if a held span covers it whole, else ``None`` (read it from the store).
