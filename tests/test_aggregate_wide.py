@@ -2,7 +2,8 @@
 
 A full-width row band one stored unit tall of an atlas (7,424 x 4,096 shards
 across 3.3 M cells) is 49 GB; such layers are grouped over 2-D blocks whose
-partials (sums, sums of squares, extremes) are combined a row band at a time.  Every value is checked against
+partials (sums, sums of squares, extremes, products, first and last values) are combined a
+row band at a time.  Every value is checked against
 numpy on the same data (and loompy's aggregate for a ``.loom``); the blocks the
 tasks read against the block size.
 """
@@ -98,6 +99,57 @@ def test_wide_layer_is_grouped_over_blocks_equal_numpy(wide, regions, kind, func
     assert regions and all(r[1].stop - r[1].start < SHAPE[1] for r in regions)
     unit = 64 * 64 * 2
     assert max(math.prod(s.stop - s.start for s in r) for r in regions) * 2 <= 16 * 1024 + 4 * unit
+
+
+@pytest.fixture(scope="module")
+def wide_float(tmp_path_factory):
+    """A float32 layer near 1 (products stay finite), with zeros, in 64 x 64 chunks (Loom allows no NaN)."""
+    rng = np.random.default_rng(5)
+    m = (1 + 0.001 * rng.poisson(2.0, SHAPE)).astype("f4")
+    m[rng.random(SHAPE) < 0.01] = 0
+    m[:50, 3] = 0  # a group's first column: zero in some rows
+    labels = rng.integers(0, 9, SHAPE[1])
+    path = tmp_path_factory.mktemp("widef") / "f.loom"
+    with dask.config.set(NARROW):
+        dask_loom.create(
+            str(path),
+            m,
+            {"g": np.arange(SHAPE[0])},
+            {"c": np.arange(SHAPE[1]), "L": labels},
+            scheduler="sync",
+        )
+    return path, m, labels
+
+
+@pytest.mark.parametrize(
+    "func",
+    [
+        "nansum",
+        "sumofsquares",
+        "nansumofsquares",
+        "len",
+        "nanlen",
+        "prod",
+        "nanprod",
+        "any",
+        "all",
+        "first",
+        "last",
+    ],
+)
+def test_wide_layer_elementwise_functions_equal_numpy_groupies(wide_float, regions, func):
+    """Functions whose block values combine one element at a time are grouped over blocks too."""
+    from numpy_groupies import aggregate_np
+
+    path, m, labels = wide_float
+    with dask.config.set(NARROW), dask_loom.connect(str(path), "r") as ds:
+        got = ds.aggregate(group_by="L", aggr_by=func, scheduler="threads")
+    want = aggregate_np(labels, m.astype(np.float64), func=func, axis=1, size=labels.max() + 1)
+    # Sums and products of a float32 layer are taken in float32 (BLAS, reduceat), by blocks or by bands alike.
+    rtol = 1e-6 if "sum" in func else 1e-5 if "prod" in func else 1e-10
+    np.testing.assert_allclose(got, np.asarray(want, dtype=np.float64), rtol=rtol, equal_nan=True)
+    assert regions and all(r[1].stop - r[1].start < SHAPE[1] for r in regions)
+    assert len(regions) > len(np.unique([r[0].start for r in regions]))  # several blocks per row band
 
 
 def test_wide_layer_with_a_column_selection_equals_numpy(wide, regions):

@@ -109,9 +109,29 @@ def _band(source: Any, region: tuple[slice, ...], plan: GroupPlan, func: str, se
     return group_reduce(band, plan, func)
 
 
+#: Functions whose value of a block's columns combines with the others' one element at a time:
+#: the partial it is kept under (``combine_partials`` adds ``s1``, multiplies ``prod``, takes the
+#: extreme of ``max``/``min`` and the earliest or latest present ``first``/``last``) and the value
+#: a group absent from the block holds.  ``any``/``all`` of 0/1 values are their max/min.
+_ELEMENTWISE: dict[str, tuple[str, float]] = {
+    "nansum": ("s1", 0.0),
+    "sumofsquares": ("s1", 0.0),
+    "nansumofsquares": ("s1", 0.0),
+    "len": ("s1", 0.0),
+    "nanlen": ("s1", 0.0),
+    "prod": ("prod", 1.0),
+    "nanprod": ("prod", 1.0),
+    "any": ("max", -np.inf),
+    "all": ("min", np.inf),
+    "first": ("first", np.nan),
+    "last": ("last", np.nan),
+}
+
 #: Functions a wide layer is grouped by over blocks: their partials combine (sums add, extremes
-#: take the extreme, with groups absent from a block at the neutral value).
-_TILED = ("sum", "mean", "var", "std", "min", "max")
+#: take the extreme, with groups absent from a block at the neutral value).  Others (median,
+#: nunique, argmax, the nan-aware means and extremes) need a group's values together: full-width
+#: row bands.
+_TILED = ("sum", "mean", "var", "std", "min", "max", *_ELEMENTWISE)
 
 
 def _tile(source: Any, region: tuple[slice, ...], plan: GroupPlan, select: np.ndarray | None, func: str) -> dict[str, np.ndarray]:
@@ -120,7 +140,16 @@ def _tile(source: Any, region: tuple[slice, ...], plan: GroupPlan, select: np.nd
     block = read_into_buffer(source, region)
     if select is not None:
         block = block[:, select]
-    return group_partials(block, 1, plan.idx, plan.n_groups, GROUP_FUNCS[func])
+    if func not in _ELEMENTWISE:
+        return group_partials(block, 1, plan.idx, plan.n_groups, GROUP_FUNCS[func])
+    key, neutral = _ELEMENTWISE[func]
+    value = group_reduce(block, plan, func)
+    present = plan.counts > 0
+    value[:, ~present] = neutral
+    out = {key: value}
+    if key in ("first", "last"):
+        out[f"{key}_p"] = present  # which groups this block holds: only they may give the value
+    return out
 
 
 def _tiled_finish(counts: np.ndarray, func: str, *partials: dict[str, np.ndarray]) -> np.ndarray:
@@ -130,6 +159,8 @@ def _tiled_finish(counts: np.ndarray, func: str, *partials: dict[str, np.ndarray
     if func == "mean":
         with np.errstate(invalid="ignore", divide="ignore"):  # an empty group's mean is NaN, as in the band path
             return parts["s1"] / counts
+    if func in _ELEMENTWISE:
+        return parts[_ELEMENTWISE[func][0]]
     return group_finish(parts, [func])[0]
 
 

@@ -231,8 +231,17 @@ def combine_partials(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray
                 out[k] = np.minimum(out[k], v)
             elif k in ("max", "nmax"):
                 out[k] = np.maximum(out[k], v)
-            else:
+            elif k == "prod":
+                out[k] = out[k] * v
+            elif k == "first":  # parts come in column order: the earliest holding the group gives it
+                out[k] = np.where(out["first_p"], out[k], v)
+            elif k == "last":
+                out[k] = np.where(p["last_p"], v, out[k])
+            elif k not in ("first_p", "last_p"):  # those after their values, below
                 out[k] = out[k] + v
+        for k in ("first_p", "last_p"):
+            if k in p:
+                out[k] = out[k] | p[k]
     return out
 
 
