@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 
 import dask
 import h5py
@@ -25,6 +24,7 @@ from dask_loom.hdf5._btree import PendingChunkIndex, chunk_btree, read_chunk_ind
 from dask_loom.hdf5._files import HELD_SPANS, cached_entry, clear_all
 from dask_loom.hdf5._layout import ChunkIndex
 from dask_loom.hdf5._spans import HeldSpans
+from tests.test_hdf5_remote import _upload, big_loom  # noqa: F401  (big_loom: a fixture)
 
 
 def _write(path: str, shape: tuple[int, int], chunks: tuple[int, int], *, seed: int = 0) -> np.ndarray:
@@ -219,25 +219,12 @@ def test_held_spans_on_their_way():
 # -- end to end, through the proxy ----------------------------------------------------------------
 
 
-def _upload(s3_server, local: str, name: str) -> str:
-    import fsspec
-
-    fs = fsspec.filesystem("s3", **s3_server["storage_options"], skip_instance_cache=True)
-    key = f"{s3_server['bucket']}/hdf5-stream-{uuid.uuid4().hex[:8]}/{name}"
-    fs.put_file(local, key)
-    return f"s3://{key}"
-
-
 @pytest.fixture(scope="module")
-def band_loom(tmp_path_factory):
-    """A 4,096 x 16,384 float32 Loom written by loompy (18.6 MB, of which opening holds the first 1 and last 2 MiB)."""
-    from dask_loom._synthetic import write_synthetic_loom
-
-    path = str(tmp_path_factory.mktemp("stream") / "bands.loom")
-    write_synthetic_loom(path, 4096, 16384, writer="loompy")
-    with h5py.File(path, "r") as f:
+def band_loom(big_loom):  # noqa: F811  (the fixture, not the import)
+    """The issue's 4,096 x 16,384 loompy file (18.6 MB; opening holds its first 1 and last 2 MiB), and its matrix."""
+    with h5py.File(big_loom, "r") as f:
         m = f["matrix"][:]
-    return path, m
+    return big_loom, m
 
 
 @pytest.mark.s3
