@@ -210,7 +210,9 @@ def test_held_spans_on_their_way():
     held.fail(300)  # will not come: its readers ask the store themselves
     assert held.take([300], [300]) == [None]
     assert held.nbytes == 300
-    held.settle(offsets, sizes)  # owes chunk 0 only now (chunk 1 was served before the index was known)
+    held.settle(
+        [0, 300], offsets, sizes
+    )  # owes chunk 0 only now (chunk 1 was served before the index was known)
     assert len(held) == 1
     (first,) = held.take([0], [100])
     assert bytes(first) == data[:100] and len(held) == 0
@@ -236,7 +238,9 @@ def test_remote_blocks_decode_before_the_last_page_arrives(s3_server, s3_proxy, 
 
     path, m = band_loom
     url = _upload(s3_server, path, "bands.loom")
-    proxy = s3_proxy(latency=0.02, bandwidth=20e6)  # ~0.8 s for the file's 18.6 MB: room for blocks to finish first on a loaded machine
+    proxy = s3_proxy(
+        latency=0.02, bandwidth=20e6
+    )  # ~0.8 s for the file's 18.6 MB: room for blocks to finish first on a loaded machine
     events: list[tuple[str, float]] = []
     fetch_plan = remote._fetch_plan
 
@@ -316,3 +320,21 @@ def test_an_index_that_will_not_be_completed_here_is_read_again(two_level):
     failed = two_level.index()
     two_level.deliver(0, StoreError("s3://b/x.loom: range request failed"))
     assert _usable(failed) is None
+
+
+def test_an_index_settles_only_the_spans_its_own_read_announced():
+    """Two datasets of one file read their indexes at once: one finishing must not let go of the other's bytes."""
+    data = bytes(range(256)) * 4
+    held = HeldSpans()
+    mine = held.expect([(0, 300)])
+    other = held.expect([(300, 700)])  # another dataset's read, still on its way
+    held.fill(0, data[:300])
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.setdefault("v", held.take([400], [100])), daemon=True)
+    t.start()
+    # This index lists chunks 0..300 only: the other span would owe nothing by it, and be dropped.
+    held.settle(mine, np.array([0, 100], dtype=np.int64), np.array([100, 200], dtype=np.int64))
+    assert held.nbytes == 700
+    held.fill(300, data[300:700])
+    t.join(5)
+    assert bytes(got["v"][0]) == data[400:500] and other == [300]

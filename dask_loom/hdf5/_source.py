@@ -187,6 +187,7 @@ def _remote_btree_index(
         return None  # another index type: h5py builds it
     waste = parse_nbytes(get_config("index-read-waste"))
     held = entry.cache.setdefault(HELD_SPANS, HeldSpans())
+    taken: set[int] = set()  # the spans this index read announced (it settles those alone)
 
     def fetch(starts: list[int], sizes: list[int]) -> list[Any]:
         # B-tree pages lie between chunks: read through holes, but never most of a large file.
@@ -199,14 +200,16 @@ def _remote_btree_index(
         file_size=entry.size,
         name=f"{spec.name}:{layout.path}",
         span=span,
-        stream=_leaf_stream(spec, layout, entry, held, waste) if span is None else None,
+        stream=_leaf_stream(spec, layout, entry, held, waste, taken) if span is None else None,
     )
     if isinstance(index, PendingChunkIndex):
-        index.when_done(lambda done: _index_done(done, held))
+        index.when_done(lambda done: _index_done(done, held, taken))
     return index
 
 
-def _leaf_stream(spec: FileSpec, layout: DatasetLayout, entry: Any, held: HeldSpans, waste: int) -> Any:
+def _leaf_stream(
+    spec: FileSpec, layout: DatasetLayout, entry: Any, held: HeldSpans, waste: int, taken: set[int]
+) -> Any:
     """The leaf pages' stream of a remote dataset's chunk index (``read_chunk_index``'s *stream*).
 
     The pages are read with the chunks between them: the whole index is built
@@ -235,7 +238,7 @@ def _leaf_stream(spec: FileSpec, layout: DatasetLayout, entry: Any, held: HeldSp
             whole=True,
             cover=(lo, hi),
         )
-        taken = set(held.expect([(r0, r1) for r0, r1, _m in plan]))
+        taken.update(held.expect([(r0, r1) for r0, r1, _m in plan]))
 
         def on_piece(j: int, got: Any) -> None:
             r0, _r1, members = plan[j]
@@ -259,10 +262,10 @@ def _leaf_stream(spec: FileSpec, layout: DatasetLayout, entry: Any, held: HeldSp
     return stream
 
 
-def _index_done(index: PendingChunkIndex, held: HeldSpans) -> None:
+def _index_done(index: PendingChunkIndex, held: HeldSpans, taken: set[int]) -> None:
     if index.error is None:
         # Each span now knows the chunks it owes, and is let go once it has served them.
-        held.settle(index.offsets, index.sizes)
+        held.settle(taken, index.offsets, index.sizes)
 
 
 def _header_address(f: Any, path: str) -> int | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -112,6 +113,11 @@ class HeldSpans:
         if i < len(self._spans) and self._spans[i] is span:
             del self._starts[i]
             del self._spans[i]
+        span.ready.set()  # a reader waiting on it looks again: gone, it asks the store
+
+    def _at(self, start: int) -> _Span | None:
+        i = bisect.bisect_left(self._starts, start)
+        return self._spans[i] if i < len(self._spans) and self._spans[i].start == start else None
 
     def expect(self, ranges: list[tuple[int, int]]) -> list[int]:
         """Announce spans ``[start, end)`` whose bytes are on their way; returns the starts taken.
@@ -125,22 +131,18 @@ class HeldSpans:
     def fill(self, start: int, blob: Any) -> None:
         """The bytes of the expected span at *start* arrived: reads waiting on it go on."""
         with self._lock:
-            i = bisect.bisect_left(self._starts, start)
-            if i == len(self._spans) or self._spans[i].start != start:
+            span = self._at(start)
+            if span is None:
                 return
-            span = self._spans[i]
             span.view = memoryview(blob).cast("B")
         span.ready.set()
 
     def fail(self, start: int) -> None:
         """The expected span at *start* will not come: reads waiting on it ask the store themselves."""
         with self._lock:
-            i = bisect.bisect_left(self._starts, start)
-            if i == len(self._spans) or self._spans[i].start != start:
-                return
-            span = self._spans[i]
-            self._drop(span)
-        span.ready.set()
+            span = self._at(start)
+            if span is not None:
+                self._drop(span)
 
     @staticmethod
     def _chunks(offsets: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -167,25 +169,30 @@ class HeldSpans:
                 owed -= int(csum[b] - csum[a])
         return owed
 
-    def settle(self, offsets: np.ndarray, sizes: np.ndarray) -> None:
-        """Now that the chunk index ``(offsets, sizes)`` is known, count what each span owes; drop those owing nothing.
+    def settle(self, starts: Iterable[int], offsets: np.ndarray, sizes: np.ndarray) -> None:
+        """The spans at *starts* hold chunks of the index ``(offsets, sizes)``: count what each owes; drop those owing nothing.
 
         A span owes the bytes of the chunks wholly inside it, less those a
-        pinned block holds and those it served already.
+        pinned block holds and those it served already.  Only the spans of
+        the read that built the index are settled by it: another dataset's
+        read, still on its way, owes chunks this index does not list.
         """
         chunks = self._chunks(offsets, sizes)
         with self._lock:
-            for span in list(self._spans):
-                if span.owed is None:
+            for start in starts:
+                span = self._at(start)
+                if span is not None and span.owed is None and span.view is not None:
                     span.owed = self._owed(span.start, span.end, chunks) - span.served
                     if span.owed <= 0:
                         self._drop(span)
 
     def hold(self, pieces: list[tuple[int, Any]], offsets: np.ndarray, sizes: np.ndarray) -> None:
         """Keep the *pieces* ``(start, bytes)``, in hand already, that hold whole chunks of the index ``(offsets, sizes)``."""
-        for start in self.expect([(start, start + len(memoryview(blob).cast("B"))) for start, blob in pieces]):
-            self.fill(start, dict(pieces)[start])
-        self.settle(offsets, sizes)
+        blobs = dict(pieces)
+        taken = self.expect([(start, start + len(memoryview(blob).cast("B"))) for start, blob in pieces])
+        for start in taken:
+            self.fill(start, blobs[start])
+        self.settle(taken, offsets, sizes)
 
     def take(self, starts: list[int], sizes: list[int]) -> list[memoryview | None]:
         """Each range's bytes if a held span covers it whole, else ``None`` (read it from the store).
