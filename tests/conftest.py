@@ -17,6 +17,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # ``s3_server``: a real S3-compatible server (moto) on 127.0.0.1, for cloud tests.
+# ``azurite``: Microsoft's Azure Storage emulator on 127.0.0.1, for the az:// tests.
+from _azurite import azurite  # noqa: E402, F401
 from _s3server import s3_server  # noqa: E402, F401
 
 

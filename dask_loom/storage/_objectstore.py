@@ -37,6 +37,7 @@ from dask_loom.storage._obstore import (
     nget,
     nget_async,
     nlist,
+    suffix_async,
 )
 from dask_loom.storage._stores import (
     BaseStore,
@@ -597,21 +598,15 @@ class ObjectStore(_Base3):
     async def _aget_tail(self, key: str, n: int) -> tuple[bytes, int | None]:
         """The last *n* bytes of object *key* (all of it when smaller) and the object's size, in one request.
 
-        On S3 the size comes from the answer's ``Content-Range`` (no HEAD);
-        elsewhere it is ``None`` (unknown).  Raises :class:`MissingKeyError`
-        when the object does not exist.
+        Through obstore the size comes from the answer's ``Content-Range``
+        (Azure, which has no suffix ranges, asks for it first); through
+        fsspec, on S3 likewise, elsewhere it is ``None`` (unknown).  Raises
+        :class:`MissingKeyError` when the object does not exist.
         """
         nat = self._native()
         if nat is not None and n > 0:
-            import obstore
-
             path = self._npath(nat[1], key)
-
-            async def tail() -> tuple[bytes, int | None]:
-                got = await obstore.get_async(nat[0], path, options={"range": {"suffix": int(n)}})
-                return bytes(await got.bytes_async()), int(got.meta["size"])
-
-            return await self._aretry("get", key, tail)
+            return await self._aretry("get", key, lambda: suffix_async(nat[0], path, int(n)))
         fs = await self._afs()
         if fs is False or self.scheme not in _SUFFIX_RANGES or not hasattr(fs, "_call_s3"):
             return await self._aget(key, ("suffix", n)), None

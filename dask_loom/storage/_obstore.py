@@ -43,6 +43,7 @@ __all__ = [
     "nget_async",
     "nlist",
     "run_sync",
+    "suffix_async",
     "translate_options",
 ]
 
@@ -72,11 +73,11 @@ _RENAMES = {
            "aws_access_key_id": "aws_access_key_id", "aws_secret_access_key": "aws_secret_access_key",
            "aws_session_token": "aws_session_token", "endpoint_url": "aws_endpoint", "region_name": "aws_region",
            "region": "aws_region", "anon": "aws_skip_signature"},
-    "gcs": {"anon": "google_skip_signature", "project": None, "access": None},
+    "gcs": {"anon": "google_skip_signature", "project": None, "access": None, "endpoint_url": "google_base_url"},
     "azure": {"account_name": "azure_storage_account_name", "account_key": "azure_storage_account_key",
               "sas_token": "azure_storage_sas_key", "tenant_id": "azure_storage_tenant_id",
               "client_id": "azure_storage_client_id", "client_secret": "azure_storage_client_secret",
-              "anon": "azure_skip_signature"},
+              "anon": "azure_skip_signature", "account_url": "azure_storage_endpoint"},
     "http": {},
 }  # fmt: skip
 
@@ -142,6 +143,40 @@ def _timeout(v: Any) -> datetime.timedelta:
     return datetime.timedelta(seconds=float(v))
 
 
+# An Azure connection string's fields (adlfs' ``connection_string``) -> obstore configuration keys.
+_AZURE_CONNECTION = {"accountname": "azure_storage_account_name", "accountkey": "azure_storage_account_key",
+                     "sharedaccesssignature": "azure_storage_sas_key", "blobendpoint": "azure_storage_endpoint"}  # fmt: skip
+
+
+def _azure_connection_string(text: str) -> dict[str, Any]:
+    """obstore configuration for an Azure connection string (``AccountName=…;AccountKey=…;BlobEndpoint=…``).
+
+    ``UseDevelopmentStorage=true`` is Azurite's shorthand; fields for the
+    other services (queues, tables, files) do not concern blobs and are
+    skipped.  A malformed field is refused without echoing the string, which
+    holds the account key.
+
+    Examples
+    --------
+    >>> sorted(_azure_connection_string("AccountName=a;AccountKey=k==;BlobEndpoint=http://127.0.0.1:10000/a").items())
+    [('azure_storage_account_key', 'k=='), ('azure_storage_account_name', 'a'), ('azure_storage_endpoint', 'http://127.0.0.1:10000/a')]
+    """
+    fields: dict[str, str] = {}
+    for i, field in enumerate(f for f in str(text).split(";") if f.strip()):
+        name, sep, value = field.partition("=")
+        if not sep:
+            raise ValueError(f"storage option 'connection_string': field {i + 1} is not NAME=VALUE")
+        fields[name.strip().lower()] = value.strip()
+    config = {_AZURE_CONNECTION[k]: v for k, v in fields.items() if k in _AZURE_CONNECTION}
+    if fields.get("usedevelopmentstorage", "").lower() == "true":
+        config["azure_use_emulator"] = True
+    elif "endpointsuffix" in fields and "accountname" in fields and "blobendpoint" not in fields:
+        # A sovereign cloud (core.chinacloudapi.cn …): the blob endpoint is built from the suffix.
+        protocol = fields.get("defaultendpointsprotocol", "https")
+        config["azure_storage_endpoint"] = f"{protocol}://{fields['accountname']}.blob.{fields['endpointsuffix']}"
+    return config
+
+
 def translate_options(scheme: str, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """obstore ``(config, client_options)`` for the storage options a user passed (s3fs-style or obstore's own).
 
@@ -181,6 +216,8 @@ def translate_options(scheme: str, options: dict[str, Any]) -> tuple[dict[str, A
                 config["google_skip_signature"] = True
             elif isinstance(v, str) and os.path.exists(v):
                 config["google_service_account"] = v
+        elif k == "connection_string" and kind == "azure":
+            config.update(_azure_connection_string(v))
         elif k == "requester_pays" and kind == "s3":
             if v:
                 config["aws_request_payer"] = True
@@ -199,8 +236,8 @@ def translate_options(scheme: str, options: dict[str, Any]) -> tuple[dict[str, A
     for k in [k for k, v in config.items() if k.endswith("skip_signature")]:
         if not config[k]:
             del config[k]
-    endpoint = str(config.get("aws_endpoint") or config.get("endpoint") or "")
-    if endpoint.startswith("http://"):
+    endpoint = next((str(v) for k, v in config.items() if k.endswith(("endpoint", "base_url")) and v), "")
+    if endpoint.startswith("http://") or config.get("azure_use_emulator") or config.get("use_emulator"):
         client.setdefault("allow_http", True)
     if kind == "http" and scheme.lower() == "http":
         client.setdefault("allow_http", True)
@@ -342,7 +379,14 @@ def _nget_range(store: Any, path: str, req: Req) -> bytes:
         if not n:
             obstore.head(store, path)
             return b""
-        return bytes(obstore.get(store, path, options={"range": {"suffix": n}}).bytes())
+        try:
+            return bytes(obstore.get(store, path, options={"range": {"suffix": n}}).bytes())
+        except Exception as exc:
+            if type(exc).__name__ != "NotSupportedError":
+                raise
+        # Azure answers no suffix ranges (obstore refuses before sending): the size, then the range.
+        size = int(obstore.head(store, path)["size"])
+        return bytes(obstore.get_range(store, path, start=max(size - n, 0), end=size)) if size else b""
     start, length = int(req[0]), req[1]
     if length == 0:
         obstore.head(store, path)
@@ -369,7 +413,7 @@ async def _nget_range_async(store: Any, path: str, req: Req) -> bytes:
     if req is None:
         got = await obstore.get_async(store, path)
     elif req[0] == "suffix" and int(req[1]):
-        got = await obstore.get_async(store, path, options={"range": {"suffix": int(req[1])}})
+        return (await suffix_async(store, path, int(req[1])))[0]
     elif req[0] == "suffix" or req[1] == 0:
         await obstore.head_async(store, path)
         return b""
@@ -378,6 +422,26 @@ async def _nget_range_async(store: Any, path: str, req: Req) -> bytes:
     else:
         return bytes(await obstore.get_range_async(store, path, start=int(req[0]), length=int(req[1])))
     return bytes(await got.bytes_async())
+
+
+async def suffix_async(store: Any, path: str, n: int) -> tuple[bytes, int]:
+    """The last *n* bytes of an object (all of it when smaller) and its size: one request, two on Azure.
+
+    Azure's blob API has no suffix ranges (obstore refuses them before
+    sending anything), so there the size comes from a ``HEAD`` first.
+    """
+    import obstore
+
+    try:
+        got = await obstore.get_async(store, path, options={"range": {"suffix": n}})
+        return bytes(await got.bytes_async()), int(got.meta["size"])
+    except Exception as exc:
+        if type(exc).__name__ != "NotSupportedError":
+            raise
+    size = int((await obstore.head_async(store, path))["size"])
+    if not size:
+        return b"", 0
+    return bytes(await obstore.get_range_async(store, path, start=max(size - n, 0), end=size)), size
 
 
 def nexists(store: Any, path: str) -> bool:

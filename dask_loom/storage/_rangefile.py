@@ -146,7 +146,8 @@ class RemoteFile:
 
         Both are ranged GETs sent at once (the tail as a suffix range, whose
         answer gives the size): no HEAD request first.  Short objects come
-        back whole in either.  Through fsspec: the size, then both ranges.
+        back whole in either.  On Azure (no suffix ranges) and through
+        fsspec: the size first, then the tail.
         """
         client, path = self._client()
         if not self.native:
@@ -160,7 +161,16 @@ class RemoteFile:
             return int(got.meta["size"]), await got.bytes_async()
 
         async def both() -> tuple[Any, tuple[int, Any]]:
-            return await asyncio.gather(obstore.get_range_async(client, path, start=0, end=head), suffix())
+            try:
+                return await asyncio.gather(obstore.get_range_async(client, path, start=0, end=head), suffix())
+            except Exception as exc:
+                if type(exc).__name__ != "NotSupportedError":
+                    raise
+            # Azure has no suffix ranges: the head's answer tells the size, then the tail (two round trips).
+            got = await obstore.get_async(client, path, options={"range": (0, head)})
+            first, size = await got.bytes_async(), int(got.meta["size"])
+            start = max(size - tail, 0)
+            return first, (size, await obstore.get_range_async(client, path, start=start, end=size) if size else b"")
 
         first, (size, last) = run_sync(both)
         self._size = size
