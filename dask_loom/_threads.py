@@ -10,15 +10,16 @@
   OME unit reads), on threads of its own.
 * :func:`scratch` -- a per-thread buffer that decoded chunks are staged in
   (HDF5 and Zarr blocks), reused by every read of the thread.
-
-The scheduler's own pool (the threaded scheduler behind ``compute``) is
-:func:`dask_loom.cluster.thread_pool`; it runs tasks, these run I/O.
+* :class:`SchedulerThreads` -- the threads of the threaded scheduler behind
+  ``compute`` (:func:`dask_loom.cluster.thread_pool` hands out its pools); they
+  run tasks, the others run I/O.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,7 +28,7 @@ from typing import Any, TypeVar
 from dask_loom._allocator import tune_allocator_once
 from dask_loom._config import get_config
 
-__all__ = ["io_pool", "map_threads", "read_ahead", "scratch"]
+__all__ = ["SchedulerThreads", "io_pool", "map_threads", "read_ahead", "scratch"]
 
 T = TypeVar("T")
 
@@ -135,3 +136,93 @@ def scratch(n: int, dtype: Any) -> Any:
         buf = np.empty(max(nbytes, 1), dtype=np.uint8)
         _local.scratch = buf
     return buf[:nbytes].view(dt)
+
+
+class SchedulerThreads:
+    """One set of task threads behind every pool size the threaded scheduler is given.
+
+    A graph that computes on the cores runs *cores* tasks at once, one whose
+    reads wait on an object store twice as many (``dask_loom.remote-threads``).
+    Two thread pools would each keep their threads' block buffers
+    (:func:`scratch`, a block of 64 MiB each): a process that ran both kinds
+    held six buffers on two cores, and the first graph on the larger pool
+    paid for four fresh ones, whose first touch costs 2.4 ms per MiB on a
+    virtual machine whose memory the host hands out on demand (0.15 s for
+    one 64 MiB buffer here, 7 ms once the memory was used before).  Here the
+    pools are views of one set of threads, started only when a task finds
+    none free, so the larger pool adds only the threads it lacks.
+
+    Examples
+    --------
+    >>> threads = SchedulerThreads()
+    >>> pool = threads.pool(2)
+    >>> pool._max_workers, pool.submit(sum, [1, 2]).result()
+    (2, 3)
+    """
+
+    def __init__(self, *, name: str = "dask-loom") -> None:
+        self._name = name
+        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._started = 0
+        self._unfinished = 0  # tasks submitted and not yet run to their end
+        self._pools: dict[int, _Pool] = {}
+
+    def pool(self, n: int) -> _Pool:
+        """A pool of at most *n* threads (the same object for the same *n*)."""
+        n = max(1, int(n))
+        with self._lock:
+            return self._pools.setdefault(n, _Pool(self, n))
+
+    @property
+    def started(self) -> int:
+        """Threads started so far."""
+        return self._started
+
+    def _submit(self, limit: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> Future[Any]:
+        fut: Future[Any] = Future()
+        with self._lock:
+            self._unfinished += 1
+            # A task whose end is still being counted can look busy for a moment, so a pool
+            # may start one thread more than it keeps busy, never more than its own size.
+            start = self._unfinished > self._started and self._started < limit
+            if start:
+                self._started += 1
+                index = self._started - 1
+        self._work.put((fut, fn, args))
+        if start:
+            threading.Thread(target=self._serve, name=f"{self._name}_{index}", daemon=True).start()
+        return fut
+
+    def _serve(self) -> None:
+        while True:
+            fut, fn, args = self._work.get()
+            result: Any = None
+            error: BaseException | None = None
+            running = fut.set_running_or_notify_cancel()
+            if running:
+                try:
+                    result = fn(*args)
+                except BaseException as exc:  # handed to the caller, as an executor does
+                    error = exc
+            with self._lock:
+                self._unfinished -= 1
+            if error is not None:
+                fut.set_exception(error)
+            elif running:
+                fut.set_result(result)
+            del fut, fn, args, result, error  # nothing of a finished task stays alive while waiting
+
+
+class _Pool:
+    """What dask's threaded scheduler needs of an executor: ``submit`` and ``_max_workers``."""
+
+    def __init__(self, threads: SchedulerThreads, n: int) -> None:
+        self._threads = threads
+        self._max_workers = n
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        return self._threads._submit(self._max_workers, fn, args)
+
+    def shutdown(self, wait: bool = True, **_: Any) -> None:
+        """Nothing to stop: the threads are the process's, shared by every pool."""

@@ -28,7 +28,6 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask
@@ -225,32 +224,33 @@ def _in_worker() -> bool:
     return True
 
 
-_pools: dict[int, ThreadPoolExecutor] = {}
+_threads: Any = None  # this process's SchedulerThreads
 _pool_pid: int | None = None
 
 
-def thread_pool(*, waits: bool = False) -> ThreadPoolExecutor:
+def thread_pool(*, waits: bool = False) -> Any:
     """This process's pool for the threaded scheduler (one thread per core).
 
     With *waits* (a graph whose reads wait on an object store), the pool of
     ``dask_loom.remote-threads`` threads (default two per core), so a core
-    decodes while another task's request is in flight.
+    decodes while another task's request is in flight.  Both are views of
+    one set of threads (:class:`~dask_loom._threads.SchedulerThreads`), so
+    their block buffers are not held twice.
 
     dask's own default pool survives a ``fork`` as an object whose threads
     are gone, so a forked child (a torch DataLoader worker) that computes
-    would wait forever; these pools are remade in each process.
+    would wait forever; these threads are remade in each process.
     """
-    global _pool_pid
+    global _pool_pid, _threads
+    from dask_loom._threads import SchedulerThreads
+
     cores = os.cpu_count() or 1
     n = int((get_config("remote-threads") or 2 * cores) if waits else (get_config("threads") or cores))
     with _lock:
-        if _pool_pid != os.getpid():
-            _pools.clear()  # a forked child's copies have no threads
+        if _pool_pid != os.getpid() or _threads is None:
+            _threads = SchedulerThreads()  # a forked child's copy has no threads
             _pool_pid = os.getpid()
-        pool = _pools.get(n)
-        if pool is None:
-            pool = _pools[n] = ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="dask-loom")
-        return pool
+        return _threads.pool(n)
 
 
 def _in_pool() -> bool:

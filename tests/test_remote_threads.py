@@ -135,3 +135,31 @@ def test_map_on_s3_keeps_requests_in_flight_past_the_cores(
         assert most[0] <= 2, most
     else:
         assert most[0] >= 3, most
+
+
+def test_pools_of_both_sizes_share_one_set_of_threads():
+    import threading
+
+    from dask_loom._threads import SchedulerThreads
+
+    threads = SchedulerThreads(name="test-lanes")
+    small, big = threads.pool(2), threads.pool(4)
+    assert small is threads.pool(2) and (small._max_workers, big._max_workers) == (2, 4)
+
+    def together(pool, n):
+        # n tasks that can only finish when all n run at once
+        barrier = threading.Barrier(n, timeout=10)
+        names = [pool.submit(lambda: (barrier.wait(), threading.current_thread().name)[1]) for _ in range(n)]
+        return {f.result(timeout=20) for f in names}
+
+    assert len(together(small, 2)) == 2 and threads.started == 2
+    # The larger pool starts only the two threads it lacks (two pools held six before).
+    assert len(together(big, 4)) == 4 and threads.started == 4
+    assert together(small, 2) <= {f"test-lanes_{i}" for i in range(4)} and threads.started == 4
+    # A pool never starts more threads than its size, however many tasks wait.
+    fresh = SchedulerThreads(name="test-lanes-fresh")
+    assert sum(f.result(timeout=20) for f in [fresh.pool(2).submit(abs, -i) for i in range(200)]) == sum(range(200))
+    assert fresh.started <= 2
+    with pytest.raises(ZeroDivisionError):
+        fresh.pool(2).submit(lambda: 1 / 0).result(timeout=20)
+    assert fresh.pool(2).submit(abs, -3).result(timeout=20) == 3  # the thread survived the error
