@@ -5,9 +5,13 @@ target block size), reduces its columns group by group (ops._kernels), and
 returns ``(rows, n_groups)`` float64; nothing but the result is ever held
 whole.  Where a band one stored unit tall is wider than four blocks (an
 atlas of millions of cells: a row of 7,424 x 4,096 shards across 3.3 M
-cells is 49 GB), sums, means, variances and extremes are taken over
-blocks of about the block size instead and combined a row band at a time,
-in a tree; other functions keep full-width bands.
+cells is 49 GB), no task reads a full-width band: the functions whose
+partials combine exactly (sums, means, variances, extremes, products,
+argmax/argmin, first/last and their nan-aware forms; ops._aggregate_tiles)
+are taken over blocks of about the block size and combined a row band at a
+time, in a tree; the others (median, nunique, quantiles, skew, kurtosis,
+trapezoid) shuffle each band's values by group into gathers of about the
+block size (ops._aggregate_shuffle).
 """
 
 from __future__ import annotations
@@ -117,17 +121,14 @@ def _tile(
     return tile_partials(block, plan, func, positions)
 
 
-def _tiled_finish(counts: np.ndarray, func: str, *partials: dict[str, np.ndarray]) -> np.ndarray:
-    return tiled_finish(counts, func, *partials)
-
-
 def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: str, cname: str, func: str, split_every: int = 8) -> list[Any]:
     """*func* by group of each row band from blocks of about the block size: one ``Delayed`` per row band.
 
-    Each block reduces its own columns (sums on its staged chunks where it
-    can) with the groups of those columns alone, so no task holds more than
-    a block and a few ``(rows, n_groups)`` partials; a band's partials are
-    combined in a tree of *split_every*
+    For the functions of :data:`~dask_loom.ops._aggregate_tiles.TILED`.
+    Each block reduces its own selected columns (sums on its staged chunks
+    where it can) with the groups of those columns alone, so no task holds
+    more than a block and a few ``(rows, n_groups)`` partials; a band's
+    partials are combined in a tree of *split_every*
     (:func:`~dask_loom.ops._map.combine_tree`), then finished.
     """
     from dask.delayed import Delayed
@@ -149,7 +150,7 @@ def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: s
     outs = []
     for ri in sorted(finals):
         key = (f"{cname}-result", ri)
-        dsk[key] = (_tiled_finish, plan.counts, func, *finals[ri])
+        dsk[key] = (tiled_finish, plan.counts, func, *finals[ri])
         outs.append(key)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
     return [Delayed(key, graph, layer=name) for key in outs]

@@ -102,7 +102,7 @@ class ColumnMap:
 
 def positions_of(positions: np.ndarray | int, k: int) -> np.ndarray:
     """The *k* positions :meth:`ColumnMap.block` described."""
-    return np.arange(positions, positions + k) if isinstance(positions, int) else positions
+    return np.arange(positions, positions + k) if np.ndim(positions) == 0 else np.asarray(positions)
 
 
 def _valid_counts(block: np.ndarray, plan: GroupPlan) -> np.ndarray:
@@ -117,20 +117,26 @@ def _moments(block: np.ndarray, plan: GroupPlan) -> dict[str, np.ndarray]:
     """Counts, means and sums of squared deviations from the mean of the non-NaN values, per ``(row, group)``.
 
     Two passes over float64 tiles of :data:`TILE_BYTES` (never a float64 copy
-    of the block): the sums, then the squared deviations from each cell's mean.
+    of the block): the sums, then the squared deviations from each cell's
+    mean.  Infinite values are kept out of the products (times the one-hot
+    matrix's zeros they would make every group NaN); their cells' variance is
+    NaN, as numpy-groupies gives.
     """
     rows, k = block.shape
     oh = plan.onehot(np.float64)
     nn = np.zeros((rows, plan.n_groups))
     s1 = np.zeros((rows, plan.n_groups))
+    inf = np.zeros((rows, plan.n_groups))
     step = max(1, TILE_BYTES // (8 * max(rows, 1)))
     isfloat = block.dtype.kind == "f"
     for j in range(0, k, step):
         f = block[:, j : j + step].astype(np.float64)
         if isfloat:
             nan = np.isnan(f)
-            f[nan] = 0
+            bad = ~np.isfinite(f)
+            f[bad] = 0
             nn += (~nan).astype(np.float64) @ oh[j : j + step]
+            inf += (bad & ~nan).astype(np.float64) @ oh[j : j + step]
         s1 += f @ oh[j : j + step]
     if not isfloat:
         nn[:] = plan.counts
@@ -139,12 +145,13 @@ def _moments(block: np.ndarray, plan: GroupPlan) -> dict[str, np.ndarray]:
     m2 = np.zeros((rows, plan.n_groups))
     for j in range(0, k, step):
         f = block[:, j : j + step].astype(np.float64)
-        f -= mean[:, plan.idx[j : j + step]]
+        with np.errstate(invalid="ignore"):
+            f -= mean[:, plan.idx[j : j + step]]
         if isfloat:
-            f[np.isnan(f)] = 0  # NaN values take no part
+            f[~np.isfinite(f)] = 0  # NaN values take no part; infinite ones are marked below
         f *= f
         m2 += f @ oh[j : j + step]
-    m2[~np.isfinite(mean)] = np.nan  # an infinite value: no variance (numpy-groupies gives NaN)
+    m2[inf > 0] = np.nan
     return {"wn": nn, "wmean": mean, "m2": m2}
 
 

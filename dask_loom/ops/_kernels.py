@@ -398,7 +398,8 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
         s1, s2 = _onehot_sums(x, oh, squares=base in ("sumofsquares", "var", "std"))
         if not np.isfinite(s1).all():
             # NaN or inf times the 0s of the other groups spread to every group: numpy-groupies adds group by group
-            return _npg_reduce(band, plan, func)
+            # (a cell without values stays 0/0, NaN, for the means and variances, as below)
+            return _npg_reduce(band, plan, func, fill_value=np.nan if base in ("mean", "var", "std") else 0)
         if base == "sum":
             return s1
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -446,14 +447,14 @@ def _onehot_sums(x: np.ndarray, oh: np.ndarray, *, squares: bool) -> tuple[np.nd
     return s1, s2
 
 
-def _npg_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
+def _npg_reduce(band: np.ndarray, plan: GroupPlan, func: str, *, fill_value: float = 0) -> np.ndarray:
     # numpy-groupies' numpy implementation: its numba one compiles each function on
     # first use in every worker process (seconds).  Imported here, when needed: the
     # package imports numba where it is installed (0.4-0.9 s).
     from numpy_groupies import aggregate_np
 
     return np.asarray(
-        aggregate_np(plan.idx, band, func=func, axis=1, size=plan.n_groups, fill_value=0), dtype=np.float64
+        aggregate_np(plan.idx, band, func=func, axis=1, size=plan.n_groups, fill_value=fill_value), dtype=np.float64
     )
 
 
