@@ -113,6 +113,9 @@ def _tile(
     """Partials of *func* over one block (*select*: its block-local selected columns, in position order)."""
     if func in ("sum", "mean"):
         return {"s1": _band(source, region, plan, "sum", select)}
+    if func == "nanmean" and np.dtype(source.dtype).kind != "f":  # no NaN: the mean's sums, from the decoded chunks
+        s1 = _band(source, region, plan, "sum", select)
+        return {"nn": np.repeat(plan.counts[None, :].astype(np.float64), len(s1), axis=0), "ns1": s1}
     block = read_into_buffer(source, region)
     if select is not None:
         block = block[:, select]
