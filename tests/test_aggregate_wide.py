@@ -2,10 +2,12 @@
 
 A full-width row band one stored unit tall of an atlas (7,424 x 4,096 shards
 across 3.3 M cells) is 49 GB; such layers are grouped over 2-D blocks whose
-partials (sums, sums of squares, extremes, products, first and last values) are combined a
-row band at a time.  Every value is checked against
-numpy on the same data (and loompy's aggregate for a ``.loom``); the blocks the
-tasks read against the block size.
+partials (sums, moments, extremes, products, picks by position) are combined a
+row band at a time, or, for the functions needing a group's values together
+(median, nunique ...), shuffled by group into gathers of about the block size.
+Every value is checked against numpy or numpy-groupies on the same data (and
+the band path); the blocks the tasks read and the values they reduce against
+the block size.
 """
 
 from __future__ import annotations
