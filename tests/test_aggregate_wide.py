@@ -448,3 +448,24 @@ def test_wide_path_property_equals_numpy_groupies(case):
     assert seen + staged and all(r[1].stop - r[1].start < cols for r in seen + staged)
     want = _expect(m[:, use], labels[use], n_groups, func)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True, err_msg=func)
+
+
+def test_atlas_band_shuffle_graph_has_block_sized_gathers():
+    """One 7,424-row band of the full atlas (3,300,000 cells, 50 groups) for median: the graph, built without reading."""
+    from dask_loom.ops._aggregate_shuffle import _cut, _gather, shuffle_graph
+
+    class AtlasBand:
+        shape = (7_424, 3_300_000)
+        chunk_shape = (7_424, 4_096)
+        dtype = np.dtype("u2")
+
+    plan = _aggregate.GroupPlan(np.arange(AtlasBand.shape[1]) % 50, 50)
+    (final,) = shuffle_graph(AtlasBand(), plan, None, "atlas-median-x", "median", target_bytes=64 << 20)
+    graph = dict(final.dask)
+    cuts = [v for v in graph.values() if v[0] is _cut]
+    assert len(cuts) == 806 and max(math.prod(s.stop - s.start for s in v[2]) for v in cuts) * 2 <= 64 << 20
+    gathers = [v for v in graph.values() if v[0] is _gather]
+    # Each group is 66,000 cells: 980 MB of the band, gathered in 15 row ranges of about 64 MiB.
+    assert len(gathers) == 50 * 15
+    spans = [(r1 - r0) * len(g) for (g, r0, r1) in graph[final.key][3]]
+    assert max(spans) * 66_000 * 2 <= 64 << 20
