@@ -5,9 +5,13 @@ target block size), reduces its columns group by group (ops._kernels), and
 returns ``(rows, n_groups)`` float64; nothing but the result is ever held
 whole.  Where a band one stored unit tall is wider than four blocks (an
 atlas of millions of cells: a row of 7,424 x 4,096 shards across 3.3 M
-cells is 49 GB), sums, means, variances and extremes are taken over
-blocks of about the block size instead and combined a row band at a time,
-in a tree; other functions keep full-width bands.
+cells is 49 GB), no task reads a full-width band: the functions whose
+partials combine exactly (sums, means, variances, extremes, products,
+argmax/argmin, first/last and their nan-aware forms; ops._aggregate_tiles)
+are taken over blocks of about the block size and combined a row band at a
+time, in a tree; the others (median, nunique, quantiles, skew, kurtosis,
+trapezoid) shuffle each band's values by group into gathers of about the
+block size (ops._aggregate_shuffle).
 """
 
 from __future__ import annotations
@@ -20,16 +24,10 @@ from dask_loom._config import block_size_bytes
 from dask_loom.blocks import block_regions, plan_blocks
 from dask_loom.blocks._readahead import reads_wait
 from dask_loom.cluster import compute
+from dask_loom.ops._aggregate_shuffle import shuffle_graph
+from dask_loom.ops._aggregate_tiles import PICKS, TILED, ColumnMap, tile_partials, tiled_finish
 from dask_loom.ops._graph import task_name, tasks
-from dask_loom.ops._kernels import (
-    GROUP_FUNCS,
-    GroupPlan,
-    check_group_func,
-    combine_partials,
-    group_finish,
-    group_partials,
-    group_reduce,
-)
+from dask_loom.ops._kernels import GROUP_FUNCS, GroupPlan, check_group_func, group_partials, group_reduce
 from dask_loom.ops._map import combine_tree, nbytes_of, read_into_buffer, staged_unit
 
 __all__ = ["aggregate_columns"]
@@ -109,90 +107,53 @@ def _band(source: Any, region: tuple[slice, ...], plan: GroupPlan, func: str, se
     return group_reduce(band, plan, func)
 
 
-#: Functions whose value of a block's columns combines with the others' one element at a time:
-#: the partial it is kept under (``combine_partials`` adds ``s1``, multiplies ``prod``, takes the
-#: extreme of ``max``/``min`` and the earliest or latest present ``first``/``last``) and the value
-#: a group absent from the block holds.  ``any``/``all`` of 0/1 values are their max/min.
-_ELEMENTWISE: dict[str, tuple[str, float]] = {
-    "nansum": ("s1", 0.0),
-    "sumofsquares": ("s1", 0.0),
-    "nansumofsquares": ("s1", 0.0),
-    "len": ("s1", 0.0),
-    "nanlen": ("s1", 0.0),
-    "prod": ("prod", 1.0),
-    "nanprod": ("prod", 1.0),
-    "any": ("max", -np.inf),
-    "all": ("min", np.inf),
-    "first": ("first", np.nan),
-    "last": ("last", np.nan),
-}
-
-#: Functions a wide layer is grouped by over blocks: their partials combine (sums add, extremes
-#: take the extreme, with groups absent from a block at the neutral value).  Others (median,
-#: nunique, argmax, the nan-aware means and extremes) need a group's values together: full-width
-#: row bands.
-_TILED = ("sum", "mean", "var", "std", "min", "max", *_ELEMENTWISE)
-
-
-def _tile(source: Any, region: tuple[slice, ...], plan: GroupPlan, select: np.ndarray | None, func: str) -> dict[str, np.ndarray]:
+def _tile(
+    source: Any, region: tuple[slice, ...], plan: GroupPlan, select: np.ndarray | None, func: str, positions: np.ndarray | int = 0
+) -> dict[str, np.ndarray]:
+    """Partials of *func* over one block (*select*: its block-local selected columns, in position order)."""
     if func in ("sum", "mean"):
         return {"s1": _band(source, region, plan, "sum", select)}
+    if func == "nanmean" and np.dtype(source.dtype).kind != "f":  # no NaN: the mean's sums, from the decoded chunks
+        s1 = _band(source, region, plan, "sum", select)
+        return {"nn": np.repeat(plan.counts[None, :].astype(np.float64), len(s1), axis=0), "ns1": s1}
     block = read_into_buffer(source, region)
     if select is not None:
         block = block[:, select]
-    if func not in _ELEMENTWISE:
+    if func in GROUP_FUNCS:
         return group_partials(block, 1, plan.idx, plan.n_groups, GROUP_FUNCS[func])
-    key, neutral = _ELEMENTWISE[func]
-    value = group_reduce(block, plan, func)
-    present = plan.counts > 0
-    value[:, ~present] = neutral
-    out = {key: value}
-    if key in ("first", "last"):
-        out[f"{key}_p"] = present  # which groups this block holds: only they may give the value
-    return out
-
-
-def _tiled_finish(counts: np.ndarray, func: str, *partials: dict[str, np.ndarray]) -> np.ndarray:
-    parts = combine_partials(list(partials))
-    if func == "sum":
-        return parts["s1"]
-    if func == "mean":
-        with np.errstate(invalid="ignore", divide="ignore"):  # an empty group's mean is NaN, as in the band path
-            return parts["s1"] / counts
-    if func in _ELEMENTWISE:
-        return parts[_ELEMENTWISE[func][0]]
-    return group_finish(parts, [func])[0]
+    return tile_partials(block, plan, func, positions)
 
 
 def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: str, cname: str, func: str, split_every: int = 8) -> list[Any]:
     """*func* by group of each row band from blocks of about the block size: one ``Delayed`` per row band.
 
-    Each block reduces its own columns (sums on its staged chunks where it
-    can) with the groups of those columns alone, so no task holds more than
-    a block and a few ``(rows, n_groups)`` partials; a band's partials are
-    combined in a tree of *split_every*
+    For the functions of :data:`~dask_loom.ops._aggregate_tiles.TILED`.
+    Each block reduces its own selected columns (sums on its staged chunks
+    where it can) with the groups of those columns alone, so no task holds
+    more than a block and a few ``(rows, n_groups)`` partials; a band's
+    partials are combined in a tree of *split_every*
     (:func:`~dask_loom.ops._map.combine_tree`), then finished.
     """
     from dask.delayed import Delayed
     from dask.highlevelgraph import HighLevelGraph
 
     shape = tuple(source.shape)
-    group = np.full(shape[1], -1, dtype=np.int64)  # -1: a column not taking part
-    group[np.arange(shape[1]) if select is None else select] = plan.idx
+    cmap = ColumnMap(select, plan.idx)
     dsk: dict[Any, Any] = {}
     bands: dict[int, list[Any]] = {}  # every band has blocks: some column takes part (the caller checks)
     for i, ((ri, _), (rows, cols)) in enumerate(block_regions(plan_blocks(shape, source.chunk_shape, np.dtype(source.dtype).itemsize))):
-        local = group[cols]
-        keep = local >= 0
-        if keep.any():
-            dsk[(name, i)] = (_tile, source, (rows, cols), GroupPlan(local[keep], plan.n_groups), None if keep.all() else np.flatnonzero(keep), func)
+        local, gids, positions = cmap.block(cols)
+        if len(gids):
+            task = (_tile, source, (rows, cols), GroupPlan(gids, plan.n_groups), local, func)
+            # Positions only where a pick (argmax, first ...) needs them, and then an int where they run on.
+            dsk[(name, i)] = (*task, positions) if func in PICKS else task
             bands.setdefault(ri, []).append((name, i))
     # A band's last at most split_every partials are combined by its result task.
     finals = combine_tree(dsk, bands, cname, split_every, until=split_every)
     outs = []
     for ri in sorted(finals):
         key = (f"{cname}-result", ri)
-        dsk[key] = (_tiled_finish, plan.counts, func, *finals[ri])
+        dsk[key] = (tiled_finish, plan.counts, func, *finals[ri])
         outs.append(key)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
     return [Delayed(key, graph, layer=name) for key in outs]
@@ -229,8 +190,11 @@ def aggregate_columns(
     itemsize = np.dtype(source.dtype).itemsize
     bands = plan_blocks(shape, source.chunk_shape, itemsize, band_axis=0)
     name = task_name(prefix, source, func, plan, None if select is None else select.tobytes())
-    if func in _TILED and len(plan.idx) and max(bands[0]) * shape[1] * itemsize > 4 * block_size_bytes():
+    wide = len(plan.idx) and max(bands[0]) * shape[1] * itemsize > 4 * block_size_bytes()
+    if wide and func in TILED:
         delayed = _tiled_sums(source, plan, select, name, f"{prefix}-combine-{name.rpartition('-')[2]}", func)
+    elif wide:
+        delayed = shuffle_graph(source, plan, select, name, func, target_bytes=block_size_bytes())
     else:
         regions = [r for _, r in block_regions(bands)]
         delayed = tasks(name, _band, [(source, r, plan, func, select) for r in regions])

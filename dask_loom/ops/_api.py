@@ -270,7 +270,7 @@ def aggregate(
     if n_groups == 0 or not math.prod(shape):
         results = [np.zeros(tuple(n_groups if d == sa else s for d, s in enumerate(shape))) for _ in funcs]
     elif info.array is None and len(info.parts) == 1 and len(shape) == 2 and sa == 1 and not info.sparse and len(funcs) == 1 and funcs[0] in _FAST_GROUP:
-        # One 2-D source grouped by column: full-width row bands, group sums from the decoded chunks (Loom's aggregate).
+        # One 2-D source grouped by column: full-width row bands (blocks where too wide), group sums from the decoded chunks (Loom's aggregate).
         keep = np.flatnonzero(codes >= 0) if drop else None
         m = aggregate_columns(
             info.parts[0], codes if keep is None else codes[keep], n_groups, funcs[0], select=keep, prefix=prefix, progress=progress, **kw

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from dask_loom.ops._combine import combine_partials
+
 __all__ = ["REDUCTIONS", "Reduction", "block_partials", "combine_partials", "recognise"]
 
 
@@ -219,32 +221,6 @@ def _reduce_axis(key: str, v: np.ndarray, axis: int) -> np.ndarray:
     return v.sum(axis=axis)
 
 
-def combine_partials(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Combine partials of blocks that cover the same rows (columns)."""
-    parts = [p for p in parts if p]
-    if not parts:
-        return {}
-    out = dict(parts[0])
-    for p in parts[1:]:
-        for k, v in p.items():
-            if k in ("min", "nmin"):
-                out[k] = np.minimum(out[k], v)
-            elif k in ("max", "nmax"):
-                out[k] = np.maximum(out[k], v)
-            elif k == "prod":
-                out[k] = out[k] * v
-            elif k == "first":  # parts come in column order: the earliest holding the group gives it
-                out[k] = np.where(out["first_p"], out[k], v)
-            elif k == "last":
-                out[k] = np.where(p["last_p"], v, out[k])
-            elif k not in ("first_p", "last_p"):  # those after their values, below
-                out[k] = out[k] + v
-        for k in ("first_p", "last_p"):
-            if k in p:
-                out[k] = out[k] | p[k]
-    return out
-
-
 def finish(parts: dict[str, np.ndarray], reductions: list[Reduction]) -> list[np.ndarray]:
     """Final values of every reduction from combined partials."""
     res = []
@@ -309,6 +285,13 @@ _NPG_ALIASES = {
     "amin": "min",
     "minimum": "min",
     "average": "mean",
+    # numpy-groupies' other spellings: one name each, so the wide path knows them
+    "and": "all",
+    "or": "any",
+    "multiply": "prod",
+    "product": "prod",
+    "times": "prod",
+    "kurtosis": "kurt",
 }
 #: Functions whose result is not one number per group (not valid for ``aggregate``).
 NOT_REDUCING = {
@@ -415,7 +398,8 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
         s1, s2 = _onehot_sums(x, oh, squares=base in ("sumofsquares", "var", "std"))
         if not np.isfinite(s1).all():
             # NaN or inf times the 0s of the other groups spread to every group: numpy-groupies adds group by group
-            return _npg_reduce(band, plan, func)
+            # (a cell without values stays 0/0, NaN, for the means and variances, as below)
+            return _npg_reduce(band, plan, func, fill_value=np.nan if base in ("mean", "var", "std") else 0)
         if base == "sum":
             return s1
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -425,14 +409,15 @@ def group_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
                 return s2
             var = np.maximum(s2 / n - (s1 / n) ** 2, 0.0)
             return var if base == "var" else np.sqrt(var)
-    if func in _REDUCEAT:
-        sorted_cols = band[:, plan.order]
-        out = _REDUCEAT[func].reduceat(sorted_cols, plan.starts, axis=1)
-        return out.astype(np.float64)
-    if func == "first":
-        return band[:, plan.first].astype(np.float64)
-    if func == "last":
-        return band[:, plan.last].astype(np.float64)
+    if func in _REDUCEAT or func in ("first", "last"):
+        # A group without columns has no segment (reduceat would give, or overrun to, a neighbour's): 0, numpy-groupies' fill.
+        present = np.flatnonzero(plan.counts)
+        out = np.zeros((band.shape[0], plan.n_groups))
+        if func in _REDUCEAT:
+            out[:, present] = _REDUCEAT[func].reduceat(band[:, plan.order], plan.starts[present], axis=1)
+        else:
+            out[:, present] = band[:, (plan.first if func == "first" else plan.last)[present]]
+        return out
     return _npg_reduce(band, plan, func)
 
 
@@ -462,14 +447,14 @@ def _onehot_sums(x: np.ndarray, oh: np.ndarray, *, squares: bool) -> tuple[np.nd
     return s1, s2
 
 
-def _npg_reduce(band: np.ndarray, plan: GroupPlan, func: str) -> np.ndarray:
+def _npg_reduce(band: np.ndarray, plan: GroupPlan, func: str, *, fill_value: float = 0) -> np.ndarray:
     # numpy-groupies' numpy implementation: its numba one compiles each function on
     # first use in every worker process (seconds).  Imported here, when needed: the
     # package imports numba where it is installed (0.4-0.9 s).
     from numpy_groupies import aggregate_np
 
     return np.asarray(
-        aggregate_np(plan.idx, band, func=func, axis=1, size=plan.n_groups, fill_value=0), dtype=np.float64
+        aggregate_np(plan.idx, band, func=func, axis=1, size=plan.n_groups, fill_value=fill_value), dtype=np.float64
     )
 
 
