@@ -141,10 +141,15 @@ def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: s
     cmap = ColumnMap(select, plan.idx)
     dsk: dict[Any, Any] = {}
     bands: dict[int, list[Any]] = {}  # every band has blocks: some column takes part (the caller checks)
+    # One plan per column block, shared by its row bands: a graph is pickled whole, so it travels once.
+    per_cols: dict[tuple[int, int], tuple[Any, GroupPlan, Any]] = {}
     for i, ((ri, _), (rows, cols)) in enumerate(block_regions(plan_blocks(shape, source.chunk_shape, np.dtype(source.dtype).itemsize))):
-        local, gids, positions = cmap.block(cols)
-        if len(gids):
-            task = (_tile, source, (rows, cols), GroupPlan(gids, plan.n_groups), local, func)
+        if (cols.start, cols.stop) not in per_cols:
+            local, gids, positions = cmap.block(cols)
+            per_cols[cols.start, cols.stop] = (local, GroupPlan(gids, plan.n_groups), positions)
+        local, bplan, positions = per_cols[cols.start, cols.stop]
+        if len(bplan.idx):
+            task = (_tile, source, (rows, cols), bplan, local, func)
             # Positions only where a pick (argmax, first ...) needs them, and then an int where they run on.
             dsk[(name, i)] = (*task, positions) if func in PICKS else task
             bands.setdefault(ri, []).append((name, i))

@@ -133,13 +133,16 @@ def shuffle_graph(
     for i, ((ri, _), (rows, cols)) in enumerate(block_regions(plan_blocks(shape, source.chunk_shape, itemsize))):
         bands.setdefault(ri, []).append((i, rows, cols))
     outs = []
+    per_cols: dict[tuple[int, int], Any] = {}  # one column map per column block, shared by its row bands
     for ri in sorted(bands):
         rows = bands[ri][0][1]
         n_rows = rows.stop - rows.start
         set_of_group, groups, bounds = gather_plan(plan.counts, n_rows, itemsize, target_bytes)
         inputs: dict[tuple[int, int], list[Any]] = {}
         for i, _, cols in bands[ri]:
-            local, gids, positions = cmap.block(cols)
+            if (cols.start, cols.stop) not in per_cols:
+                per_cols[cols.start, cols.stop] = cmap.block(cols)
+            local, gids, positions = per_cols[cols.start, cols.stop]
             if not len(gids):
                 continue
             here = np.unique(set_of_group[gids]).tolist()
