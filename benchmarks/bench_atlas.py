@@ -203,7 +203,9 @@ def decode_rate(
 
 
 def graph_build(meta: dict[str, Any], n_cells: int) -> dict[str, Any]:
-    """Build (never run) the graph of ``map([mean, std])`` over the full atlas shape with the stored layout."""
+    """Build (never run) the graphs of ``map([mean, std])`` and ``aggregate`` over the full atlas shape with the stored layout."""
+    import cloudpickle
+
     from dask_loom.ops._map import map_graph
     from dask_loom.stores import MemoryStore
     from dask_loom.zarr._source import ZarrSource
@@ -213,6 +215,15 @@ def graph_build(meta: dict[str, Any], n_cells: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     dsk, outs, _ = map_graph(src, [np.mean, np.std], axis=0, prefix="loom-map")
     took = time.perf_counter() - t0
+    # aggregate by 50 groups (tiled over blocks at this width): what the client sends the scheduler.
+    from dask_loom.ops._aggregate import _tiled_sums
+    from dask_loom.ops._kernels import GroupPlan
+
+    plan = GroupPlan(np.random.default_rng(0).integers(0, 50, n_cells), 50)
+    t0 = time.perf_counter()
+    agg = _tiled_sums(src, plan, None, "loom-aggregate-full", "loom-aggregate-combine-full", "mean")
+    agg_took = time.perf_counter() - t0
+    agg_graph = dict(agg[0].__dask_graph__())
     n_read = sum(
         1
         for k in dsk
@@ -226,6 +237,10 @@ def graph_build(meta: dict[str, Any], n_cells: int) -> dict[str, Any]:
         "tasks": len(dsk),
         "block_tasks": n_read,
         "outputs": len(outs),
+        "pickled_bytes": len(cloudpickle.dumps(dsk)),
+        "aggregate_build_s": agg_took,
+        "aggregate_tasks": len(agg_graph),
+        "aggregate_pickled_bytes": len(cloudpickle.dumps(agg_graph)),
     }
 
 
@@ -621,7 +636,11 @@ def main() -> None:
         print(f"decode, one core: {results['decode']['decode_bytes_per_s'] / 2**20:.0f} MiB/s", flush=True)
         results["graph_build_full"] = graph_build(meta, FULL_CELLS)
         g = results["graph_build_full"]
-        print(f"graph of map over {g['shape']}: {g['tasks']} tasks built in {g['build_s']:.3f} s", flush=True)
+        print(
+            f"graph of map over {g['shape']}: {g['tasks']} tasks built in {g['build_s']:.3f} s, {g['pickled_bytes'] / 2**20:.1f} MiB; "
+            f"aggregate: {g['aggregate_tasks']} tasks in {g['aggregate_build_s']:.3f} s, {g['aggregate_pickled_bytes'] / 2**20:.1f} MiB",
+            flush=True,
+        )
         with tempfile.TemporaryDirectory() as logs:
             for n in (int(w) for w in args.workers.split(",")):
                 r = run_cluster(n, url, via, proxy, args.groups, logs, testbed, preload=not args.no_preload)
