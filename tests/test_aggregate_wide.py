@@ -194,17 +194,23 @@ def test_wide_layer_on_a_process_cluster(wide, local_cluster):
     np.testing.assert_array_equal(got, _want(m, labels, "sum").astype(np.float64))
 
 
+class _Atlas:
+    """The full atlas's layout, metadata only (graphs are built over it, never run)."""
+
+    chunk_shape = (7_424, 4_096)
+    dtype = np.dtype("u2")
+
+    def __init__(self, rows: int = 58_000) -> None:
+        self.shape = (rows, 3_300_000)
+
+
 def test_full_atlas_graph_has_block_sized_tasks_and_shallow_trees():
     """The full 58,000 x 3,300,000 atlas in 7,424 x 4,096 shards: the graph, built without reading."""
+    import cloudpickle
 
-    class Atlas:
-        shape = (58_000, 3_300_000)
-        chunk_shape = (7_424, 4_096)
-        dtype = np.dtype("u2")
-
-    plan = _aggregate.GroupPlan(np.arange(Atlas.shape[1]) % 50, 50)
+    plan = _aggregate.GroupPlan(np.arange(3_300_000) % 50, 50)
     finals = _aggregate._tiled_sums(
-        Atlas(), plan, None, "atlas-aggregate-x", "atlas-aggregate-combine-x", "mean"
+        _Atlas(), plan, None, "atlas-aggregate-x", "atlas-aggregate-combine-x", "mean"
     )
     assert len(finals) == 8  # one result per row band of shards
     graph = dict(finals[0].dask)
@@ -216,6 +222,10 @@ def test_full_atlas_graph_has_block_sized_tasks_and_shallow_trees():
     assert max(k[1] for k in combines) + 1 == math.ceil(math.log(806, 8)) - 1
     results = [v for k, v in graph.items() if k in {f.key for f in finals}]
     assert all(len(v) == 1 + 2 + 2 for v in results)  # (finish, counts, func, *2 partials)
+    # One plan per column block, shared by the 8 row bands, travelling as uint8 labels: the graph
+    # pickles to 3.6 MiB (a plan per task with int64 labels and sort order made 414 MiB).
+    assert len({id(v[3]) for v in reads}) == 806
+    assert len(cloudpickle.dumps(graph)) < 8 << 20
 
 
 # --- every accepted function on the wide path: partials combined, or a shuffle by group ------------
@@ -454,13 +464,8 @@ def test_atlas_band_shuffle_graph_has_block_sized_gathers():
     """One 7,424-row band of the full atlas (3,300,000 cells, 50 groups) for median: the graph, built without reading."""
     from dask_loom.ops._aggregate_shuffle import _cut, _gather, shuffle_graph
 
-    class AtlasBand:
-        shape = (7_424, 3_300_000)
-        chunk_shape = (7_424, 4_096)
-        dtype = np.dtype("u2")
-
-    plan = _aggregate.GroupPlan(np.arange(AtlasBand.shape[1]) % 50, 50)
-    (final,) = shuffle_graph(AtlasBand(), plan, None, "atlas-median-x", "median", target_bytes=64 << 20)
+    plan = _aggregate.GroupPlan(np.arange(3_300_000) % 50, 50)
+    (final,) = shuffle_graph(_Atlas(rows=7_424), plan, None, "atlas-median-x", "median", target_bytes=64 << 20)
     graph = dict(final.dask)
     cuts = [v for v in graph.values() if v[0] is _cut]
     assert len(cuts) == 806 and max(math.prod(s.stop - s.start for s in v[2]) for v in cuts) * 2 <= 64 << 20
@@ -487,26 +492,3 @@ def test_group_plan_travels_as_its_labels_and_lands_whole():
     wide = _aggregate.GroupPlan(np.arange(70_000) % 70_000, 70_000)  # more groups than uint16 holds: uint32
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(wide)).idx, wide.idx)
 
-
-def test_full_atlas_aggregate_graph_is_small():
-    """The tiled aggregate's graph over the full atlas (6,448 blocks, 50 groups), built without reading.
-
-    Each block's plan travels once per column block, as uint8 labels: 3.6 MiB pickled, where a
-    plan per task with int64 labels and order made 414 MiB.
-    """
-    import cloudpickle
-
-    from dask_loom.ops._aggregate import _tile
-
-    class Atlas:
-        shape = (58_000, 3_300_000)
-        chunk_shape = (7_424, 4_096)
-        dtype = np.dtype("u2")
-
-    plan = _aggregate.GroupPlan(np.random.default_rng(4).integers(0, 50, Atlas.shape[1]), 50)
-    (first, *_rest) = _aggregate._tiled_sums(Atlas(), plan, None, "atlas-mean-x", "atlas-mean-c", "mean")
-    graph = dict(first.dask)
-    tiles = [v for v in graph.values() if isinstance(v, tuple) and v[0] is _tile]
-    assert len(tiles) == 6_448
-    assert len({id(v[3]) for v in tiles}) == 806  # one plan per column block, shared by the 8 row bands
-    assert len(cloudpickle.dumps(graph)) < 8 << 20
