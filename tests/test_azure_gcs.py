@@ -93,9 +93,13 @@ def test_loom_zarr_written_to_azure_and_read_back(tmp_path, azurite, local_clust
     from dask_loom.stores import open_store
 
     # The layer is sharded Zarr v3 on the container, readable by zarr-python through our store.
-    arr = zarr.open_array(open_store(url, **opts), path="matrix", mode="r")
+    store = open_store(url, **opts)
+    arr = zarr.open_array(store, path="matrix", mode="r")
     assert arr.shards is not None
     np.testing.assert_array_equal(arr[:], m)
+    # The synchronous path's last bytes (Azure has no suffix ranges: the size first).
+    doc = store._get("zarr.json")
+    assert store._get("zarr.json", ("suffix", 17)) == doc[-17:] and store._get("zarr.json", (5, 9)) == doc[5:14]
     with dask_loom.connect(url, "r", storage_options=opts) as ds:
         np.testing.assert_array_equal(ds[:, :], m)
         np.testing.assert_array_equal(ds[17:933:5, [3, 2047, 7]], m[17:933:5][:, [3, 2047, 7]])

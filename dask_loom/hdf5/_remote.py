@@ -235,6 +235,7 @@ def stream_plan(
             got = exc
         on_piece(j, got)
 
+    # Threads of its own, not the I/O pool: chunk reads on that pool wait for these pieces.
     pool = ThreadPoolExecutor(
         max_workers=max(1, min(STREAM_REQUESTS, len(plan))), thread_name_prefix="dask-loom-stream"
     )
