@@ -119,6 +119,11 @@ class HandleCache(Generic[V]):
         # Whoever took it out closes it, once.
         self._closing([value] if mine else [])
 
+    def keys(self) -> list[Hashable]:
+        """The keys cached now."""
+        with self._lock:
+            return list(self._data)
+
     def discard(self, key: Hashable) -> None:
         """Drop (and close) the value for *key*, if any."""
         with self._lock:

@@ -584,3 +584,29 @@ def test_short_answers_are_retried_or_refused(s3_server, s3_proxy, small_loom):
         proxy.clear()
     msg = str(info.value)
     assert url in msg and "attempts" in msg and "opening" in msg and "short answer" in msg, msg
+
+
+@pytest.mark.s3
+def test_script_that_never_closes_a_remote_loom_exits_cleanly(s3_server, small_loom):
+    """HDF5 closed files left open from its own exit handler, after Python had gone; h5py's
+    file-object driver (every remote file) then called back into Python: SIGSEGV at exit."""
+    import json
+    import subprocess
+    import sys
+
+    path, m = small_loom
+    url = _upload(s3_server, path, "never-closed.loom")
+    script = (
+        "import json, sys, numpy as np, dask_loom\n"
+        "url, opts = sys.argv[1], json.loads(sys.argv[2])\n"
+        "ds = dask_loom.connect(url, 'r', storage_options=opts, validate=False)\n"
+        "print(float(ds.map([np.sum], axis=0, scheduler='threads')[0].sum()))\n"
+    )
+    got = subprocess.run(
+        [sys.executable, "-c", script, url, json.dumps(s3_server["storage_options"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert got.returncode == 0, (got.returncode, got.stderr[-2000:])
+    assert float(got.stdout.strip()) == pytest.approx(float(m.sum(dtype=np.float64)), rel=1e-6)

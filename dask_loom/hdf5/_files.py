@@ -7,6 +7,7 @@ the file's identity (inode, size, mtime) changes, e.g. after a write.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import errno
@@ -178,6 +179,23 @@ def clear_all() -> None:
     with _kept_lock:
         _kept_indexes.clear()
     _entries.forget(lambda _url: True)
+
+
+@atexit.register
+def _close_remote_files() -> None:
+    # HDF5 closes the files still open from the C library's own exit handler, after the
+    # interpreter is gone; for a remote file h5py's file-object driver then calls back into
+    # Python and the process dies with SIGSEGV (any script that never closed a remote
+    # connection). Closed here, while Python still runs; an entry a stuck thread holds is
+    # left to HDF5 rather than let the exit hang.
+    for url in _entries.keys():
+        entry = _entries.peek(url) if "://" in str(url) else None
+        if entry is None or not entry.lock.acquire(timeout=5):
+            continue
+        try:
+            _entries.discard(url)
+        finally:
+            entry.lock.release()
 
 
 def _not_hdf5(spec: FileSpec, exc: BaseException) -> LoomFormatError:
