@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from dask_loom._allocator import tune_allocator_once
 from dask_loom._config import get_config
 
-__all__ = ["SchedulerThreads", "io_pool", "map_threads", "read_ahead", "scratch"]
+__all__ = ["PIECE_BYTES", "SchedulerThreads", "io_pool", "map_threads", "piece_spans", "read_ahead", "scratch"]
 
 T = TypeVar("T")
 
@@ -226,3 +226,28 @@ class _Pool:
 
     def shutdown(self, wait: bool = True, **_: Any) -> None:
         """Nothing to stop: the threads are the process's, shared by every pool."""
+
+
+#: Decoded bytes a staged piece holds at most (at least one row of chunks): what a reduction's
+#: per-thread buffer touches, in place of the whole block.
+PIECE_BYTES = 4 << 20
+
+
+def piece_spans(rows: int, row_bytes: int, max_bytes: int | None = None) -> list[tuple[int, int]]:
+    """Cut *rows* rows of chunks, *row_bytes* decoded bytes each, into ``[a, b)`` runs of at most *max_bytes* (:data:`PIECE_BYTES`).
+
+    A reduction decodes a block a run at a time into one small per-thread
+    buffer.  Memory this VM's guest has not used before costs 2.4 ms per MiB
+    to touch (7 ms per 64 MiB once used): a 64 MiB staging buffer per thread
+    made every thread's first block 0.2 s slower, and every thread the pool
+    added later paid it again.  A run is never less than one row of chunks.
+
+    Examples
+    --------
+    >>> piece_spans(5, 3 << 20, 8 << 20)
+    [(0, 2), (2, 4), (4, 5)]
+    >>> piece_spans(2, 64 << 20)
+    [(0, 1), (1, 2)]
+    """
+    step = max(1, (PIECE_BYTES if max_bytes is None else max_bytes) // max(1, row_bytes))
+    return [(a, min(rows, a + step)) for a in range(0, rows, step)]

@@ -14,12 +14,13 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from dask_loom._config import get_config
-from dask_loom._threads import scratch
+from dask_loom._threads import piece_spans, scratch
 from dask_loom.blocks import from_source
 from dask_loom.errors import CorruptChunkError, FileBeingWrittenError
 from dask_loom.hdf5._btree import PendingChunkIndex, chunk_btree, read_chunk_index
@@ -533,6 +534,53 @@ class HDF5Source:
             if r.start % c or r.stop % c or r.stop > n or r.stop <= r.start:
                 return None
         return self._stage(region)[0]
+
+    def staged_pieces(self, region: tuple[slice, ...]) -> Iterator[np.ndarray] | None:
+        """:meth:`read_staged` a few rows of chunks at a time: the region's bytes read at once, decoded piece by piece.
+
+        Yields ``(k, *grid[1:], *chunks)`` arrays of consecutive rows of
+        chunks, together covering the region, each a view of a per-thread
+        buffer of about :data:`~dask_loom._threads.PIECE_BYTES` valid until
+        the next piece is asked for.  The bytes are fetched (and checked to
+        come from one version of the file) before the first piece, in the
+        same requests as :meth:`read_staged`; only decoding is cut up, so a
+        reduction touches a few MiB of buffer instead of the block.  ``None``
+        where :meth:`read_staged` is.
+        """
+        lay = self.layout
+        if not (lay.fast and lay.layout == "chunked" and lay.chunks):
+            return None
+        for r, c, n in zip(region, lay.chunks, self.shape):
+            if r.start % c or r.stop % c or r.stop > n or r.stop <= r.start:
+                return None
+        chunks = lay.chunks
+        dt = np.dtype(lay.dtype)
+        grid = [(r.stop - r.start) // c for r, c in zip(region, chunks)]
+        axes = [np.arange(r.start // c, r.stop // c) for r, c in zip(region, chunks)]
+        coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(chunks))
+        n_el = math.prod(chunks)
+        per_row = math.prod(grid[1:])
+        got: dict[str, Any] = {}
+        idx = self._read_chunks(coords, lambda raws, masks, idx: got.update(raws=raws, masks=masks))
+        with _stats_lock:
+            STATS["fast_blocks"] += 1
+        return self._decode_pieces(got["raws"], got["masks"], idx, grid, per_row * n_el * dt.itemsize)
+
+    def _decode_pieces(self, raws: list[Any], masks: np.ndarray, idx: np.ndarray, grid: list[int], row_bytes: int) -> Iterator[np.ndarray]:
+        lay = self.layout
+        dt = np.dtype(lay.dtype)
+        n_el = math.prod(lay.chunks)
+        per_row = math.prod(grid[1:])
+        for a, b in piece_spans(grid[0], row_bytes):
+            lo, hi = a * per_row, b * per_row
+            i0, i1 = (int(i) for i in np.searchsorted(idx, [lo, hi]))
+            flat = scratch((hi - lo) * n_el, dt)
+            if i1 - i0 < hi - lo:  # chunks never written read as the fill value
+                missing = np.ones(hi - lo, dtype=bool)
+                missing[idx[i0:i1] - lo] = False
+                flat.reshape(hi - lo, n_el)[missing] = lay.fillvalue
+            self._decode_into(raws[i0:i1], masks[i0:i1], idx[i0:i1] - lo, flat, n_el * dt.itemsize, dt.itemsize)
+            yield flat.reshape(b - a, *grid[1:], *lay.chunks)
 
     def read_sparse(self, region: tuple[slice, ...], *, transpose: bool = False) -> Any:
         """The region (or its transpose) as ``scipy.sparse.csr_matrix``.

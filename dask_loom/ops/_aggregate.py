@@ -69,24 +69,34 @@ def _staged_sums(source: Any, region: tuple[slice, ...], plan: GroupPlan) -> np.
     inner = cols.start + (cols.stop - cols.start) // c1 * c1
     if inner == cols.start:
         return None
-    staged = read_staged((rows, slice(cols.start, inner)))
-    if staged is None:
-        return None
-    # The staged chunks may be smaller than the storage unit (a shard's inner chunks).
-    gi, gj, c0, cw = staged.shape
-    work = _sum_dtype(dt, cw)
-    if work is None:
-        return None
-    oh = plan.onehot(work)
-    # plan describes the region's columns: its rows of the one-hot matrix count from cols.start.
-    pieces = oh[: inner - cols.start].reshape(gj, cw, plan.n_groups)
-    if work == dt:
-        sums = np.matmul(staged, pieces[None]).sum(axis=1, dtype=np.float64).reshape(gi * c0, plan.n_groups)
-    else:
-        sums = np.empty((gi, c0, plan.n_groups))
-        for i in range(gi):
-            np.matmul(staged[i].astype(work), pieces).sum(axis=0, dtype=np.float64, out=sums[i])
-        sums = sums.reshape(gi * c0, plan.n_groups)
+    region = (rows, slice(cols.start, inner))
+    staged_pieces = getattr(source, "staged_pieces", None)
+    # A few rows of chunks at a time where the source can (see piece_spans), else the whole band.
+    runs = staged_pieces(region) if staged_pieces is not None else None
+    if runs is None:
+        staged = read_staged(region)
+        if staged is None:
+            return None
+        runs = iter([staged])
+    bands: list[np.ndarray] = []
+    pieces = None
+    for staged in runs:
+        # The staged chunks may be smaller than the storage unit (a shard's inner chunks).
+        gi, gj, c0, cw = staged.shape
+        if pieces is None:
+            work = _sum_dtype(dt, cw)
+            if work is None:
+                return None
+            # plan describes the region's columns: its rows of the one-hot matrix count from cols.start.
+            pieces = plan.onehot(work)[: inner - cols.start].reshape(gj, cw, plan.n_groups)
+        if work == dt:
+            bands.append(np.matmul(staged, pieces[None]).sum(axis=1, dtype=np.float64).reshape(gi * c0, plan.n_groups))
+        else:
+            sums = np.empty((gi, c0, plan.n_groups))
+            for i in range(gi):
+                np.matmul(staged[i].astype(work), pieces).sum(axis=0, dtype=np.float64, out=sums[i])
+            bands.append(sums.reshape(gi * c0, plan.n_groups))
+    sums = bands[0] if len(bands) == 1 else np.concatenate(bands)
     if inner < cols.stop:  # the staged buffer is reused by the next read: done with it above
         edge = read_into_buffer(source, (rows, slice(inner, cols.stop)))
         sums += edge.astype(np.float64) @ plan.onehot(np.float64)[inner - cols.start :]

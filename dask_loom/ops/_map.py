@@ -92,6 +92,13 @@ def interior_split(source: Any, region: tuple[slice, ...]) -> list[list[tuple[sl
 
 
 def _partials_of(source: Any, region: tuple[slice, slice], red: int, needs: tuple[str, ...], interior: bool) -> dict[str, np.ndarray]:
+    pieces = source.staged_pieces(region) if interior and hasattr(source, "staged_pieces") else None
+    if pieces is not None:
+        # Rows of chunks a few MiB at a time (see piece_spans): rows stack, columns add up.
+        parts = [staged_partials(st, red, needs) for st in pieces]
+        if red == 1:
+            return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return combine_partials(parts)
     staged = source.read_staged(region) if interior else None
     if staged is not None and staged.ndim == 4:
         return staged_partials(staged, red, needs)

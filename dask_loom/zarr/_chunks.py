@@ -34,14 +34,16 @@ returns ``None`` and the caller reads through zarr-python.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from dask_loom._config import get_config
+from dask_loom._threads import piece_spans, scratch
 from dask_loom.blocks._plan import split_by_chunk
 from dask_loom.errors import CorruptChunkError
 from dask_loom.zarr._objects import (
@@ -233,8 +235,16 @@ class ZarrChunkReader:
         straight into its slot (no decoded copy, no fresh buffer per chunk).
         The array is valid until the thread's next staged read (HDF5 or Zarr).
         """
-        from dask_loom._threads import scratch
+        runs = self.staged_pieces(region, whole=True)
+        return None if runs is None else next(runs)
 
+    def staged_pieces(self, region: tuple[slice, ...], *, whole: bool = False) -> Iterator[np.ndarray] | None:
+        """:meth:`read_staged` a few rows of chunks at a time (see :func:`~dask_loom._threads.piece_spans`; *whole*: one piece).
+
+        The region's chunks are fetched before the first piece, in the same
+        requests as :meth:`read_staged`; each piece is decoded when asked for,
+        into a per-thread buffer valid until the next.
+        """
         lay = self.layout
         cs = lay.chunks
         if len(region) != len(cs):
@@ -245,20 +255,30 @@ class ZarrChunkReader:
         axes = [np.arange(r.start // c, r.stop // c) for r, c in zip(region, cs)]
         grid = [len(a) for a in axes]
         coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(cs))
-        flat = scratch(len(coords) * int(np.prod(cs)), lay.dtype)
-        slots = flat.reshape(len(coords), -1)
         raws = self._raws(coords)
-        into = lay.disk_dtype == lay.dtype and self._is_blosc()
-        decoded = 0
-        for j, raw in enumerate(raws):
-            if raw is None:
-                slots[j] = lay.fill
-                continue
-            decoded += 1
-            self._decode_into(raw, tuple(int(c) for c in coords[j]), slots[j], direct=into)
         _count("direct_reads")
-        _count("chunks_decoded", decoded)
-        return flat.reshape(*grid, *cs)
+        per_row = math.prod(grid[1:])
+        row_bytes = per_row * math.prod(cs) * np.dtype(lay.dtype).itemsize
+        spans = [(0, grid[0])] if whole else piece_spans(grid[0], row_bytes)
+        return self._decode_pieces(raws, coords, grid, spans)
+
+    def _decode_pieces(self, raws: list[Any], coords: np.ndarray, grid: list[int], spans: list[tuple[int, int]]) -> Iterator[np.ndarray]:
+        lay = self.layout
+        per_row = math.prod(grid[1:])
+        into = lay.disk_dtype == lay.dtype and self._is_blosc()
+        for a, b in spans:
+            lo, hi = a * per_row, b * per_row
+            flat = scratch((hi - lo) * math.prod(lay.chunks), lay.dtype)
+            slots = flat.reshape(hi - lo, -1)
+            decoded = 0
+            for j in range(lo, hi):
+                if raws[j] is None:
+                    slots[j - lo] = lay.fill
+                    continue
+                decoded += 1
+                self._decode_into(raws[j], tuple(int(c) for c in coords[j]), slots[j - lo], direct=into)
+            _count("chunks_decoded", decoded)
+            yield flat.reshape(b - a, *grid[1:], *lay.chunks)
 
     @property
     def streams(self) -> bool:

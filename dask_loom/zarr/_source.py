@@ -357,6 +357,23 @@ class ZarrSource:
         region = tuple(slice(*r.indices(n)[:2]) for r, n in zip(region, self.shape))
         return self._consistent(lambda: self._staged(region))
 
+    def staged_pieces(self, region: tuple[slice, ...]) -> Iterator[np.ndarray] | None:
+        """:meth:`read_staged` a few rows of chunks at a time: fetched together, decoded piece by piece.
+
+        See :meth:`~dask_loom.zarr._chunks.ZarrChunkReader.staged_pieces`;
+        the fetch is checked against a concurrent replacement like
+        :meth:`read_staged`.  ``None`` where :meth:`read_staged` is.
+        """
+        region = tuple(slice(*r.indices(n)[:2]) for r, n in zip(region, self.shape))
+
+        def fetch() -> Iterator[np.ndarray] | None:
+            if not self._direct:
+                return None
+            reader = self.reader()
+            return reader.staged_pieces(region) if reader.layout.dtype == self.dtype else None
+
+        return self._consistent(fetch)
+
     def _staged(self, region: tuple[slice, ...]) -> np.ndarray | None:
         if not self._direct:
             return None
