@@ -51,7 +51,7 @@ from dask_loom.storage._stores import _TMP_MARK, BaseStore, LocalStore, normaliz
 from dask_loom.zarr._consolidated import canonical, load_consolidated, prior_documents, write_consolidated
 from dask_loom.zarr._nodes import NodeNotFoundError, read_node_metadata
 from dask_loom.zarr._source import ZarrSource, _numpy_dtype, build_array
-from dask_loom.zarr._target import ZarrTarget
+from dask_loom.zarr._target import ZarrTarget, shards_param
 
 __all__ = ["ZarrTree", "ZarrWriter"]
 
@@ -619,7 +619,7 @@ class ZarrWriter(_ZarrReads, TreeWriter):
             shape=shape,
             dtype=dtype,
             chunks=chunks if shape else (),
-            shards=tuple(int(c) for c in shards) if shards and shape and all(shape) else None,
+            shards=shards_param(shards) if shards and shape and all(shape) else None,
             compressors=_codecs(compression) if not strings or compression else None,
             fill_value=fillvalue if fillvalue is not None else ("" if strings else 0),
             zarr_format=3,

@@ -37,6 +37,7 @@ from dask_loom.storage._obstore import (
     nget,
     nget_async,
     nlist,
+    prefix_async,
     suffix_async,
 )
 from dask_loom.storage._stores import (
@@ -623,6 +624,20 @@ class ObjectStore(_Base3):
             return body, int(total) if total.isdigit() else None
 
         return await self._aretry("get", key, go)
+
+    async def _aget_head(self, key: str, n: int) -> tuple[bytes, int | None]:
+        """The first *n* bytes of object *key* (all of it when smaller) and the object's size, in one request.
+
+        Through obstore the size comes from the answer's ``Content-Range``, on
+        every store (a bounded range, which Azure has too); through fsspec it is
+        ``None`` (unknown).  Raises :class:`MissingKeyError` when the object
+        does not exist.
+        """
+        nat = self._native()
+        if nat is not None and n > 0:
+            path = self._npath(nat[1], key)
+            return await self._aretry("get", key, lambda: prefix_async(nat[0], path, int(n)))
+        return await self._aget(key, (0, int(n))), None
 
     async def _aset(self, key: str, data: bytes) -> None:
         nat = self._native()

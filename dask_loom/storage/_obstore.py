@@ -43,6 +43,7 @@ __all__ = [
     "nget_async",
     "nlist",
     "run_sync",
+    "prefix_async",
     "suffix_async",
     "translate_options",
 ]
@@ -415,6 +416,19 @@ async def _nget_range_async(store: Any, path: str, req: Req) -> bytes:
     else:
         return bytes(await obstore.get_range_async(store, path, start=int(req[0]), length=int(req[1])))
     return bytes(await got.bytes_async())
+
+
+async def prefix_async(store: Any, path: str, n: int) -> tuple[bytes, int]:
+    """The first *n* bytes of an object (all of it when smaller) and its size, in one request on every store.
+
+    A plain bounded range: the answer's ``Content-Range`` tells the size, and
+    a range past the end is cut to the object (no suffix range, which Azure
+    lacks, and no ``HEAD``).
+    """
+    import obstore
+
+    got = await obstore.get_async(store, path, options={"range": (0, int(n))})
+    return bytes(await got.bytes_async()), int(got.meta["size"])
 
 
 async def suffix_async(store: Any, path: str, n: int) -> tuple[bytes, int]:

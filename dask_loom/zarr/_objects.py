@@ -514,41 +514,49 @@ class _StoreObjects(_Objects):
     def _read_indexes(
         self, lay: ChunkLayout, keys: list[str]
     ) -> tuple[dict[str, Any], dict[str, tuple[int, bytes]]]:
-        """Shard indexes of *keys* (``None`` for absent shards), and the tail bytes read with them.
+        """Shard indexes of *keys* (``None`` for absent shards), and the bytes read with them.
 
-        On an object store that tells an object's size with a suffix read
-        (S3), the index of a shard whose index is at its end is read with the
-        last ``2 * coalesce-bytes`` of the shard in one request: the chunks
-        those bytes hold need no request of their own, and a shard sized by
-        what it stores (at least ``coalesce-bytes``, see
-        :func:`~dask_loom.zarr.default_shards`) usually comes whole.  The tails come back as
-        ``{key: (offset of the first byte, bytes)}``.
+        On an object store, the index is read with the ``2 * coalesce-bytes``
+        at the shard's end where it lies (in one suffix request where the store
+        has them, S3; Azure asks for the size first), or at its start (one
+        bounded range on every store: what dask_loom writes): the chunks those
+        bytes hold need no request of their own, and a shard sized by what it
+        stores (at least ``coalesce-bytes``, see
+        :func:`~dask_loom.zarr.default_shards`) usually comes whole.  The bytes
+        come back as ``{key: (offset of the first byte, bytes)}``.
         """
         from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 
         n = lay.index_nbytes
-        tails: dict[str, tuple[int, bytes]] = {}
-        if lay.index_at_end and self.remote and hasattr(self.store, "_aget_tail"):
-            got = self._get_tails(keys, max(n, 2 * self.max_bytes))
+        ends: dict[str, tuple[int, bytes]] = {}
+        if self.remote and hasattr(self.store, "_aget_tail"):
+            got = self._get_ends(keys, max(n, 2 * self.max_bytes), at_end=lay.index_at_end)
             out: dict[str, Any] = {}
             for k, res in zip(keys, got):
                 if res is None:
                     out[k] = None
                     continue
                 blob, size = res
-                out[k] = ("remote", self._index(lay, k, blob[-n:] if len(blob) >= n else blob, size))
-                if size is not None:
-                    tails[k] = (size - len(blob), blob)
-            return out, tails
+                if lay.index_at_end:
+                    out[k] = ("remote", self._index(lay, k, blob[-n:] if len(blob) >= n else blob, size))
+                    if size is not None:
+                        ends[k] = (size - len(blob), blob)
+                else:
+                    out[k] = ("remote", self._index(lay, k, blob[:n], size))
+                    ends[k] = (0, blob)
+            return out, ends
         rng = SuffixByteRequest(n) if lay.index_at_end else RangeByteRequest(0, n)
         # No expected length: a short index is a truncated shard, refused by _index.
         raws = self._get_many([(k, rng, None) for k in keys])
         return {
             k: None if raw is None else ("remote", self._index(lay, k, raw)) for k, raw in zip(keys, raws)
-        }, tails
+        }, ends
 
-    def _get_tails(self, keys: list[str], n: int) -> list[tuple[bytes, int | None] | None]:
-        """``store._aget_tail(key, n)`` for every key, concurrently (``None``: absent); short answers retried, then refused."""
+    def _get_ends(self, keys: list[str], n: int, *, at_end: bool) -> list[tuple[bytes, int | None] | None]:
+        """The last (*at_end*) or first *n* bytes of every key and its size, concurrently (``None``: absent).
+
+        Short answers are retried, then refused.
+        """
         import zarr
         from zarr.core.sync import sync
 
@@ -556,7 +564,9 @@ class _StoreObjects(_Objects):
 
         limit = int(zarr.config.get("async.concurrency") or 10)
         store = self.store
+        get = store._aget_tail if at_end else store._aget_head
         backoff = float(get_config("retry-backoff"))
+        which = f"last {n} bytes" if at_end else f"bytes 0..{n}"
 
         async def one(sem: asyncio.Semaphore, key: str) -> tuple[bytes, int | None] | None:
             got = 0
@@ -564,7 +574,7 @@ class _StoreObjects(_Objects):
                 async with sem:
                     _count("range_requests")
                     try:
-                        blob, size = await store._aget_tail(key, n)
+                        blob, size = await get(key, n)
                     except MissingKeyError:
                         return None
                 expect = n if size is None else min(n, size)
@@ -575,7 +585,7 @@ class _StoreObjects(_Objects):
                 if attempt < 2:
                     await asyncio.sleep(backoff * 2**attempt)
             raise CorruptChunkError(
-                f"{self.label}: object {key!r}, last {n} bytes: {got} bytes came back, expected {expect} (the answer was cut short)"
+                f"{self.label}: object {key!r}, {which}: {got} bytes came back, expected {expect} (the answer was cut short)"
             )
 
         async def all_() -> list[Any]:
@@ -591,16 +601,16 @@ class _StoreObjects(_Objects):
     def shard_chunks(self, lay: ChunkLayout, groups: dict[str, list[int]]) -> dict[str, list[Any]]:
         from zarr.abc.store import RangeByteRequest
 
-        tails: dict[str, tuple[int, bytes]] = {}
+        ends: dict[str, tuple[int, bytes]] = {}
         if self.cache_indexes:
             need = [k for k in groups if k not in self.indexes]
             if need:
-                parsed, tails = self._read_indexes(lay, need)
+                parsed, ends = self._read_indexes(lay, need)
                 with self.index_lock:
                     self.indexes.update(parsed)
             indexes = self.indexes
         else:
-            indexes, tails = self._read_indexes(lay, list(groups))
+            indexes, ends = self._read_indexes(lay, list(groups))
         out: dict[str, list[Any]] = {}
         reqs: list[tuple[str, Any, int | None]] = []
         where: list[tuple[str, int, int, list[Span], int]] = []  # key, run, members, pieces
@@ -610,13 +620,14 @@ class _StoreObjects(_Objects):
             if cached is None:
                 continue
             spans = _spans(cached[1], ids)
-            tail = tails.get(key)
-            if tail is not None:
-                t0, blob = tail
+            held = ends.get(key)
+            if held is not None:
+                t0, blob = held
+                t1 = t0 + len(blob)
                 mv = memoryview(blob)
                 rest = []
                 for a, b, slot in spans:
-                    if a >= t0:  # inside the bytes read with the index
+                    if t0 <= a and b <= t1:  # inside the bytes read with the index
                         out[key][slot] = mv[a - t0 : b - t0]
                     else:
                         rest.append((a, b, slot))

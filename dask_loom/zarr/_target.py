@@ -30,7 +30,7 @@ import numpy as np
 from dask_loom.blocks._target import BlockTarget
 from dask_loom.errors import MissingKeyError
 
-__all__ = ["ZarrTarget", "chunk_samples", "default_shards", "stored_ratio"]
+__all__ = ["ZarrTarget", "chunk_samples", "default_shards", "shards_param", "stored_ratio"]
 
 _DOCS = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
 
@@ -171,6 +171,28 @@ def _join(path: str, key: str) -> str:
     return f"{path}/{key}" if path else key
 
 
+def shards_param(shards: tuple[int, ...] | None) -> dict[str, Any] | None:
+    """``zarr.create_array``'s *shards* for shards dask_loom writes: each shard's index at its start.
+
+    A reader on an object store then reads the index, with the first
+    ``2 * coalesce-bytes`` of the shard, in one bounded range request on every
+    store.  At the end (zarr's default) it takes a suffix range, which Azure's
+    blob API lacks: there each shard cost a ``HEAD`` for its size first.
+    Every Zarr v3 reader reads either (the sharding codec's
+    ``index_location``).
+
+    Examples
+    --------
+    >>> shards_param((128, 64))
+    {'shape': (128, 64), 'index_location': 'start'}
+    >>> shards_param(None) is None
+    True
+    """
+    if shards is None:
+        return None
+    return {"shape": tuple(int(c) for c in shards), "index_location": "start"}
+
+
 class ZarrTarget(BlockTarget):
     """An array of a Zarr store (v2 or v3, sharded or not), written as a transaction.
 
@@ -246,7 +268,7 @@ class ZarrTarget(BlockTarget):
             shape=tuple(int(s) for s in shape),
             dtype=dtype,
             chunks=tuple(int(c) for c in chunks),
-            shards=shards,
+            shards=shards_param(shards),
             compressors=compressors,
             fill_value=fill_value,
             attributes=attributes,
