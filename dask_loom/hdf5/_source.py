@@ -527,13 +527,17 @@ class HDF5Source:
         chunks directly and skip the copy into row-major order.  The array is
         a view of a per-thread buffer, valid until the thread's next read.
         """
+        return self._stage(region)[0] if self._whole_chunks(region) else None
+
+    def _whole_chunks(self, region: tuple[slice, ...]) -> bool:
+        """Whether *region* is made of whole chunks inside the array, on the fast chunked path."""
         lay = self.layout
         if not (lay.fast and lay.layout == "chunked" and lay.chunks):
-            return None
-        for r, c, n in zip(region, lay.chunks, self.shape):
-            if r.start % c or r.stop % c or r.stop > n or r.stop <= r.start:
-                return None
-        return self._stage(region)[0]
+            return False
+        return all(
+            not (r.start % c or r.stop % c or r.stop > n or r.stop <= r.start)
+            for r, c, n in zip(region, lay.chunks, self.shape)
+        )
 
     def staged_pieces(self, region: tuple[slice, ...]) -> Iterator[np.ndarray] | None:
         """:meth:`read_staged` a few rows of chunks at a time: the region's bytes read at once, decoded piece by piece.
@@ -547,31 +551,24 @@ class HDF5Source:
         reduction touches a few MiB of buffer instead of the block.  ``None``
         where :meth:`read_staged` is.
         """
-        lay = self.layout
-        if not (lay.fast and lay.layout == "chunked" and lay.chunks):
+        if not self._whole_chunks(region):
             return None
-        for r, c, n in zip(region, lay.chunks, self.shape):
-            if r.start % c or r.stop % c or r.stop > n or r.stop <= r.start:
-                return None
-        chunks = lay.chunks
-        dt = np.dtype(lay.dtype)
+        chunks = self.layout.chunks
         grid = [(r.stop - r.start) // c for r, c in zip(region, chunks)]
         axes = [np.arange(r.start // c, r.stop // c) for r, c in zip(region, chunks)]
         coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(chunks))
-        n_el = math.prod(chunks)
-        per_row = math.prod(grid[1:])
         got: dict[str, Any] = {}
         idx = self._read_chunks(coords, lambda raws, masks, idx: got.update(raws=raws, masks=masks))
         with _stats_lock:
             STATS["fast_blocks"] += 1
-        return self._decode_pieces(got["raws"], got["masks"], idx, grid, per_row * n_el * dt.itemsize)
+        return self._decode_pieces(got["raws"], got["masks"], idx, grid)
 
-    def _decode_pieces(self, raws: list[Any], masks: np.ndarray, idx: np.ndarray, grid: list[int], row_bytes: int) -> Iterator[np.ndarray]:
+    def _decode_pieces(self, raws: list[Any], masks: np.ndarray, idx: np.ndarray, grid: list[int]) -> Iterator[np.ndarray]:
         lay = self.layout
         dt = np.dtype(lay.dtype)
         n_el = math.prod(lay.chunks)
         per_row = math.prod(grid[1:])
-        for a, b in piece_spans(grid[0], row_bytes):
+        for a, b in piece_spans(grid[0], per_row * n_el * dt.itemsize):
             lo, hi = a * per_row, b * per_row
             i0, i1 = (int(i) for i in np.searchsorted(idx, [lo, hi]))
             flat = scratch((hi - lo) * n_el, dt)
