@@ -18,6 +18,7 @@ Azurite is absent.
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
 import hashlib
 import hmac
@@ -33,7 +34,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["ACCOUNT", "KEY", "azurite", "connection_string"]
+__all__ = ["ACCOUNT", "KEY", "azurite", "connection_string", "running_azurite"]
 
 # The emulator's documented development account (public, the same in every Azurite).
 ACCOUNT = "devstoreaccount1"
@@ -74,17 +75,17 @@ def create_container(endpoint: str, container: str) -> None:
         assert resp.status == 201, resp.status
 
 
-@pytest.fixture(scope="session")
-def azurite(tmp_path_factory) -> Iterator[dict[str, Any]]:
-    """Azurite's blob service on 127.0.0.1 with container ``dask-loom-test`` (see module docstring)."""
+@contextlib.contextmanager
+def running_azurite(workdir: str | os.PathLike) -> Iterator[dict[str, Any] | None]:
+    """Azurite's blob service in *workdir* while the block runs (``None`` when node or Azurite is absent)."""
     binary = _binary()
     if binary is None or shutil.which("node") is None:
-        pytest.skip("Azurite is not installed (.ci/run installs it: npm install --prefix tests/azurite; "
-                    "or set DASK_LOOM_AZURITE to an azurite-blob)")  # fmt: skip
+        yield None
+        return
     proc = subprocess.Popen(
         [binary, "--blobHost", "127.0.0.1", "--blobPort", "0", "--inMemoryPersistence", "--disableTelemetry",
          "--skipApiVersionCheck"],
-        cwd=tmp_path_factory.mktemp("azurite"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     port: list[int] = []
     seen: list[str] = []
@@ -114,10 +115,20 @@ def azurite(tmp_path_factory) -> Iterator[dict[str, Any]]:
             "storage_options": {"connection_string": connection_string(endpoint)},
             "store_config": {"azure_storage_account_name": ACCOUNT, "azure_storage_account_key": KEY,
                              "azure_storage_endpoint": endpoint},
-        }
+        }  # fmt: skip
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """Azurite's blob service on 127.0.0.1 with container ``dask-loom-test`` (see module docstring)."""
+    with running_azurite(tmp_path_factory.mktemp("azurite")) as info:
+        if info is None:
+            pytest.skip("Azurite is not installed (.ci/run installs it: npm install --prefix tests/azurite; "
+                        "or set DASK_LOOM_AZURITE to an azurite-blob)")  # fmt: skip
+        yield info

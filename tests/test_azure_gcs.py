@@ -154,6 +154,57 @@ def test_loom_zarr_written_to_azure_and_read_back(tmp_path, azurite, local_clust
 
 
 @pytest.mark.xdist_group("azurite")
+def test_loom_zarr_on_azure_opens_from_its_consolidated_metadata(tmp_path, azurite):
+    """Azure lists no content digest; the ETags recorded when dask_loom consolidated are checked instead."""
+    import json
+
+    import obstore
+    from _azurite import connection_string
+    from _faultproxy import FaultProxy
+    from obstore.store import AzureStore
+
+    from dask_loom.errors import LoomValidationError
+
+    m = _loompy_file(tmp_path / "c.loom", (300, 517), seed=3)
+    url = _az_url(azurite, "c.loom.zarr")
+    opts = azurite["storage_options"]
+    dask_loom.convert(str(tmp_path / "c.loom"), url, dst_storage_options=opts, scheduler="sync")
+    blob = AzureStore(azurite["container"], config=azurite["store_config"], client_options={"allow_http": True})
+    root = url.split("/", 3)[3]
+    host, _, account = azurite["endpoint"].rpartition("/")
+
+    def opened(**kw):
+        with FaultProxy(host) as proxy:
+            via = {"connection_string": connection_string(f"{proxy.url}/{account}")}
+            with dask_loom.connect(url, "r", storage_options=via, **kw) as ds:
+                count = proxy.snapshot()["total_requests"]
+                values = ds[:, :]
+                gene = ds.ra["Gene"]
+        return count, values, gene
+
+    count, values, gene = opened()
+    np.testing.assert_array_equal(values, m)
+    assert count <= 3, count  # the root, one listing, a scalar attribute: not every node's document
+
+    # Another tool rewrites a node's document (a new shape, same length): the root is stale now.
+    key = f"{root}/row_attrs/Gene/zarr.json"
+    raw = bytes(obstore.get(blob, key).bytes())
+    assert json.loads(raw)["shape"] == [300]
+    obstore.put(blob, key, raw.replace(b"[\n    300\n  ]", b"[\n    299\n  ]", 1))
+    with pytest.raises(LoomValidationError, match="Gene"):  # the new document was read, not the stale copy
+        opened()
+    # Put back by hand: the same bytes, but a new version, so still not believed (read one by one).
+    obstore.put(blob, key, raw)
+    count, values, gene = opened()
+    assert count > 10 and gene.tolist() == [f"g{i}" for i in range(300)]
+    # A dask_loom write consolidates again, with the versions it lists then.
+    with dask_loom.connect(url, "r+", storage_options=opts) as ds:
+        ds.attrs["Again"] = "yes"
+    count, values, _ = opened()
+    assert count <= 4, count
+
+
+@pytest.mark.xdist_group("azurite")
 def test_hdf5_loom_on_azure_streams_its_index(tmp_path, azurite, local_cluster):
     m = _loompy_file(tmp_path / "h.loom", (1024, 3000), seed=2)
     url = _az_url(azurite, "h.loom")

@@ -161,6 +161,12 @@ _SUFFIX_RANGES = frozenset({"s3", "s3a"})
 _HEX = frozenset("0123456789abcdef")
 
 
+def _tags(info: dict[str, Any]) -> tuple[str | None, str | None]:
+    """``(content MD5, ETag)`` of an object from its listing entry."""
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"') or None
+    return _content_md5(info), etag
+
+
 def _content_md5(info: dict[str, Any]) -> str | None:
     """The MD5 (hex) of an object's content from its listing entry, where the store tells it."""
     etag = str(info.get("ETag") or info.get("etag") or "").strip('"').lower()
@@ -513,11 +519,12 @@ class ObjectStore(_Base3):
             out.add(rel + "/" if info.get("type") == "directory" else rel)
         return sorted(out)
 
-    def content_digests(self, *, limit: int) -> dict[str, str | None] | None:
-        """Every key of the store with the MD5 (hex) of its content where the listing tells it, else ``None``.
+    def content_digests(self, *, limit: int) -> dict[str, tuple[str | None, str | None]] | None:
+        """Every key of the store with ``(MD5 of its content, ETag)`` as the listing tells them (``None`` where not).
 
         One listing (a request per thousand keys on S3): an S3 ``ETag`` of a
-        single-part upload is the MD5 of the object, GCS lists ``md5Hash``.
+        single-part upload is the MD5 of the object, GCS lists ``md5Hash``;
+        Azure's ``ETag`` is an opaque version that changes with every write.
         Returns ``None`` altogether when the store holds more than *limit*
         keys (S3 stops paging there) or cannot be listed.
         """
@@ -532,7 +539,7 @@ class ObjectStore(_Base3):
             if infos is None:
                 return None
             head = f"{root}/" if root else ""
-            return {m["path"][len(head) :]: _content_md5({"ETag": m.get("e_tag")}) for m in infos}
+            return {m["path"][len(head) :]: _tags({"ETag": m.get("e_tag")}) for m in infos}
         fs = self._fs()
         root = str(self._root)
         if hasattr(fs, "_iterdir") and hasattr(fs, "split_path") and getattr(fs, "loop", None) is not None:
@@ -562,7 +569,7 @@ class ObjectStore(_Base3):
                 return None
             names = list(found.items())
             head = root.rstrip("/") + "/"
-        return {name[len(head) :]: _content_md5(info) for name, info in names if name.startswith(head)}
+        return {name[len(head) :]: _tags(info) for name, info in names if name.startswith(head)}
 
     # -- async primitives --------------------------------------------------------------
     async def _aget(self, key: str, req: Req = None) -> bytes:

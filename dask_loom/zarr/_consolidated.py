@@ -17,6 +17,11 @@ one listing of the store shows exactly those ``zarr.json`` objects, each with
 a content digest (an S3 ``ETag`` of a single-part upload, a GCS ``md5Hash``)
 equal to the recorded one: a node added, removed or rewritten by anyone makes
 the reader fall back to reading every document, as without consolidation.
+Where the listing tells no digest but an ``ETag`` (Azure: an opaque version,
+new with every write), the ``ETag`` the listing showed when the documents were
+consolidated is recorded too (``["dask_loom"]["etags"]``) and must be the
+same: a document listed before it was read and rewritten in between shows
+another ``ETag`` later, so the reader falls back then as well.
 Stores whose listing tells no content digest (local directories, where reading
 the documents costs microseconds; memory) always read the documents.  The
 listing costs one request per thousand objects; past ``LIST_LIMIT`` objects
@@ -60,7 +65,8 @@ def _is_v2(key: str) -> bool:
     return key.rpartition("/")[2] in _V2_DOCS
 
 
-def _listing(store: Any) -> dict[str, str | None] | None:
+def _listing(store: Any) -> dict[str, tuple[str | None, str | None]] | None:
+    """Every key with ``(content MD5, ETag)`` from one listing, or ``None`` (not listable, too many keys)."""
     digests = getattr(store, "content_digests", None)
     if digests is None:
         return None
@@ -126,6 +132,7 @@ def write_consolidated(
     """
     known = known or {}
     root = {k: v for k, v in root.items() if k != "consolidated_metadata"}
+    etags: dict[str, str] = {}
     docs: dict[str, bytes] | None
     listing = _listing(store)
     if listing is None:
@@ -135,10 +142,12 @@ def write_consolidated(
     else:
         docs = {}
         unknown: list[tuple[str, str]] = []
-        for key, digest in listing.items():
+        for key, (digest, etag) in listing.items():
             node = _node_of(key)
             if node is None:
                 continue
+            if etag is not None:
+                etags[node] = etag
             raw = canonical(known[node]) if node in known else None
             if raw is None or digest is None or _md5(raw) != digest:
                 unknown.append((node, key))
@@ -182,7 +191,11 @@ def write_consolidated(
             "kind": "inline",
             "must_understand": False,
             "metadata": metadata,
-            _EXTRA: {"digests": {node: _md5(raw) for node, raw in sorted(docs.items())}},
+            _EXTRA: {
+                "digests": {node: _md5(raw) for node, raw in sorted(docs.items())},
+                # The versions the listing showed, for stores that list no digest (Azure).
+                "etags": {node: etags[node] for node in sorted(docs) if node in etags},
+            },
         }
     raw = canonical(root)
     store.set("zarr.json", raw)
@@ -203,18 +216,25 @@ def load_consolidated(store: Any, root: dict[str, Any]) -> dict[str, tuple[str, 
     digests = extra.get("digests") if isinstance(extra, dict) else None
     if not isinstance(metadata, dict) or not isinstance(digests, dict) or set(metadata) != set(digests):
         return None
+    etags = extra.get("etags") if isinstance(extra, dict) else None
+    etags = etags if isinstance(etags, dict) else {}
     listing = _listing(store)
     if listing is None:
         return None
-    seen: dict[str, str | None] = {}
-    for key, digest in listing.items():
+    seen: dict[str, tuple[str | None, str | None]] = {}
+    for key, tags in listing.items():
         if _is_v2(key):
             return None
         node = _node_of(key)
         if node is not None:
-            seen[node] = digest
-    if set(seen) != set(digests) or any(seen[n] is None or seen[n] != digests[n] for n in seen):
+            seen[node] = tags
+    if set(seen) != set(digests):
         return None
+    for node, (digest, etag) in seen.items():
+        same_content = digest is not None and digest == digests[node]
+        same_version = digest is None and etag is not None and etag == etags.get(node)
+        if not (same_content or same_version):
+            return None
     out: dict[str, tuple[str, dict[str, Any]]] = {}
     for node, doc in metadata.items():
         if (
