@@ -104,12 +104,15 @@ def test_map_and_aggregate_by_pieces_equal_numpy(stored, piece, scheduler):
             by_row = ds.map(funcs, axis=0, scheduler=scheduler)
             by_col = ds.map(funcs, axis=1, scheduler=scheduler)
             total = ds.aggregate(group_by=groups, aggr_by="sum", scheduler=scheduler)
+            with dask.config.set(scheduler=scheduler):
+                coo = ds.sparse()
     for axis, got in ((1, by_row), (0, by_col)):
         want = [f(r64, axis=axis) for f in funcs]
         for f, g, w in zip(funcs, got, want):
             np.testing.assert_allclose(g, w, rtol=1e-6, err_msg=f"{f.__name__} axis={axis}", equal_nan=True)
     want_sum = np.stack([r64[:, groups == g].sum(axis=1) for g in range(5)], axis=1)
     np.testing.assert_allclose(total, want_sum, rtol=1e-6, equal_nan=True)
+    np.testing.assert_array_equal(coo.toarray(), ref)  # NaN equals NaN here
 
 
 def test_a_reduction_stages_a_piece_not_the_block(stored):

@@ -98,14 +98,14 @@ def sharded_loom(tmp_path_factory):
 @pytest.fixture
 def staged_calls(monkeypatch):
     calls = []
-    real = _chunks.ZarrChunkReader.read_staged
+    real = _chunks.ZarrChunkReader.staged_pieces  # read_staged is its one-piece form
 
-    def spy(self, region):
-        out = real(self, region)
+    def spy(self, region, **kw):
+        out = real(self, region, **kw)
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(_chunks.ZarrChunkReader, "read_staged", spy)
+    monkeypatch.setattr(_chunks.ZarrChunkReader, "staged_pieces", spy)
     return calls
 
 

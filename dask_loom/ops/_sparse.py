@@ -39,6 +39,14 @@ def _nonzero_task(source: Any, region: tuple[slice, ...], local: tuple[Any, ...]
         out: list[tuple[np.ndarray, ...]] = []
         for i, row in enumerate(parts):
             for j, (rs, cs) in enumerate(row):
+                dr, dc = rs.start - region[0].start, cs.start - region[1].start
+                pieces = source.staged_pieces((rs, cs)) if i == 0 and j == 0 and hasattr(source, "staged_pieces") else None
+                if pieces is not None:  # a few rows of chunks at a time (see piece_spans)
+                    for staged in pieces:
+                        r, c, v = _staged_nonzero(staged, dtype)
+                        out.append(((r + dr).astype(np.int32), (c + dc).astype(np.int32), v))
+                        dr += staged.shape[0] * staged.shape[2]
+                    continue
                 staged = source.read_staged((rs, cs)) if i == 0 and j == 0 else None
                 if staged is not None and staged.ndim == 4:
                     r, c, v = _staged_nonzero(staged, dtype)
@@ -46,7 +54,7 @@ def _nonzero_task(source: Any, region: tuple[slice, ...], local: tuple[Any, ...]
                     blk = read_into_buffer(source, (rs, cs))
                     r, c = np.nonzero(blk)
                     v = blk[r, c].astype(dtype)
-                out.append(((r + (rs.start - region[0].start)).astype(np.int32), (c + (cs.start - region[1].start)).astype(np.int32), v))
+                out.append(((r + dr).astype(np.int32), (c + dc).astype(np.int32), v))
         return tuple(np.concatenate([o[k] for o in out]) for k in range(3))
     block = read_into_buffer(source, region)
     if not all(isinstance(x, slice) for x in local):
