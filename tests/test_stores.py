@@ -777,3 +777,31 @@ def test_http_object_store_reads_a_zarr_array(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("writer", ["zarr-python", "dask_loom"])  # shard index at the end / at the start
+def test_http_server_ignoring_ranges_serves_sharded_arrays(tmp_path, writer):
+    """python's http.server answers every ranged GET with the whole file: shard indexes and chunks still read."""
+    import functools
+    import http.server
+    import threading
+
+    import dask_loom
+
+    ref = np.arange(128 * 96, dtype="f4").reshape(128, 96)
+    if writer == "zarr-python":
+        zarr.create_array(str(tmp_path / "s.zarr"), shape=ref.shape, chunks=(16, 16), shards=(64, 48), dtype="f4")[:] = ref
+    else:
+        dask_loom.to_zarr(ref, str(tmp_path / "s.zarr"), "", chunks=(16, 16), shards=(64, 48), scheduler="sync")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        a = dask_loom.open_zarr(f"http://127.0.0.1:{server.server_address[1]}/s.zarr")
+        np.testing.assert_array_equal(a.to_dask().compute(scheduler="threads"), ref)
+        np.testing.assert_allclose(dask_loom.map(a, [np.sum], axis=0, scheduler="threads")[0], ref.sum(axis=1))
+    finally:
+        server.shutdown()
+        server.server_close()

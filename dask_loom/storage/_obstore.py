@@ -42,8 +42,8 @@ __all__ = [
     "nget",
     "nget_async",
     "nlist",
-    "run_sync",
     "prefix_async",
+    "run_sync",
     "suffix_async",
     "translate_options",
 ]
@@ -423,19 +423,35 @@ async def prefix_async(store: Any, path: str, n: int) -> tuple[bytes, int]:
 
     A plain bounded range: the answer's ``Content-Range`` tells the size, and
     a range past the end is cut to the object (no suffix range, which Azure
-    lacks, and no ``HEAD``).
+    lacks, and no ``HEAD``).  A web server that ignores ranges sends the
+    whole object, cut here.
     """
     import obstore
 
-    got = await obstore.get_async(store, path, options={"range": (0, int(n))})
-    return bytes(await got.bytes_async()), int(got.meta["size"])
+    try:
+        got = await obstore.get_async(store, path, options={"range": (0, int(n))})
+        return bytes(await got.bytes_async()), int(got.meta["size"])
+    except Exception as exc:
+        if type(exc).__name__ != "NotSupportedError":
+            raise
+    whole = await _whole_async(store, path)
+    return whole[: int(n)], len(whole)
+
+
+async def _whole_async(store: Any, path: str) -> bytes:
+    # A web server that ignores Range headers (python's http.server): obstore refuses its whole
+    # answer to a ranged GET, so the object is fetched whole and cut here.
+    import obstore
+
+    return bytes(await (await obstore.get_async(store, path)).bytes_async())
 
 
 async def suffix_async(store: Any, path: str, n: int) -> tuple[bytes, int]:
     """The last *n* bytes of an object (all of it when smaller) and its size: one request, two on Azure.
 
     Azure's blob API has no suffix ranges (obstore refuses them before
-    sending anything), so there the size comes from a ``HEAD`` first.
+    sending anything), so there the size comes from a ``HEAD`` first.  A web
+    server that ignores ranges sends the whole object, cut here.
     """
     import obstore
 
@@ -448,7 +464,13 @@ async def suffix_async(store: Any, path: str, n: int) -> tuple[bytes, int]:
     size = int((await obstore.head_async(store, path))["size"])
     if not size:
         return b"", 0
-    return bytes(await obstore.get_range_async(store, path, start=max(size - n, 0), end=size)), size
+    try:
+        return bytes(await obstore.get_range_async(store, path, start=max(size - n, 0), end=size)), size
+    except Exception as exc:
+        if type(exc).__name__ != "NotSupportedError":
+            raise
+    whole = await _whole_async(store, path)
+    return whole[-n:], len(whole)
 
 
 def nexists(store: Any, path: str) -> bool:
