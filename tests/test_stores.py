@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
 import time
 import uuid
+from collections.abc import Iterator
 
 import dask
 import dask.array as da
@@ -747,23 +749,33 @@ def test_object_store_async_reads_retry_then_fail_clearly(s3_server):
             stats.clear_failures()
 
 
-def test_http_object_store_reads_a_zarr_array(tmp_path):
-    """An ``http://`` URL (a static file server on 127.0.0.1): read-only, values equal."""
+@contextlib.contextmanager
+def _static_http(directory) -> Iterator[str]:
+    """python's ``http.server`` serving *directory* on 127.0.0.1 (it ignores Range headers); yields its URL."""
     import functools
     import http.server
     import threading
 
-    import dask_loom
-
-    ref = np.arange(60, dtype="i2").reshape(6, 10)
-    zarr.create_array(str(tmp_path / "web.zarr"), shape=ref.shape, chunks=(4, 4), dtype="i2")[:] = ref
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
     handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/web.zarr"
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_http_object_store_reads_a_zarr_array(tmp_path):
+    """An ``http://`` URL (a static file server on 127.0.0.1): read-only, values equal."""
+    import dask_loom
+
+    ref = np.arange(60, dtype="i2").reshape(6, 10)
+    zarr.create_array(str(tmp_path / "web.zarr"), shape=ref.shape, chunks=(4, 4), dtype="i2")[:] = ref
+    with _static_http(tmp_path) as base:
+        url = f"{base}/web.zarr"
         s = open_store(url)
         assert s.read_only
         assert not s.supports_listing
@@ -774,18 +786,11 @@ def test_http_object_store_reads_a_zarr_array(tmp_path):
         a = dask_loom.open_zarr(url)
         np.testing.assert_array_equal(a.to_dask().compute(scheduler="threads"), ref)
         np.testing.assert_array_equal(a.get_chunk((1, 2)), np.pad(ref[4:, 8:], ((0, 2), (0, 2))))
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize("writer", ["zarr-python", "dask_loom"])  # shard index at the end / at the start
 def test_http_server_ignoring_ranges_serves_sharded_arrays(tmp_path, writer):
     """python's http.server answers every ranged GET with the whole file: shard indexes and chunks still read."""
-    import functools
-    import http.server
-    import threading
-
     import dask_loom
 
     ref = np.arange(128 * 96, dtype="f4").reshape(128, 96)
@@ -793,15 +798,7 @@ def test_http_server_ignoring_ranges_serves_sharded_arrays(tmp_path, writer):
         zarr.create_array(str(tmp_path / "s.zarr"), shape=ref.shape, chunks=(16, 16), shards=(64, 48), dtype="f4")[:] = ref
     else:
         dask_loom.to_zarr(ref, str(tmp_path / "s.zarr"), "", chunks=(16, 16), shards=(64, 48), scheduler="sync")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        a = dask_loom.open_zarr(f"http://127.0.0.1:{server.server_address[1]}/s.zarr")
+    with _static_http(tmp_path) as base:
+        a = dask_loom.open_zarr(f"{base}/s.zarr")
         np.testing.assert_array_equal(a.to_dask().compute(scheduler="threads"), ref)
         np.testing.assert_allclose(dask_loom.map(a, [np.sum], axis=0, scheduler="threads")[0], ref.sum(axis=1))
-    finally:
-        server.shutdown()
-        server.server_close()
