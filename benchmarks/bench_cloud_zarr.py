@@ -23,9 +23,12 @@ by inner chunk shape and codec.  Three parts, ratios in one run:
     shard's index is at its start).  Azurite is a node program serving from
     memory; its speed is not Azure's, its requests are.
 (c) The object-store client for the shard reads: every shard of the layer read
-    as dask_loom reads it (its last 8 MiB with the index in one suffix request,
-    the rest in ranged requests of 4 to 8 MiB, every request of a shard at once) with
-    fsspec/s3fs (dask_loom's client before issue 15) and with obstore (its client now), through the same proxy.
+    as dask_loom reads a shard whose index is at its end (its last 8 MiB in one
+    suffix request, the rest in ranged requests of 4 to 8 MiB, every request of
+    a shard at once; the shards it writes now have the index at the start and
+    are read from their first 8 MiB, the same request shapes) with fsspec/s3fs
+    (dask_loom's client before issue 15) and with obstore (its client now),
+    through the same proxy.
 
 Every map runs in a fresh process (wall time, peak RSS of the process tree).
 
