@@ -610,3 +610,15 @@ def test_script_that_never_closes_a_remote_loom_exits_cleanly(s3_server, small_l
     )
     assert got.returncode == 0, (got.returncode, got.stderr[-2000:])
     assert float(got.stdout.strip()) == pytest.approx(float(m.sum(dtype=np.float64)), rel=1e-6)
+
+
+@pytest.mark.s3
+def test_empty_remote_loom_is_not_an_hdf5_file(s3_server, tmp_path):
+    """An empty object answers ranged GETs with 416 or a whole empty body: refused as an empty local file is."""
+    (tmp_path / "empty.loom").write_bytes(b"")
+    url = _upload(s3_server, str(tmp_path / "empty.loom"), "empty.loom")
+    clear_all()
+    with pytest.raises(LoomFormatError, match=r"empty\.loom: not a readable HDF5 file"):
+        dask_loom.connect(url, "r", storage_options=s3_server["storage_options"])
+    with pytest.raises(LoomFormatError, match="not a readable HDF5 file"):
+        dask_loom.connect(str(tmp_path / "empty.loom"), "r")

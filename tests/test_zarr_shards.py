@@ -382,3 +382,16 @@ def test_shard_index_outside_the_object_on_s3(tmp_path, s3_server, s3_proxy, at)
     proxy = s3_proxy()
     with pytest.raises(CorruptChunkError, match=r"shard 'c/1/0'.*points outside the object"):
         dask_loom.open_zarr(url, mode="r", **proxy.storage_options).to_dask().compute(scheduler="sync")
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("at", ["end", "start"])
+def test_empty_shard_object_on_s3_is_a_truncated_shard(tmp_path, s3_server, at):
+    """S3 answers a ranged GET on an empty object with 416: the reader says the shard is truncated, as on disk."""
+    ref = np.arange(128 * 64, dtype="f4").reshape(128, 64)
+    fn = tmp_path / "e.zarr"
+    _sharded_array(fn, ref, crc=True, at=at)
+    (fn / "c" / "1" / "0").write_bytes(b"")
+    url = _upload(s3_server, fn)
+    with pytest.raises(CorruptChunkError, match=r"shard 'c/1/0'.*truncated"):
+        dask_loom.open_zarr(url, mode="r", **s3_server["storage_options"]).to_dask().compute(scheduler="sync")
