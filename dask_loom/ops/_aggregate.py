@@ -79,22 +79,23 @@ def _staged_sums(source: Any, region: tuple[slice, ...], plan: GroupPlan) -> np.
             return None
         runs = iter([staged])
     bands: list[np.ndarray] = []
-    pieces = None
+    onehot = None
     for staged in runs:
         # The staged chunks may be smaller than the storage unit (a shard's inner chunks).
         gi, gj, c0, cw = staged.shape
-        if pieces is None:
+        if onehot is None:
             work = _sum_dtype(dt, cw)
             if work is None:
                 return None
-            # plan describes the region's columns: its rows of the one-hot matrix count from cols.start.
-            pieces = plan.onehot(work)[: inner - cols.start].reshape(gj, cw, plan.n_groups)
+            # plan describes the region's columns: its rows of the one-hot matrix count from cols.start;
+            # cut into chunk-wide pieces for the batched product.
+            onehot = plan.onehot(work)[: inner - cols.start].reshape(gj, cw, plan.n_groups)
         if work == dt:
-            bands.append(np.matmul(staged, pieces[None]).sum(axis=1, dtype=np.float64).reshape(gi * c0, plan.n_groups))
+            bands.append(np.matmul(staged, onehot[None]).sum(axis=1, dtype=np.float64).reshape(gi * c0, plan.n_groups))
         else:
             sums = np.empty((gi, c0, plan.n_groups))
             for i in range(gi):
-                np.matmul(staged[i].astype(work), pieces).sum(axis=0, dtype=np.float64, out=sums[i])
+                np.matmul(staged[i].astype(work), onehot).sum(axis=0, dtype=np.float64, out=sums[i])
             bands.append(sums.reshape(gi * c0, plan.n_groups))
     sums = bands[0] if len(bands) == 1 else np.concatenate(bands)
     if inner < cols.stop:  # the staged buffer is reused by the next read: done with it above

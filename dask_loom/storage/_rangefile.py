@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from dask_loom.storage._obstore import fsspec_options, is_native, native_store, run_sync
+from dask_loom.storage._obstore import fsspec_options, is_native, native_store, prefix_async, run_sync
 
 __all__ = ["RangeFile", "RemoteFile"]
 
@@ -167,8 +167,7 @@ class RemoteFile:
                 if type(exc).__name__ != "NotSupportedError":
                     raise
             # Azure has no suffix ranges: the head's answer tells the size, then the tail (two round trips).
-            got = await obstore.get_async(client, path, options={"range": (0, head)})
-            first, size = await got.bytes_async(), int(got.meta["size"])
+            first, size = await prefix_async(client, path, head)
             start = max(size - tail, 0)
             return first, (size, await obstore.get_range_async(client, path, start=start, end=size) if size else b"")
 
