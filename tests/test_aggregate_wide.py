@@ -194,6 +194,42 @@ def test_wide_layer_on_a_process_cluster(wide, local_cluster):
     np.testing.assert_array_equal(got, _want(m, labels, "sum").astype(np.float64))
 
 
+# A band of one stored unit (64 rows in the .loom, 128 in the .loom.zarr's shards) across 6,000
+# uint16 columns is 750 KB or 1.5 MB: between one and four blocks of 512 KiB.
+A_FEW_BLOCKS = {**NARROW, "dask_loom.block-size": "512KiB"}
+
+
+@pytest.mark.parametrize("kind", ["loom", "loom.zarr"])
+@pytest.mark.parametrize("func", ["mean", "var", "median"])
+def test_a_band_of_a_few_blocks_is_tiled_and_only_past_four_shuffled(wide, monkeypatch, kind, func):
+    """A band one unit tall past one block is grouped over block-sized tiles (several tasks of
+    about a block each, so that workers stay even), where the partials combine; median reads
+    the full-width band (a shuffle starts past four blocks)."""
+    paths, m, labels = wide
+    tiles = _spy_regions(monkeypatch, _aggregate, "_tile")
+    bands = _spy_regions(monkeypatch, _aggregate, "_band")
+    engine = _spy_regions(monkeypatch, _engine, "_group_read")
+    with dask.config.set(A_FEW_BLOCKS), dask_loom.connect(str(paths[kind]), "r") as ds:
+        got = ds.aggregate(group_by="L", aggr_by=func, scheduler="threads")
+        unit_shape = ds.layers[""]._source().chunk_shape
+        # Two functions: dask_loom.aggregate's generic graph, which follows the same rule.
+        engine_funcs = ["max", "mean" if func == "median" else func]
+        via_engine = dask_loom.aggregate(ds, labels, axis=1, func=engine_funcs, scheduler="threads")
+    want = _want(m, labels, func)
+    np.testing.assert_allclose(got, want, rtol=1e-12 if func in ("mean", "median") else 1e-9)
+    for f, v in zip(engine_funcs, via_engine):
+        np.testing.assert_allclose(v, _want(m, labels, f), rtol=1e-9)
+    block, unit = 512 * 1024, math.prod(unit_shape) * 2
+    assert block < unit_shape[0] * SHAPE[1] * 2 <= 4 * block  # the case this test is for
+    if func == "median":
+        assert not tiles and bands and all(r[1] == slice(0, SHAPE[1]) for r in bands)
+    else:
+        assert tiles and all(r[1].stop - r[1].start < SHAPE[1] for r in tiles)
+        assert max(math.prod(s.stop - s.start for s in r) for r in tiles) * 2 <= block + unit
+        assert len(tiles) >= 2 * len({r[0].start for r in tiles})  # a band is two tiles or more
+    assert engine and max(math.prod(s.stop - s.start for s in r) for r in engine) * 2 <= block + unit
+
+
 class _Atlas:
     """The full atlas's layout, metadata only (graphs are built over it, never run)."""
 

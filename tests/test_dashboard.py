@@ -143,7 +143,8 @@ def _ops(path, tmp):
         "map-function": (with_ds(lambda ds: ds.map([lambda v: v[:3].sum()], axis=1)), {"loom-map"}),
         "read": (with_ds(lambda ds: ds[10:200, [1, 400]]), {"loom-read"}),
         "scan": (with_ds(lambda ds: list(ds.scan(axis=1, batch_size=128, what=["layers"]))), {"loom-scan", "loom-batch"}),
-        "aggregate": (with_ds(lambda ds: ds.aggregate(None, group_by="Clusters")), {"loom-aggregate"}),
+        # bands of two blocks and more are grouped over block-sized tiles, finished per band
+        "aggregate": (with_ds(lambda ds: ds.aggregate(None, group_by="Clusters")), {"loom-aggregate", "loom-aggregate-result"}),
         "sparse": (with_ds(lambda ds: ds.sparse()), {"loom-sparse"}),
         "export": (with_ds(lambda ds: ds.export(str(tmp / "d.tsv"))), {"loom-export"}),
         "permute": (with_ds(lambda ds: ds.permute(np.arange(500)[::-1].copy(), axis=1)), {"loom-permute", "loom-write"}),
@@ -265,7 +266,7 @@ def test_dashboard_shows_prefixes_and_counts(loom_file, local_cluster):
     np.testing.assert_allclose(means, m.mean(axis=1), rtol=1e-5)
     np.testing.assert_allclose(groups, np.stack([m[:, np.arange(500) % 4 == g].sum(axis=1) for g in range(4)], axis=1), rtol=1e-5)
     want = {**expected, "loom-read": n_read}
-    assert set(want) == {"loom-map", "loom-map-result", "loom-aggregate", "loom-read"}
+    assert set(want) == {"loom-map", "loom-map-result", "loom-aggregate", "loom-aggregate-result", "loom-read"}
 
     got = _delta(_prefix_counts(client), before)
     assert {p: got.get(p) for p in want} == want

@@ -561,8 +561,8 @@ class LoomConnection(_Deprecated):
         """Aggregate columns by a label: the matrix with *aggr_by*, attributes with *aggr_ca_by*.
 
         Runs as a group-by graph over full-width row bands (never the whole
-        layer in memory); a layer whose bands would pass four blocks is
-        grouped over blocks of about the block size instead.  Returns the ``(n_rows, n_groups)`` float64 matrix
+        layer in memory); a layer whose bands would pass a block is grouped
+        over blocks of about the block size instead.  Returns the ``(n_rows, n_groups)`` float64 matrix
         (groups in sorted label order) and, with *out_file*, writes it as a
         Loom file with all row attributes and the aggregated column
         attributes, as loompy does.  See :func:`dask_loom.loom._aggregate.aggregate`

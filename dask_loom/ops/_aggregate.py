@@ -3,15 +3,15 @@
 Each task reads one full-width row band (whole stored chunks, about the
 target block size), reduces its columns group by group (ops._kernels), and
 returns ``(rows, n_groups)`` float64; nothing but the result is ever held
-whole.  Where a band one stored unit tall is wider than four blocks (an
-atlas of millions of cells: a row of 7,424 x 4,096 shards across 3.3 M
-cells is 49 GB), no task reads a full-width band: the functions whose
-partials combine exactly (sums, means, variances, extremes, products,
-argmax/argmin, first/last and their nan-aware forms; ops._aggregate_tiles)
-are taken over blocks of about the block size and combined a row band at a
-time, in a tree; the others (median, nunique, quantiles, skew, kurtosis,
-trapezoid) shuffle each band's values by group into gathers of about the
-block size (ops._aggregate_shuffle).
+whole.  Where a band one stored unit tall is wider than a block (an atlas
+of millions of cells: a row of 7,424 x 4,096 shards across 3.3 M cells is
+49 GB), the functions whose partials combine exactly (sums, means,
+variances, extremes, products, argmax/argmin, first/last and their
+nan-aware forms; ops._aggregate_tiles) are taken over blocks of about the
+block size and combined a row band at a time, in a tree; where such a band
+is wider than four blocks, the others (median, nunique, quantiles, skew,
+kurtosis, trapezoid) shuffle each band's values by group into gathers of
+about the block size (ops._aggregate_shuffle).
 """
 
 from __future__ import annotations
@@ -167,8 +167,9 @@ def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: s
     # A band's last at most split_every partials are combined by its result task.
     finals = combine_tree(dsk, bands, cname, split_every, until=split_every)
     outs = []
+    rname = cname.replace("-combine", "-result", 1)  # <format>-aggregate-result, as map's results
     for ri in sorted(finals):
-        key = (f"{cname}-result", ri)
+        key = (rname, ri)
         dsk[key] = (tiled_finish, plan.counts, func, *finals[ri])
         outs.append(key)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
@@ -206,10 +207,13 @@ def aggregate_columns(
     itemsize = np.dtype(source.dtype).itemsize
     bands = plan_blocks(shape, source.chunk_shape, itemsize, band_axis=0)
     name = task_name(prefix, source, func, plan, None if select is None else select.tobytes())
-    wide = len(plan.idx) and max(bands[0]) * shape[1] * itemsize > 4 * block_size_bytes()
-    if wide and func in TILED:
+    band_bytes = max(bands[0]) * shape[1] * itemsize if len(plan.idx) else 0
+    # A band task saves a combine only while it reads about a block: on two workers, 8 band tasks
+    # of two blocks each ran 5 on one and 3 on the other (docs/scale.md).  A shuffle moves every
+    # value between workers, so it waits until a band could not be held at all.
+    if func in TILED and band_bytes > block_size_bytes():
         delayed = _tiled_sums(source, plan, select, name, f"{prefix}-combine-{name.rpartition('-')[2]}", func)
-    elif wide:
+    elif band_bytes > 4 * block_size_bytes():
         delayed = shuffle_graph(source, plan, select, name, func, target_bytes=block_size_bytes())
     else:
         regions = [r for _, r in block_regions(bands)]

@@ -300,12 +300,13 @@ def group_graph(
     shape = info.source_shape
     needs = tuple(sorted({n for f in funcs for n in GROUP_FUNCS[f]}))
     # 2-D: blocks spanning the whole grouped axis need no combining, unless such a band is more
-    # than four blocks (millions of cells): then blocks of about the block size, combined.
+    # than a block (a band of shards across many cells): then blocks of about the block size,
+    # combined, so that no task is bigger than the rest (ops._aggregate says why).
     band = (1 - axis) if (len(shape) == 2 and len(info.parts) == 1) else None
     blocks = blocks_of(info, band_axis=band)
     if band is not None:
         itemsize = np.dtype(info.parts[0].dtype).itemsize
-        if max(math.prod(r.stop - r.start for r in b.region) for b in blocks) * itemsize > 4 * block_size_bytes():
+        if max(math.prod(r.stop - r.start for r in b.region) for b in blocks) * itemsize > block_size_bytes():
             blocks = blocks_of(info)
     tok = tokenize(_token(info), axis, needs, idx, n_groups)
     name = f"{prefix}-{tok}"
