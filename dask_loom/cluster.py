@@ -244,13 +244,18 @@ def thread_pool(*, waits: bool = False) -> Any:
     global _pool_pid, _threads
     from dask_loom._threads import SchedulerThreads
 
-    cores = os.cpu_count() or 1
-    n = int((get_config("remote-threads") or 2 * cores) if waits else (get_config("threads") or cores))
+    n = _pool_size(waits=waits)
     with _lock:
         if _pool_pid != os.getpid() or _threads is None:
             _threads = SchedulerThreads()  # a forked child's copy has no threads
             _pool_pid = os.getpid()
         return _threads.pool(n)
+
+
+def _pool_size(*, waits: bool) -> int:
+    """The threads of :func:`thread_pool` (``waits``: for a graph whose reads wait on an object store)."""
+    cores = os.cpu_count() or 1
+    return int((get_config("remote-threads") or 2 * cores) if waits else (get_config("threads") or cores))
 
 
 def _in_pool() -> bool:

@@ -548,6 +548,120 @@ def test_remote_index_pointing_past_the_object_is_a_typed_error(s3_server, s3_pr
 
 @pytest.mark.s3
 @pytest.mark.xdist_group("s3proxy")
+def _spy_prefetches(monkeypatch) -> tuple[list[int], list[int]]:
+    """The chunks each prefetch was asked for, and the requests each one that was not held whole sent."""
+    from dask_loom.hdf5 import _files, _source
+
+    asked: list[int] = []
+    sent: list[int] = []
+    real_prefetch, real_stream = _files.prefetch_ranges, _files.stream_plan
+
+    def prefetch(spec, starts, sizes, *, entry):
+        asked.append(len(starts))
+        return real_prefetch(spec, starts, sizes, entry=entry)
+
+    def stream(spec, entry, plan, on_piece):
+        sent.append(len(plan))
+        return real_stream(spec, entry, plan, on_piece)
+
+    monkeypatch.setattr(_source, "prefetch_ranges", prefetch)
+    monkeypatch.setattr(_files, "stream_plan", stream)
+    return asked, sent
+
+
+@pytest.mark.s3
+@pytest.mark.xdist_group("s3proxy")
+@pytest.mark.slow
+@pytest.mark.parametrize("faults", [0, 3])
+def test_warm_remote_map_fetches_blocks_ahead_once(s3_server, s3_proxy, big_loom, monkeypatch, faults):
+    """A map whose chunks are not held (the second in a process) fetches blocks ahead, each byte once.
+
+    Each task starts fetching the block of the task one pool's width later in
+    the threaded scheduler's order; a task starting its read finds those bytes
+    on their way.  Fetched in the wrong order, blocks would be asked for twice
+    (the bytes bound below); a prefetch that fails (503s) leaves its block to
+    the task, which reads it as usual.
+    """
+    url = _upload(s3_server, big_loom, "big.loom")
+    proxy = s3_proxy(latency=0.01)
+    clear_all()
+    with h5py.File(big_loom, "r") as f:
+        m = f["matrix"][:]
+    opts = proxy.storage_options
+    with dask_loom.connect(url, "r", storage_options=opts, validate=False) as ds:
+        ds.map([np.mean], axis=0, scheduler="threads")  # the chunk index, kept by the process
+    asked, sent = _spy_prefetches(monkeypatch)
+    # 32 blocks of 8 MiB (decoded): eight waves of the pool's 4 threads.
+    with dask.config.set({"dask_loom.retry-backoff": 0.01, "dask_loom.remote-threads": 4, "dask_loom.block-size": "8MiB"}):
+        with dask_loom.connect(url, "r", storage_options=opts, validate=False) as ds:
+            src = ds.__dask_loom_layer_host__().source("")
+            proxy.reset_counts()
+            proxy.inject("503", faults)
+            got = ds.map([np.mean, np.std], axis=0, scheduler="threads")
+            snap = proxy.snapshot()
+            held = cached_entry(src.spec).cache[HELD_SPANS]
+            assert len(held) == 0 and held.nbytes == 0  # every span fetched ahead was served and let go
+    np.testing.assert_allclose(got[0], m.mean(axis=1, dtype=np.float64), rtol=1e-6)
+    np.testing.assert_allclose(got[1], m.std(axis=1, dtype=np.float64), rtol=1e-5)
+    stored = int(src.index.sizes.sum())
+    n_blocks = len(src.index.sizes) * 64 * 64 * 4 // (8 << 20)
+    assert n_blocks == 32
+    # Every task but the last wave's (4 threads) fetched a block ahead; those not held whole since
+    # opening (the file's first and last MiBs) sent requests; no byte was fetched twice.
+    assert asked == [512] * (n_blocks - 4), asked
+    assert len(sent) >= n_blocks - 8 and sum(sent) <= 2 * len(sent), sent
+    assert snap["total_bytes"] <= 1.05 * stored + faults * 2**10, (snap, stored)
+    assert snap["requests"]["GET"] <= n_blocks * 2 + faults, snap
+
+
+def _count_prefetches_here(on: bool) -> int:
+    """In a worker: start (*on*) or stop counting HDF5Source prefetches; returns the count so far."""
+    from dask_loom.hdf5 import _source
+
+    real = getattr(_source, "_uncounted_prefetch", None)
+    if on and real is None:
+        real = _source._uncounted_prefetch = _source.prefetch_ranges
+        _source._prefetches = 0
+
+        def counting(*args, **kwargs):
+            _source._prefetches += 1
+            return real(*args, **kwargs)
+
+        _source.prefetch_ranges = counting
+    elif not on and real is not None:
+        _source.prefetch_ranges = real
+        del _source._uncounted_prefetch
+    return getattr(_source, "_prefetches", 0)
+
+
+@pytest.mark.s3
+@pytest.mark.xdist_group("s3proxy")
+@pytest.mark.slow
+def test_no_blocks_fetched_ahead_on_a_distributed_cluster(s3_server, s3_proxy, big_loom, local_cluster):
+    """A worker runs tasks the scheduler gives it: blocks fetched ahead there could be read elsewhere."""
+    url = _upload(s3_server, big_loom, "big.loom")
+    proxy = s3_proxy()
+    clear_all()
+    with dask_loom.connect(url, "r", storage_options=proxy.storage_options, validate=False) as ds:
+        ds.map([np.mean], axis=0, scheduler="threads")
+        src = ds.__dask_loom_layer_host__().source("")
+        stored = int(src.index.sizes.sum())
+        proxy.reset_counts()
+        # Blocks that would be fetched ahead on the pool (32, 4 threads), as in the test above.
+        local_cluster.run(_count_prefetches_here, True)
+        try:
+            with dask.config.set({"dask_loom.remote-threads": 4, "dask_loom.block-size": "8MiB"}):
+                got = ds.map([np.mean], axis=0, client=local_cluster)
+        finally:
+            counts = local_cluster.run(_count_prefetches_here, False)
+        snap = proxy.snapshot()
+    assert sum(counts.values()) == 0, counts
+    with h5py.File(big_loom, "r") as f:
+        np.testing.assert_allclose(got[0], f["matrix"][:].mean(axis=1, dtype=np.float64), rtol=1e-6)
+    # The workers hold no index of their own: each reads its blocks (and nothing twice).
+    assert snap["total_bytes"] <= 1.05 * stored + 2**22, (snap, stored)
+
+
 def test_short_answers_are_retried_or_refused(s3_server, s3_proxy, small_loom):
     path, m = small_loom
     url = _upload(s3_server, path, "ref.loom")

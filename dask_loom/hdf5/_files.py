@@ -18,12 +18,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import h5py
+import numpy as np
 
 from dask_loom._config import get_config
 from dask_loom._handles import HandleCache
 from dask_loom.errors import FileBeingWrittenError, LoomFormatError, StoreError, WriteConflictError
 from dask_loom.hdf5._coalesce import coalesce
-from dask_loom.hdf5._remote import read_remote, remote_ends
+from dask_loom.hdf5._remote import plan_remote, read_remote, remote_ends, stream_plan
 from dask_loom.hdf5._spans import HeldSpans
 from dask_loom.storage import FileSpec
 from dask_loom.storage._locks import exclusive, lock_path
@@ -37,6 +38,7 @@ __all__ = [
     "lock_path",
     "open_h5_read",
     "open_h5_write",
+    "prefetch_ranges",
     "read_ranges",
 ]
 
@@ -365,6 +367,40 @@ def read_ranges(
         for i, v in zip(rest, fetched):
             got[i] = v
     return got
+
+
+def prefetch_ranges(spec: FileSpec, starts: Any, sizes: Any, *, entry: _Entry) -> None:
+    """Start reading byte ranges of a remote file in the background, for a :func:`read_ranges` of them soon.
+
+    The requests are those :func:`read_ranges` would send, announced as held
+    spans (:mod:`dask_loom.hdf5._spans`) before they go out: the read then
+    waits for them, or finds them in hand, and serves each range from memory
+    once (a span is let go when every chunk inside was served).  Ranges a
+    pinned block or a held span holds already cost nothing.  Returns at once;
+    a request that fails only leaves its ranges to the read, which retries
+    and reports as usual.  Nothing for local files.
+    """
+    if spec.is_local or not len(starts):
+        return
+    starts, sizes = np.asarray(starts, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
+    held = entry.cache.setdefault(HELD_SPANS, HeldSpans())
+    todo = ~held.holds(starts, sizes)
+    if not todo.any():
+        return
+    plan = plan_remote(spec, entry, starts[todo].tolist(), sizes[todo].tolist())
+    taken = set(held.expect([(r0, r1) for r0, r1, _m in plan]))
+    plan = [p for p in plan if p[0] in taken]
+
+    def on_piece(j: int, got: Any) -> None:
+        r0 = plan[j][0]
+        if isinstance(got, BaseException):
+            held.fail(r0)
+            return
+        held.fill(r0, got)
+        held.settle([r0], starts, sizes)
+
+    if plan:
+        stream_plan(spec, entry, plan, on_piece)
 
 
 def advise_ranges(spec: FileSpec, starts: list[int], sizes: list[int]) -> None:

@@ -25,7 +25,7 @@ from dask_loom.blocks import from_source
 from dask_loom.errors import CorruptChunkError, FileBeingWrittenError
 from dask_loom.hdf5._btree import PendingChunkIndex, chunk_btree, read_chunk_index
 from dask_loom.hdf5._decode import decode_chunk
-from dask_loom.hdf5._files import HELD_SPANS, cached_entry, open_h5_read, read_ranges
+from dask_loom.hdf5._files import HELD_SPANS, cached_entry, open_h5_read, prefetch_ranges, read_ranges
 from dask_loom.hdf5._inflate import BATCHED, inflate_into, inflate_place
 from dask_loom.hdf5._layout import (
     DEFLATE,
@@ -562,6 +562,31 @@ class HDF5Source:
         with _stats_lock:
             STATS["fast_blocks"] += 1
         return self._decode_pieces(got["raws"], got["masks"], idx, grid)
+
+    def prefetch(self, region: tuple[slice, ...]) -> None:
+        """Start fetching the stored bytes of *region*'s chunks in the background (a remote file whose index is in hand).
+
+        For a read of *region* soon in this process: it then finds its bytes
+        on their way or in hand (:func:`~dask_loom.hdf5._files.prefetch_ranges`)
+        instead of waiting a round trip while the cores idle.  Never reads the
+        chunk index for it, never waits and never fails: a read that finds
+        nothing fetched reads as it always does.
+        """
+        lay = self.layout
+        if self.spec.is_local or not (lay.fast and lay.layout == "chunked" and lay.chunks):
+            return
+        entry = cached_entry(self.spec)
+        index = _usable(entry.cache.get(("index", lay.path))) or _usable(self.index)
+        if index is None or (isinstance(index, PendingChunkIndex) and not index.complete):
+            return
+        bounds = [(r.start // c, -(-min(r.stop, n) // c)) for r, c, n in zip(region, lay.chunks, self.shape)]
+        if any(a >= b for a, b in bounds):
+            return
+        axes = [np.arange(a, b) for a, b in bounds]
+        coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
+        offsets, sizes, _masks = index.lookup(coords)
+        stored = offsets >= 0
+        prefetch_ranges(self.spec, offsets[stored], sizes[stored], entry=entry)
 
     def _decode_pieces(self, raws: list[Any], masks: np.ndarray, idx: np.ndarray, grid: list[int]) -> Iterator[np.ndarray]:
         lay = self.layout

@@ -82,16 +82,21 @@ class HeldSpans:
 
     def in_memory(self, offsets: np.ndarray, sizes: np.ndarray) -> int:
         """Bytes of the chunks ``(offsets, sizes)`` that a pinned block or a held span holds whole."""
+        stored = offsets >= 0
+        inside = self.holds(offsets[stored], sizes[stored])
+        return int(sizes[stored][inside].sum())
+
+    def holds(self, offsets: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """Which of the ranges ``(offsets, sizes)`` a pinned block or a held span (in hand or on its way) holds whole."""
         with self._lock:
             intervals = [(p0, p0 + len(pv)) for p0, pv in self._pinned] + [
                 (s.start, s.end) for s in self._spans
             ]
-        stored = offsets >= 0
-        offs, ends = offsets[stored], offsets[stored] + sizes[stored]
-        inside = np.zeros(len(offs), dtype=bool)
+        ends = offsets + sizes
+        inside = np.zeros(len(offsets), dtype=bool)
         for a, b in intervals:
-            inside |= (offs >= a) & (ends <= b)
-        return int((ends - offs)[inside].sum())
+            inside |= (offsets >= a) & (ends <= b)
+        return inside
 
     @property
     def nbytes(self) -> int:

@@ -19,7 +19,7 @@ from dask_loom._config import block_size_bytes
 from dask_loom.blocks import block_regions, plan_blocks
 from dask_loom.blocks._readahead import read_ahead, reads_wait
 from dask_loom.cluster import compute
-from dask_loom.ops._graph import task_name
+from dask_loom.ops._graph import prefetch_later, read_later, task_name
 from dask_loom.ops._kernels import (
     Reduction,
     apply_vectors,
@@ -105,7 +105,10 @@ def _partials_of(source: Any, region: tuple[slice, slice], red: int, needs: tupl
     return block_partials(read_into_buffer(source, region), red, needs)
 
 
-def _partials_task(source: Any, region: tuple[slice, ...], red: int, needs: tuple[str, ...], local: Any) -> dict[str, np.ndarray]:
+def _partials_task(
+    source: Any, region: tuple[slice, ...], red: int, needs: tuple[str, ...], local: Any, later: Any = None
+) -> dict[str, np.ndarray]:
+    prefetch_later(source, later)
     parts = interior_split(source, region) if local is None else None
     if parts is not None:
         # Reduce along `red` within each kept slab, then lay the slabs side by side.
@@ -242,12 +245,14 @@ def map_graph(
         name = task_name(prefix, source, axis, needs, None if sel is None else sel.tobytes())
         dsk: dict[Any, Any] = {}
         level: dict[int, list[Any]] = {i: [] for i in range(len(plan[axis]))}
+        reads = {}
         for idx, region in block_regions(plan):
             local = _local_selection(sel, region[red].start, region[red].stop)
             if sel is not None and local is not None and len(local) == 0:
                 continue
             key = (name, *idx)
             dsk[key] = (_partials_task, source, region, red, needs, local)
+            reads[key] = region
             level[idx[axis]].append(key)
         cname = name.replace(prefix, f"{prefix}-combine", 1)
         # Combine until a row's partials fit one task, which also finishes them: no task of its
@@ -260,6 +265,8 @@ def map_graph(
             keys = level[i]
             dsk[key] = (_finish_task, keys[0], reductions) if len(keys) == 1 else (_combine_finish_task, reductions, *keys)
             outs.append(key)
+        for key, later in read_later(source, dsk, reads).items():
+            dsk[key] = (*dsk[key], later)
         return dsk, outs, lambda results: [np.concatenate([r[k] for r in results]) for k in range(len(funcs))]
 
     # Per-vector functions: full-width bands of about `chunksize` vectors.
