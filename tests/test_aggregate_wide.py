@@ -228,6 +228,8 @@ def test_a_band_of_a_few_blocks_is_tiled_and_only_past_four_shuffled(wide, monke
         assert max(math.prod(s.stop - s.start for s in r) for r in tiles) * 2 <= block + unit
         assert len(tiles) >= 2 * len({r[0].start for r in tiles})  # a band is two tiles or more
     assert engine and max(math.prod(s.stop - s.start for s in r) for r in engine) * 2 <= block + unit
+    # Tiles are runs of chunks along a row of them (a file's C order), not squares.
+    assert all(r[0].stop - r[0].start <= unit_shape[0] for r in [*tiles, *engine])
 
 
 class _Atlas:

@@ -569,47 +569,61 @@ def _spy_prefetches(monkeypatch) -> tuple[list[int], list[int]]:
     return asked, sent
 
 
+# (operation, block size, chunks per block): 32 blocks of 8 MiB decoded (eight waves of the pool's
+# 4 threads) for map and for aggregate's full-width bands; 128 tiles of 2 MiB for aggregate where
+# a band of one chunk row (4 MiB) passes a block.
+AHEAD = {"map": ("8MiB", 512), "aggregate": ("8MiB", 512), "aggregate-tiles": ("2MiB", 128)}
+
+
 @pytest.mark.s3
 @pytest.mark.xdist_group("s3proxy")
 @pytest.mark.slow
-@pytest.mark.parametrize("faults", [0, 3])
-def test_warm_remote_map_fetches_blocks_ahead_once(s3_server, s3_proxy, big_loom, monkeypatch, faults):
-    """A map whose chunks are not held (the second in a process) fetches blocks ahead, each byte once.
+@pytest.mark.parametrize(("op", "faults"), [("map", 0), ("map", 3), ("aggregate", 0), ("aggregate-tiles", 0)])
+def test_warm_remote_reads_fetch_blocks_ahead_once(s3_server, s3_proxy, big_loom, monkeypatch, op, faults):
+    """Reads whose chunks are not held (the second pass in a process) fetch blocks ahead, each byte once.
 
-    Each task starts fetching the block of the task one pool's width later in
-    the threaded scheduler's order; a task starting its read finds those bytes
-    on their way.  Fetched in the wrong order, blocks would be asked for twice
-    (the bytes bound below); a prefetch that fails (503s) leaves its block to
-    the task, which reads it as usual.
+    Each task starts fetching the block of the read task one pool's width
+    later in the threaded scheduler's order; a task starting its read finds
+    those bytes on their way.  Fetched in the wrong order, blocks would be
+    asked for twice and spans would be left held; a prefetch that fails (503s)
+    leaves its block to the task, which reads it as usual.
     """
     url = _upload(s3_server, big_loom, "big.loom")
     proxy = s3_proxy(latency=0.01)
     clear_all()
     with h5py.File(big_loom, "r") as f:
         m = f["matrix"][:]
+    labels = np.arange(m.shape[1]) % 7
     opts = proxy.storage_options
     with dask_loom.connect(url, "r", storage_options=opts, validate=False) as ds:
         ds.map([np.mean], axis=0, scheduler="threads")  # the chunk index, kept by the process
     asked, sent = _spy_prefetches(monkeypatch)
-    # 32 blocks of 8 MiB (decoded): eight waves of the pool's 4 threads.
-    with dask.config.set({"dask_loom.retry-backoff": 0.01, "dask_loom.remote-threads": 4, "dask_loom.block-size": "8MiB"}):
+    block, per_block = AHEAD[op]
+    with dask.config.set({"dask_loom.retry-backoff": 0.01, "dask_loom.remote-threads": 4, "dask_loom.block-size": block}):
         with dask_loom.connect(url, "r", storage_options=opts, validate=False) as ds:
             src = ds.__dask_loom_layer_host__().source("")
             proxy.reset_counts()
             proxy.inject("503", faults)
-            got = ds.map([np.mean, np.std], axis=0, scheduler="threads")
+            if op == "map":
+                got = ds.map([np.mean, np.std], axis=0, scheduler="threads")
+            else:
+                got = [dask_loom.aggregate(ds, labels, axis=1, func="sum", scheduler="threads")]
             snap = proxy.snapshot()
             held = cached_entry(src.spec).cache[HELD_SPANS]
             assert len(held) == 0 and held.nbytes == 0  # every span fetched ahead was served and let go
-    np.testing.assert_allclose(got[0], m.mean(axis=1, dtype=np.float64), rtol=1e-6)
-    np.testing.assert_allclose(got[1], m.std(axis=1, dtype=np.float64), rtol=1e-5)
+    if op == "map":
+        np.testing.assert_allclose(got[0], m.mean(axis=1, dtype=np.float64), rtol=1e-6)
+        np.testing.assert_allclose(got[1], m.std(axis=1, dtype=np.float64), rtol=1e-5)
+    else:
+        want = np.stack([m[:, labels == g].sum(axis=1, dtype=np.float64) for g in range(7)], axis=1)
+        np.testing.assert_allclose(got[0], want, rtol=1e-5)
     stored = int(src.index.sizes.sum())
-    n_blocks = len(src.index.sizes) * 64 * 64 * 4 // (8 << 20)
-    assert n_blocks == 32
-    # Every task but the last wave's (4 threads) fetched a block ahead; those not held whole since
-    # opening (the file's first and last MiBs) sent requests; no byte was fetched twice.
-    assert asked == [512] * (n_blocks - 4), asked
-    assert len(sent) >= n_blocks - 8 and sum(sent) <= 2 * len(sent), sent
+    n_blocks = len(src.index.sizes) // per_block
+    # Every read task but the last wave's (4 threads) fetched a block ahead; those not held whole
+    # already (the file's first and last MiBs since opening; a tile whose chunks lie inside the
+    # span fetched for its neighbour) sent requests; no byte was fetched twice.
+    assert asked == [per_block] * (n_blocks - 4), asked
+    assert len(sent) >= (n_blocks - 8) // 2 and sum(sent) <= 2 * len(sent), sent
     assert snap["total_bytes"] <= 1.05 * stored + faults * 2**10, (snap, stored)
     assert snap["requests"]["GET"] <= n_blocks * 2 + faults, snap
 

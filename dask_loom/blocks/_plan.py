@@ -63,6 +63,7 @@ def plan_blocks(
     *,
     target_bytes: int | str | None = None,
     band_axis: int | None = None,
+    c_order: bool = False,
 ) -> Chunks:
     """Plan dask chunks whose every boundary is a stored-chunk boundary.
 
@@ -81,6 +82,12 @@ def plan_blocks(
         If given, blocks are bands along this axis spanning every other axis
         whole: ``band_axis=0`` gives full-width row bands (for per-row work),
         ``band_axis=1`` full-height column bands (for per-column work).
+    c_order
+        Blocks are runs of whole units in C order: the last axis is filled
+        first, then the one before it.  A file that stores its units in C
+        order (an HDF5 chunk B-tree written in order, a Zarr shard) then holds
+        each block's bytes together; a block as square as the units allow
+        would be a range per row of units, with other blocks' bytes between.
 
     Returns
     -------
@@ -93,6 +100,8 @@ def plan_blocks(
     ((128, 128, 128, 128, 128, 128, 128, 104), (100,))
     >>> plan_blocks((1000, 100), (64, 64), 4, target_bytes=64 * 64 * 4 * 4, band_axis=1)
     ((1000,), (64, 36))
+    >>> plan_blocks((256, 1024), (64, 64), 4, target_bytes=64 * 64 * 4 * 4, c_order=True)
+    ((64, 64, 64, 64), (256, 256, 256, 256))
     """
     shape = tuple(int(s) for s in shape)
     if len(chunk_shape) != len(shape):
@@ -108,7 +117,13 @@ def plan_blocks(
     unit_bytes = math.prod(unit) * itemsize
     budget = max(1, target // unit_bytes)  # storage units per block
 
-    if band_axis is not None:
+    if c_order:
+        m = [1] * len(shape)
+        left = budget
+        for i in reversed(range(len(shape))):
+            m[i] = max(1, min(grid[i], left))
+            left //= m[i]
+    elif band_axis is not None:
         band_axis = band_axis % len(shape)
         per_band = math.prod(g for i, g in enumerate(grid) if i != band_axis)
         m = list(grid)

@@ -26,7 +26,7 @@ from dask_loom.blocks._readahead import reads_wait
 from dask_loom.cluster import compute
 from dask_loom.ops._aggregate_shuffle import shuffle_graph
 from dask_loom.ops._aggregate_tiles import PICKS, TILED, ColumnMap, tile_partials, tiled_finish
-from dask_loom.ops._graph import task_name, tasks
+from dask_loom.ops._graph import prefetch_later, read_later, task_name, tasks
 from dask_loom.ops._kernels import GROUP_FUNCS, GroupPlan, check_group_func, group_partials, group_reduce
 from dask_loom.ops._map import combine_tree, nbytes_of, read_into_buffer, staged_unit
 
@@ -104,7 +104,10 @@ def _staged_sums(source: Any, region: tuple[slice, ...], plan: GroupPlan) -> np.
     return sums
 
 
-def _band(source: Any, region: tuple[slice, ...], plan: GroupPlan, func: str, select: np.ndarray | None) -> np.ndarray:
+def _band(
+    source: Any, region: tuple[slice, ...], plan: GroupPlan, func: str, select: np.ndarray | None, later: Any = None
+) -> np.ndarray:
+    prefetch_later(source, later)  # see ops._graph.read_later
     if select is None and func in ("sum", "mean"):
         sums = _staged_sums(source, region, plan)
         if sums is not None and np.isfinite(sums).all():  # NaN/inf: the band is reduced group by group below
@@ -119,9 +122,16 @@ def _band(source: Any, region: tuple[slice, ...], plan: GroupPlan, func: str, se
 
 
 def _tile(
-    source: Any, region: tuple[slice, ...], plan: GroupPlan, select: np.ndarray | None, func: str, positions: np.ndarray | int = 0
+    source: Any,
+    region: tuple[slice, ...],
+    plan: GroupPlan,
+    select: np.ndarray | None,
+    func: str,
+    positions: np.ndarray | int = 0,
+    later: Any = None,
 ) -> dict[str, np.ndarray]:
     """Partials of *func* over one block (*select*: its block-local selected columns, in position order)."""
+    prefetch_later(source, later)
     if func in ("sum", "mean"):
         return {"s1": _band(source, region, plan, "sum", select)}
     if func == "nanmean" and np.dtype(source.dtype).kind != "f":  # no NaN: the mean's sums, from the decoded chunks
@@ -151,18 +161,23 @@ def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: s
     shape = tuple(source.shape)
     cmap = ColumnMap(select, plan.idx)
     dsk: dict[Any, Any] = {}
+    reads: dict[Any, tuple[slice, ...]] = {}
     bands: dict[int, list[Any]] = {}  # every band has blocks: some column takes part (the caller checks)
     # One plan per column block, shared by its row bands: a graph is pickled whole, so it travels once.
     per_cols: dict[tuple[int, int], tuple[Any, GroupPlan, Any]] = {}
-    for i, ((ri, _), (rows, cols)) in enumerate(block_regions(plan_blocks(shape, source.chunk_shape, np.dtype(source.dtype).itemsize))):
+    # Runs of chunks along the rows (one unit tall here): in a file's C order each tile's bytes lie
+    # together.  Square tiles of a row-major HDF5 file read 26x their bytes from an object store
+    # (its holes, other tiles' chunks, are read through).
+    tiles = plan_blocks(shape, source.chunk_shape, np.dtype(source.dtype).itemsize, c_order=True)
+    for i, ((ri, _), (rows, cols)) in enumerate(block_regions(tiles)):
         if (cols.start, cols.stop) not in per_cols:
             local, gids, positions = cmap.block(cols)
             per_cols[cols.start, cols.stop] = (local, GroupPlan(gids, plan.n_groups), positions)
         local, bplan, positions = per_cols[cols.start, cols.stop]
         if len(bplan.idx):
-            task = (_tile, source, (rows, cols), bplan, local, func)
             # Positions only where a pick (argmax, first ...) needs them, and then an int where they run on.
-            dsk[(name, i)] = (*task, positions) if func in PICKS else task
+            dsk[(name, i)] = (_tile, source, (rows, cols), bplan, local, func, positions if func in PICKS else 0)
+            reads[(name, i)] = (rows, cols)
             bands.setdefault(ri, []).append((name, i))
     # A band's last at most split_every partials are combined by its result task.
     finals = combine_tree(dsk, bands, cname, split_every, until=split_every)
@@ -172,6 +187,8 @@ def _tiled_sums(source: Any, plan: GroupPlan, select: np.ndarray | None, name: s
         key = (rname, ri)
         dsk[key] = (tiled_finish, plan.counts, func, *finals[ri])
         outs.append(key)
+    for key, later in read_later(source, dsk, reads).items():
+        dsk[key] = (*dsk[key], later)
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
     return [Delayed(key, graph, layer=name) for key in outs]
 
@@ -217,7 +234,9 @@ def aggregate_columns(
         delayed = shuffle_graph(source, plan, select, name, func, target_bytes=block_size_bytes())
     else:
         regions = [r for _, r in block_regions(bands)]
-        delayed = tasks(name, _band, [(source, r, plan, func, select) for r in regions])
+        args = [(source, r, plan, func, select) for r in regions]
+        later = read_later(source, {(name, i): (_band, *a) for i, a in enumerate(args)}, {(name, i): r for i, r in enumerate(regions)})
+        delayed = tasks(name, _band, [(*a, later[name, i]) if (name, i) in later else a for i, a in enumerate(args)])
     parts = compute(*delayed, scheduler=scheduler, client=client, progress=progress, nbytes=nbytes_of(source), waits=reads_wait(source)) if delayed else []
     if not parts:
         return np.zeros((shape[0], n_groups))

@@ -57,21 +57,27 @@ class Block:
     key: Any = None  # or the dask key of a block of info.array
 
 
-def plan_source(source: Any, *, band_axis: int | None = None, target_bytes: int | None = None) -> tuple[tuple[int, ...], ...]:
-    """The dask chunks of a source: its own ``plan_chunks`` if it has one, else whole stored chunks."""
+def plan_source(
+    source: Any, *, band_axis: int | None = None, target_bytes: int | None = None, c_order: bool = False
+) -> tuple[tuple[int, ...], ...]:
+    """The dask chunks of a source: its own ``plan_chunks`` if it has one, else whole stored chunks (``plan_blocks``)."""
     own = getattr(source, "plan_chunks", None)
     if own is not None:
         return own(band_axis=band_axis, target_bytes=target_bytes)
     dt = np.dtype(source.dtype)
-    return plan_blocks(source.shape, source.chunk_shape, 8 if dt.kind == "O" else dt.itemsize, band_axis=band_axis, target_bytes=target_bytes)
+    itemsize = 8 if dt.kind == "O" else dt.itemsize
+    return plan_blocks(source.shape, source.chunk_shape, itemsize, band_axis=band_axis, target_bytes=target_bytes, c_order=c_order)
 
 
-def blocks_of(info: SourceInfo, *, band_axis: int | None = None, target_bytes: int | None = None) -> list[Block]:
+def blocks_of(
+    info: SourceInfo, *, band_axis: int | None = None, target_bytes: int | None = None, c_order: bool = False
+) -> list[Block]:
     """Every block of the object, in C order per part.
 
     Several parts are stacked along axis 0, so their blocks are full-extent
     bands along axis 0 (``band_axis=0``): blocks of different parts then
     cover the same ranges of every other axis and their partials combine.
+    *c_order*: blocks are runs of stored units in C order (``plan_blocks``).
     """
     out: list[Block] = []
     if info.array is not None:
@@ -86,7 +92,7 @@ def blocks_of(info: SourceInfo, *, band_axis: int | None = None, target_bytes: i
     for src, off in zip(info.parts, info.offsets):
         if not math.prod(src.shape):
             continue
-        for _, region in block_regions(plan_source(src, band_axis=band_axis, target_bytes=target_bytes)):
+        for _, region in block_regions(plan_source(src, band_axis=band_axis, target_bytes=target_bytes, c_order=c_order)):
             glob = (slice(region[0].start + off, region[0].stop + off), *region[1:])
             out.append(Block(glob, src, region))
     return out
@@ -307,7 +313,7 @@ def group_graph(
     if band is not None:
         itemsize = np.dtype(info.parts[0].dtype).itemsize
         if max(math.prod(r.stop - r.start for r in b.region) for b in blocks) * itemsize > block_size_bytes():
-            blocks = blocks_of(info)
+            blocks = blocks_of(info, c_order=True)  # each block's bytes together in the file
     tok = tokenize(_token(info), axis, needs, idx, n_groups)
     name = f"{prefix}-{tok}"
     dsk: dict[Any, Any] = {}
