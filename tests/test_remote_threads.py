@@ -11,6 +11,7 @@ requests in flight than the pool of cores would, with values equal to numpy.
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 
@@ -135,6 +136,82 @@ def test_map_on_s3_keeps_requests_in_flight_past_the_cores(
         assert most[0] <= 2, most
     else:
         assert most[0] >= 3, most
+
+
+@pytest.mark.s3
+@pytest.mark.xdist_group("s3proxy")
+@pytest.mark.parametrize("faults", [0, 3])
+def test_map_on_s3_fetches_shards_ahead_once(tmp_path, s3_server, s3_proxy, monkeypatch, faults):
+    """Each task of a map over a remote ``.loom.zarr`` starts fetching the shard of the task a pool's width later.
+
+    The later task takes those bytes instead of asking the store: one request
+    per shard still, none left unread (a prefetch in the wrong order would be
+    a second request for a shard read already, and an entry never taken).
+    A prefetch that fails (503s) leaves its shard to the task, which reads it
+    as usual.
+    """
+    import s3fs
+
+    from dask_loom.zarr import _chunks
+
+    asked: list[int] = []
+    readers: set[_chunks.ZarrChunkReader] = set()
+    real = _chunks.ZarrChunkReader.prefetch
+
+    def counting(self, region):
+        asked.append(math.prod(r.stop - r.start for r in region))
+        readers.add(self)
+        return real(self, region)
+
+    monkeypatch.setattr(_chunks.ZarrChunkReader, "prefetch", counting)
+    rng = np.random.default_rng(4)
+    m = (rng.random((1024, 4096)) * 100).astype("f4")  # incompressible: shards of about 512 KiB
+    fn = tmp_path / "p.loom.zarr"
+    small = {"dask_loom.block-size": "512KiB"}
+    with dask.config.set({**small, "dask_loom.coalesce-bytes": "64KiB"}):
+        dask_loom.create(str(fn), m, {"g": np.arange(1024)}, {"c": np.arange(4096)}, scheduler="sync")
+    shards = [p for p in (fn / "matrix" / "c").rglob("*") if p.is_file()]
+    assert len(shards) == 32
+    key = f"{s3_server['bucket']}/{uuid.uuid4().hex}/p.loom.zarr"
+    s3fs.S3FileSystem(**s3_server["storage_options"], skip_instance_cache=True).put(str(fn), key, recursive=True)
+    proxy = s3_proxy(latency=0.02)
+    with (
+        dask.config.set({**small, "dask_loom.remote-threads": 4, "dask_loom.retry-backoff": 0.01}),
+        dask_loom.connect(f"s3://{key}", "r", storage_options=proxy.storage_options) as ds,
+    ):
+        proxy.reset_counts()
+        proxy.inject("503", faults)
+        mean, sd = ds.map([np.mean, np.std], axis=0, scheduler="threads")
+        snap = proxy.snapshot()
+    np.testing.assert_allclose(mean, m.mean(axis=1, dtype=np.float64), rtol=1e-6)
+    np.testing.assert_allclose(sd, m.std(axis=1, dtype=np.float64), rtol=1e-5)
+    # Every task but the last wave's (4 threads) fetched the shard of a later one ahead.
+    assert asked == [128 * 1024] * (len(shards) - 4), asked
+    # One request per shard; a failed GET is followed by a HEAD (is the object empty?) and asked again.
+    assert snap["requests"]["GET"] == len(shards) + faults and snap["requests"].get("HEAD", 0) == faults, snap
+    assert readers and all(not r._ahead for r in readers)
+
+
+@pytest.mark.timeout(60)
+def test_a_fetch_ahead_of_another_process_is_not_waited_for(tmp_path):
+    """A forked child inherits the entries of fetches its parent's threads were making: it reads itself."""
+    from concurrent.futures import Future
+
+    m = np.arange(128 * 256, dtype="f4").reshape(128, 256)
+    fn = tmp_path / "f.loom.zarr"
+    with dask.config.set({"dask_loom.loom-zarr-chunks": [64, 64]}):
+        dask_loom.create(str(fn), m, {"g": np.arange(128)}, {"c": np.arange(256)}, scheduler="sync")
+    with dask_loom.connect(str(fn), "r") as ds:
+        src = ds.__dask_loom_layer_host__().source("")
+        reader = src.reader()
+        region = (slice(0, 64), slice(0, 128))
+        never: Future = Future()  # the parent's fetch: never finished in this process
+        reader._ahead[reader._whole_coords(region).tobytes()] = (os.getpid() + 1, never)
+        got = src.read_block(region)
+        assert not reader._ahead
+        np.testing.assert_array_equal(got, m[region])
+        staged = next(reader.staged_pieces(region, whole=True))
+        assert staged.shape[:2] == (1, 2)
 
 
 def test_pools_of_both_sizes_share_one_set_of_threads():

@@ -129,6 +129,10 @@ class ZarrChunkReader:
         self._encode = encode_key
         self._mapper = mapper
         self.label = f"{objects.label}: array {path!r}"
+        # Regions' stored bytes on their way (prefetch), each taken once by the read of that region,
+        # with the process that fetches them: a forked child's copy would wait for a thread it lacks.
+        self._ahead: dict[bytes, tuple[int, Any]] = {}
+        self._ahead_lock = threading.Lock()
 
     def key(self, coords: Sequence[int]) -> str:
         k = self._encode(tuple(int(c) for c in coords))
@@ -207,8 +211,51 @@ class ZarrChunkReader:
         _count("chunks_decoded", len(present))
         return out
 
+    #: Regions fetched ahead and not yet read, at most (the oldest is dropped past it).
+    AHEAD = 16
+
+    def prefetch(self, region: tuple[slice, ...]) -> None:
+        """Start fetching the stored bytes of *region* (whole chunks) in the background, for a staged read of it soon.
+
+        The read of the same region then takes them (once) instead of asking
+        the store; it asks the store itself if the fetch failed.  A region of
+        partial chunks is left alone.
+        """
+        coords = self._whole_coords(region)
+        if coords is None:
+            return
+        from concurrent.futures import Future
+
+        key = coords.tobytes()
+        fut: Future[list[Any]] = Future()
+        with self._ahead_lock:
+            if key in self._ahead:
+                return
+            self._ahead[key] = (os.getpid(), fut)
+            while len(self._ahead) > self.AHEAD:
+                del self._ahead[next(iter(self._ahead))]
+
+        def fetch() -> None:
+            try:
+                fut.set_result(self._fetch_raws(coords))
+            except BaseException as exc:  # the read asks again, and reports
+                fut.set_exception(exc)
+
+        # A thread of its own: the store's reads may wait on the I/O pool themselves.
+        threading.Thread(target=fetch, name="dask-loom-prefetch", daemon=True).start()
+
     def _raws(self, coords: np.ndarray) -> list[Any]:
         """The stored bytes of the chunks at grid *coords* (``None``: never written), fetched together."""
+        with self._ahead_lock:
+            pid, fut = self._ahead.pop(coords.tobytes(), (None, None)) if self._ahead else (None, None)
+        if fut is not None and pid == os.getpid():
+            try:
+                return fut.result()
+            except Exception:
+                pass  # fetched again below: retried and reported as any read
+        return self._fetch_raws(coords)
+
+    def _fetch_raws(self, coords: np.ndarray) -> list[Any]:
         lay = self.layout
         if lay.per_shard is None:
             return self.objects.whole([self.key(c) for c in coords.tolist()])
@@ -247,20 +294,27 @@ class ZarrChunkReader:
         """
         lay = self.layout
         cs = lay.chunks
-        if len(region) != len(cs):
+        coords = self._whole_coords(region)
+        if coords is None:
             return None
-        for r, c, n in zip(region, cs, lay.shape):
-            if r.start % c or r.stop % c or r.stop > n or r.stop <= r.start:
-                return None
-        axes = [np.arange(r.start // c, r.stop // c) for r, c in zip(region, cs)]
-        grid = [len(a) for a in axes]
-        coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(cs))
+        grid = [(r.stop - r.start) // c for r, c in zip(region, cs)]
         raws = self._raws(coords)
         _count("direct_reads")
         per_row = math.prod(grid[1:])
         row_bytes = per_row * math.prod(cs) * np.dtype(lay.dtype).itemsize
         spans = [(0, grid[0])] if whole else piece_spans(grid[0], row_bytes)
         return self._decode_pieces(raws, coords, grid, spans)
+
+    def _whole_coords(self, region: tuple[slice, ...]) -> np.ndarray | None:
+        """The grid coordinates of *region*'s chunks, in C order, if it is made of whole chunks inside the array."""
+        cs = self.layout.chunks
+        if len(region) != len(cs):
+            return None
+        for r, c, n in zip(region, cs, self.layout.shape):
+            if r.start % c or r.stop % c or r.stop > n or r.stop <= r.start:
+                return None
+        axes = [np.arange(r.start // c, r.stop // c) for r, c in zip(region, cs)]
+        return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(cs))
 
     def _decode_pieces(self, raws: list[Any], coords: np.ndarray, grid: list[int], spans: list[tuple[int, int]]) -> Iterator[np.ndarray]:
         lay = self.layout

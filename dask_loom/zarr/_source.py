@@ -357,6 +357,17 @@ class ZarrSource:
         region = tuple(slice(*r.indices(n)[:2]) for r, n in zip(region, self.shape))
         return self._consistent(lambda: self._staged(region))
 
+    def prefetch(self, region: tuple[slice, ...]) -> None:
+        """Start fetching *region*'s stored bytes in the background, for a staged read of it soon in this process.
+
+        See :meth:`~dask_loom.zarr._chunks.ZarrChunkReader.prefetch`; nothing
+        where the direct reader does not serve the array.
+        """
+        if self._direct:
+            reader = self.reader()
+            if reader.layout.dtype == self.dtype:
+                reader.prefetch(tuple(slice(*r.indices(n)[:2]) for r, n in zip(region, self.shape)))
+
     def staged_pieces(self, region: tuple[slice, ...]) -> Iterator[np.ndarray] | None:
         """:meth:`read_staged` a few rows of chunks at a time: fetched together, decoded piece by piece.
 
