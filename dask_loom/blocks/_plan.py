@@ -22,6 +22,7 @@ __all__ = [
     "Chunks",
     "align_chunks",
     "block_regions",
+    "grid_coords",
     "plan_blocks",
     "selection_bands",
     "split_by_chunk",
@@ -35,6 +36,16 @@ def _unit(chunk_shape: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
     # A stored chunk may be larger than the array (h5py allows it); an empty
     # axis still needs a positive unit.
     return tuple(max(1, min(int(c), int(s)) if s else max(1, int(c))) for c, s in zip(chunk_shape, shape))
+
+
+def grid_coords(bounds: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The ``(k, ndim)`` grid coordinates of the box of chunks ``[lo, hi)`` on each axis, in C order.
+
+    >>> grid_coords([(0, 2), (3, 5)]).tolist()
+    [[0, 3], [0, 4], [1, 3], [1, 4]]
+    """
+    axes = [np.arange(lo, hi) for lo, hi in bounds]
+    return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
 
 
 def _even_bands(n: int, unit: int, units_per_block: int) -> tuple[int, ...]:

@@ -22,6 +22,7 @@ import numpy as np
 from dask_loom._config import get_config
 from dask_loom._threads import piece_spans, scratch
 from dask_loom.blocks import from_source
+from dask_loom.blocks._plan import grid_coords
 from dask_loom.errors import CorruptChunkError, FileBeingWrittenError
 from dask_loom.hdf5._btree import PendingChunkIndex, chunk_btree, read_chunk_index
 from dask_loom.hdf5._decode import decode_chunk
@@ -462,11 +463,10 @@ class HDF5Source:
         dt = np.dtype(lay.dtype)
         chunks = lay.chunks
         assert chunks is not None
-        ndim = len(chunks)
         c_lo = [r.start // c for r, c in zip(region, chunks)]
         c_hi = [-(-r.stop // c) for r, c in zip(region, chunks)]
         grid = [b - a for a, b in zip(c_lo, c_hi)]
-        coords = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(c_lo, c_hi)], indexing="ij"), axis=-1).reshape(-1, ndim)
+        coords = grid_coords(list(zip(c_lo, c_hi)))
         n_el = math.prod(chunks)
         # Chunks decode straight into their slots of a reused per-thread
         # buffer: fresh memory costs page faults on every block on this kind
@@ -555,8 +555,7 @@ class HDF5Source:
             return None
         chunks = self.layout.chunks
         grid = [(r.stop - r.start) // c for r, c in zip(region, chunks)]
-        axes = [np.arange(r.start // c, r.stop // c) for r, c in zip(region, chunks)]
-        coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(chunks))
+        coords = grid_coords([(r.start // c, r.stop // c) for r, c in zip(region, chunks)])
         got: dict[str, Any] = {}
         idx = self._read_chunks(coords, lambda raws, masks, idx: got.update(raws=raws, masks=masks))
         with _stats_lock:
@@ -582,9 +581,7 @@ class HDF5Source:
         bounds = [(r.start // c, -(-min(r.stop, n) // c)) for r, c, n in zip(region, lay.chunks, self.shape)]
         if any(a >= b for a, b in bounds):
             return
-        axes = [np.arange(a, b) for a, b in bounds]
-        coords = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(axes))
-        offsets, sizes, _masks = index.lookup(coords)
+        offsets, sizes, _masks = index.lookup(grid_coords(bounds))
         stored = offsets >= 0
         prefetch_ranges(self.spec, offsets[stored], sizes[stored], entry=entry)
 
@@ -632,7 +629,7 @@ class HDF5Source:
             return False
         c_lo = [r.start // c for r, c in zip(region, chunks)]
         c_hi = [-(-r.stop // c) for r, c in zip(region, chunks)]
-        coords = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(c_lo, c_hi)], indexing="ij"), axis=-1).reshape(-1, 2)
+        coords = grid_coords(list(zip(c_lo, c_hi)))
         origins = coords * np.asarray(chunks, dtype=np.int64)
         done = False
 

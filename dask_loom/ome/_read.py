@@ -28,6 +28,7 @@ from dask.base import tokenize
 from dask_loom._config import get_config
 from dask_loom._handles import HandleCache
 from dask_loom._threads import read_ahead
+from dask_loom.blocks._plan import grid_coords
 from dask_loom.errors import OMEArrowError, SelectionError
 from dask_loom.ome._record import (
     AXES,
@@ -161,7 +162,7 @@ class LoaderImage(_Image):
         self.loader = loader
         self.label = label
         shape = meta.shape
-        grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape[:3]], indexing="ij"), -1).reshape(-1, 3)
+        grid = grid_coords([(0, s) for s in shape[:3]])
         start = np.concatenate([grid, np.zeros((len(grid), 2), np.int64)], axis=1)
         size = np.tile(np.array([1, 1, 1, meta.size_y, meta.size_x], np.int64), (len(grid), 1))
         self._index = UnitIndex("loader", start.astype(np.int64), size, (1, 1, 1, meta.size_y, meta.size_x))

@@ -44,7 +44,7 @@ import numpy as np
 
 from dask_loom._config import get_config
 from dask_loom._threads import piece_spans, scratch
-from dask_loom.blocks._plan import split_by_chunk
+from dask_loom.blocks._plan import grid_coords, split_by_chunk
 from dask_loom.errors import CorruptChunkError
 from dask_loom.zarr._objects import (
     STATS,
@@ -313,8 +313,7 @@ class ZarrChunkReader:
         for r, c, n in zip(region, cs, self.layout.shape):
             if r.start % c or r.stop % c or r.stop > n or r.stop <= r.start:
                 return None
-        axes = [np.arange(r.start // c, r.stop // c) for r, c in zip(region, cs)]
-        return np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, len(cs))
+        return grid_coords([(r.start // c, r.stop // c) for r, c in zip(region, cs)])
 
     def _decode_pieces(self, raws: list[Any], coords: np.ndarray, grid: list[int], spans: list[tuple[int, int]]) -> Iterator[np.ndarray]:
         lay = self.layout
